@@ -1,0 +1,68 @@
+"""The `parrot-lc` command."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from parrot_lc.engine import LLMEngine, SamplingParams
+from parrot_lc.settings import EngineSettings
+
+DEMO_SYSTEM = "You are a concise assistant. Answer in one or two sentences."
+DEMO_QUESTIONS = [
+    "What is the capital of France?",
+    "Why is the sky blue?",
+    "Name three uses of a paper clip.",
+]
+
+
+def _engine_settings(args: argparse.Namespace) -> EngineSettings:
+    # Flags given on the command line win over PARROT_* environment variables.
+    overrides = {k: v for k, v in vars(args).items() if k in EngineSettings.model_fields and v is not None}
+    return EngineSettings(**overrides)
+
+
+def demo(args: argparse.Namespace) -> None:
+    """Fills a shared system prompt once, forks it for several questions and generates the answers."""
+    engine = LLMEngine(_engine_settings(args))
+    tokenizer = engine.tokenizer
+    started = time.perf_counter()
+    system = [{"role": "system", "content": DEMO_SYSTEM}]
+    prefix = tokenizer.apply_chat_template(system, tokenize=False)
+    prefix_ids = tokenizer(prefix, add_special_tokens=False).input_ids
+    engine.fill(prefix_ids, "system")
+    requests = []
+    for i, question in enumerate(DEMO_QUESTIONS):
+        full = tokenizer.apply_chat_template(
+            system + [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+        )
+        suffix_ids = tokenizer(full[len(prefix) :], add_special_tokens=False).input_ids
+        requests.append(engine.submit_fill(suffix_ids, f"q{i}", parent_context_id="system"))
+    engine.run_until_done(requests)
+    sampling = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
+    answers = [engine.submit_generate(sampling, f"q{i}") for i in range(len(DEMO_QUESTIONS))]
+    events = engine.run_until_done(answers)
+    for question, request in zip(DEMO_QUESTIONS, answers):
+        text = "".join(e.text for e in events[request.request_id])
+        print(f"Q: {question}\nA: {text.strip()}\n")
+    stats = engine.stats()
+    print(
+        f"model={engine.settings.model} device={engine.device} time={time.perf_counter() - started:.1f}s "
+        f"prefilled={stats.prefill_tokens} reused_by_forking={stats.reused_tokens} decoded={stats.decode_tokens}"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="parrot-lc", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo_parser = sub.add_parser("demo", help="the embedded default model end to end")
+    for name in ("model", "device", "dtype"):
+        demo_parser.add_argument(f"--{name}", help=EngineSettings.model_fields[name].description)
+    demo_parser.add_argument("--max-tokens", type=int, default=48)
+    demo_parser.set_defaults(func=demo)
+    args = parser.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

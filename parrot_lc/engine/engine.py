@@ -1,0 +1,312 @@
+"""The engine: fill / generate / free_context over a tree of contexts, one batched step at a time."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from parrot_lc.engine.attention import AttentionBackend, TorchReferenceBackend
+from parrot_lc.engine.block_allocator import BlockAllocator
+from parrot_lc.engine.context import ContextId, ContextTree
+from parrot_lc.engine.errors import (
+    ContextBusyError,
+    ContextNotFoundError,
+    EngineError,
+    InvalidRequestError,
+    OutOfMemoryError,
+    RequestCancelledError,
+)
+from parrot_lc.engine.loader import load_model
+from parrot_lc.engine.model_runner import ModelRunner
+from parrot_lc.engine.request import Request, RequestKind, RequestOutput
+from parrot_lc.engine.sampling import Sampler, SamplingParams
+from parrot_lc.engine.scheduler import ScheduledChunk, Scheduler
+from parrot_lc.settings import EngineSettings
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CPU_KV_CACHE_BYTES = 512 * 2**20
+
+
+@dataclass
+class EngineStats:
+    """Counters and gauges the server exports."""
+
+    prefill_tokens: int  # tokens computed from fills (recomputation after preemption included)
+    decode_tokens: int  # generated tokens fed back through the model
+    reused_tokens: int  # tokens whose KV a fork got from its parent without computing it
+    kv_blocks_used: int
+    kv_blocks_free: int
+    num_running: int
+    num_waiting: int
+    num_contexts: int
+    num_preemptions: int
+
+
+def select_backend(name: str) -> AttentionBackend:
+    """The attention backend a setting names (`auto`: the fastest available)."""
+    if name in ("auto", "torch"):
+        return TorchReferenceBackend()
+    raise InvalidRequestError(f"unknown attention backend {name!r}")
+
+
+class LLMEngine:
+    """One model replica. Requests are submitted, then `step()` advances all of them by one batch.
+
+    `fill` and `generate` are blocking conveniences that step until their own request ends, advancing every
+    other request along the way; the server drives the engine through `AsyncEngine` instead.
+    """
+
+    def __init__(self, settings: EngineSettings | None = None) -> None:
+        self.settings = settings = settings or EngineSettings()
+        device_name = settings.device
+        if device_name == "auto":
+            device_name = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device_name)
+        dtype_name = settings.dtype
+        if dtype_name == "auto":
+            dtype_name = "float32" if self.device.type == "cpu" else "bfloat16"
+        self.dtype = DTYPES[dtype_name]
+        self.backend = select_backend(settings.attention_backend)
+        loaded = load_model(settings.model, self.backend, self.dtype, self.device, settings.cache_dir, settings.seed)
+        self.model, self.config, self.tokenizer = loaded.model, loaded.config, loaded.tokenizer
+        self.eos_token_ids = self.config.eos_token_ids
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            self.eos_token_ids = tuple(sorted({*self.eos_token_ids, self.tokenizer.eos_token_id}))
+
+        cfg, bs = self.config, settings.block_size
+        block_bytes = cfg.num_layers * 2 * bs * cfg.num_kv_heads * cfg.head_dim * self.dtype.itemsize
+        num_blocks = max(1, self._kv_cache_bytes() // block_bytes)
+        kv_cache = torch.zeros(
+            cfg.num_layers, 2, num_blocks, bs, cfg.num_kv_heads, cfg.head_dim, dtype=self.dtype, device=self.device
+        )
+        self.runner = ModelRunner(self.model, kv_cache, bs)
+        self.allocator = BlockAllocator(num_blocks)
+        self.tree = ContextTree(self.allocator, bs, self.runner.copy_block)
+        self.scheduler = Scheduler(self.tree, settings.max_num_batched_tokens, settings.max_num_seqs)
+        self.sampler = Sampler(settings.seed)
+        self._ids = itertools.count()
+        self._requests: dict[int, Request] = {}
+        self.prefill_tokens = 0
+        self.decode_tokens = 0
+
+    def _kv_cache_bytes(self) -> int:
+        if self.settings.kv_cache_bytes is not None:
+            return self.settings.kv_cache_bytes
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return int(free * self.settings.kv_cache_memory_fraction)
+        return CPU_KV_CACHE_BYTES
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.allocator.num_blocks * self.settings.block_size
+
+    # ---- submission -------------------------------------------------------------------------------
+
+    def submit_fill(
+        self,
+        token_ids: list[int],
+        context_id: ContextId,
+        parent_context_id: ContextId | None = None,
+        priority: int = 0,
+    ) -> Request:
+        """Queues a prefill of `token_ids` into the context, creating it (forked from the parent) if new."""
+        if not token_ids:
+            raise InvalidRequestError("token_ids is empty: a fill needs at least one token")
+        bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"token_ids holds {bad[0]!r}, outside the vocabulary [0, {self.config.vocab_size})")
+        context = self._target_context(context_id, parent_context_id, create=True)
+        total = self._context_length(context) + len(token_ids)
+        if total > self.capacity_tokens:
+            self._forget_if_new(context)
+            raise OutOfMemoryError(f"the context would hold {total} tokens; the KV cache holds {self.capacity_tokens}")
+        return self._add(Request(next(self._ids), RequestKind.FILL, context, priority, 0, fill_token_ids=list(token_ids)))
+
+    def submit_generate(
+        self,
+        sampling: SamplingParams,
+        context_id: ContextId,
+        parent_context_id: ContextId | None = None,
+        priority: int = 0,
+    ) -> Request:
+        """Queues decoding into the context (forked from the parent if new); tokens stream out of `step()`."""
+        sampling.validate(self.config.vocab_size)
+        context = self._target_context(context_id, parent_context_id, create=parent_context_id is not None)
+        if self._context_length(context) == 0:
+            self._forget_if_new(context)
+            raise InvalidRequestError(f"context {context_id!r} is empty: fill a prompt before generating")
+        generator = None
+        if sampling.seed is not None:
+            generator = torch.Generator().manual_seed(sampling.seed)
+        return self._add(
+            Request(next(self._ids), RequestKind.GENERATE, context, priority, 0, sampling=sampling, generator=generator)
+        )
+
+    def _target_context(self, context_id: ContextId, parent_context_id: ContextId | None, create: bool):
+        if context_id in self.tree:
+            if parent_context_id is not None:
+                raise InvalidRequestError(f"context {context_id!r} already exists: it cannot be forked again")
+            context = self.tree.get(context_id)
+            if context.active_request is not None:
+                raise ContextBusyError(f"context {context_id!r} is busy with request {context.active_request.request_id}")
+            return context
+        if not create:
+            raise ContextNotFoundError(f"unknown context {context_id!r}")
+        parent = None
+        if parent_context_id is not None:
+            if parent_context_id not in self.tree:
+                raise ContextNotFoundError(f"unknown parent context {parent_context_id!r}")
+            parent = self.tree.get(parent_context_id)
+        return self.tree.create(context_id, parent)
+
+    def _context_length(self, context) -> int:
+        if context.forked:
+            return len(context.token_ids)
+        return self._context_length(context.parent) + len(context.token_ids)
+
+    def _forget_if_new(self, context) -> None:
+        if not context.token_ids and context.active_request is None and context.num_computed == 0:
+            self.tree.free(context.context_id)
+
+    def _add(self, request: Request) -> Request:
+        request.arrival = request.request_id
+        request.context.active_request = request
+        self._requests[request.request_id] = request
+        self.scheduler.add(request)
+        return request
+
+    # ---- control ----------------------------------------------------------------------------------
+
+    def cancel(self, request_id: int) -> RequestOutput | None:
+        """Stops a request; its context keeps what was computed so far."""
+        request = self._requests.get(request_id)
+        if request is None:
+            return None
+        return self._finish(request, "cancelled", RequestCancelledError(f"request {request_id} was cancelled"))
+
+    def free_context(self, context_id: ContextId) -> RequestOutput | None:
+        """Frees the context's blocks (shared ones stay while a fork holds them); cancels its request."""
+        context = self.tree.get(context_id)
+        output = None
+        if context.active_request is not None:
+            output = self.cancel(context.active_request.request_id)
+        self.tree.free(context_id)
+        return output
+
+    def has_work(self) -> bool:
+        return bool(self._requests)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            prefill_tokens=self.prefill_tokens,
+            decode_tokens=self.decode_tokens,
+            reused_tokens=self.tree.reused_tokens,
+            kv_blocks_used=self.allocator.num_used,
+            kv_blocks_free=self.allocator.num_free,
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            num_contexts=len(self.tree),
+            num_preemptions=self.scheduler.num_preemptions,
+        )
+
+    def context_logits(self, context_id: ContextId) -> torch.Tensor | None:
+        """Next-token logits (V,) of a fully computed context, else None."""
+        context = self.tree.get(context_id)
+        return context.last_logits if context.num_pending == 0 else None
+
+    # ---- the step ---------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Runs one batch: prefill chunks and decode tokens together, then samples. Returns its events."""
+        chunks, failed = self.scheduler.schedule()
+        outputs = [self._finish(request, "error", error) for request, error in failed]
+        for chunk in chunks:
+            request = chunk.request
+            if request.kind is RequestKind.GENERATE and request.output_token_ids:
+                self.decode_tokens += chunk.num_tokens
+            else:
+                self.prefill_tokens += chunk.num_tokens
+        self.runner.run(chunks)
+        ready = [c.request for c in chunks if c.request.context.num_pending == 0]
+        for request in ready:
+            if request.kind is RequestKind.FILL:
+                outputs.append(self._finish(request, "filled"))
+        outputs.extend(self._sample([r for r in ready if r.kind is RequestKind.GENERATE]))
+        return outputs
+
+    def _sample(self, requests: list[Request]) -> list[RequestOutput]:
+        if not requests:
+            return []
+        logits = torch.stack([r.context.last_logits for r in requests])  # (B, V)
+        tokens = self.sampler.sample(logits, [r.sampling for r in requests], [r.generator for r in requests])
+        outputs = []
+        for request, token in zip(requests, tokens):
+            request.context.token_ids.append(token)  # pending: its KV is computed if generation goes on
+            output = request.add_token(token, self.tokenizer, self.eos_token_ids)
+            if output.finished:
+                self._release(request)
+            outputs.append(output)
+        return outputs
+
+    def _finish(self, request: Request, reason: str, error: EngineError | None = None) -> RequestOutput:
+        self._release(request)
+        return RequestOutput(
+            request.request_id, request.context.context_id, [], "", finished=True, finish_reason=reason, error=error
+        )
+
+    def _release(self, request: Request) -> None:
+        request.finished = True
+        self._requests.pop(request.request_id, None)
+        self.scheduler.remove(request)
+        context = request.context
+        context.active_request = None
+        # Forks that waited for this request take their parent's KV now, before anything else writes into it.
+        for waiting in self.scheduler.requests:
+            if waiting.context.parent is context and not waiting.context.forked:
+                self.tree.fork(waiting.context)
+
+    # ---- blocking conveniences --------------------------------------------------------------------
+
+    def run_until_done(self, requests: list[Request]) -> dict[int, list[RequestOutput]]:
+        """Steps until the given requests finish; returns each one's events."""
+        pending = {r.request_id for r in requests if not r.finished}
+        events: dict[int, list[RequestOutput]] = {r.request_id: [] for r in requests}
+        while pending:
+            for output in self.step():
+                if output.request_id in events:
+                    events[output.request_id].append(output)
+                    if output.finished:
+                        pending.discard(output.request_id)
+        return events
+
+    def fill(
+        self, token_ids: list[int], context_id: ContextId, parent_context_id: ContextId | None = None, priority: int = 0
+    ) -> None:
+        """Prefills and returns once the context's KV is computed."""
+        request = self.submit_fill(token_ids, context_id, parent_context_id, priority)
+        final = self.run_until_done([request])[request.request_id][-1]
+        if final.error is not None:
+            raise final.error
+
+    def generate(
+        self,
+        sampling: SamplingParams,
+        context_id: ContextId,
+        parent_context_id: ContextId | None = None,
+        priority: int = 0,
+    ) -> Iterator[RequestOutput]:
+        """Decodes into the context, yielding each token's event as it is sampled."""
+        request = self.submit_generate(sampling, context_id, parent_context_id, priority)
+        while True:
+            for output in self.step():
+                if output.request_id != request.request_id:
+                    continue
+                if output.error is not None:
+                    raise output.error
+                yield output
+                if output.finished:
+                    return

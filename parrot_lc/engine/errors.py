@@ -1,0 +1,33 @@
+"""Typed errors of the engine: each names what was wrong with one request, so callers can answer that
+request alone while the engine keeps serving the others."""
+
+
+class EngineError(Exception):
+    """Base class of every error the engine raises for a request."""
+
+
+class ContextNotFoundError(EngineError, KeyError):
+    """A context id (or parent context id) that the engine does not hold."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "context not found"
+
+
+class ContextBusyError(EngineError):
+    """A fill or generate aimed at a context that another request is still writing into."""
+
+
+class InvalidRequestError(EngineError, ValueError):
+    """Bad arguments: empty fills, token ids outside the vocabulary, invalid sampling values."""
+
+
+class OutOfMemoryError(EngineError):
+    """A single request that needs more KV blocks than the whole cache holds."""
+
+
+class RequestCancelledError(EngineError):
+    """The request was cancelled before it finished."""
+
+
+class ModelLoadError(EngineError, ValueError):
+    """A model path or file that cannot be loaded (missing, corrupt, unsupported architecture or tensor type)."""

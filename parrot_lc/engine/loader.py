@@ -1,0 +1,107 @@
+"""Finds a model by name or path and builds it with its weights and tokenizer. No hub access."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from parrot_lc.engine.attention import AttentionBackend
+from parrot_lc.engine.errors import ModelLoadError
+from parrot_lc.engine.model_config import ModelConfig
+from parrot_lc.engine.models.llama import LlamaForCausalLM
+
+TINY_DIR = Path(__file__).parent / "tiny"
+
+
+@dataclass
+class LoadedModel:
+    model: LlamaForCausalLM
+    config: ModelConfig
+    tokenizer: PreTrainedTokenizerBase | None
+
+
+def resolve_checkpoint(name: str, cache_dir: Path) -> tuple[Path, bool]:
+    """Maps a model name to a checkpoint directory; the flag says whether its weights are random (tiny)."""
+    if name == "tiny":
+        return TINY_DIR, True
+    if name == "smollm2" or name.endswith(".gguf"):
+        from parrot_lc.engine.gguf_checkpoint import gguf_to_checkpoint, smollm2_gguf_path
+
+        gguf_path = smollm2_gguf_path() if name == "smollm2" else Path(name)
+        return gguf_to_checkpoint(gguf_path, cache_dir), False
+    path = Path(name)
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(
+            f"model {name!r} is neither `smollm2`, `tiny`, a .gguf file nor a checkpoint directory with config.json"
+        )
+    return path, False
+
+
+def load_model(
+    name: str, backend: AttentionBackend, dtype: torch.dtype, device: torch.device, cache_dir: Path, seed: int = 0
+) -> LoadedModel:
+    path, random_weights = resolve_checkpoint(name, cache_dir)
+    config = ModelConfig.from_pretrained(path)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config, backend)
+    model.to_empty(device=device)
+    for param in model.parameters():
+        param.data = param.data.to(dtype)
+    model.inv_freq = config.inv_freq.to(device)  # float32 whatever the weights' dtype
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    if random_weights:
+        init_random_weights(model, seed)
+    else:
+        _load_safetensors(model, path)
+    model.eval().requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(str(path)) if (path / "tokenizer.json").exists() or (
+        path / "tokenizer.model"
+    ).exists() else None
+    return LoadedModel(model, config, tokenizer)
+
+
+def init_random_weights(model: torch.nn.Module, seed: int) -> None:
+    """Deterministic random weights (norms at one, biases at zero), generated on the model's device."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            param.data.fill_(1.0)
+        elif name.endswith(".bias"):
+            param.data.zero_()
+        else:
+            param.data.normal_(0.0, 0.02, generator=generator)
+
+
+def _load_safetensors(model: torch.nn.Module, path: Path) -> None:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = [p.name for p in sorted(path.glob("*.safetensors"))]
+    if not files:
+        raise ModelLoadError(f"no .safetensors weights in {path}")
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded: set[str] = set()
+    for file in files:
+        with safe_open(str(path / file), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                if name not in params:
+                    continue
+                tensor = f.get_tensor(name)
+                if tensor.shape != params[name].shape:
+                    raise ModelLoadError(f"{file}: {name} has shape {tuple(tensor.shape)}, "
+                                         f"the config says {tuple(params[name].shape)}")
+                params[name].data.copy_(tensor)
+                loaded.add(name)
+    missing = set(params) - loaded
+    if model.config.tie_word_embeddings:
+        missing.discard("lm_head.weight")
+    if missing:
+        raise ModelLoadError(f"checkpoint {path} lacks {sorted(missing)[:5]}")

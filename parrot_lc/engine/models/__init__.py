@@ -1,0 +1,1 @@
+"""Model families, one plain-torch file each."""

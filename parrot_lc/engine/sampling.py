@@ -1,0 +1,86 @@
+"""Sampling settings of a generate request, and the sampler that turns logits into tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from parrot_lc.engine.errors import InvalidRequestError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens and when to stop. `temperature == 0` is greedy decoding."""
+
+    max_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k cut
+    seed: int | None = None  # the same seed gives the same tokens, whatever else runs in the batch
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def validate(self, vocab_size: int) -> None:
+        """Raises InvalidRequestError naming the first field that is out of range."""
+        checks = [
+            ("max_tokens", self.max_tokens >= 1, "must be at least 1"),
+            ("temperature", 0.0 <= self.temperature <= 100.0, "must be in [0, 100]"),
+            ("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]"),
+            ("top_k", self.top_k >= 0, "must be 0 (off) or positive"),
+            ("seed", self.seed is None or 0 <= self.seed < 2**63, "must be a non-negative 64-bit integer"),
+            ("stop", all(isinstance(s, str) and s for s in self.stop), "must hold non-empty strings"),
+            (
+                "stop_token_ids",
+                all(isinstance(t, int) and 0 <= t < vocab_size for t in self.stop_token_ids),
+                f"must hold token ids in [0, {vocab_size})",
+            ),
+        ]
+        for name, ok, why in checks:
+            if not ok:
+                raise InvalidRequestError(f"sampling.{name} {why} (got {getattr(self, name)!r})")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class Sampler:
+    """Samples one token per row; rows with a seed draw from their own generator."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self._shared = torch.Generator().manual_seed(seed)
+
+    def sample(
+        self, logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+    ) -> list[int]:
+        """logits: (B, V) float32 on any device; returns B token ids."""
+        greedy_tokens = logits.argmax(dim=-1).tolist()  # (B,)
+        out = list(greedy_tokens)
+        rows = [i for i, p in enumerate(params) if not p.greedy]
+        if not rows:
+            return out
+        probs = self._probabilities(logits[rows], [params[i] for i in rows]).cpu()  # (R, V)
+        for r, i in enumerate(rows):
+            generator = generators[i] or self._shared
+            out[i] = int(torch.multinomial(probs[r], 1, generator=generator))
+        return out
+
+    @staticmethod
+    def _probabilities(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+        temperature = torch.tensor([p.temperature for p in params], device=logits.device)
+        scaled = logits.float() / temperature[:, None]  # (R, V)
+        sorted_logits, order = scaled.sort(dim=-1, descending=True)
+        vocab = scaled.shape[-1]
+        top_k = torch.tensor([p.top_k or vocab for p in params], device=logits.device)
+        rank = torch.arange(vocab, device=logits.device)[None, :]
+        cut = rank >= top_k[:, None]
+        sorted_probs = sorted_logits.masked_fill(cut, float("-inf")).softmax(dim=-1)
+        top_p = torch.tensor([p.top_p for p in params], device=logits.device)
+        # Keep the smallest set of tokens whose mass reaches top_p (the first token always stays).
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        cut |= mass_before >= top_p[:, None]
+        sorted_logits = sorted_logits.masked_fill(cut, float("-inf"))
+        probs = torch.empty_like(scaled).scatter_(-1, order, sorted_logits.softmax(dim=-1))
+        return probs

@@ -1,0 +1,104 @@
+"""Continuous batching: which requests run in the next step, and how many tokens each computes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from parrot_lc.engine.context import ContextTree
+from parrot_lc.engine.errors import EngineError, OutOfMemoryError
+from parrot_lc.engine.request import Request
+
+
+@dataclass
+class ScheduledChunk:
+    request: Request
+    num_tokens: int  # pending tokens of the context computed this step; 0: only sample from its logits
+
+
+class Scheduler:
+    """Most important requests first, within a token budget and a sequence cap per step.
+
+    Prefill chunks and decode tokens share one step. When KV blocks run out, the least important request
+    that holds blocks and is not in this step is preempted (its own KV dropped, recomputed later); when
+    nothing can be preempted the request waits, and fails only if no request at all could run.
+    """
+
+    def __init__(self, tree: ContextTree, max_num_batched_tokens: int, max_num_seqs: int) -> None:
+        self.tree = tree
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
+        self.requests: list[Request] = []
+        self.num_running = 0  # requests in the last step
+        self.num_waiting = 0  # requests left out of the last step
+        self.num_preemptions = 0
+
+    def add(self, request: Request) -> None:
+        self.requests.append(request)
+
+    def remove(self, request: Request) -> None:
+        self.requests.remove(request)
+
+    def schedule(self) -> tuple[list[ScheduledChunk], list[tuple[Request, EngineError]]]:
+        """Returns this step's chunks and the requests that failed to start (with why)."""
+        self.requests.sort(key=lambda r: r.order)
+        budget = self.max_num_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        failed: list[tuple[Request, EngineError]] = []
+        blocked: list[Request] = []
+        in_step: set[int] = set()
+        for request in self.requests:
+            if len(chunks) >= self.max_num_seqs:
+                break
+            context = request.context
+            if not request.started:
+                if not context.forked and context.parent.active_request is not None:
+                    continue  # the fork waits for its parent's in-flight request
+                try:
+                    self._start(request)
+                except EngineError as exc:
+                    failed.append((request, exc))
+                    continue
+            if context.num_pending == 0:
+                chunks.append(ScheduledChunk(request, 0))
+                in_step.add(request.request_id)
+                continue
+            take = min(context.num_pending, budget)
+            if take == 0:
+                continue
+            while self.tree.tokens_that_fit(context) < take and self._preempt_one(request, in_step):
+                pass
+            take = min(take, self.tree.tokens_that_fit(context))
+            if take == 0:
+                blocked.append(request)
+                continue
+            self.tree.reserve(context, take)
+            chunks.append(ScheduledChunk(request, take))
+            in_step.add(request.request_id)
+            budget -= take
+        if not chunks and blocked:
+            failed.append((blocked[0], OutOfMemoryError(
+                "the KV cache is full of idle contexts and no request can be preempted: free contexts")))
+        self.num_running = len(chunks)
+        self.num_waiting = len(self.requests) - len(chunks)
+        return chunks, failed
+
+    def _start(self, request: Request) -> None:
+        context = request.context
+        if not context.forked:
+            self.tree.fork(context)
+        context.token_ids.extend(request.fill_token_ids)
+        request.started = True
+
+    def _preempt_one(self, for_request: Request, in_step: set[int]) -> bool:
+        """Preempts the least important started request that is less important than `for_request`."""
+        for victim in reversed(self.requests):
+            if victim.order <= for_request.order:
+                return False
+            if victim.request_id in in_step or not victim.started:
+                continue
+            if self.tree.own_block_count(victim.context) == 0:
+                continue
+            self.tree.release_own_blocks(victim.context)
+            self.num_preemptions += 1
+            return True
+        return False

@@ -1,0 +1,40 @@
+"""Every setting of parrot_lc, read once (CLI flags, then PARROT_* environment variables) and passed down."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class EngineSettings(BaseSettings):
+    """Settings of one engine: the model replica, its KV cache and its batching."""
+
+    model_config = SettingsConfigDict(env_prefix="PARROT_", extra="ignore")
+
+    model: str = Field(
+        "smollm2",
+        description="`smollm2` (embedded default), `tiny` (random weights, for tests), a Hugging Face "
+        "checkpoint directory or a .gguf file",
+    )
+    device: str = Field("auto", description="`cpu`, `cuda`, `cuda:N`, or `auto` (cuda when available)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="weights and KV cache dtype; `auto` is bfloat16 on cuda, float32 on cpu"
+    )
+    block_size: int = Field(16, ge=1, description="tokens per KV cache block")
+    kv_cache_bytes: int | None = Field(
+        None, ge=1, description="KV cache size in bytes; unset: kv_cache_memory_fraction of free GPU memory, "
+        "or 512 MiB on cpu"
+    )
+    kv_cache_memory_fraction: float = Field(
+        0.9, gt=0, le=1, description="fraction of free GPU memory (after weights) given to the KV cache"
+    )
+    max_num_batched_tokens: int = Field(2048, ge=1, description="token budget of one engine step")
+    max_num_seqs: int = Field(256, ge=1, description="most sequences in one engine step")
+    attention_backend: Literal["auto", "torch"] = Field("auto", description="attention implementation")
+    seed: int = Field(0, description="seed of random weights (tiny) and of unseeded sampling")
+    cache_dir: Path = Field(
+        Path.home() / ".cache" / "parrot_lc", description="where converted GGUF checkpoints are cached"
+    )

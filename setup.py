@@ -1,0 +1,29 @@
+"""parrot_lc: serve LangChain applications as graphs of Semantic Variables (after Parrot, OSDI'24)."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="parrot-lc",
+    version="0.1.0",
+    description="A LangChain-compatible serving backend for LLM applications, after Parrot (OSDI'24)",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["parrot_lc", "parrot_lc.*"]),
+    package_data={"parrot_lc.engine": ["tiny/*"]},
+    install_requires=[
+        # torch 2.13 (CPU) here, 2.11 (CUDA) on the GPU machine; install torch==2.13.0 first on a CPU box.
+        "torch>=2.11,<2.14",
+        "transformers>=5.17,<6",
+        "tokenizers>=0.22",
+        "safetensors>=0.4",
+        "gguf>=0.17",
+        "numpy>=1.26",
+        "pydantic>=2.7,<3",
+        "pydantic-settings>=2.3,<3",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "hypothesis>=6.100"],
+    },
+    entry_points={"console_scripts": ["parrot-lc=parrot_lc.cli:main"]},
+)

@@ -23,7 +23,7 @@ setup(
         "pydantic-settings>=2.3,<3",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6.100"],
+        "test": ["pytest>=8", "hypothesis>=6.100", "accelerate>=1.0"]  # accelerate: transformers needs it to read GGUF,
     },
     entry_points={"console_scripts": ["parrot-lc=parrot_lc.cli:main"]},
 )

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Callable, Hashable
 import torch
 
 from parrot_lc.engine.block_allocator import BlockAllocator
-from parrot_lc.engine.errors import ContextNotFoundError, InvalidRequestError
+from parrot_lc.engine.errors import ContextNotFoundError, InvalidRequestError, OutOfMemoryError
 
 if TYPE_CHECKING:
     from parrot_lc.engine.request import Request
@@ -34,7 +34,12 @@ class Context:
     last_logits: torch.Tensor | None = None  # (V,) float32, next-token logits once every token is computed
     active_request: "Request | None" = None
     forked: bool = True  # False while a fork waits for its parent's in-flight request
+    num_waiting_forks: int = 0  # children waiting to fork from this context: it takes no new request until then
     freed: bool = False
+
+    @property
+    def busy(self) -> bool:
+        return self.active_request is not None or self.num_waiting_forks > 0
 
     @property
     def num_pending(self) -> int:
@@ -71,34 +76,46 @@ class ContextTree:
             raise InvalidRequestError(f"context {context_id!r} already exists")
         context = Context(context_id, parent=parent, forked=parent is None)
         self._contexts[context_id] = context
-        if parent is not None and parent.active_request is None:
-            self.fork(context)
+        if parent is not None:
+            parent.num_waiting_forks += 1
+            if parent.active_request is None:
+                try:
+                    self.fork(context)
+                except OutOfMemoryError:
+                    pass  # the fork waits for a free block, like any request
         return context
 
     def fork(self, child: Context) -> None:
         """Gives `child` its parent's KV: full blocks by reference, the partial last block copied."""
         parent = child.parent
         assert parent is not None and not child.forked
-        if parent.freed:
+        if parent.freed:  # the fork never comes to exist
+            self.free(child.context_id)
             raise ContextNotFoundError(f"parent context {parent.context_id!r} was freed before the fork")
         num_full = parent.num_computed // self.block_size
+        partial = parent.num_computed % self.block_size > 0
+        if partial and self.allocator.num_free == 0:
+            raise OutOfMemoryError("no free KV block for the fork's copy of its parent's partial block")
         child.blocks = parent.blocks[:num_full]
         for block in child.blocks:
             self.allocator.incref(block)
         child.num_inherited_blocks = num_full
-        if parent.num_computed % self.block_size:
+        if partial:
             copy = self.allocator.allocate()
             self._copy_block(parent.blocks[num_full], copy)
             child.blocks.append(copy)
         child.token_ids = list(parent.token_ids) + child.token_ids
         child.num_computed = parent.num_computed
         child.last_logits = parent.last_logits
+        parent.num_waiting_forks -= 1
         child.forked = True
         self.reused_tokens += parent.num_computed
 
     def free(self, context_id: ContextId) -> Context:
         context = self.get(context_id)
         del self._contexts[context_id]
+        if not context.forked:
+            context.parent.num_waiting_forks -= 1
         for block in context.blocks:
             self.allocator.decref(block)
         context.blocks = []

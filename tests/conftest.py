@@ -1,0 +1,91 @@
+"""Shared fixtures: small engines on the CPU and random Hugging Face checkpoints to compare against."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+import transformers
+
+from parrot_lc.engine import LLMEngine
+from parrot_lc.settings import EngineSettings
+
+HF_CONFIGS = {
+    "llama": lambda: transformers.LlamaConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+    ),
+    "llama3-rope-tied": lambda: transformers.LlamaConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=512, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+    ),
+    "qwen2": lambda: transformers.Qwen2Config(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
+    ),
+    "mistral-sliding-window": lambda: transformers.MistralConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, sliding_window=24,
+    ),
+}
+HF_CLASSES = {
+    "llama": transformers.LlamaForCausalLM,
+    "llama3-rope-tied": transformers.LlamaForCausalLM,
+    "qwen2": transformers.Qwen2ForCausalLM,
+    "mistral-sliding-window": transformers.MistralForCausalLM,
+}
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory) -> Callable[[str], tuple[Path, transformers.PreTrainedModel]]:
+    """Writes (once per family) a random checkpoint with save_pretrained; returns its path and the HF model."""
+    made: dict[str, tuple[Path, transformers.PreTrainedModel]] = {}
+
+    def make(family: str):
+        if family not in made:
+            torch.manual_seed(0)
+            config = HF_CONFIGS[family]()
+            config._attn_implementation = "eager"
+            model = HF_CLASSES[family](config).eval()
+            if family == "qwen2":  # random, non-zero q/k/v biases, so that loading them is tested
+                for layer in model.model.layers:
+                    for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                        proj.bias.data.normal_(0, 0.5)
+            path = tmp_path_factory.mktemp(family)
+            model.save_pretrained(path)
+            made[family] = (path, model)
+        return made[family]
+
+    return make
+
+
+@pytest.fixture
+def make_engine(tmp_path) -> Callable[..., LLMEngine]:
+    """An engine on the CPU in float32: `tiny` unless a model is named; settings overridable."""
+
+    def make(**overrides) -> LLMEngine:
+        settings = dict(model="tiny", device="cpu", dtype="float32", kv_cache_bytes=32 * 2**20, cache_dir=tmp_path)
+        settings.update(overrides)
+        return LLMEngine(EngineSettings(**settings))
+
+    return make
+
+
+@pytest.fixture
+def tiny(make_engine) -> LLMEngine:
+    return make_engine()
+
+
+def prompt_ids(engine: LLMEngine, text: str) -> list[int]:
+    return engine.tokenizer(text).input_ids
+
+
+def greedy_text_ids(engine: LLMEngine, context_id, max_tokens: int, parent=None) -> list[int]:
+    from parrot_lc.engine import SamplingParams
+
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    return [t for event in engine.generate(sampling, context_id, parent) for t in event.token_ids]

@@ -1,0 +1,52 @@
+"""Continuous batching changes nothing in what each request computes."""
+
+import torch
+
+from parrot_lc.engine import SamplingParams
+
+
+def test_greedy_generation_of_8_mixed_length_prompts_in_one_batch_equals_each_alone(make_engine):
+    prompts = [torch.randint(3, 1024, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+               for n in (3, 17, 40, 5, 64, 33, 1, 90)]
+    sampling = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+
+    alone = []
+    for i, prompt in enumerate(prompts):
+        engine = make_engine()
+        engine.fill(prompt, i)
+        alone.append([t for e in engine.generate(sampling, i) for t in e.token_ids])
+
+    engine = make_engine(max_num_batched_tokens=64)  # prefill chunks and decodes share steps
+    fills = [engine.submit_fill(p, i) for i, p in enumerate(prompts)]
+    engine.run_until_done(fills)
+    gens = [engine.submit_generate(sampling, i) for i in range(len(prompts))]
+    events = engine.run_until_done(gens)
+    batched = [[t for e in events[g.request_id] for t in e.token_ids] for g in gens]
+    assert batched == alone
+
+
+def test_prefill_and_decode_run_in_the_same_step(tiny):
+    tiny.fill([5, 6, 7], "a")
+    decoding = tiny.submit_generate(SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True), "a")
+    tiny.step()
+    filling = tiny.submit_fill(list(range(3, 200)), "b")
+    tiny.step()
+    assert tiny.stats().num_running == 2
+    tiny.run_until_done([decoding, filling])
+
+
+def test_higher_priority_requests_are_scheduled_first(make_engine):
+    engine = make_engine(max_num_seqs=1)
+    low = engine.submit_fill([5, 6, 7], "low", priority=0)
+    high = engine.submit_fill([8, 9, 10], "high", priority=5)
+    finished = [o.request_id for o in engine.step() if o.finished]
+    assert finished == [high.request_id]
+    engine.run_until_done([low])
+
+
+def test_stats_count_prefilled_decoded_and_reused_tokens(tiny):
+    tiny.fill(list(range(3, 40)), "p")
+    list(tiny.generate(SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True), "g", "p"))
+    stats = tiny.stats()
+    assert (stats.prefill_tokens, stats.decode_tokens, stats.reused_tokens) == (37, 4, 37)
+    assert stats.num_contexts == 2 and stats.kv_blocks_used > 0

@@ -1,0 +1,121 @@
+"""Bad requests get a typed error for themselves; the engine keeps serving everyone else."""
+
+import pytest
+
+from parrot_lc.engine import (
+    ContextBusyError,
+    ContextNotFoundError,
+    InvalidRequestError,
+    OutOfMemoryError,
+    SamplingParams,
+)
+from parrot_lc.engine.errors import ModelLoadError
+
+GREEDY = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+
+
+def test_generate_into_an_unknown_context_is_context_not_found(tiny):
+    with pytest.raises(ContextNotFoundError, match="nope"):
+        tiny.submit_generate(GREEDY, "nope")
+
+
+def test_fork_from_an_unknown_parent_is_context_not_found(tiny):
+    with pytest.raises(ContextNotFoundError, match="ghost"):
+        tiny.submit_fill([5], "child", parent_context_id="ghost")
+    assert "child" not in tiny.tree
+
+
+def test_free_of_an_unknown_context_is_context_not_found(tiny):
+    with pytest.raises(ContextNotFoundError):
+        tiny.free_context("nope")
+
+
+def test_fill_into_a_generating_context_is_busy(tiny):
+    tiny.fill([5, 6], "c")
+    tiny.submit_generate(GREEDY, "c")
+    with pytest.raises(ContextBusyError, match="busy"):
+        tiny.submit_fill([7], "c")
+
+
+def test_token_ids_outside_the_vocabulary_are_rejected(tiny):
+    with pytest.raises(InvalidRequestError, match="1024"):
+        tiny.submit_fill([5, 1024], "c")
+    with pytest.raises(InvalidRequestError, match="-1"):
+        tiny.submit_fill([-1], "c")
+
+
+def test_an_empty_fill_is_rejected(tiny):
+    with pytest.raises(InvalidRequestError, match="empty"):
+        tiny.submit_fill([], "c")
+
+
+def test_generate_from_an_empty_context_is_rejected(tiny):
+    tiny.fill([5], "p")
+    tiny.free_context("p")
+    with pytest.raises(ContextNotFoundError):
+        tiny.submit_generate(GREEDY, "x", parent_context_id="p")
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("max_tokens", 0), ("temperature", -1.0), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -2), ("seed", -1),
+     ("stop", ("",)), ("stop_token_ids", (99999,))],
+)
+def test_invalid_sampling_values_name_the_field(tiny, field, value):
+    tiny.fill([5], "c")
+    with pytest.raises(InvalidRequestError, match=f"sampling.{field}"):
+        tiny.submit_generate(SamplingParams(**{field: value}), "c")
+
+
+def test_the_engine_keeps_serving_after_bad_requests(tiny):
+    tiny.fill([5, 6, 7], "good")
+    for bad in (lambda: tiny.submit_fill([], "x"), lambda: tiny.submit_generate(GREEDY, "missing")):
+        with pytest.raises(Exception):
+            bad()
+    assert len([t for e in tiny.generate(GREEDY, "good") for t in e.token_ids]) == 4
+
+
+def test_a_request_larger_than_the_whole_cache_is_out_of_memory(make_engine):
+    engine = make_engine(kv_cache_bytes=4 * 2 * 2 * 16 * 2 * 16 * 4)  # 4 blocks of 16 tokens
+    with pytest.raises(OutOfMemoryError, match="64"):
+        engine.submit_fill(list(range(3, 3 + 65)), "c")
+    engine.fill(list(range(3, 3 + 40)), "fits")
+
+
+def test_unknown_model_names_are_a_model_load_error(make_engine, tmp_path):
+    with pytest.raises(ModelLoadError, match="checkpoint directory"):
+        make_engine(model=str(tmp_path / "missing"))
+
+
+def test_when_blocks_run_out_requests_are_preempted_and_all_complete_unchanged(make_engine):
+    prompts = [list(range(3 + i, 3 + i + 30)) for i in range(6)]
+    sampling = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+
+    def run(engine):
+        engine.run_until_done([engine.submit_fill(p, i) for i, p in enumerate(prompts)])
+        gens = {engine.submit_generate(sampling, i, priority=i % 3).request_id: i for i in range(len(prompts))}
+        tokens = {i: [] for i in gens.values()}
+        while engine.has_work():
+            for output in engine.step():
+                assert output.error is None
+                tokens[gens[output.request_id]] += output.token_ids
+                if output.finished:  # as the server does: a finished context's KV is let go
+                    engine.free_context(gens[output.request_id])
+        return tokens, engine
+
+    roomy, _ = run(make_engine())
+    block_bytes = 2 * 2 * 16 * 2 * 16 * 4  # layers * (k, v) * block * kv heads * head dim * float32
+    tight, engine = run(make_engine(kv_cache_bytes=12 * block_bytes))  # 6 contexts of 50 tokens need 24
+    assert tight == roomy
+    assert engine.stats().num_preemptions > 0
+    assert engine.stats().kv_blocks_used == 0
+
+
+def test_an_idle_cache_that_cannot_make_room_fails_the_request_not_the_engine(make_engine):
+    block_bytes = 2 * 2 * 16 * 2 * 16 * 4
+    engine = make_engine(kv_cache_bytes=4 * block_bytes)
+    engine.fill(list(range(3, 3 + 48)), "idle")  # 3 of 4 blocks held by an idle context
+    with pytest.raises(OutOfMemoryError, match="free contexts"):
+        engine.fill(list(range(3, 3 + 40)), "big")
+    engine.free_context("idle")
+    engine.fill(list(range(3, 3 + 40)), "big2")

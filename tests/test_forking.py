@@ -1,0 +1,86 @@
+"""Forked contexts read their ancestors' KV: same logits as one unforked context, no full block copied."""
+
+import pytest
+import torch
+
+from parrot_lc.engine import SamplingParams
+
+from conftest import greedy_text_ids
+
+
+def random_tokens(n: int, seed: int) -> list[int]:
+    return torch.randint(3, 1024, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.mark.parametrize("prefix_len", [16, 21])  # a block boundary, and a partial last block
+def test_forked_context_gives_the_logits_of_the_whole_prompt_in_one_context(tiny, prefix_len):
+    prefix, suffix = random_tokens(prefix_len, 0), random_tokens(9, 1)
+    tiny.fill(prefix, "prefix")
+    tiny.fill(suffix, "fork", parent_context_id="prefix")
+    tiny.fill(prefix + suffix, "whole")
+    assert torch.allclose(tiny.context_logits("fork"), tiny.context_logits("whole"), atol=1e-5)
+
+
+def test_fork_of_a_fork_gives_the_logits_of_the_whole_prompt(tiny):
+    a, b, c = random_tokens(20, 0), random_tokens(13, 1), random_tokens(5, 2)
+    tiny.fill(a, "a")
+    tiny.fill(b, "ab", parent_context_id="a")
+    tiny.fill(c, "abc", parent_context_id="ab")
+    tiny.fill(a + b + c, "whole")
+    assert torch.allclose(tiny.context_logits("abc"), tiny.context_logits("whole"), atol=1e-5)
+
+
+def test_fork_shares_full_blocks_and_copies_only_the_partial_one(tiny):
+    tiny.fill(random_tokens(16 * 3 + 5, 0), "prefix")  # 3 full blocks + 1 partial
+    used = tiny.stats().kv_blocks_used
+    tiny.fill(random_tokens(2, 1), "fork", parent_context_id="prefix")
+    assert tiny.stats().kv_blocks_used == used + 1  # the copied partial block, which has room for 2 more
+    assert tiny.stats().reused_tokens == 16 * 3 + 5
+
+
+def test_many_forks_generate_what_unforked_contexts_generate(tiny):
+    prefix = random_tokens(40, 0)
+    suffixes = [random_tokens(n, 10 + n) for n in (1, 5, 16, 23)]
+    tiny.fill(prefix, "prefix")
+    sampling = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    for i, suffix in enumerate(suffixes):
+        tiny.fill(suffix, f"fork{i}", parent_context_id="prefix")
+    forked = [tiny.submit_generate(sampling, f"fork{i}") for i in range(len(suffixes))]
+    events = tiny.run_until_done(forked)  # all forks decode in one batch, sharing the prefix
+    for i, suffix in enumerate(suffixes):
+        tiny.fill(prefix + suffix, f"alone{i}")
+        expected = greedy_text_ids(tiny, f"alone{i}", 12)
+        got = [t for e in events[forked[i].request_id] for t in e.token_ids]
+        assert got == expected
+
+
+def test_parent_freed_while_fork_lives_keeps_the_shared_blocks(tiny):
+    prefix = random_tokens(35, 0)
+    tiny.fill(prefix, "prefix")
+    tiny.fill(random_tokens(3, 1), "fork", parent_context_id="prefix")
+    expected_logits = tiny.context_logits("fork").clone()
+    tiny.free_context("prefix")
+    tiny.fill(prefix + random_tokens(3, 1), "whole")
+    assert torch.allclose(expected_logits, tiny.context_logits("whole"), atol=1e-5)
+    assert greedy_text_ids(tiny, "fork", 6) == greedy_text_ids(tiny, "whole", 6)
+    tiny.free_context("fork")
+    tiny.free_context("whole")
+    assert tiny.stats().kv_blocks_used == 0
+
+
+def test_fork_submitted_while_parent_fills_waits_for_the_parent(tiny):
+    prefix, suffix = random_tokens(30, 0), random_tokens(4, 1)
+    parent = tiny.submit_fill(prefix, "prefix")
+    child = tiny.submit_fill(suffix, "fork", parent_context_id="prefix")
+    tiny.run_until_done([parent, child])
+    tiny.fill(prefix + suffix, "whole")
+    assert torch.allclose(tiny.context_logits("fork"), tiny.context_logits("whole"), atol=1e-5)
+
+
+def test_generate_with_a_parent_forks_a_new_context(tiny):
+    prefix = random_tokens(18, 0)
+    tiny.fill(prefix, "prefix")
+    forked = greedy_text_ids(tiny, "answer", 8, parent="prefix")
+    tiny.fill(prefix, "alone")
+    assert forked == greedy_text_ids(tiny, "alone", 8)
+    assert tiny.stats().reused_tokens == 18

@@ -1,0 +1,33 @@
+"""Our model over the paged cache computes the logits of Hugging Face transformers' own model."""
+
+import pytest
+import torch
+
+FAMILIES = ["llama", "llama3-rope-tied", "qwen2", "mistral-sliding-window"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prefill_and_20_decode_steps_match_transformers(family, hf_checkpoint, make_engine):
+    path, hf_model = hf_checkpoint(family)
+    engine = make_engine(model=str(path), block_size=8)
+    prompt = torch.randint(0, 512, (37,), generator=torch.Generator().manual_seed(1)).tolist()
+    engine.fill(prompt, "c")
+    tokens = list(prompt)
+    for step in range(21):
+        with torch.no_grad():
+            expected = hf_model(torch.tensor([tokens])).logits[0, -1]
+        ours = engine.context_logits("c")
+        assert (ours - expected).abs().max().item() <= 1e-4, f"step {step}"
+        next_token = int(expected.argmax())
+        tokens.append(next_token)
+        engine.fill([next_token], "c")  # a one-token fill is a decode step
+
+
+def test_chunked_prefill_matches_one_shot_prefill(hf_checkpoint, make_engine):
+    path, hf_model = hf_checkpoint("llama")
+    engine = make_engine(model=str(path), block_size=8, max_num_batched_tokens=7)
+    prompt = torch.randint(0, 512, (50,), generator=torch.Generator().manual_seed(2)).tolist()
+    engine.fill(prompt, "c")
+    with torch.no_grad():
+        expected = hf_model(torch.tensor([prompt])).logits[0, -1]
+    assert (engine.context_logits("c") - expected).abs().max().item() <= 1e-4

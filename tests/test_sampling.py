@@ -1,0 +1,91 @@
+"""Sampling: greedy, temperature, top-k, top-p, seeds, and every way a generation stops."""
+
+import torch
+
+from parrot_lc.engine import SamplingParams
+from parrot_lc.engine.sampling import Sampler
+
+
+def generated(engine, sampling, parent="p"):
+    events = list(engine.generate(sampling, object(), parent))
+    return [t for e in events for t in e.token_ids], "".join(e.text for e in events), events[-1].finish_reason
+
+
+def test_the_same_seed_gives_the_same_tokens(tiny):
+    tiny.fill(list(range(3, 30)), "p")
+    sampling = SamplingParams(max_tokens=16, temperature=1.5, seed=1234, ignore_eos=True)
+    first, second = generated(tiny, sampling)[0], generated(tiny, sampling)[0]
+    other = generated(tiny, SamplingParams(max_tokens=16, temperature=1.5, seed=99, ignore_eos=True))[0]
+    assert first == second and first != other
+
+
+def test_a_seeded_request_samples_the_same_alone_and_in_a_batch(tiny):
+    tiny.fill(list(range(3, 30)), "p")
+    sampling = SamplingParams(max_tokens=12, temperature=1.0, seed=7, ignore_eos=True)
+    alone = generated(tiny, sampling)[0]
+    requests = [tiny.submit_generate(SamplingParams(max_tokens=12, temperature=1.0, seed=s, ignore_eos=True),
+                                     f"g{s}", "p") for s in (1, 7, 3)]
+    events = tiny.run_until_done(requests)
+    assert [t for e in events[requests[1].request_id] for t in e.token_ids] == alone
+
+
+def test_top_k_of_one_and_a_tiny_top_p_are_greedy(tiny):
+    tiny.fill(list(range(3, 30)), "p")
+    greedy = generated(tiny, SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))[0]
+    assert generated(tiny, SamplingParams(max_tokens=10, top_k=1, seed=3, ignore_eos=True))[0] == greedy
+    assert generated(tiny, SamplingParams(max_tokens=10, top_p=1e-6, seed=3, ignore_eos=True))[0] == greedy
+
+
+def test_top_k_keeps_only_the_k_most_likely_tokens():
+    logits = torch.tensor([[0.0, 3.0, 2.0, 1.0]])
+    probs = Sampler._probabilities(logits, [SamplingParams(top_k=2)])
+    assert probs[0, 0] == 0 and probs[0, 3] == 0 and torch.isclose(probs.sum(), torch.tensor(1.0))
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    probs = Sampler._probabilities(logits, [SamplingParams(top_p=0.7)])
+    assert torch.allclose(probs, torch.tensor([[0.625, 0.375, 0.0, 0.0]]))
+
+
+def test_temperature_flattens_the_distribution():
+    logits = torch.tensor([[2.0, 0.0]])
+    cold = Sampler._probabilities(logits, [SamplingParams(temperature=0.5)])
+    hot = Sampler._probabilities(logits, [SamplingParams(temperature=2.0)])
+    assert cold[0, 0] > hot[0, 0] > 0.5
+
+
+def test_generation_stops_at_max_tokens(tiny):
+    tiny.fill(list(range(3, 30)), "p")
+    tokens, _, reason = generated(tiny, SamplingParams(max_tokens=7, temperature=0.0, ignore_eos=True))
+    assert len(tokens) == 7 and reason == "length"
+
+
+def test_generation_stops_at_a_stop_token_id(tiny):
+    tiny.fill(list(range(3, 30)), "p")
+    free_run = generated(tiny, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))[0]
+    tokens, _, reason = generated(tiny, SamplingParams(max_tokens=8, temperature=0.0, stop_token_ids=(free_run[2],)))
+    assert tokens == free_run[: free_run.index(free_run[2]) + 1] and reason == "stop"
+
+
+def test_generation_stops_at_eos_unless_told_to_ignore_it(tiny):
+    tiny.fill(list(range(3, 30)), "p")
+    free_run = generated(tiny, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))[0]
+    tiny.eos_token_ids = (free_run[1],)
+    tokens, _, reason = generated(tiny, SamplingParams(max_tokens=8, temperature=0.0))
+    assert tokens == free_run[: free_run.index(free_run[1]) + 1] and reason == "stop"
+
+
+def test_stop_strings_end_generation_and_are_cut_from_the_text(tiny):
+    tiny.fill(tiny.tokenizer("def main(self): return").input_ids, "p")
+    _, text, _ = generated(tiny, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
+    stop = text[3:6]
+    assert stop
+    _, cut_text, reason = generated(tiny, SamplingParams(max_tokens=12, temperature=0.0, stop=(stop,)))
+    assert cut_text == text[: text.index(stop)] and reason == "stop"
+
+
+def test_streamed_text_deltas_join_to_the_full_text(tiny):
+    tiny.fill(tiny.tokenizer("import os").input_ids, "p")
+    tokens, text, _ = generated(tiny, SamplingParams(max_tokens=15, temperature=0.0, ignore_eos=True))
+    assert text == tiny.tokenizer.decode(tokens, skip_special_tokens=True)

@@ -21,6 +21,8 @@ setup(
         "numpy>=1.26",
         "pydantic>=2.7,<3",
         "pydantic-settings>=2.3,<3",
+        "triton>=3.6; platform_system == 'Linux'",
+        "tqdm>=4.60",
     ],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100", "accelerate>=1.0"]  # accelerate: transformers needs it to read GGUF,

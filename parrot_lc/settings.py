@@ -19,6 +19,9 @@ class EngineSettings(BaseSettings):
         description="`smollm2` (embedded default), `tiny` (random weights, for tests), a Hugging Face "
         "checkpoint directory or a .gguf file",
     )
+    load_format: Literal["auto", "dummy"] = Field(
+        "auto", description="`dummy`: random weights of the checkpoint's shapes, for benchmarks (`tiny` always is)"
+    )
     device: str = Field("auto", description="`cpu`, `cuda`, `cuda:N`, or `auto` (cuda when available)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="weights and KV cache dtype; `auto` is bfloat16 on cuda, float32 on cpu"
@@ -33,7 +36,10 @@ class EngineSettings(BaseSettings):
     )
     max_num_batched_tokens: int = Field(2048, ge=1, description="token budget of one engine step")
     max_num_seqs: int = Field(256, ge=1, description="most sequences in one engine step")
-    attention_backend: Literal["auto", "torch"] = Field("auto", description="attention implementation")
+    attention_backend: Literal["auto", "torch", "triton"] = Field(
+        "auto", description="attention implementation; `auto`: triton on cuda, the torch reference on cpu"
+    )
+    cuda_graphs: bool = Field(True, description="replay decode steps from CUDA graphs (cuda, triton backend)")
     seed: int = Field(0, description="seed of random weights (tiny) and of unseeded sampling")
     cache_dir: Path = Field(
         Path.home() / ".cache" / "parrot_lc", description="where converted GGUF checkpoints are cached"

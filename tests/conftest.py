@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable
 
 import pytest
 import torch
-import transformers
+
+# Without a GPU, Triton kernels run in its interpreter (must be chosen before triton is imported).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import transformers  # noqa: E402
 
 from parrot_lc.engine import LLMEngine
 from parrot_lc.settings import EngineSettings

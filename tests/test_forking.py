@@ -38,7 +38,9 @@ def test_fork_shares_full_blocks_and_copies_only_the_partial_one(tiny):
     assert tiny.stats().reused_tokens == 16 * 3 + 5
 
 
-def test_many_forks_generate_what_unforked_contexts_generate(tiny):
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_many_forks_generate_what_unforked_contexts_generate(make_engine, backend):
+    tiny = make_engine(attention_backend=backend)
     prefix = random_tokens(40, 0)
     suffixes = [random_tokens(n, 10 + n) for n in (1, 5, 16, 23)]
     tiny.fill(prefix, "prefix")

@@ -6,17 +6,21 @@ import torch
 FAMILIES = ["llama", "llama3-rope-tied", "qwen2", "mistral-sliding-window"]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_prefill_and_20_decode_steps_match_transformers(family, hf_checkpoint, make_engine):
+@pytest.mark.parametrize(
+    "family, backend", [(f, "torch") for f in FAMILIES] + [("llama", "triton"), ("mistral-sliding-window", "triton")]
+)
+def test_prefill_and_20_decode_steps_match_transformers(family, backend, hf_checkpoint, make_engine):
     path, hf_model = hf_checkpoint(family)
-    engine = make_engine(model=str(path), block_size=8)
+    # Triton runs on the GPU when there is one, else in its CPU interpreter.
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    engine = make_engine(model=str(path), block_size=8, attention_backend=backend, device=device)
     prompt = torch.randint(0, 512, (37,), generator=torch.Generator().manual_seed(1)).tolist()
     engine.fill(prompt, "c")
     tokens = list(prompt)
     for step in range(21):
         with torch.no_grad():
             expected = hf_model(torch.tensor([tokens])).logits[0, -1]
-        ours = engine.context_logits("c")
+        ours = engine.context_logits("c").cpu()
         assert (ours - expected).abs().max().item() <= 1e-4, f"step {step}"
         next_token = int(expected.argmax())
         tokens.append(next_token)

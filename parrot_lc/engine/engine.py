@@ -11,6 +11,7 @@ import torch
 from parrot_lc.engine.attention import AttentionBackend, TorchReferenceBackend
 from parrot_lc.engine.block_allocator import BlockAllocator
 from parrot_lc.engine.context import Context, ContextId, ContextTree
+from parrot_lc.engine.cuda_graphs import DecodeGraphs
 from parrot_lc.engine.errors import (
     ContextBusyError,
     ContextNotFoundError,
@@ -45,11 +46,13 @@ class EngineStats:
     num_preemptions: int
 
 
-def select_backend(name: str) -> AttentionBackend:
-    """The attention backend a setting names (`auto`: the fastest available)."""
-    if name in ("auto", "torch"):
-        return TorchReferenceBackend()
-    raise InvalidRequestError(f"unknown attention backend {name!r}")
+def select_backend(name: str, device: torch.device) -> AttentionBackend:
+    """The attention backend a setting names (`auto`: Triton on a GPU, the torch reference elsewhere)."""
+    if name == "triton" or (name == "auto" and device.type == "cuda"):
+        from parrot_lc.engine.triton_attention import TritonBackend
+
+        return TritonBackend()
+    return TorchReferenceBackend()
 
 
 class LLMEngine:
@@ -69,8 +72,11 @@ class LLMEngine:
         if dtype_name == "auto":
             dtype_name = "float32" if self.device.type == "cpu" else "bfloat16"
         self.dtype = DTYPES[dtype_name]
-        self.backend = select_backend(settings.attention_backend)
-        loaded = load_model(settings.model, self.backend, self.dtype, self.device, settings.cache_dir, settings.seed)
+        self.backend = select_backend(settings.attention_backend, self.device)
+        loaded = load_model(
+            settings.model, self.backend, self.dtype, self.device, settings.cache_dir, settings.seed,
+            random_weights=settings.load_format == "dummy",
+        )
         self.model, self.config, self.tokenizer = loaded.model, loaded.config, loaded.tokenizer
         self.eos_token_ids = self.config.eos_token_ids
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
@@ -79,10 +85,14 @@ class LLMEngine:
         cfg, bs = self.config, settings.block_size
         block_bytes = cfg.num_layers * 2 * bs * cfg.num_kv_heads * cfg.head_dim * self.dtype.itemsize
         num_blocks = max(1, self._kv_cache_bytes() // block_bytes)
+        # One block more than the allocator hands out: padding rows of CUDA graphs write their KV there.
         kv_cache = torch.zeros(
-            cfg.num_layers, 2, num_blocks, bs, cfg.num_kv_heads, cfg.head_dim, dtype=self.dtype, device=self.device
+            cfg.num_layers, 2, num_blocks + 1, bs, cfg.num_kv_heads, cfg.head_dim, dtype=self.dtype, device=self.device
         )
-        self.runner = ModelRunner(self.model, kv_cache, bs)
+        graphs = None
+        if settings.cuda_graphs and self.device.type == "cuda" and self.backend.name == "triton":
+            graphs = DecodeGraphs(self.model, kv_cache, bs, settings.max_num_seqs, dummy_slot=num_blocks * bs)
+        self.runner = ModelRunner(self.model, kv_cache, bs, graphs)
         self.allocator = BlockAllocator(num_blocks)
         self.tree = ContextTree(self.allocator, bs, self.runner.copy_block)
         self.scheduler = Scheduler(self.tree, settings.max_num_batched_tokens, settings.max_num_seqs)
@@ -193,7 +203,8 @@ class LLMEngine:
         output = None
         if context.active_request is not None:
             output = self.cancel(context.active_request.request_id)
-        self.tree.free(context_id)
+        if not context.freed:  # cancelling a fork that never happened already removed it
+            self.tree.free(context_id)
         return output
 
     def has_work(self) -> bool:
@@ -261,7 +272,10 @@ class LLMEngine:
         request.finished = True
         self._requests.pop(request.request_id, None)
         self.scheduler.remove(request)
-        request.context.active_request = None
+        context = request.context
+        context.active_request = None
+        if not context.forked and not context.freed:  # it ended before its fork: the context never came to be
+            self.tree.free(context.context_id)
 
     # ---- blocking conveniences --------------------------------------------------------------------
 

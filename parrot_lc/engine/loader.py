@@ -43,15 +43,26 @@ def resolve_checkpoint(name: str, cache_dir: Path) -> tuple[Path, bool]:
 
 
 def load_model(
-    name: str, backend: AttentionBackend, dtype: torch.dtype, device: torch.device, cache_dir: Path, seed: int = 0
+    name: str,
+    backend: AttentionBackend,
+    dtype: torch.dtype,
+    device: torch.device,
+    cache_dir: Path,
+    seed: int = 0,
+    random_weights: bool = False,
 ) -> LoadedModel:
-    path, random_weights = resolve_checkpoint(name, cache_dir)
+    """Builds the model on `device`; with `random_weights` only config.json (and a tokenizer, if any) is read."""
+    path, always_random = resolve_checkpoint(name, cache_dir)
+    random_weights = random_weights or always_random
     config = ModelConfig.from_pretrained(path)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config, backend)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # parameters are made in the weights' dtype, never in float32 first
+    try:
+        with torch.device("meta"):
+            model = LlamaForCausalLM(config, backend)
+    finally:
+        torch.set_default_dtype(default_dtype)
     model.to_empty(device=device)
-    for param in model.parameters():
-        param.data = param.data.to(dtype)
     model.inv_freq = config.inv_freq.to(device)  # float32 whatever the weights' dtype
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -79,7 +90,8 @@ def init_random_weights(model: torch.nn.Module, seed: int) -> None:
             param.data.normal_(0.0, 0.02, generator=generator)
 
 
-def _load_safetensors(model: torch.nn.Module, path: Path) -> None:
+@torch.no_grad()
+def _load_safetensors(model: LlamaForCausalLM, path: Path) -> None:
     index = path / "model.safetensors.index.json"
     if index.exists():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -87,20 +99,20 @@ def _load_safetensors(model: torch.nn.Module, path: Path) -> None:
         files = [p.name for p in sorted(path.glob("*.safetensors"))]
     if not files:
         raise ModelLoadError(f"no .safetensors weights in {path}")
-    params = dict(model.named_parameters(remove_duplicate=False))
+    targets = model.checkpoint_tensors()
     loaded: set[str] = set()
     for file in files:
         with safe_open(str(path / file), framework="pt", device="cpu") as f:
             for name in f.keys():
-                if name not in params:
+                if name not in targets:
                     continue
                 tensor = f.get_tensor(name)
-                if tensor.shape != params[name].shape:
+                if tensor.shape != targets[name].shape:
                     raise ModelLoadError(f"{file}: {name} has shape {tuple(tensor.shape)}, "
-                                         f"the config says {tuple(params[name].shape)}")
-                params[name].data.copy_(tensor)
+                                         f"the config says {tuple(targets[name].shape)}")
+                targets[name].copy_(tensor)
                 loaded.add(name)
-    missing = set(params) - loaded
+    missing = set(targets) - loaded
     if model.config.tie_word_embeddings:
         missing.discard("lm_head.weight")
     if missing:

@@ -3,20 +3,37 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass, field
 
 import torch
 
 from parrot_lc.engine.attention import AttentionMetadata, SharedPrefix
+from parrot_lc.engine.cuda_graphs import DecodeGraphs
 from parrot_lc.engine.models.llama import LlamaForCausalLM
 from parrot_lc.engine.scheduler import ScheduledChunk
 
 
+@dataclass
+class StepInputs:
+    """A step's flattened batch as Python lists, before it becomes tensors."""
+
+    ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)
+    query_lens: list[int] = field(default_factory=list)
+    context_lens: list[int] = field(default_factory=list)
+    tables: list[list[int]] = field(default_factory=list)
+
+
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, kv_cache: torch.Tensor, block_size: int) -> None:
+    def __init__(
+        self, model: LlamaForCausalLM, kv_cache: torch.Tensor, block_size: int, graphs: DecodeGraphs | None = None
+    ) -> None:
         self.model = model
         self.kv_cache = kv_cache  # (L, 2, num_blocks, block_size, Hkv, D)
         self.block_size = block_size
         self.device = kv_cache.device
+        self.graphs = graphs
 
     def copy_block(self, src: int, dst: int) -> None:
         self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
@@ -28,52 +45,68 @@ class ModelRunner:
         chunks = [c for c in chunks if c.num_tokens > 0]
         if not chunks:
             return
-        input_ids, positions, meta = self._prepare(chunks)
-        hidden = self.model(input_ids, positions, self.kv_cache, meta)  # (T, C)
+        step = self._gather(chunks)
         done = [i for i, c in enumerate(chunks) if c.num_tokens == c.request.context.num_pending]
-        logits = None
-        if done:
-            last_rows = (meta.query_start[1:] - 1)[done]  # (N,)
-            logits = self.model.compute_logits(hidden[last_rows])  # (N, V)
+        if self.graphs is not None and self._graph_ready(chunks, step):
+            logits = self.graphs.run(step.ids, step.positions, step.slots, step.tables, step.context_lens)
+            logits = logits[done]  # a copy: the graph's output buffer is overwritten by the next replay
+        else:
+            input_ids, positions, meta = self._tensors(chunks, step)
+            hidden = self.model(input_ids, positions, self.kv_cache, meta)  # (T, C)
+            logits = None
+            if done:
+                last_rows = (meta.query_start[1:] - 1)[done]  # (N,)
+                logits = self.model.compute_logits(hidden[last_rows])  # (N, V)
         for chunk in chunks:
             chunk.request.context.num_computed += chunk.num_tokens
         for row, i in enumerate(done):
             chunks[i].request.context.last_logits = logits[row]
 
-    def _prepare(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    def _graph_ready(self, chunks: list[ScheduledChunk], step: StepInputs) -> bool:
+        """Graphs replay pure decode steps without a shared prefix (those read the prefix once, eagerly)."""
+        if any(n != 1 for n in step.query_lens):
+            return False
+        if not self.graphs.fits(len(chunks), max(map(len, step.tables))):
+            return False
+        first_blocks = [t[0] for t, c in zip(step.tables, chunks) if c.request.context.num_computed >= self.block_size]
+        return len(first_blocks) == len(set(first_blocks))
+
+    def _gather(self, chunks: list[ScheduledChunk]) -> StepInputs:
         bs = self.block_size
-        ids: list[int] = []
-        pos: list[int] = []
-        slots: list[int] = []
-        query_lens, context_lens, tables = [], [], []
+        step = StepInputs()
         for chunk in chunks:
             ctx = chunk.request.context
             start, end = ctx.num_computed, ctx.num_computed + chunk.num_tokens
-            ids.extend(ctx.token_ids[start:end])
-            pos.extend(range(start, end))
-            slots.extend(ctx.blocks[p // bs] * bs + p % bs for p in range(start, end))
-            query_lens.append(chunk.num_tokens)
-            context_lens.append(end)
-            tables.append(ctx.blocks)
-        width = max(len(t) for t in tables)
-        block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
-        query_start = torch.tensor([0] + query_lens).cumsum(0)
+            step.ids.extend(ctx.token_ids[start:end])
+            step.positions.extend(range(start, end))
+            step.slots.extend(ctx.blocks[p // bs] * bs + p % bs for p in range(start, end))
+            step.query_lens.append(chunk.num_tokens)
+            step.context_lens.append(end)
+            step.tables.append(ctx.blocks)
+        return step
+
+    def _tensors(
+        self, chunks: list[ScheduledChunk], step: StepInputs
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        width = max(len(t) for t in step.tables)
+        block_tables = torch.tensor([t + [0] * (width - len(t)) for t in step.tables], dtype=torch.long)
+        query_start = torch.tensor([0] + step.query_lens).cumsum(0)
         shared, shared_lens = self._shared_prefixes(chunks, block_tables, query_start)
         device = self.device
         meta = AttentionMetadata(
-            block_size=bs,
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+            block_size=self.block_size,
+            slot_mapping=torch.tensor(step.slots, dtype=torch.long, device=device),
             query_start=query_start.to(device),
-            query_lens=query_lens,
-            context_lens=torch.tensor(context_lens, dtype=torch.long, device=device),
+            query_lens=step.query_lens,
+            context_lens=torch.tensor(step.context_lens, dtype=torch.long, device=device),
             block_tables=block_tables.to(device),
             shared_lens=shared_lens.to(device),
             shared=shared,
             sliding_window=self.model.config.sliding_window,
         )
         return (
-            torch.tensor(ids, dtype=torch.long, device=device),
-            torch.tensor(pos, dtype=torch.long, device=device),
+            torch.tensor(step.ids, dtype=torch.long, device=device),
+            torch.tensor(step.positions, dtype=torch.long, device=device),
             meta,
         )
 

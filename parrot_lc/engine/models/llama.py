@@ -1,6 +1,7 @@
 """Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2) over the paged KV cache.
 
-Parameter names follow Hugging Face's LlamaForCausalLM so checkpoints load as they are.
+Module names follow Hugging Face's LlamaForCausalLM, except that q/k/v and gate/up are stacked into one
+matrix each; `checkpoint_tensors` maps a checkpoint's names onto them.
 """
 
 from __future__ import annotations
@@ -13,16 +14,28 @@ from parrot_lc.engine.attention import AttentionBackend, AttentionMetadata
 from parrot_lc.engine.model_config import ModelConfig
 
 
+def _fused_ops():
+    """Triton kernels for the elementwise work on the GPU (imported only there)."""
+    from parrot_lc.engine import fused_ops
+
+    return fused_ops
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Adds the residual stream (if any) to x, then normalises: returns (normed, new residual)."""
+        if x.is_cuda:
+            return _fused_ops().add_rms_norm(x, self.weight, self.eps, residual)
+        if residual is not None:
+            x = x + residual
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return self.weight * xf.to(x.dtype), x
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -30,46 +43,82 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+class Rope:
+    """Rotary position embedding of one forward pass (cos/sin computed once, shared by all layers)."""
+
+    def __init__(self, positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float, dtype: torch.dtype) -> None:
+        self.positions, self.inv_freq, self.scaling = positions, inv_freq, scaling
+        if not positions.is_cuda:  # on the GPU a fused kernel computes them in place
+            freqs = positions[:, None].float() * inv_freq[None, :]  # (T, D/2)
+            emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # (T, 1, D)
+            self.cos = (emb.cos() * scaling).to(dtype)
+            self.sin = (emb.sin() * scaling).to(dtype)
+
+    def apply(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if q.is_cuda:  # in place, through the strides of the fused q/k/v output
+            _fused_ops().rotary_(q, k, self.positions, self.inv_freq, self.scaling)
+            return q, k
+        return q * self.cos + rotate_half(q) * self.sin, k * self.cos + rotate_half(k) * self.sin
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, backend: AttentionBackend) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
-        bias = config.qkv_bias
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        # q, k and v in one matrix product (one weight read, one launch); checkpoints load into its slices.
+        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
         self.backend = backend
         self.scale = self.head_dim**-0.5
+
+    def checkpoint_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        slices = {"q_proj": (0, self.q_size), "k_proj": (self.q_size, self.kv_size),
+                  "v_proj": (self.q_size + self.kv_size, self.kv_size)}
+        tensors = {f"{prefix}.o_proj.weight": self.o_proj.weight}
+        for name, (start, size) in slices.items():
+            tensors[f"{prefix}.{name}.weight"] = self.qkv_proj.weight[start : start + size]
+            if self.qkv_proj.bias is not None:
+                tensors[f"{prefix}.{name}.bias"] = self.qkv_proj.bias[start : start + size]
+        return tensors
 
     def forward(
         self,
         x: torch.Tensor,  # (T, C)
-        cos: torch.Tensor,  # (T, 1, D)
-        sin: torch.Tensor,  # (T, 1, D)
+        rope: "Rope",
         k_cache: torch.Tensor,  # (num_blocks, block_size, Hkv, D)
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         T = x.shape[0]
-        q = self.q_proj(x).view(T, self.num_heads, self.head_dim)  # (T, Hq, D)
-        k = self.k_proj(x).view(T, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
-        v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(T, self.num_heads, self.head_dim)  # (T, Hq, D)
+        k = k.view(T, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
+        q, k = rope.apply(q, k)
         out = self.backend.forward(q, k, v, k_cache, v_cache, meta, self.scale)  # (T, Hq, D)
-        return self.o_proj(out.reshape(T, self.num_heads * self.head_dim))
+        return self.o_proj(out.reshape(T, self.q_size))
 
 
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.intermediate_size = config.intermediate_size
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
+    def checkpoint_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        size = self.intermediate_size
+        return {
+            f"{prefix}.gate_proj.weight": self.gate_up_proj.weight[:size],
+            f"{prefix}.up_proj.weight": self.gate_up_proj.weight[size:],
+            f"{prefix}.down_proj.weight": self.down_proj.weight,
+        }
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (T, I) each
+        hidden = _fused_ops().silu_mul(gate, up) if x.is_cuda else F.silu(gate) * up
+        return self.down_proj(hidden)
 
 
 class DecoderLayer(nn.Module):
@@ -80,9 +129,11 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, k_cache, v_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, rope, k_cache, v_cache, meta):
+        """x: the previous sublayer's output; residual: the running sum before it (None at the first layer)."""
+        h, residual = self.input_layernorm(x, residual)
+        h, residual = self.post_attention_layernorm(self.self_attn(h, rope, k_cache, v_cache, meta), residual)
+        return self.mlp(h), residual
 
 
 class LlamaBody(nn.Module):
@@ -111,13 +162,27 @@ class LlamaForCausalLM(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # (T, C) final hidden states
         x = self.model.embed_tokens(input_ids)
-        freqs = positions[:, None].float() * self.inv_freq[None, :]  # (T, D/2)
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # (T, 1, D)
-        cos = (emb.cos() * self.config.rope_scaling).to(x.dtype)
-        sin = (emb.sin() * self.config.rope_scaling).to(x.dtype)
+        rope = Rope(positions, self.inv_freq, self.config.rope_scaling, x.dtype)
+        residual = None
         for layer, layer_cache in zip(self.model.layers, kv_cache):
-            x = layer(x, cos, sin, layer_cache[0], layer_cache[1], meta)
-        return self.model.norm(x)
+            x, residual = layer(x, residual, rope, layer_cache[0], layer_cache[1], meta)
+        return self.model.norm(x, residual)[0]
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        """Our parameters (or slices of them) under the names of a Hugging Face checkpoint; loading copies
+        each checkpoint tensor into its view here."""
+        tensors = {
+            "model.embed_tokens.weight": self.model.embed_tokens.weight,
+            "model.norm.weight": self.model.norm.weight,
+            "lm_head.weight": self.lm_head.weight,
+        }
+        for i, layer in enumerate(self.model.layers):
+            prefix = f"model.layers.{i}"
+            tensors[f"{prefix}.input_layernorm.weight"] = layer.input_layernorm.weight
+            tensors[f"{prefix}.post_attention_layernorm.weight"] = layer.post_attention_layernorm.weight
+            tensors.update(layer.self_attn.checkpoint_tensors(f"{prefix}.self_attn"))
+            tensors.update(layer.mlp.checkpoint_tensors(f"{prefix}.mlp"))
+        return tensors
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: (N, C) -> (N, V) float32."""

@@ -23,9 +23,13 @@ setup(
         "pydantic-settings>=2.3,<3",
         "triton>=3.6; platform_system == 'Linux'",
         "tqdm>=4.60",
+        "fastapi>=0.110",
+        "uvicorn>=0.29",
+        "httpx>=0.27",
+        "prometheus-client>=0.20",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6.100", "accelerate>=1.0"]  # accelerate: transformers needs it to read GGUF,
+        "test": ["pytest>=8", "hypothesis>=6.100", "accelerate>=1.0", "openai>=1.40"]  # accelerate: transformers needs it to read GGUF,
     },
     entry_points={"console_scripts": ["parrot-lc=parrot_lc.cli:main"]},
 )

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import time
 
 from parrot_lc.engine import LLMEngine, SamplingParams
-from parrot_lc.settings import EngineSettings
+from parrot_lc.settings import EngineSettings, ServerSettings
 
 DEMO_SYSTEM = "You are a concise assistant. Answer in one or two sentences."
 DEMO_QUESTIONS = [
@@ -16,15 +17,41 @@ DEMO_QUESTIONS = [
 ]
 
 
-def _engine_settings(args: argparse.Namespace) -> EngineSettings:
+def _settings(cls, args: argparse.Namespace):
     # Flags given on the command line win over PARROT_* environment variables.
-    overrides = {k: v for k, v in vars(args).items() if k in EngineSettings.model_fields and v is not None}
-    return EngineSettings(**overrides)
+    overrides = {k: v for k, v in vars(args).items() if k in cls.model_fields and v is not None}
+    return cls(**overrides)
+
+
+def _add_flags(parser: argparse.ArgumentParser, cls, names: tuple[str, ...]) -> None:
+    for name in names:
+        field = cls.model_fields[name]
+        kind = int if field.annotation is int else str
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, help=field.description)
+
+
+def serve(args: argparse.Namespace) -> None:
+    """Runs the Parrot server (manager + local engines) until interrupted."""
+    import uvicorn
+
+    from parrot_lc.server.app import create_app
+    from parrot_lc.server.local import build_manager
+
+    engine_settings, server_settings = _settings(EngineSettings, args), _settings(ServerSettings, args)
+    manager = build_manager(engine_settings, server_settings)
+    app = create_app(manager, server_settings, engine_settings.model)
+    # uvicorn shuts down gracefully on SIGTERM, then raises the signal again for the previous handler:
+    # this one lets the process exit 0, as a service manager expects of a clean stop.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        uvicorn.run(app, host=server_settings.host, port=server_settings.port, log_level="info")
+    finally:
+        manager.close()
 
 
 def demo(args: argparse.Namespace) -> None:
     """Fills a shared system prompt once, forks it for several questions and generates the answers."""
-    engine = LLMEngine(_engine_settings(args))
+    engine = LLMEngine(_settings(EngineSettings, args))
     tokenizer = engine.tokenizer
     started = time.perf_counter()
     system = [{"role": "system", "content": DEMO_SYSTEM}]
@@ -56,10 +83,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="parrot-lc", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo_parser = sub.add_parser("demo", help="the embedded default model end to end")
-    for name in ("model", "device", "dtype"):
-        demo_parser.add_argument(f"--{name}", help=EngineSettings.model_fields[name].description)
+    _add_flags(demo_parser, EngineSettings, ("model", "device", "dtype"))
     demo_parser.add_argument("--max-tokens", type=int, default=48)
     demo_parser.set_defaults(func=demo)
+    serve_parser = sub.add_parser("serve", help="the Parrot server: HTTP API, OpenAI-compatible API, local engines")
+    _add_flags(serve_parser, EngineSettings, ("model", "device", "dtype", "kv_cache_bytes"))
+    _add_flags(serve_parser, ServerSettings, ("host", "port", "engines", "api_key", "max_prefixes_per_engine"))
+    serve_parser.set_defaults(func=serve)
     args = parser.parse_args(argv)
     args.func(args)
 

@@ -44,3 +44,16 @@ class EngineSettings(BaseSettings):
     cache_dir: Path = Field(
         Path.home() / ".cache" / "parrot_lc", description="where converted GGUF checkpoints are cached"
     )
+
+
+class ServerSettings(BaseSettings):
+    """Settings of the Parrot server (the manager and its HTTP API)."""
+
+    model_config = SettingsConfigDict(env_prefix="PARROT_", extra="ignore")
+
+    host: str = Field("127.0.0.1", description="address to bind (loopback by default)")
+    port: int = Field(9000, ge=0, le=65535, description="TCP port (0: any free port)")
+    engines: int = Field(1, ge=1, description="local engines (model replicas) the manager drives")
+    api_key: str | None = Field(None, description="if set, every endpoint but /health needs `Authorization: Bearer KEY`")
+    max_request_bytes: int = Field(2 * 2**20, ge=1024, description="larger request bodies get 413")
+    max_prefixes_per_engine: int = Field(64, ge=1, description="warm prefix contexts kept per engine (LRU)")

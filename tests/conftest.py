@@ -95,3 +95,19 @@ def greedy_text_ids(engine: LLMEngine, context_id, max_tokens: int, parent=None)
 
     sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     return [t for event in engine.generate(sampling, context_id, parent) for t in event.token_ids]
+
+
+@pytest.fixture(scope="session")
+def local_server():
+    """A real server (uvicorn on a loopback port, in this process) with the tiny model."""
+    from parrot_lc.server.local import LocalServer
+
+    settings = EngineSettings(model="tiny", device="cpu", dtype="float32", kv_cache_bytes=64 * 2**20)
+    with LocalServer(settings) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def parrot_server(local_server) -> str:
+    """The base URL of the shared test server."""
+    return local_server.base_url

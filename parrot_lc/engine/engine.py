@@ -131,6 +131,10 @@ class LLMEngine:
             raise InvalidRequestError(f"token_ids holds {bad[0]!r}, outside the vocabulary [0, {self.config.vocab_size})")
         existing, parent = self._resolve(context_id, parent_context_id, create=True)
         total = self._length(existing or parent) + len(token_ids)
+        if total > self.config.max_position_embeddings:
+            raise InvalidRequestError(
+                f"the context would hold {total} tokens; the model's context is {self.config.max_position_embeddings}"
+            )
         if total > self.capacity_tokens:
             raise OutOfMemoryError(f"the context would hold {total} tokens; the KV cache holds {self.capacity_tokens}")
         context = existing or self.tree.create(context_id, parent)

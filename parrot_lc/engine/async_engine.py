@@ -1,0 +1,128 @@
+"""An LLMEngine driven by a background thread, for asyncio callers (the server).
+
+The engine's state is touched by its thread alone: callers send commands through a queue and await their
+results; each request's outputs are handed back to the caller's event loop as they are produced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from concurrent.futures import Future
+from typing import AsyncIterator, Callable, TypeVar
+
+from parrot_lc.engine.context import ContextId
+from parrot_lc.engine.engine import EngineStats, LLMEngine
+from parrot_lc.engine.request import RequestOutput
+from parrot_lc.engine.sampling import SamplingParams
+
+T = TypeVar("T")
+
+
+class AsyncEngine:
+    """fill / generate / free_context as coroutines over one engine thread."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self._commands: queue.SimpleQueue[tuple[Callable[[], object], Future]] = queue.SimpleQueue()
+        self._listeners: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stats = engine.stats()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="parrot-engine", daemon=True)
+        self._thread.start()
+
+    async def _call(self, fn: Callable[[], T]) -> T:
+        future: Future = Future()
+        self._commands.put((fn, future))
+        return await asyncio.wrap_future(future)
+
+    async def fill(
+        self, token_ids: list[int], context_id: ContextId, parent_context_id: ContextId | None = None, priority: int = 0
+    ) -> None:
+        """Prefills the tokens into the context; raises the engine's typed error if the request fails."""
+        async for _ in self._stream(lambda: self.engine.submit_fill(token_ids, context_id, parent_context_id, priority)):
+            pass
+
+    def generate(
+        self,
+        sampling: SamplingParams,
+        context_id: ContextId,
+        parent_context_id: ContextId | None = None,
+        priority: int = 0,
+    ) -> AsyncIterator[RequestOutput]:
+        """Decodes into the context, yielding each token's event; closing the iterator early cancels it."""
+        return self._stream(lambda: self.engine.submit_generate(sampling, context_id, parent_context_id, priority))
+
+    async def free_context(self, context_id: ContextId) -> None:
+        await self._call(lambda: self.engine.free_context(context_id))
+
+    def stats(self) -> EngineStats:
+        """The counters as of the last step (read without waiting for the engine thread)."""
+        return self._stats
+
+    def close(self) -> None:
+        self._stopped.set()
+        self._commands.put((lambda: None, Future()))
+        self._thread.join(timeout=10)
+
+    async def _stream(self, submit: Callable) -> AsyncIterator[RequestOutput]:
+        outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+
+        def submit_and_listen() -> int:
+            request = submit()  # raises typed errors straight to the caller
+            self._listeners[request.request_id] = (loop, outputs)
+            return request.request_id
+
+        request_id = await self._call(submit_and_listen)
+        finished = False
+        try:
+            while not finished:
+                output = await outputs.get()
+                if output.error is not None:
+                    raise output.error
+                finished = output.finished
+                yield output
+        finally:
+            if not finished:  # the caller went away: stop the request and let its blocks go
+                self._commands.put((lambda: self.engine.cancel(request_id), Future()))
+
+    def _loop(self) -> None:
+        while not self._stopped.is_set():
+            block = not self.engine.has_work()
+            try:
+                while True:
+                    fn, future = self._commands.get(block=block)
+                    block = False
+                    self._run_command(fn, future)
+            except queue.Empty:
+                pass
+            if self.engine.has_work():
+                for output in self.engine.step():
+                    self._deliver(output)
+                self._stats = self.engine.stats()
+
+    def _run_command(self, fn: Callable[[], object], future: Future) -> None:
+        try:
+            result = fn()
+        except Exception as exc:  # handed to the awaiting caller, typed as the engine raised it
+            future.set_exception(exc)
+            return
+        if isinstance(result, RequestOutput):  # a cancel or free that ended a request
+            self._deliver(result)
+        future.set_result(result)
+        self._stats = self.engine.stats()
+
+    def _deliver(self, output: RequestOutput) -> None:
+        listener = self._listeners.get(output.request_id)
+        if listener is None:
+            return
+        loop, outputs = listener
+        if output.finished:
+            del self._listeners[output.request_id]
+        try:
+            loop.call_soon_threadsafe(outputs.put_nowait, output)
+        except RuntimeError:  # the caller's event loop is gone; the engine serves on
+            pass

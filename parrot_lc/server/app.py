@@ -1,0 +1,156 @@
+"""The HTTP API: thin FastAPI routes over the manager (which knows nothing of HTTP).
+
+Errors always come back as JSON `{"error": {"message", "type", "field"}}` with a 4xx status (5xx only for a
+bug, never with a stack trace)."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+
+from fastapi import APIRouter, Depends, FastAPI, Header, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from parrot_lc.engine.errors import EngineError, OutOfMemoryError
+from parrot_lc.engine.sampling import SamplingParams
+from parrot_lc.server.errors import ServerError
+from parrot_lc.server.graph import Criterion, Piece, Session
+from parrot_lc.server.manager import ParrotManager
+from parrot_lc.server.metrics import registry_for
+from parrot_lc.server.openai_routes import openai_router
+from parrot_lc.server.schemas import (
+    ErrorBody,
+    NewSession,
+    NewVariable,
+    SessionStatus,
+    SetValue,
+    SubmitCalls,
+    SubmittedCalls,
+    VariableRef,
+    VariableValue,
+)
+from parrot_lc.settings import ServerSettings
+
+log = logging.getLogger("parrot_lc.server")
+ERRORS = {400: {"model": ErrorBody}, 403: {"model": ErrorBody}, 404: {"model": ErrorBody}, 422: {"model": ErrorBody}}
+
+
+def error_response(status: int, message: str, kind: str, field: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "field": field}}, status_code=status)
+
+
+def create_app(manager: ParrotManager, settings: ServerSettings, model_name: str) -> FastAPI:
+    app = FastAPI(title="parrot_lc", description="Serving LLM applications as graphs of Semantic Variables")
+    app.state.manager = manager
+    app.state.model_name = model_name
+    registry = registry_for(manager)
+
+    def check_api_key(authorization: str | None = Header(None)) -> None:
+        if settings.api_key is None:
+            return
+        scheme, _, key = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(key.encode(), settings.api_key.encode()):
+            raise ServerError("missing or wrong API key: send `Authorization: Bearer <key>`", field="authorization")
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > settings.max_request_bytes:
+            return error_response(413, f"request body over {settings.max_request_bytes} bytes", "PayloadTooLarge")
+        return await call_next(request)
+
+    @app.exception_handler(ServerError)
+    async def server_error(request: Request, exc: ServerError) -> JSONResponse:
+        status = 401 if exc.field == "authorization" else exc.status
+        return error_response(status, exc.message, type(exc).__name__, exc.field)
+
+    @app.exception_handler(EngineError)
+    async def engine_error(request: Request, exc: EngineError) -> JSONResponse:
+        return error_response(400, str(exc), type(exc).__name__, "prompt" if isinstance(exc, OutOfMemoryError) else None)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"] if p != "body")
+        if first["type"] == "json_invalid":
+            return error_response(400, f"malformed JSON: {first['msg']}", "MalformedJSON", "body")
+        return error_response(422, f"{field or 'body'}: {first['msg']}", "ValidationError", field or "body")
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return error_response(500, "internal error (logged on the server)", "InternalError")
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "engines": len(manager.engines)}
+
+    guarded = [Depends(check_api_key)]
+
+    @app.get("/metrics", dependencies=guarded)
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.include_router(parrot_router(manager), dependencies=guarded)
+    app.include_router(openai_router(manager, model_name), dependencies=guarded)
+    return app
+
+
+def parrot_router(manager: ParrotManager) -> APIRouter:
+    """Sessions, Semantic Variables and call graphs."""
+    router = APIRouter(prefix="/api", responses=ERRORS)
+
+    def session_of(session_id: str, x_session_token: str | None = Header(None)) -> Session:
+        return manager.session(session_id, x_session_token)
+
+    @router.post("/sessions", status_code=201)
+    async def create_session() -> NewSession:
+        session = manager.create_session()
+        return NewSession(session_id=session.session_id, session_token=session.token)
+
+    @router.delete("/sessions/{session_id}", status_code=204)
+    async def delete_session(session: Session = Depends(session_of)) -> Response:
+        await manager.delete_session(session)
+        return Response(status_code=204)
+
+    @router.get("/sessions/{session_id}")
+    async def session_status(session: Session = Depends(session_of)) -> SessionStatus:
+        return SessionStatus(**manager.status(session))
+
+    @router.post("/sessions/{session_id}/variables", status_code=201)
+    async def create_variable(body: NewVariable, session: Session = Depends(session_of)) -> VariableRef:
+        variable = manager.create_variable(session, body.name, body.value)
+        return VariableRef(var_id=variable.var_id, name=variable.name)
+
+    @router.put("/sessions/{session_id}/variables/{var_id}", status_code=204)
+    async def set_variable(var_id: str, body: SetValue, session: Session = Depends(session_of)) -> Response:
+        manager.set_variable(session, var_id, body.value)
+        return Response(status_code=204)
+
+    @router.get("/sessions/{session_id}/variables/{var_id}")
+    async def get_variable(
+        var_id: str, criterion: Criterion = Criterion.LATENCY, timeout: float | None = None,
+        session: Session = Depends(session_of),
+    ) -> VariableValue:
+        """Long-polls until the variable has a value; the criterion steers the scheduling of its producers."""
+        value = await manager.get_variable(session, var_id, criterion, timeout)
+        return VariableValue(var_id=var_id, value=value)
+
+    @router.post("/sessions/{session_id}/calls", status_code=201)
+    async def submit_calls(body: SubmitCalls, session: Session = Depends(session_of)) -> SubmittedCalls:
+        """Submits one call or a whole graph of calls; each runs as soon as its inputs have values."""
+        graph = [[to_piece(p) for p in call.template] for call in body.calls]
+        return SubmittedCalls(call_ids=[c.call_id for c in manager.submit(session, graph)])
+
+    return router
+
+
+def to_piece(piece) -> Piece:
+    if piece.text is not None:
+        return Piece("text", piece.text)
+    if piece.input is not None:
+        return Piece("input", var_id=piece.input)
+    sampling = piece.sampling.to_params() if piece.sampling is not None else SamplingParams()
+    return Piece("output", var_id=piece.output, sampling=sampling)

@@ -1,0 +1,36 @@
+"""Errors of the server core; the HTTP layer maps each to a status code and a JSON body."""
+
+
+class ServerError(Exception):
+    """Base class; `field` names the offending part of the request, when there is one."""
+
+    status = 400
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
+class NotFoundError(ServerError):
+    status = 404
+
+
+class GraphError(ServerError):
+    """A graph that cannot run: a cycle, a variable produced twice, an unknown variable."""
+
+    status = 422
+
+
+class ForbiddenError(ServerError):
+    status = 403
+
+
+class VariableTimeoutError(ServerError):
+    status = 408
+
+
+class CallFailedError(ServerError):
+    """The call producing a variable failed; the message says why."""
+
+    status = 424

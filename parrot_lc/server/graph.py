@@ -1,0 +1,163 @@
+"""Sessions, Semantic Variables and calls: the request DAG the server sees, and its analysis.
+
+A call is a prompt template of pieces (constant text, input variables, output variables). Variables are the
+edges: produced by at most one call, consumed by any number. Analysis finds the DAG's order, rejects cycles
+and variables produced twice, and deduces each call's scheduling objective from the criteria of fetches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from dataclasses import dataclass, field
+from enum import Enum
+
+from parrot_lc.engine.sampling import SamplingParams
+from parrot_lc.server.errors import GraphError
+
+
+class Criterion(str, Enum):
+    LATENCY = "latency"
+    THROUGHPUT = "throughput"
+
+
+@dataclass
+class Piece:
+    """One piece of a template: constant `text`, or a variable (`var_id`) that is an input or an output."""
+
+    kind: str  # "text" | "input" | "output"
+    text: str = ""
+    var_id: str = ""
+    sampling: SamplingParams | None = None  # outputs only
+
+
+@dataclass(eq=False)
+class Variable:
+    var_id: str
+    session_id: str
+    name: str = ""
+    value: str | None = None
+    error: str | None = None
+    producer: "Call | None" = None
+    consumers: list["Call"] = field(default_factory=list)
+    criterion: Criterion | None = None  # set by the first fetch
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    deltas: asyncio.Queue | None = None  # when set, the producer streams text pieces here as they come
+
+    def set(self, value: str) -> None:
+        self.value = value
+        self.ready.set()
+
+    def fail(self, error: str) -> None:
+        self.error = error
+        self.ready.set()
+
+
+class CallState(str, Enum):
+    WAITING = "waiting"  # for its inputs
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclass(eq=False)
+class Call:
+    call_id: str
+    session_id: str
+    pieces: list[Piece]
+    state: CallState = CallState.WAITING
+    error: str | None = None
+    latency_critical: bool = False
+    task_group: str | None = None  # calls of one group are scheduled for the group's completion
+    task: asyncio.Task | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str | None = None  # of the last output
+
+    @property
+    def inputs(self) -> list[str]:
+        return [p.var_id for p in self.pieces if p.kind == "input"]
+
+    @property
+    def outputs(self) -> list[str]:
+        return [p.var_id for p in self.pieces if p.kind == "output"]
+
+    @property
+    def constant_prefix(self) -> str:
+        """The text before the first variable: shared by every call of the same template."""
+        return self.pieces[0].text if self.pieces and self.pieces[0].kind == "text" else ""
+
+
+@dataclass(eq=False)
+class Session:
+    session_id: str
+    token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    variables: dict[str, Variable] = field(default_factory=dict)
+    calls: dict[str, Call] = field(default_factory=dict)
+
+
+def validate_new_calls(session: Session, calls: list[Call]) -> None:
+    """Rejects graphs that cannot run: unknown variables, a variable produced twice, an output that is also an
+    input of the same call, and cycles (through the new calls and the session's earlier ones)."""
+    produced: dict[str, str] = {}
+    for call in calls:
+        if not any(p.kind == "output" for p in call.pieces):
+            raise GraphError(f"call {call.call_id} has no output variable", field=f"calls.{call.call_id}.template")
+        for piece in call.pieces:
+            if piece.kind == "text":
+                continue
+            if piece.var_id not in session.variables:
+                raise GraphError(f"unknown variable {piece.var_id!r}", field=f"calls.{call.call_id}.template")
+        for var_id in call.outputs:
+            variable = session.variables[var_id]
+            if variable.producer is not None or variable.value is not None or var_id in produced:
+                raise GraphError(f"variable {var_id!r} is produced twice (or was already set)",
+                                 field=f"calls.{call.call_id}.template")
+            if var_id in call.inputs:
+                raise GraphError(f"call {call.call_id} reads its own output {var_id!r}",
+                                 field=f"calls.{call.call_id}.template")
+            produced[var_id] = call.call_id
+    # A cycle needs a new call reading (transitively) one of its own outputs; earlier calls cannot read
+    # new outputs (they were validated without them), so only edges among the new calls matter.
+    by_id = {c.call_id: c for c in calls}
+    deps = {c.call_id: {produced[v] for v in c.inputs if v in produced} for c in calls}
+    state: dict[str, int] = {}
+
+    def visit(call_id: str, path: list[str]) -> None:
+        if state.get(call_id) == 2:
+            return
+        if state.get(call_id) == 1:
+            cycle = path[path.index(call_id):] + [call_id]
+            raise GraphError(f"the calls form a cycle: {' -> '.join(cycle)}", field="calls")
+        state[call_id] = 1
+        for dep in deps[call_id]:
+            visit(dep, path + [call_id])
+        state[call_id] = 2
+
+    for call_id in by_id:
+        visit(call_id, [])
+
+
+def deduce_objectives(session: Session, variable: Variable, criterion: Criterion) -> None:
+    """Propagates a fetch's criterion backwards through the DAG (Parrot's objective deduction).
+
+    Two or more producers feeding one consumer finish together only when the slowest does: they form a task
+    group, scheduled for the group's completion (throughput). Any other producer on the way back from a
+    latency fetch is a step of the critical path: latency-critical.
+    """
+    if variable.criterion is not None:
+        return
+    variable.criterion = criterion
+    call = variable.producer
+    if call is None:
+        return
+    if criterion is Criterion.LATENCY and call.task_group is None:
+        call.latency_critical = True
+    inputs = [session.variables[v] for v in dict.fromkeys(call.inputs)]
+    producers = list(dict.fromkeys(v.producer for v in inputs if v.producer is not None))
+    if len(producers) >= 2:
+        for producer in producers:
+            if producer.task_group is None and not producer.latency_critical:
+                producer.task_group = f"group:{call.call_id}"
+    for var in inputs:
+        deduce_objectives(session, var, criterion)

@@ -1,0 +1,57 @@
+"""A Parrot server in this process: engines, manager and uvicorn on a loopback port, in a background
+thread. For notebooks, tests and the in-process mode of the clients."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import uvicorn
+
+from parrot_lc.engine.async_engine import AsyncEngine
+from parrot_lc.engine.engine import LLMEngine
+from parrot_lc.server.app import create_app
+from parrot_lc.server.manager import ParrotManager
+from parrot_lc.settings import EngineSettings, ServerSettings
+
+
+def build_manager(engine_settings: EngineSettings, server_settings: ServerSettings) -> ParrotManager:
+    engines = [AsyncEngine(LLMEngine(engine_settings)) for _ in range(server_settings.engines)]
+    return ParrotManager(engines, server_settings.max_prefixes_per_engine)
+
+
+class LocalServer:
+    """Starts on `start()` (or entering a `with` block); `base_url` is where clients reach it."""
+
+    def __init__(self, engine_settings: EngineSettings, server_settings: ServerSettings | None = None) -> None:
+        self.server_settings = server_settings or ServerSettings(port=0)
+        self.manager = build_manager(engine_settings, self.server_settings)
+        app = create_app(self.manager, self.server_settings, engine_settings.model)
+        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._socket.bind((self.server_settings.host, self.server_settings.port))
+        host, port = self._socket.getsockname()[:2]
+        self.base_url = f"http://{host}:{port}"
+        self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]}, daemon=True)
+
+    def start(self) -> "LocalServer":
+        self._thread.start()
+        deadline = time.monotonic() + 60
+        while not self._server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError("the local Parrot server did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=30)
+        self.manager.close()
+
+    def __enter__(self) -> "LocalServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

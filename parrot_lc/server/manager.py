@@ -1,0 +1,331 @@
+"""The Parrot manager: sessions, variables and call graphs, executed on engines with prefix sharing.
+
+It knows nothing of HTTP. A call runs as soon as its inputs have values (no client round trip): its prompt
+is tokenized, the longest constant prefix it shares with its template is taken from (or filled into) a warm
+prefix context on the engine that holds it, the call forks a context from there, and each output is
+generated into it with the output's sampling settings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import secrets
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from transformers import PreTrainedTokenizerBase
+
+from parrot_lc.engine.async_engine import AsyncEngine
+from parrot_lc.engine.errors import EngineError, OutOfMemoryError
+from parrot_lc.engine.sampling import SamplingParams
+from parrot_lc.server.errors import CallFailedError, ForbiddenError, NotFoundError, ServerError, VariableTimeoutError
+from parrot_lc.server.graph import (
+    Call,
+    CallState,
+    Criterion,
+    Piece,
+    Session,
+    Variable,
+    deduce_objectives,
+    validate_new_calls,
+)
+from parrot_lc.server.prefix_cache import PrefixCache, prefix_key
+
+LATENCY_PRIORITY, GROUP_PRIORITY, DEFAULT_PRIORITY = 2, 1, 0
+
+
+@dataclass
+class Completion:
+    """A running one-call graph: its text streams out of `deltas()`; `call` holds usage once it is done."""
+
+    call: Call
+    output: Variable
+
+    async def deltas(self) -> AsyncIterator[str]:
+        """Text pieces as they are generated; raises CallFailedError if the call fails."""
+        queue = self.output.deltas
+        while not (self.output.ready.is_set() and queue.empty()):
+            getter = asyncio.ensure_future(queue.get())
+            waiter = asyncio.ensure_future(self.output.ready.wait())
+            done, _ = await asyncio.wait({getter, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            if getter in done:
+                yield getter.result()
+            else:
+                getter.cancel()
+        if self.output.error is not None:
+            raise CallFailedError(self.output.error)
+
+
+@dataclass(eq=False)
+class EngineSlot:
+    """An engine as the manager sees it: its prefix contexts and the calls running on it."""
+
+    name: str
+    engine: AsyncEngine
+    prefixes: PrefixCache
+    running: int = 0
+    placed: int = 0  # calls ever placed here: breaks ties in load, so idle engines take turns
+
+
+class ParrotManager:
+    def __init__(self, engines: list[AsyncEngine], max_prefixes_per_engine: int = 64) -> None:
+        if not engines:
+            raise ValueError("the manager needs at least one engine")
+        self.engines = [EngineSlot(f"engine-{i}", e, PrefixCache(e, max_prefixes_per_engine)) for i, e in enumerate(engines)]
+        self.tokenizer: PreTrainedTokenizerBase = engines[0].tokenizer
+        self.vocab_size = engines[0].engine.config.vocab_size
+        self.max_context = engines[0].engine.config.max_position_embeddings
+        self.sessions: dict[str, Session] = {}
+        self._ids = itertools.count()
+        self._group_engines: dict[str, EngineSlot] = {}
+        self.calls_finished = {CallState.DONE: 0, CallState.FAILED: 0}
+
+    # ---- sessions and variables -------------------------------------------------------------------
+
+    def create_session(self) -> Session:
+        session = Session(secrets.token_urlsafe(12))
+        self.sessions[session.session_id] = session
+        return session
+
+    def session(self, session_id: str, token: str | None) -> Session:
+        """The session, if `token` is its own (compared in constant time)."""
+        session = self.sessions.get(session_id)
+        if session is None:
+            raise NotFoundError(f"unknown session {session_id!r}", field="session_id")
+        if token is None or not secrets.compare_digest(token, session.token):
+            raise ForbiddenError("this session token does not open that session", field="session_token")
+        return session
+
+    async def delete_session(self, session: Session) -> None:
+        """Cancels the session's calls; their contexts are freed as they stop."""
+        self.sessions.pop(session.session_id, None)
+        tasks = [c.task for c in session.calls.values() if c.task is not None and not c.task.done()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def create_variable(self, session: Session, name: str = "", value: str | None = None) -> Variable:
+        variable = Variable(f"v{next(self._ids)}", session.session_id, name=name)
+        session.variables[variable.var_id] = variable
+        if value is not None:
+            variable.set(value)
+        return variable
+
+    def variable(self, session: Session, var_id: str) -> Variable:
+        try:
+            return session.variables[var_id]
+        except KeyError:
+            raise NotFoundError(f"unknown variable {var_id!r} in this session", field="var_id") from None
+
+    def set_variable(self, session: Session, var_id: str, value: str) -> None:
+        variable = self.variable(session, var_id)
+        if variable.producer is not None:
+            raise ServerError(f"variable {var_id!r} is produced by call {variable.producer.call_id}", field="value")
+        if variable.ready.is_set():
+            raise ServerError(f"variable {var_id!r} already has a value", field="value")
+        variable.set(value)
+
+    async def get_variable(
+        self, session: Session, var_id: str, criterion: Criterion = Criterion.LATENCY, timeout: float | None = None
+    ) -> str:
+        """Waits for the variable's value; the criterion steers how its producers are scheduled."""
+        variable = self.variable(session, var_id)
+        deduce_objectives(session, variable, criterion)
+        try:
+            await asyncio.wait_for(variable.ready.wait(), timeout)
+        except asyncio.TimeoutError:
+            raise VariableTimeoutError(f"variable {var_id!r} has no value after {timeout} s", field="timeout") from None
+        if variable.error is not None:
+            raise CallFailedError(variable.error, field="var_id")
+        return variable.value
+
+    # ---- calls ------------------------------------------------------------------------------------
+
+    def submit(self, session: Session, pieces_of_calls: list[list[Piece]]) -> list[Call]:
+        """Adds a graph of calls to the session; each starts as soon as its inputs have values."""
+        calls = [Call(f"c{next(self._ids)}", session.session_id, pieces) for pieces in pieces_of_calls]
+        validate_new_calls(session, calls)
+        for call in calls:
+            for piece in call.pieces:
+                if piece.sampling is not None:
+                    piece.sampling.validate(self.vocab_size)
+        for call in calls:
+            session.calls[call.call_id] = call
+            for var_id in call.inputs:
+                session.variables[var_id].consumers.append(call)
+            for var_id in call.outputs:
+                session.variables[var_id].producer = call
+        # Variables that nothing consumes are what the client will fetch: latency unless it says otherwise.
+        for call in calls:
+            for var_id in call.outputs:
+                variable = session.variables[var_id]
+                if not variable.consumers:
+                    deduce_objectives(session, variable, Criterion.LATENCY)
+        for call in calls:
+            call.task = asyncio.ensure_future(self._run(session, call))
+        return calls
+
+    async def _run(self, session: Session, call: Call) -> None:
+        try:
+            inputs = [session.variables[v] for v in dict.fromkeys(call.inputs)]
+            await asyncio.gather(*(v.ready.wait() for v in inputs))
+            failed = [v for v in inputs if v.error is not None]
+            if failed:
+                raise CallFailedError(f"input {failed[0].var_id} failed: {failed[0].error}")
+            call.state = CallState.RUNNING
+            await self._execute(session, call)
+            call.state = CallState.DONE
+        except asyncio.CancelledError:
+            call.state = CallState.FAILED
+            self._fail_outputs(session, call, "the call was cancelled")
+            raise
+        except (EngineError, ServerError) as exc:
+            call.state, call.error = CallState.FAILED, str(exc)
+            self._fail_outputs(session, call, f"call {call.call_id} failed: {exc}")
+        finally:
+            if call.state in self.calls_finished:
+                self.calls_finished[call.state] += 1
+
+    def _fail_outputs(self, session: Session, call: Call, error: str) -> None:
+        for var_id in call.outputs:
+            variable = session.variables[var_id]
+            if not variable.ready.is_set():
+                variable.fail(error)
+
+    async def _execute(self, session: Session, call: Call) -> None:
+        segments = self._segments(session, call)
+        first_text, first_output = segments[0]
+        token_ids = self.tokenizer(first_text).input_ids
+        call.prompt_tokens = len(token_ids)
+        prefix_ids = self._shared_prefix(call.constant_prefix, token_ids)
+        slot = self._place(call, prefix_ids)
+        slot.placed += 1
+        priority = LATENCY_PRIORITY if call.latency_critical else GROUP_PRIORITY if call.task_group else DEFAULT_PRIORITY
+        context_id = f"{session.session_id}/{call.call_id}"
+        slot.running += 1
+        try:
+            await self._fill_call_context(slot, context_id, prefix_ids, token_ids, priority)
+            for index, (text, output) in enumerate(segments):
+                if index > 0 and text:
+                    await slot.engine.fill(self.tokenizer(text, add_special_tokens=False).input_ids, context_id,
+                                           priority=priority)
+                if output is None:
+                    break
+                variable = session.variables[output.var_id]
+                pieces = []
+                async for event in slot.engine.generate(output.sampling, context_id, priority=priority):
+                    pieces.append(event.text)
+                    call.completion_tokens += len(event.token_ids)
+                    call.finish_reason = event.finish_reason
+                    if variable.deltas is not None and event.text:
+                        variable.deltas.put_nowait(event.text)
+                variable.set("".join(pieces))
+        finally:
+            slot.running -= 1
+            await self._free_quietly(slot, context_id)
+
+    async def _fill_call_context(
+        self, slot: EngineSlot, context_id: str, prefix_ids: list[int], token_ids: list[int], priority: int
+    ) -> None:
+        """Forks the call's context from the warm prefix context and fills the rest of its prompt."""
+        rest = token_ids[len(prefix_ids):]  # never empty: _shared_prefix leaves the call a token of its own
+        for attempt in range(2):
+            entry = await slot.prefixes.acquire(prefix_ids) if prefix_ids else None
+            try:
+                await slot.engine.fill(rest, context_id, entry.context_id if entry else None, priority)
+                return
+            except OutOfMemoryError:
+                # Idle prefixes hold the cache: evict them (least recently used first) and try once more.
+                await self._free_quietly(slot, context_id)
+                if attempt or not await slot.prefixes.evict():
+                    raise
+            finally:
+                if entry is not None:
+                    slot.prefixes.release(entry)
+
+    @staticmethod
+    async def _free_quietly(slot: EngineSlot, context_id: str) -> None:
+        try:
+            await asyncio.shield(slot.engine.free_context(context_id))
+        except EngineError:
+            pass  # it was never created
+
+    def _segments(self, session: Session, call: Call) -> list[tuple[str, Piece | None]]:
+        """The prompt cut at each output: [(text before output 1, output 1), (text between 1 and 2, output 2)…]."""
+        segments: list[tuple[str, Piece | None]] = []
+        text = []
+        for piece in call.pieces:
+            if piece.kind == "text":
+                text.append(piece.text)
+            elif piece.kind == "input":
+                text.append(session.variables[piece.var_id].value)
+            else:
+                segments.append(("".join(text), piece))
+                text = []
+        if text and "".join(text):
+            segments.append(("".join(text), None))
+        return segments
+
+    def _shared_prefix(self, constant_prefix: str, token_ids: list[int]) -> list[int]:
+        """The tokens of the prompt that its template's constant prefix fixes (tokenization may merge across
+        the prefix's end, so only the part on which both tokenizations agree is shared)."""
+        if not constant_prefix:
+            return []
+        prefix_ids = self.tokenizer(constant_prefix).input_ids
+        shared = 0
+        for a, b in zip(prefix_ids, token_ids):
+            if a != b:
+                break
+            shared += 1
+        # Keep at least one token of the prompt for the call itself, so that it computes its own logits.
+        return token_ids[: min(shared, len(token_ids) - 1)]
+
+    def _place(self, call: Call, prefix_ids: list[int]) -> EngineSlot:
+        """Prefix affinity first (the engine that holds the prefix), then the call's task group, then load."""
+        if prefix_ids:
+            key = prefix_key(prefix_ids)
+            for slot in self.engines:
+                if key in slot.prefixes:
+                    return slot
+        if call.task_group in self._group_engines:
+            return self._group_engines[call.task_group]
+        slot = min(self.engines, key=lambda s: (s.running, s.placed))
+        if call.task_group is not None:
+            self._group_engines[call.task_group] = slot
+        return slot
+
+    @asynccontextmanager
+    async def completion(self, pieces: list[Piece], sampling: SamplingParams) -> AsyncIterator["Completion"]:
+        """A one-call graph in a session of its own (what the OpenAI-compatible endpoints run): the
+        template's pieces followed by one output. The session goes when the block ends, early or not."""
+        session = self.create_session()
+        output = self.create_variable(session)
+        output.deltas = asyncio.Queue()
+        try:
+            [call] = self.submit(session, [pieces + [Piece("output", var_id=output.var_id, sampling=sampling)]])
+            yield Completion(call, output)
+        finally:
+            await self.delete_session(session)
+
+    def check_prompt(self, text: str) -> int:
+        """The prompt's token count; a prompt longer than the model's context is rejected before it runs."""
+        count = len(self.tokenizer(text).input_ids)
+        if count >= self.max_context:
+            raise ServerError(f"the prompt has {count} tokens; the model's context is {self.max_context}", "prompt")
+        return count
+
+    # ---- observability ------------------------------------------------------------------------------
+
+    def status(self, session: Session) -> dict:
+        return {
+            "session_id": session.session_id,
+            "variables": len(session.variables),
+            "calls": {state.value: sum(c.state is state for c in session.calls.values()) for state in CallState},
+        }
+
+    def close(self) -> None:
+        for slot in self.engines:
+            slot.engine.close()

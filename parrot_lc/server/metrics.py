@@ -1,0 +1,54 @@
+"""Prometheus metrics of the manager and its engines, collected at scrape time (prometheus-client)."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily, Metric
+
+from parrot_lc.server.graph import CallState
+from parrot_lc.server.manager import ParrotManager
+
+
+class ManagerCollector:
+    def __init__(self, manager: ParrotManager) -> None:
+        self.manager = manager
+
+    def collect(self) -> Iterator[Metric]:
+        manager = self.manager
+        calls = [c for s in manager.sessions.values() for c in s.calls.values()]
+        by_state = GaugeMetricFamily("parrot_requests", "Calls in live sessions, by state", labels=["state"])
+        for state in CallState:
+            by_state.add_metric([state.value], sum(c.state is state for c in calls))
+        yield by_state
+        finished = CounterMetricFamily("parrot_calls_finished", "Calls finished, by outcome", labels=["state"])
+        for state, count in manager.calls_finished.items():
+            finished.add_metric([state.value], count)
+        yield finished
+        yield GaugeMetricFamily("parrot_queue_length", "Calls waiting for their inputs",
+                                value=sum(c.state is CallState.WAITING for c in calls))
+        gauges = {
+            "parrot_kv_blocks_used": ("KV cache blocks in use", lambda st, slot: st.kv_blocks_used),
+            "parrot_kv_blocks_free": ("KV cache blocks free", lambda st, slot: st.kv_blocks_free),
+            "parrot_engine_running_requests": ("Engine requests in the last step", lambda st, slot: st.num_running),
+            "parrot_engine_waiting_requests": ("Engine requests left out of the last step",
+                                               lambda st, slot: st.num_waiting),
+            "parrot_engine_calls": ("Calls placed on the engine and running (its load)", lambda st, slot: slot.running),
+            "parrot_engine_prefix_contexts": ("Warm prefix contexts", lambda st, slot: len(slot.prefixes)),
+        }
+        stats = [(slot, slot.engine.stats()) for slot in manager.engines]
+        for name, (doc, read) in gauges.items():
+            family = GaugeMetricFamily(name, doc, labels=["engine"])
+            for slot, st in stats:
+                family.add_metric([slot.name], read(st, slot))
+            yield family
+        yield CounterMetricFamily("parrot_prefill_tokens", "Tokens computed by prefill",
+                                  value=sum(st.prefill_tokens for _, st in stats))
+        yield CounterMetricFamily("parrot_prefix_reused_tokens", "Tokens served from a forked or cached context",
+                                  value=sum(st.reused_tokens for _, st in stats))
+
+
+def registry_for(manager: ParrotManager) -> CollectorRegistry:
+    registry = CollectorRegistry()
+    registry.register(ManagerCollector(manager))
+    return registry

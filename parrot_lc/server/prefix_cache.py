@@ -1,0 +1,82 @@
+"""Prefix contexts kept warm on each engine: a shared prompt prefix is filled once and forked by every call
+that starts with it, across sessions; idle prefixes are evicted least recently used first."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+from dataclasses import dataclass, field
+
+from parrot_lc.engine.async_engine import AsyncEngine
+
+
+def prefix_key(token_ids: list[int]) -> str:
+    return hashlib.sha256(b",".join(str(t).encode() for t in token_ids)).hexdigest()[:32]
+
+
+@dataclass(eq=False)
+class PrefixEntry:
+    key: str
+    context_id: str
+    num_tokens: int
+    filled: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    users: int = 0
+    last_used: int = 0
+
+
+class PrefixCache:
+    """The prefix contexts of one engine, by the hash of their token ids."""
+
+    def __init__(self, engine: AsyncEngine, max_entries: int) -> None:
+        self.engine = engine
+        self.max_entries = max_entries
+        self._entries: dict[str, PrefixEntry] = {}
+        self._clock = itertools.count()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    async def acquire(self, token_ids: list[int]) -> PrefixEntry:
+        """The filled prefix context of these tokens (filled now if new); release it when done forking."""
+        key = prefix_key(token_ids)
+        entry = self._entries.get(key)
+        if entry is None:
+            await self.evict(keep=self.max_entries - 1)
+            entry = PrefixEntry(key, f"prefix/{key}", len(token_ids))
+            self._entries[key] = entry
+            asyncio.ensure_future(self._fill(entry, token_ids))
+        entry.users += 1
+        entry.last_used = next(self._clock)
+        try:
+            await asyncio.shield(entry.filled)
+        except BaseException:
+            entry.users -= 1
+            raise
+        return entry
+
+    def release(self, entry: PrefixEntry) -> None:
+        entry.users -= 1
+
+    async def evict(self, keep: int = 0) -> int:
+        """Frees idle prefixes, least recently used first, until at most `keep` remain; returns how many."""
+        idle = sorted((e for e in self._entries.values() if e.users == 0 and e.filled.done()), key=lambda e: e.last_used)
+        freed = 0
+        for entry in idle[: max(0, len(self._entries) - keep)]:
+            del self._entries[entry.key]
+            if entry.filled.exception() is None:
+                await self.engine.free_context(entry.context_id)
+            freed += 1
+        return freed
+
+    async def _fill(self, entry: PrefixEntry, token_ids: list[int]) -> None:
+        try:
+            await self.engine.fill(token_ids, entry.context_id, priority=1)
+        except Exception as exc:  # every waiting call sees the error; the entry is dropped
+            self._entries.pop(entry.key, None)
+            entry.filled.set_exception(exc)
+        else:
+            entry.filled.set_result(None)

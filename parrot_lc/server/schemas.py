@@ -1,0 +1,145 @@
+"""Request and response bodies of the HTTP API (pydantic models: FastAPI validates and documents them)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from parrot_lc.engine.sampling import SamplingParams
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Sampling(StrictModel):
+    """Sampling settings of one output (defaults as the engine's SamplingParams)."""
+
+    max_tokens: int = Field(128, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=100.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stop: list[str] = Field(default_factory=list)
+    stop_token_ids: list[int] = Field(default_factory=list)
+    ignore_eos: bool = False
+
+    def to_params(self) -> SamplingParams:
+        return SamplingParams(**{**self.model_dump(), "stop": tuple(self.stop), "stop_token_ids": tuple(self.stop_token_ids)})
+
+
+class TemplatePiece(StrictModel):
+    """Exactly one of: constant `text`, an `input` variable id, an `output` variable id (with `sampling`)."""
+
+    text: str | None = None
+    input: str | None = None
+    output: str | None = None
+    sampling: Sampling | None = None
+
+    @model_validator(mode="after")
+    def one_kind(self) -> "TemplatePiece":
+        kinds = [k for k in ("text", "input", "output") if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError("a template piece has exactly one of `text`, `input`, `output`")
+        if self.sampling is not None and self.output is None:
+            raise ValueError("`sampling` belongs to `output` pieces only")
+        return self
+
+
+class CallSpec(StrictModel):
+    template: list[TemplatePiece] = Field(min_length=1)
+
+
+class SubmitCalls(StrictModel):
+    calls: list[CallSpec] = Field(min_length=1)
+
+
+class SubmittedCalls(BaseModel):
+    call_ids: list[str]
+
+
+class NewSession(BaseModel):
+    session_id: str
+    session_token: str
+
+
+class NewVariable(StrictModel):
+    name: str = ""
+    value: str | None = None
+
+
+class VariableRef(BaseModel):
+    var_id: str
+    name: str
+
+
+class SetValue(StrictModel):
+    value: str
+
+
+class VariableValue(BaseModel):
+    var_id: str
+    value: str
+
+
+class SessionStatus(BaseModel):
+    session_id: str
+    variables: int
+    calls: dict[str, int]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    field: str | None = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+# ---- OpenAI-compatible ---------------------------------------------------------------------------------
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class OpenAISampling(BaseModel):
+    """The sampling fields shared by /v1/completions and /v1/chat/completions."""
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    n: Literal[1] = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+    def to_params(self, default_max_tokens: int) -> SamplingParams:
+        stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        return SamplingParams(max_tokens=self.max_tokens or default_max_tokens, temperature=self.temperature,
+                              top_p=self.top_p, seed=self.seed, stop=tuple(stop))
+
+
+class CompletionRequest(OpenAISampling):
+    prompt: str
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[dict] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):  # OpenAI content parts: only text parts are understood here
+            return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+        return self.content or ""
+
+
+class ChatCompletionRequest(OpenAISampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)

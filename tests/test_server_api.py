@@ -1,0 +1,215 @@
+"""The Parrot HTTP API on a real uvicorn server: graphs run inside the server, share prefixes, and every bad
+request gets a 4xx JSON error while the server keeps serving."""
+
+import httpx
+import pytest
+
+from parrot_lc.engine import LLMEngine, SamplingParams
+from parrot_lc.settings import EngineSettings
+
+GREEDY = {"max_tokens": 6, "temperature": 0.0}
+MAP_PREFIX = "Summarize the following part of a long report in one short sentence, keeping its key facts. Part: "
+
+
+class Session:
+    """A thin test helper over the raw HTTP API (the real clients live in parrot_lc.frontend)."""
+
+    def __init__(self, client: httpx.Client) -> None:
+        self.client = client
+        body = client.post("/api/sessions").json()
+        self.id, self.headers = body["session_id"], {"X-Session-Token": body["session_token"]}
+
+    def var(self, value: str | None = None) -> str:
+        body = {} if value is None else {"value": value}
+        return self.client.post(f"/api/sessions/{self.id}/variables", json=body, headers=self.headers).json()["var_id"]
+
+    def submit(self, *templates) -> httpx.Response:
+        calls = [{"template": t} for t in templates]
+        return self.client.post(f"/api/sessions/{self.id}/calls", json={"calls": calls}, headers=self.headers)
+
+    def get(self, var_id: str, **params) -> httpx.Response:
+        return self.client.get(f"/api/sessions/{self.id}/variables/{var_id}", params=params, headers=self.headers)
+
+
+@pytest.fixture
+def client(parrot_server):
+    with httpx.Client(base_url=parrot_server, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def reference_engine():
+    return LLMEngine(EngineSettings(model="tiny", device="cpu", dtype="float32", kv_cache_bytes=32 * 2**20))
+
+
+def run_alone(engine: LLMEngine, prompt: str, max_tokens: int) -> str:
+    """What one call gives when run by itself through the engine (greedy)."""
+    context = object()
+    engine.fill(engine.tokenizer(prompt).input_ids, context)
+    events = engine.generate(SamplingParams(max_tokens=max_tokens, temperature=0.0), context)
+    text = "".join(e.text for e in events)
+    engine.free_context(context)
+    return text
+
+
+def test_map_reduce_graph_equals_calls_run_one_by_one_and_fills_the_shared_prefix_once(
+    client, local_server, reference_engine
+):
+    session = Session(client)
+    chunks = [f"Section {i} reports that sales in region {i} grew by {i * 3} percent." for i in range(8)]
+    chunk_vars = [session.var(c) for c in chunks]
+    summaries = [session.var() for _ in chunks]
+    final = session.var()
+    maps = [[{"text": MAP_PREFIX}, {"input": c}, {"text": "\nSummary:"}, {"output": s, "sampling": GREEDY}]
+            for c, s in zip(chunk_vars, summaries)]
+    reduce = [{"text": "Combine these summaries into one:\n"}]
+    for s in summaries:
+        reduce += [{"input": s}, {"text": "\n"}]
+    reduce.append({"output": final, "sampling": GREEDY})
+    before = local_server.manager.engines[0].engine.stats().prefill_tokens
+    assert session.submit(*maps, reduce).status_code == 201
+    value = session.get(final).json()["value"]
+
+    expected_maps = [run_alone(reference_engine, MAP_PREFIX + c + "\nSummary:", 6) for c in chunks]
+    expected = run_alone(reference_engine, "Combine these summaries into one:\n" + "".join(m + "\n" for m in expected_maps), 6)
+    assert value == expected
+    def tokens(text: str) -> int:
+        return len(reference_engine.tokenizer(text).input_ids)
+
+    prefilled = local_server.manager.engines[0].engine.stats().prefill_tokens - before
+    map_tokens = sum(tokens(MAP_PREFIX + c + "\nSummary:") for c in chunks)
+    reduce_tokens = tokens("Combine these summaries into one:\n" + "".join(m + "\n" for m in expected_maps))
+    # The prefix (less at most a boundary token) was filled once, not 8 times.
+    assert prefilled <= map_tokens - 7 * (tokens(MAP_PREFIX) - 1) + reduce_tokens
+
+
+def test_a_chain_of_4_calls_runs_with_one_submission_and_one_fetch(client, reference_engine):
+    session = Session(client)
+    variables = [session.var("Once upon a time")] + [session.var() for _ in range(4)]
+    steps = [[{"text": "Continue the story: "}, {"input": a}, {"output": b, "sampling": GREEDY}]
+             for a, b in zip(variables, variables[1:])]
+    assert session.submit(*steps).status_code == 201
+    value = session.get(variables[-1]).json()["value"]
+    text = "Once upon a time"
+    for _ in range(4):
+        text = run_alone(reference_engine, "Continue the story: " + text, 6)
+    assert value == text
+
+
+def test_session_status_counts_calls_by_state(client):
+    session = Session(client)
+    a, b = session.var("x"), session.var()
+    session.submit([{"text": "Say "}, {"input": a}, {"output": b, "sampling": GREEDY}])
+    session.get(b)
+    status = client.get(f"/api/sessions/{session.id}", headers=session.headers).json()
+    assert status["calls"]["done"] == 1 and status["variables"] == 2
+
+
+def test_deleting_a_session_frees_its_contexts(client, local_server):
+    session = Session(client)
+    a, b = session.var("never used"), session.var()
+    waiting = session.var()  # never set: its consumer waits forever
+    session.submit([{"text": "Echo "}, {"input": a}, {"output": b, "sampling": GREEDY}],
+                   [{"text": "Later "}, {"input": waiting}, {"output": session.var(), "sampling": GREEDY}])
+    session.get(b)
+    assert client.delete(f"/api/sessions/{session.id}", headers=session.headers).status_code == 204
+    contexts = local_server.manager.engines[0].engine.stats().num_contexts
+    assert contexts == len(local_server.manager.engines[0].prefixes)  # only warm prefixes stay
+    assert client.get(f"/api/sessions/{session.id}", headers=session.headers).status_code == 404
+
+
+# ---- bad input -----------------------------------------------------------------------------------------
+
+
+def assert_error(response: httpx.Response, status: int, words: str) -> None:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert words in error["message"] or words == error["field"], error
+
+
+def test_malformed_json_is_400(client):
+    assert_error(client.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"}),
+                 400, "malformed JSON")
+
+
+def test_unknown_session_is_404(client):
+    assert_error(client.get("/api/sessions/nope", headers={"X-Session-Token": "x"}), 404, "session_id")
+
+
+def test_another_sessions_token_is_403(client):
+    mine, theirs = Session(client), Session(client)
+    secret = theirs.var("their secret")
+    response = client.get(f"/api/sessions/{theirs.id}/variables/{secret}", headers=mine.headers)
+    assert_error(response, 403, "session_token")
+
+
+def test_unknown_variable_is_404(client):
+    session = Session(client)
+    assert_error(session.get("v-does-not-exist"), 404, "var_id")
+
+
+def test_a_cycle_is_422_naming_it(client):
+    session = Session(client)
+    a, b = session.var(), session.var()
+    response = session.submit([{"text": "A "}, {"input": a}, {"output": b}], [{"text": "B "}, {"input": b}, {"output": a}])
+    assert_error(response, 422, "cycle")
+
+
+def test_a_variable_produced_twice_is_422(client):
+    session = Session(client)
+    a = session.var()
+    assert_error(session.submit([{"text": "x"}, {"output": a}], [{"text": "y"}, {"output": a}]), 422, "produced twice")
+
+
+def test_an_input_never_set_times_out_with_408(client):
+    session = Session(client)
+    never, out = session.var(), session.var()
+    session.submit([{"text": "Use "}, {"input": never}, {"output": out, "sampling": GREEDY}])
+    assert_error(session.get(out, timeout=0.2), 408, "timeout")
+
+
+def test_a_prompt_longer_than_the_context_is_400(client):
+    assert_error(client.post("/v1/completions", json={"model": "tiny", "prompt": "word " * 9000}), 400, "prompt")
+
+
+def test_an_oversized_body_is_413(client):
+    assert_error(client.post("/v1/completions", json={"model": "tiny", "prompt": "x" * (3 * 2**20)}), 413, "bytes")
+
+
+def test_invalid_sampling_values_are_422_naming_the_field(client):
+    session = Session(client)
+    out = session.var()
+    response = session.submit([{"text": "x"}, {"output": out, "sampling": {"top_p": 0}}])
+    assert_error(response, 422, "calls.0.template.1.sampling.top_p")
+
+
+def test_stop_token_ids_outside_the_vocabulary_are_400(client):
+    session = Session(client)
+    out = session.var()
+    assert_error(session.submit([{"text": "x"}, {"output": out, "sampling": {"stop_token_ids": [10**6]}}]),
+                 400, "stop_token_ids")
+
+
+def test_the_server_answers_good_requests_after_bad_ones(client):
+    client.post("/v1/completions", content=b"{", headers={"content-type": "application/json"})
+    client.get("/api/sessions/nope")
+    response = client.post("/v1/completions", json={"model": "tiny", "prompt": "Hello", "max_tokens": 3})
+    assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 3
+
+
+# ---- observability ---------------------------------------------------------------------------------------
+
+
+def test_health_and_prometheus_metrics(client):
+    client.post("/v1/completions", json={"model": "tiny", "prompt": "Metrics please", "max_tokens": 2})
+    assert client.get("/health").json()["status"] == "ok"
+    text = client.get("/metrics").text
+    for name in ("parrot_prefill_tokens_total", "parrot_prefix_reused_tokens_total", "parrot_kv_blocks_used",
+                 "parrot_requests", "parrot_queue_length", "parrot_engine_calls"):
+        assert name in text
+    assert 'parrot_engine_calls{engine="engine-0"}' in text
+
+
+def test_openapi_schema_documents_the_api(client):
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/api/sessions", "/api/sessions/{session_id}/calls", "/v1/chat/completions"} <= set(paths)

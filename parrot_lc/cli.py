@@ -7,7 +7,7 @@ import signal
 import time
 
 from parrot_lc.engine import LLMEngine, SamplingParams
-from parrot_lc.settings import EngineSettings, ServerSettings
+from parrot_lc.settings import EngineProcessSettings, EngineSettings, ServerSettings
 
 DEMO_SYSTEM = "You are a concise assistant. Answer in one or two sentences."
 DEMO_QUESTIONS = [
@@ -26,7 +26,7 @@ def _settings(cls, args: argparse.Namespace):
 def _add_flags(parser: argparse.ArgumentParser, cls, names: tuple[str, ...]) -> None:
     for name in names:
         field = cls.model_fields[name]
-        kind = int if field.annotation is int else str
+        kind = field.annotation if field.annotation in (int, float) else str
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, help=field.description)
 
 
@@ -39,7 +39,7 @@ def serve(args: argparse.Namespace) -> None:
 
     engine_settings, server_settings = _settings(EngineSettings, args), _settings(ServerSettings, args)
     manager = build_manager(engine_settings, server_settings)
-    app = create_app(manager, server_settings, engine_settings.model)
+    app = create_app(manager, server_settings)
     # uvicorn shuts down gracefully on SIGTERM, then raises the signal again for the previous handler:
     # this one lets the process exit 0, as a service manager expects of a clean stop.
     signal.signal(signal.SIGTERM, lambda *_: None)
@@ -79,6 +79,25 @@ def demo(args: argparse.Namespace) -> None:
     )
 
 
+def engine_process(args: argparse.Namespace) -> None:
+    """Runs one engine that registers with a manager and serves its fill / generate / free_context calls."""
+    import uvicorn
+
+    from parrot_lc.engine.async_engine import AsyncEngine
+    from parrot_lc.server.engine_service import ManagerLink, create_engine_app
+
+    engine_settings, process = _settings(EngineSettings, args), _settings(EngineProcessSettings, args)
+    engine = AsyncEngine(LLMEngine(engine_settings))
+    link = ManagerLink(engine, process, process.advertise_url or f"http://{process.host}:{process.port}")
+    link.start()
+    signal.signal(signal.SIGTERM, lambda *_: None)  # exit 0 after uvicorn's graceful stop (see serve)
+    try:
+        uvicorn.run(create_engine_app(engine), host=process.host, port=process.port, log_level="warning")
+    finally:
+        link.stopped.set()
+        engine.close()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="parrot-lc", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -90,6 +109,10 @@ def main(argv: list[str] | None = None) -> None:
     _add_flags(serve_parser, EngineSettings, ("model", "device", "dtype", "kv_cache_bytes"))
     _add_flags(serve_parser, ServerSettings, ("host", "port", "engines", "api_key", "max_prefixes_per_engine"))
     serve_parser.set_defaults(func=serve)
+    engine_parser = sub.add_parser("engine", help="a remote engine that registers with a manager")
+    _add_flags(engine_parser, EngineSettings, ("model", "device", "dtype", "kv_cache_bytes"))
+    _add_flags(engine_parser, EngineProcessSettings, ("manager", "host", "port", "advertise_url", "manager_api_key"))
+    engine_parser.set_defaults(func=engine_process)
     args = parser.parse_args(argv)
     args.func(args)
 

@@ -53,7 +53,21 @@ class ServerSettings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="address to bind (loopback by default)")
     port: int = Field(9000, ge=0, le=65535, description="TCP port (0: any free port)")
-    engines: int = Field(1, ge=1, description="local engines (model replicas) the manager drives")
+    engines: int = Field(1, ge=0, description="local engines (model replicas) the manager drives; 0: remote only")
+    engine_timeout: float = Field(5.0, gt=0, description="seconds without a heartbeat before a remote engine is dropped")
     api_key: str | None = Field(None, description="if set, every endpoint but /health needs `Authorization: Bearer KEY`")
     max_request_bytes: int = Field(2 * 2**20, ge=1024, description="larger request bodies get 413")
     max_prefixes_per_engine: int = Field(64, ge=1, description="warm prefix contexts kept per engine (LRU)")
+
+
+class EngineProcessSettings(BaseSettings):
+    """Settings of a remote engine process (`parrot-lc engine`) that serves a manager."""
+
+    model_config = SettingsConfigDict(env_prefix="PARROT_ENGINE_", extra="ignore")
+
+    manager: str = Field("http://127.0.0.1:9000", description="URL of the manager to register with")
+    host: str = Field("127.0.0.1", description="address this engine binds")
+    port: int = Field(9100, ge=1, le=65535, description="port this engine listens on")
+    advertise_url: str | None = Field(None, description="URL the manager reaches this engine at (default from host/port)")
+    manager_api_key: str | None = Field(None, description="the manager's API key, if it has one")
+    heartbeat_interval: float = Field(1.0, gt=0, description="seconds between heartbeats")

@@ -55,6 +55,7 @@ def load_model(
     path, always_random = resolve_checkpoint(name, cache_dir)
     random_weights = random_weights or always_random
     config = ModelConfig.from_pretrained(path)
+    tokenizer = _tokenizer(path)
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # parameters are made in the weights' dtype, never in float32 first
     try:
@@ -71,10 +72,19 @@ def load_model(
     else:
         _load_safetensors(model, path)
     model.eval().requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(str(path)) if (path / "tokenizer.json").exists() or (
-        path / "tokenizer.model"
-    ).exists() else None
     return LoadedModel(model, config, tokenizer)
+
+
+def load_model_info(name: str, cache_dir: Path) -> tuple[ModelConfig, PreTrainedTokenizerBase | None]:
+    """The config and tokenizer of a model without its weights (a manager whose engines run elsewhere)."""
+    path, _ = resolve_checkpoint(name, cache_dir)
+    return ModelConfig.from_pretrained(path), _tokenizer(path)
+
+
+def _tokenizer(path: Path) -> PreTrainedTokenizerBase | None:
+    if (path / "tokenizer.json").exists() or (path / "tokenizer.model").exists():
+        return AutoTokenizer.from_pretrained(str(path))
+    return None
 
 
 def init_random_weights(model: torch.nn.Module, seed: int) -> None:

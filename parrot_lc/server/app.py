@@ -5,14 +5,18 @@ bug, never with a stack trace)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
+import time
+from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from parrot_lc.engine.engine import EngineStats
 from parrot_lc.engine.errors import EngineError, OutOfMemoryError
 from parrot_lc.engine.sampling import SamplingParams
 from parrot_lc.server.errors import ServerError
@@ -20,7 +24,11 @@ from parrot_lc.server.graph import Criterion, Piece, Session
 from parrot_lc.server.manager import ParrotManager
 from parrot_lc.server.metrics import registry_for
 from parrot_lc.server.openai_routes import openai_router
+from parrot_lc.server.remote_engine import RemoteEngine
 from parrot_lc.server.schemas import (
+    EngineRef,
+    EngineStatsBody,
+    RegisterEngine,
     ErrorBody,
     NewSession,
     NewVariable,
@@ -41,10 +49,15 @@ def error_response(status: int, message: str, kind: str, field: str | None = Non
     return JSONResponse({"error": {"message": message, "type": kind, "field": field}}, status_code=status)
 
 
-def create_app(manager: ParrotManager, settings: ServerSettings, model_name: str) -> FastAPI:
-    app = FastAPI(title="parrot_lc", description="Serving LLM applications as graphs of Semantic Variables")
-    app.state.manager = manager
-    app.state.model_name = model_name
+def create_app(manager: ParrotManager, settings: ServerSettings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        watcher = asyncio.ensure_future(watch_engines(manager, settings.engine_timeout))
+        yield
+        watcher.cancel()
+
+    app = FastAPI(title="parrot_lc", description="Serving LLM applications as graphs of Semantic Variables",
+                  lifespan=lifespan)
     registry = registry_for(manager)
 
     def check_api_key(authorization: str | None = Header(None)) -> None:
@@ -94,8 +107,37 @@ def create_app(manager: ParrotManager, settings: ServerSettings, model_name: str
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(parrot_router(manager), dependencies=guarded)
-    app.include_router(openai_router(manager, model_name), dependencies=guarded)
+    app.include_router(engines_router(manager), dependencies=guarded)
+    app.include_router(openai_router(manager, manager.model.name), dependencies=guarded)
     return app
+
+
+async def watch_engines(manager: ParrotManager, timeout: float) -> None:
+    """Drops remote engines that stopped sending heartbeats; their calls move to the others."""
+    while True:
+        await asyncio.sleep(timeout / 4)
+        for name in manager.drop_silent_engines(timeout):
+            log.warning("engine %s sent no heartbeat for %.1f s: dropped", name, timeout)
+
+
+def engines_router(manager: ParrotManager) -> APIRouter:
+    """Remote engine processes register here and send heartbeats with their counters."""
+    router = APIRouter(prefix="/api/engines", responses=ERRORS)
+
+    @router.post("", status_code=201)
+    async def register(body: RegisterEngine) -> EngineRef:
+        slot = manager.add_engine(RemoteEngine(body.url, EngineStats(**body.stats.model_dump())))
+        log.info("engine %s registered from %s", slot.name, body.url)
+        return EngineRef(name=slot.name)
+
+    @router.post("/{name}/heartbeat", status_code=204)
+    async def heartbeat(name: str, body: EngineStatsBody) -> Response:
+        slot = manager.slot(name)
+        slot.last_heartbeat = time.monotonic()
+        slot.engine.update_stats(EngineStats(**body.model_dump()))
+        return Response(status_code=204)
+
+    return router
 
 
 def parrot_router(manager: ParrotManager) -> APIRouter:

@@ -12,13 +12,20 @@ import uvicorn
 from parrot_lc.engine.async_engine import AsyncEngine
 from parrot_lc.engine.engine import LLMEngine
 from parrot_lc.server.app import create_app
-from parrot_lc.server.manager import ParrotManager
+from parrot_lc.engine.loader import load_model_info
+from parrot_lc.server.manager import ModelInfo, ParrotManager
 from parrot_lc.settings import EngineSettings, ServerSettings
 
 
 def build_manager(engine_settings: EngineSettings, server_settings: ServerSettings) -> ParrotManager:
+    """A manager with its local engines (none: it waits for remote engines to register)."""
     engines = [AsyncEngine(LLMEngine(engine_settings)) for _ in range(server_settings.engines)]
-    return ParrotManager(engines, server_settings.max_prefixes_per_engine)
+    if engines:
+        info = ModelInfo(engine_settings.model, engines[0].tokenizer, engines[0].vocab_size, engines[0].max_context)
+    else:
+        config, tokenizer = load_model_info(engine_settings.model, engine_settings.cache_dir)
+        info = ModelInfo(engine_settings.model, tokenizer, config.vocab_size, config.max_position_embeddings)
+    return ParrotManager(info, engines, server_settings.max_prefixes_per_engine)
 
 
 class LocalServer:
@@ -27,7 +34,7 @@ class LocalServer:
     def __init__(self, engine_settings: EngineSettings, server_settings: ServerSettings | None = None) -> None:
         self.server_settings = server_settings or ServerSettings(port=0)
         self.manager = build_manager(engine_settings, self.server_settings)
-        app = create_app(self.manager, self.server_settings, engine_settings.model)
+        app = create_app(self.manager, self.server_settings)
         self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._socket.bind((self.server_settings.host, self.server_settings.port))

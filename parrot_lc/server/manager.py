@@ -11,15 +11,16 @@ from __future__ import annotations
 import asyncio
 import itertools
 import secrets
+import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import AsyncIterator
 
 from transformers import PreTrainedTokenizerBase
 
-from parrot_lc.engine.async_engine import AsyncEngine
 from parrot_lc.engine.errors import EngineError, OutOfMemoryError
 from parrot_lc.engine.sampling import SamplingParams
+from parrot_lc.server.engine_client import EngineClient, EngineUnavailableError
 from parrot_lc.server.errors import CallFailedError, ForbiddenError, NotFoundError, ServerError, VariableTimeoutError
 from parrot_lc.server.graph import (
     Call,
@@ -32,6 +33,7 @@ from parrot_lc.server.graph import (
     validate_new_calls,
 )
 from parrot_lc.server.prefix_cache import PrefixCache, prefix_key
+from parrot_lc.server.remote_engine import RemoteEngine
 
 LATENCY_PRIORITY, GROUP_PRIORITY, DEFAULT_PRIORITY = 2, 1, 0
 
@@ -64,24 +66,65 @@ class EngineSlot:
     """An engine as the manager sees it: its prefix contexts and the calls running on it."""
 
     name: str
-    engine: AsyncEngine
+    engine: EngineClient
     prefixes: PrefixCache
     running: int = 0
     placed: int = 0  # calls ever placed here: breaks ties in load, so idle engines take turns
+    last_heartbeat: float = 0.0  # remote engines only
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the manager must know of the model all its engines serve."""
+
+    name: str
+    tokenizer: PreTrainedTokenizerBase
+    vocab_size: int
+    max_context: int
 
 
 class ParrotManager:
-    def __init__(self, engines: list[AsyncEngine], max_prefixes_per_engine: int = 64) -> None:
-        if not engines:
-            raise ValueError("the manager needs at least one engine")
-        self.engines = [EngineSlot(f"engine-{i}", e, PrefixCache(e, max_prefixes_per_engine)) for i, e in enumerate(engines)]
-        self.tokenizer: PreTrainedTokenizerBase = engines[0].tokenizer
-        self.vocab_size = engines[0].engine.config.vocab_size
-        self.max_context = engines[0].engine.config.max_position_embeddings
+    def __init__(self, model: ModelInfo, engines: list[EngineClient], max_prefixes_per_engine: int = 64) -> None:
+        self.model = model
+        self.tokenizer = model.tokenizer
+        self.vocab_size = model.vocab_size
+        self.max_context = model.max_context
+        self.max_prefixes_per_engine = max_prefixes_per_engine
+        self.engines: list[EngineSlot] = []
+        for engine in engines:
+            self.add_engine(engine)
         self.sessions: dict[str, Session] = {}
         self._ids = itertools.count()
         self._group_engines: dict[str, EngineSlot] = {}
         self.calls_finished = {CallState.DONE: 0, CallState.FAILED: 0}
+
+    # ---- engines ----------------------------------------------------------------------------------
+
+    def add_engine(self, engine: EngineClient, name: str | None = None) -> EngineSlot:
+        slot = EngineSlot(name or f"engine-{len(self.engines)}", engine, PrefixCache(engine, self.max_prefixes_per_engine),
+                          last_heartbeat=time.monotonic())
+        self.engines.append(slot)
+        return slot
+
+    def slot(self, name: str) -> EngineSlot:
+        for slot in self.engines:
+            if slot.name == name:
+                return slot
+        raise NotFoundError(f"unknown engine {name!r}", field="engine")
+
+    def drop_engine(self, slot: EngineSlot) -> None:
+        """Forgets an engine that died: its calls fail over to the others as they notice."""
+        if slot in self.engines:
+            self.engines.remove(slot)
+            self._group_engines = {g: s for g, s in self._group_engines.items() if s is not slot}
+
+    def drop_silent_engines(self, timeout: float) -> list[str]:
+        """Drops remote engines whose last heartbeat is older than `timeout` seconds."""
+        now = time.monotonic()
+        silent = [s for s in self.engines if isinstance(s.engine, RemoteEngine) and now - s.last_heartbeat > timeout]
+        for slot in silent:
+            self.drop_engine(slot)
+        return [s.name for s in silent]
 
     # ---- sessions and variables -------------------------------------------------------------------
 
@@ -196,15 +239,25 @@ class ParrotManager:
                 variable.fail(error)
 
     async def _execute(self, session: Session, call: Call) -> None:
+        """Runs the call on an engine; if that engine dies under it, again from the start on another."""
         segments = self._segments(session, call)
-        first_text, first_output = segments[0]
-        token_ids = self.tokenizer(first_text).input_ids
+        token_ids = self.tokenizer(segments[0][0]).input_ids
         call.prompt_tokens = len(token_ids)
         prefix_ids = self._shared_prefix(call.constant_prefix, token_ids)
-        slot = self._place(call, prefix_ids)
-        slot.placed += 1
+        while True:
+            slot = self._place(call, prefix_ids)
+            try:
+                return await self._execute_on(slot, session, call, segments, token_ids, prefix_ids)
+            except EngineUnavailableError:
+                self.drop_engine(slot)
+                call.completion_tokens = 0
+
+    async def _execute_on(
+        self, slot: EngineSlot, session: Session, call: Call, segments, token_ids: list[int], prefix_ids: list[int]
+    ) -> None:
         priority = LATENCY_PRIORITY if call.latency_critical else GROUP_PRIORITY if call.task_group else DEFAULT_PRIORITY
         context_id = f"{session.session_id}/{call.call_id}"
+        slot.placed += 1
         slot.running += 1
         try:
             await self._fill_call_context(slot, context_id, prefix_ids, token_ids, priority)
@@ -215,14 +268,16 @@ class ParrotManager:
                 if output is None:
                     break
                 variable = session.variables[output.var_id]
+                retried = variable.ready.is_set()  # a rerun after failover: the first value stands
                 pieces = []
                 async for event in slot.engine.generate(output.sampling, context_id, priority=priority):
                     pieces.append(event.text)
                     call.completion_tokens += len(event.token_ids)
                     call.finish_reason = event.finish_reason
-                    if variable.deltas is not None and event.text:
+                    if variable.deltas is not None and event.text and not retried:
                         variable.deltas.put_nowait(event.text)
-                variable.set("".join(pieces))
+                if not retried:
+                    variable.set("".join(pieces))
         finally:
             slot.running -= 1
             await self._free_quietly(slot, context_id)
@@ -285,6 +340,8 @@ class ParrotManager:
 
     def _place(self, call: Call, prefix_ids: list[int]) -> EngineSlot:
         """Prefix affinity first (the engine that holds the prefix), then the call's task group, then load."""
+        if not self.engines:
+            raise EngineUnavailableError("no engine is serving: start one (`parrot-lc engine --manager URL`)")
         if prefix_ids:
             key = prefix_key(prefix_ids)
             for slot in self.engines:

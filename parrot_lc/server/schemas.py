@@ -99,6 +99,29 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
+class EngineStatsBody(BaseModel):
+    """An engine's counters, as its heartbeat sends them (the fields of parrot_lc.engine.EngineStats)."""
+
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    reused_tokens: int = 0
+    kv_blocks_used: int = 0
+    kv_blocks_free: int = 0
+    num_running: int = 0
+    num_waiting: int = 0
+    num_contexts: int = 0
+    num_preemptions: int = 0
+
+
+class RegisterEngine(BaseModel):
+    url: str
+    stats: EngineStatsBody = Field(default_factory=EngineStatsBody)
+
+
+class EngineRef(BaseModel):
+    name: str
+
+
 # ---- OpenAI-compatible ---------------------------------------------------------------------------------
 
 

@@ -1,0 +1,33 @@
+"""What the manager needs of an engine, wherever it runs: the in-process AsyncEngine satisfies it, and so
+does RemoteEngine, the client of an engine process (`parrot-lc engine`)."""
+
+from __future__ import annotations
+
+from typing import AsyncIterator, Protocol
+
+from parrot_lc.engine.context import ContextId
+from parrot_lc.engine.engine import EngineStats
+from parrot_lc.engine.errors import EngineError
+from parrot_lc.engine.request import RequestOutput
+from parrot_lc.engine.sampling import SamplingParams
+
+
+class EngineUnavailableError(EngineError):
+    """The engine cannot be reached (its process died or stopped answering): work moves elsewhere."""
+
+
+class EngineClient(Protocol):
+    async def fill(
+        self, token_ids: list[int], context_id: ContextId, parent_context_id: ContextId | None = None, priority: int = 0
+    ) -> None: ...
+
+    def generate(
+        self, sampling: SamplingParams, context_id: ContextId, parent_context_id: ContextId | None = None,
+        priority: int = 0,
+    ) -> AsyncIterator[RequestOutput]: ...
+
+    async def free_context(self, context_id: ContextId) -> None: ...
+
+    def stats(self) -> EngineStats: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,121 @@
+"""An engine process's HTTP face (`parrot-lc engine`): the manager calls fill / generate / free_context on
+it. Generation streams one JSON event per line. Engine errors come back typed, by name."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import threading
+from typing import AsyncIterator
+
+import httpx
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel
+
+from parrot_lc.engine.async_engine import AsyncEngine
+from parrot_lc.engine.errors import EngineError
+from parrot_lc.server.schemas import Sampling
+from parrot_lc.settings import EngineProcessSettings
+
+log = logging.getLogger("parrot_lc.engine_service")
+
+
+class FillBody(BaseModel):
+    token_ids: list[int]
+    context_id: str
+    parent_context_id: str | None = None
+    priority: int = 0
+
+
+class GenerateBody(BaseModel):
+    sampling: Sampling
+    context_id: str
+    parent_context_id: str | None = None
+    priority: int = 0
+
+
+class FreeBody(BaseModel):
+    context_id: str
+
+
+def create_engine_app(engine: AsyncEngine) -> FastAPI:
+    app = FastAPI(title="parrot_lc engine")
+
+    @app.exception_handler(EngineError)
+    async def engine_error(request, exc: EngineError) -> JSONResponse:
+        return JSONResponse({"error": {"type": type(exc).__name__, "message": str(exc)}}, status_code=400)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/stats")
+    async def stats() -> dict:
+        return dataclasses.asdict(engine.stats())
+
+    @app.post("/fill")
+    async def fill(body: FillBody) -> dict:
+        await engine.fill(body.token_ids, body.context_id, body.parent_context_id, body.priority)
+        return {"ok": True}
+
+    @app.post("/free")
+    async def free(body: FreeBody) -> dict:
+        await engine.free_context(body.context_id)
+        return {"ok": True}
+
+    @app.post("/generate")
+    async def generate(body: GenerateBody) -> StreamingResponse:
+        events = engine.generate(body.sampling.to_params(), body.context_id, body.parent_context_id, body.priority)
+        first = await anext(events)  # submission errors become a 400 before the stream starts
+
+        async def lines() -> AsyncIterator[str]:
+            output = first
+            try:
+                while True:
+                    yield json.dumps({"token_ids": output.token_ids, "text": output.text,
+                                      "finished": output.finished, "finish_reason": output.finish_reason}) + "\n"
+                    if output.finished:
+                        return
+                    try:
+                        output = await anext(events)
+                    except EngineError as exc:
+                        yield json.dumps({"error": {"type": type(exc).__name__, "message": str(exc)}}) + "\n"
+                        return
+            finally:
+                await events.aclose()  # the manager went away mid-stream: cancel the request, free its blocks
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+    return app
+
+
+class ManagerLink(threading.Thread):
+    """Registers an engine process with its manager, then sends a heartbeat (with the engine's counters)
+    every interval; registers again if the manager forgot it (a restart, or a heartbeat gap)."""
+
+    def __init__(self, engine: AsyncEngine, settings: EngineProcessSettings, url: str) -> None:
+        super().__init__(name="parrot-manager-link", daemon=True)
+        self.engine, self.settings, self.url = engine, settings, url
+        headers = {"Authorization": f"Bearer {settings.manager_api_key}"} if settings.manager_api_key else {}
+        self.client = httpx.Client(base_url=settings.manager.rstrip("/"), headers=headers, timeout=5.0)
+        self.name_at_manager: str | None = None
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(0 if self.name_at_manager is None else self.settings.heartbeat_interval):
+            stats = dataclasses.asdict(self.engine.stats())
+            try:
+                if self.name_at_manager is None:
+                    reply = self.client.post("/api/engines", json={"url": self.url, "stats": stats})
+                    reply.raise_for_status()
+                    self.name_at_manager = reply.json()["name"]
+                    log.info("registered with %s as %s", self.settings.manager, self.name_at_manager)
+                else:
+                    reply = self.client.post(f"/api/engines/{self.name_at_manager}/heartbeat", json=stats)
+                    if reply.status_code == 404:
+                        self.name_at_manager = None
+            except httpx.HTTPError as exc:
+                log.warning("manager %s not reachable (%s); retrying", self.settings.manager, exc)
+                self.stopped.wait(self.settings.heartbeat_interval)

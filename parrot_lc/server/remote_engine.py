@@ -1,0 +1,73 @@
+"""The manager's client of an engine process: the EngineClient calls over HTTP. A connection that fails
+raises EngineUnavailableError, so the manager moves the work to another engine."""
+
+from __future__ import annotations
+
+import json
+from typing import AsyncIterator
+
+import httpx
+
+from parrot_lc.engine import errors as engine_errors
+from parrot_lc.engine.engine import EngineStats
+from parrot_lc.engine.request import RequestOutput
+from parrot_lc.engine.sampling import SamplingParams
+from parrot_lc.server.engine_client import EngineUnavailableError
+
+
+def _raise_typed(error: dict) -> None:
+    kind = getattr(engine_errors, error.get("type", ""), engine_errors.EngineError)
+    if not (isinstance(kind, type) and issubclass(kind, engine_errors.EngineError)):
+        kind = engine_errors.EngineError
+    raise kind(error.get("message", "engine error"))
+
+
+class RemoteEngine:
+    def __init__(self, url: str, stats: EngineStats) -> None:
+        self.url = url.rstrip("/")
+        self._client = httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(None, connect=5.0))
+        self._stats = stats
+
+    def update_stats(self, stats: EngineStats) -> None:
+        """Called with each heartbeat: the engine sends its counters along."""
+        self._stats = stats
+
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    async def _post(self, path: str, body: dict) -> None:
+        try:
+            response = await self._client.post(path, json=body)
+        except httpx.TransportError as exc:
+            raise EngineUnavailableError(f"engine {self.url} unreachable: {exc!r}") from exc
+        if response.status_code != 200:
+            _raise_typed(response.json().get("error", {}))
+
+    async def fill(self, token_ids, context_id, parent_context_id=None, priority=0) -> None:
+        await self._post("/fill", {"token_ids": token_ids, "context_id": context_id,
+                                   "parent_context_id": parent_context_id, "priority": priority})
+
+    async def free_context(self, context_id) -> None:
+        await self._post("/free", {"context_id": context_id})
+
+    async def generate(
+        self, sampling: SamplingParams, context_id, parent_context_id=None, priority=0
+    ) -> AsyncIterator[RequestOutput]:
+        body = {"sampling": {**sampling.__dict__, "stop": list(sampling.stop),
+                             "stop_token_ids": list(sampling.stop_token_ids)},
+                "context_id": context_id, "parent_context_id": parent_context_id, "priority": priority}
+        try:
+            async with self._client.stream("POST", "/generate", json=body) as response:
+                if response.status_code != 200:
+                    _raise_typed(json.loads(await response.aread()).get("error", {}))
+                async for line in response.aiter_lines():
+                    event = json.loads(line)
+                    if "error" in event:
+                        _raise_typed(event["error"])
+                    yield RequestOutput(0, context_id, event["token_ids"], event["text"], event["finished"],
+                                        event["finish_reason"])
+        except httpx.TransportError as exc:
+            raise EngineUnavailableError(f"engine {self.url} lost mid-generation: {exc!r}") from exc
+
+    def close(self) -> None:
+        pass  # the engine process is its own; the connection pool closes with the manager's loop

@@ -1,0 +1,75 @@
+"""A remote engine process registers with the manager, takes work, and when it is SIGKILLed mid-graph its
+calls complete on the other engine."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from parrot_lc.engine import LLMEngine, SamplingParams
+from parrot_lc.server.local import LocalServer
+from parrot_lc.server.remote_engine import RemoteEngine
+from parrot_lc.settings import EngineSettings, ServerSettings
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(condition, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def manager_and_remote():
+    settings = EngineSettings(model="tiny", device="cpu", dtype="float32", kv_cache_bytes=16 * 2**20)
+    with LocalServer(settings, ServerSettings(port=0, engines=1, engine_timeout=3.0)) as server:
+        port = free_port()
+        remote = subprocess.Popen(
+            [sys.executable, "-m", "parrot_lc.cli", "engine", "--manager", server.base_url, "--port", str(port),
+             "--model", "tiny", "--device", "cpu", "--kv-cache-bytes", str(16 * 2**20)],
+            env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        try:
+            wait_until(lambda: len(server.manager.engines) == 2, 60, "the remote engine to register")
+            yield server, remote
+        finally:
+            remote.kill()
+            remote.wait()
+
+
+def test_a_graph_completes_after_its_remote_engine_is_killed_mid_run(manager_and_remote):
+    server, remote = manager_and_remote
+    client = httpx.Client(base_url=server.base_url, timeout=120)
+    session = client.post("/api/sessions").json()
+    headers, base = {"X-Session-Token": session["session_token"]}, f"/api/sessions/{session['session_id']}"
+
+    def var(value=None):
+        return client.post(f"{base}/variables", json={} if value is None else {"value": value},
+                           headers=headers).json()["var_id"]
+
+    outputs = [var() for _ in range(6)]
+    calls = [{"template": [{"text": f"Independent task {i}: "}, {"input": var(f"topic {i}")},
+                           {"output": out, "sampling": {"max_tokens": 200, "temperature": 0, "ignore_eos": True}}]}
+             for i, out in enumerate(outputs)]
+    assert client.post(f"{base}/calls", json={"calls": calls}, headers=headers).status_code == 201
+    remote_slot = next(s for s in server.manager.engines if isinstance(s.engine, RemoteEngine))
+    wait_until(lambda: remote_slot.running > 0, 60, "work on the remote engine")
+    remote.send_signal(signal.SIGKILL)
+    values = [client.get(f"{base}/variables/{out}", headers=headers).json()["value"] for out in outputs]
+    assert remote_slot not in server.manager.engines
+    reference = LLMEngine(EngineSettings(model="tiny", device="cpu", dtype="float32", kv_cache_bytes=16 * 2**20))
+    sampling = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+    for i, value in enumerate(values):  # what an undisturbed run gives
+        reference.fill(reference.tokenizer(f"Independent task {i}: topic {i}").input_ids, i)
+        assert value == "".join(e.text for e in reference.generate(sampling, i))

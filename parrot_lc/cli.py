@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> None:
     demo_parser.set_defaults(func=demo)
     serve_parser = sub.add_parser("serve", help="the Parrot server: HTTP API, OpenAI-compatible API, local engines")
     _add_flags(serve_parser, EngineSettings, ("model", "device", "dtype", "kv_cache_bytes"))
-    _add_flags(serve_parser, ServerSettings, ("host", "port", "engines", "api_key", "max_prefixes_per_engine"))
+    _add_flags(serve_parser, ServerSettings, ("host", "port", "engines", "api_key", "max_prefixes_per_engine",
+                                              "openai_engine", "openai_engine_model", "openai_engine_api_key"))
     serve_parser.set_defaults(func=serve)
     engine_parser = sub.add_parser("engine", help="a remote engine that registers with a manager")
     _add_flags(engine_parser, EngineSettings, ("model", "device", "dtype", "kv_cache_bytes"))

@@ -58,6 +58,11 @@ class ServerSettings(BaseSettings):
     api_key: str | None = Field(None, description="if set, every endpoint but /health needs `Authorization: Bearer KEY`")
     max_request_bytes: int = Field(2 * 2**20, ge=1024, description="larger request bodies get 413")
     max_prefixes_per_engine: int = Field(64, ge=1, description="warm prefix contexts kept per engine (LRU)")
+    openai_engine: str | None = Field(
+        None, description="base URL of an OpenAI-compatible server (vLLM, SGLang) to use as one more engine"
+    )
+    openai_engine_model: str | None = Field(None, description="the model name at that server (default: --model)")
+    openai_engine_api_key: str | None = Field(None, description="API key of that server")
 
 
 class EngineProcessSettings(BaseSettings):

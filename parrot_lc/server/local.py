@@ -14,6 +14,7 @@ from parrot_lc.engine.engine import LLMEngine
 from parrot_lc.server.app import create_app
 from parrot_lc.engine.loader import load_model_info
 from parrot_lc.server.manager import ModelInfo, ParrotManager
+from parrot_lc.server.openai_engine import OpenAIEngine
 from parrot_lc.settings import EngineSettings, ServerSettings
 
 
@@ -25,6 +26,9 @@ def build_manager(engine_settings: EngineSettings, server_settings: ServerSettin
     else:
         config, tokenizer = load_model_info(engine_settings.model, engine_settings.cache_dir)
         info = ModelInfo(engine_settings.model, tokenizer, config.vocab_size, config.max_position_embeddings)
+    if server_settings.openai_engine is not None:
+        engines.append(OpenAIEngine(server_settings.openai_engine, server_settings.openai_engine_model or info.name,
+                                    info.tokenizer, server_settings.openai_engine_api_key))
     return ParrotManager(info, engines, server_settings.max_prefixes_per_engine)
 
 

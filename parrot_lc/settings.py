@@ -58,6 +58,10 @@ class ServerSettings(BaseSettings):
     api_key: str | None = Field(None, description="if set, every endpoint but /health needs `Authorization: Bearer KEY`")
     max_request_bytes: int = Field(2 * 2**20, ge=1024, description="larger request bodies get 413")
     max_prefixes_per_engine: int = Field(64, ge=1, description="warm prefix contexts kept per engine (LRU)")
+    max_background_calls_per_engine: int = Field(
+        64, ge=1, description="calls that are not latency-critical running at once on one engine; the rest queue, "
+        "so latency-critical calls always find room"
+    )
     openai_engine: str | None = Field(
         None, description="base URL of an OpenAI-compatible server (vLLM, SGLang) to use as one more engine"
     )

@@ -65,3 +65,28 @@ def test_every_endpoint_but_health_needs_the_api_key(two_engines):
 
 def test_the_right_api_key_opens_the_api(client):
     assert client.get("/v1/models").status_code == 200
+
+
+def test_background_calls_are_capped_per_engine_while_latency_critical_ones_are_not():
+    settings = EngineSettings(model="tiny", device="cpu", dtype="float32", kv_cache_bytes=16 * 2**20)
+    with LocalServer(settings, ServerSettings(port=0, max_background_calls_per_engine=1)) as server:
+        client = httpx.Client(base_url=server.base_url, timeout=60)
+        session = client.post("/api/sessions").json()
+        headers, base = {"X-Session-Token": session["session_token"]}, f"/api/sessions/{session['session_id']}"
+
+        def new(body: dict) -> str:
+            return client.post(f"{base}/variables", json=body, headers=headers).json()["var_id"]
+
+        maps = [new({}) for _ in range(4)]
+        final = new({})
+        sampling = {"max_tokens": 40, "temperature": 0, "ignore_eos": True}
+        calls = [{"template": [{"text": f"Part {i}: "}, {"input": new({"value": str(i)})}, {"output": m, "sampling": sampling}]}
+                 for i, m in enumerate(maps)]
+        calls.append({"template": [{"text": "All: "}] + [{"input": m} for m in maps] + [{"output": final, "sampling": sampling}]})
+        slot = server.manager.engines[0]
+        seen = []
+        client.post(f"{base}/calls", json={"calls": calls}, headers=headers)
+        while client.get(f"{base}", headers=headers).json()["calls"]["done"] < 4:
+            seen.append(slot.running)
+        assert max(seen) == 1  # the 4 map calls (a task group) ran one at a time
+        assert client.get(f"{base}/variables/{final}", headers=headers).status_code == 200

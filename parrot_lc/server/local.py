@@ -29,7 +29,8 @@ def build_manager(engine_settings: EngineSettings, server_settings: ServerSettin
     if server_settings.openai_engine is not None:
         engines.append(OpenAIEngine(server_settings.openai_engine, server_settings.openai_engine_model or info.name,
                                     info.tokenizer, server_settings.openai_engine_api_key))
-    return ParrotManager(info, engines, server_settings.max_prefixes_per_engine)
+    return ParrotManager(info, engines, server_settings.max_prefixes_per_engine,
+                         server_settings.max_background_calls_per_engine)
 
 
 class LocalServer:

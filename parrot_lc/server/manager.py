@@ -12,7 +12,7 @@ import asyncio
 import itertools
 import secrets
 import time
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass
 from typing import AsyncIterator
 
@@ -68,6 +68,7 @@ class EngineSlot:
     name: str
     engine: EngineClient
     prefixes: PrefixCache
+    background: asyncio.Semaphore  # caps the calls that are not latency-critical
     running: int = 0
     placed: int = 0  # calls ever placed here: breaks ties in load, so idle engines take turns
     last_heartbeat: float = 0.0  # remote engines only
@@ -84,12 +85,16 @@ class ModelInfo:
 
 
 class ParrotManager:
-    def __init__(self, model: ModelInfo, engines: list[EngineClient], max_prefixes_per_engine: int = 64) -> None:
+    def __init__(
+        self, model: ModelInfo, engines: list[EngineClient], max_prefixes_per_engine: int = 64,
+        max_background_calls_per_engine: int = 64,
+    ) -> None:
         self.model = model
         self.tokenizer = model.tokenizer
         self.vocab_size = model.vocab_size
         self.max_context = model.max_context
         self.max_prefixes_per_engine = max_prefixes_per_engine
+        self.max_background_calls = max_background_calls_per_engine
         self.engines: list[EngineSlot] = []
         for engine in engines:
             self.add_engine(engine)
@@ -102,7 +107,7 @@ class ParrotManager:
 
     def add_engine(self, engine: EngineClient, name: str | None = None) -> EngineSlot:
         slot = EngineSlot(name or f"engine-{len(self.engines)}", engine, PrefixCache(engine, self.max_prefixes_per_engine),
-                          last_heartbeat=time.monotonic())
+                          asyncio.Semaphore(self.max_background_calls), last_heartbeat=time.monotonic())
         self.engines.append(slot)
         return slot
 
@@ -258,6 +263,13 @@ class ParrotManager:
         priority = LATENCY_PRIORITY if call.latency_critical else GROUP_PRIORITY if call.task_group else DEFAULT_PRIORITY
         context_id = f"{session.session_id}/{call.call_id}"
         slot.placed += 1
+        async with nullcontext() if call.latency_critical else slot.background:
+            await self._execute_in_context(slot, session, call, segments, token_ids, prefix_ids, priority, context_id)
+
+    async def _execute_in_context(
+        self, slot: EngineSlot, session: Session, call: Call, segments, token_ids: list[int], prefix_ids: list[int],
+        priority: int, context_id: str,
+    ) -> None:
         slot.running += 1
         try:
             await self._fill_call_context(slot, context_id, prefix_ids, token_ids, priority)

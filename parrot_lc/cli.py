@@ -7,7 +7,7 @@ import signal
 import time
 
 from parrot_lc.engine import LLMEngine, SamplingParams
-from parrot_lc.settings import EngineProcessSettings, EngineSettings, ServerSettings
+from parrot_lc.settings import EngineProcessSettings, EngineSettings, ServerSettings, settings_table
 
 DEMO_SYSTEM = "You are a concise assistant. Answer in one or two sentences."
 DEMO_QUESTIONS = [
@@ -23,11 +23,17 @@ def _settings(cls, args: argparse.Namespace):
     return cls(**overrides)
 
 
-def _add_flags(parser: argparse.ArgumentParser, cls, names: tuple[str, ...]) -> None:
-    for name in names:
-        field = cls.model_fields[name]
-        kind = field.annotation if field.annotation in (int, float) else str
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, help=field.description)
+def _flag_type(annotation):
+    if annotation is bool:
+        return lambda text: text.lower() in ("1", "true", "yes", "on")
+    return annotation if annotation in (int, float) else str  # pydantic converts the rest (paths, choices)
+
+
+def _add_flags(parser: argparse.ArgumentParser, cls) -> None:
+    """One flag per setting of `cls`; unset flags leave the setting to PARROT_* variables or its default."""
+    for name, field in cls.model_fields.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=_flag_type(field.annotation),
+                            help=field.description)
 
 
 def serve(args: argparse.Namespace) -> None:
@@ -102,18 +108,19 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="parrot-lc", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo_parser = sub.add_parser("demo", help="the embedded default model end to end")
-    _add_flags(demo_parser, EngineSettings, ("model", "device", "dtype"))
+    _add_flags(demo_parser, EngineSettings)
     demo_parser.add_argument("--max-tokens", type=int, default=48)
     demo_parser.set_defaults(func=demo)
     serve_parser = sub.add_parser("serve", help="the Parrot server: HTTP API, OpenAI-compatible API, local engines")
-    _add_flags(serve_parser, EngineSettings, ("model", "device", "dtype", "kv_cache_bytes"))
-    _add_flags(serve_parser, ServerSettings, ("host", "port", "engines", "api_key", "max_prefixes_per_engine",
-                                              "openai_engine", "openai_engine_model", "openai_engine_api_key"))
+    _add_flags(serve_parser, EngineSettings)
+    _add_flags(serve_parser, ServerSettings)
     serve_parser.set_defaults(func=serve)
     engine_parser = sub.add_parser("engine", help="a remote engine that registers with a manager")
-    _add_flags(engine_parser, EngineSettings, ("model", "device", "dtype", "kv_cache_bytes"))
-    _add_flags(engine_parser, EngineProcessSettings, ("manager", "host", "port", "advertise_url", "manager_api_key"))
+    _add_flags(engine_parser, EngineSettings)
+    _add_flags(engine_parser, EngineProcessSettings)
     engine_parser.set_defaults(func=engine_process)
+    table_parser = sub.add_parser("settings", help="print the table of settings (as in the README)")
+    table_parser.set_defaults(func=lambda args: print(settings_table()))
     args = parser.parse_args(argv)
     args.func(args)
 

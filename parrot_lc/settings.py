@@ -80,3 +80,16 @@ class EngineProcessSettings(BaseSettings):
     advertise_url: str | None = Field(None, description="URL the manager reaches this engine at (default from host/port)")
     manager_api_key: str | None = Field(None, description="the manager's API key, if it has one")
     heartbeat_interval: float = Field(1.0, gt=0, description="seconds between heartbeats")
+
+
+def settings_table() -> str:
+    """The README's table of settings, generated from the settings classes (`python -m parrot_lc.settings`)."""
+    rows = ["| setting | environment variable | default | what it is |", "|---|---|---|---|"]
+    for cls in (EngineSettings, ServerSettings, EngineProcessSettings):
+        prefix = cls.model_config["env_prefix"]
+        for name, field in cls.model_fields.items():
+            default = "" if field.default is None else f"`{field.default}`"
+            if name == "cache_dir":
+                default = "`~/.cache/parrot_lc`"
+            rows.append(f"| `--{name.replace('_', '-')}` | `{prefix}{name.upper()}` | {default} | {field.description} |")
+    return "\n".join(rows)

@@ -47,3 +47,11 @@ def test_demo_on_tiny_prints_answers_and_fork_reuse(capsys):
     main(["demo", "--model", "tiny", "--max-tokens", "4"])
     out = capsys.readouterr().out
     assert out.count("Q: ") == 3 and "reused_by_forking=" in out
+
+
+def test_the_readme_settings_table_is_the_generated_one():
+    from pathlib import Path
+
+    from parrot_lc.settings import settings_table
+
+    assert settings_table() in (Path(__file__).parent.parent / "README.md").read_text()

@@ -8,6 +8,8 @@ of rows instead of once per sequence. The two results are merged by log-sum-exp,
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -137,6 +139,11 @@ def paged_attention(
     return (weights[..., None] * out).sum(0).to(q.dtype), total
 
 
+@functools.cache
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 class TritonBackend(AttentionBackend):
     """Paged attention in Triton: own parts in one launch, all shared prefixes in another, merged by LSE."""
 
@@ -149,10 +156,21 @@ class TritonBackend(AttentionBackend):
                                    window=meta.sliding_window)
         if meta.shared:
             out_s, lse_s = paged_attention(q, k_cache, v_cache, plan["positions"], *plan["shared"], scale=scale,
-                                           window=meta.sliding_window)
+                                           window=meta.sliding_window, splits=self._shared_splits(meta, q, k_cache))
             rows = plan["shared_rows"]
             out[rows] = merge_by_lse(out[rows].float(), lse[rows], out_s[rows].float(), lse_s[rows]).to(out.dtype)
         return out
+
+    @staticmethod
+    def _shared_splits(meta: AttentionMetadata, q: torch.Tensor, k_cache: torch.Tensor) -> int:
+        """A long shared prefix read by few programs (one per group and KV head) leaves most SMs idle: split it
+        into ranges of at least 256 tokens until there are about two programs per SM."""
+        if not q.is_cuda:
+            return 1
+        programs = len(meta.shared) * k_cache.shape[2]
+        longest = max(p.num_tokens for p in meta.shared)
+        sms = _multiprocessors(q.device.index or 0)
+        return max(1, min(32, -(-2 * sms // programs), longest // 256))
 
     @staticmethod
     def _plan(meta: AttentionMetadata) -> dict:

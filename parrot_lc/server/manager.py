@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import secrets
 import time
 from contextlib import asynccontextmanager, nullcontext
@@ -36,6 +37,7 @@ from parrot_lc.server.prefix_cache import PrefixCache, prefix_key
 from parrot_lc.server.remote_engine import RemoteEngine
 
 LATENCY_PRIORITY, GROUP_PRIORITY, DEFAULT_PRIORITY = 2, 1, 0
+log = logging.getLogger("parrot_lc.manager")
 
 
 @dataclass
@@ -233,6 +235,10 @@ class ParrotManager:
         except (EngineError, ServerError) as exc:
             call.state, call.error = CallState.FAILED, str(exc)
             self._fail_outputs(session, call, f"call {call.call_id} failed: {exc}")
+        except Exception:  # a bug: the call fails visibly instead of leaving its consumers waiting forever
+            log.exception("call %s failed unexpectedly", call.call_id)
+            call.state, call.error = CallState.FAILED, "internal error (logged on the server)"
+            self._fail_outputs(session, call, f"call {call.call_id} failed: internal error (logged on the server)")
         finally:
             if call.state in self.calls_finished:
                 self.calls_finished[call.state] += 1

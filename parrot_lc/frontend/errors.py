@@ -1,0 +1,81 @@
+"""Typed errors of the frontend: each HTTP error of the Parrot server becomes one of these, keeping the
+server's message, its error type and the request field it names."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ParrotError(Exception):
+    """Base class. `status` is the HTTP status (None for errors raised on the client side), `type` the
+    server's error type and `field` the part of the request the server blames, when it names one."""
+
+    def __init__(self, message: str, *, status: int | None = None, type: str | None = None,
+                 field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.type = type
+        self.field = field
+
+
+class InvalidRequestError(ParrotError):
+    """A request the server refused as malformed or out of range (400, 413, 422 validation errors)."""
+
+
+class AuthError(ParrotError):
+    """A missing or wrong API key (401), or a session token that does not open the session (403)."""
+
+
+class NotFoundError(ParrotError):
+    """An unknown (or deleted) session or variable (404)."""
+
+
+class GraphError(ParrotError):
+    """A graph of calls that cannot run: a cycle, a variable produced twice, an unknown variable (422)."""
+
+
+class CallFailedError(ParrotError):
+    """The call producing a variable failed; the message says why (424)."""
+
+
+class VariableTimeoutError(ParrotError, TimeoutError):
+    """A variable had no value within the fetch's timeout (408)."""
+
+
+class RequestTimeoutError(ParrotError, TimeoutError):
+    """The server did not answer an HTTP request within the client's timeout."""
+
+
+class ParrotConnectionError(ParrotError, ConnectionError):
+    """The server could not be reached."""
+
+
+class ServerError(ParrotError):
+    """The server failed on its side (5xx)."""
+
+
+_BY_STATUS: dict[int, type[ParrotError]] = {
+    401: AuthError,
+    403: AuthError,
+    404: NotFoundError,
+    408: VariableTimeoutError,
+    424: CallFailedError,
+}
+
+
+def error_from_response(status: int, body: Any, text: str) -> ParrotError:
+    """The typed error for an HTTP error response. `body` is its parsed JSON (None if it was not JSON),
+    `text` its raw text, used when the body is not the server's `{"error": {...}}` shape (e.g. a proxy)."""
+    detail = body.get("error") if isinstance(body, dict) else None
+    if isinstance(detail, dict) and isinstance(detail.get("message"), str):
+        message, kind, field = detail["message"], detail.get("type"), detail.get("field")
+    else:
+        message, kind, field = f"HTTP {status}: {text[:500]}", None, None
+    if status == 422 and kind == "GraphError":
+        cls: type[ParrotError] = GraphError
+    elif status >= 500:
+        cls = ServerError
+    else:
+        cls = _BY_STATUS.get(status, InvalidRequestError)
+    return cls(message, status=status, type=kind, field=field)

@@ -1,0 +1,158 @@
+"""The frontend end to end: semantic functions and variables through ParrotClient / AsyncParrotClient, against
+a real server (uvicorn on a loopback port, the `tiny` model), compared with the OpenAI-compatible endpoint."""
+
+import asyncio
+
+import httpx
+import pytest
+
+from parrot_lc.frontend import (
+    AsyncParrotClient,
+    AuthError,
+    CallFailedError,
+    GraphError,
+    NotFoundError,
+    Output,
+    ParrotClient,
+    SemanticFunction,
+    VariableTimeoutError,
+    semantic_function,
+)
+
+GREEDY = {"max_tokens": 6, "temperature": 0.0}
+MAP_PREFIX = "Summarize the following part of a long report in one short sentence, keeping its key facts. Part: "
+
+answer = SemanticFunction.from_template("Question: {{input:question}}\nAnswer:{{output:answer}}", **GREEDY)
+summarize = SemanticFunction.from_template(MAP_PREFIX + "{{input:part}}\nSummary:{{output:summary}}", **GREEDY)
+combine = SemanticFunction.from_template(
+    "Combine these summaries into one:\n" + "".join(f"{{{{input:s{i}}}}}\n" for i in range(8)) + "{{output:all}}",
+    **GREEDY,
+)
+
+
+@semantic_function(**GREEDY)
+def continue_story(story: str, more: Output):
+    """Continue the story: {{input:story}}{{output:more}}"""
+
+
+@semantic_function(temperature=0.0)
+def title_and_line(topic: str, title: Output(max_tokens=4), line: Output(max_tokens=6)):
+    """Topic: {{input:topic}}
+    Title:{{output:title}}
+    First line:{{output:line}}"""
+
+
+@pytest.fixture
+def sent() -> list[tuple[str, str]]:
+    """(method, path) of every request the client sends."""
+    return []
+
+
+@pytest.fixture
+def client(parrot_server, sent):
+    hooks = {"request": [lambda request: sent.append((request.method, request.url.path))]}
+    with ParrotClient(parrot_server, timeout=60, event_hooks=hooks) as client:
+        yield client
+
+
+def complete(base_url: str, prompt: str, max_tokens: int = GREEDY["max_tokens"]) -> str:
+    """What the OpenAI-compatible endpoint generates for the prompt, greedily."""
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0}
+    response = httpx.post(f"{base_url}/v1/completions", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]["text"]
+
+
+def test_a_call_returns_what_the_engine_generates_for_the_rendered_prompt(client, parrot_server):
+    with client.session():
+        value = answer(question="What do parrots eat?").get()
+    assert value == complete(parrot_server, "Question: What do parrots eat?\nAnswer:")
+
+
+def test_a_chain_of_4_calls_is_one_submission_and_one_fetch(client, sent, parrot_server):
+    with client.session() as session:
+        with session.graph():
+            part = "Once upon a time"
+            for _ in range(4):
+                part = continue_story(part)
+        value = part.get()
+        assert session.status()["calls"]["done"] == 4
+    assert [p for m, p in sent if p.endswith("/calls")] == [f"/api/sessions/{session.session_id}/calls"]
+    assert [m for m, p in sent if "/variables/" in p] == ["GET"]  # one fetch: the middle values stay on the server
+    text = "Once upon a time"
+    for _ in range(4):
+        text = complete(parrot_server, "Continue the story: " + text)
+    assert value == text
+
+
+def test_map_reduce_of_8_calls_and_a_reduce_is_one_request(client, sent, parrot_server):
+    parts = [f"Section {i} reports that sales in region {i} grew by {i * 3} percent." for i in range(8)]
+    with client.session() as session:
+        with session.graph():
+            final = combine(*[summarize(p) for p in parts])
+        assert sum(p.endswith("/calls") for _, p in sent) == 1
+        value = final.get()
+    summaries = [complete(parrot_server, MAP_PREFIX + p + "\nSummary:") for p in parts]
+    assert value == complete(parrot_server, "Combine these summaries into one:\n" + "".join(s + "\n" for s in summaries))
+
+
+def test_sync_and_async_clients_give_the_same_results(client, parrot_server):
+    with client.session() as session:
+        with session.graph():
+            title, line = title_and_line("parrots")
+            story = continue_story(line)
+        expected = (title.get(), line.get(), story.get())
+
+    async def run() -> tuple[str, ...]:
+        async with AsyncParrotClient(parrot_server, timeout=60) as aclient, aclient.session():
+            title, line = title_and_line("parrots")  # no graph block: submitted by a task, as one request
+            story = continue_story(line)
+            return tuple(await asyncio.gather(title.aget("throughput"), line.aget(), story.aget()))
+
+    assert asyncio.run(run()) == expected
+    assert expected[2] == complete(parrot_server, "Continue the story: " + expected[1])
+
+
+def test_a_failed_producing_call_raises_call_failed_error_with_the_servers_message(client):
+    with client.session():
+        first = answer("word " * 9000)  # longer than the model's context
+        second = continue_story(first)
+        with pytest.raises(CallFailedError, match="model's context") as info:
+            first.get(timeout=30)
+        assert info.value.status == 424
+        with pytest.raises(CallFailedError, match="failed"):
+            second.get(timeout=30)
+
+
+def test_a_fetch_past_its_timeout_raises_variable_timeout_error(client):
+    with client.session() as session:
+        out = answer(session.variable("never set"))
+        with pytest.raises(VariableTimeoutError, match="no value after 0.2 s") as info:
+            out.get(timeout=0.2)
+        assert isinstance(info.value, TimeoutError)
+
+
+def test_unknown_sessions_and_variables_raise_not_found(client):
+    with pytest.raises(NotFoundError, match="unknown session"):
+        client.session("no-such-session", "some-token").status()
+    with client.session() as session:
+        with pytest.raises(NotFoundError, match="unknown variable"):
+            session.variable(var_id="no-such-variable").get(timeout=1)
+
+
+def test_a_wrong_session_token_raises_auth_error(client):
+    with client.session() as session:
+        with pytest.raises(AuthError) as info:
+            client.session(session.session_id, "not-its-token").status()
+        assert info.value.status == 403 and info.value.field == "session_token"
+
+
+def test_a_graph_the_server_rejects_raises_graph_error(client):
+    with client.session() as session:
+        produced = answer("Who?")
+        again = session.variable(var_id=produced.var_id)  # a second handle: this client cannot tell
+        with pytest.raises(GraphError, match="produced twice") as info:
+            answer("Why?", answer=again)
+        assert info.value.status == 422
+        with pytest.raises(GraphError):  # the call was never submitted: its output says so
+            again.get()

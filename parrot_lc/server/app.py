@@ -42,7 +42,7 @@ from parrot_lc.server.schemas import (
 from parrot_lc.settings import ServerSettings
 
 log = logging.getLogger("parrot_lc.server")
-ERRORS = {400: {"model": ErrorBody}, 403: {"model": ErrorBody}, 404: {"model": ErrorBody}, 422: {"model": ErrorBody}}
+ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 403, 404, 408, 413, 422, 424)}
 
 
 def error_response(status: int, message: str, kind: str, field: str | None = None) -> JSONResponse:

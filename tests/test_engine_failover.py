@@ -48,7 +48,10 @@ def manager_and_remote():
             remote.wait()
 
 
-def test_a_graph_completes_after_its_remote_engine_is_killed_mid_run(manager_and_remote):
+@pytest.mark.parametrize("fault", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "hung"])
+def test_a_graph_completes_after_its_remote_engine_dies_or_hangs_mid_run(manager_and_remote, fault):
+    """Killed: its connections break at once. Hung: it stops sending heartbeats and is dropped after the
+    engine timeout, which also drops its connections."""
     server, remote = manager_and_remote
     client = httpx.Client(base_url=server.base_url, timeout=120)
     session = client.post("/api/sessions").json()
@@ -65,7 +68,7 @@ def test_a_graph_completes_after_its_remote_engine_is_killed_mid_run(manager_and
     assert client.post(f"{base}/calls", json={"calls": calls}, headers=headers).status_code == 201
     remote_slot = next(s for s in server.manager.engines if isinstance(s.engine, RemoteEngine))
     wait_until(lambda: remote_slot.running > 0, 60, "work on the remote engine")
-    remote.send_signal(signal.SIGKILL)
+    remote.send_signal(fault)
     values = [client.get(f"{base}/variables/{out}", headers=headers).json()["value"] for out in outputs]
     assert remote_slot not in server.manager.engines
     reference = LLMEngine(EngineSettings(model="tiny", device="cpu", dtype="float32", kv_cache_bytes=16 * 2**20))

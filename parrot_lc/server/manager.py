@@ -124,6 +124,8 @@ class ParrotManager:
         if slot in self.engines:
             self.engines.remove(slot)
             self._group_engines = {g: s for g, s in self._group_engines.items() if s is not slot}
+            if isinstance(slot.engine, RemoteEngine):
+                slot.engine.close()
 
     def drop_silent_engines(self, timeout: float) -> list[str]:
         """Drops remote engines whose last heartbeat is older than `timeout` seconds."""

@@ -3,6 +3,7 @@ raises EngineUnavailableError, so the manager moves the work to another engine."
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import AsyncIterator
 
@@ -35,7 +36,12 @@ class RemoteEngine:
     def stats(self) -> EngineStats:
         return self._stats
 
+    def _check_open(self) -> None:
+        if self._client.is_closed:
+            raise EngineUnavailableError(f"engine {self.url} was dropped")
+
     async def _post(self, path: str, body: dict) -> None:
+        self._check_open()
         try:
             response = await self._client.post(path, json=body)
         except httpx.TransportError as exc:
@@ -56,6 +62,7 @@ class RemoteEngine:
         body = {"sampling": {**sampling.__dict__, "stop": list(sampling.stop),
                              "stop_token_ids": list(sampling.stop_token_ids)},
                 "context_id": context_id, "parent_context_id": parent_context_id, "priority": priority}
+        self._check_open()
         try:
             async with self._client.stream("POST", "/generate", json=body) as response:
                 if response.status_code != 200:
@@ -70,4 +77,6 @@ class RemoteEngine:
             raise EngineUnavailableError(f"engine {self.url} lost mid-generation: {exc!r}") from exc
 
     def close(self) -> None:
-        pass  # the engine process is its own; the connection pool closes with the manager's loop
+        """Drops the connections: requests in flight fail with EngineUnavailableError and move elsewhere (an
+        engine that stopped sending heartbeats may hang rather than close them)."""
+        asyncio.get_running_loop().create_task(self._client.aclose())

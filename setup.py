@@ -27,9 +27,11 @@ setup(
         "uvicorn>=0.29",
         "httpx>=0.27",
         "prometheus-client>=0.20",
+        "langchain-core>=1.0,<2",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6.100", "accelerate>=1.0", "openai>=1.40"]  # accelerate: transformers needs it to read GGUF,
+        "test": ["pytest>=8", "hypothesis>=6.100", "accelerate>=1.0", "openai>=1.40",
+                 "langchain-tests>=1.1.9,<2", "pytest-asyncio>=0.23"]  # accelerate: transformers needs it to read GGUF,
     },
     entry_points={"console_scripts": ["parrot-lc=parrot_lc.cli:main"]},
 )

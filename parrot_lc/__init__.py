@@ -17,6 +17,8 @@ _EXPORTS = {
     "semantic_function": "parrot_lc.frontend",
     "Output": "parrot_lc.frontend",
     "connect": "parrot_lc.inprocess",
+    "ParrotLLM": "parrot_lc.integrations.langchain",
+    "ChatParrot": "parrot_lc.integrations.langchain",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,0 +1,12 @@
+"""LangChain integration: `ParrotLLM` (a text-completion LLM) and `ChatParrot` (a chat model), drop-in
+classes served by a Parrot server at `base_url=`, or by one started in this process (`model=`).
+
+Server errors raise the frontend's typed errors (`parrot_lc.frontend.ParrotError` and its subclasses),
+re-exported here.
+"""
+
+from parrot_lc.frontend.errors import ParrotConnectionError, ParrotError
+from parrot_lc.integrations.langchain.chat_models import ChatParrot
+from parrot_lc.integrations.langchain.llms import ParrotLLM
+
+__all__ = ["ChatParrot", "ParrotConnectionError", "ParrotError", "ParrotLLM"]

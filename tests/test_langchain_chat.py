@@ -1,0 +1,119 @@
+"""ChatParrot beyond LangChain's standard suite (test_langchain_standard.py): callbacks while streaming, stop
+sequences, usage and metadata, batches, message conversion and errors."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import httpx
+import pytest
+from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
+
+from parrot_lc.frontend.errors import InvalidRequestError
+from parrot_lc.integrations.langchain import ChatParrot
+
+
+class TokenRecorder(BaseCallbackHandler):
+    def __init__(self) -> None:
+        self.starts = 0
+        self.tokens: list[str] = []
+        self.ends = 0
+
+    def on_chat_model_start(self, serialized: Any, messages: Any, **kwargs: Any) -> None:
+        self.starts += 1
+
+    def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
+        self.tokens.append(token)
+
+    def on_llm_end(self, response: Any, **kwargs: Any) -> None:
+        self.ends += 1
+
+
+@pytest.fixture
+def chat(parrot_server: str) -> ChatParrot:
+    return ChatParrot(base_url=parrot_server, model="tiny", max_tokens=6, temperature=0)
+
+
+def test_invoke_reports_usage_finish_reason_and_model(chat):
+    reply = chat.invoke([SystemMessage("You are terse."), HumanMessage("Hi")])
+    assert isinstance(reply, AIMessage) and reply.content
+    assert reply.usage_metadata["output_tokens"] == 6 and reply.usage_metadata["input_tokens"] > 0
+    assert reply.usage_metadata["total_tokens"] == reply.usage_metadata["input_tokens"] + 6
+    assert reply.response_metadata["finish_reason"] == "length"
+    assert reply.response_metadata["model_name"] == "tiny"
+
+
+def test_stream_fires_a_callback_per_token_and_ends_with_usage(chat):
+    recorder = TokenRecorder()
+    chunks = list(chat.stream("Tell me a story", config={"callbacks": [recorder]}))
+    full = chunks[0]
+    for chunk in chunks[1:]:
+        full = full + chunk
+    assert full.content == chat.invoke("Tell me a story").content
+    assert recorder.tokens == [c.content for c in chunks] and len(recorder.tokens) >= 6
+    assert (recorder.starts, recorder.ends) == (1, 1)
+    assert chunks[-1].chunk_position == "last" and full.usage_metadata["output_tokens"] == 6
+    assert full.response_metadata["finish_reason"] == "length"
+
+
+def test_streaming_field_sends_invoke_tokens_to_the_callbacks(parrot_server, chat):
+    recorder = TokenRecorder()
+    streaming = ChatParrot(base_url=parrot_server, model="tiny", max_tokens=6, temperature=0, streaming=True)
+    reply = streaming.invoke("Tell me a story", config={"callbacks": [recorder]})
+    assert reply.content == chat.invoke("Tell me a story").content == "".join(recorder.tokens)
+    assert reply.usage_metadata["output_tokens"] == 6
+
+
+@pytest.mark.asyncio
+async def test_async_stream_and_batch(chat):
+    recorder = TokenRecorder()
+    expected = (await chat.ainvoke("Tell me a story")).content
+    chunks = [c async for c in chat.astream("Tell me a story", config={"callbacks": [recorder]})]
+    assert "".join(c.content for c in chunks) == expected == "".join(recorder.tokens)
+    replies = await chat.abatch(["Tell me a story", "Hi"])
+    assert replies[0].content == expected and all(r.usage_metadata for r in replies)
+
+
+def test_stop_sequences_from_the_call_and_the_field(parrot_server):
+    sampled = dict(base_url=parrot_server, model="tiny", max_tokens=16, temperature=1.0, seed=3)
+    text = ChatParrot(**sampled).invoke("Hi").content
+    stop = re.search(r"[A-Za-z]{3}", text[2:]).group(0)
+    expected = text[: text.index(stop)]
+    reply = ChatParrot(**sampled).invoke("Hi", stop=[stop])
+    assert reply.content == expected and reply.response_metadata["finish_reason"] == "stop"
+    assert ChatParrot(**sampled, stop=[stop]).invoke("Hi").content == expected
+    both = ChatParrot(**sampled, stop=["never generated"])  # the call's stop sequences join the field's
+    assert "".join(c.content for c in both.stream("Hi", stop=[stop])) == expected
+
+
+def test_messages_become_openai_messages_with_the_key():
+    seen: list[dict] = []
+
+    def server(request: httpx.Request) -> httpx.Response:
+        seen.append({"auth": request.headers.get("authorization"), **json.loads(request.content)})
+        return httpx.Response(200, json={"model": "m", "choices": [{"message": {"role": "assistant", "content": "ok"},
+                                                                    "finish_reason": "stop"}]})
+
+    chat = ChatParrot(base_url="http://parrot.test", api_key="k3y",
+                      sync_client_kwargs={"transport": httpx.MockTransport(server)})
+    messages = [SystemMessage("sys"), HumanMessage([{"type": "text", "text": "a"}, "b"]),
+                AIMessage("c", tool_calls=[{"name": "f", "args": {}, "id": "1"}]), ToolMessage("d", tool_call_id="1")]
+    assert chat.invoke(messages).content == "ok"
+    assert seen[0]["auth"] == "Bearer k3y" and seen[0]["max_tokens"] == 256 and "temperature" not in seen[0]
+    assert seen[0]["messages"] == [{"role": "system", "content": "sys"}, {"role": "user", "content": "ab"},
+                                   {"role": "assistant", "content": "c"}, {"role": "tool", "content": "d"}]
+
+
+def test_images_are_refused_before_any_request():
+    chat = ChatParrot(base_url="http://127.0.0.1:9", max_retries=0)
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    with pytest.raises(ValueError, match="text only"):
+        chat.invoke([HumanMessage([{"type": "text", "text": "what is this?"}, image])])
+
+
+def test_server_errors_raise_with_the_servers_message(chat):
+    with pytest.raises(InvalidRequestError, match="context is"):
+        chat.invoke("word " * 9000)

@@ -1,0 +1,246 @@
+"""ParrotLLM, the LangChain text LLM: invoke, stream, batch and their async forms against the tiny model on
+loopback; stop sequences, token usage, callbacks; batches as one graph that shares the prompts' prefix; the
+in-process mode; errors. (langchain-tests has no standard suite for text LLMs.)"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from typing import Any
+
+import httpx
+import pytest
+from langchain_core.callbacks import BaseCallbackHandler
+
+from parrot_lc.frontend.errors import CallFailedError, InvalidRequestError, ParrotConnectionError
+from parrot_lc.integrations.langchain import ChatParrot, ParrotLLM
+
+PROMPT = "The parrot said"
+PREFIX = "You are a careful assistant. Summarize the following report in one sentence, keeping the numbers. " * 3
+
+
+class Recorder(BaseCallbackHandler):
+    """Records the LLM callbacks LangChain fires."""
+
+    def __init__(self) -> None:
+        self.prompts: list[str] = []
+        self.tokens: list[str] = []
+        self.ends: list[Any] = []
+        self.errors: list[BaseException] = []
+
+    def on_llm_start(self, serialized: Any, prompts: list[str], **kwargs: Any) -> None:
+        self.prompts.extend(prompts)
+
+    def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
+        self.tokens.append(token)
+
+    def on_llm_end(self, response: Any, **kwargs: Any) -> None:
+        self.ends.append(response)
+
+    def on_llm_error(self, error: BaseException, **kwargs: Any) -> None:
+        self.errors.append(error)
+
+
+@pytest.fixture
+def llm(parrot_server: str) -> ParrotLLM:
+    return ParrotLLM(base_url=parrot_server, max_tokens=6, temperature=0)
+
+
+def reports(tag: str) -> list[str]:
+    """Six prompts sharing a long prefix, ending differently (so that greedy outputs differ)."""
+    words = ["apple", "river", "Hello", "quantum", "zebra", "Paris"]
+    return [f"{PREFIX}{tag} {i}: {word}" for i, word in enumerate(words)]
+
+
+def stop_inside(text: str) -> str:
+    """A stop sequence that occurs inside the text, not at its start."""
+    return re.search(r"[A-Za-z]{3}", text[2:]).group(0)
+
+
+# ---- one prompt ---------------------------------------------------------------------------------------
+
+
+def test_invoke_gives_text_with_usage_and_finish_reason(llm):
+    result = llm.generate([PROMPT])
+    generation = result.generations[0][0]
+    assert generation.text and generation.text == llm.invoke(PROMPT)
+    assert generation.generation_info["finish_reason"] == "length"
+    usage = result.llm_output["token_usage"]
+    assert usage["completion_tokens"] == 6 and usage["prompt_tokens"] > 0
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def test_stream_yields_the_invoked_text_and_fires_token_callbacks(llm):
+    recorder = Recorder()
+    chunks = list(llm.stream(PROMPT, config={"callbacks": [recorder]}))
+    assert len(chunks) >= 6 and "".join(chunks) == llm.invoke(PROMPT)
+    assert recorder.prompts == [PROMPT] and "".join(recorder.tokens) == "".join(chunks)
+    [end] = recorder.ends
+    info = end.generations[0][0].generation_info
+    assert info["finish_reason"] == "length" and info["token_usage"]["completion_tokens"] == 6
+
+
+def test_streaming_field_streams_invoke_through_the_callbacks(parrot_server, llm):
+    recorder = Recorder()
+    streaming = ParrotLLM(base_url=parrot_server, max_tokens=6, temperature=0, streaming=True)
+    result = streaming.generate([PROMPT], callbacks=[recorder])
+    text = result.generations[0][0].text
+    assert text == llm.invoke(PROMPT) and "".join(recorder.tokens) == text and len(recorder.tokens) >= 6
+    assert result.llm_output["token_usage"]["completion_tokens"] == 6
+    assert result.generations[0][0].generation_info["finish_reason"] == "length"
+
+
+@pytest.mark.asyncio
+async def test_async_invoke_and_stream_match_the_sync_ones(llm):
+    expected = llm.invoke(PROMPT)
+    assert await llm.ainvoke(PROMPT) == expected
+    recorder = Recorder()
+    chunks = [chunk async for chunk in llm.astream(PROMPT, config={"callbacks": [recorder]})]
+    assert "".join(chunks) == expected and "".join(recorder.tokens) == expected and len(recorder.ends) == 1
+    result = await llm.agenerate([PROMPT])
+    assert result.llm_output["token_usage"]["completion_tokens"] == 6
+
+
+def test_stop_sequences_from_the_call_and_the_field(parrot_server):
+    sampled = dict(base_url=parrot_server, max_tokens=16, temperature=1.0, seed=3)  # seeded: reproducible
+    text = ParrotLLM(**sampled).invoke(PROMPT)
+    stop = stop_inside(text)
+    expected = text[: text.index(stop)]
+
+    result = ParrotLLM(**sampled).generate([PROMPT], stop=[stop])
+    assert result.generations[0][0].text == expected
+    assert result.generations[0][0].generation_info["finish_reason"] == "stop"
+    with_field = ParrotLLM(**sampled, stop=[stop])
+    assert with_field.invoke(PROMPT) == expected
+    assert "".join(with_field.stream(PROMPT)) == expected
+    assert with_field.batch([PROMPT, PROMPT + "!"])[0] == expected  # the graph path too
+    # the call's stop sequences are used together with the field's
+    assert ParrotLLM(**sampled, stop=["never generated"]).invoke(PROMPT, stop=[stop]) == expected
+
+
+# ---- batches: one graph, the common prefix shared ------------------------------------------------------
+
+
+def test_batch_is_one_graph_that_shares_the_prefix_and_equals_invoking_each(parrot_server, local_server):
+    paths: list[str] = []
+    hooks = {"event_hooks": {"request": [lambda request: paths.append(f"{request.method} {request.url.path}")]}}
+    llm = ParrotLLM(base_url=parrot_server, max_tokens=6, temperature=0, sync_client_kwargs=hooks)
+    prompts = reports("Report")
+    tokenizer, stats = local_server.manager.tokenizer, local_server.manager.engines[0].engine.stats
+    prefix_tokens = len(tokenizer(PREFIX).input_ids)
+    prompt_tokens = sum(len(tokenizer(p).input_ids) for p in prompts)
+
+    recorder = Recorder()
+    before = stats()
+    batched = llm.batch(prompts, config={"callbacks": [recorder]})
+    after = stats()
+
+    submits = [p for p in paths if p.endswith("/calls")]
+    assert len(submits) == 1 and not any("/v1/" in p for p in paths)  # one graph, no per-prompt requests
+    assert paths[-1].startswith("DELETE /api/sessions/")
+    assert after.reused_tokens - before.reused_tokens >= 5 * prefix_tokens
+    assert after.prefill_tokens - before.prefill_tokens < prompt_tokens - 4 * prefix_tokens  # prefix ~filled once
+    assert recorder.prompts == prompts and len(recorder.ends) == len(prompts)
+
+    alone = [llm.invoke(p) for p in prompts]
+    assert batched == alone and len(set(alone)) > 1
+
+
+@pytest.mark.asyncio
+async def test_abatch_is_one_graph_that_shares_the_prefix_and_equals_invoking_each(parrot_server, local_server):
+    llm = ParrotLLM(base_url=parrot_server, max_tokens=6, temperature=0)
+    prompts = reports("Memo")
+    stats = local_server.manager.engines[0].engine.stats
+    prefix_tokens = len(local_server.manager.tokenizer(PREFIX).input_ids)
+    before = stats()
+    batched = await llm.abatch(prompts)
+    assert stats().reused_tokens - before.reused_tokens >= 5 * prefix_tokens
+    alone = await asyncio.gather(*(llm.ainvoke(p) for p in prompts))
+    assert batched == list(alone) and len(set(alone)) > 1
+
+
+# ---- in-process mode ----------------------------------------------------------------------------------
+
+
+def test_in_process_model_needs_no_base_url(monkeypatch):
+    monkeypatch.delenv("PARROT_BASE_URL", raising=False)
+    llm = ParrotLLM(model="tiny", max_tokens=4, temperature=0)
+    result = llm.generate(["Hello"])
+    assert result.generations[0][0].text and result.llm_output["token_usage"]["completion_tokens"] == 4
+    from parrot_lc.inprocess import local_server
+
+    shared = local_server("tiny").base_url  # one server per model, shared by every instance
+    assert llm._server_url() == shared == ChatParrot(model="tiny")._server_url()
+    assert ParrotLLM(model="tiny", max_tokens=4, temperature=0).batch(["Hello", "Hello you"])[0] == llm.invoke("Hello")
+
+
+# ---- errors and the wire format -------------------------------------------------------------------------
+
+
+def test_server_errors_raise_with_the_servers_message(llm):
+    too_long = "word " * 9000
+    with pytest.raises(InvalidRequestError, match="context is"):
+        llm.invoke(too_long)
+    with pytest.raises(InvalidRequestError, match="context is"):
+        list(llm.stream(too_long))
+    with pytest.raises(CallFailedError, match="context is"):
+        llm.batch([too_long, too_long + "!"])
+    with pytest.raises(InvalidRequestError, match="non-empty") as caught:
+        llm.invoke(PROMPT, stop=[""])
+    assert caught.value.status == 400
+
+
+def test_unreachable_server_raises_a_connection_error():
+    with pytest.raises(ParrotConnectionError, match="cannot reach the Parrot server at http://127.0.0.1:9"):
+        ParrotLLM(base_url="http://127.0.0.1:9", max_retries=0).invoke(PROMPT)
+
+
+def test_requests_carry_the_key_and_the_sampling_fields():
+    seen: list[httpx.Request] = []
+
+    def server(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if json.loads(request.content)["prompt"] == "bad":
+            return httpx.Response(422, json={"error": {"message": "temperature: too hot", "type": "ValidationError",
+                                                       "field": "temperature"}})
+        return httpx.Response(200, json={"model": "m", "choices": [{"text": "ok", "finish_reason": "stop"}],
+                                         "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+
+    llm = ParrotLLM(base_url="http://parrot.test/v1/", api_key="k3y", model="m", max_tokens=3, temperature=0.5,
+                    top_p=0.9, seed=1, stop=["a"], sync_client_kwargs={"transport": httpx.MockTransport(server)})
+    assert llm.invoke("p", stop=["b"]) == "ok"
+    assert str(seen[0].url) == "http://parrot.test/v1/completions"
+    assert seen[0].headers["authorization"] == "Bearer k3y"
+    assert json.loads(seen[0].content) == {"prompt": "p", "model": "m", "max_tokens": 3, "temperature": 0.5,
+                                           "top_p": 0.9, "seed": 1, "stop": ["a", "b"]}
+    with pytest.raises(InvalidRequestError, match="too hot") as caught:
+        llm.invoke("bad")
+    assert (caught.value.status, caught.value.field) == (422, "temperature")
+
+
+@pytest.mark.asyncio
+async def test_event_streams_are_parsed_and_a_cut_stream_raises():
+    events = [{"model": "m", "choices": [{"text": "a", "finish_reason": None}]},
+              {"model": "m", "choices": [{"text": "", "finish_reason": "stop"}]},
+              {"model": "m", "choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}}]
+    complete = True
+
+    def server(request: httpx.Request) -> httpx.Response:
+        assert json.loads(request.content)["stream_options"] == {"include_usage": True}
+        text = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + ("data: [DONE]\n\n" if complete else "")
+        return httpx.Response(200, text=text, headers={"content-type": "text/event-stream"})
+
+    transport = {"transport": httpx.MockTransport(server)}
+    llm = ParrotLLM(base_url="http://parrot.test", streaming=True, sync_client_kwargs=transport,
+                    async_client_kwargs=transport)
+    assert list(llm.stream("p")) == ["a", ""]
+    assert [chunk async for chunk in llm.astream("p")] == ["a", ""]
+    result = llm.generate(["p"])
+    assert result.llm_output["token_usage"] == {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}
+    assert result.generations[0][0].generation_info == {"finish_reason": "stop", "model_name": "m"}
+    complete = False
+    with pytest.raises(ParrotConnectionError, match="ended before"):
+        llm.invoke("p")
+    with pytest.raises(ParrotConnectionError, match="ended before"):
+        await llm.ainvoke("p")

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from parrot_lc.frontend.errors import ParrotConnectionError, ParrotError, RequestTimeoutError, error_from_response
+from parrot_lc.frontend.errors import ParrotConnectionError, ParrotError, RequestTimeoutError, response_body
 from parrot_lc.frontend.session import AsyncSession, Request, Session, Steps
 
 DEFAULT_TIMEOUT = 30.0
@@ -34,17 +34,6 @@ class _ClientBase:
     def _options(request: Request) -> dict[str, Any]:
         return {"json": request.json, "params": request.params, "headers": request.headers,
                 "timeout": request.timeout if request.timeout is not None else httpx.USE_CLIENT_DEFAULT}
-
-    @staticmethod
-    def _body(response: httpx.Response) -> Any:
-        """The JSON body of a success (None if empty); raises the typed error of a failure."""
-        if response.is_success:
-            return response.json() if response.content else None
-        try:
-            body = response.json()
-        except ValueError:
-            body = None
-        raise error_from_response(response.status_code, body, response.text)
 
     def _transport_error(self, exc: httpx.TransportError) -> ParrotError:
         if isinstance(exc, httpx.TimeoutException):
@@ -86,7 +75,7 @@ class ParrotClient(_ClientBase):
             response = self._http.request(request.method, request.path, **self._options(request))
         except httpx.TransportError as exc:
             raise self._transport_error(exc) from exc
-        return self._body(response)
+        return response_body(response)
 
     def _drive(self, steps: Steps[T]) -> T:
         """Runs request steps, one request at a time; a request's error is raised inside the steps."""
@@ -132,7 +121,7 @@ class AsyncParrotClient(_ClientBase):
             response = await self._http.request(request.method, request.path, **self._options(request))
         except httpx.TransportError as exc:
             raise self._transport_error(exc) from exc
-        return self._body(response)
+        return response_body(response)
 
     async def _drive(self, steps: Steps[T]) -> T:
         """Runs request steps, the requests of a batch concurrently."""

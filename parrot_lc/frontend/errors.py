@@ -3,7 +3,10 @@ server's message, its error type and the request field it names."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import httpx
 
 
 class ParrotError(Exception):
@@ -79,3 +82,15 @@ def error_from_response(status: int, body: Any, text: str) -> ParrotError:
     else:
         cls = _BY_STATUS.get(status, InvalidRequestError)
     return cls(message, status=status, type=kind, field=field)
+
+
+def response_body(response: "httpx.Response") -> Any:
+    """The JSON body of a success (None if empty); a failure raises its typed ParrotError with the server's
+    message (`{"error": {"message", "type", "field"}}`)."""
+    if response.is_success:
+        return response.json() if response.content else None
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    raise error_from_response(response.status_code, body, response.text)

@@ -139,6 +139,16 @@ class BaseSession:
     def _submit_soon(self) -> None:
         raise NotImplementedError
 
+    def _leave_graph(self, raised: bool) -> bool:
+        """Ends one `graph()` block; True when the outermost one ended normally (time to submit). A block
+        that raised drops the calls it made."""
+        self._graph_depth -= 1
+        if self._graph_depth > 0:
+            return False
+        if raised:
+            self._discard_pending("the graph block raised before the call was submitted")
+        return not raised
+
     def _discard_pending(self, reason: str) -> None:
         calls, self._pending = self._pending, []
         _fail_outputs(calls, ParrotError(reason))
@@ -274,12 +284,9 @@ class Session(BaseSession):
         try:
             yield self
         except BaseException:
-            self._graph_depth -= 1
-            if self._graph_depth == 0:
-                self._discard_pending("the graph block raised before the call was submitted")
+            self._leave_graph(raised=True)
             raise
-        self._graph_depth -= 1
-        if self._graph_depth == 0:
+        if self._leave_graph(raised=False):
             self.flush()
 
     def _submit_soon(self) -> None:
@@ -357,12 +364,9 @@ class AsyncSession(BaseSession):
         try:
             yield self
         except BaseException:
-            self._graph_depth -= 1
-            if self._graph_depth == 0:
-                self._discard_pending("the graph block raised before the call was submitted")
+            self._leave_graph(raised=True)
             raise
-        self._graph_depth -= 1
-        if self._graph_depth == 0:
+        if self._leave_graph(raised=False):
             await self.flush()
 
     def _add_call(self, call: GraphCall) -> None:

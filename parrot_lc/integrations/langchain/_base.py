@@ -22,7 +22,7 @@ from parrot_lc.frontend.errors import (
     ParrotConnectionError,
     ParrotError,
     RequestTimeoutError,
-    error_from_response,
+    response_body,
 )
 
 __all__ = ["DEFAULT_MAX_TOKENS", "DEFAULT_MODEL", "ParrotParams"]
@@ -253,18 +253,6 @@ class ParrotParams(BaseModel):
 
 
 # ---- helpers ------------------------------------------------------------------------------------------
-
-
-def response_body(response: httpx.Response) -> Any:
-    """The JSON body of a success (None if empty); a failure raises the frontend's typed ParrotError with
-    the server's message (`{"error": {"message", "type", "field"}}`)."""
-    if response.is_success:
-        return response.json() if response.content else None
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
-    raise error_from_response(response.status_code, body, response.text)
 
 
 def transport_error(url: str, exc: httpx.TransportError, streaming: bool = False) -> ParrotError:

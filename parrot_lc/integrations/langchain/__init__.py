@@ -1,5 +1,6 @@
 """LangChain integration: `ParrotLLM` (a text-completion LLM) and `ChatParrot` (a chat model), drop-in
-classes served by a Parrot server at `base_url=`, or by one started in this process (`model=`).
+classes served by a Parrot server at `base_url=`, or by one started in this process (`model=`); and
+`deferred(chain)`, which runs an unchanged chain as one graph of Semantic Variables.
 
 Server errors raise the frontend's typed errors (`parrot_lc.frontend.ParrotError` and its subclasses),
 re-exported here.
@@ -7,6 +8,7 @@ re-exported here.
 
 from parrot_lc.frontend.errors import ParrotConnectionError, ParrotError
 from parrot_lc.integrations.langchain.chat_models import ChatParrot
+from parrot_lc.integrations.langchain.deferred import deferred
 from parrot_lc.integrations.langchain.llms import ParrotLLM
 
-__all__ = ["ChatParrot", "ParrotConnectionError", "ParrotError", "ParrotLLM"]
+__all__ = ["ChatParrot", "ParrotConnectionError", "ParrotError", "ParrotLLM", "deferred"]

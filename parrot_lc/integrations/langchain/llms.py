@@ -12,6 +12,7 @@ from langchain_core.language_models import BaseLLM
 from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 
 from parrot_lc.integrations.langchain._base import ParrotParams, usage_of
+from parrot_lc.integrations.langchain.deferred import current_trace
 
 __all__ = ["ParrotLLM"]
 
@@ -50,6 +51,22 @@ class ParrotLLM(ParrotParams, BaseLLM):
     @property
     def _llm_type(self) -> str:
         return "parrot-llm"
+
+    # ---- inside `deferred(chain)`: record the call, return its placeholder ---------------------------
+
+    def invoke(self, input: Any, config: Any = None, *, stop: list[str] | None = None, **kwargs: Any) -> str:
+        trace = current_trace()
+        if trace is None:
+            return super().invoke(input, config, stop=stop, **kwargs)
+        return trace.add(self, [self._convert_input(input).to_string()], self._sampling(stop, kwargs))[0]
+
+    def batch(self, inputs: list[Any], config: Any = None, *, return_exceptions: bool = False,
+              **kwargs: Any) -> list[str]:
+        trace = current_trace()
+        if trace is None:
+            return super().batch(inputs, config, return_exceptions=return_exceptions, **kwargs)
+        prompts = [self._convert_input(i).to_string() for i in inputs]
+        return trace.add(self, prompts, self._sampling(kwargs.pop("stop", None), kwargs))
 
     # ---- one prompt: /v1/completions -----------------------------------------------------------------
 

@@ -1,0 +1,94 @@
+"""The Runnable adapter: unchanged chains run as one graph on the server and return what eager runs return."""
+
+import logging
+
+import httpx
+import pytest
+from langchain_core.output_parsers import CommaSeparatedListOutputParser, StrOutputParser
+from langchain_core.prompts import PromptTemplate
+from langchain_core.runnables import RunnableLambda, RunnableParallel
+from langchain_text_splitters import RecursiveCharacterTextSplitter
+
+from parrot_lc import ParrotLLM
+from parrot_lc.integrations.langchain import deferred
+
+DOCUMENT = " ".join(
+    f"Section {i}. The harbour of town {i} handled {i * 120} ships last year, and its new crane cut unloading "
+    f"times by {i + 3} hours; the council plans a second pier for {2026 + i}." for i in range(8)
+)
+
+
+@pytest.fixture
+def llm(parrot_server):
+    return ParrotLLM(base_url=parrot_server, max_tokens=6, temperature=0)
+
+
+def map_reduce_chain(llm):
+    map_prompt = PromptTemplate.from_template("Summarize this part of a report in one sentence:\n{chunk}\nSummary:")
+    reduce_prompt = PromptTemplate.from_template("Combine these summaries into one paragraph:\n{summaries}\nParagraph:")
+    summarize = map_prompt | llm | StrOutputParser()
+    return (
+        RunnableLambda(lambda doc: RecursiveCharacterTextSplitter(chunk_size=200, chunk_overlap=0).split_text(doc))
+        | summarize.map()
+        | RunnableLambda(lambda parts: {"summaries": "\n".join(parts)})
+        | reduce_prompt | llm | StrOutputParser()
+    )
+
+
+def refine_chain(llm, steps: int = 3):
+    prompt = PromptTemplate.from_template("Current summary: {summary}\nNew text: {text}\nRefined summary:")
+    chain = RunnableLambda(lambda doc: {"summary": "", "text": doc[:150]})
+    for i in range(steps):
+        nxt = DOCUMENT[150 * (i + 1):150 * (i + 2)]
+        chain = chain | prompt | llm | StrOutputParser() | RunnableLambda(lambda s, nxt=nxt: {"summary": s, "text": nxt})
+    return chain | RunnableLambda(lambda d: d["summary"])
+
+
+def test_map_reduce_deferred_equals_eager_in_one_submission(parrot_server):
+    seen = []
+    llm = ParrotLLM(base_url=parrot_server, max_tokens=6, temperature=0,
+                    sync_client_kwargs={"event_hooks": {"request": [lambda r: seen.append(r.url.path)]}})
+    eager = map_reduce_chain(llm).invoke(DOCUMENT)
+    seen.clear()
+    assert deferred(map_reduce_chain(llm)).invoke(DOCUMENT) == eager
+    assert sum(path.endswith("/calls") for path in seen) == 1  # the whole DAG in one request
+    assert not any(path.startswith("/v1/") for path in seen)
+
+
+def test_the_map_stage_shares_its_instruction_prefix_on_the_server(llm, local_server):
+    before = local_server.manager.engines[0].engine.stats().reused_tokens
+    deferred(map_reduce_chain(llm)).invoke(DOCUMENT)
+    reused = local_server.manager.engines[0].engine.stats().reused_tokens - before
+    assert reused >= 5 * 10  # every map call forked the ~13-token instruction
+
+
+def test_a_refine_chain_deferred_equals_eager(llm):
+    assert deferred(refine_chain(llm)).invoke(DOCUMENT) == refine_chain(llm).invoke(DOCUMENT)
+
+
+def test_parallel_branches_deferred_equal_eager(llm):
+    prompt = PromptTemplate.from_template("{style} take on: {topic}")
+    chain = RunnableParallel(
+        short=RunnableLambda(lambda t: {"style": "A short", "topic": t}) | prompt | llm,
+        long=RunnableLambda(lambda t: {"style": "A long", "topic": t}) | prompt | llm,
+    )
+    assert deferred(chain).invoke("harbours") == chain.invoke("harbours")
+
+
+def test_a_lambda_that_reads_the_text_waits_for_it_and_the_run_goes_on(llm, caplog):
+    branch = RunnableLambda(lambda text: "LONG" if len(text) > 3 else "SHORT")
+    chain = PromptTemplate.from_template("Say: {x}") | llm | StrOutputParser() | branch
+    with caplog.at_level(logging.INFO, logger="parrot_lc.deferred"):
+        assert deferred(chain).invoke({"x": "hello"}) == chain.invoke({"x": "hello"})
+    assert "needs real values" in caplog.text
+
+
+def test_a_parser_that_needs_the_value_gets_it(llm):
+    chain = PromptTemplate.from_template("List: {x}") | llm | CommaSeparatedListOutputParser()
+    assert deferred(chain).invoke({"x": "a, b"}) == chain.invoke({"x": "a, b"})
+
+
+def test_the_server_session_of_a_deferred_run_is_deleted(llm, local_server):
+    sessions = len(local_server.manager.sessions)
+    deferred(PromptTemplate.from_template("Hi {x}") | llm).invoke({"x": "there"})
+    assert len(local_server.manager.sessions) == sessions

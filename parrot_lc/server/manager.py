@@ -401,6 +401,11 @@ class ParrotManager:
             "session_id": session.session_id,
             "variables": len(session.variables),
             "calls": {state.value: sum(c.state is state for c in session.calls.values()) for state in CallState},
+            "graph": [
+                {"call_id": c.call_id, "inputs": list(dict.fromkeys(c.inputs)), "outputs": c.outputs,
+                 "state": c.state.value, "latency_critical": c.latency_critical, "task_group": c.task_group}
+                for c in session.calls.values()
+            ],
         }
 
     def close(self) -> None:

@@ -83,10 +83,22 @@ class VariableValue(BaseModel):
     value: str
 
 
+class CallNode(BaseModel):
+    """A call of the session's graph, with the objective the server deduced for it."""
+
+    call_id: str
+    inputs: list[str]
+    outputs: list[str]
+    state: str
+    latency_critical: bool
+    task_group: str | None
+
+
 class SessionStatus(BaseModel):
     session_id: str
     variables: int
     calls: dict[str, int]
+    graph: list[CallNode]
 
 
 class ErrorDetail(BaseModel):

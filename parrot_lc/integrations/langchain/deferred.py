@@ -147,9 +147,13 @@ class Trace:
             self.waited = True
             log.info("deferred run: %s needs real values; it waits for them and the run goes on", step)
 
-    def close(self) -> None:
-        if self.session is not None:
-            self._request("DELETE", self._path())
+    def close(self) -> dict[str, Any] | None:
+        """Deletes the server session; returns the graph it ran as the server saw it (None if nothing ran)."""
+        if self.session is None:
+            return None
+        graph = self._request("GET", self._path())["graph"]
+        self._request("DELETE", self._path())
+        return graph
 
 
 def _as_placeholders(data: Any) -> Any:
@@ -210,6 +214,8 @@ class DeferredRunnable(Runnable):
 
     def __init__(self, chain: Runnable) -> None:
         self.chain = chain
+        self.last_graph: list[dict[str, Any]] | None = None
+        """The calls of the last run as the server saw them: inputs, outputs, latency-critical, task group."""
 
     def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
         _install_hooks()
@@ -221,7 +227,7 @@ class DeferredRunnable(Runnable):
             return trace.resolve(output)
         finally:
             _TRACE.reset(token)
-            trace.close()
+            self.last_graph = trace.close()
 
 
 def deferred(chain: Runnable) -> Runnable:

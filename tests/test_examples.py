@@ -1,0 +1,60 @@
+"""The examples: deferred runs give the eager text, and map-reduce reaches the server as one graph whose map
+calls share their prefix."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from parrot_lc import ParrotLLM
+from parrot_lc.integrations.langchain import deferred
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+import chain_summary  # noqa: E402
+import map_reduce_summary  # noqa: E402
+import multi_agent  # noqa: E402
+from harness import DOCUMENT  # noqa: E402
+
+
+@pytest.fixture
+def llm(parrot_server):
+    return ParrotLLM(base_url=parrot_server, max_tokens=5, temperature=0)
+
+
+@pytest.mark.parametrize(
+    "example, chain_input",
+    [(map_reduce_summary, DOCUMENT), (chain_summary, DOCUMENT), (multi_agent, multi_agent.TASKS)],
+    ids=["map_reduce_summary", "chain_summary", "multi_agent"],
+)
+def test_deferred_run_gives_the_eager_text(llm, example, chain_input):
+    assert deferred(example.build_chain(llm)).invoke(chain_input) == example.build_chain(llm).invoke(chain_input)
+
+
+def test_map_reduce_is_one_graph_whose_map_calls_share_their_prefix(llm, local_server):
+    runnable = deferred(map_reduce_summary.build_chain(llm))
+    before = local_server.manager.engines[0].engine.stats().reused_tokens
+    runnable.invoke(DOCUMENT)
+    graph = runnable.last_graph
+    reduce_call = next(c for c in graph if c["latency_critical"])
+    maps = [c for c in graph if c is not reduce_call]
+    assert len(maps) >= 2 and len(reduce_call["inputs"]) == len(maps)  # the reduce reads every map output
+    assert {c["task_group"] for c in maps} == {f"group:{reduce_call['call_id']}"}
+    instruction = len(llm_tokens(local_server, map_reduce_summary.MAP_PROMPT.template.split("{chunk}")[0]))
+    reused = local_server.manager.engines[0].engine.stats().reused_tokens - before
+    assert reused >= len(maps) * (instruction - 1)
+
+
+def llm_tokens(local_server, text: str) -> list[int]:
+    return local_server.manager.tokenizer(text).input_ids
+
+
+def test_an_example_runs_from_the_command_line(parrot_server):
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "chain_summary.py"), "--base-url", parrot_server, "--max-tokens", "3"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "same text: True" in result.stdout and "Graph submitted" in result.stdout

@@ -31,7 +31,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100", "accelerate>=1.0", "openai>=1.40",
-                 "langchain-tests>=1.1.9,<2", "pytest-asyncio>=0.23"]  # accelerate: transformers needs it to read GGUF,
+                 "langchain-tests>=1.1.9,<2", "pytest-asyncio>=0.23", "langchain-text-splitters>=1.0"],
+        "examples": ["langchain-text-splitters>=1.0"],  # accelerate: transformers needs it to read GGUF,
     },
     entry_points={"console_scripts": ["parrot-lc=parrot_lc.cli:main"]},
 )

@@ -33,6 +33,7 @@ class PrefixCache:
         self.max_entries = max_entries
         self._entries: dict[str, PrefixEntry] = {}
         self._clock = itertools.count()
+        self._generation = itertools.count()
 
     def __contains__(self, key: str) -> bool:
         return key in self._entries
@@ -44,13 +45,22 @@ class PrefixCache:
         """The filled prefix context of these tokens (filled now if new); release it when done forking."""
         key = prefix_key(token_ids)
         entry = self._entries.get(key)
-        if entry is None:
-            await self.evict(keep=self.max_entries - 1)
-            entry = PrefixEntry(key, f"prefix/{key}", len(token_ids))
+        entry_is_new = entry is None
+        if entry_is_new:  # registered before any await, so that concurrent callers share it
+            # a fresh context id: an evicted entry of the same key may still be being freed
+            entry = PrefixEntry(key, f"prefix/{key}/{next(self._generation)}", len(token_ids))
             self._entries[key] = entry
-            asyncio.ensure_future(self._fill(entry, token_ids))
         entry.users += 1
         entry.last_used = next(self._clock)
+        if entry_is_new:
+            try:
+                await self.evict(keep=self.max_entries)  # the new entry is in use: never a victim
+            except BaseException as exc:  # the waiters of this entry must not hang
+                self._entries.pop(key, None)
+                entry.filled.set_exception(exc if isinstance(exc, Exception) else asyncio.CancelledError())
+                entry.users -= 1
+                raise
+            asyncio.ensure_future(self._fill(entry, token_ids))
         try:
             await asyncio.shield(entry.filled)
         except BaseException:
@@ -64,13 +74,13 @@ class PrefixCache:
     async def evict(self, keep: int = 0) -> int:
         """Frees idle prefixes, least recently used first, until at most `keep` remain; returns how many."""
         idle = sorted((e for e in self._entries.values() if e.users == 0 and e.filled.done()), key=lambda e: e.last_used)
-        freed = 0
-        for entry in idle[: max(0, len(self._entries) - keep)]:
-            del self._entries[entry.key]
+        victims = idle[: max(0, len(self._entries) - keep)]
+        for entry in victims:  # out of the map first: the frees below await, and others may look meanwhile
+            self._entries.pop(entry.key, None)
+        for entry in victims:
             if entry.filled.exception() is None:
                 await self.engine.free_context(entry.context_id)
-            freed += 1
-        return freed
+        return len(victims)
 
     async def _fill(self, entry: PrefixEntry, token_ids: list[int]) -> None:
         try:

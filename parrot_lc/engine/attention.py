@@ -79,97 +79,117 @@ def merge_by_lse(
 
 
 def attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain attention in float32 with GQA by grouping query heads, returning (out, lse).
+    """Plain attention, returning (out, lse); q comes scaled, and every tensor has one float dtype.
 
-    q: (..., Hkv, G, Q, D), k and v: (..., Hkv, 1, L, D), mask: broadcastable to (..., Hkv, G, Q, L).
-    Returns out (..., Hkv, G, Q, D) and lse (..., Hkv, G, Q).
+    q: (..., M, D), k and v: (..., L, D), bias: broadcastable to (..., M, L), 0 where a key is seen and -inf
+    where it is masked. Returns out (..., M, D) and lse (..., M).
     """
-    scores = (q @ k.transpose(-1, -2)) * scale  # (..., Hkv, G, Q, L)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    lse = scores.logsumexp(dim=-1)  # (..., Hkv, G, Q)
-    # A row with every key masked (sliding window) gets out 0 and lse -inf, which the merge then ignores.
-    probs = (scores - lse.nan_to_num(neginf=0.0)[..., None]).exp()
-    return probs @ v, lse
+    scores = q @ k.transpose(-1, -2)  # (..., M, L)
+    if bias is not None:
+        scores += bias
+    # Softmax as flash attention does it: one pass of exp, the normalisation after the product with v, and the
+    # lse from the row max and sum. A row with every key masked (sliding window) subtracts 0 and sums to 0.
+    row_max = scores.amax(dim=-1, keepdim=True).nan_to_num(neginf=0.0)  # (..., M, 1)
+    probs = scores.sub_(row_max).exp_()
+    total = probs.sum(dim=-1, keepdim=True)  # (..., M, 1)
+    # A seen row sums to at least 1 (its max contributes exp(0)), so the clamp only turns 0 / 0 into out 0;
+    # such a row's lse is -inf, which the merge then ignores.
+    out = (probs @ v) / total.clamp(min=1.0)
+    return out, (row_max + total.log()).squeeze(-1)
+
+
+def gather_heads(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+    """The KV of whole blocks, head first: cache (num_blocks, block_size, Hkv, D), block_ids (..., n) ->
+    (Hkv, ..., n * block_size, D). Whole blocks are contiguous, so this copies large rows (index_select)."""
+    kv = cache.index_select(0, block_ids.flatten())  # (N * n, block_size, Hkv, D)
+    return kv.view(*block_ids.shape[:-1], -1, *cache.shape[2:]).movedim(-2, 0)
 
 
 class TorchReferenceBackend(AttentionBackend):
-    """Readable, device-agnostic attention in float32: the reference the fast kernels are tested against."""
+    """Readable, device-agnostic attention in float32: the reference the fast kernels are tested against.
+
+    Grouped-query heads are folded into query rows, so that each part is one batched matrix product per KV
+    head and sequence: q laid out (Hkv, B, G * Q, D) against KV gathered as (Hkv, B, L, D), with K and V read
+    once, never repeated per query head.
+    """
 
     name = "torch"
 
     def forward(self, q, k, v, k_cache, v_cache, meta, scale):
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        plan = meta.plan.get("torch") or meta.plan.setdefault("torch", self._plan(meta))
         num_tokens, num_heads, head_dim = q.shape
         num_kv_heads = k.shape[1]
         group = num_heads // num_kv_heads
-        k_flat = k_cache.view(-1, num_kv_heads, head_dim)  # (slots, Hkv, D)
-        v_flat = v_cache.view(-1, num_kv_heads, head_dim)
-        qf = q.float()
+        plan = meta.plan.get("torch") or meta.plan.setdefault("torch", self._plan(meta, group))
+        qs = q.float() * scale  # (T, Hq, D)
 
-        # Own part: each sequence's KV after its shared prefix, padded to (B, L) and masked.
-        q_pad = torch.cat([qf, qf.new_zeros(1, num_heads, head_dim)])[plan["q_index"]]  # (B, Q, Hq, D)
-        batch, max_q = q_pad.shape[:2]
-        q_pad = q_pad.view(batch, max_q, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)  # (B, Hkv, G, Q, D)
-        k_own = k_flat[plan["own_slots"]].float().permute(0, 2, 1, 3)[:, :, None]  # (B, Hkv, 1, L, D)
-        v_own = v_flat[plan["own_slots"]].float().permute(0, 2, 1, 3)[:, :, None]
-        out, lse = attend(q_pad, k_own, v_own, plan["own_mask"][:, None, None], scale)
-        # Back to rows: (B, Hkv, G, Q, D) -> (B, Q, Hq, D) -> (T, Hq, D)
-        out = out.permute(0, 3, 1, 2, 4).reshape(batch, max_q, num_heads, head_dim)[plan["q_valid"]]
-        lse = lse.permute(0, 3, 1, 2).reshape(batch, max_q, num_heads)[plan["q_valid"]]
+        # Own part: each sequence's blocks after its shared prefix, padded to (B, L) and masked.
+        batch, max_q = plan["q_index"].shape
+        q_own = qs[plan["q_index"]].view(batch, max_q, num_kv_heads, group, head_dim)
+        q_own = q_own.permute(2, 0, 3, 1, 4).reshape(num_kv_heads, batch, group * max_q, head_dim)
+        k_own = gather_heads(k_cache, plan["own_blocks"]).float()  # (Hkv, B, L, D)
+        v_own = gather_heads(v_cache, plan["own_blocks"]).float()
+        out, lse = attend(q_own, k_own, v_own, plan["own_bias"])  # (Hkv, B, G * Q, D), (Hkv, B, G * Q)
+        # Back to rows: (Hkv, B, G, Q, D) -> (B, Q, Hkv, G, D) -> (T, Hq, D), dropping padding rows.
+        out = out.view(num_kv_heads, batch, group, max_q, head_dim).permute(1, 3, 0, 2, 4)
+        out = out.reshape(batch * max_q, num_heads, head_dim)[plan["q_rows"]]
+        if meta.shared:
+            lse = lse.view(num_kv_heads, batch, group, max_q).permute(1, 3, 0, 2)
+            lse = lse.reshape(batch * max_q, num_heads)[plan["q_rows"]]  # (T, Hq)
 
         # Shared part: one pass per group over KV read once, for all of the group's query rows.
-        for prefix, slots, mask in zip(meta.shared, plan["shared_slots"], plan["shared_masks"]):
+        for prefix, bias in zip(meta.shared, plan["shared_biases"]):
             rows = prefix.query_rows
-            q_s = qf[rows].view(-1, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)  # (Hkv, G, m, D)
-            k_s = k_flat[slots].float().permute(1, 0, 2)[:, None]  # (Hkv, 1, S, D)
-            v_s = v_flat[slots].float().permute(1, 0, 2)[:, None]
-            out_s, lse_s = attend(q_s, k_s, v_s, mask, scale)
-            out_s = out_s.permute(2, 0, 1, 3).reshape(-1, num_heads, head_dim)  # (m, Hq, D)
-            lse_s = lse_s.permute(2, 0, 1).reshape(-1, num_heads)
+            q_s = qs[rows].view(-1, num_kv_heads, group, head_dim)  # (m, Hkv, G, D)
+            q_s = q_s.permute(1, 2, 0, 3).reshape(num_kv_heads, -1, head_dim)  # (Hkv, G * m, D)
+            k_s = gather_heads(k_cache, prefix.block_ids).float()  # (Hkv, S, D)
+            v_s = gather_heads(v_cache, prefix.block_ids).float()
+            out_s, lse_s = attend(q_s, k_s, v_s, bias)
+            out_s = out_s.view(num_kv_heads, group, -1, head_dim).permute(2, 0, 1, 3).reshape(-1, num_heads, head_dim)
+            lse_s = lse_s.view(num_kv_heads, group, -1).permute(2, 0, 1).reshape(-1, num_heads)  # (m, Hq)
             out[rows] = merge_by_lse(out[rows], lse[rows], out_s, lse_s)
         return out.to(q.dtype)
 
     @staticmethod
-    def _plan(meta: AttentionMetadata) -> dict[str, torch.Tensor | list]:
-        device = meta.slot_mapping.device
-        num_rows = meta.slot_mapping.shape[0]
+    def _plan(meta: AttentionMetadata, group: int) -> dict[str, torch.Tensor | list]:
+        device, bs = meta.slot_mapping.device, meta.block_size
         q_lens = torch.tensor(meta.query_lens, device=device)  # (B,)
         max_q = max(meta.query_lens)
         j = torch.arange(max_q, device=device)[None, :]  # (1, Q)
         q_valid = j < q_lens[:, None]  # (B, Q)
-        q_index = torch.where(q_valid, meta.query_start[:-1, None] + j, num_rows)  # padding reads a zero row
+        q_index = torch.where(q_valid, meta.query_start[:-1, None] + j, 0)  # padding rows read row 0, then drop out
         q_pos = meta.context_lens[:, None] - q_lens[:, None] + j  # (B, Q) absolute positions
 
-        own_lens = meta.context_lens - meta.shared_lens  # (B,)
-        l = torch.arange(int(own_lens.max()), device=device)[None, :]  # (1, L)
-        k_pos = meta.shared_lens[:, None] + l  # (B, L)
-        k_valid = l < own_lens[:, None]
-        k_pos_safe = torch.where(k_valid, k_pos, 0)
-        blocks = meta.block_tables.gather(1, k_pos_safe // meta.block_size)
-        own_slots = blocks * meta.block_size + k_pos_safe % meta.block_size  # (B, L)
-        own_mask = k_valid[:, None, :] & (k_pos[:, None, :] <= q_pos[:, :, None])  # (B, Q, L)
-        if meta.sliding_window is not None:
+        # A shared prefix is whole blocks, so each sequence's own KV starts at a block of its table.
+        first_block = meta.shared_lens // bs  # (B,)
+        num_blocks = (meta.context_lens + bs - 1) // bs - first_block  # (B,)
+        n = torch.arange(int(num_blocks.max()), device=device)[None, :]  # (1, n)
+        columns = (first_block[:, None] + n).clamp(max=meta.block_tables.shape[1] - 1)
+        own_blocks = meta.block_tables.gather(1, columns)  # (B, n), past a table's end: any block, masked
+        k_pos = first_block[:, None] * bs + torch.arange(n.shape[1] * bs, device=device)[None, :]  # (B, L)
+        own_mask = (k_pos < meta.context_lens[:, None])[:, None, :] & (k_pos[:, None, :] <= q_pos[:, :, None])
+        if meta.sliding_window is not None:  # own_mask: (B, Q, L)
             own_mask &= q_pos[:, :, None] - k_pos[:, None, :] < meta.sliding_window
 
-        shared_slots, shared_masks = [], []
+        shared_biases = []
         for prefix in meta.shared:
-            offsets = torch.arange(meta.block_size, device=device)
-            shared_slots.append((prefix.block_ids[:, None] * meta.block_size + offsets).flatten())  # (S,)
-            mask = None
+            bias = None
             if meta.sliding_window is not None:
                 row_pos = q_pos[q_valid][prefix.query_rows]  # (m,)
                 s_pos = torch.arange(prefix.num_tokens, device=device)
-                mask = (row_pos[:, None] - s_pos[None, :] < meta.sliding_window)[None, None]  # (1, 1, m, S)
-            shared_masks.append(mask)
+                bias = _bias(row_pos[:, None] - s_pos[None, :] < meta.sliding_window).repeat(group, 1)  # (G * m, S)
+            shared_biases.append(bias)
         return {
             "q_index": q_index,
-            "q_valid": q_valid,
-            "own_slots": own_slots,
-            "own_mask": own_mask,
-            "shared_slots": shared_slots,
-            "shared_masks": shared_masks,
+            "q_rows": q_valid.flatten().nonzero().flatten(),  # (T,) rows of (B * Q) that are real queries
+            "own_blocks": own_blocks,
+            "own_bias": _bias(own_mask).repeat(1, group, 1),  # (B, G * Q, L): query rows run (G, Q)
+            "shared_biases": shared_biases,
         }
+
+
+def _bias(mask: torch.Tensor) -> torch.Tensor:
+    """An additive float32 mask: 0 where `mask` is True, -inf where it is False."""
+    return torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, float("-inf"))

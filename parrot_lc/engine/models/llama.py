@@ -33,9 +33,8 @@ class RMSNorm(nn.Module):
             return _fused_ops().add_rms_norm(x, self.weight, self.eps, residual)
         if residual is not None:
             x = x + residual
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype), x
+        normed = F.rms_norm(x.float(), self.weight.shape, eps=self.eps)  # (T, C) float32, one fused op
+        return self.weight * normed.to(x.dtype), x
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

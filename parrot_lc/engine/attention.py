@@ -49,6 +49,9 @@ class AttentionBackend(ABC):
     """Writes the step's new K/V into the cache, then attends each query row over its sequence's KV."""
 
     name: str
+    # A shared prefix is read once for its group only when that saves at least this many K (and as many V)
+    # elements, (group size - 1) x prefix tokens x KV heads x head dim; smaller ones are read per sequence.
+    min_shared_elements: int = 0
 
     @abstractmethod
     def forward(

@@ -34,6 +34,8 @@ class ModelRunner:
         self.block_size = block_size
         self.device = kv_cache.device
         self.graphs = graphs
+        self.kv_elements_per_token = kv_cache.shape[-2] * kv_cache.shape[-1]  # Hkv x D, in one layer's K
+        self.min_shared_elements = model.model.layers[0].self_attn.backend.min_shared_elements
 
     def copy_block(self, src: int, dst: int) -> None:
         self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
@@ -63,13 +65,12 @@ class ModelRunner:
             chunks[i].request.context.last_logits = logits[row]
 
     def _graph_ready(self, chunks: list[ScheduledChunk], step: StepInputs) -> bool:
-        """Graphs replay pure decode steps without a shared prefix (those read the prefix once, eagerly)."""
+        """Graphs replay pure decode steps without a shared prefix worth reading once (those run eagerly)."""
         if any(n != 1 for n in step.query_lens):
             return False
         if not self.graphs.fits(len(chunks), max(map(len, step.tables))):
             return False
-        first_blocks = [t[0] for t, c in zip(step.tables, chunks) if c.request.context.num_computed >= self.block_size]
-        return len(first_blocks) == len(set(first_blocks))
+        return not self._shared_groups(chunks, self._block_tables(step))
 
     def _gather(self, chunks: list[ScheduledChunk]) -> StepInputs:
         bs = self.block_size
@@ -88,8 +89,7 @@ class ModelRunner:
     def _tensors(
         self, chunks: list[ScheduledChunk], step: StepInputs
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        width = max(len(t) for t in step.tables)
-        block_tables = torch.tensor([t + [0] * (width - len(t)) for t in step.tables], dtype=torch.long)
+        block_tables = self._block_tables(step)
         query_start = torch.tensor([0] + step.query_lens).cumsum(0)
         shared, shared_lens = self._shared_prefixes(chunks, block_tables, query_start)
         device = self.device
@@ -110,17 +110,21 @@ class ModelRunner:
             meta,
         )
 
-    def _shared_prefixes(
-        self, chunks: list[ScheduledChunk], block_tables: torch.Tensor, query_start: torch.Tensor
-    ) -> tuple[list[SharedPrefix], torch.Tensor]:
-        """Groups sequences whose block tables start with the same blocks; a block appears in two tables
-        only when one context inherited it from an ancestor, so those blocks are one shared prefix."""
+    @staticmethod
+    def _block_tables(step: StepInputs) -> torch.Tensor:
+        width = max(len(t) for t in step.tables)
+        return torch.tensor([t + [0] * (width - len(t)) for t in step.tables], dtype=torch.long)  # (B, width)
+
+    def _shared_groups(self, chunks: list[ScheduledChunk], block_tables: torch.Tensor) -> list[tuple[list[int], int]]:
+        """(members, number of blocks) of each group of sequences whose block tables start with the same blocks;
+        a block appears in two tables only when one context inherited it from an ancestor, so those blocks are
+        one shared prefix. Prefixes too small for the backend's shared pass to pay are left out: each sequence
+        reads them as part of its own KV."""
         by_first_block: dict[int, list[int]] = defaultdict(list)
         for i, chunk in enumerate(chunks):
             if chunk.request.context.num_computed >= self.block_size:
                 by_first_block[int(block_tables[i, 0])].append(i)
-        shared: list[SharedPrefix] = []
-        shared_lens = torch.zeros(len(chunks), dtype=torch.long)
+        groups = []
         for members in by_first_block.values():
             if len(members) < 2:
                 continue
@@ -129,14 +133,24 @@ class ModelRunner:
             limit = min(chunks[i].request.context.num_computed // self.block_size for i in members)
             same = (tables[:, :limit] == tables[:1, :limit]).all(dim=0)
             num_blocks = int(same.long().cumprod(0).sum())
-            if num_blocks == 0:
-                continue
+            saved = (len(members) - 1) * num_blocks * self.block_size * self.kv_elements_per_token
+            if num_blocks > 0 and saved >= self.min_shared_elements:
+                groups.append((members, num_blocks))
+        return groups
+
+    def _shared_prefixes(
+        self, chunks: list[ScheduledChunk], block_tables: torch.Tensor, query_start: torch.Tensor
+    ) -> tuple[list[SharedPrefix], torch.Tensor]:
+        """The shared prefixes of the step (see `_shared_groups`) and each sequence's shared length."""
+        shared: list[SharedPrefix] = []
+        shared_lens = torch.zeros(len(chunks), dtype=torch.long)
+        for members, num_blocks in self._shared_groups(chunks, block_tables):
             rows = torch.cat([torch.arange(query_start[i], query_start[i + 1]) for i in members])
             shared.append(
                 SharedPrefix(
                     seq_indices=torch.tensor(members, device=self.device),
                     query_rows=rows.to(self.device),
-                    block_ids=tables[0, :num_blocks].to(self.device),
+                    block_ids=block_tables[members[0], :num_blocks].to(self.device),
                     num_tokens=num_blocks * self.block_size,
                 )
             )

@@ -148,6 +148,10 @@ class TritonBackend(AttentionBackend):
     """Paged attention in Triton: own parts in one launch, all shared prefixes in another, merged by LSE."""
 
     name = "triton"
+    # The shared pass costs a second launch and a merge (about 0.45 ms a layer at any size, H100/H200) and keeps
+    # the step out of CUDA graphs; in benchmarks/kernel_shared_prefix.py it beat reading the prefix per sequence
+    # from about 1e9 saved elements (N=64 x 4k, 16 x 16k, 256 x 1k, 32 KV heads x 128) and lost up to 2.6e8.
+    min_shared_elements = 500_000_000
 
     def forward(self, q, k, v, k_cache, v_cache, meta, scale):
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)

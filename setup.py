@@ -21,6 +21,7 @@ setup(
         "numpy>=1.26",
         "pydantic>=2.7,<3",
         "pydantic-settings>=2.3,<3",
+        "pyyaml>=6",  # YAML config files (TOML and JSON need nothing beyond the standard library)
         "triton>=3.6; platform_system == 'Linux'",
         "tqdm>=4.60",
         "fastapi>=0.110",

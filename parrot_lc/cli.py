@@ -7,7 +7,17 @@ import signal
 import time
 
 from parrot_lc.engine import LLMEngine, SamplingParams
-from parrot_lc.settings import EngineProcessSettings, EngineSettings, ServerSettings, settings_table
+from parrot_lc.logs import configure_logging
+from parrot_lc.settings import (
+    ConfigFileSettings,
+    EngineProcessSettings,
+    EngineSettings,
+    ProcessSettings,
+    ServerSettings,
+    SettingsError,
+    load_settings,
+    settings_table,
+)
 
 DEMO_SYSTEM = "You are a concise assistant. Answer in one or two sentences."
 DEMO_QUESTIONS = [
@@ -17,10 +27,12 @@ DEMO_QUESTIONS = [
 ]
 
 
-def _settings(cls, args: argparse.Namespace):
-    # Flags given on the command line win over PARROT_* environment variables.
-    overrides = {k: v for k, v in vars(args).items() if k in cls.model_fields and v is not None}
-    return cls(**overrides)
+def load(args: argparse.Namespace, *classes) -> list:
+    """The settings of a command: its flags, then PARROT_* environment variables, then the config file (`--config`
+    or PARROT_CONFIG), then defaults."""
+    flags = vars(args)
+    [source] = load_settings([ConfigFileSettings], flags)
+    return load_settings(classes, flags, source.config)
 
 
 def _flag_type(annotation):
@@ -30,7 +42,8 @@ def _flag_type(annotation):
 
 
 def _add_flags(parser: argparse.ArgumentParser, cls) -> None:
-    """One flag per setting of `cls`; unset flags leave the setting to PARROT_* variables or its default."""
+    """One flag per setting of `cls`; an unset flag leaves the setting to its PARROT_* variable, the config file or
+    its default."""
     for name, field in cls.model_fields.items():
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=_flag_type(field.annotation),
                             help=field.description)
@@ -42,22 +55,29 @@ def serve(args: argparse.Namespace) -> None:
 
     from parrot_lc.server.app import create_app
     from parrot_lc.server.local import build_manager
+    from parrot_lc.server.shutdown import DrainingServer
 
-    engine_settings, server_settings = _settings(EngineSettings, args), _settings(ServerSettings, args)
+    engine_settings, server_settings, process = load(args, EngineSettings, ServerSettings, ProcessSettings)
+    configure_logging(process.log_format)
     manager = build_manager(engine_settings, server_settings)
     app = create_app(manager, server_settings)
-    # uvicorn shuts down gracefully on SIGTERM, then raises the signal again for the previous handler:
-    # this one lets the process exit 0, as a service manager expects of a clean stop.
+    # uvicorn raises a signal it stopped on again for the previous handler: this one lets the process exit 0, as
+    # a service manager expects of a clean stop. (The first SIGTERM drains without reaching uvicorn at all.)
     signal.signal(signal.SIGTERM, lambda *_: None)
+    # log_config=None: uvicorn's records go through the handler configured above; the app logs each request
+    # itself, with its id, instead of uvicorn's access log.
+    config = uvicorn.Config(app, host=server_settings.host, port=server_settings.port, log_level="info",
+                            log_config=None, access_log=False, timeout_graceful_shutdown=process.shutdown_timeout)
     try:
-        uvicorn.run(app, host=server_settings.host, port=server_settings.port, log_level="info")
+        DrainingServer(config, manager, process.shutdown_timeout).run()
     finally:
         manager.close()
 
 
 def demo(args: argparse.Namespace) -> None:
     """Fills a shared system prompt once, forks it for several questions and generates the answers."""
-    engine = LLMEngine(_settings(EngineSettings, args))
+    [settings] = load(args, EngineSettings)
+    engine = LLMEngine(settings)
     tokenizer = engine.tokenizer
     started = time.perf_counter()
     system = [{"role": "system", "content": DEMO_SYSTEM}]
@@ -92,37 +112,56 @@ def engine_process(args: argparse.Namespace) -> None:
     from parrot_lc.engine.async_engine import AsyncEngine
     from parrot_lc.server.engine_service import ManagerLink, create_engine_app
 
-    engine_settings, process = _settings(EngineSettings, args), _settings(EngineProcessSettings, args)
+    engine_settings, link_settings, process = load(args, EngineSettings, EngineProcessSettings, ProcessSettings)
+    configure_logging(process.log_format)
     engine = AsyncEngine(LLMEngine(engine_settings))
-    link = ManagerLink(engine, process, process.advertise_url or f"http://{process.host}:{process.port}")
+    url = link_settings.advertise_url or f"http://{link_settings.host}:{link_settings.port}"
+    link = ManagerLink(engine, link_settings, url)
     link.start()
     signal.signal(signal.SIGTERM, lambda *_: None)  # exit 0 after uvicorn's graceful stop (see serve)
     try:
-        uvicorn.run(create_engine_app(engine), host=process.host, port=process.port, log_level="warning")
+        # On SIGTERM uvicorn stops accepting connections (the manager moves new calls to other engines) and
+        # lets the fills and generations in flight finish, up to the deadline.
+        uvicorn.run(create_engine_app(engine), host=link_settings.host, port=link_settings.port, log_level="warning",
+                    log_config=None, timeout_graceful_shutdown=process.shutdown_timeout)
     finally:
         link.stopped.set()
         engine.close()
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The `parrot-lc` command line: one subcommand per process kind, one flag per setting."""
     parser = argparse.ArgumentParser(prog="parrot-lc", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo_parser = sub.add_parser("demo", help="the embedded default model end to end")
     _add_flags(demo_parser, EngineSettings)
+    _add_flags(demo_parser, ConfigFileSettings)
     demo_parser.add_argument("--max-tokens", type=int, default=48)
     demo_parser.set_defaults(func=demo)
     serve_parser = sub.add_parser("serve", help="the Parrot server: HTTP API, OpenAI-compatible API, local engines")
     _add_flags(serve_parser, EngineSettings)
     _add_flags(serve_parser, ServerSettings)
+    _add_flags(serve_parser, ProcessSettings)
+    _add_flags(serve_parser, ConfigFileSettings)
     serve_parser.set_defaults(func=serve)
     engine_parser = sub.add_parser("engine", help="a remote engine that registers with a manager")
     _add_flags(engine_parser, EngineSettings)
     _add_flags(engine_parser, EngineProcessSettings)
+    _add_flags(engine_parser, ProcessSettings)
+    _add_flags(engine_parser, ConfigFileSettings)
     engine_parser.set_defaults(func=engine_process)
     table_parser = sub.add_parser("settings", help="print the table of settings (as in the README)")
     table_parser.set_defaults(func=lambda args: print(settings_table()))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
-    args.func(args)
+    try:
+        args.func(args)
+    except SettingsError as exc:
+        parser.exit(2, f"parrot-lc: error: {exc}\n")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,16 @@
-"""Every setting of parrot_lc, read once (CLI flags, then PARROT_* environment variables) and passed down."""
+"""Every setting of parrot_lc, read once (CLI flags, then PARROT_* environment variables, then a config file) and
+passed down."""
 
 from __future__ import annotations
 
+import json
+import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, Mapping, Sequence
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+import yaml
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
 
 class EngineSettings(BaseSettings):
@@ -82,10 +86,100 @@ class EngineProcessSettings(BaseSettings):
     heartbeat_interval: float = Field(1.0, gt=0, description="seconds between heartbeats")
 
 
+class ProcessSettings(BaseSettings):
+    """Settings of a long-running process (`parrot-lc serve`, `parrot-lc engine`): its logs and how it stops."""
+
+    model_config = SettingsConfigDict(env_prefix="PARROT_", extra="ignore")
+
+    log_format: Literal["text", "json"] = Field(
+        "text", description="`json`: one JSON object per log line, with the request id of the HTTP request it is about"
+    )
+    shutdown_timeout: float = Field(
+        30.0, ge=0, description="seconds that running calls get to finish after SIGTERM (new work gets 503 meanwhile); "
+        "then they are cancelled"
+    )
+
+
+class ConfigFileSettings(BaseSettings):
+    """Where the other settings may also come from: a file, below flags and environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="PARROT_", extra="ignore")
+
+    config: Path | None = Field(
+        None, description="a TOML, YAML or JSON file of settings by name (`max_num_seqs = 64`); flags and PARROT_* "
+        "variables win over it"
+    )
+
+
+ALL_SETTINGS: tuple[type[BaseSettings], ...] = (
+    EngineSettings, ServerSettings, EngineProcessSettings, ProcessSettings, ConfigFileSettings
+)
+CONFIG_FORMATS = {".toml": "TOML", ".yaml": "YAML", ".yml": "YAML", ".json": "JSON"}
+
+
+class SettingsError(ValueError):
+    """A setting that cannot be used; the message names where it came from (flag, variable or file) and the field."""
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The settings in a TOML, YAML or JSON file (told by its suffix): one table of setting names (`max_num_seqs`,
+    or `max-num-seqs` as the flag spells it) to values. Any name that no settings class knows is an error, so that
+    a typo is not silently ignored; a name of another process kind's settings is left to that kind."""
+    fmt = CONFIG_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise SettingsError(f"config file {path}: unknown format {path.suffix!r}; use one of {', '.join(CONFIG_FORMATS)}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SettingsError(f"config file {path}: cannot be read ({exc.strerror or exc})") from None
+    try:
+        data = {"TOML": tomllib.loads, "YAML": yaml.safe_load, "JSON": json.loads}[fmt](text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError) as exc:
+        raise SettingsError(f"config file {path}: not valid {fmt}: {exc}") from None
+    if data is None:  # an empty YAML file
+        data = {}
+    if not isinstance(data, dict):
+        raise SettingsError(f"config file {path}: expected a table of settings by name, got {type(data).__name__}")
+    values = {str(key).replace("-", "_"): value for key, value in data.items()}
+    known = {name for cls in ALL_SETTINGS for name in cls.model_fields} - {"config"}
+    for name in values:
+        if name not in known:
+            raise SettingsError(f"config file {path}: {name}: unknown setting")
+    return values
+
+
+def load_settings(
+    classes: Sequence[type[BaseSettings]], flags: Mapping[str, Any], config: Path | None = None
+) -> list[BaseSettings]:
+    """One instance of each class, each setting from its flag (`flags`, by field name; None: not given), else its
+    PARROT_* environment variable, else the config file, else its default. Raises SettingsError naming the source
+    and the field of the first bad value."""
+    file_values = read_config_file(config) if config is not None else {}
+    return [_load(cls, flags, file_values, config) for cls in classes]
+
+
+def _load(cls: type[BaseSettings], flags: Mapping[str, Any], file_values: Mapping[str, Any], config: Path | None):
+    fields, prefix = cls.model_fields, cls.model_config["env_prefix"]
+    given = {name: value for name, value in flags.items() if name in fields and value is not None}
+    from_file = {name: value for name, value in file_values.items() if name in fields}
+    from_env = EnvSettingsSource(cls)()
+    sources = {name: f"config file {config}" for name in from_file}
+    sources |= {name: f"environment variable {prefix}{name.upper()}" for name in from_env}
+    sources |= {name: f"--{name.replace('_', '-')}" for name in given}
+    try:
+        # pydantic-settings puts keyword arguments above the environment; the environment's values go in too, so
+        # that they also win over the file's.
+        return cls(**{**from_file, **from_env, **given})
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        name = str(error["loc"][0]) if error["loc"] else cls.__name__
+        raise SettingsError(f"{sources.get(name, 'default')}: {name}: {error['msg']}") from None
+
+
 def settings_table() -> str:
-    """The README's table of settings, generated from the settings classes (`python -m parrot_lc.settings`)."""
+    """The README's table of settings, generated from the settings classes (`parrot-lc settings`)."""
     rows = ["| setting | environment variable | default | what it is |", "|---|---|---|---|"]
-    for cls in (EngineSettings, ServerSettings, EngineProcessSettings):
+    for cls in ALL_SETTINGS:
         prefix = cls.model_config["env_prefix"]
         for name, field in cls.model_fields.items():
             default = "" if field.default is None else f"`{field.default}`"

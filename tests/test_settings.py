@@ -1,0 +1,93 @@
+"""Settings come from flags, then PARROT_* environment variables, then a config file, then defaults; a bad
+setting is an error that says where it came from and which field it is."""
+
+import json
+
+import pytest
+
+from parrot_lc.cli import build_parser, load, main
+from parrot_lc.settings import EngineSettings, ProcessSettings, ServerSettings
+
+
+def settings_of(argv: list[str]):
+    return load(build_parser().parse_args(argv), EngineSettings, ServerSettings, ProcessSettings)
+
+
+@pytest.fixture
+def config(tmp_path):
+    path = tmp_path / "parrot.toml"
+    path.write_text('port = 9101\nmax-num-seqs = 7\nlog_format = "json"\n')
+    return path
+
+
+def test_a_flag_wins_over_the_environment_and_the_config_file(config, monkeypatch):
+    monkeypatch.setenv("PARROT_PORT", "9102")
+    _, server, _ = settings_of(["serve", "--config", str(config), "--port", "9103"])
+    assert server.port == 9103
+
+
+def test_the_environment_wins_over_the_config_file(config, monkeypatch):
+    monkeypatch.setenv("PARROT_PORT", "9102")
+    _, server, _ = settings_of(["serve", "--config", str(config)])
+    assert server.port == 9102
+
+
+def test_the_config_file_wins_over_the_defaults(config):
+    engine, server, process = settings_of(["serve", "--config", str(config)])
+    assert (server.port, engine.max_num_seqs, process.log_format) == (9101, 7, "json")
+    assert engine.block_size == EngineSettings.model_fields["block_size"].default
+
+
+def test_parrot_config_names_the_config_file(config, monkeypatch):
+    monkeypatch.setenv("PARROT_CONFIG", str(config))
+    _, server, _ = settings_of(["serve"])
+    assert server.port == 9101
+
+
+@pytest.mark.parametrize("name, text", [
+    ("parrot.yaml", "port: 9104\nengines: 0\n"),
+    ("parrot.json", json.dumps({"port": 9104, "engines": 0})),
+])
+def test_yaml_and_json_config_files_are_read_too(tmp_path, name, text):
+    (tmp_path / name).write_text(text)
+    _, server, _ = settings_of(["serve", "--config", str(tmp_path / name)])
+    assert (server.port, server.engines) == (9104, 0)
+
+
+def test_a_bad_value_in_the_config_file_is_an_error_naming_the_file_and_the_field(tmp_path, capsys):
+    path = tmp_path / "parrot.toml"
+    path.write_text('port = "ninety"\n')
+    with pytest.raises(SystemExit) as stop:
+        main(["serve", "--config", str(path)])
+    assert stop.value.code == 2
+    assert f"config file {path}: port:" in capsys.readouterr().err
+
+
+def test_a_bad_environment_variable_is_an_error_naming_it(monkeypatch, capsys):
+    monkeypatch.setenv("PARROT_MAX_NUM_SEQS", "0")
+    with pytest.raises(SystemExit) as stop:
+        main(["demo", "--model", "tiny"])
+    assert stop.value.code == 2
+    assert "environment variable PARROT_MAX_NUM_SEQS: max_num_seqs:" in capsys.readouterr().err
+
+
+def test_an_unknown_setting_in_the_config_file_is_an_error_naming_it(tmp_path, capsys):
+    path = tmp_path / "parrot.toml"
+    path.write_text("max_num_sequences = 8\n")
+    with pytest.raises(SystemExit):
+        main(["serve", "--config", str(path)])
+    assert f"config file {path}: max_num_sequences: unknown setting" in capsys.readouterr().err
+
+
+def test_a_config_file_that_does_not_parse_is_an_error_naming_it(tmp_path, capsys):
+    path = tmp_path / "parrot.toml"
+    path.write_text("port = \n")
+    with pytest.raises(SystemExit):
+        main(["serve", "--config", str(path)])
+    assert f"config file {path}: not valid TOML" in capsys.readouterr().err
+
+
+def test_a_missing_config_file_is_an_error_naming_it(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["serve", "--config", str(tmp_path / "absent.toml")])
+    assert f"config file {tmp_path / 'absent.toml'}: cannot be read" in capsys.readouterr().err

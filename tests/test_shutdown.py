@@ -1,0 +1,123 @@
+"""Graceful shutdown of `parrot-lc serve` (a real process): on SIGTERM new work gets 503, the work in flight
+finishes (or is cancelled at the deadline), contexts are freed, and the process exits 0."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+
+class Served:
+    """A `parrot-lc serve` process on the tiny model, logging JSON lines to a file."""
+
+    def __init__(self, log: Path, *flags: str) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = log
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "parrot_lc.cli", "serve", "--model", "tiny", "--device", "cpu", "--dtype",
+             "float32", "--kv-cache-bytes", str(16 * 2**20), "--port", str(port), "--log-format", "json", *flags],
+            stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{self.url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert self.process.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+
+    def records(self) -> list[dict]:
+        return [json.loads(line) for line in self.log.read_text().splitlines() if line.startswith("{")]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture
+def serve(tmp_path):
+    started = []
+
+    def start(*flags: str) -> Served:
+        started.append(Served(tmp_path / "serve.log", *flags))
+        return started[-1]
+
+    yield start
+    for served in started:
+        served.stop()
+
+
+def graph_waiting_for_input(client: httpx.Client) -> tuple[str, dict, str, str]:
+    """A session with one call whose input the client has not set yet: work in flight until it is set."""
+    session = client.post("/api/sessions").json()
+    headers, base = {"X-Session-Token": session["session_token"]}, f"/api/sessions/{session['session_id']}"
+    given, out = (client.post(f"{base}/variables", json={}, headers=headers).json()["var_id"] for _ in range(2))
+    call = {"template": [{"text": "Repeat: "}, {"input": given},
+                         {"output": out, "sampling": {"max_tokens": 8, "temperature": 0, "ignore_eos": True}}]}
+    assert client.post(f"{base}/calls", json={"calls": [call]}, headers=headers).status_code == 201
+    return base, headers, given, out
+
+
+def refused_after_sigterm(client: httpx.Client) -> httpx.Response:
+    """The first answer to a new session that is not 201 (SIGTERM reaches the server within a tick)."""
+    deadline = time.monotonic() + 10
+    while True:
+        response = client.post("/api/sessions")
+        if response.status_code != 201 or time.monotonic() > deadline:
+            return response
+        time.sleep(0.05)
+
+
+def test_sigterm_refuses_new_work_with_503_finishes_work_in_flight_frees_contexts_and_exits_0(serve):
+    served = serve("--shutdown-timeout", "20")
+    request = {"model": "tiny", "prompt": "Count:", "max_tokens": 200, "stream": True}
+    with httpx.Client(base_url=served.url, timeout=30) as client, httpx.Client(base_url=served.url, timeout=30) as other:
+        base, headers, given, out = graph_waiting_for_input(client)
+        with other.stream("POST", "/v1/completions", json=request) as stream:
+            lines = stream.iter_lines()
+            assert next(lines).startswith("data: ")  # the completion is running
+            served.process.send_signal(signal.SIGTERM)
+
+            refused = refused_after_sigterm(client)
+            assert refused.status_code == 503 and refused.json()["error"]["type"] == "ShuttingDownError"
+            assert client.get("/health").status_code == 503
+            # The graph in flight still runs to the end: its input can be set and its output fetched.
+            assert client.put(f"{base}/variables/{given}", json={"value": "x"}, headers=headers).status_code == 204
+            assert client.get(f"{base}/variables/{out}", headers=headers).status_code == 200
+            # And the streamed completion runs to its end.
+            assert [line for line in lines if line.startswith("data: ")][-1] == "data: [DONE]"
+    assert served.process.wait(timeout=30) == 0
+    [drained] = [r for r in served.records() if r["message"].startswith("drained")]
+    assert drained["calls_finished"] >= 1 and (drained["calls_cancelled"], drained["contexts_left"]) == (0, 0)
+
+
+def test_sigterm_cancels_the_work_still_running_at_the_deadline_and_exits_0(serve):
+    served = serve("--shutdown-timeout", "1")
+    with httpx.Client(base_url=served.url, timeout=30) as client:
+        base, headers, _, out = graph_waiting_for_input(client)  # its input never comes
+        fetched = {}
+        fetch = threading.Thread(
+            target=lambda: fetched.update(reply=client.get(f"{base}/variables/{out}", headers=headers)))
+        fetch.start()
+        started = time.monotonic()
+        served.process.send_signal(signal.SIGTERM)
+        assert served.process.wait(timeout=20) == 0
+        fetch.join(timeout=5)
+    assert time.monotonic() - started < 15
+    assert fetched["reply"].status_code == 424 and "cancelled" in fetched["reply"].json()["error"]["message"]
+    [drained] = [r for r in served.records() if r["message"].startswith("drained")]
+    assert (drained["calls_cancelled"], drained["contexts_left"]) == (1, 0)

@@ -40,7 +40,9 @@ def test_fork_shares_full_blocks_and_copies_only_the_partial_one(tiny):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_many_forks_generate_what_unforked_contexts_generate(make_engine, backend):
-    tiny = make_engine(attention_backend=backend)
+    # Triton runs on the GPU when there is one, else in its CPU interpreter.
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    tiny = make_engine(attention_backend=backend, device=device)
     prefix = random_tokens(40, 0)
     suffixes = [random_tokens(n, 10 + n) for n in (1, 5, 16, 23)]
     tiny.fill(prefix, "prefix")

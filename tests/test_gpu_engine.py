@@ -33,3 +33,25 @@ def test_cuda_graph_logits_equal_eager_logits(make_engine):
         engine.run_until_done([engine.submit_fill([7], "a"), engine.submit_fill([8], "b")])
     for context in ("a", "b"):
         assert torch.allclose(engines[0].context_logits(context), engines[1].context_logits(context), atol=1e-4)
+
+
+def forked_decode(engine, max_tokens=10):
+    """Two prefixes with forks (3 and 2) and one unforked sequence, decoded together."""
+    engine.fill(list(range(3, 70)), "p1")
+    engine.fill(list(range(100, 140)), "p2")
+    children = [(f"a{i}", "p1") for i in range(3)] + [(f"b{i}", "p2") for i in range(2)] + [("c", None)]
+    engine.run_until_done([engine.submit_fill(list(range(200 + 5 * i, 209 + 5 * i)), child, parent)
+                           for i, (child, parent) in enumerate(children)])
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    gens = [engine.submit_generate(sampling, child) for child, _ in children]
+    events = engine.run_until_done(gens)
+    return [[t for e in events[g.request_id] for t in e.token_ids] for g in gens]
+
+
+def test_cuda_graph_decode_of_shared_prefix_groups_equals_eager_reference(make_engine):
+    eager = forked_decode(make_engine(device="cuda", attention_backend="torch"))
+    graphed_engine = make_engine(device="cuda", attention_backend="triton", cuda_graphs=True)
+    graphed_engine.runner.min_shared_elements = 0  # every shared prefix through the shared pass
+    graphed = forked_decode(graphed_engine)
+    assert any(groups for _, groups in graphed_engine.runner.graphs._graphs), "no graph with shared groups replayed"
+    assert graphed == eager

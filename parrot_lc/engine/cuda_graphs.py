@@ -1,6 +1,7 @@
-"""Decode steps replayed from CUDA graphs, one per batch-size bucket, so small batches are not bound by
-Python's launch overhead. A graph covers the whole forward (embedding to logits) of one token per sequence
-without shared prefixes, reading its inputs from static buffers that each step overwrites."""
+"""Decode steps replayed from CUDA graphs, one per batch-size bucket and number of shared-prefix groups, so
+that small batches are not bound by Python's launch overhead. A graph covers the whole forward (embedding to
+logits) of one token per sequence, reading its inputs from static buffers that each step overwrites; the
+sequences of a group read their shared prefix once (a second attention pass, merged by log-sum-exp)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,12 @@ import torch
 
 from parrot_lc.engine.attention import AttentionMetadata
 from parrot_lc.engine.models.llama import LlamaForCausalLM
+from parrot_lc.engine.triton_attention import shared_splits
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+GROUP_BUCKETS = (0, 1, 2, 4, 8)  # shared-prefix groups a graph has room for; a step with more runs eagerly
+
+SharedGroup = tuple[list[int], int]  # (the batch rows of the sequences that share it, its number of blocks)
 
 
 class DecodeGraphs:
@@ -30,17 +35,36 @@ class DecodeGraphs:
         self.slots = torch.full((n,), dummy_slot, dtype=torch.long, device=device)
         self.block_tables = torch.zeros(n, self.max_blocks, dtype=torch.int32, device=device)
         self.context_lens = torch.zeros(n, dtype=torch.int32, device=device)
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # Shared prefixes: each sequence's own KV starts after its group's prefix; group g holds the rows
+        # group_rows[group_ptr[g]:group_ptr[g + 1]] and reads the prefix's group_lens[g] tokens once.
+        groups = GROUP_BUCKETS[-1]
+        self.shared_lens = torch.zeros(n, dtype=torch.int32, device=device)
+        self.group_ptr = torch.zeros(groups + 1, dtype=torch.int32, device=device)
+        self.group_rows = torch.zeros(n, dtype=torch.int32, device=device)
+        self.group_tables = torch.zeros(groups, self.max_blocks, dtype=torch.int32, device=device)
+        self.group_lens = torch.zeros(groups, dtype=torch.int32, device=device)
+        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool = torch.cuda.graph_pool_handle()  # one memory pool: graphs replay one at a time
 
-    def fits(self, batch: int, widest_table: int) -> bool:
-        return batch <= self.max_batch and widest_table <= self.max_blocks
+    def capture_all(self) -> None:
+        """Captures every graph up front, largest first (they share one memory pool), so that no request
+        waits for a capture; a group needs two sequences, so a bucket has room for at most half as many."""
+        for bucket in reversed(self.buckets):
+            for group_bucket in GROUP_BUCKETS:
+                if 2 * group_bucket <= bucket:
+                    self._graphs[(bucket, group_bucket)] = self._capture(bucket, group_bucket)
+
+    def fits(self, batch: int, widest_table: int, num_groups: int = 0) -> bool:
+        return batch <= self.max_batch and widest_table <= self.max_blocks and num_groups <= GROUP_BUCKETS[-1]
 
     def run(
-        self, ids: list[int], positions: list[int], slots: list[int], tables: list[list[int]], context_lens: list[int]
+        self, ids: list[int], positions: list[int], slots: list[int], tables: list[list[int]], context_lens: list[int],
+        groups: list[SharedGroup] = (),
     ) -> torch.Tensor:
         """One decode token per sequence; returns logits (B, V) float32 (a view, valid until the next run)."""
         batch = len(ids)
         bucket = next(b for b in self.buckets if b >= batch)
+        group_bucket = next(g for g in GROUP_BUCKETS if g >= len(groups))
         pad = bucket - batch
         width = max(map(len, tables))  # columns past a row's length are never read: no need to clear them
         table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
@@ -50,13 +74,35 @@ class DecodeGraphs:
         self.slots[:bucket].copy_(torch.tensor(slots + [self.dummy_slot] * pad), non_blocking=True)
         self.context_lens[:bucket].copy_(torch.tensor(context_lens + [0] * pad, dtype=torch.int32), non_blocking=True)
         self.block_tables[:batch, :width].copy_(table, non_blocking=True)
-        if bucket not in self._graphs:
-            self._graphs[bucket] = self._capture(bucket)
-        graph, logits = self._graphs[bucket]
+        if group_bucket:
+            self._set_groups(groups, tables, bucket, group_bucket)
+        key = (bucket, group_bucket)
+        if key not in self._graphs:
+            self._graphs[key] = self._capture(bucket, group_bucket)
+        graph, logits = self._graphs[key]
         graph.replay()
         return logits[:batch]
 
-    def _forward(self, bucket: int) -> torch.Tensor:
+    def _set_groups(self, groups: list[SharedGroup], tables: list[list[int]], bucket: int, group_bucket: int) -> None:
+        shared_lens, rows, ptr, lens = [0] * bucket, [], [0], []
+        for members, num_blocks in groups:
+            rows += members
+            ptr.append(len(rows))
+            lens.append(num_blocks * self.block_size)
+            for member in members:
+                shared_lens[member] = num_blocks * self.block_size
+        widest = max(n for _, n in groups)
+        prefix_tables = [tables[members[0]][:n] + [0] * (widest - n) for members, n in groups]
+        unused = group_bucket - len(groups)  # empty groups: no rows, no keys
+        self.shared_lens[:bucket].copy_(torch.tensor(shared_lens, dtype=torch.int32), non_blocking=True)
+        self.group_rows[: len(rows)].copy_(torch.tensor(rows, dtype=torch.int32), non_blocking=True)
+        self.group_ptr[: group_bucket + 1].copy_(torch.tensor(ptr + [len(rows)] * unused, dtype=torch.int32),
+                                                 non_blocking=True)
+        self.group_lens[:group_bucket].copy_(torch.tensor(lens + [0] * unused, dtype=torch.int32), non_blocking=True)
+        self.group_tables[: len(groups), :widest].copy_(torch.tensor(prefix_tables, dtype=torch.int32),
+                                                        non_blocking=True)
+
+    def _forward(self, bucket: int, group_bucket: int) -> torch.Tensor:
         device = self.kv_cache.device
         rows = torch.arange(bucket + 1, dtype=torch.int32, device=device)
         meta = AttentionMetadata(
@@ -71,22 +117,30 @@ class DecodeGraphs:
             sliding_window=self.model.config.sliding_window,
         )
         # The Triton backend's plan, made from the static buffers so that the graph reads each step's values.
-        meta.plan["triton"] = {
+        shared_lens = self.shared_lens[:bucket] if group_bucket else torch.zeros_like(rows[:-1])
+        plan = meta.plan["triton"] = {
             "positions": self.positions[:bucket],
-            "own": (rows, rows[:-1], self.block_tables[:bucket], torch.zeros_like(rows[:-1]),
-                    self.context_lens[:bucket], 1),
+            "own": (rows, rows[:-1], self.block_tables[:bucket], shared_lens, self.context_lens[:bucket], 1),
         }
+        if group_bucket:
+            num_kv_heads = self.kv_cache.shape[-2]
+            plan["shared"] = (self.group_ptr[: group_bucket + 1], self.group_rows[:bucket],
+                              self.group_tables[:group_bucket], torch.zeros_like(self.group_lens[:group_bucket]),
+                              self.group_lens[:group_bucket], bucket)
+            # Every row is merged: a row in no group has the shared pass's empty result (lse -inf), a no-op.
+            plan["shared_rows"] = rows[:-1].long()
+            plan["splits"] = shared_splits(device, group_bucket * num_kv_heads, self.max_blocks * self.block_size)
         hidden = self.model(self.input_ids[:bucket], self.positions[:bucket], self.kv_cache, meta)  # (B, C)
         return self.model.compute_logits(hidden)  # (B, V)
 
     @torch.inference_mode()
-    def _capture(self, bucket: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _capture(self, bucket: int, group_bucket: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            self._forward(bucket)  # compiles the kernels and settles the allocator outside the capture
+            self._forward(bucket, group_bucket)  # compiles the kernels and settles the allocator outside the capture
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            logits = self._forward(bucket)
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = self._forward(bucket, group_bucket)
         return graph, logits

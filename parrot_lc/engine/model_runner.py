@@ -49,11 +49,13 @@ class ModelRunner:
             return
         step = self._gather(chunks)
         done = [i for i, c in enumerate(chunks) if c.num_tokens == c.request.context.num_pending]
-        if self.graphs is not None and self._graph_ready(chunks, step):
-            logits = self.graphs.run(step.ids, step.positions, step.slots, step.tables, step.context_lens)
+        block_tables = self._block_tables(step)  # (B, widest table)
+        groups = self._shared_groups(chunks, block_tables)
+        if self.graphs is not None and self._graph_ready(step, groups):
+            logits = self.graphs.run(step.ids, step.positions, step.slots, step.tables, step.context_lens, groups)
             logits = logits[done]  # a copy: the graph's output buffer is overwritten by the next replay
         else:
-            input_ids, positions, meta = self._tensors(chunks, step)
+            input_ids, positions, meta = self._tensors(step, block_tables, groups)
             hidden = self.model(input_ids, positions, self.kv_cache, meta)  # (T, C)
             logits = None
             if done:
@@ -64,13 +66,10 @@ class ModelRunner:
         for row, i in enumerate(done):
             chunks[i].request.context.last_logits = logits[row]
 
-    def _graph_ready(self, chunks: list[ScheduledChunk], step: StepInputs) -> bool:
-        """Graphs replay pure decode steps without a shared prefix worth reading once (those run eagerly)."""
-        if any(n != 1 for n in step.query_lens):
-            return False
-        if not self.graphs.fits(len(chunks), max(map(len, step.tables))):
-            return False
-        return not self._shared_groups(chunks, self._block_tables(step))
+    def _graph_ready(self, step: StepInputs, groups: list[tuple[list[int], int]]) -> bool:
+        """Graphs replay pure decode steps (one token per sequence) that fit their buffers."""
+        return all(n == 1 for n in step.query_lens) and self.graphs.fits(
+            len(step.query_lens), max(map(len, step.tables)), len(groups))
 
     def _gather(self, chunks: list[ScheduledChunk]) -> StepInputs:
         bs = self.block_size
@@ -87,11 +86,10 @@ class ModelRunner:
         return step
 
     def _tensors(
-        self, chunks: list[ScheduledChunk], step: StepInputs
+        self, step: StepInputs, block_tables: torch.Tensor, groups: list[tuple[list[int], int]]
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        block_tables = self._block_tables(step)
         query_start = torch.tensor([0] + step.query_lens).cumsum(0)
-        shared, shared_lens = self._shared_prefixes(chunks, block_tables, query_start)
+        shared, shared_lens = self._shared_prefixes(groups, block_tables, query_start)
         device = self.device
         meta = AttentionMetadata(
             block_size=self.block_size,
@@ -139,12 +137,12 @@ class ModelRunner:
         return groups
 
     def _shared_prefixes(
-        self, chunks: list[ScheduledChunk], block_tables: torch.Tensor, query_start: torch.Tensor
+        self, groups: list[tuple[list[int], int]], block_tables: torch.Tensor, query_start: torch.Tensor
     ) -> tuple[list[SharedPrefix], torch.Tensor]:
-        """The shared prefixes of the step (see `_shared_groups`) and each sequence's shared length."""
+        """The shared prefixes of the step's groups (see `_shared_groups`) and each sequence's shared length."""
         shared: list[SharedPrefix] = []
-        shared_lens = torch.zeros(len(chunks), dtype=torch.long)
-        for members, num_blocks in self._shared_groups(chunks, block_tables):
+        shared_lens = torch.zeros(len(block_tables), dtype=torch.long)
+        for members, num_blocks in groups:
             rows = torch.cat([torch.arange(query_start[i], query_start[i + 1]) for i in members])
             shared.append(
                 SharedPrefix(

@@ -148,36 +148,26 @@ class TritonBackend(AttentionBackend):
     """Paged attention in Triton: own parts in one launch, all shared prefixes in another, merged by LSE."""
 
     name = "triton"
-    # The shared pass costs a second launch and a merge (about 0.45 ms a layer at any size, H100/H200) and keeps
-    # the step out of CUDA graphs; in benchmarks/kernel_shared_prefix.py it beat reading the prefix per sequence
-    # from about 1e9 saved elements (N=64 x 4k, 16 x 16k, 256 x 1k, 32 KV heads x 128) and lost up to 2.6e8.
-    min_shared_elements = 500_000_000
+    # The shared pass costs a second launch and a merge per layer. In decode steps under CUDA graphs
+    # (benchmarks/shared_prefix_decode.py, Llama-2-7B shapes, H200) it was already faster at 8 forks of a
+    # 4,096-token prefix (1.2e8 saved elements: 8.4 against 9.0 ms a step) and far faster with more (230 forks:
+    # 27 against 82 ms); below about half that saving the extra pass is not worth its launches.
+    min_shared_elements = 60_000_000
 
     def forward(self, q, k, v, k_cache, v_cache, meta, scale):
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        plan = meta.plan.get("triton") or meta.plan.setdefault("triton", self._plan(meta))
+        plan = meta.plan.get("triton") or meta.plan.setdefault("triton", self._plan(meta, k_cache.shape[2]))
         out, lse = paged_attention(q, k_cache, v_cache, plan["positions"], *plan["own"], scale=scale,
                                    window=meta.sliding_window)
-        if meta.shared:
+        if "shared" in plan:
             out_s, lse_s = paged_attention(q, k_cache, v_cache, plan["positions"], *plan["shared"], scale=scale,
-                                           window=meta.sliding_window, splits=self._shared_splits(meta, q, k_cache))
+                                           window=meta.sliding_window, splits=plan["splits"])
             rows = plan["shared_rows"]
             out[rows] = merge_by_lse(out[rows].float(), lse[rows], out_s[rows].float(), lse_s[rows]).to(out.dtype)
         return out
 
     @staticmethod
-    def _shared_splits(meta: AttentionMetadata, q: torch.Tensor, k_cache: torch.Tensor) -> int:
-        """A long shared prefix read by few programs (one per group and KV head) leaves most SMs idle: split it
-        into ranges of at least 256 tokens until there are about two programs per SM."""
-        if not q.is_cuda:
-            return 1
-        programs = len(meta.shared) * k_cache.shape[2]
-        longest = max(p.num_tokens for p in meta.shared)
-        sms = _multiprocessors(q.device.index or 0)
-        return max(1, min(32, -(-2 * sms // programs), longest // 256))
-
-    @staticmethod
-    def _plan(meta: AttentionMetadata) -> dict:
+    def _plan(meta: AttentionMetadata, num_kv_heads: int) -> dict:
         device = meta.slot_mapping.device
         i32 = torch.int32
         q_lens = torch.tensor(meta.query_lens, device=device)
@@ -203,4 +193,15 @@ class TritonBackend(AttentionBackend):
                 max(sizes),
             )
             plan["shared_rows"] = rows
+            longest = max(p.num_tokens for p in meta.shared)
+            plan["splits"] = shared_splits(device, len(meta.shared) * num_kv_heads, longest)
         return plan
+
+
+def shared_splits(device: torch.device, programs: int, longest: int) -> int:
+    """A long shared prefix read by few programs (one per group and KV head) leaves most SMs idle: split it
+    into ranges of at least 256 tokens until there are about two programs per SM."""
+    if device.type != "cuda":
+        return 1
+    sms = _multiprocessors(device.index or 0)
+    return max(1, min(32, -(-2 * sms // programs), longest // 256))

@@ -1,0 +1,107 @@
+"""Decode steps of N sequences forked from one long prefix, in the engine, with the prefix read once per step
+(the shared pass) and read by every sequence (paged, under CUDA graphs), on the GPU.
+
+Llama-2-7B shapes, random bf16 weights, a prefix of P tokens, each fork with 64 own prompt tokens, greedy.
+Floor of a step = (weight bytes + KV bytes that must be read) / copy bandwidth measured in the same run, with
+the prefix's KV counted once (what sharing can reach) and N times (what reading it per sequence must move
+from memory when it does not stay in L2).
+
+    python benchmarks/shared_prefix_decode.py --out benchmarks/results/shared_prefix_decode.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from engine_decode import LLAMA2_7B, copy_bandwidth
+from parrot_lc.engine import LLMEngine, SamplingParams
+from parrot_lc.settings import EngineSettings
+
+OWN_TOKENS = 64
+STEPS = 16
+MODES = {"auto": None, "shared": 0, "per_sequence": 2**62}  # min_shared_elements of the runner
+
+
+def step_ms(engine: LLMEngine, prefix: list[int], forks: int, mode: str, profile: bool) -> float:
+    default = engine.runner.min_shared_elements
+    if MODES[mode] is not None:
+        engine.runner.min_shared_elements = MODES[mode]
+    gen = torch.Generator().manual_seed(forks)
+    ids = [(mode, forks, i) for i in range(forks)]
+    engine.run_until_done([engine.submit_fill(torch.randint(3, 1000, (OWN_TOKENS,), generator=gen).tolist(), c,
+                                              "prefix") for c in ids])
+    sampling = SamplingParams(max_tokens=STEPS + 8, temperature=0.0, ignore_eos=True)
+    requests = [engine.submit_generate(sampling, c) for c in ids]
+    for _ in range(4):  # the first sample, and graphs or kernels warmed
+        engine.step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(STEPS):
+        engine.step()
+    torch.cuda.synchronize()
+    elapsed = (time.perf_counter() - start) * 1e3 / STEPS
+    if profile:
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                engine.step()
+            torch.cuda.synchronize()
+        print(f"--- {mode}, N={forks}: 3 decode steps")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=50))
+    engine.run_until_done(requests)
+    for c in ids:
+        engine.free_context(c)
+    engine.runner.min_shared_elements = default
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/shared_prefix_decode.json"))
+    parser.add_argument("--prefix", type=int, default=4096)
+    parser.add_argument("--forks", type=int, nargs="+", default=[8, 23, 64, 128, 230])
+    parser.add_argument("--profile", type=int, nargs="*", default=[], help="N values to profile")
+    args = parser.parse_args()
+
+    bandwidth = copy_bandwidth()
+    with tempfile.TemporaryDirectory() as model_dir:
+        (Path(model_dir) / "config.json").write_text(json.dumps({**LLAMA2_7B, "max_position_embeddings": 8192}))
+        engine = LLMEngine(EngineSettings(model=model_dir, load_format="dummy", device="cuda", dtype="bfloat16",
+                                          kv_cache_bytes=48 * 2**30, max_num_batched_tokens=4096))
+    weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+    kv_bytes_per_token = 2 * LLAMA2_7B["num_hidden_layers"] * LLAMA2_7B["hidden_size"] * 2
+    prefix = torch.randint(3, 1000, (args.prefix,), generator=torch.Generator().manual_seed(0)).tolist()
+    engine.fill(prefix, "prefix")
+    results = {}
+    for forks in tqdm(args.forks, desc="forks"):
+        own = OWN_TOKENS + STEPS
+        results[str(forks)] = {
+            **{f"{mode}_ms": step_ms(engine, prefix, forks, mode, forks in args.profile) for mode in MODES},
+            "floor_shared_ms": (weight_bytes + (args.prefix + forks * own) * kv_bytes_per_token) / bandwidth * 1e3,
+            "floor_per_sequence_ms": (weight_bytes + forks * (args.prefix + own) * kv_bytes_per_token)
+            / bandwidth * 1e3,
+        }
+    result = {
+        "device": torch.cuda.get_device_name(),
+        "model": "Llama-2-7B shapes, random bf16 weights",
+        "prefix_tokens": args.prefix,
+        "own_tokens": OWN_TOKENS,
+        "copy_bandwidth_gb_s": bandwidth / 1e9,
+        "min_shared_elements": engine.runner.min_shared_elements,
+        "by_forks": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -45,7 +45,7 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() * 20 / (time.perf_counter() - start)
 
 
-def profile_steps(engine: LLMEngine, batch: int) -> None:
+def profile_steps(engine: LLMEngine, label: str) -> None:
     """Prints where a decode step's time goes (GPU kernels by total time), to explain a gap to the floor."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -53,7 +53,7 @@ def profile_steps(engine: LLMEngine, batch: int) -> None:
         for _ in range(3):
             engine.step()
         torch.cuda.synchronize()
-    print(f"--- profile of 3 decode steps at batch {batch}")
+    print(f"--- profile of 3 decode steps, {label}")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
 
 
@@ -84,7 +84,7 @@ def bench_ours(model_dir: Path, batches: list[int], profile: bool) -> tuple[dict
         torch.cuda.synchronize()
         step_ms[str(batch)] = (time.perf_counter() - start) * 1e3 / (DECODE_STEPS - 1)
         if profile:
-            profile_steps(engine, batch)
+            profile_steps(engine, f"batch {batch}")
         engine.run_until_done(requests)
         for i in range(batch):
             engine.free_context((batch, i))

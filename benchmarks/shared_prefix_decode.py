@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from engine_decode import LLAMA2_7B, copy_bandwidth
+from engine_decode import LLAMA2_7B, copy_bandwidth, profile_steps
 from parrot_lc.engine import LLMEngine, SamplingParams
 from parrot_lc.settings import EngineSettings
 
@@ -29,7 +29,8 @@ STEPS = 16
 MODES = {"auto": None, "shared": 0, "per_sequence": 2**62}  # min_shared_elements of the runner
 
 
-def step_ms(engine: LLMEngine, prefix: list[int], forks: int, mode: str, profile: bool) -> float:
+def step_ms(engine: LLMEngine, forks: int, mode: str, profile: bool) -> float:
+    """Milliseconds a decode step of `forks` sequences forked from the filled context "prefix" takes."""
     default = engine.runner.min_shared_elements
     if MODES[mode] is not None:
         engine.runner.min_shared_elements = MODES[mode]
@@ -48,14 +49,7 @@ def step_ms(engine: LLMEngine, prefix: list[int], forks: int, mode: str, profile
     torch.cuda.synchronize()
     elapsed = (time.perf_counter() - start) * 1e3 / STEPS
     if profile:
-        from torch.profiler import ProfilerActivity, profile as torch_profile
-
-        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for _ in range(3):
-                engine.step()
-            torch.cuda.synchronize()
-        print(f"--- {mode}, N={forks}: 3 decode steps")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=50))
+        profile_steps(engine, f"{mode}, {forks} forks")
     engine.run_until_done(requests)
     for c in ids:
         engine.free_context(c)
@@ -84,7 +78,7 @@ def main() -> None:
     for forks in tqdm(args.forks, desc="forks"):
         own = OWN_TOKENS + STEPS
         results[str(forks)] = {
-            **{f"{mode}_ms": step_ms(engine, prefix, forks, mode, forks in args.profile) for mode in MODES},
+            **{f"{mode}_ms": step_ms(engine, forks, mode, forks in args.profile) for mode in MODES},
             "floor_shared_ms": (weight_bytes + (args.prefix + forks * own) * kv_bytes_per_token) / bandwidth * 1e3,
             "floor_per_sequence_ms": (weight_bytes + forks * (args.prefix + own) * kv_bytes_per_token)
             / bandwidth * 1e3,

@@ -60,8 +60,23 @@ class ServerSettings(BaseSettings):
     engines: int = Field(1, ge=0, description="local engines (model replicas) the manager drives; 0: remote only")
     engine_timeout: float = Field(5.0, gt=0, description="seconds without a heartbeat before a remote engine is dropped")
     api_key: str | None = Field(None, description="if set, every endpoint but /health needs `Authorization: Bearer KEY`")
+    api_keys_file: Path | None = Field(
+        None, description="a file of API keys, one a line (`#` comments), each accepted like --api-key"
+    )
+    metrics_need_api_key: bool = Field(
+        True, description="whether /metrics needs the API key too (false: open to a scraper without one)"
+    )
     max_request_bytes: int = Field(2 * 2**20, ge=1024, description="larger request bodies get 413")
+    max_queued_calls: int = Field(
+        4096, ge=1, description="unfinished calls (graph calls and OpenAI-compatible requests) the server holds; "
+        "more get 429 with Retry-After"
+    )
     max_prefixes_per_engine: int = Field(64, ge=1, description="warm prefix contexts kept per engine (LRU)")
+    app_centric: bool = Field(
+        True, description="Parrot's scheduling: shared prompt prefixes filled once and forked, priorities from the "
+        "deduced objectives; off: request-level serving (each call on its own, first come first served), the "
+        "baseline that benchmarks compare against"
+    )
     max_background_calls_per_engine: int = Field(
         64, ge=1, description="calls that are not latency-critical running at once on one engine; the rest queue, "
         "so latency-critical calls always find room"
@@ -71,6 +86,17 @@ class ServerSettings(BaseSettings):
     )
     openai_engine_model: str | None = Field(None, description="the model name at that server (default: --model)")
     openai_engine_api_key: str | None = Field(None, description="API key of that server")
+
+    def api_keys(self) -> list[str]:
+        """Every accepted API key: --api-key and the lines of --api-keys-file (none: the API is open)."""
+        keys = [self.api_key] if self.api_key else []
+        if self.api_keys_file is not None:
+            lines = self.api_keys_file.read_text(encoding="utf-8").splitlines()
+            from_file = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+            if not from_file:  # an empty file must not open the API by mistake
+                raise ValueError(f"api_keys_file {self.api_keys_file} holds no key")
+            keys += from_file
+        return keys
 
 
 class EngineProcessSettings(BaseSettings):

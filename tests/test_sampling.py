@@ -89,3 +89,15 @@ def test_streamed_text_deltas_join_to_the_full_text(tiny):
     tiny.fill(tiny.tokenizer("import os").input_ids, "p")
     tokens, text, _ = generated(tiny, SamplingParams(max_tokens=15, temperature=0.0, ignore_eos=True))
     assert text == tiny.tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def test_a_temperature_too_small_to_divide_by_is_greedy(tiny):
+    tiny.fill(list(range(3, 30)), "p")
+    greedy = generated(tiny, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))[0]
+    assert generated(tiny, SamplingParams(max_tokens=8, temperature=1e-120, seed=1, ignore_eos=True))[0] == greedy
+
+
+def test_a_top_p_too_small_for_float32_keeps_the_most_likely_token(tiny):
+    tiny.fill(list(range(3, 30)), "p")
+    greedy = generated(tiny, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))[0]
+    assert generated(tiny, SamplingParams(max_tokens=8, top_p=5e-324, seed=1, ignore_eos=True))[0] == greedy

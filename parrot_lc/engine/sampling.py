@@ -8,10 +8,12 @@ import torch
 
 from parrot_lc.engine.errors import InvalidRequestError
 
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick tokens and when to stop. `temperature == 0` is greedy decoding."""
+    """How to pick tokens and when to stop. `temperature == 0` (or below 1e-5) is greedy decoding."""
 
     max_tokens: int = 128
     temperature: float = 1.0
@@ -43,7 +45,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Below this, logits / temperature overflow to inf (NaN probabilities): it is greedy in all but name.
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
 
 class Sampler:
@@ -81,6 +84,7 @@ class Sampler:
         # Keep the smallest set of tokens whose mass reaches top_p (the first token always stays).
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
         cut |= mass_before >= top_p[:, None]
+        cut[:, 0] = False  # even where top_p is too small for float32 (it rounds to 0, which would cut them all)
         sorted_logits = sorted_logits.masked_fill(cut, float("-inf"))
         probs = torch.empty_like(scaled).scatter_(-1, order, sorted_logits.softmax(dim=-1))
         return probs

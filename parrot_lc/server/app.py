@@ -6,8 +6,8 @@ bug, never with a stack trace)."""
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
-import secrets
 import time
 from contextlib import asynccontextmanager
 
@@ -19,8 +19,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from parrot_lc.engine.engine import EngineStats
 from parrot_lc.engine.errors import EngineError, OutOfMemoryError
 from parrot_lc.engine.sampling import SamplingParams
-from parrot_lc.server.errors import ServerError
+from parrot_lc.server.errors import QueueFullError, ServerError
 from parrot_lc.server.graph import Criterion, Piece, Session
+from parrot_lc.server.limits import BodyLimit
 from parrot_lc.server.manager import ParrotManager
 from parrot_lc.server.metrics import registry_for
 from parrot_lc.server.openai_routes import openai_router
@@ -44,6 +45,8 @@ from parrot_lc.settings import ServerSettings
 
 log = logging.getLogger("parrot_lc.server")
 ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 403, 404, 408, 413, 422, 424)}
+ERRORS[429] = {"model": ErrorBody, "description": "the server's queue is full: retry after `Retry-After` seconds",
+               "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds to wait"}}}
 ERRORS[503] = {"model": ErrorBody, "description": "the server is shutting down: it takes no new work"}
 
 
@@ -63,27 +66,24 @@ def create_app(manager: ParrotManager, settings: ServerSettings) -> FastAPI:
     app = FastAPI(title="parrot_lc", description="Serving LLM applications as graphs of Semantic Variables",
                   lifespan=lifespan)
     registry = registry_for(manager)
+    api_keys = [key.encode() for key in settings.api_keys()]
+    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(RequestIds)  # added last, so outermost: every response (413s too) carries the id
 
     def check_api_key(authorization: str | None = Header(None)) -> None:
-        if settings.api_key is None:
+        if not api_keys:
             return
         scheme, _, key = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(key.encode(), settings.api_key.encode()):
+        # Every key is compared, in constant time, so the time taken tells nothing of which (if any) matched.
+        matches = [hmac.compare_digest(key.encode(), known) for known in api_keys]
+        if scheme.lower() != "bearer" or not any(matches):
             raise ServerError("missing or wrong API key: send `Authorization: Bearer <key>`", field="authorization")
-
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > settings.max_request_bytes:
-            return error_response(413, f"request body over {settings.max_request_bytes} bytes", "PayloadTooLarge")
-        return await call_next(request)
-
-    app.add_middleware(RequestIds)  # added last, so outermost: every response (413s too) carries the id
 
     @app.exception_handler(ServerError)
     async def server_error(request: Request, exc: ServerError) -> JSONResponse:
         status = 401 if exc.field == "authorization" else exc.status
-        return error_response(status, exc.message, type(exc).__name__, exc.field)
+        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, QueueFullError) else None
+        return error_response(status, exc.message, type(exc).__name__, exc.field, headers)
 
     @app.exception_handler(EngineError)
     async def engine_error(request: Request, exc: EngineError) -> JSONResponse:
@@ -111,13 +111,13 @@ def create_app(manager: ParrotManager, settings: ServerSettings) -> FastAPI:
 
     guarded = [Depends(check_api_key)]
 
-    @app.get("/metrics", dependencies=guarded)
+    @app.get("/metrics", dependencies=guarded if settings.metrics_need_api_key else [])
     async def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(parrot_router(manager), dependencies=guarded)
     app.include_router(engines_router(manager), dependencies=guarded)
-    app.include_router(openai_router(manager, manager.model.name), dependencies=guarded)
+    app.include_router(openai_router(manager, manager.model.name), dependencies=guarded, responses=ERRORS)
     return app
 
 
@@ -135,7 +135,7 @@ def engines_router(manager: ParrotManager) -> APIRouter:
 
     @router.post("", status_code=201)
     async def register(body: RegisterEngine) -> EngineRef:
-        slot = manager.add_engine(RemoteEngine(body.url, EngineStats(**body.stats.model_dump())))
+        slot = manager.add_engine(RemoteEngine(str(body.url), EngineStats(**body.stats.model_dump())))
         log.info("engine %s registered from %s", slot.name, body.url)
         return EngineRef(name=slot.name)
 
@@ -194,6 +194,13 @@ def parrot_router(manager: ParrotManager) -> APIRouter:
         """Submits one call or a whole graph of calls; each runs as soon as its inputs have values."""
         graph = [[to_piece(p) for p in call.template] for call in body.calls]
         return SubmittedCalls(call_ids=[c.call_id for c in manager.submit(session, graph)])
+
+    @router.delete("/sessions/{session_id}/calls/{call_id}", status_code=204)
+    async def cancel_call(call_id: str, session: Session = Depends(session_of)) -> Response:
+        """Cancels a call that has not finished: its context (and KV cache) is freed, its outputs fail, and so
+        do the calls waiting for them. A finished call is left as it is."""
+        await manager.cancel_call(session, call_id)
+        return Response(status_code=204)
 
     return router
 

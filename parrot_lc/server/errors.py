@@ -30,6 +30,16 @@ class VariableTimeoutError(ServerError):
     status = 408
 
 
+class QueueFullError(ServerError):
+    """The server holds as much work as it may queue; the client should retry after `retry_after` seconds."""
+
+    status = 429
+
+    def __init__(self, message: str, field: str | None = None, retry_after: int = 1) -> None:
+        super().__init__(message, field)
+        self.retry_after = retry_after
+
+
 class ShuttingDownError(ServerError):
     """The server is stopping: it finishes the work it has and takes no more."""
 

@@ -73,6 +73,7 @@ class Call:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str | None = None  # of the last output
+    streamed: bool = False  # text went out to a streaming client: the call cannot start over
 
     @property
     def inputs(self) -> list[str]:

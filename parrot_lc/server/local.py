@@ -30,7 +30,8 @@ def build_manager(engine_settings: EngineSettings, server_settings: ServerSettin
         engines.append(OpenAIEngine(server_settings.openai_engine, server_settings.openai_engine_model or info.name,
                                     info.tokenizer, server_settings.openai_engine_api_key))
     return ParrotManager(info, engines, server_settings.max_prefixes_per_engine,
-                         server_settings.max_background_calls_per_engine)
+                         server_settings.max_background_calls_per_engine, server_settings.max_queued_calls,
+                         server_settings.app_centric)
 
 
 class LocalServer:

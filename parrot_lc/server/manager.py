@@ -14,7 +14,7 @@ import logging
 import secrets
 import time
 from contextlib import asynccontextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from transformers import PreTrainedTokenizerBase
@@ -26,6 +26,7 @@ from parrot_lc.server.errors import (
     CallFailedError,
     ForbiddenError,
     NotFoundError,
+    QueueFullError,
     ServerError,
     ShuttingDownError,
     VariableTimeoutError,
@@ -44,6 +45,10 @@ from parrot_lc.server.prefix_cache import PrefixCache, prefix_key
 from parrot_lc.server.remote_engine import RemoteEngine
 
 LATENCY_PRIORITY, GROUP_PRIORITY, DEFAULT_PRIORITY = 2, 1, 0
+DEFAULT_MAX_TOKENS = 256
+# A call refused for want of KV waits for another call to end (at most this long) and runs again; after this
+# many waits in which nothing ended, it fails.
+OOM_RETRY_SECONDS, OOM_IDLE_WAITS = 1.0, 3  # of a completion that does not say (the OpenAI-compatible endpoints)
 log = logging.getLogger("parrot_lc.manager")
 
 
@@ -53,6 +58,7 @@ class Completion:
 
     call: Call
     output: Variable
+    session: Session
 
     async def deltas(self) -> AsyncIterator[str]:
         """Text pieces as they are generated; raises CallFailedError if the call fails."""
@@ -79,6 +85,7 @@ class EngineSlot:
     prefixes: PrefixCache
     background: asyncio.Semaphore  # caps the calls that are not latency-critical
     running: int = 0
+    call_ended: asyncio.Event = field(default_factory=asyncio.Event)  # set (and replaced) as each call ends
     placed: int = 0  # calls ever placed here: breaks ties in load, so idle engines take turns
     last_heartbeat: float = 0.0  # remote engines only
 
@@ -96,7 +103,7 @@ class ModelInfo:
 class ParrotManager:
     def __init__(
         self, model: ModelInfo, engines: list[EngineClient], max_prefixes_per_engine: int = 64,
-        max_background_calls_per_engine: int = 64,
+        max_background_calls_per_engine: int = 64, max_queued_calls: int = 4096, app_centric: bool = True,
     ) -> None:
         self.model = model
         self.tokenizer = model.tokenizer
@@ -104,6 +111,10 @@ class ParrotManager:
         self.max_context = model.max_context
         self.max_prefixes_per_engine = max_prefixes_per_engine
         self.max_background_calls = max_background_calls_per_engine
+        self.max_queued_calls = max_queued_calls
+        self.app_centric = app_centric  # off: no prefix sharing, one priority, no background cap (the baseline)
+        self.queued_calls = 0  # submitted and not finished, in every session: what max_queued_calls bounds
+        self.rejected_calls = 0
         self.engines: list[EngineSlot] = []
         for engine in engines:
             self.add_engine(engine)
@@ -210,10 +221,14 @@ class ParrotManager:
         self._check_accepting()
         calls = [Call(f"c{next(self._ids)}", session.session_id, pieces) for pieces in pieces_of_calls]
         validate_new_calls(session, calls)
-        for call in calls:
+        for index, call in enumerate(calls):
             for piece in call.pieces:
                 if piece.sampling is not None:
                     piece.sampling.validate(self.vocab_size)
+                    if piece.sampling.max_tokens >= self.max_context:
+                        raise ServerError(f"sampling.max_tokens is {piece.sampling.max_tokens}; the model's context "
+                                          f"is {self.max_context}", field=f"calls.{index}.sampling.max_tokens")
+        self._admit(len(calls))
         for call in calls:
             session.calls[call.call_id] = call
             for var_id in call.inputs:
@@ -228,7 +243,33 @@ class ParrotManager:
                     deduce_objectives(session, variable, Criterion.LATENCY)
         for call in calls:
             call.task = asyncio.ensure_future(self._run(session, call))
+            # A done callback, not the task's own `finally`: a task cancelled before it started never runs that.
+            call.task.add_done_callback(self._unqueue)
         return calls
+
+    def _admit(self, count: int) -> None:
+        """Takes `count` more calls into the queue, or refuses them (429) while it is full."""
+        if count > self.max_queued_calls:
+            raise ServerError(f"a graph of {count} calls is more than the server queues "
+                              f"(max_queued_calls={self.max_queued_calls}): submit it in parts", field="calls")
+        if self.queued_calls + count > self.max_queued_calls:
+            self.rejected_calls += count
+            raise QueueFullError(f"the server queues {self.queued_calls} unfinished calls "
+                                 f"(max_queued_calls={self.max_queued_calls}): retry later", field="calls")
+        self.queued_calls += count
+
+    def _unqueue(self, task: asyncio.Task) -> None:
+        self.queued_calls -= 1
+
+    async def cancel_call(self, session: Session, call_id: str) -> None:
+        """Stops a call of the session (its outputs fail, and so do the calls that wait for them); its
+        context is freed as it stops. A call that has finished stays as it is."""
+        call = session.calls.get(call_id)
+        if call is None:
+            raise NotFoundError(f"unknown call {call_id!r} in this session", field="call_id")
+        if call.task is not None and not call.task.done():
+            call.task.cancel()
+            await asyncio.gather(call.task, return_exceptions=True)
 
     async def _run(self, session: Session, call: Call) -> None:
         try:
@@ -267,7 +308,7 @@ class ParrotManager:
         segments = self._segments(session, call)
         token_ids = self.tokenizer(segments[0][0]).input_ids
         call.prompt_tokens = len(token_ids)
-        prefix_ids = self._shared_prefix(call.constant_prefix, token_ids)
+        prefix_ids = self._shared_prefix(call.constant_prefix, token_ids) if self.app_centric else []
         while True:
             slot = self._place(call, prefix_ids)
             try:
@@ -280,10 +321,31 @@ class ParrotManager:
         self, slot: EngineSlot, session: Session, call: Call, segments, token_ids: list[int], prefix_ids: list[int]
     ) -> None:
         priority = LATENCY_PRIORITY if call.latency_critical else GROUP_PRIORITY if call.task_group else DEFAULT_PRIORITY
+        if not self.app_centric:
+            priority = DEFAULT_PRIORITY
         context_id = f"{session.session_id}/{call.call_id}"
         slot.placed += 1
-        async with nullcontext() if call.latency_critical else slot.background:
-            await self._execute_in_context(slot, session, call, segments, token_ids, prefix_ids, priority, context_id)
+        async with nullcontext() if call.latency_critical or not self.app_centric else slot.background:
+            idle_waits = 0
+            while True:
+                ended = slot.call_ended
+                try:
+                    return await self._execute_in_context(slot, session, call, segments, token_ids, prefix_ids,
+                                                          priority, context_id)
+                except OutOfMemoryError:
+                    # The KV cache is full of contexts that wait (filled calls, warm prefixes), which the engine
+                    # cannot preempt; this call's context is freed: run it again once another call has ended.
+                    # Not if its text went out to a client, nor after waits in which nothing ended or was
+                    # evicted: then it cannot fit at all.
+                    evicted = await slot.prefixes.evict()
+                    if call.streamed or idle_waits >= OOM_IDLE_WAITS:
+                        raise
+                    call.completion_tokens = 0
+                    try:
+                        await asyncio.wait_for(ended.wait(), OOM_RETRY_SECONDS)
+                        idle_waits = 0
+                    except asyncio.TimeoutError:
+                        idle_waits += 0 if evicted else 1
 
     async def _execute_in_context(
         self, slot: EngineSlot, session: Session, call: Call, segments, token_ids: list[int], prefix_ids: list[int],
@@ -307,11 +369,14 @@ class ParrotManager:
                     call.finish_reason = event.finish_reason
                     if variable.deltas is not None and event.text and not retried:
                         variable.deltas.put_nowait(event.text)
+                        call.streamed = True
                 if not retried:
                     variable.set("".join(pieces))
         finally:
             slot.running -= 1
             await self._free_quietly(slot, context_id)
+            slot.call_ended.set()
+            slot.call_ended = asyncio.Event()
 
     async def _fill_call_context(
         self, slot: EngineSlot, context_id: str, prefix_ids: list[int], token_ids: list[int], priority: int
@@ -389,21 +454,43 @@ class ParrotManager:
     async def completion(self, pieces: list[Piece], sampling: SamplingParams) -> AsyncIterator["Completion"]:
         """A one-call graph in a session of its own (what the OpenAI-compatible endpoints run): the
         template's pieces followed by one output. The session goes when the block ends, early or not."""
+        completion = self.start_completion(pieces, sampling)
+        try:
+            yield completion
+        finally:
+            await self.end_completion(completion)
+
+    def start_completion(self, pieces: list[Piece], sampling: SamplingParams) -> Completion:
+        """Submits the one-call graph of `completion()`; end it with `end_completion` (more than once is fine).
+        Raises before anything runs if the call is refused (a full queue, bad sampling)."""
         session = self.create_session()
         output = self.create_variable(session)
         output.deltas = asyncio.Queue()
         try:
             [call] = self.submit(session, [pieces + [Piece("output", var_id=output.var_id, sampling=sampling)]])
-            yield Completion(call, output)
-        finally:
-            await self.delete_session(session)
+        except Exception:  # refused: nothing runs, and the session must not stay behind
+            self.sessions.pop(session.session_id)
+            raise
+        return Completion(call, output, session)
 
-    def check_prompt(self, text: str) -> int:
-        """The prompt's token count; a prompt longer than the model's context is rejected before it runs."""
+    async def end_completion(self, completion: Completion) -> None:
+        """Cancels the completion's call if it still runs (its client went away) and forgets its session."""
+        await self.delete_session(completion.session)
+
+    def check_prompt(self, text: str, max_tokens: int | None, field: str = "prompt") -> int:
+        """How many tokens the completion may generate: `max_tokens`, or without it what the context leaves (up
+        to a default). A prompt that fills the model's context, or leaves less room than `max_tokens`, is rejected
+        before it runs (naming `field`, or `max_tokens`)."""
         count = len(self.tokenizer(text).input_ids)
+        if count == 0:
+            raise ServerError("the prompt is empty: it needs at least one token", field)
         if count >= self.max_context:
-            raise ServerError(f"the prompt has {count} tokens; the model's context is {self.max_context}", "prompt")
-        return count
+            raise ServerError(f"the prompt has {count} tokens; the model's context is {self.max_context}", field)
+        room = self.max_context - count
+        if max_tokens is not None and max_tokens > room:
+            raise ServerError(f"max_tokens is {max_tokens}, but the prompt ({count} tokens) leaves room for {room} "
+                              f"in the model's context of {self.max_context}", "max_tokens")
+        return min(max_tokens or DEFAULT_MAX_TOKENS, room)
 
     # ---- observability ------------------------------------------------------------------------------
 

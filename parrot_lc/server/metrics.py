@@ -27,6 +27,10 @@ class ManagerCollector:
         yield finished
         yield GaugeMetricFamily("parrot_queue_length", "Calls waiting for their inputs",
                                 value=sum(c.state is CallState.WAITING for c in calls))
+        yield GaugeMetricFamily("parrot_queued_calls", "Unfinished calls, bounded by max_queued_calls",
+                                value=manager.queued_calls)
+        yield CounterMetricFamily("parrot_rejected_calls", "Calls refused with 429 because the queue was full",
+                                  value=manager.rejected_calls)
         gauges = {
             "parrot_kv_blocks_used": ("KV cache blocks in use", lambda st, slot: st.kv_blocks_used),
             "parrot_kv_blocks_free": ("KV cache blocks free", lambda st, slot: st.kv_blocks_free),

@@ -4,6 +4,7 @@ shared with every other request that starts the same way."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -11,12 +12,12 @@ from typing import AsyncIterator
 
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
+from parrot_lc.server.errors import CallFailedError
 from parrot_lc.server.graph import Piece
 from parrot_lc.server.manager import Completion, ParrotManager
 from parrot_lc.server.schemas import ChatCompletionRequest, CompletionRequest, OpenAISampling
-
-DEFAULT_MAX_TOKENS = 256
 
 
 def openai_router(manager: ParrotManager, model_name: str) -> APIRouter:
@@ -28,29 +29,28 @@ def openai_router(manager: ParrotManager, model_name: str) -> APIRouter:
 
     @router.post("/completions")
     async def completions(body: CompletionRequest):
-        manager.check_prompt(body.prompt)
+        max_tokens = manager.check_prompt(body.prompt, body.max_tokens)
         pieces = [Piece("text", body.prompt)]
-        return await respond(body, pieces, "text_completion", lambda text: {"text": text, "logprobs": None})
+        return await respond(body, max_tokens, pieces, "text_completion", lambda text: {"text": text, "logprobs": None})
 
     @router.post("/chat/completions")
     async def chat_completions(body: ChatCompletionRequest):
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
         prompt = manager.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        manager.check_prompt(prompt)
+        max_tokens = manager.check_prompt(prompt, body.max_completion_tokens or body.max_tokens, "messages")
         # The system messages rendered alone are the part that many chats share (a long system prompt).
         system = [m for m in messages if m["role"] == "system"]
         head = manager.tokenizer.apply_chat_template(system, tokenize=False) if system else ""
         head = head if prompt.startswith(head) else ""
         pieces = [Piece("text", head), Piece("text", prompt[len(head):])] if head else [Piece("text", prompt)]
-        if body.max_completion_tokens is not None:
-            body.max_tokens = body.max_completion_tokens
-        return await respond(body, pieces, "chat.completion",
+        return await respond(body, max_tokens, pieces, "chat.completion",
                              lambda text: {"message": {"role": "assistant", "content": text}},
                              lambda text, first: {"delta": {"role": "assistant", "content": text} if first
                                                   else {"content": text}})
 
-    async def respond(body: OpenAISampling, pieces: list[Piece], kind: str, final_choice, delta_choice=None):
-        sampling = body.to_params(DEFAULT_MAX_TOKENS)
+    async def respond(body: OpenAISampling, max_tokens: int, pieces: list[Piece], kind: str, final_choice,
+                      delta_choice=None):
+        sampling = body.to_params(max_tokens)
         sampling.validate(manager.vocab_size)
         response_id = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}"
         head = {"id": response_id, "created": int(time.time()), "model": body.model}
@@ -63,8 +63,11 @@ def openai_router(manager: ParrotManager, model_name: str) -> APIRouter:
         delta = delta_choice or (lambda text, first: {"text": text, "logprobs": None})
         include_usage = body.stream_options is not None and body.stream_options.include_usage
 
+        # Submitted before the response starts, so that a refusal (429) is still an HTTP status.
+        completion = manager.start_completion(pieces, sampling)
+
         async def events() -> AsyncIterator[str]:
-            async with manager.completion(pieces, sampling) as completion:
+            try:
                 first = True
                 async for text in completion.deltas():
                     yield sse({**head, "object": chunk_kind, "choices": [{"index": 0, **delta(text, first),
@@ -74,11 +77,29 @@ def openai_router(manager: ParrotManager, model_name: str) -> APIRouter:
                 yield sse({**head, "object": chunk_kind, "choices": [final]})
                 if include_usage:
                     yield sse({**head, "object": chunk_kind, "choices": [], "usage": usage(completion)})
+            except CallFailedError as exc:  # the status (200) is sent: the error goes as the stream's last event
+                yield sse({"error": {"message": exc.message, "type": type(exc).__name__, "field": exc.field}})
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return CompletionStream(events(), manager, completion)
 
     return router
+
+
+class CompletionStream(StreamingResponse):
+    """The server-sent events of a completion, which ends (its call stopped, its KV freed) however the response
+    ends: streamed to the end, or its client gone mid-stream or before the first byte. Starlette neither closes
+    the events' generator nor runs background tasks when the client goes, hence this."""
+
+    def __init__(self, events: AsyncIterator[str], manager: ParrotManager, completion: Completion) -> None:
+        super().__init__(events, media_type="text/event-stream")
+        self.manager, self.completion = manager, completion
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await asyncio.shield(self.manager.end_completion(self.completion))
 
 
 def usage(completion: Completion) -> dict:

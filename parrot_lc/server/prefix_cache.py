@@ -4,11 +4,13 @@ that starts with it, across sessions; idle prefixes are evicted least recently u
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import itertools
 from dataclasses import dataclass, field
 
 from parrot_lc.engine.async_engine import AsyncEngine
+from parrot_lc.engine.errors import EngineError
 
 
 def prefix_key(token_ids: list[int]) -> str:
@@ -88,5 +90,8 @@ class PrefixCache:
         except Exception as exc:  # every waiting call sees the error; the entry is dropped
             self._entries.pop(entry.key, None)
             entry.filled.set_exception(exc)
+            # A fill that failed once started (the KV cache ran out) leaves its context behind: free it.
+            with contextlib.suppress(EngineError):
+                await self.engine.free_context(entry.context_id)
         else:
             entry.filled.set_result(None)

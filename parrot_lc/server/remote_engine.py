@@ -79,4 +79,8 @@ class RemoteEngine:
     def close(self) -> None:
         """Drops the connections: requests in flight fail with EngineUnavailableError and move elsewhere (an
         engine that stopped sending heartbeats may hang rather than close them)."""
-        asyncio.get_running_loop().create_task(self._client.aclose())
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # closed after the server's event loop ended: its connections went with it
+            return
+        loop.create_task(self._client.aclose())

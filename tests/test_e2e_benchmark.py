@@ -1,0 +1,50 @@
+"""benchmarks/e2e.py at its smoke scale on the CPU: every workload runs in both modes, and the figures show
+what separates them (the benchmark itself runs on the GPU; this keeps the script working)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).parent.parent / "benchmarks" / "e2e.py"
+
+
+@pytest.fixture(scope="module")
+def smoke_out(tmp_path_factory) -> Path:
+    """Where the smoke run wrote its results (e2e.json, and e2e.png beside it)."""
+    out = tmp_path_factory.mktemp("e2e") / "e2e.json"
+    subprocess.run([sys.executable, str(SCRIPT), "--model", "tiny", "--device", "cpu", "--scale", "smoke",
+                    "--hf", "--out", str(out)], check=True, timeout=300, capture_output=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def smoke_run(smoke_out) -> dict:
+    return json.loads(smoke_out.read_text())
+
+
+def test_every_workload_has_both_modes_and_a_speedup(smoke_run):
+    workloads = smoke_run["workloads"]
+    assert set(workloads) == {"chain_summary", "map_reduce", "shared_prompt_chat", "multi_agent", "gpts", "mixed"}
+    for name, figures in workloads.items():
+        assert {"parrot", "baseline", "speedup"} <= set(figures), name
+        assert figures["speedup"] > 0, name
+
+
+def test_only_parrot_reuses_the_shared_system_prompt(smoke_run):
+    gpts = smoke_run["workloads"]["gpts"]
+    assert gpts["baseline"]["reused_tokens"] == 0
+    assert gpts["parrot"]["reused_tokens"] >= smoke_run["scale"]["app_prompt_tokens"]
+    assert gpts["parrot"]["prefill_tokens"] < gpts["baseline"]["prefill_tokens"]
+
+
+def test_transformers_is_timed_on_the_workloads_small_enough_for_it(smoke_run):
+    workloads = smoke_run["workloads"]
+    assert workloads["chain_summary"]["hf"]["seconds"] > 0
+    assert set(workloads["map_reduce"]["hf"]) == set(workloads["map_reduce"]["parrot"])
+
+
+def test_the_run_draws_its_plot_beside_the_results(smoke_out):
+    assert smoke_out.with_suffix(".png").stat().st_size > 10_000

@@ -1,10 +1,13 @@
 """Bad requests get a typed error for themselves; the engine keeps serving everyone else."""
 
+import asyncio
+
 import pytest
 
 from parrot_lc.engine import (
     ContextBusyError,
     ContextNotFoundError,
+    EngineStepError,
     InvalidRequestError,
     OutOfMemoryError,
     SamplingParams,
@@ -119,3 +122,33 @@ def test_an_idle_cache_that_cannot_make_room_fails_the_request_not_the_engine(ma
         engine.fill(list(range(3, 3 + 40)), "big")
     engine.free_context("idle")
     engine.fill(list(range(3, 3 + 40)), "big2")
+
+
+def test_a_step_that_raises_fails_its_requests_and_the_engine_thread_serves_on(tiny, monkeypatch):
+    from parrot_lc.engine.async_engine import AsyncEngine
+
+    run = tiny.runner.run
+    calls = []
+
+    def broken_once(chunks):  # a bug in the first step only
+        calls.append(len(chunks))
+        if len(calls) == 1:
+            raise RuntimeError("a bug in the model runner")
+        return run(chunks)
+
+    monkeypatch.setattr(tiny.runner, "run", broken_once)
+    engine = AsyncEngine(tiny)
+
+    async def generate(context_id: str) -> list[int]:
+        await engine.fill([5, 6, 7], context_id)
+        return [t async for output in engine.generate(GREEDY, context_id) for t in output.token_ids]
+
+    async def scenario() -> list[int]:
+        with pytest.raises(EngineStepError, match="a bug in the model runner"):
+            await generate("first")
+        return await generate("second")
+
+    try:
+        assert len(asyncio.run(asyncio.wait_for(scenario(), 30))) == GREEDY.max_tokens  # a dead thread: timeout
+    finally:
+        engine.close()

@@ -7,6 +7,7 @@ results; each request's outputs are handed back to the caller's event loop as th
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 from concurrent.futures import Future
@@ -14,10 +15,12 @@ from typing import AsyncIterator, Callable, TypeVar
 
 from parrot_lc.engine.context import ContextId
 from parrot_lc.engine.engine import EngineStats, LLMEngine
+from parrot_lc.engine.errors import EngineStepError
 from parrot_lc.engine.request import RequestOutput
 from parrot_lc.engine.sampling import SamplingParams
 
 T = TypeVar("T")
+log = logging.getLogger("parrot_lc.engine")
 
 
 class AsyncEngine:
@@ -102,7 +105,12 @@ class AsyncEngine:
             except queue.Empty:
                 pass
             if self.engine.has_work():
-                for output in self.engine.step():
+                try:
+                    outputs = self.engine.step()
+                except Exception as exc:  # a bug: the step's requests fail, the thread (and the server) serve on
+                    log.exception("an engine step failed; the requests in the engine are stopped")
+                    outputs = self.engine.abort_all(EngineStepError(f"the engine failed in a step: {exc!r}"))
+                for output in outputs:
                     self._deliver(output)
                 self._stats = self.engine.stats()
 

@@ -202,6 +202,11 @@ class LLMEngine:
             return None
         return self._finish(request, "cancelled", RequestCancelledError(f"request {request_id} was cancelled"))
 
+    def abort_all(self, error: EngineError) -> list[RequestOutput]:
+        """Ends every request with `error` (their contexts keep what was computed): what the engine does when a
+        step fails, so that no caller waits forever and later requests start from a clean batch."""
+        return [self._finish(request, "error", error) for request in list(self._requests.values())]
+
     def free_context(self, context_id: ContextId) -> RequestOutput | None:
         """Frees the context's blocks (shared ones stay while a fork holds them); cancels its request."""
         context = self.tree.get(context_id)

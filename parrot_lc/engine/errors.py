@@ -31,3 +31,7 @@ class RequestCancelledError(EngineError):
 
 class ModelLoadError(EngineError, ValueError):
     """A model path or file that cannot be loaded (missing, corrupt, unsupported architecture or tensor type)."""
+
+
+class EngineStepError(EngineError):
+    """A step of the engine raised (a bug): the requests it held were stopped, the engine serves on."""

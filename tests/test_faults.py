@@ -32,12 +32,26 @@ def kv_blocks_used(server: LocalServer) -> int:
     return server.manager.engines[0].engine.stats().kv_blocks_used
 
 
+def settled_kv_blocks_used(server: LocalServer) -> int:
+    """The block count once earlier requests have let go of their contexts (a finished completion frees its
+    context just after it is counted as done): the count when it stays the same for 0.3 s."""
+    counts = [kv_blocks_used(server)]
+
+    def unchanged() -> bool:
+        time.sleep(0.3)
+        counts.append(kv_blocks_used(server))
+        return counts[-1] == counts[-2]
+
+    wait_until(unchanged, 10, "the KV block count to settle")
+    return counts[-1]
+
+
 def test_a_client_that_disconnects_mid_stream_has_its_call_cancelled_and_its_kv_freed(client, local_server):
     body = {"model": "tiny", "prompt": "A story that goes on and on:", "max_tokens": 3000, "temperature": 0,
             "stream": True}
     client.post("/v1/completions", json={**body, "stream": False, "max_tokens": 1})  # warms the prompt's prefix
     wait_until(lambda: local_server.manager.queued_calls == 0, 10, "the work of earlier tests to end")
-    before, stats = kv_blocks_used(local_server), local_server.manager.engines[0].engine.stats
+    before, stats = settled_kv_blocks_used(local_server), local_server.manager.engines[0].engine.stats
     with client.stream("POST", "/v1/completions", json=body) as response:
         lines = response.iter_lines()
         for _ in range(5):  # a few tokens in: the call is decoding
@@ -55,7 +69,7 @@ def test_a_call_cancelled_through_the_api_frees_its_kv_and_fails_its_consumers(c
     session = client.post("/api/sessions").json()
     headers, base = {"X-Session-Token": session["session_token"]}, f"/api/sessions/{session['session_id']}"
     draft, review = (client.post(f"{base}/variables", json={}, headers=headers).json()["var_id"] for _ in range(2))
-    before = kv_blocks_used(local_server)
+    before = settled_kv_blocks_used(local_server)
     calls = [{"template": [{"text": "Write a long essay on rivers:"}, {"output": draft, "sampling": LONG}]},
              {"template": [{"text": "Review this essay:"}, {"input": draft}, {"output": review}]}]
     writer, reviewer = client.post(f"{base}/calls", json={"calls": calls}, headers=headers).json()["call_ids"]

@@ -108,7 +108,9 @@ class EngineProcessSettings(BaseSettings):
     host: str = Field("127.0.0.1", description="address this engine binds")
     port: int = Field(9100, ge=1, le=65535, description="port this engine listens on")
     advertise_url: str | None = Field(None, description="URL the manager reaches this engine at (default from host/port)")
-    manager_api_key: str | None = Field(None, description="the manager's API key, if it has one")
+    manager_api_key: str | None = Field(
+        None, description="the manager's API key, if it has one; this engine then requires it too (all but /health)"
+    )
     heartbeat_interval: float = Field(1.0, gt=0, description="seconds between heartbeats")
 
 

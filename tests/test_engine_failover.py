@@ -30,14 +30,21 @@ def wait_until(condition, seconds: float, what: str) -> None:
         time.sleep(0.05)
 
 
+KEY = "cluster-key-0123456789"
+
+
 @pytest.fixture
-def manager_and_remote():
+def manager_and_remote(request):
+    """A manager with one local engine and a remote engine process registered with it; parametrized
+    indirectly with an API key, both use it (the engine gets it as --manager-api-key)."""
+    key = getattr(request, "param", None)
     settings = EngineSettings(model="tiny", device="cpu", dtype="float32", kv_cache_bytes=16 * 2**20)
-    with LocalServer(settings, ServerSettings(port=0, engines=1, engine_timeout=3.0)) as server:
+    with LocalServer(settings, ServerSettings(port=0, engines=1, engine_timeout=3.0, api_key=key)) as server:
         port = free_port()
         remote = subprocess.Popen(
             [sys.executable, "-m", "parrot_lc.cli", "engine", "--manager", server.base_url, "--port", str(port),
-             "--model", "tiny", "--device", "cpu", "--kv-cache-bytes", str(16 * 2**20)],
+             "--model", "tiny", "--device", "cpu", "--kv-cache-bytes", str(16 * 2**20),
+             *(["--manager-api-key", key] if key else [])],
             env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         try:
@@ -76,3 +83,23 @@ def test_a_graph_completes_after_its_remote_engine_dies_or_hangs_mid_run(manager
     for i, value in enumerate(values):  # what an undisturbed run gives
         reference.fill(reference.tokenizer(f"Independent task {i}: topic {i}").input_ids, i)
         assert value == "".join(e.text for e in reference.generate(sampling, i))
+
+
+@pytest.mark.parametrize("manager_and_remote", [KEY], indirect=True)
+def test_a_keyed_engine_process_serves_its_manager_and_refuses_callers_without_the_key(manager_and_remote):
+    server, _ = manager_and_remote
+    remote = next(s.engine for s in server.manager.engines if isinstance(s.engine, RemoteEngine))
+    assert httpx.get(f"{remote.url}/health").status_code == 200
+    refused = httpx.post(f"{remote.url}/fill", json={"token_ids": [5, 6], "context_id": "x"})
+    assert refused.status_code == 401 and "API key" in refused.json()["error"]["message"]
+    wrong = httpx.get(f"{remote.url}/stats", headers={"Authorization": "Bearer not-the-key"})
+    assert wrong.status_code == 401
+    # The manager calls the engine with the key it registered with: with the local engine gone, a completion
+    # runs on the remote one.
+    server.manager.drop_engine(next(s for s in server.manager.engines if s.engine is not remote))
+    auth = {"Authorization": f"Bearer {KEY}"}
+    completion = httpx.post(f"{server.base_url}/v1/completions", headers=auth, timeout=60, json={
+        "model": "tiny", "prompt": "Hello there", "max_tokens": 3, "temperature": 0})
+    assert completion.status_code == 200 and completion.json()["usage"]["completion_tokens"] == 3
+    assert httpx.post(f"{remote.url}/fill", headers=auth,
+                      json={"token_ids": [5, 6], "context_id": "x"}).status_code == 200

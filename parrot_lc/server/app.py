@@ -6,7 +6,6 @@ bug, never with a stack trace)."""
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -19,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from parrot_lc.engine.engine import EngineStats
 from parrot_lc.engine.errors import EngineError, OutOfMemoryError
 from parrot_lc.engine.sampling import SamplingParams
+from parrot_lc.server.auth import bearer_key_ok
 from parrot_lc.server.errors import QueueFullError, ServerError
 from parrot_lc.server.graph import Criterion, Piece, Session
 from parrot_lc.server.limits import BodyLimit
@@ -71,12 +71,7 @@ def create_app(manager: ParrotManager, settings: ServerSettings) -> FastAPI:
     app.add_middleware(RequestIds)  # added last, so outermost: every response (413s too) carries the id
 
     def check_api_key(authorization: str | None = Header(None)) -> None:
-        if not api_keys:
-            return
-        scheme, _, key = (authorization or "").partition(" ")
-        # Every key is compared, in constant time, so the time taken tells nothing of which (if any) matched.
-        matches = [hmac.compare_digest(key.encode(), known) for known in api_keys]
-        if scheme.lower() != "bearer" or not any(matches):
+        if api_keys and not bearer_key_ok(authorization, api_keys):
             raise ServerError("missing or wrong API key: send `Authorization: Bearer <key>`", field="authorization")
 
     @app.exception_handler(ServerError)
@@ -134,8 +129,9 @@ def engines_router(manager: ParrotManager) -> APIRouter:
     router = APIRouter(prefix="/api/engines", responses=ERRORS)
 
     @router.post("", status_code=201)
-    async def register(body: RegisterEngine) -> EngineRef:
-        slot = manager.add_engine(RemoteEngine(str(body.url), EngineStats(**body.stats.model_dump())))
+    async def register(body: RegisterEngine, authorization: str | None = Header(None)) -> EngineRef:
+        # The manager calls the engine back with the key the engine registered with (engines check it too).
+        slot = manager.add_engine(RemoteEngine(str(body.url), EngineStats(**body.stats.model_dump()), authorization))
         log.info("engine %s registered from %s", slot.name, body.url)
         return EngineRef(name=slot.name)
 

@@ -10,12 +10,13 @@ import threading
 from typing import AsyncIterator
 
 import httpx
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 
 from parrot_lc.engine.async_engine import AsyncEngine
 from parrot_lc.engine.errors import EngineError
+from parrot_lc.server.auth import bearer_key_ok
 from parrot_lc.server.schemas import Sampling
 from parrot_lc.settings import EngineProcessSettings
 
@@ -40,8 +41,18 @@ class FreeBody(BaseModel):
     context_id: str
 
 
-def create_engine_app(engine: AsyncEngine) -> FastAPI:
+def create_engine_app(engine: AsyncEngine, api_key: str | None = None) -> FastAPI:
+    """The engine's routes; with `api_key`, every one but /health needs `Authorization: Bearer KEY` (the key
+    this engine registers with, which its manager sends back)."""
     app = FastAPI(title="parrot_lc engine")
+    keys = [api_key.encode()] if api_key else []
+
+    @app.middleware("http")
+    async def check_api_key(request: Request, call_next):
+        if keys and request.url.path != "/health" and not bearer_key_ok(request.headers.get("authorization"), keys):
+            message = "missing or wrong API key: send `Authorization: Bearer <key>`"
+            return JSONResponse({"error": {"type": "Unauthorized", "message": message}}, status_code=401)
+        return await call_next(request)
 
     @app.exception_handler(EngineError)
     async def engine_error(request, exc: EngineError) -> JSONResponse:

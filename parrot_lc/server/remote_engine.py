@@ -24,9 +24,11 @@ def _raise_typed(error: dict) -> None:
 
 
 class RemoteEngine:
-    def __init__(self, url: str, stats: EngineStats) -> None:
+    def __init__(self, url: str, stats: EngineStats, authorization: str | None = None) -> None:
+        """`authorization`: the `Authorization` header to send (the key the engine registered with)."""
         self.url = url.rstrip("/")
-        self._client = httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(None, connect=5.0))
+        headers = {"Authorization": authorization} if authorization else {}
+        self._client = httpx.AsyncClient(base_url=self.url, headers=headers, timeout=httpx.Timeout(None, connect=5.0))
         self._stats = stats
 
     def update_stats(self, stats: EngineStats) -> None:

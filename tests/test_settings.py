@@ -71,20 +71,14 @@ def test_a_bad_environment_variable_is_an_error_naming_it(monkeypatch, capsys):
     assert "environment variable PARROT_MAX_NUM_SEQS: max_num_seqs:" in capsys.readouterr().err
 
 
-def test_an_unknown_setting_in_the_config_file_is_an_error_naming_it(tmp_path, capsys):
+@pytest.mark.parametrize("content, problem", [("max_num_sequences = 8\n", "max_num_sequences: unknown setting"),
+                                              ("port = \n", "not valid TOML")], ids=["unknown-setting", "not-toml"])
+def test_a_bad_config_file_is_an_error_naming_the_file_and_the_problem(tmp_path, capsys, content, problem):
     path = tmp_path / "parrot.toml"
-    path.write_text("max_num_sequences = 8\n")
+    path.write_text(content)
     with pytest.raises(SystemExit):
         main(["serve", "--config", str(path)])
-    assert f"config file {path}: max_num_sequences: unknown setting" in capsys.readouterr().err
-
-
-def test_a_config_file_that_does_not_parse_is_an_error_naming_it(tmp_path, capsys):
-    path = tmp_path / "parrot.toml"
-    path.write_text("port = \n")
-    with pytest.raises(SystemExit):
-        main(["serve", "--config", str(path)])
-    assert f"config file {path}: not valid TOML" in capsys.readouterr().err
+    assert f"config file {path}: {problem}" in capsys.readouterr().err
 
 
 def test_a_missing_config_file_is_an_error_naming_it(tmp_path, capsys):

@@ -61,17 +61,24 @@ class Completion:
     session: Session
 
     async def deltas(self) -> AsyncIterator[str]:
-        """Text pieces as they are generated; raises CallFailedError if the call fails."""
+        """Text pieces as they are generated; raises CallFailedError if the call fails. Pieces that queued up
+        while the consumer was busy come out joined: a server running behind sends fewer, larger chunks."""
         queue = self.output.deltas
-        while not (self.output.ready.is_set() and queue.empty()):
-            getter = asyncio.ensure_future(queue.get())
-            waiter = asyncio.ensure_future(self.output.ready.wait())
-            done, _ = await asyncio.wait({getter, waiter}, return_when=asyncio.FIRST_COMPLETED)
-            waiter.cancel()
-            if getter in done:
-                yield getter.result()
-            else:
-                getter.cancel()
+        while True:
+            pieces = []
+            if queue.empty() and not self.output.ready.is_set():  # wait for a piece or the end
+                getter = asyncio.ensure_future(queue.get())
+                waiter = asyncio.ensure_future(self.output.ready.wait())
+                done, _ = await asyncio.wait({getter, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+                if getter in done or not getter.cancel():  # a piece taken just as the end came is kept
+                    pieces.append(getter.result())
+            while not queue.empty():  # what queued up meanwhile leaves with it, in order
+                pieces.append(queue.get_nowait())
+            if pieces:
+                yield "".join(pieces)
+            elif self.output.ready.is_set():
+                break
         if self.output.error is not None:
             raise CallFailedError(self.output.error)
 

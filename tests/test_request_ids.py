@@ -4,6 +4,7 @@ serving it (as text or JSON lines)."""
 import io
 import json
 import logging
+import time
 
 import httpx
 import pytest
@@ -23,6 +24,17 @@ def records(caplog):
     caplog.set_level(logging.INFO, logger="parrot_lc")
     caplog.handler.addFilter(RequestIdFilter())
     return caplog
+
+
+def logged(records, logger: str, request_id: str) -> list[logging.LogRecord]:
+    """The records of `logger` with that id; waits a little for them, since the server logs a request just
+    after its response has gone out (in its own thread)."""
+    deadline = time.monotonic() + 5
+    while True:
+        found = [r for r in records.records if r.name == logger and r.request_id == request_id]
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.02)
 
 
 def test_each_response_carries_a_fresh_request_id(client):
@@ -47,7 +59,7 @@ def test_an_error_response_carries_the_request_id_too(client):
 
 def test_the_log_record_of_a_failed_request_carries_its_id(client, records):
     client.get("/api/sessions/nope", headers={"X-Request-Id": "failing-2"})
-    [record] = [r for r in records.records if r.name == "parrot_lc.access" and r.request_id == "failing-2"]
+    [record] = logged(records, "parrot_lc.access", "failing-2")
     assert (record.status, record.path) == (404, "/api/sessions/nope")
 
 

@@ -110,3 +110,15 @@ def test_many_long_prompts_that_overfill_the_kv_cache_wait_or_are_preempted_and_
         reference.fill(reference.tokenizer(prompt).input_ids, i)
         assert value == "".join(e.text for e in reference.generate(SamplingParams(**sampling), i))
         reference.free_context(i)
+
+
+def test_a_prompt_longer_than_the_whole_kv_cache_fails_at_once_not_retried():
+    # 256 tokens of KV cache (tiny: 512 bytes a token) against a prompt of about 1,500 tokens, well inside the
+    # model's context: waiting for memory cannot help, so the answer must come at once.
+    settings = EngineSettings(model="tiny", device="cpu", dtype="float32", kv_cache_bytes=128 * 2**10)
+    with LocalServer(settings) as server, httpx.Client(base_url=server.base_url, timeout=30) as client:
+        started = time.monotonic()
+        response = client.post("/v1/completions", json={"model": "tiny", "prompt": "word " * 1500, "max_tokens": 4})
+        assert response.status_code in (400, 424) and "KV cache holds" in response.json()["error"]["message"]
+        assert time.monotonic() - started < 5
+        assert server.manager.engines[0].engine.stats().prefill_tokens == 0

@@ -17,6 +17,7 @@ from parrot_lc.engine.errors import (
     ContextNotFoundError,
     EngineError,
     InvalidRequestError,
+    ContextTooLargeError,
     OutOfMemoryError,
     RequestCancelledError,
 )
@@ -137,7 +138,9 @@ class LLMEngine:
                 f"the context would hold {total} tokens; the model's context is {self.config.max_position_embeddings}"
             )
         if total > self.capacity_tokens:
-            raise OutOfMemoryError(f"the context would hold {total} tokens; the KV cache holds {self.capacity_tokens}")
+            raise ContextTooLargeError(
+                f"the context would hold {total} tokens; the KV cache holds {self.capacity_tokens}"
+            )
         context = existing or self.tree.create(context_id, parent)
         return self._add(Request(next(self._ids), RequestKind.FILL, context, priority, 0, fill_token_ids=list(token_ids)))
 

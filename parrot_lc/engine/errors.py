@@ -22,7 +22,11 @@ class InvalidRequestError(EngineError, ValueError):
 
 
 class OutOfMemoryError(EngineError):
-    """A single request that needs more KV blocks than the whole cache holds."""
+    """No KV blocks for a request: none free now (others hold them), or too few in the whole cache."""
+
+
+class ContextTooLargeError(OutOfMemoryError):
+    """A context longer than the whole KV cache holds: it can never fit, so waiting for memory is no use."""
 
 
 class RequestCancelledError(EngineError):

@@ -19,7 +19,7 @@ from typing import AsyncIterator
 
 from transformers import PreTrainedTokenizerBase
 
-from parrot_lc.engine.errors import EngineError, OutOfMemoryError
+from parrot_lc.engine.errors import ContextTooLargeError, EngineError, OutOfMemoryError
 from parrot_lc.engine.sampling import SamplingParams
 from parrot_lc.server.engine_client import EngineClient, EngineUnavailableError
 from parrot_lc.server.errors import (
@@ -45,10 +45,10 @@ from parrot_lc.server.prefix_cache import PrefixCache, prefix_key
 from parrot_lc.server.remote_engine import RemoteEngine
 
 LATENCY_PRIORITY, GROUP_PRIORITY, DEFAULT_PRIORITY = 2, 1, 0
-DEFAULT_MAX_TOKENS = 256
+DEFAULT_MAX_TOKENS = 256  # of a completion that does not say (the OpenAI-compatible endpoints)
 # A call refused for want of KV waits for another call to end (at most this long) and runs again; after this
 # many waits in which nothing ended, it fails.
-OOM_RETRY_SECONDS, OOM_IDLE_WAITS = 1.0, 3  # of a completion that does not say (the OpenAI-compatible endpoints)
+OOM_RETRY_SECONDS, OOM_IDLE_WAITS = 1.0, 3
 log = logging.getLogger("parrot_lc.manager")
 
 
@@ -335,15 +335,17 @@ class ParrotManager:
         async with nullcontext() if call.latency_critical or not self.app_centric else slot.background:
             idle_waits = 0
             while True:
-                ended = slot.call_ended
                 try:
                     return await self._execute_in_context(slot, session, call, segments, token_ids, prefix_ids,
                                                           priority, context_id)
+                except ContextTooLargeError:
+                    raise  # longer than the whole cache: no wait makes room
                 except OutOfMemoryError:
                     # The KV cache is full of contexts that wait (filled calls, warm prefixes), which the engine
                     # cannot preempt; this call's context is freed: run it again once another call has ended.
                     # Not if its text went out to a client, nor after waits in which nothing ended or was
                     # evicted: then it cannot fit at all.
+                    ended = slot.call_ended  # taken after this attempt's own end, which set the previous one
                     evicted = await slot.prefixes.evict()
                     if call.streamed or idle_waits >= OOM_IDLE_WAITS:
                         raise
@@ -395,6 +397,9 @@ class ParrotManager:
             try:
                 await slot.engine.fill(rest, context_id, entry.context_id if entry else None, priority)
                 return
+            except ContextTooLargeError:
+                await self._free_quietly(slot, context_id)
+                raise  # evicting warm prefixes would not make room for it
             except OutOfMemoryError:
                 # Idle prefixes hold the cache: evict them (least recently used first) and try once more.
                 await self._free_quietly(slot, context_id)

@@ -122,7 +122,7 @@ def engine_process(args: argparse.Namespace) -> None:
     try:
         # On SIGTERM uvicorn stops accepting connections (the manager moves new calls to other engines) and
         # lets the fills and generations in flight finish, up to the deadline.
-        uvicorn.run(create_engine_app(engine, link_settings.manager_api_key), host=link_settings.host, port=link_settings.port, log_level="warning",
+        uvicorn.run(create_engine_app(engine, link_settings.engine_key), host=link_settings.host, port=link_settings.port, log_level="warning",
                     log_config=None, timeout_graceful_shutdown=process.shutdown_timeout)
     finally:
         link.stopped.set()

@@ -59,7 +59,14 @@ class ServerSettings(BaseSettings):
     port: int = Field(9000, ge=0, le=65535, description="TCP port (0: any free port)")
     engines: int = Field(1, ge=0, description="local engines (model replicas) the manager drives; 0: remote only")
     engine_timeout: float = Field(5.0, gt=0, description="seconds without a heartbeat before a remote engine is dropped")
-    api_key: str | None = Field(None, description="if set, every endpoint but /health needs `Authorization: Bearer KEY`")
+    engine_key: str | None = Field(
+        None, description="the key engine processes register with (not a client key), which the manager sends back "
+        "to them; unset: only engines on this host may register"
+    )
+    api_key: str | None = Field(
+        None, description="if set, the API (sessions, calls, /v1, /metrics) needs `Authorization: Bearer KEY`; "
+        "/health and the OpenAPI docs (/docs, /openapi.json) stay open"
+    )
     api_keys_file: Path | None = Field(
         None, description="a file of API keys, one a line (`#` comments), each accepted like --api-key"
     )
@@ -108,8 +115,9 @@ class EngineProcessSettings(BaseSettings):
     host: str = Field("127.0.0.1", description="address this engine binds")
     port: int = Field(9100, ge=1, le=65535, description="port this engine listens on")
     advertise_url: str | None = Field(None, description="URL the manager reaches this engine at (default from host/port)")
-    manager_api_key: str | None = Field(
-        None, description="the manager's API key, if it has one; this engine then requires it too (all but /health)"
+    engine_key: str | None = Field(
+        None, description="the manager's --engine-key: sent to register, and required of every caller of this "
+        "engine but /health"
     )
     heartbeat_interval: float = Field(1.0, gt=0, description="seconds between heartbeats")
 

@@ -128,3 +128,26 @@ def test_a_graph_call_asking_for_more_tokens_than_the_context_is_400_naming_the_
     calls = [{"template": [{"text": "x"}, {"output": out, "sampling": {"max_tokens": 10**6}}]}]
     response = client.post(f"{base}/calls", json={"calls": calls}, headers=token)
     assert response.status_code == 400 and response.json()["error"]["field"] == "calls.0.sampling.max_tokens"
+
+
+def test_without_an_engine_key_only_engines_on_this_host_may_register(local_server):
+    import asyncio
+
+    from parrot_lc.server.app import create_app
+
+    app = create_app(local_server.manager, ServerSettings())  # the shared server's manager, reached from afar
+
+    async def register_from_another_host() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app, client=("203.0.113.7", 40000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://parrot") as remote_host:
+            return await remote_host.post("/api/engines", json={"url": "http://203.0.113.7:9100"})
+
+    refused = asyncio.run(register_from_another_host())
+    assert refused.status_code == 403 and refused.json()["error"]["field"] == "client"
+    assert all(slot.engine.url != "http://203.0.113.7:9100" for slot in local_server.manager.engines
+               if hasattr(slot.engine, "url"))
+
+
+def test_a_heartbeat_for_an_engine_inside_the_server_is_404(parrot_server):
+    response = httpx.post(f"{parrot_server}/api/engines/engine-0/heartbeat", json={})
+    assert response.status_code == 404 and response.json()["error"]["field"] == "name"

@@ -19,7 +19,7 @@ from parrot_lc.engine.engine import EngineStats
 from parrot_lc.engine.errors import EngineError, OutOfMemoryError
 from parrot_lc.engine.sampling import SamplingParams
 from parrot_lc.server.auth import bearer_key_ok
-from parrot_lc.server.errors import QueueFullError, ServerError
+from parrot_lc.server.errors import ForbiddenError, NotFoundError, QueueFullError, ServerError
 from parrot_lc.server.graph import Criterion, Piece, Session
 from parrot_lc.server.limits import BodyLimit
 from parrot_lc.server.manager import ParrotManager
@@ -43,6 +43,7 @@ from parrot_lc.server.schemas import (
 )
 from parrot_lc.settings import ServerSettings
 
+LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 log = logging.getLogger("parrot_lc.server")
 ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 403, 404, 408, 413, 422, 424)}
 ERRORS[429] = {"model": ErrorBody, "description": "the server's queue is full: retry after `Retry-After` seconds",
@@ -111,7 +112,20 @@ def create_app(manager: ParrotManager, settings: ServerSettings) -> FastAPI:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(parrot_router(manager), dependencies=guarded)
-    app.include_router(engines_router(manager), dependencies=guarded)
+    engine_keys = [settings.engine_key.encode()] if settings.engine_key else []
+
+    def check_engine_key(request: Request, authorization: str | None = Header(None)) -> None:
+        """Engines register with the engine key (client keys do not open these routes); without one, from
+        this host only: an engine receives prompts, so not just anyone may become one."""
+        if engine_keys:
+            if not bearer_key_ok(authorization, engine_keys):
+                raise ServerError("missing or wrong engine key: send `Authorization: Bearer <engine key>`",
+                                  field="authorization")
+        elif request.client is None or request.client.host not in LOOPBACK:
+            raise ForbiddenError("engines register from this host only, unless the server has an --engine-key",
+                                 field="client")
+
+    app.include_router(engines_router(manager, settings), dependencies=[Depends(check_engine_key)])
     app.include_router(openai_router(manager, manager.model.name), dependencies=guarded, responses=ERRORS)
     return app
 
@@ -124,13 +138,14 @@ async def watch_engines(manager: ParrotManager, timeout: float) -> None:
             log.warning("engine %s sent no heartbeat for %.1f s: dropped", name, timeout)
 
 
-def engines_router(manager: ParrotManager) -> APIRouter:
+def engines_router(manager: ParrotManager, settings: ServerSettings) -> APIRouter:
     """Remote engine processes register here and send heartbeats with their counters."""
     router = APIRouter(prefix="/api/engines", responses=ERRORS)
+    # The manager calls engines with the engine key (they require it when they have one).
+    authorization = f"Bearer {settings.engine_key}" if settings.engine_key else None
 
     @router.post("", status_code=201)
-    async def register(body: RegisterEngine, authorization: str | None = Header(None)) -> EngineRef:
-        # The manager calls the engine back with the key the engine registered with (engines check it too).
+    async def register(body: RegisterEngine) -> EngineRef:
         slot = manager.add_engine(RemoteEngine(str(body.url), EngineStats(**body.stats.model_dump()), authorization))
         log.info("engine %s registered from %s", slot.name, body.url)
         return EngineRef(name=slot.name)
@@ -138,6 +153,8 @@ def engines_router(manager: ParrotManager) -> APIRouter:
     @router.post("/{name}/heartbeat", status_code=204)
     async def heartbeat(name: str, body: EngineStatsBody) -> Response:
         slot = manager.slot(name)
+        if not isinstance(slot.engine, RemoteEngine):
+            raise NotFoundError(f"engine {name!r} runs in the server: it sends no heartbeats", field="name")
         slot.last_heartbeat = time.monotonic()
         slot.engine.update_stats(EngineStats(**body.model_dump()))
         return Response(status_code=204)

@@ -42,8 +42,8 @@ class FreeBody(BaseModel):
 
 
 def create_engine_app(engine: AsyncEngine, api_key: str | None = None) -> FastAPI:
-    """The engine's routes; with `api_key`, every one but /health needs `Authorization: Bearer KEY` (the key
-    this engine registers with, which its manager sends back)."""
+    """The engine's routes; with `api_key`, every one but /health needs `Authorization: Bearer KEY` (the engine
+    key it registers with, which its manager sends back)."""
     app = FastAPI(title="parrot_lc engine")
     keys = [api_key.encode()] if api_key else []
 
@@ -109,7 +109,7 @@ class ManagerLink(threading.Thread):
     def __init__(self, engine: AsyncEngine, settings: EngineProcessSettings, url: str) -> None:
         super().__init__(name="parrot-manager-link", daemon=True)
         self.engine, self.settings, self.url = engine, settings, url
-        headers = {"Authorization": f"Bearer {settings.manager_api_key}"} if settings.manager_api_key else {}
+        headers = {"Authorization": f"Bearer {settings.engine_key}"} if settings.engine_key else {}
         self.client = httpx.Client(base_url=settings.manager.rstrip("/"), headers=headers, timeout=5.0)
         self.name_at_manager: str | None = None
         self.stopped = threading.Event()

@@ -163,13 +163,11 @@ class Driver:
                 "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}]}
         start = time.perf_counter()
         first = None
-        chunks = 0
         async with self.http.stream("POST", "/v1/chat/completions", json=body) as response:
             response.raise_for_status()
             async for line in response.aiter_lines():
                 if line.startswith("data: ") and line != "data: [DONE]":
                     first = first or time.perf_counter()
-                    chunks += 1
         end = time.perf_counter()
         # Per output token after the first (the decode pace the user sees).
         per_token = (end - first) / max(1, max_tokens - 1) if first else float("nan")
@@ -497,7 +495,8 @@ def main() -> None:
         "workloads": speedups(figures["parrot"], figures["baseline"], SCALES[args.scale]),
     }
     for name, hf_figures in figures.get("hf", {}).items():
-        result["workloads"][name]["hf"] = hf_figures
+        if name in result["workloads"]:  # transformers runs its two workloads whichever were asked for
+            result["workloads"][name]["hf"] = hf_figures
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     plot(result, args.out.with_suffix(".png"))
     print(json.dumps({k: {m: v.get(m) for m in ("speedup", "latency_speedup", "jobs_throughput_ratio") if m in v}

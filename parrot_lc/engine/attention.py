@@ -76,8 +76,9 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 def merge_by_lse(
     out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
 ) -> torch.Tensor:
-    """Combines two softmax-attention results over disjoint key sets. out: (..., D), lse: (...)."""
-    lse = torch.logaddexp(lse_a, lse_b)
+    """Combines two softmax-attention results over disjoint key sets. out: (..., D), lse: (...). A row that saw
+    no key in either (lse -inf in both: a padding row) comes out 0, not NaN."""
+    lse = torch.logaddexp(lse_a, lse_b).nan_to_num(neginf=0.0)
     return out_a * (lse_a - lse).exp()[..., None] + out_b * (lse_b - lse).exp()[..., None]
 
 

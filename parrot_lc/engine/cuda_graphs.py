@@ -48,10 +48,11 @@ class DecodeGraphs:
 
     def capture_all(self) -> None:
         """Captures every graph up front, largest first (they share one memory pool), so that no request
-        waits for a capture; a group needs two sequences, so a bucket has room for at most half as many."""
+        waits for a capture. A group needs two sequences: a bucket gets a graph of up to g groups when the
+        fewest groups rounded up to g (one more than the group bucket below) fit in it."""
         for bucket in reversed(self.buckets):
-            for group_bucket in GROUP_BUCKETS:
-                if 2 * group_bucket <= bucket:
+            for below, group_bucket in zip((-1, *GROUP_BUCKETS), GROUP_BUCKETS):
+                if group_bucket == 0 or 2 * (below + 1) <= bucket:
                     self._graphs[(bucket, group_bucket)] = self._capture(bucket, group_bucket)
 
     def fits(self, batch: int, widest_table: int, num_groups: int = 0) -> bool:
@@ -127,7 +128,8 @@ class DecodeGraphs:
             plan["shared"] = (self.group_ptr[: group_bucket + 1], self.group_rows[:bucket],
                               self.group_tables[:group_bucket], torch.zeros_like(self.group_lens[:group_bucket]),
                               self.group_lens[:group_bucket], bucket)
-            # Every row is merged: a row in no group has the shared pass's empty result (lse -inf), a no-op.
+            # Every row is merged: a row in no group has the shared pass's empty result (lse -inf), which leaves
+            # its own result as it is; a padding row has neither and comes out 0.
             plan["shared_rows"] = rows[:-1].long()
             plan["splits"] = shared_splits(device, group_bucket * num_kv_heads, self.max_blocks * self.block_size)
         hidden = self.model(self.input_ids[:bucket], self.positions[:bucket], self.kv_cache, meta)  # (B, C)

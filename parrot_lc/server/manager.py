@@ -69,9 +69,13 @@ class Completion:
             if queue.empty() and not self.output.ready.is_set():  # wait for a piece or the end
                 getter = asyncio.ensure_future(queue.get())
                 waiter = asyncio.ensure_future(self.output.ready.wait())
-                done, _ = await asyncio.wait({getter, waiter}, return_when=asyncio.FIRST_COMPLETED)
-                waiter.cancel()
-                if getter in done or not getter.cancel():  # a piece taken just as the end came is kept
+                done: set = set()
+                try:
+                    done, _ = await asyncio.wait({getter, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                finally:  # also when the consumer is cancelled: no task is left pending
+                    waiter.cancel()
+                    kept = getter in done or not getter.cancel()  # a piece taken just as the end came is kept
+                if kept:
                     pieces.append(getter.result())
             while not queue.empty():  # what queued up meanwhile leaves with it, in order
                 pieces.append(queue.get_nowait())

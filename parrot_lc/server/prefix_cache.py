@@ -79,9 +79,10 @@ class PrefixCache:
         victims = idle[: max(0, len(self._entries) - keep)]
         for entry in victims:  # out of the map first: the frees below await, and others may look meanwhile
             self._entries.pop(entry.key, None)
-        for entry in victims:
-            if entry.filled.exception() is None:
-                await self.engine.free_context(entry.context_id)
+        frees = [self.engine.free_context(e.context_id) for e in victims if e.filled.exception() is None]
+        errors = [r for r in await asyncio.gather(*frees, return_exceptions=True) if isinstance(r, BaseException)]
+        if errors:  # every victim was tried; the first failure is the caller's to see
+            raise errors[0]
         return len(victims)
 
     async def _fill(self, entry: PrefixEntry, token_ids: list[int]) -> None:

@@ -37,6 +37,8 @@ class DrainingServer(uvicorn.Server):
             # A signal handler may run in the middle of the loop's own code: hand over the way threads do.
             self._loop.call_soon_threadsafe(self._start_drain)
         else:
+            if self._drain is not None:  # a second signal while draining: stop now, open connections or not
+                self.force_exit = True
             super().handle_exit(sig, frame)
 
     def _start_drain(self) -> None:

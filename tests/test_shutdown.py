@@ -121,3 +121,18 @@ def test_sigterm_cancels_the_work_still_running_at_the_deadline_and_exits_0(serv
     assert fetched["reply"].status_code == 424 and "cancelled" in fetched["reply"].json()["error"]["message"]
     [drained] = [r for r in served.records() if r["message"].startswith("drained")]
     assert (drained["calls_cancelled"], drained["contexts_left"]) == (1, 0)
+
+
+def test_a_second_sigterm_while_draining_stops_at_once(serve):
+    served = serve("--shutdown-timeout", "30")
+    with httpx.Client(base_url=served.url, timeout=30) as client:
+        base, headers, _, out = graph_waiting_for_input(client)  # its input never comes: the drain would wait 30 s
+        fetch = threading.Thread(target=lambda: client.get(f"{base}/variables/{out}", headers=headers))
+        fetch.start()  # an open long-poll, which a graceful stop would wait for too
+        served.process.send_signal(signal.SIGTERM)
+        assert refused_after_sigterm(client).status_code == 503  # draining
+        started = time.monotonic()
+        served.process.send_signal(signal.SIGTERM)
+        served.process.wait(timeout=20)
+        fetch.join(timeout=5)
+    assert time.monotonic() - started < 5

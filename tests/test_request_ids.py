@@ -87,6 +87,9 @@ def test_json_log_lines_carry_the_request_id(client):
     logger.setLevel(logging.INFO)
     try:
         client.get("/api/sessions/nope", headers={"X-Request-Id": "json-4"})
+        deadline = time.monotonic() + 5  # the server logs the request just after its response has gone out
+        while '"json-4"' not in stream.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.02)
     finally:
         logger.removeHandler(handler)
         logger.setLevel(logging.NOTSET)

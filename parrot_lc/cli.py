@@ -133,23 +133,20 @@ def build_parser() -> argparse.ArgumentParser:
     """The `parrot-lc` command line: one subcommand per process kind, one flag per setting."""
     parser = argparse.ArgumentParser(prog="parrot-lc", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo_parser = sub.add_parser("demo", help="the embedded default model end to end")
-    _add_flags(demo_parser, EngineSettings)
-    _add_flags(demo_parser, ConfigFileSettings)
-    demo_parser.add_argument("--max-tokens", type=int, default=48)
-    demo_parser.set_defaults(func=demo)
-    serve_parser = sub.add_parser("serve", help="the Parrot server: HTTP API, OpenAI-compatible API, local engines")
-    _add_flags(serve_parser, EngineSettings)
-    _add_flags(serve_parser, ServerSettings)
-    _add_flags(serve_parser, ProcessSettings)
-    _add_flags(serve_parser, ConfigFileSettings)
-    serve_parser.set_defaults(func=serve)
-    engine_parser = sub.add_parser("engine", help="a remote engine that registers with a manager")
-    _add_flags(engine_parser, EngineSettings)
-    _add_flags(engine_parser, EngineProcessSettings)
-    _add_flags(engine_parser, ProcessSettings)
-    _add_flags(engine_parser, ConfigFileSettings)
-    engine_parser.set_defaults(func=engine_process)
+    commands = [  # name, help, the settings its flags set, what it runs
+        ("demo", "the embedded default model end to end", (EngineSettings,), demo),
+        ("serve", "the Parrot server: HTTP API, OpenAI-compatible API, local engines",
+         (EngineSettings, ServerSettings, ProcessSettings), serve),
+        ("engine", "a remote engine that registers with a manager",
+         (EngineSettings, EngineProcessSettings, ProcessSettings), engine_process),
+    ]
+    parsers = {}
+    for name, help_text, settings_classes, func in commands:
+        parsers[name] = sub.add_parser(name, help=help_text)
+        for settings_class in (*settings_classes, ConfigFileSettings):
+            _add_flags(parsers[name], settings_class)
+        parsers[name].set_defaults(func=func)
+    parsers["demo"].add_argument("--max-tokens", type=int, default=48)
     table_parser = sub.add_parser("settings", help="print the table of settings (as in the README)")
     table_parser.set_defaults(func=lambda args: print(settings_table()))
     return parser

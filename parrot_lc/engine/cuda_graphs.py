@@ -59,24 +59,24 @@ class DecodeGraphs:
         return batch <= self.max_batch and widest_table <= self.max_blocks and num_groups <= GROUP_BUCKETS[-1]
 
     def run(
-        self, ids: list[int], positions: list[int], slots: list[int], tables: list[list[int]], context_lens: list[int],
-        groups: list[SharedGroup] = (),
+        self, ids: list[int], positions: list[int], slots: list[int], block_tables: torch.Tensor,
+        context_lens: list[int], groups: list[SharedGroup] = (),
     ) -> torch.Tensor:
-        """One decode token per sequence; returns logits (B, V) float32 (a view, valid until the next run)."""
+        """One decode token per sequence; returns logits (B, V) float32 (a view, valid until the next run).
+        `block_tables`: (B, widest table) on the CPU, rows padded past their length (never read)."""
         batch = len(ids)
         bucket = next(b for b in self.buckets if b >= batch)
         group_bucket = next(g for g in GROUP_BUCKETS if g >= len(groups))
         pad = bucket - batch
-        width = max(map(len, tables))  # columns past a row's length are never read: no need to clear them
-        table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+        width = block_tables.shape[1]  # columns past a row's length are never read: no need to clear them
         # Padding rows: token 0 at position 0, KV written to the dummy slot, no key read (context length 0).
         self.input_ids[:bucket].copy_(torch.tensor(ids + [0] * pad), non_blocking=True)
         self.positions[:bucket].copy_(torch.tensor(positions + [0] * pad), non_blocking=True)
         self.slots[:bucket].copy_(torch.tensor(slots + [self.dummy_slot] * pad), non_blocking=True)
         self.context_lens[:bucket].copy_(torch.tensor(context_lens + [0] * pad, dtype=torch.int32), non_blocking=True)
-        self.block_tables[:batch, :width].copy_(table, non_blocking=True)
+        self.block_tables[:batch, :width].copy_(block_tables, non_blocking=True)
         if group_bucket:
-            self._set_groups(groups, tables, bucket, group_bucket)
+            self._set_groups(groups, block_tables, bucket, group_bucket)
         key = (bucket, group_bucket)
         if key not in self._graphs:
             self._graphs[key] = self._capture(bucket, group_bucket)
@@ -84,24 +84,22 @@ class DecodeGraphs:
         graph.replay()
         return logits[:batch]
 
-    def _set_groups(self, groups: list[SharedGroup], tables: list[list[int]], bucket: int, group_bucket: int) -> None:
+    def _set_groups(self, groups: list[SharedGroup], block_tables: torch.Tensor, bucket: int, group_bucket: int) -> None:
         shared_lens, rows, ptr, lens = [0] * bucket, [], [0], []
-        for members, num_blocks in groups:
+        for g, (members, num_blocks) in enumerate(groups):
             rows += members
             ptr.append(len(rows))
             lens.append(num_blocks * self.block_size)
             for member in members:
                 shared_lens[member] = num_blocks * self.block_size
-        widest = max(n for _, n in groups)
-        prefix_tables = [tables[members[0]][:n] + [0] * (widest - n) for members, n in groups]
+            # The prefix's blocks: the first ones of any member's table (its first member's).
+            self.group_tables[g, :num_blocks].copy_(block_tables[members[0], :num_blocks], non_blocking=True)
         unused = group_bucket - len(groups)  # empty groups: no rows, no keys
         self.shared_lens[:bucket].copy_(torch.tensor(shared_lens, dtype=torch.int32), non_blocking=True)
         self.group_rows[: len(rows)].copy_(torch.tensor(rows, dtype=torch.int32), non_blocking=True)
         self.group_ptr[: group_bucket + 1].copy_(torch.tensor(ptr + [len(rows)] * unused, dtype=torch.int32),
                                                  non_blocking=True)
         self.group_lens[:group_bucket].copy_(torch.tensor(lens + [0] * unused, dtype=torch.int32), non_blocking=True)
-        self.group_tables[: len(groups), :widest].copy_(torch.tensor(prefix_tables, dtype=torch.int32),
-                                                        non_blocking=True)
 
     def _forward(self, bucket: int, group_bucket: int) -> torch.Tensor:
         device = self.kv_cache.device

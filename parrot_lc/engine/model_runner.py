@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from parrot_lc.engine.attention import AttentionMetadata, SharedPrefix
-from parrot_lc.engine.cuda_graphs import DecodeGraphs
+from parrot_lc.engine.cuda_graphs import DecodeGraphs, SharedGroup
 from parrot_lc.engine.models.llama import LlamaForCausalLM
 from parrot_lc.engine.scheduler import ScheduledChunk
 
@@ -27,15 +27,17 @@ class StepInputs:
 
 class ModelRunner:
     def __init__(
-        self, model: LlamaForCausalLM, kv_cache: torch.Tensor, block_size: int, graphs: DecodeGraphs | None = None
+        self, model: LlamaForCausalLM, kv_cache: torch.Tensor, block_size: int, graphs: DecodeGraphs | None = None,
+        min_shared_elements: int = 0,
     ) -> None:
+        """`min_shared_elements`: the attention backend's threshold for reading a shared prefix once."""
         self.model = model
         self.kv_cache = kv_cache  # (L, 2, num_blocks, block_size, Hkv, D)
         self.block_size = block_size
         self.device = kv_cache.device
         self.graphs = graphs
         self.kv_elements_per_token = kv_cache.shape[-2] * kv_cache.shape[-1]  # Hkv x D, in one layer's K
-        self.min_shared_elements = model.model.layers[0].self_attn.backend.min_shared_elements
+        self.min_shared_elements = min_shared_elements
 
     def copy_block(self, src: int, dst: int) -> None:
         self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
@@ -52,7 +54,7 @@ class ModelRunner:
         block_tables = self._block_tables(step)  # (B, widest table)
         groups = self._shared_groups(chunks, block_tables)
         if self.graphs is not None and self._graph_ready(step, groups):
-            logits = self.graphs.run(step.ids, step.positions, step.slots, step.tables, step.context_lens, groups)
+            logits = self.graphs.run(step.ids, step.positions, step.slots, block_tables, step.context_lens, groups)
             logits = logits[done]  # a copy: the graph's output buffer is overwritten by the next replay
         else:
             input_ids, positions, meta = self._tensors(step, block_tables, groups)
@@ -66,7 +68,7 @@ class ModelRunner:
         for row, i in enumerate(done):
             chunks[i].request.context.last_logits = logits[row]
 
-    def _graph_ready(self, step: StepInputs, groups: list[tuple[list[int], int]]) -> bool:
+    def _graph_ready(self, step: StepInputs, groups: list[SharedGroup]) -> bool:
         """Graphs replay pure decode steps (one token per sequence) that fit their buffers."""
         return all(n == 1 for n in step.query_lens) and self.graphs.fits(
             len(step.query_lens), max(map(len, step.tables)), len(groups))
@@ -86,7 +88,7 @@ class ModelRunner:
         return step
 
     def _tensors(
-        self, step: StepInputs, block_tables: torch.Tensor, groups: list[tuple[list[int], int]]
+        self, step: StepInputs, block_tables: torch.Tensor, groups: list[SharedGroup]
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         query_start = torch.tensor([0] + step.query_lens).cumsum(0)
         shared, shared_lens = self._shared_prefixes(groups, block_tables, query_start)
@@ -113,15 +115,15 @@ class ModelRunner:
         width = max(len(t) for t in step.tables)
         return torch.tensor([t + [0] * (width - len(t)) for t in step.tables], dtype=torch.long)  # (B, width)
 
-    def _shared_groups(self, chunks: list[ScheduledChunk], block_tables: torch.Tensor) -> list[tuple[list[int], int]]:
+    def _shared_groups(self, chunks: list[ScheduledChunk], block_tables: torch.Tensor) -> list[SharedGroup]:
         """(members, number of blocks) of each group of sequences whose block tables start with the same blocks;
         a block appears in two tables only when one context inherited it from an ancestor, so those blocks are
         one shared prefix. Prefixes too small for the backend's shared pass to pay are left out: each sequence
         reads them as part of its own KV."""
         by_first_block: dict[int, list[int]] = defaultdict(list)
-        for i, chunk in enumerate(chunks):
+        for i, (chunk, first_block) in enumerate(zip(chunks, block_tables[:, 0].tolist())):
             if chunk.request.context.num_computed >= self.block_size:
-                by_first_block[int(block_tables[i, 0])].append(i)
+                by_first_block[first_block].append(i)
         groups = []
         for members in by_first_block.values():
             if len(members) < 2:
@@ -137,7 +139,7 @@ class ModelRunner:
         return groups
 
     def _shared_prefixes(
-        self, groups: list[tuple[list[int], int]], block_tables: torch.Tensor, query_start: torch.Tensor
+        self, groups: list[SharedGroup], block_tables: torch.Tensor, query_start: torch.Tensor
     ) -> tuple[list[SharedPrefix], torch.Tensor]:
         """The shared prefixes of the step's groups (see `_shared_groups`) and each sequence's shared length."""
         shared: list[SharedPrefix] = []

@@ -331,9 +331,9 @@ class ParrotManager:
     async def _execute_on(
         self, slot: EngineSlot, session: Session, call: Call, segments, token_ids: list[int], prefix_ids: list[int]
     ) -> None:
-        priority = LATENCY_PRIORITY if call.latency_critical else GROUP_PRIORITY if call.task_group else DEFAULT_PRIORITY
-        if not self.app_centric:
-            priority = DEFAULT_PRIORITY
+        priority = DEFAULT_PRIORITY  # request-level serving: one priority for all
+        if self.app_centric:
+            priority = LATENCY_PRIORITY if call.latency_critical else GROUP_PRIORITY if call.task_group else priority
         context_id = f"{session.session_id}/{call.call_id}"
         slot.placed += 1
         async with nullcontext() if call.latency_critical or not self.app_centric else slot.background:

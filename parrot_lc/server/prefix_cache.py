@@ -34,8 +34,7 @@ class PrefixCache:
         self.engine = engine
         self.max_entries = max_entries
         self._entries: dict[str, PrefixEntry] = {}
-        self._clock = itertools.count()
-        self._generation = itertools.count()
+        self._clock = itertools.count()  # orders uses (LRU) and makes each new entry's context id unique
 
     def __contains__(self, key: str) -> bool:
         return key in self._entries
@@ -50,7 +49,7 @@ class PrefixCache:
         entry_is_new = entry is None
         if entry_is_new:  # registered before any await, so that concurrent callers share it
             # a fresh context id: an evicted entry of the same key may still be being freed
-            entry = PrefixEntry(key, f"prefix/{key}/{next(self._generation)}", len(token_ids))
+            entry = PrefixEntry(key, f"prefix/{key}/{next(self._clock)}", len(token_ids))
             self._entries[key] = entry
         entry.users += 1
         entry.last_used = next(self._clock)

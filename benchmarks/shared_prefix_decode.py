@@ -26,14 +26,14 @@ from parrot_lc.settings import EngineSettings
 
 OWN_TOKENS = 64
 STEPS = 16
-MODES = {"auto": None, "shared": 0, "per_sequence": 2**62}  # min_shared_elements of the runner
+MODES = {"auto": None, "shared": 0, "per_sequence": 2**62}  # the runner's min_shared_elements_decode
 
 
 def step_ms(engine: LLMEngine, forks: int, mode: str, profile: bool) -> float:
     """Milliseconds a decode step of `forks` sequences forked from the filled context "prefix" takes."""
-    default = engine.runner.min_shared_elements
+    default = engine.runner.min_shared_elements_decode
     if MODES[mode] is not None:
-        engine.runner.min_shared_elements = MODES[mode]
+        engine.runner.min_shared_elements_decode = MODES[mode]
     gen = torch.Generator().manual_seed(forks)
     ids = [(mode, forks, i) for i in range(forks)]
     engine.run_until_done([engine.submit_fill(torch.randint(3, 1000, (OWN_TOKENS,), generator=gen).tolist(), c,
@@ -53,7 +53,7 @@ def step_ms(engine: LLMEngine, forks: int, mode: str, profile: bool) -> float:
     engine.run_until_done(requests)
     for c in ids:
         engine.free_context(c)
-    engine.runner.min_shared_elements = default
+    engine.runner.min_shared_elements_decode = default
     return elapsed
 
 
@@ -89,7 +89,7 @@ def main() -> None:
         "prefix_tokens": args.prefix,
         "own_tokens": OWN_TOKENS,
         "copy_bandwidth_gb_s": bandwidth / 1e9,
-        "min_shared_elements": engine.runner.min_shared_elements,
+        "min_shared_elements_decode": engine.runner.min_shared_elements_decode,
         "by_forks": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -51,7 +51,7 @@ def forked_decode(engine, max_tokens=10):
 def test_cuda_graph_decode_of_shared_prefix_groups_equals_eager_reference(make_engine):
     eager = forked_decode(make_engine(device="cuda", attention_backend="torch"))
     graphed_engine = make_engine(device="cuda", attention_backend="triton", cuda_graphs=True)
-    graphed_engine.runner.min_shared_elements = 0  # every shared prefix through the shared pass
+    graphed_engine.runner.min_shared_elements_decode = 0  # every shared prefix read once for its group
     graphed = forked_decode(graphed_engine)
     assert any(groups for _, groups in graphed_engine.runner.graphs._graphs), "no graph with shared groups replayed"
     assert graphed == eager

@@ -45,12 +45,63 @@ class AttentionMetadata:
         return len(self.query_lens)
 
 
+@dataclass
+class DecodeLayout:
+    """A decode step (one query row per sequence, row b is sequence b) laid out for the fused decode kernels.
+
+    Group g's sequences are group_rows[group_ptr[g]:group_ptr[g + 1]]; they read the group's first
+    group_lens[g] KV tokens (the blocks group_tables[g]) once, together, and each reads its own KV
+    [shared_lens[b], context_lens[b]) through its block table. A sequence in no group has shared_lens 0; a
+    padding row has context_lens 0 and comes out 0. Every tensor is int32 on the cache's device, so that a
+    CUDA graph can read each step's values from the same buffers.
+    """
+
+    block_tables: torch.Tensor  # (B, max_blocks)
+    context_lens: torch.Tensor  # (B,)
+    shared_lens: torch.Tensor  # (B,), a multiple of the block size
+    group_ptr: torch.Tensor  # (num_groups + 1,)
+    group_rows: torch.Tensor  # (>= group_ptr[-1],)
+    group_tables: torch.Tensor  # (num_groups, max_prefix_blocks)
+    group_lens: torch.Tensor  # (num_groups,)
+    max_group: int  # the most sequences one group may hold (sizes the kernels' grids)
+    max_context: int  # the longest KV range any row may read (sizes the KV splits)
+
+    @property
+    def num_groups(self) -> int:
+        return self.group_ptr.numel() - 1
+
+    @classmethod
+    def of_step(cls, meta: AttentionMetadata) -> DecodeLayout:
+        """The layout of a decode step given as metadata (every query length 1)."""
+        device, i32 = meta.slot_mapping.device, torch.int32
+        sizes = [p.seq_indices.numel() for p in meta.shared]
+        width = max((p.block_ids.numel() for p in meta.shared), default=1)
+        group_tables = torch.zeros(max(len(sizes), 1), width, dtype=i32, device=device)
+        for i, prefix in enumerate(meta.shared):
+            group_tables[i, : prefix.block_ids.numel()] = prefix.block_ids
+        rows = [p.seq_indices for p in meta.shared]
+        own = meta.context_lens - meta.shared_lens  # (B,)
+        return cls(
+            block_tables=meta.block_tables.to(i32),
+            context_lens=meta.context_lens.to(i32),
+            shared_lens=meta.shared_lens.to(i32),
+            group_ptr=torch.tensor([0] + sizes, device=device).cumsum(0).to(i32),
+            group_rows=torch.cat(rows).to(i32) if rows else torch.zeros(1, dtype=i32, device=device),
+            group_tables=group_tables,
+            group_lens=torch.tensor([p.num_tokens for p in meta.shared] or [0], dtype=i32, device=device),
+            max_group=max(sizes, default=0),
+            max_context=max([p.num_tokens for p in meta.shared] + [int(own.max())]),
+        )
+
+
 class AttentionBackend(ABC):
     """Writes the step's new K/V into the cache, then attends each query row over its sequence's KV."""
 
     name: str
     # A shared prefix is read once for its group only when that saves at least this many K (and as many V)
     # elements, (group size - 1) x prefix tokens x KV heads x head dim; smaller ones are read per sequence.
+    # One threshold for pure decode steps (one token per sequence), one for steps with prefill chunks.
+    min_shared_elements_decode: int = 0
     min_shared_elements: int = 0
 
     @abstractmethod

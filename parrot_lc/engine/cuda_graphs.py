@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from parrot_lc.engine.attention import AttentionMetadata
+from parrot_lc.engine.attention import AttentionMetadata, DecodeLayout
 from parrot_lc.engine.models.llama import LlamaForCausalLM
 from parrot_lc.engine.triton_attention import shared_splits
 
@@ -43,6 +43,8 @@ class DecodeGraphs:
         self.group_rows = torch.zeros(n, dtype=torch.int32, device=device)
         self.group_tables = torch.zeros(groups, self.max_blocks, dtype=torch.int32, device=device)
         self.group_lens = torch.zeros(groups, dtype=torch.int32, device=device)
+        self.no_shared = torch.zeros(n, dtype=torch.int32, device=device)
+        self.logits = torch.empty(n, model.config.vocab_size, dtype=torch.float32, device=device)
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle()  # one memory pool: graphs replay one at a time
 
@@ -116,22 +118,45 @@ class DecodeGraphs:
             sliding_window=self.model.config.sliding_window,
         )
         # The Triton backend's plan, made from the static buffers so that the graph reads each step's values.
-        shared_lens = self.shared_lens[:bucket] if group_bucket else torch.zeros_like(rows[:-1])
-        plan = meta.plan["triton"] = {
-            "positions": self.positions[:bucket],
-            "own": (rows, rows[:-1], self.block_tables[:bucket], shared_lens, self.context_lens[:bucket], 1),
-        }
+        plan = meta.plan["triton"] = {"positions": self.positions[:bucket]}
+        if meta.sliding_window is None:
+            plan["decode"] = self._decode_layout(bucket, group_bucket)
+        else:
+            self._windowed_plan(plan, bucket, group_bucket)
+        hidden = self.model(self.input_ids[:bucket], self.positions[:bucket], self.kv_cache, meta)  # (B, C)
+        # Into the one output buffer of every graph; the graph's own temporaries go back to the shared pool.
+        return self.logits[:bucket].copy_(self.model.compute_logits(hidden))  # (B, V)
+
+    def _decode_layout(self, bucket: int, group_bucket: int) -> DecodeLayout:
+        shared = group_bucket > 0
+        return DecodeLayout(
+            block_tables=self.block_tables[:bucket],
+            context_lens=self.context_lens[:bucket],
+            # Without groups the shared lengths stay 0 whatever an earlier step with groups left in them.
+            shared_lens=self.shared_lens[:bucket] if shared else self.no_shared[:bucket],
+            group_ptr=self.group_ptr[: group_bucket + 1],
+            group_rows=self.group_rows[:bucket],
+            group_tables=self.group_tables[: max(group_bucket, 1)],
+            group_lens=self.group_lens[: max(group_bucket, 1)],
+            max_group=bucket if shared else 0,
+            max_context=self.max_blocks * self.block_size,
+        )
+
+    def _windowed_plan(self, plan: dict, bucket: int, group_bucket: int) -> None:
+        """A sliding-window model's decode: own parts and shared prefixes in two passes of the paged kernel."""
+        device = self.kv_cache.device
+        rows = torch.arange(bucket + 1, dtype=torch.int32, device=device)
+        shared_lens = self.shared_lens[:bucket] if group_bucket else self.no_shared[:bucket]
+        plan["own"] = (rows, rows[:-1], self.block_tables[:bucket], shared_lens, self.context_lens[:bucket], 1)
         if group_bucket:
             num_kv_heads = self.kv_cache.shape[-2]
             plan["shared"] = (self.group_ptr[: group_bucket + 1], self.group_rows[:bucket],
-                              self.group_tables[:group_bucket], torch.zeros_like(self.group_lens[:group_bucket]),
+                              self.group_tables[:group_bucket], self.no_shared[:group_bucket],
                               self.group_lens[:group_bucket], bucket)
             # Every row is merged: a row in no group has the shared pass's empty result (lse -inf), which leaves
             # its own result as it is; a padding row has neither and comes out 0.
             plan["shared_rows"] = rows[:-1].long()
             plan["splits"] = shared_splits(device, group_bucket * num_kv_heads, self.max_blocks * self.block_size)
-        hidden = self.model(self.input_ids[:bucket], self.positions[:bucket], self.kv_cache, meta)  # (B, C)
-        return self.model.compute_logits(hidden)  # (B, V)
 
     @torch.inference_mode()
     def _capture(self, bucket: int, group_bucket: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:

@@ -94,7 +94,8 @@ class LLMEngine:
         if settings.cuda_graphs and self.device.type == "cuda" and self.backend.name == "triton":
             graphs = DecodeGraphs(self.model, kv_cache, bs, settings.max_num_seqs, dummy_slot=num_blocks * bs)
             graphs.capture_all()
-        self.runner = ModelRunner(self.model, kv_cache, bs, graphs, self.backend.min_shared_elements)
+        self.runner = ModelRunner(self.model, kv_cache, bs, graphs,
+                                  (self.backend.min_shared_elements_decode, self.backend.min_shared_elements))
         self.allocator = BlockAllocator(num_blocks)
         self.tree = ContextTree(self.allocator, bs, self.runner.copy_block)
         self.scheduler = Scheduler(self.tree, settings.max_num_batched_tokens, settings.max_num_seqs)

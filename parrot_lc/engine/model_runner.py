@@ -28,16 +28,17 @@ class StepInputs:
 class ModelRunner:
     def __init__(
         self, model: LlamaForCausalLM, kv_cache: torch.Tensor, block_size: int, graphs: DecodeGraphs | None = None,
-        min_shared_elements: int = 0,
+        min_shared_elements: tuple[int, int] = (0, 0),
     ) -> None:
-        """`min_shared_elements`: the attention backend's threshold for reading a shared prefix once."""
+        """`min_shared_elements`: the attention backend's thresholds for reading a shared prefix once, in decode
+        steps and in steps with prefill chunks."""
         self.model = model
         self.kv_cache = kv_cache  # (L, 2, num_blocks, block_size, Hkv, D)
         self.block_size = block_size
         self.device = kv_cache.device
         self.graphs = graphs
         self.kv_elements_per_token = kv_cache.shape[-2] * kv_cache.shape[-1]  # Hkv x D, in one layer's K
-        self.min_shared_elements = min_shared_elements
+        self.min_shared_elements_decode, self.min_shared_elements = min_shared_elements
 
     def copy_block(self, src: int, dst: int) -> None:
         self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
@@ -52,7 +53,9 @@ class ModelRunner:
         step = self._gather(chunks)
         done = [i for i, c in enumerate(chunks) if c.num_tokens == c.request.context.num_pending]
         block_tables = self._block_tables(step)  # (B, widest table)
-        groups = self._shared_groups(chunks, block_tables)
+        decode = all(n == 1 for n in step.query_lens)
+        groups = self._shared_groups(chunks, block_tables, self.min_shared_elements_decode if decode
+                                     else self.min_shared_elements)
         if self.graphs is not None and self._graph_ready(step, groups):
             logits = self.graphs.run(step.ids, step.positions, step.slots, block_tables, step.context_lens, groups)
             logits = logits[done]  # a copy: the graph's output buffer is overwritten by the next replay
@@ -115,7 +118,9 @@ class ModelRunner:
         width = max(len(t) for t in step.tables)
         return torch.tensor([t + [0] * (width - len(t)) for t in step.tables], dtype=torch.long)  # (B, width)
 
-    def _shared_groups(self, chunks: list[ScheduledChunk], block_tables: torch.Tensor) -> list[SharedGroup]:
+    def _shared_groups(
+        self, chunks: list[ScheduledChunk], block_tables: torch.Tensor, min_shared_elements: int
+    ) -> list[SharedGroup]:
         """(members, number of blocks) of each group of sequences whose block tables start with the same blocks;
         a block appears in two tables only when one context inherited it from an ancestor, so those blocks are
         one shared prefix. Prefixes too small for the backend's shared pass to pay are left out: each sequence
@@ -134,7 +139,7 @@ class ModelRunner:
             same = (tables[:, :limit] == tables[:1, :limit]).all(dim=0)
             num_blocks = int(same.long().cumprod(0).sum())
             saved = (len(members) - 1) * num_blocks * self.block_size * self.kv_elements_per_token
-            if num_blocks > 0 and saved >= self.min_shared_elements:
+            if num_blocks > 0 and saved >= min_shared_elements:
                 groups.append((members, num_blocks))
         return groups
 

@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from parrot_lc.engine.attention import AttentionBackend, AttentionMetadata, merge_by_lse, write_kv
+from parrot_lc.engine.attention import AttentionBackend, AttentionMetadata, DecodeLayout, merge_by_lse, write_kv
+from parrot_lc.engine.triton_decode import decode_attention
 
 
 @triton.jit
@@ -153,10 +154,15 @@ class TritonBackend(AttentionBackend):
     # 4,096-token prefix (1.2e8 saved elements: 8.4 against 9.0 ms a step) and far faster with more (230 forks:
     # 27 against 82 ms); below about half that saving the extra pass is not worth its launches.
     min_shared_elements = 60_000_000
+    # Decode steps read a shared prefix in the same launch as the own parts (triton_decode.py), which was
+    # faster than reading it per sequence in every case of benchmarks/kernel_shared_prefix.py.
+    min_shared_elements_decode = 0
 
     def forward(self, q, k, v, k_cache, v_cache, meta, scale):
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         plan = meta.plan.get("triton") or meta.plan.setdefault("triton", self._plan(meta, k_cache.shape[2]))
+        if "decode" in plan:
+            return self.decode(q, k_cache, v_cache, plan["decode"], scale)
         out, lse = paged_attention(q, k_cache, v_cache, plan["positions"], *plan["own"], scale=scale,
                                    window=meta.sliding_window)
         if "shared" in plan:
@@ -166,9 +172,16 @@ class TritonBackend(AttentionBackend):
             out[rows] = merge_by_lse(out[rows].float(), lse[rows], out_s[rows].float(), lse_s[rows]).to(out.dtype)
         return out
 
+    def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, layout: DecodeLayout,
+               scale: float) -> torch.Tensor:
+        """A decode step: one fused launch over shared prefixes and own parts, then the merge."""
+        return decode_attention(q, k_cache, v_cache, layout, scale)
+
     @staticmethod
     def _plan(meta: AttentionMetadata, num_kv_heads: int) -> dict:
         device = meta.slot_mapping.device
+        if meta.sliding_window is None and all(n == 1 for n in meta.query_lens):
+            return {"decode": DecodeLayout.of_step(meta)}
         i32 = torch.int32
         q_lens = torch.tensor(meta.query_lens, device=device)
         seq_of_row = torch.repeat_interleave(torch.arange(meta.num_seqs, device=device), q_lens)  # (T,)

@@ -1,6 +1,31 @@
 """parrot_lc: serve LangChain applications as graphs of Semantic Variables (after Parrot, OSDI'24)."""
 
+import os
+
 from setuptools import find_packages, setup
+
+
+def cuda_extension() -> dict:
+    """The CUDA decode-attention kernels as parrot_lc._cuda, built only where torch has CUDA and nvcc is found.
+    Elsewhere (a CPU torch, or pip's isolated build environment, which has no torch) the package installs
+    without it and parrot_lc.engine.cuda_attention.available() is False."""
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError:
+        return {}
+    if torch.version.cuda is None or CUDA_HOME is None:
+        return {}
+    # Hopper (sm_90) always, plus whatever the builder asks for; the kernels need sm_80 or newer (mma.sync bf16).
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "").replace(",", ";").replace(" ", ";").split(";")
+    os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(sorted({a for a in archs if a} | {"9.0"}))
+    extension = CUDAExtension(
+        name="parrot_lc._cuda",
+        sources=["csrc/bindings.cpp", "csrc/shared_prefix_decode.cu"],
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math"]},
+    )
+    return {"ext_modules": [extension], "cmdclass": {"build_ext": BuildExtension}}
+
 
 setup(
     name="parrot-lc",
@@ -38,4 +63,5 @@ setup(
         "examples": ["langchain-text-splitters>=1.0"],
     },
     entry_points={"console_scripts": ["parrot-lc=parrot_lc.cli:main"]},
+    **cuda_extension(),
 )

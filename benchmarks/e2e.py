@@ -59,6 +59,7 @@ class Scale:
     map_chunks: list[int] = field(default_factory=lambda: [8, 16, 32])
     system_tokens: int = 4096
     chat_users: list[int] = field(default_factory=lambda: [8])  # and the baseline's largest batch, and 10x it
+    # (parrot_lc also runs 2x, 4x, 6x and 8x it)
     max_chat_users: int = 256  # the engine's max_num_seqs
     query_tokens: int = 64
     answer_tokens: int = 64
@@ -233,7 +234,10 @@ class Driver:
         fit = min(s.max_chat_users, (kv.kv_blocks_used + kv.kv_blocks_free) * block_size // per_user)
         await self.chat(system, self.text(s.query_tokens), 2)  # the first user warms the prefix in parrot mode
         result: dict[str, Any] = {"baseline_fit_users": fit}
-        for users in sorted({*s.chat_users, fit, min(s.max_chat_users, 10 * fit)}):
+        counts = {*s.chat_users, fit, min(s.max_chat_users, 10 * fit)}
+        if self.parrot:  # steps between, to find the most users at the baseline's pace (the baseline's stay queued)
+            counts |= {min(s.max_chat_users, k * fit) for k in (2, 4, 6, 8)}
+        for users in sorted(counts):
             with Stats(self.server) as stats:
                 runs = await asyncio.gather(*(self.chat(system, self.text(s.query_tokens), s.answer_tokens)
                                               for _ in range(users)))

@@ -1,10 +1,12 @@
 """Shared-prefix decode attention, one layer on the GPU: N sequences forked from one prefix of P tokens, 256
 own tokens each, 32 query heads x 128, bf16, 32 or 8 KV heads.
 
-For each case: our Triton backend (prefix read once per step by the shared pass, own KV per sequence, merged
-by LSE), the same with sharing switched off (each sequence reads the prefix through its own block table),
-torch SDPA on the expanded KV (where it fits in memory), and the floor: bytes that must move (the prefix KV
-once plus every own KV) over the copy bandwidth measured in this run.
+For each case: our fused Triton decode kernel (each prefix tile read once for all N sequences, own KV per
+sequence, one launch plus a merge), the same kernel with sharing switched off (each sequence reads the prefix
+through its own block table), our CUDA kernel (csrc/, where built), FlashInfer's cascade attention (where
+its package is on the machine), torch SDPA on the expanded KV (where it fits in memory), and the floor: bytes
+that must move (the prefix KV once plus every own KV) over the copy bandwidth measured in this run. Every
+kernel is replayed from a CUDA graph, as in the engine's decode steps.
 
     PYTHONPATH=. python3 benchmarks/kernel_shared_prefix.py --out benchmarks/results/kernel_shared_prefix.json
     python benchmarks/kernel_shared_prefix.py --plot benchmarks/results/kernel_shared_prefix.json   # the PNG
@@ -36,74 +38,116 @@ def copy_bandwidth() -> float:
 
 
 def build_case(n: int, prefix: int, kv_heads: int, sharing: bool):
-    """A paged cache holding the prefix once and each sequence's own KV, and the decode-step metadata."""
-    from parrot_lc.engine.attention import AttentionMetadata, SharedPrefix
+    """A paged cache holding the prefix once and each sequence's own KV, and the decode step's layout."""
+    from parrot_lc.engine.attention import AttentionMetadata, DecodeLayout, SharedPrefix
 
     prefix_blocks, own_blocks = prefix // PAGE, OWN // PAGE
     num_blocks = prefix_blocks + n * own_blocks + 1
     k_cache = torch.randn(num_blocks, PAGE, kv_heads, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     v_cache = torch.randn_like(k_cache)
     shared_ids = torch.arange(prefix_blocks, device="cuda")
-    tables = torch.stack([torch.cat([shared_ids, prefix_blocks + i * own_blocks + torch.arange(own_blocks, device="cuda")])
-                          for i in range(n)])  # (N, blocks)
-    context = prefix + OWN
-    last_block = tables[:, -1]
+    own_ids = prefix_blocks + torch.arange(n * own_blocks, device="cuda").view(n, own_blocks)  # (N, own blocks)
+    tables = torch.cat([shared_ids.expand(n, -1), own_ids], dim=1)  # (N, blocks)
     meta = AttentionMetadata(
         block_size=PAGE,
-        slot_mapping=last_block * PAGE + PAGE - 1,  # the new token is each sequence's last own slot
+        slot_mapping=tables[:, -1] * PAGE + PAGE - 1,  # the new token is each sequence's last own slot
         query_start=torch.arange(n + 1, device="cuda"),
         query_lens=[1] * n,
-        context_lens=torch.full((n,), context, device="cuda"),
+        context_lens=torch.full((n,), prefix + OWN, device="cuda"),
         block_tables=tables,
         shared_lens=torch.full((n,), prefix if sharing else 0, device="cuda"),
         shared=[SharedPrefix(torch.arange(n, device="cuda"), torch.arange(n, device="cuda"), shared_ids, prefix)]
         if sharing else [],
     )
     q = torch.randn(n, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
-    k = torch.randn(n, kv_heads, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
-    return q, k, torch.randn_like(k), k_cache, v_cache, meta
+    return q, k_cache, v_cache, DecodeLayout.of_step(meta), (shared_ids, own_ids)
 
 
-def time_ms(fn) -> float:
+def time_ms(fn) -> tuple[float, str]:
+    """GPU time of one call, replayed from a CUDA graph as the engine's decode steps are (no Python launch
+    overhead); eagerly where a peer cannot be captured. L2 is flushed before each call (triton's do_bench)."""
     import triton
 
-    return triton.testing.do_bench(fn, warmup=10, rep=50)
+    fn()
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return triton.testing.do_bench(graph.replay, warmup=10, rep=50), "graph"
+    except Exception:  # noqa: BLE001 - a peer that cannot be captured is timed eagerly (and said so)
+        torch.cuda.synchronize()
+        return triton.testing.do_bench(fn, warmup=10, rep=50), "eager"
 
 
-def sdpa_ms(n: int, prefix: int, kv_heads: int) -> float | None:
+def sdpa_ms(n: int, prefix: int) -> float | None:
     context = prefix + OWN
     if 2 * n * HEADS * context * HEAD_DIM * 2 > 30e9:  # expanded K and V must fit beside the rest
         return None
     q = torch.randn(n, HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(n, HEADS, context, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
-    ms = time_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    ms, _ = time_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
     del q, k, v
     torch.cuda.empty_cache()
+    return ms
+
+
+def flashinfer_ms(q, k_cache, v_cache, blocks, kv_heads: int) -> float | None:
+    """FlashInfer's two-level cascade (the prefix for all N queries, then each sequence's own pages)."""
+    try:
+        import flashinfer
+    except ImportError:
+        return None
+    shared_ids, own_ids = blocks
+    n = q.shape[0]
+    i32 = dict(dtype=torch.int32, device="cuda")
+    workspace = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
+    wrapper = flashinfer.MultiLevelCascadeAttentionWrapper(2, workspace, "NHD")
+    wrapper.plan(
+        [torch.tensor([0, n], **i32), torch.arange(n + 1, **i32)],
+        [torch.tensor([0, shared_ids.numel()], **i32), torch.arange(n + 1, **i32) * own_ids.shape[1]],
+        [shared_ids.to(torch.int32), own_ids.flatten().to(torch.int32)],
+        [torch.tensor([PAGE], **i32), torch.full((n,), PAGE, **i32)],
+        HEADS, kv_heads, HEAD_DIM, PAGE, q_data_type=torch.bfloat16,
+    )
+    ms, _ = time_ms(lambda: wrapper.run(q, (k_cache, v_cache)))
     return ms
 
 
 def measure(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
-    from parrot_lc.engine.triton_attention import TritonBackend
+    from parrot_lc.engine import cuda_attention
+    from parrot_lc.engine.triton_decode import decode_attention
 
-    backend = TritonBackend()
     bandwidth = copy_bandwidth()
     cases = []
     for kv_heads, n, prefix in tqdm(CASES, desc="cases"):
         row = {"n": n, "prefix": prefix, "own": OWN, "kv_heads": kv_heads}
-        for key, sharing in (("ours_ms", True), ("no_sharing_ms", False)):
-            q, k, v, k_cache, v_cache, meta = build_case(n, prefix, kv_heads, sharing)
-            row[key] = time_ms(lambda: backend.forward(q, k, v, k_cache, v_cache, meta, HEAD_DIM**-0.5))
-            del q, k, v, k_cache, v_cache, meta
+        q, k_cache, v_cache, layout, blocks = build_case(n, prefix, kv_heads, sharing=True)
+        _, _, _, unshared, _ = build_case(n, prefix, kv_heads, sharing=False)
+        scale = HEAD_DIM**-0.5
+        row["ours_ms"], row["timed"] = time_ms(lambda: decode_attention(q, k_cache, v_cache, layout, scale))
+        row["no_sharing_ms"], _ = time_ms(lambda: decode_attention(q, k_cache, v_cache, unshared, scale))
+        if cuda_attention.available():
+            row["cuda_ms"], _ = time_ms(lambda: cuda_attention.cuda_decode_attention(q, k_cache, v_cache, layout, scale))
+        try:
+            row["flashinfer_ms"] = flashinfer_ms(q, k_cache, v_cache, blocks, kv_heads)
+        except Exception as error:  # noqa: BLE001 - the peer's failure is reported, ours still measured
+            row["flashinfer_error"] = repr(error)[:300]
+        del q, k_cache, v_cache, layout, unshared, blocks
         torch.cuda.empty_cache()
-        row["sdpa_ms"] = sdpa_ms(n, prefix, kv_heads)
+        row["sdpa_ms"] = sdpa_ms(n, prefix)
         kv_bytes_per_token = 2 * kv_heads * HEAD_DIM * 2
         row["floor_ms"] = (prefix + n * OWN) * kv_bytes_per_token / bandwidth * 1e3
         row["ours_over_floor"] = row["ours_ms"] / row["floor_ms"]
         cases.append(row)
-        print(json.dumps(row))
+        print(json.dumps(row), flush=True)
     result = {"device": torch.cuda.get_device_name(), "copy_bandwidth_gb_s": bandwidth / 1e9, "cases": cases}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
@@ -122,7 +166,8 @@ def plot(path: Path) -> None:
             cases = sorted((c for c in result["cases"] if c["kv_heads"] == kv_heads and c["prefix"] == prefix),
                            key=lambda c: c["n"])
             ns = [c["n"] for c in cases]
-            for key, label in (("ours_ms", "parrot_lc (shared)"), ("no_sharing_ms", "parrot_lc, no sharing"),
+            for key, label in (("ours_ms", "parrot_lc Triton (shared)"), ("cuda_ms", "parrot_lc CUDA (shared)"),
+                               ("no_sharing_ms", "parrot_lc Triton, no sharing"), ("flashinfer_ms", "FlashInfer cascade"),
                                ("sdpa_ms", "SDPA, expanded KV"), ("floor_ms", "memory floor")):
                 points = [(x, c[key]) for x, c in zip(ns, cases) if c.get(key) is not None]
                 ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import signal
 import time
 
@@ -49,6 +50,14 @@ def _add_flags(parser: argparse.ArgumentParser, cls) -> None:
                             help=field.description)
 
 
+def freeze_startup_objects() -> None:
+    """Leaves what startup made (modules, the model, the app: millions of objects) out of every later garbage
+    collection. A full collection otherwise walks them all, about 0.2 s with the GIL held, in the middle of
+    streaming: every stream and the engine's step stall meanwhile."""
+    gc.collect()
+    gc.freeze()
+
+
 def serve(args: argparse.Namespace) -> None:
     """Runs the Parrot server (manager + local engines) until interrupted."""
     import uvicorn
@@ -61,6 +70,7 @@ def serve(args: argparse.Namespace) -> None:
     configure_logging(process.log_format)
     manager = build_manager(engine_settings, server_settings)
     app = create_app(manager, server_settings)
+    freeze_startup_objects()
     # uvicorn raises a signal it stopped on again for the previous handler: this one lets the process exit 0, as
     # a service manager expects of a clean stop. (The first SIGTERM drains without reaching uvicorn at all.)
     signal.signal(signal.SIGTERM, lambda *_: None)
@@ -115,6 +125,7 @@ def engine_process(args: argparse.Namespace) -> None:
     engine_settings, link_settings, process = load(args, EngineSettings, EngineProcessSettings, ProcessSettings)
     configure_logging(process.log_format)
     engine = AsyncEngine(LLMEngine(engine_settings))
+    freeze_startup_objects()
     url = link_settings.advertise_url or f"http://{link_settings.host}:{link_settings.port}"
     link = ManagerLink(engine, link_settings, url)
     link.start()

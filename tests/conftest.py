@@ -19,6 +19,10 @@ from parrot_lc.engine import LLMEngine
 from parrot_lc.settings import EngineSettings
 
 HF_CONFIGS = {
+    "llama-head-dim-64": lambda: transformers.LlamaConfig(  # a head dim the CUDA decode kernel takes
+        vocab_size=512, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+    ),
     "llama": lambda: transformers.LlamaConfig(
         vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
@@ -39,6 +43,7 @@ HF_CONFIGS = {
     ),
 }
 HF_CLASSES = {
+    "llama-head-dim-64": transformers.LlamaForCausalLM,
     "llama": transformers.LlamaForCausalLM,
     "llama3-rope-tied": transformers.LlamaForCausalLM,
     "qwen2": transformers.Qwen2ForCausalLM,

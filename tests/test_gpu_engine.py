@@ -1,11 +1,18 @@
-"""On a GPU: the Triton backend and CUDA-graph decode compute what the eager torch reference computes."""
+"""On a GPU: the Triton and CUDA backends and CUDA-graph decode compute what the eager torch reference computes."""
 
 import pytest
 import torch
 
-from parrot_lc.engine import SamplingParams
+from parrot_lc.engine import SamplingParams, cuda_attention
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run through the device tool)")
+
+
+@pytest.fixture(params=["triton", "cuda"])
+def gpu_backend(request) -> str:
+    if request.param == "cuda" and not cuda_attention.available():
+        pytest.skip("needs parrot_lc._cuda")
+    return request.param
 
 
 def decode_all(engine, prompts, max_tokens=12):
@@ -16,17 +23,17 @@ def decode_all(engine, prompts, max_tokens=12):
     return [[t for e in events[g.request_id] for t in e.token_ids] for g in gens]
 
 
-def test_cuda_graph_decode_equals_eager_decode_with_padded_buckets(make_engine):
+def test_cuda_graph_decode_equals_eager_decode_with_padded_buckets(make_engine, gpu_backend):
     prompts = [list(range(3 + i, 40 + 7 * i)) for i in range(5)]  # batch 5 replays the bucket of 8
     eager = decode_all(make_engine(device="cuda", attention_backend="torch"), prompts)
-    graphed_engine = make_engine(device="cuda", attention_backend="triton", cuda_graphs=True)
+    graphed_engine = make_engine(device="cuda", attention_backend=gpu_backend, cuda_graphs=True)
     graphed = decode_all(graphed_engine, prompts)
     assert graphed_engine.runner.graphs._graphs, "no CUDA graph was replayed"
     assert graphed == eager
 
 
-def test_cuda_graph_logits_equal_eager_logits(make_engine):
-    engines = [make_engine(device="cuda", attention_backend="triton", cuda_graphs=g) for g in (False, True)]
+def test_cuda_graph_logits_equal_eager_logits(make_engine, gpu_backend):
+    engines = [make_engine(device="cuda", attention_backend=gpu_backend, cuda_graphs=g) for g in (False, True)]
     for engine in engines:
         engine.fill(list(range(3, 50)), "a")
         engine.fill(list(range(9, 30)), "b")
@@ -48,10 +55,31 @@ def forked_decode(engine, max_tokens=10):
     return [[t for e in events[g.request_id] for t in e.token_ids] for g in gens]
 
 
-def test_cuda_graph_decode_of_shared_prefix_groups_equals_eager_reference(make_engine):
+def test_cuda_graph_decode_of_shared_prefix_groups_equals_eager_reference(make_engine, gpu_backend):
     eager = forked_decode(make_engine(device="cuda", attention_backend="torch"))
-    graphed_engine = make_engine(device="cuda", attention_backend="triton", cuda_graphs=True)
+    graphed_engine = make_engine(device="cuda", attention_backend=gpu_backend, cuda_graphs=True)
     graphed_engine.runner.min_shared_elements_decode = 0  # every shared prefix read once for its group
     graphed = forked_decode(graphed_engine)
     assert any(groups for _, groups in graphed_engine.runner.graphs._graphs), "no graph with shared groups replayed"
     assert graphed == eager
+
+
+def test_cuda_backend_decodes_forks_as_the_triton_backend_does(hf_checkpoint, make_engine):
+    """bf16, head dim 64: forks of one prefix decoded (one token each per step, from CUDA graphs) by the CUDA
+    kernel and by the Triton kernel give the same logits, to bf16 precision."""
+    if not cuda_attention.available():
+        pytest.skip("needs parrot_lc._cuda")
+    path, _ = hf_checkpoint("llama-head-dim-64")
+    logits = {}
+    for backend in ("triton", "cuda"):
+        engine = make_engine(model=str(path), device="cuda", dtype="bfloat16", attention_backend=backend)
+        assert engine.backend.name == backend
+        engine.fill(list(range(3, 60)), "prefix")
+        children = [f"fork{i}" for i in range(4)]
+        engine.run_until_done([engine.submit_fill(list(range(100 + i, 105 + 2 * i)), c, "prefix")
+                               for i, c in enumerate(children)])
+        for token in (7, 8, 9):  # decode-shaped steps: one token per fork
+            engine.run_until_done([engine.submit_fill([token], c) for c in children])
+        logits[backend] = torch.stack([engine.context_logits(c) for c in children])  # (4, V)
+    error = (logits["cuda"] - logits["triton"]).abs().max() / logits["triton"].abs().max()
+    assert error < 2e-2, f"relative error {error:.2e}"

@@ -1,8 +1,13 @@
 """Unmodified OpenAI clients (the `openai` package) talk to the server: completions and chat, streamed or
 not, with usage; requests that share a system prompt share its prefix context."""
 
+import asyncio
+
 import openai
 import pytest
+
+from parrot_lc.server.graph import TextStream
+from parrot_lc.server.openai_routes import DeltaEvents, sse
 
 
 @pytest.fixture
@@ -59,3 +64,67 @@ def test_chats_sharing_a_system_prompt_reuse_its_prefix(oai, local_server):
 def test_bad_sampling_is_a_4xx_the_client_raises(oai):
     with pytest.raises(openai.UnprocessableEntityError):
         oai.completions.create(model="tiny", prompt="x", temperature=-1)
+
+
+class CountingTokenizer:
+    """A tokenizer that records the texts it tokenizes (everything else goes to the wrapped one)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.texts = tokenizer, []
+
+    def __call__(self, text, *args, **kwargs):
+        self.texts.append(text)
+        return self.tokenizer(text, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+def test_a_chat_is_tokenized_once_and_its_shared_system_prompt_once_for_all(oai, local_server, monkeypatch):
+    counting = CountingTokenizer(local_server.manager.tokenizer)
+    monkeypatch.setattr(local_server.manager, "tokenizer", counting)
+    system = "You answer questions about the tide tables of a small harbour. " * 8  # no other test sends it
+    questions = ["When is high tide?", "Is the harbour open at night?"]
+    for question in questions:
+        for stream in (False, True):
+            list(oai.chat.completions.create(model="tiny", max_tokens=2, temperature=0, stream=stream,
+                                             messages=[{"role": "system", "content": system},
+                                                       {"role": "user", "content": question}]))
+    texts = [text for text in counting.texts if system in text]
+    # Each request's prompt once (the length check, the prefix lookup and the engine call share its ids), and the
+    # system part once for all four requests.
+    assert [sum(question in text for text in texts) for question in questions] == [2, 2]
+    assert len(texts) == 4 + 1
+
+
+def test_delta_events_are_the_whole_payload_encoded():
+    def payload(text: str) -> dict:
+        return {"id": "chatcmpl-1", "model": "a \"model\" \u0000delta", "choices": [
+            {"index": 0, "delta": {"content": text}, "finish_reason": None}]}
+
+    event = DeltaEvents(payload)
+    for text in ("plain", "quotes \" and \\ and\nnewlines", "é 中 \u2028", "\u0000delta", ""):
+        assert event(text) == sse(payload(text))
+
+
+def test_a_stream_consumer_that_runs_behind_gets_the_pieces_joined():
+    async def run() -> list[str]:
+        stream = TextStream()
+        received: list[str] = []
+
+        async def consume() -> None:
+            async for text in stream:
+                received.append(text)
+                await asyncio.sleep(0)  # busy while more pieces come
+
+        consumer = asyncio.ensure_future(consume())
+        await asyncio.sleep(0)  # the consumer waits
+        stream.push("a")
+        await asyncio.sleep(0)  # it takes "a" and is busy when the next two come
+        stream.push("b")
+        stream.push("c")
+        stream.close()
+        await consumer
+        return received
+
+    assert asyncio.run(run()) == ["a", "bc"]

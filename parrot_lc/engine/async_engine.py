@@ -110,8 +110,7 @@ class AsyncEngine:
                 except Exception as exc:  # a bug: the step's requests fail, the thread (and the server) serve on
                     log.exception("an engine step failed; the requests in the engine are stopped")
                     outputs = self.engine.abort_all(EngineStepError(f"the engine failed in a step: {exc!r}"))
-                for output in outputs:
-                    self._deliver(output)
+                self._deliver_all(outputs)
                 self._stats = self.engine.stats()
 
     def _run_command(self, fn: Callable[[], object], future: Future) -> None:
@@ -121,18 +120,29 @@ class AsyncEngine:
             future.set_exception(exc)
             return
         if isinstance(result, RequestOutput):  # a cancel or free that ended a request
-            self._deliver(result)
+            self._deliver_all([result])
         future.set_result(result)
         self._stats = self.engine.stats()
 
-    def _deliver(self, output: RequestOutput) -> None:
-        listener = self._listeners.get(output.request_id)
-        if listener is None:
-            return
-        loop, outputs = listener
-        if output.finished:
-            del self._listeners[output.request_id]
-        try:
-            loop.call_soon_threadsafe(outputs.put_nowait, output)
-        except RuntimeError:  # the caller's event loop is gone; the engine serves on
-            pass
+    def _deliver_all(self, outputs: list[RequestOutput]) -> None:
+        """Outputs (a step's) to their listeners, with one wake-up per event loop rather than one per output:
+        at hundreds of streams, a call_soon_threadsafe per output kept the loop busy waking up."""
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+        for output in outputs:
+            listener = self._listeners.get(output.request_id)
+            if listener is None:
+                continue
+            loop, queue = listener
+            if output.finished:
+                del self._listeners[output.request_id]
+            batches.setdefault(loop, []).append((queue, output))
+        for loop, batch in batches.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, batch)
+            except RuntimeError:  # the caller's event loop is gone; the engine serves on
+                pass
+
+
+def _put_all(batch: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for queue, output in batch:
+        queue.put_nowait(output)

@@ -76,7 +76,7 @@ class DecodeLayout:
         device, i32 = meta.slot_mapping.device, torch.int32
         sizes = [p.seq_indices.numel() for p in meta.shared]
         width = max((p.block_ids.numel() for p in meta.shared), default=1)
-        group_tables = torch.zeros(max(len(sizes), 1), width, dtype=i32, device=device)
+        group_tables = torch.zeros(len(sizes), width, dtype=i32, device=device)
         for i, prefix in enumerate(meta.shared):
             group_tables[i, : prefix.block_ids.numel()] = prefix.block_ids
         rows = [p.seq_indices for p in meta.shared]
@@ -88,7 +88,7 @@ class DecodeLayout:
             group_ptr=torch.tensor([0] + sizes, device=device).cumsum(0).to(i32),
             group_rows=torch.cat(rows).to(i32) if rows else torch.zeros(1, dtype=i32, device=device),
             group_tables=group_tables,
-            group_lens=torch.tensor([p.num_tokens for p in meta.shared] or [0], dtype=i32, device=device),
+            group_lens=torch.tensor([p.num_tokens for p in meta.shared], dtype=i32, device=device),
             max_group=max(sizes, default=0),
             max_context=max([p.num_tokens for p in meta.shared] + [int(own.max())]),
         )
@@ -103,6 +103,7 @@ class AttentionBackend(ABC):
     # One threshold for pure decode steps (one token per sequence), one for steps with prefill chunks.
     min_shared_elements_decode: int = 0
     min_shared_elements: int = 0
+    decodes_in_graphs: bool = False  # whether its decode steps can be captured in CUDA graphs (cuda_graphs.py)
 
     @abstractmethod
     def forward(

@@ -136,8 +136,8 @@ class DecodeGraphs:
             shared_lens=self.shared_lens[:bucket] if shared else self.no_shared[:bucket],
             group_ptr=self.group_ptr[: group_bucket + 1],
             group_rows=self.group_rows[:bucket],
-            group_tables=self.group_tables[: max(group_bucket, 1)],
-            group_lens=self.group_lens[: max(group_bucket, 1)],
+            group_tables=self.group_tables[:group_bucket],
+            group_lens=self.group_lens[:group_bucket],
             max_group=bucket if shared else 0,
             max_context=self.max_blocks * self.block_size,
         )

@@ -48,12 +48,19 @@ class EngineStats:
 
 
 def select_backend(name: str, device: torch.device) -> AttentionBackend:
-    """The attention backend a setting names (`auto`: Triton on a GPU, the torch reference elsewhere)."""
-    if name == "triton" or (name == "auto" and device.type == "cuda"):
-        from parrot_lc.engine.triton_attention import TritonBackend
+    """The attention backend a setting names. `auto`: on a GPU the CUDA decode kernel where the extension is
+    built (Triton for everything else), else Triton; the torch reference elsewhere."""
+    if name == "torch" or (name == "auto" and device.type != "cuda"):
+        return TorchReferenceBackend()
+    from parrot_lc.engine import cuda_attention
+    from parrot_lc.engine.triton_attention import TritonBackend
 
-        return TritonBackend()
-    return TorchReferenceBackend()
+    if name == "cuda" and not cuda_attention.available():
+        raise ValueError("attention_backend 'cuda' needs the parrot_lc._cuda extension (built by setup.py where "
+                         "torch has CUDA and nvcc is found) and a CUDA device")
+    if name == "cuda" or (name == "auto" and cuda_attention.available()):
+        return cuda_attention.CudaBackend()
+    return TritonBackend()
 
 
 class LLMEngine:
@@ -91,7 +98,7 @@ class LLMEngine:
             cfg.num_layers, 2, num_blocks + 1, bs, cfg.num_kv_heads, cfg.head_dim, dtype=self.dtype, device=self.device
         )
         graphs = None
-        if settings.cuda_graphs and self.device.type == "cuda" and self.backend.name == "triton":
+        if settings.cuda_graphs and self.device.type == "cuda" and self.backend.decodes_in_graphs:
             graphs = DecodeGraphs(self.model, kv_cache, bs, settings.max_num_seqs, dummy_slot=num_blocks * bs)
             graphs.capture_all()
         self.runner = ModelRunner(self.model, kv_cache, bs, graphs,

@@ -157,6 +157,7 @@ class TritonBackend(AttentionBackend):
     # Decode steps read a shared prefix in the same launch as the own parts (triton_decode.py), which was
     # faster than reading it per sequence in every case of benchmarks/kernel_shared_prefix.py.
     min_shared_elements_decode = 0
+    decodes_in_graphs = True
 
     def forward(self, q, k, v, k_cache, v_cache, meta, scale):
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)

@@ -226,13 +226,17 @@ def decode_attention(
     num_shared_items = layout.num_groups * num_kv_heads * tiles * shared_splits
     own_items = batch * num_kv_heads * own_splits
     shared_n, own_n = (SHARED_N, OWN_N) if q.device.type == "cuda" else (16, 16)  # the interpreter: quick tests
+    # Without groups the group tensors may be empty, which a launch cannot pass as pointers: any other int32
+    # tensor stands in, never read.
+    group_tables, group_lens = ((layout.group_tables, layout.group_lens) if layout.num_groups
+                                else (layout.block_tables, layout.context_lens))
     _decode_partials_kernel[(num_shared_items + own_items,)](
         q, k_cache, v_cache, out_p, lse_p,
         layout.block_tables, layout.context_lens, layout.shared_lens, layout.group_ptr, layout.group_rows,
-        layout.group_tables, layout.group_lens,
+        group_tables, group_lens,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         out_p.stride(0), out_p.stride(1), out_p.stride(2), lse_p.stride(0), lse_p.stride(1),
-        layout.block_tables.stride(0), layout.group_tables.stride(0),
+        layout.block_tables.stride(0), group_tables.stride(0),
         scale, num_shared_items,
         G=group_size, HKV=num_kv_heads, TILES=tiles, SHARED_SPLITS=max(shared_splits, 1), OWN_SPLITS=own_splits,
         SHARED_ROWS=rows, OWN_ROWS=max(16, triton.next_power_of_2(group_size)), SHARED_N=shared_n, OWN_N=own_n, PAGE=page,

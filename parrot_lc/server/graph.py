@@ -11,6 +11,7 @@ import asyncio
 import secrets
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import AsyncIterator
 
 from parrot_lc.engine.sampling import SamplingParams
 from parrot_lc.server.errors import GraphError
@@ -31,6 +32,45 @@ class Piece:
     sampling: SamplingParams | None = None  # outputs only
 
 
+class TextStream:
+    """The text of an output as it is generated, for one consumer. Pieces that arrive while the consumer is busy
+    wait in a list and leave joined: a consumer that runs behind (a slow client, a busy event loop) sends fewer,
+    larger chunks. A wait costs one future, not a task per piece, since there is a wait per token and stream."""
+
+    def __init__(self) -> None:
+        self._pieces: list[str] = []
+        self._closed = False
+        self._waiter: asyncio.Future | None = None
+
+    def push(self, text: str) -> None:
+        self._pieces.append(text)
+        self._wake()
+
+    def close(self) -> None:
+        """No more pieces come: the consumer ends once it has taken what is left."""
+        self._closed = True
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        while True:
+            if self._pieces:
+                text = "".join(self._pieces)
+                self._pieces.clear()
+                yield text
+            elif self._closed:
+                return
+            else:
+                self._waiter = asyncio.get_running_loop().create_future()
+                try:
+                    await self._waiter
+                finally:
+                    self._waiter = None
+
+
 @dataclass(eq=False)
 class Variable:
     var_id: str
@@ -42,15 +82,20 @@ class Variable:
     consumers: list["Call"] = field(default_factory=list)
     criterion: Criterion | None = None  # set by the first fetch
     ready: asyncio.Event = field(default_factory=asyncio.Event)
-    deltas: asyncio.Queue | None = None  # when set, the producer streams text pieces here as they come
+    deltas: TextStream | None = None  # when set, the producer streams text pieces here as they come
 
     def set(self, value: str) -> None:
         self.value = value
-        self.ready.set()
+        self._end()
 
     def fail(self, error: str) -> None:
         self.error = error
+        self._end()
+
+    def _end(self) -> None:
         self.ready.set()
+        if self.deltas is not None:
+            self.deltas.close()
 
 
 class CallState(str, Enum):
@@ -74,6 +119,9 @@ class Call:
     completion_tokens: int = 0
     finish_reason: str | None = None  # of the last output
     streamed: bool = False  # text went out to a streaming client: the call cannot start over
+    # The prompt's token ids (the text before the first output), when the submitter has tokenized it already (an
+    # OpenAI-compatible request, for its length check): a long prompt is tokenized once, not again here.
+    prompt_token_ids: list[int] | None = None
 
     @property
     def inputs(self) -> list[str]:

@@ -13,9 +13,10 @@ import itertools
 import logging
 import secrets
 import time
+from collections import OrderedDict
 from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from transformers import PreTrainedTokenizerBase
 
@@ -37,6 +38,7 @@ from parrot_lc.server.graph import (
     Criterion,
     Piece,
     Session,
+    TextStream,
     Variable,
     deduce_objectives,
     validate_new_calls,
@@ -63,28 +65,34 @@ class Completion:
     async def deltas(self) -> AsyncIterator[str]:
         """Text pieces as they are generated; raises CallFailedError if the call fails. Pieces that queued up
         while the consumer was busy come out joined: a server running behind sends fewer, larger chunks."""
-        queue = self.output.deltas
-        while True:
-            pieces = []
-            if queue.empty() and not self.output.ready.is_set():  # wait for a piece or the end
-                getter = asyncio.ensure_future(queue.get())
-                waiter = asyncio.ensure_future(self.output.ready.wait())
-                done: set = set()
-                try:
-                    done, _ = await asyncio.wait({getter, waiter}, return_when=asyncio.FIRST_COMPLETED)
-                finally:  # also when the consumer is cancelled: no task is left pending
-                    waiter.cancel()
-                    kept = getter in done or not getter.cancel()  # a piece taken just as the end came is kept
-                if kept:
-                    pieces.append(getter.result())
-            while not queue.empty():  # what queued up meanwhile leaves with it, in order
-                pieces.append(queue.get_nowait())
-            if pieces:
-                yield "".join(pieces)
-            elif self.output.ready.is_set():
-                break
+        async for text in self.output.deltas:
+            yield text
         if self.output.error is not None:
             raise CallFailedError(self.output.error)
+
+
+class PrefixTokens:
+    """Token ids of the constant prefixes (a template's text before its first variable, a chat's system messages)
+    used last. Each call compares them with its prompt's ids to find what it shares, and they are the same every
+    time: a long system prompt is tokenized once, not once a request. A prefix with more tokens than the model's
+    context is not kept (no call can use it), which bounds what the cache holds."""
+
+    def __init__(self, tokenize: Callable[[str], list[int]], max_entries: int, max_tokens: int) -> None:
+        self._tokenize = tokenize
+        self._max_entries, self._max_tokens = max_entries, max_tokens
+        self._entries: OrderedDict[str, list[int]] = OrderedDict()
+
+    def __call__(self, text: str) -> list[int]:
+        token_ids = self._entries.get(text)
+        if token_ids is not None:
+            self._entries.move_to_end(text)
+            return token_ids
+        token_ids = self._tokenize(text)
+        if len(token_ids) <= self._max_tokens:
+            self._entries[text] = token_ids
+            if len(self._entries) > self._max_entries:
+                self._entries.popitem(last=False)
+        return token_ids
 
 
 @dataclass(eq=False)
@@ -99,6 +107,14 @@ class EngineSlot:
     call_ended: asyncio.Event = field(default_factory=asyncio.Event)  # set (and replaced) as each call ends
     placed: int = 0  # calls ever placed here: breaks ties in load, so idle engines take turns
     last_heartbeat: float = 0.0  # remote engines only
+
+
+def common_length(a: list[int], b: list[int]) -> int:
+    """How many leading token ids `a` and `b` share."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:  # the usual case for a prefix and its prompt, compared in C rather than id by id
+        return n
+    return next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
 
 
 @dataclass(frozen=True)
@@ -124,6 +140,8 @@ class ParrotManager:
         self.max_background_calls = max_background_calls_per_engine
         self.max_queued_calls = max_queued_calls
         self.app_centric = app_centric  # off: no prefix sharing, one priority, no background cap (the baseline)
+        # As many prefixes as an engine keeps warm contexts for: the ones in use.
+        self._prefix_tokens = PrefixTokens(self.tokenize, max_prefixes_per_engine, self.max_context)
         self.queued_calls = 0  # submitted and not finished, in every session: what max_queued_calls bounds
         self.rejected_calls = 0
         self.engines: list[EngineSlot] = []
@@ -227,10 +245,16 @@ class ParrotManager:
 
     # ---- calls ------------------------------------------------------------------------------------
 
-    def submit(self, session: Session, pieces_of_calls: list[list[Piece]]) -> list[Call]:
-        """Adds a graph of calls to the session; each starts as soon as its inputs have values."""
+    def submit(
+        self, session: Session, pieces_of_calls: list[list[Piece]], prompt_token_ids: list[int] | None = None
+    ) -> list[Call]:
+        """Adds a graph of calls to the session; each starts as soon as its inputs have values. A graph of one call
+        may come with its prompt already tokenized (`prompt_token_ids`, of its text before its output)."""
         self._check_accepting()
         calls = [Call(f"c{next(self._ids)}", session.session_id, pieces) for pieces in pieces_of_calls]
+        if prompt_token_ids is not None:
+            assert len(calls) == 1, "prompt_token_ids are those of a graph of one call"
+            calls[0].prompt_token_ids = prompt_token_ids
         validate_new_calls(session, calls)
         for index, call in enumerate(calls):
             for piece in call.pieces:
@@ -317,7 +341,7 @@ class ParrotManager:
     async def _execute(self, session: Session, call: Call) -> None:
         """Runs the call on an engine; if that engine dies under it, again from the start on another."""
         segments = self._segments(session, call)
-        token_ids = self.tokenizer(segments[0][0]).input_ids
+        token_ids = call.prompt_token_ids if call.prompt_token_ids is not None else self.tokenize(segments[0][0])
         call.prompt_tokens = len(token_ids)
         prefix_ids = self._shared_prefix(call.constant_prefix, token_ids) if self.app_centric else []
         while True:
@@ -381,7 +405,7 @@ class ParrotManager:
                     call.completion_tokens += len(event.token_ids)
                     call.finish_reason = event.finish_reason
                     if variable.deltas is not None and event.text and not retried:
-                        variable.deltas.put_nowait(event.text)
+                        variable.deltas.push(event.text)
                         call.streamed = True
                 if not retried:
                     variable.set("".join(pieces))
@@ -441,12 +465,7 @@ class ParrotManager:
         the prefix's end, so only the part on which both tokenizations agree is shared)."""
         if not constant_prefix:
             return []
-        prefix_ids = self.tokenizer(constant_prefix).input_ids
-        shared = 0
-        for a, b in zip(prefix_ids, token_ids):
-            if a != b:
-                break
-            shared += 1
+        shared = common_length(self._prefix_tokens(constant_prefix), token_ids)
         # Keep at least one token of the prompt for the call itself, so that it computes its own logits.
         return token_ids[: min(shared, len(token_ids) - 1)]
 
@@ -467,23 +486,30 @@ class ParrotManager:
         return slot
 
     @asynccontextmanager
-    async def completion(self, pieces: list[Piece], sampling: SamplingParams) -> AsyncIterator["Completion"]:
+    async def completion(
+        self, pieces: list[Piece], sampling: SamplingParams, prompt_token_ids: list[int] | None = None
+    ) -> AsyncIterator["Completion"]:
         """A one-call graph in a session of its own (what the OpenAI-compatible endpoints run): the
-        template's pieces followed by one output. The session goes when the block ends, early or not."""
-        completion = self.start_completion(pieces, sampling)
+        template's pieces followed by one output. The session goes when the block ends, early or not.
+        `prompt_token_ids`, if given, are the pieces' text tokenized (`tokenize`), used instead of tokenizing it
+        again."""
+        completion = self.start_completion(pieces, sampling, prompt_token_ids)
         try:
             yield completion
         finally:
             await self.end_completion(completion)
 
-    def start_completion(self, pieces: list[Piece], sampling: SamplingParams) -> Completion:
+    def start_completion(
+        self, pieces: list[Piece], sampling: SamplingParams, prompt_token_ids: list[int] | None = None
+    ) -> Completion:
         """Submits the one-call graph of `completion()`; end it with `end_completion` (more than once is fine).
         Raises before anything runs if the call is refused (a full queue, bad sampling)."""
         session = self.create_session()
         output = self.create_variable(session)
-        output.deltas = asyncio.Queue()
+        output.deltas = TextStream()
         try:
-            [call] = self.submit(session, [pieces + [Piece("output", var_id=output.var_id, sampling=sampling)]])
+            [call] = self.submit(session, [pieces + [Piece("output", var_id=output.var_id, sampling=sampling)]],
+                                 prompt_token_ids)
         except Exception:  # refused: nothing runs, and the session must not stay behind
             self.sessions.pop(session.session_id)
             raise
@@ -493,11 +519,15 @@ class ParrotManager:
         """Cancels the completion's call if it still runs (its client went away) and forgets its session."""
         await self.delete_session(completion.session)
 
-    def check_prompt(self, text: str, max_tokens: int | None, field: str = "prompt") -> int:
+    def tokenize(self, text: str) -> list[int]:
+        """The token ids of a prompt, as calls feed them to engines."""
+        return self.tokenizer(text).input_ids
+
+    def check_prompt(self, token_ids: list[int], max_tokens: int | None, field: str = "prompt") -> int:
         """How many tokens the completion may generate: `max_tokens`, or without it what the context leaves (up
-        to a default). A prompt that fills the model's context, or leaves less room than `max_tokens`, is rejected
-        before it runs (naming `field`, or `max_tokens`)."""
-        count = len(self.tokenizer(text).input_ids)
+        to a default). A prompt (its `tokenize`d ids) that fills the model's context, or leaves less room than
+        `max_tokens`, is rejected before it runs (naming `field`, or `max_tokens`)."""
+        count = len(token_ids)
         if count == 0:
             raise ServerError("the prompt is empty: it needs at least one token", field)
         if count >= self.max_context:

@@ -8,7 +8,7 @@ import asyncio
 import json
 import time
 import uuid
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
@@ -29,33 +29,36 @@ def openai_router(manager: ParrotManager, model_name: str) -> APIRouter:
 
     @router.post("/completions")
     async def completions(body: CompletionRequest):
-        max_tokens = manager.check_prompt(body.prompt, body.max_tokens)
+        token_ids = manager.tokenize(body.prompt)
+        max_tokens = manager.check_prompt(token_ids, body.max_tokens)
         pieces = [Piece("text", body.prompt)]
-        return await respond(body, max_tokens, pieces, "text_completion", lambda text: {"text": text, "logprobs": None})
+        return await respond(body, max_tokens, pieces, token_ids, "text_completion",
+                             lambda text: {"text": text, "logprobs": None})
 
     @router.post("/chat/completions")
     async def chat_completions(body: ChatCompletionRequest):
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
         prompt = manager.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        max_tokens = manager.check_prompt(prompt, body.max_completion_tokens or body.max_tokens, "messages")
+        token_ids = manager.tokenize(prompt)  # once: the length check and the call share the ids
+        max_tokens = manager.check_prompt(token_ids, body.max_completion_tokens or body.max_tokens, "messages")
         # The system messages rendered alone are the part that many chats share (a long system prompt).
         system = [m for m in messages if m["role"] == "system"]
         head = manager.tokenizer.apply_chat_template(system, tokenize=False) if system else ""
         head = head if prompt.startswith(head) else ""
         pieces = [Piece("text", head), Piece("text", prompt[len(head):])] if head else [Piece("text", prompt)]
-        return await respond(body, max_tokens, pieces, "chat.completion",
+        return await respond(body, max_tokens, pieces, token_ids, "chat.completion",
                              lambda text: {"message": {"role": "assistant", "content": text}},
                              lambda text, first: {"delta": {"role": "assistant", "content": text} if first
                                                   else {"content": text}})
 
-    async def respond(body: OpenAISampling, max_tokens: int, pieces: list[Piece], kind: str, final_choice,
-                      delta_choice=None):
+    async def respond(body: OpenAISampling, max_tokens: int, pieces: list[Piece], token_ids: list[int], kind: str,
+                      final_choice, delta_choice=None):
         sampling = body.to_params(max_tokens)
         sampling.validate(manager.vocab_size)
         response_id = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}"
         head = {"id": response_id, "created": int(time.time()), "model": body.model}
         if not body.stream:
-            async with manager.completion(pieces, sampling) as completion:
+            async with manager.completion(pieces, sampling, token_ids) as completion:
                 text = "".join([d async for d in completion.deltas()])
             choice = {"index": 0, **final_choice(text), "finish_reason": completion.call.finish_reason}
             return {**head, "object": kind, "choices": [choice], "usage": usage(completion)}
@@ -64,22 +67,30 @@ def openai_router(manager: ParrotManager, model_name: str) -> APIRouter:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
 
         # Submitted before the response starts, so that a refusal (429) is still an HTTP status.
-        completion = manager.start_completion(pieces, sampling)
+        completion = manager.start_completion(pieces, sampling, token_ids)
+
+        def chunk(choices: list[dict]) -> dict:
+            return {**head, "object": chunk_kind, "choices": choices}
+
+        def delta_chunk(text: str, first: bool) -> dict:
+            return chunk([{"index": 0, **delta(text, first), "finish_reason": None}])
+
+        first_event = DeltaEvents(lambda text: delta_chunk(text, True))
+        next_event = DeltaEvents(lambda text: delta_chunk(text, False))
 
         async def events() -> AsyncIterator[str]:
+            event = first_event
             try:
-                first = True
                 async for text in completion.deltas():
-                    yield sse({**head, "object": chunk_kind, "choices": [{"index": 0, **delta(text, first),
-                                                                          "finish_reason": None}]})
-                    first = False
-                final = {"index": 0, **delta("", first), "finish_reason": completion.call.finish_reason}
-                yield sse({**head, "object": chunk_kind, "choices": [final]})
+                    yield event(text)
+                    event = next_event
+                first = event is first_event
+                last = [sse(chunk([{"index": 0, **delta("", first), "finish_reason": completion.call.finish_reason}]))]
                 if include_usage:
-                    yield sse({**head, "object": chunk_kind, "choices": [], "usage": usage(completion)})
+                    last.append(sse({**chunk([]), "usage": usage(completion)}))
             except CallFailedError as exc:  # the status (200) is sent: the error goes as the stream's last event
-                yield sse({"error": {"message": exc.message, "type": type(exc).__name__, "field": exc.field}})
-            yield "data: [DONE]\n\n"
+                last = [sse({"error": {"message": exc.message, "type": type(exc).__name__, "field": exc.field}})]
+            yield "".join(last) + "data: [DONE]\n\n"  # the stream's last events in one write
 
         return CompletionStream(events(), manager, completion)
 
@@ -110,3 +121,19 @@ def usage(completion: Completion) -> dict:
 
 def sse(payload: dict) -> str:
     return f"data: {json.dumps(payload)}\n\n"
+
+
+class DeltaEvents:
+    """The server-sent event of a delta of one streamed response, from the delta's text. All but the text is the
+    same in every delta of a response, so it is encoded once: a delta costs the encoding of its text, not a
+    payload built and dumped per token and stream. The event is `sse(payload(text))` to the byte."""
+
+    _MARK = "\u0000delta"  # a string that no key of the payload is
+
+    def __init__(self, payload: Callable[[str], dict]) -> None:
+        # The text is the payload's last string (nothing after it comes from a client), so the last occurrence of
+        # the mark's encoding is where the text goes.
+        self._before, _, self._after = sse(payload(self._MARK)).rpartition(json.dumps(self._MARK))
+
+    def __call__(self, text: str) -> str:
+        return f"{self._before}{json.dumps(text)}{self._after}"

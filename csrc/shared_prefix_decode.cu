@@ -1,0 +1,548 @@
+// Shared-prefix ("cascade") decode attention: one query row per sequence, KV in a paged cache.
+//
+// Two kernels. The partials kernel runs two kinds of work item in one grid:
+//   shared: (group, KV head, tile of members, split of the prefix). The tile's query rows (members x the G
+//           query heads of the KV head) meet each prefix K/V tile once, loaded into shared memory, on tensor
+//           cores: the prefix is read once per tile of members instead of once per sequence.
+//   own:    (sequence, 4 consecutive KV heads, split of its own range): each warp takes one KV head's G query
+//           heads, padded to 16 rows, against the sequence's own KV of that head. The 4 heads of a token are
+//           contiguous in the cache, and an item streams 4 times as many tiles as one head would, which
+//           amortises its pipeline's fill and drain.
+// Each item writes, per query row, a normalised partial output and its log-sum-exp. The merge kernel then
+// combines each (sequence, head)'s partials by log-sum-exp. Splits cut a range into chunks of at least
+// kMinSharedChunk (kMinOwnChunk) tokens, computed in the kernel from the runtime lengths, so one launch fits
+// every step that a CUDA graph replays.
+//
+// Inside an item, 4 warps stream the range through a 3-stage cp.async pipeline of tiles of kBlockN K and V
+// rows (kBlockN tokens of one head, or kBlockN / 4 tokens of 4 heads). Each warp owns 16 query rows (mma.sync
+// m16n8k16 with fp32 accumulators and an online softmax in registers, FlashAttention-2 style); a shared item
+// of fewer rows than 4 x 16 gives each warp a slice of every tile's keys instead, and the warps' results are
+// merged through shared memory at the end.
+
+#include "shared_prefix_decode.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cmath>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+namespace parrot_lc {
+namespace {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr int kBlockN = 64;     // KV tokens per pipeline stage
+constexpr int kStages = 3;
+// The shortest part of a range that a split is given (must match the Python side). A shared split writes 64
+// rows of partials, an own one at most 4 x G: below these, partials would cost more than parallelism gains.
+constexpr int kMinSharedChunk = 256;
+constexpr int kMinOwnChunk = 64;
+
+template <typename T>
+struct Half;
+
+template <>
+struct Half<__nv_bfloat16> {
+  __device__ static uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+  // d += a (16x16, row major) b (16x8, column major)
+  __device__ static void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+template <>
+struct Half<__half> {
+  __device__ static uint32_t pack(float lo, float hi) {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+  __device__ static void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared, bypassing L1; a token past the range is zero-filled, so that masked keys hold
+// finite values (0 x NaN would poison P V) whatever the cache holds there.
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(valid ? 16 : 0)
+               : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+// A K or V tile in shared memory is (kBlockN, D) in 16-byte chunks, chunk c of row r stored at c ^ (r % 8):
+// ldmatrix reads one chunk column of 8 consecutive rows, which this spreads over all 32 banks.
+template <int D>
+__device__ __forceinline__ int swizzle(int row, int chunk) {
+  return row * (D / 8) + (chunk ^ (row & 7));
+}
+
+__host__ __device__ __forceinline__ int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+// What one work item computes: its query rows against KV [lo, hi) of one block table, into partial slot `slot`.
+struct Item {
+  const int* table;     // the block table row the range is read through
+  const int* seq_ids;   // shared: the member sequences
+  int seq, num_seqs;    // own: the sequence; shared: the number of members
+  int kv_head, lo, hi, slot;  // own: the first of the warps' KV heads
+};
+
+// Part `split` of `splits` of [lo, hi): whole pipeline tiles, at least min_chunk tokens; trailing parts of a
+// short range come out empty (lo >= hi).
+__device__ __forceinline__ void split_range(int lo, int hi, int split, int splits, int min_chunk, Item& item) {
+  int chunk = max(ceil_div(max(hi - lo, 0), splits), min_chunk);
+  chunk = ceil_div(chunk, kBlockN) * kBlockN;
+  item.lo = lo + split * chunk;
+  item.hi = min(hi, item.lo + chunk);
+}
+
+// The query row r of an item (0 <= r < 64): for a shared item, query head r % G of member r / G; for an own
+// item, query head r % 16 of KV head kv_head + r / 16. False for padding rows.
+template <bool OWN>
+__device__ __forceinline__ bool row_target(const DecodeParams& p, const Item& item, int group, int r, int& seq,
+                                           int& head) {
+  if constexpr (OWN) {
+    const int kv_head = item.kv_head + r / 16;
+    if (r % 16 >= group || kv_head >= p.num_kv_heads) return false;
+    seq = item.seq;
+    head = kv_head * group + r % 16;
+  } else {
+    const int member = r / group;
+    if (member >= item.num_seqs) return false;
+    seq = item.seq_ids[member];
+    head = item.kv_head * group + r % group;
+  }
+  return true;
+}
+
+// Where token `pos` of the item's range lies in a cache, in elements (head 0); -1 past the range's end.
+__device__ __forceinline__ int64_t token_offset(const DecodeParams& p, const Item& item, int pos) {
+  if (pos >= item.hi) return -1;
+  return item.table[pos / p.page] * p.kv_stride_block + (pos % p.page) * p.kv_stride_slot;
+}
+
+// Issues one tile's K and V copies; `offsets` are its tokens' token_offset. Tile row r is token r of the
+// item's KV head or, for an own item, token r % 16 of KV head kv_head + r / 16 (zeros past the last head).
+template <int D, bool OWN>
+__device__ __forceinline__ void load_tile(const DecodeParams& p, const Item& item, const int64_t* offsets,
+                                          uint4* k_tile, uint4* v_tile) {
+  constexpr int kChunks = D / 8;
+  constexpr int kRowsPerPass = kThreads / kChunks;
+  constexpr int kTokens = OWN ? kBlockN / kWarps : kBlockN;
+  const int chunk = threadIdx.x % kChunks;
+  const auto* k = static_cast<const uint16_t*>(p.k_cache);
+  const auto* v = static_cast<const uint16_t*>(p.v_cache);
+#pragma unroll
+  for (int i = 0; i < kBlockN / kRowsPerPass; ++i) {
+    const int row = threadIdx.x / kChunks + i * kRowsPerPass;
+    const int kv_head = item.kv_head + row / kTokens;
+    const int64_t offset = offsets[row % kTokens];
+    const bool valid = offset >= 0 && kv_head < p.num_kv_heads;
+    const int64_t src = valid ? offset + kv_head * p.kv_stride_head + chunk * 8 : 0;
+    cp_async_16(k_tile + swizzle<D>(row, chunk), k + src, valid);
+    cp_async_16(v_tile + swizzle<D>(row, chunk), v + src, valid);
+  }
+}
+
+// One work item. ROW_WARPS warps hold 16 query rows each; the other kWarps / ROW_WARPS of each row block's
+// warps take disjoint key slices of every tile. An OWN item has a KV head per warp (ROW_WARPS 4), each
+// scoring its own kBlockN / 4 rows of every tile.
+template <typename T, int D, int ROW_WARPS, bool OWN>
+__device__ void attend(const DecodeParams& p, const Item& item, uint4* smem) {
+  static_assert(!OWN || ROW_WARPS == kWarps, "an own item has one KV head per warp");
+  constexpr int kKeySplit = kWarps / ROW_WARPS;
+  constexpr int kTokens = OWN ? kBlockN / kWarps : kBlockN;  // tokens per tile
+  constexpr int kKeys = kTokens / kKeySplit;                 // keys of a tile this warp scores
+  constexpr int kScoreTiles = kKeys / 8;                     // n-tiles of its scores (16 x kKeys)
+  constexpr int kOutTiles = D / 8;                           // n-tiles of its output (16 x D)
+  constexpr int kDimSteps = D / 16;                          // k-steps over the head dimension
+  constexpr int kStage = 2 * kBlockN * (D / 8);              // one stage's K and V, in 16-byte chunks
+  const int group = p.num_heads / p.num_kv_heads;
+  const int64_t num_slots = p.shared_splits + p.own_splits;
+
+  if (item.lo >= item.hi) {  // an empty split: lse -inf, which the merge skips (it never reads out then)
+    for (int r = threadIdx.x; r < 16 * ROW_WARPS; r += kThreads) {
+      int seq, head;
+      if (row_target<OWN>(p, item, group, r, seq, head))
+        p.part_lse[(static_cast<int64_t>(seq) * p.num_heads + head) * num_slots + item.slot] = -INFINITY;
+    }
+    return;
+  }
+
+  // Tile t's token offsets live in offsets[t % kStages], looked up once per token (not per 16-byte chunk)
+  // and a pipeline step ahead, so that no copy waits on a block-table read.
+  int64_t* offsets = reinterpret_cast<int64_t*>(smem + kStages * kStage);  // (kStages, kTokens)
+  const int num_tiles = ceil_div(item.hi - item.lo, kTokens);
+  if (threadIdx.x < kTokens)
+    for (int s = 0; s < kStages; ++s)
+      offsets[s * kTokens + threadIdx.x] = token_offset(p, item, item.lo + s * kTokens + threadIdx.x);
+  __syncthreads();
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < num_tiles)
+      load_tile<D, OWN>(p, item, offsets + s * kTokens, smem + s * kStage, smem + s * kStage + kStage / 2);
+    cp_async_commit();  // empty groups too, so that the wait below counts the same for every tile
+  }
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int row_block = warp % ROW_WARPS, key_part = warp / ROW_WARPS;
+  const int quad_row = lane / 4, quad_col = lane % 4;  // the mma fragment coordinates of this lane
+  // This warp's keys: tile rows row0 .. row0 + kKeys - 1, which are tokens key0 .. of the tile.
+  const int row0 = OWN ? warp * kTokens : key_part * kKeys;
+  const int key0 = OWN ? 0 : key_part * kKeys;
+
+  // This lane's query rows are row_block * 16 + quad_row (+ 8). The A fragments come straight from global
+  // memory, their latency hidden behind the pipeline's first loads; padding rows are zeros.
+  uint32_t q_frag[kDimSteps][4];
+  {
+    const T* q_row[2];
+    for (int i = 0; i < 2; ++i) {
+      int seq, head;
+      q_row[i] = row_target<OWN>(p, item, group, row_block * 16 + quad_row + 8 * i, seq, head)
+                     ? static_cast<const T*>(p.q) + seq * p.q_stride_b + head * p.q_stride_h
+                     : nullptr;
+    }
+#pragma unroll
+    for (int k = 0; k < kDimSteps; ++k)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {  // a0: (row, k 0-7), a1: (row + 8, k 0-7), a2, a3: k 8-15
+        const T* row = q_row[r % 2];
+        q_frag[k][r] = row ? *reinterpret_cast<const uint32_t*>(row + 16 * k + 8 * (r / 2) + 2 * quad_col) : 0u;
+      }
+  }
+
+  float out[kOutTiles][4] = {};                // (16, D): c0, c1 row quad_row, c2, c3 row quad_row + 8
+  float row_max[2] = {-INFINITY, -INFINITY};  // running max of scores x scale, base 2
+  float row_sum[2] = {0.f, 0.f};              // this lane's share of the softmax denominator
+
+  for (int tile = 0; tile < num_tiles; ++tile) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();  // the tile is visible to all warps, and all are done with the stage refilled next
+    const int next = tile + kStages - 1;
+    if (next < num_tiles) {
+      uint4* stage = smem + (next % kStages) * kStage;
+      load_tile<D, OWN>(p, item, offsets + (next % kStages) * kTokens, stage, stage + kStage / 2);
+    }
+    cp_async_commit();
+    // Tile `tile` was issued, so its offsets slot is free for tile + kStages: read now, stored after this
+    // tile's math, issued after the next barrier.
+    const bool prefetch = threadIdx.x < kTokens && tile + kStages < num_tiles;
+    const int64_t prefetched = prefetch ? token_offset(p, item, item.lo + (tile + kStages) * kTokens + threadIdx.x) : 0;
+
+    const uint4* k_tile = smem + (tile % kStages) * kStage;
+    const uint4* v_tile = k_tile + kStage / 2;
+
+    float score[kScoreTiles][4] = {};  // (16, kKeys) = Q K^T
+#pragma unroll
+    for (int k = 0; k < kDimSteps; k += 2) {
+#pragma unroll
+      for (int j = 0; j < kScoreTiles; ++j) {
+        // Four 8x8 matrices: keys 8j .. 8j + 7, head-dim chunks 2k .. 2k + 3 (b0, b1 of k-steps k, k + 1).
+        uint32_t b[4];
+        ldmatrix_x4(b, k_tile + swizzle<D>(row0 + 8 * j + lane % 8, 2 * k + lane / 8));
+        Half<T>::mma(score[j], q_frag[k], b[0], b[1]);
+        Half<T>::mma(score[j], q_frag[k + 1], b[2], b[3]);
+      }
+    }
+
+    // Online softmax in base 2. Keys past the range end are -inf; a row of this warp may see none in this
+    // tile (a key slice past the end), hence the guard against (-inf) - (-inf).
+    const int tile_start = item.lo + tile * kTokens + key0;
+    float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int j = 0; j < kScoreTiles; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const bool seen = tile_start + 8 * j + 2 * quad_col + e % 2 < item.hi;
+        score[j][e] = seen ? score[j][e] * p.scale_log2 : -INFINITY;
+        tile_max[e / 2] = fmaxf(tile_max[e / 2], score[j][e]);
+      }
+    float base[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      tile_max[i] = fmaxf(tile_max[i], __shfl_xor_sync(0xffffffff, tile_max[i], 1));
+      tile_max[i] = fmaxf(tile_max[i], __shfl_xor_sync(0xffffffff, tile_max[i], 2));
+      const float new_max = fmaxf(row_max[i], tile_max[i]);
+      base[i] = new_max == -INFINITY ? 0.f : new_max;
+      const float alpha = exp2f(row_max[i] - base[i]);
+      row_max[i] = new_max;
+      row_sum[i] *= alpha;
+#pragma unroll
+      for (int c = 0; c < kOutTiles; ++c) {
+        out[c][2 * i] *= alpha;
+        out[c][2 * i + 1] *= alpha;
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kScoreTiles; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        score[j][e] = exp2f(score[j][e] - base[e / 2]);
+        row_sum[e / 2] += score[j][e];
+      }
+
+    // out += P V: two score n-tiles make one A fragment (16 keys); V's B fragments come transposed.
+#pragma unroll
+    for (int k = 0; k < kKeys / 16; ++k) {
+      const uint32_t a[4] = {
+          Half<T>::pack(score[2 * k][0], score[2 * k][1]), Half<T>::pack(score[2 * k][2], score[2 * k][3]),
+          Half<T>::pack(score[2 * k + 1][0], score[2 * k + 1][1]),
+          Half<T>::pack(score[2 * k + 1][2], score[2 * k + 1][3])};
+#pragma unroll
+      for (int c = 0; c < kOutTiles; c += 2) {
+        // Four 8x8 matrices: keys +0-7 and +8-15 of head-dim chunk c, then of chunk c + 1.
+        uint32_t b[4];
+        ldmatrix_x4_trans(b, v_tile + swizzle<D>(row0 + 16 * k + lane % 8 + 8 * (lane / 8 % 2), c + lane / 16));
+        Half<T>::mma(out[c], a, b[0], b[1]);
+        Half<T>::mma(out[c + 1], a, b[2], b[3]);
+      }
+    }
+    if (prefetch) offsets[(tile % kStages) * kTokens + threadIdx.x] = prefetched;
+  }
+
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    row_sum[i] += __shfl_xor_sync(0xffffffff, row_sum[i], 1);
+    row_sum[i] += __shfl_xor_sync(0xffffffff, row_sum[i], 2);
+  }
+
+  if constexpr (kKeySplit == 1) {
+    // Every row saw key `lo`, so its sum is at least 1.
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      int seq, head;
+      if (!row_target<OWN>(p, item, group, row_block * 16 + quad_row + 8 * i, seq, head)) continue;
+      const int64_t slot = (static_cast<int64_t>(seq) * p.num_heads + head) * num_slots + item.slot;
+      const float inv = 1.f / row_sum[i];
+      float* dst = p.part_out + slot * D + 2 * quad_col;
+#pragma unroll
+      for (int c = 0; c < kOutTiles; ++c)
+        *reinterpret_cast<float2*>(dst + 8 * c) = make_float2(out[c][2 * i] * inv, out[c][2 * i + 1] * inv);
+      if (quad_col == 0) p.part_lse[slot] = row_max[i] + log2f(row_sum[i]);
+    }
+  } else {
+    // Merge the key slices of each row block through shared memory, over the drained pipeline's buffers.
+    constexpr int kStride = D + 8;  // pads rows so that a half-warp's float2 stores hit distinct banks
+    cp_async_wait<0>();
+    __syncthreads();
+    float* red_out = reinterpret_cast<float*>(smem);  // (kWarps, 16, kStride)
+    float* red_max = red_out + kWarps * 16 * kStride;  // (kWarps, 16)
+    float* red_sum = red_max + kWarps * 16;            // (kWarps, 16)
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int r = warp * 16 + quad_row + 8 * i;
+#pragma unroll
+      for (int c = 0; c < kOutTiles; ++c)
+        *reinterpret_cast<float2*>(red_out + r * kStride + 8 * c + 2 * quad_col) =
+            make_float2(out[c][2 * i], out[c][2 * i + 1]);
+      if (quad_col == 0) {
+        red_max[r] = row_max[i];
+        red_sum[r] = row_sum[i];
+      }
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < ROW_WARPS * 16 * (D / 4); idx += kThreads) {
+      const int r = idx / (D / 4), d = idx % (D / 4) * 4;  // row of the item, first of 4 columns
+      int seq, head;
+      if (!row_target<OWN>(p, item, group, r, seq, head)) continue;
+      float m = -INFINITY;
+      for (int s = 0; s < kKeySplit; ++s) m = fmaxf(m, red_max[(s * ROW_WARPS + r / 16) * 16 + r % 16]);
+      float sum = 0.f;
+      float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+      for (int s = 0; s < kKeySplit; ++s) {
+        const int w = (s * ROW_WARPS + r / 16) * 16 + r % 16;
+        const float weight = exp2f(red_max[w] - m);  // a slice that saw no key: max -inf, weight 0
+        sum += red_sum[w] * weight;
+        const float4 x = *reinterpret_cast<const float4*>(red_out + w * kStride + d);
+        acc.x += weight * x.x;
+        acc.y += weight * x.y;
+        acc.z += weight * x.z;
+        acc.w += weight * x.w;
+      }
+      const int64_t slot = (static_cast<int64_t>(seq) * p.num_heads + head) * num_slots + item.slot;
+      const float inv = 1.f / sum;  // the range is not empty, so some slice saw a key: sum >= 1
+      *reinterpret_cast<float4*>(p.part_out + slot * D + d) =
+          make_float4(acc.x * inv, acc.y * inv, acc.z * inv, acc.w * inv);
+      if (d == 0) p.part_lse[slot] = m + log2f(sum);
+    }
+  }
+}
+
+// Own items come first (blocks [0, num_own_items)): they are the longest when many sequences share a short
+// prefix, and the shared items' shorter splits then even out the end of the grid. Shared items are ordered so
+// that the tiles of one (group, KV head, split) run side by side and share the prefix chunk through L2.
+template <typename T, int D, int SHARED_ROW_WARPS>
+__global__ void __launch_bounds__(kThreads) partials_kernel(const DecodeParams p, int num_own_items) {
+  extern __shared__ uint4 smem[];
+  int index = blockIdx.x;
+  Item item;
+  if (index < num_own_items) {
+    const int split = index % p.own_splits;
+    index /= p.own_splits;
+    const int head_groups = ceil_div(p.num_kv_heads, kWarps);
+    item.kv_head = index % head_groups * kWarps;
+    const int b = index / head_groups;
+    item.seq = b;
+    item.table = p.block_tables + b * p.block_table_stride;
+    item.slot = p.shared_splits + split;
+    split_range(p.shared_lens[b], p.context_lens[b], split, p.own_splits, kMinOwnChunk, item);
+    attend<T, D, kWarps, true>(p, item, smem);
+  } else {
+    index -= num_own_items;
+    const int members_per_tile = 16 * SHARED_ROW_WARPS / (p.num_heads / p.num_kv_heads);
+    const int tile = index % p.shared_tiles;
+    index /= p.shared_tiles;
+    const int split = index % p.shared_splits;
+    index /= p.shared_splits;
+    item.kv_head = index % p.num_kv_heads;
+    const int g = index / p.num_kv_heads;
+    const int first = p.group_ptr[g] + tile * members_per_tile;
+    const int members = p.group_ptr[g + 1] - first;
+    if (members <= 0) return;  // a tile past this step's group size: it has no rows to write
+    item.seq_ids = p.group_rows + first;
+    item.num_seqs = min(members, members_per_tile);
+    item.table = p.group_tables + g * p.group_table_stride;
+    item.slot = split;
+    split_range(0, p.group_lens[g], split, p.shared_splits, kMinSharedChunk, item);
+    attend<T, D, SHARED_ROW_WARPS, false>(p, item, smem);
+  }
+}
+
+// One warp per (sequence, head), each lane D / 32 columns. A sequence in no group (shared_lens 0) has no
+// shared partials written for it, so only its own slots are read; a row that saw no key comes out 0. An empty
+// split's output was never written: its weight is 0 and a select (not a product, NaN-safe) drops it, so the
+// loads of all slots can be in flight together.
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) merge_kernel(const DecodeParams p) {
+  static_assert(D == 64 || D == 128, "a lane merges 2 or 4 columns");
+  using Vec = std::conditional_t<D == 128, float4, float2>;
+  constexpr int kPerLane = D / 32;
+  const int row = blockIdx.x * kWarps + threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (row >= p.batch * p.num_heads) return;
+  const int num_slots = p.shared_splits + p.own_splits;
+  const int first = p.shared_lens[row / p.num_heads] > 0 ? 0 : p.shared_splits;
+  const float* lse = p.part_lse + static_cast<int64_t>(row) * num_slots;
+  float m = -INFINITY;
+  for (int s = first + lane; s < num_slots; s += 32) m = fmaxf(m, lse[s]);
+  for (int offset = 16; offset > 0; offset /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, offset));
+
+  float acc[kPerLane] = {};
+  float sum = 0.f;
+  if (m != -INFINITY) {
+    const float* part = p.part_out + static_cast<int64_t>(row) * num_slots * D + lane * kPerLane;
+#pragma unroll 4
+    for (int s = first; s < num_slots; ++s) {
+      const float l = lse[s];
+      const Vec v = *reinterpret_cast<const Vec*>(part + s * D);
+      const float* x = reinterpret_cast<const float*>(&v);
+      const float weight = l == -INFINITY ? 0.f : exp2f(l - m);
+      sum += weight;
+#pragma unroll
+      for (int i = 0; i < kPerLane; ++i) acc[i] += weight > 0.f ? weight * x[i] : 0.f;
+    }
+  }
+  const float inv = sum > 0.f ? 1.f / sum : 0.f;
+  uint32_t packed[kPerLane / 2];
+#pragma unroll
+  for (int i = 0; i < kPerLane / 2; ++i) packed[i] = Half<T>::pack(acc[2 * i] * inv, acc[2 * i + 1] * inv);
+  auto* dst = static_cast<T*>(p.out) + static_cast<int64_t>(row) * D + lane * kPerLane;
+  if constexpr (kPerLane == 4)
+    *reinterpret_cast<uint2*>(dst) = make_uint2(packed[0], packed[1]);
+  else
+    *reinterpret_cast<uint32_t*>(dst) = packed[0];
+}
+
+void check(cudaError_t error, const char* what) {
+  if (error != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(error));
+}
+
+template <typename T, int D, int SHARED_ROW_WARPS>
+void launch(const DecodeParams& p, cudaStream_t stream) {
+  const int64_t own_items = static_cast<int64_t>(p.batch) * ceil_div(p.num_kv_heads, kWarps) * p.own_splits;
+  const int64_t items =
+      own_items + static_cast<int64_t>(p.num_groups) * p.num_kv_heads * p.shared_tiles * p.shared_splits;
+  if (items > 0x7fffffff) throw std::invalid_argument("shared_prefix_decode: too many work items for one grid");
+  constexpr int kStagesBytes = kStages * 2 * kBlockN * D * sizeof(T);
+  constexpr int kSmem = kStagesBytes + kStages * kBlockN * sizeof(int64_t);  // + the tiles' token offsets
+  static_assert(kWarps * 16 * (D + 8 + 2) * sizeof(float) <= kStagesBytes, "the key-slice merge reuses the stages");
+  auto* kernel = partials_kernel<T, D, SHARED_ROW_WARPS>;
+  check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem),
+        "shared_prefix_decode: raising the shared-memory limit");
+  kernel<<<static_cast<int>(items), kThreads, kSmem, stream>>>(p, static_cast<int>(own_items));
+  check(cudaGetLastError(), "shared_prefix_decode: partials kernel launch");
+  merge_kernel<T, D><<<ceil_div(p.batch * p.num_heads, kWarps), kThreads, 0, stream>>>(p);
+  check(cudaGetLastError(), "shared_prefix_decode: merge kernel launch");
+}
+
+template <typename T, int D>
+void launch_rows(const DecodeParams& p, cudaStream_t stream) {
+  switch (p.shared_row_warps) {
+    case 1: return launch<T, D, 1>(p, stream);
+    case 2: return launch<T, D, 2>(p, stream);
+    case 4: return launch<T, D, 4>(p, stream);
+  }
+  throw std::invalid_argument("shared_prefix_decode: shared_row_warps must be 1, 2 or 4");
+}
+
+template <typename T>
+void launch_dim(const DecodeParams& p, cudaStream_t stream) {
+  switch (p.head_dim) {
+    case 64: return launch_rows<T, 64>(p, stream);
+    case 128: return launch_rows<T, 128>(p, stream);
+  }
+  throw std::invalid_argument("shared_prefix_decode: head_dim must be 64 or 128, got " + std::to_string(p.head_dim));
+}
+
+}  // namespace
+
+void launch_shared_prefix_decode(const DecodeParams& p, cudaStream_t stream) {
+  const int group = p.num_kv_heads > 0 ? p.num_heads / p.num_kv_heads : 0;
+  if (group < 1 || group > 8 || group * p.num_kv_heads != p.num_heads)
+    throw std::invalid_argument("shared_prefix_decode: query heads must be 1 to 8 times the KV heads");
+  if (p.page < 1) throw std::invalid_argument("shared_prefix_decode: page size must be positive");
+  if (p.own_splits < 1 || p.shared_splits < 0 || p.shared_tiles < 0 ||
+      (p.num_groups > 0 && p.shared_tiles > 0 && p.shared_splits < 1))
+    throw std::invalid_argument("shared_prefix_decode: bad split counts");
+  if (16 * p.shared_row_warps < group)
+    throw std::invalid_argument("shared_prefix_decode: a shared tile must hold a member's query heads");
+  if (p.batch == 0) return;
+  if (p.dtype == DType::kBFloat16)
+    launch_dim<__nv_bfloat16>(p, stream);
+  else
+    launch_dim<__half>(p, stream);
+}
+
+}  // namespace parrot_lc

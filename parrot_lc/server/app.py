@@ -43,6 +43,11 @@ from parrot_lc.server.schemas import (
 )
 from parrot_lc.settings import ServerSettings
 
+# uvicorn closes a connection that has been idle this long. Clients keep idle connections for reuse (httpx for
+# 5 s, uvicorn's own default too): a server that closes first may close one just as a client sends a request on
+# it, which then fails with a reset connection. Longer than clients keep them, the client always closes first.
+KEEP_ALIVE_S = 75
+
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 log = logging.getLogger("parrot_lc.server")
 ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 403, 404, 408, 413, 422, 424)}

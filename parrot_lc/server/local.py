@@ -11,7 +11,7 @@ import uvicorn
 
 from parrot_lc.engine.async_engine import AsyncEngine
 from parrot_lc.engine.engine import LLMEngine
-from parrot_lc.server.app import create_app
+from parrot_lc.server.app import KEEP_ALIVE_S, create_app
 from parrot_lc.engine.loader import load_model_info
 from parrot_lc.server.manager import ModelInfo, ParrotManager
 from parrot_lc.server.openai_engine import OpenAIEngine
@@ -46,7 +46,7 @@ class LocalServer:
         self._socket.bind((self.server_settings.host, self.server_settings.port))
         host, port = self._socket.getsockname()[:2]
         self.base_url = f"http://{host}:{port}"
-        self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_keep_alive=KEEP_ALIVE_S))
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]}, daemon=True)
 
     def start(self) -> "LocalServer":

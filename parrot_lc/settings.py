@@ -41,8 +41,8 @@ class EngineSettings(BaseSettings):
     max_num_batched_tokens: int = Field(2048, ge=1, description="token budget of one engine step")
     max_num_seqs: int = Field(256, ge=1, description="most sequences in one engine step")
     attention_backend: Literal["auto", "torch", "triton", "cuda"] = Field(
-        "auto", description="attention implementation; `auto`: on a GPU the CUDA decode kernel where it is built "
-        "(cuda: Triton for prefill), else triton; the torch reference on cpu"
+        "auto", description="attention implementation; `auto`: cuda on a GPU where its kernel is built, else triton; "
+        "the torch reference on cpu. cuda: the CUDA kernel for decode steps that share prefixes, Triton for the rest"
     )
     cuda_graphs: bool = Field(True, description="replay decode steps from CUDA graphs (cuda, triton backend)")
     seed: int = Field(0, description="seed of random weights (tiny) and of unseeded sampling")

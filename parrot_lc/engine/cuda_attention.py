@@ -60,16 +60,16 @@ def unsupported(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -
 
 
 class CudaBackend(TritonBackend):
-    """The Triton backend with decode steps in the CUDA kernel (csrc/), where the model's shapes allow it.
-
-    On the H200 the two decode kernels were within 10% of each other over benchmarks/kernel_shared_prefix.py's
-    cases, the CUDA one ahead at 256 sequences of 32 KV heads and the Triton one at long prefixes with GQA;
-    `auto` takes CUDA where it is built (see engine.select_backend)."""
+    """The Triton backend with decode steps that share prefixes in the CUDA kernel (csrc/), where the model's
+    shapes allow it: each kernel where it measured faster. Over benchmarks/kernel_shared_prefix.py's cases (H200)
+    the two were within about 10% of each other, the CUDA one ahead in 11 of 18 (all those of 256 sequences); in
+    decode steps without groups (benchmarks/engine_decode.py, H100) the Triton one was faster at batch 1 and 64.
+    `auto` takes this backend where the extension is built (engine.select_backend)."""
 
     name = "cuda"
 
     def decode(self, q, k_cache, v_cache, layout, scale):
-        if unsupported(q, k_cache, v_cache):
+        if layout.num_groups == 0 or unsupported(q, k_cache, v_cache):
             return super().decode(q, k_cache, v_cache, layout, scale)
         return cuda_decode_attention(q, k_cache, v_cache, layout, scale)
 

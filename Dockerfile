@@ -24,6 +24,9 @@ WORKDIR /app
 COPY setup.py README.md ./
 COPY scripts ./scripts
 COPY parrot_lc ./parrot_lc
+# The CUDA decode kernel builds where the image has nvcc (a -devel base); this -base image has none, and the
+# engine decodes with its Triton kernel.
+COPY csrc ./csrc
 RUN bash scripts/install.sh "${TARGET}"
 
 # Loopback is the default bind: inside a container the server must listen on every interface to be reached.

@@ -115,6 +115,11 @@ def test_decode_block_sizes_and_partial_blocks(page):
         assert torch.allclose(out.double(), expected, atol=1e-5)
 
 
+def test_decode_with_more_query_heads_per_kv_head_than_a_tile_has_rows():
+    for out, expected in run_tree(Tree([(8, [3, 5])], [4]), 72, 1, 16, 4, torch.float32):
+        assert torch.allclose(out.double(), expected, atol=1e-5)
+
+
 def test_decode_of_a_fork_of_a_fork_equals_dense_attention():
     tree = Tree([(8, [12, 9, 3, 10])], [5])
     for out, expected in run_tree(tree, 4, 2, 16, 4, torch.float32, nested=True):

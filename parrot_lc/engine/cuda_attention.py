@@ -40,8 +40,9 @@ OWN_KV_HEADS = 4  # KV heads of one sequence per own work item (one per warp)
 
 
 def available() -> bool:
-    """Whether the extension is built and a CUDA device is present."""
-    return _cuda is not None and torch.cuda.is_available()
+    """Whether the extension is built and the current CUDA device can run it (sm_80 or newer: bf16 mma.sync,
+    cp.async). A device it was not compiled for fails at its first launch: setup.py builds for the GPUs it sees."""
+    return _cuda is not None and torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
 
 
 def unsupported(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> str | None:

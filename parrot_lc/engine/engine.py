@@ -55,9 +55,9 @@ def select_backend(name: str, device: torch.device) -> AttentionBackend:
     from parrot_lc.engine import cuda_attention
     from parrot_lc.engine.triton_attention import TritonBackend
 
-    if name == "cuda" and not cuda_attention.available():
-        raise ValueError("attention_backend 'cuda' needs the parrot_lc._cuda extension (built by setup.py where "
-                         "torch has CUDA and nvcc is found) and a CUDA device")
+    if name == "cuda" and (device.type != "cuda" or not cuda_attention.available()):
+        raise ValueError("attention_backend 'cuda' needs a CUDA device of sm_80 or newer and the parrot_lc._cuda "
+                         "extension (built by setup.py where torch has CUDA and nvcc is found)")
     if name == "cuda" or (name == "auto" and cuda_attention.available()):
         return cuda_attention.CudaBackend()
     return TritonBackend()
@@ -101,8 +101,11 @@ class LLMEngine:
         if settings.cuda_graphs and self.device.type == "cuda" and self.backend.decodes_in_graphs:
             graphs = DecodeGraphs(self.model, kv_cache, bs, settings.max_num_seqs, dummy_slot=num_blocks * bs)
             graphs.capture_all()
-        self.runner = ModelRunner(self.model, kv_cache, bs, graphs,
-                                  (self.backend.min_shared_elements_decode, self.backend.min_shared_elements))
+        # A sliding-window model's decode steps read shared prefixes in the prefill path's second pass, so they
+        # take the threshold of steps with prefill chunks.
+        decode_threshold = (self.backend.min_shared_elements_decode if cfg.sliding_window is None
+                            else self.backend.min_shared_elements)
+        self.runner = ModelRunner(self.model, kv_cache, bs, graphs, (decode_threshold, self.backend.min_shared_elements))
         self.allocator = BlockAllocator(num_blocks)
         self.tree = ContextTree(self.allocator, bs, self.runner.copy_block)
         self.scheduler = Scheduler(self.tree, settings.max_num_batched_tokens, settings.max_num_seqs)

@@ -62,9 +62,9 @@ def _attend_range(
 
 
 @triton.jit
-def _split_range(length, split, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, MIN_TOKENS: tl.constexpr):
-    """This split's part [lo, hi) of a range [0, length): SPLITS parts of at least MIN_TOKENS, whole tiles."""
-    per_split = tl.maximum(tl.cdiv(length, SPLITS), MIN_TOKENS)
+def _split_range(length, split, splits, BLOCK_N: tl.constexpr, MIN_TOKENS: tl.constexpr):
+    """This split's part [lo, hi) of a range [0, length): `splits` parts of at least MIN_TOKENS, whole tiles."""
+    per_split = tl.maximum(tl.cdiv(length, splits), MIN_TOKENS)
     per_split = tl.cdiv(per_split, BLOCK_N) * BLOCK_N
     lo = split * per_split
     return lo, tl.minimum(length, lo + per_split)
@@ -87,23 +87,24 @@ def _decode_partials_kernel(
     block_tables, context_lens, shared_lens, group_ptr, group_rows, group_tables, group_lens,
     stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_ob, stride_oh, stride_op, stride_lb, stride_lh,
     stride_bt, stride_gt,
-    scale, num_shared_items,
-    G: tl.constexpr, HKV: tl.constexpr, TILES: tl.constexpr, SHARED_SPLITS: tl.constexpr, OWN_SPLITS: tl.constexpr,
+    scale, num_shared_items, tiles, shared_splits, own_splits, own_part0,
+    G: tl.constexpr, HKV: tl.constexpr,
     SHARED_ROWS: tl.constexpr, OWN_ROWS: tl.constexpr, SHARED_N: tl.constexpr, OWN_N: tl.constexpr,
     PAGE: tl.constexpr, D: tl.constexpr,
-    OWN_PART0: tl.constexpr, SHARED_P2: tl.constexpr, MIN_TOKENS: tl.constexpr, PRECISION: tl.constexpr,
+    SHARED_P2: tl.constexpr, MIN_TOKENS: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    # Partials of a row: [0, OWN_PART0) from its group's prefix splits (OWN_PART0 is 0 in a step without
-    # groups), then OWN_SPLITS from its own KV.
+    # Partials of a row: [0, own_part0) from its group's prefix splits (own_part0 is 0 in a step without
+    # groups), then own_splits from its own KV. Counts are runtime values, so that steps of other lengths and
+    # batch sizes reuse the compiled kernel; only tile shapes are compile-time.
     pid = tl.program_id(0)
     qk_scale = scale * 1.4426950408889634  # exp via exp2
     d = tl.arange(0, D)
     if pid < num_shared_items:
         # Tiles vary fastest: the items reading the same prefix tiles run side by side and share them in L2.
-        tile = pid % TILES
-        split = (pid // TILES) % SHARED_SPLITS
-        h_kv = (pid // (TILES * SHARED_SPLITS)) % HKV
-        g = pid // (TILES * SHARED_SPLITS * HKV)
+        tile = pid % tiles
+        split = (pid // tiles) % shared_splits
+        h_kv = (pid // (tiles * shared_splits)) % HKV
+        g = pid // (tiles * shared_splits * HKV)
         first = tl.load(group_ptr + g)
         members = tl.load(group_ptr + g + 1) - first
         if tile * (SHARED_ROWS // G) < members:
@@ -112,7 +113,7 @@ def _decode_partials_kernel(
             row_ok = (member < members) & (r < (SHARED_ROWS // G) * G)
             seq = tl.load(group_rows + first + member, mask=row_ok, other=0)  # (ROWS,)
             head = h_kv * G + r % G
-            lo, hi = _split_range(tl.load(group_lens + g), split, SHARED_SPLITS, SHARED_N, MIN_TOKENS)
+            lo, hi = _split_range(tl.load(group_lens + g), split, shared_splits, SHARED_N, MIN_TOKENS)
             q = tl.load(Q + seq[:, None].to(tl.int64) * stride_qb + head[:, None] * stride_qh + d[None, :],
                         mask=row_ok[:, None], other=0.0)  # (ROWS, D)
             acc, m_i, l_i = _attend_range(q, lo, hi, group_tables + g * stride_gt, K, V, h_kv * stride_kh,
@@ -121,41 +122,41 @@ def _decode_partials_kernel(
                            stride_lb, stride_lh, D)
     else:
         item = pid - num_shared_items
-        split = item % OWN_SPLITS
-        h_kv = (item // OWN_SPLITS) % HKV
-        seq = item // (OWN_SPLITS * HKV)
+        split = item % own_splits
+        h_kv = (item // own_splits) % HKV
+        seq = item // (own_splits * HKV)
         r = tl.arange(0, OWN_ROWS)
         row_ok = r < G
         head = h_kv * G + r
         q = tl.load(Q + seq.to(tl.int64) * stride_qb + head[:, None] * stride_qh + d[None, :],
                     mask=row_ok[:, None], other=0.0)  # (ROWS, D)
         start = tl.load(shared_lens + seq)
-        lo, hi = _split_range(tl.load(context_lens + seq) - start, split, OWN_SPLITS, OWN_N, MIN_TOKENS)
+        lo, hi = _split_range(tl.load(context_lens + seq) - start, split, own_splits, OWN_N, MIN_TOKENS)
         acc, m_i, l_i = _attend_range(q, start + lo, start + hi, block_tables + seq * stride_bt, K, V,
                                       h_kv * stride_kh, stride_kb, stride_kt, qk_scale, OWN_ROWS, OWN_N, PAGE, D,
                                       PRECISION)
         seqs = tl.full((OWN_ROWS,), 0, tl.int32) + seq
-        _store_partial(OutP, LseP, seqs, head, OWN_PART0 + split, acc, m_i, l_i, row_ok, stride_ob, stride_oh,
+        _store_partial(OutP, LseP, seqs, head, own_part0 + split, acc, m_i, l_i, row_ok, stride_ob, stride_oh,
                        stride_op, stride_lb, stride_lh, D)
-        if (OWN_PART0 > 0) & (split == 0) & (start == 0):
+        if (own_part0 > 0) & (split == 0) & (start == 0):
             # In no group: no shared item writes this sequence's shared partials, so mark them empty here.
             p = tl.arange(0, SHARED_P2)
             lse_row = LseP + seq.to(tl.int64) * stride_lb + head[:, None] * stride_lh + p[None, :]
             tl.store(lse_row, tl.full((OWN_ROWS, SHARED_P2), float("-inf"), tl.float32),
-                     mask=row_ok[:, None] & (p[None, :] < OWN_PART0))
+                     mask=row_ok[:, None] & (p[None, :] < own_part0))
 
 
 @triton.jit
 def _merge_partials_kernel(
     OutP, LseP, Out,  # OutP (B, Hq, PARTS, D) f32; LseP (B, Hq, PARTS); Out (B, Hq, D)
-    stride_ob, stride_oh, stride_op, stride_lb, stride_lh, stride_b, stride_h,
-    PARTS: tl.constexpr, PARTS_P2: tl.constexpr, D: tl.constexpr,
+    stride_ob, stride_oh, stride_op, stride_lb, stride_lh, stride_b, stride_h, parts,
+    PARTS_P2: tl.constexpr, D: tl.constexpr,
 ):
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     p = tl.arange(0, PARTS_P2)
     d = tl.arange(0, D)
-    lse = tl.load(LseP + seq * stride_lb + head * stride_lh + p, mask=p < PARTS, other=float("-inf"))  # (PARTS_P2,)
+    lse = tl.load(LseP + seq * stride_lb + head * stride_lh + p, mask=p < parts, other=float("-inf"))  # (PARTS_P2,)
     seen = lse > float("-inf")
     top = tl.max(lse, 0)
     top = tl.where(top == float("-inf"), 0.0, top)
@@ -175,9 +176,10 @@ def _multiprocessors(device_index: int) -> int:
 
 def shared_rows(max_group: int, group_size: int) -> int:
     """Query rows in a shared item's tile: the largest group's sequences x query heads, at least 16 (the
-    tensor-core minimum) and at most MAX_SHARED_ROWS. Every tile of a group reads the prefix, so the fewer
-    tiles the better, up to what the accumulators' registers allow."""
-    return min(MAX_SHARED_ROWS, max(16, triton.next_power_of_2(max(max_group, 1) * group_size)))
+    tensor-core minimum) and at most MAX_SHARED_ROWS (or one sequence's heads, if more). Every tile of a group
+    reads the prefix, so the fewer tiles the better, up to what the accumulators' registers allow."""
+    most = max(MAX_SHARED_ROWS, triton.next_power_of_2(group_size))
+    return min(most, max(16, triton.next_power_of_2(max(max_group, 1) * group_size)))
 
 
 def shared_tiles(max_group: int, group_size: int) -> int:
@@ -237,10 +239,10 @@ def decode_attention(
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         out_p.stride(0), out_p.stride(1), out_p.stride(2), lse_p.stride(0), lse_p.stride(1),
         layout.block_tables.stride(0), group_tables.stride(0),
-        scale, num_shared_items,
-        G=group_size, HKV=num_kv_heads, TILES=tiles, SHARED_SPLITS=max(shared_splits, 1), OWN_SPLITS=own_splits,
+        scale, num_shared_items, tiles, max(shared_splits, 1), own_splits, shared_splits,
+        G=group_size, HKV=num_kv_heads,
         SHARED_ROWS=rows, OWN_ROWS=max(16, triton.next_power_of_2(group_size)), SHARED_N=shared_n, OWN_N=own_n, PAGE=page,
-        D=head_dim, OWN_PART0=shared_splits, SHARED_P2=triton.next_power_of_2(max(shared_splits, 1)),
+        D=head_dim, SHARED_P2=triton.next_power_of_2(max(shared_splits, 1)),
         MIN_TOKENS=MIN_CHUNK if q.device.type == "cuda" else 1,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4,
         num_stages=NUM_STAGES,
@@ -249,6 +251,6 @@ def decode_attention(
     _merge_partials_kernel[(batch, num_heads)](
         out_p, lse_p, out,
         out_p.stride(0), out_p.stride(1), out_p.stride(2), lse_p.stride(0), lse_p.stride(1), out.stride(0),
-        out.stride(1), PARTS=parts, PARTS_P2=triton.next_power_of_2(parts), D=head_dim, num_warps=4,
+        out.stride(1), parts, PARTS_P2=triton.next_power_of_2(parts), D=head_dim, num_warps=4,
     )
     return out

@@ -152,3 +152,8 @@ def test_a_step_that_raises_fails_its_requests_and_the_engine_thread_serves_on(t
         assert len(asyncio.run(asyncio.wait_for(scenario(), 30))) == GREEDY.max_tokens  # a dead thread: timeout
     finally:
         engine.close()
+
+
+def test_the_cuda_backend_on_a_cpu_device_is_refused(make_engine):
+    with pytest.raises(ValueError, match="attention_backend 'cuda' needs a CUDA device"):
+        make_engine(attention_backend="cuda")

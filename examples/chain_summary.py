@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import PromptTemplate
-from langchain_core.runnables import Runnable, RunnableLambda
+from langchain_core.runnables import Runnable, RunnableLambda, RunnablePassthrough
 from langchain_text_splitters import RecursiveCharacterTextSplitter
 
 from harness import DOCUMENT, compare, make_llm, parse_args
@@ -19,15 +19,16 @@ REFINE_PROMPT = PromptTemplate.from_template(
 
 
 def build_chain(llm, chunk_size: int = 1200, steps: int | None = None) -> Runnable:
-    chunks = RecursiveCharacterTextSplitter(chunk_size=chunk_size, chunk_overlap=0).split_text(DOCUMENT)
-    chunks = chunks[:steps] if steps else chunks
+    """A refine chain over the document it is given: one step per part, as many steps as the report has parts
+    (or `steps`), fixed when the chain is built, as a LangChain refine chain's are."""
+    splitter = RecursiveCharacterTextSplitter(chunk_size=chunk_size, chunk_overlap=0)
+    count = steps or len(splitter.split_text(DOCUMENT))
     refine = REFINE_PROMPT | llm | StrOutputParser()
-    chain: Runnable = RunnableLambda(lambda first: {"summary": "(none yet)", "chunk": first})
-    for following in chunks[1:] + [None]:
-        chain = chain | refine
-        if following is not None:
-            chain = chain | RunnableLambda(lambda summary, chunk=following: {"summary": summary, "chunk": chunk})
-    return RunnableLambda(lambda _: chunks[0]) | chain
+    chain: Runnable = RunnableLambda(lambda document: {"summary": "(none yet)", "chunks": splitter.split_text(document)})
+    for i in range(count):
+        step = RunnableLambda(lambda state, i=i: {"summary": state["summary"], "chunk": state["chunks"][i]}) | refine
+        chain = chain | RunnablePassthrough.assign(summary=step)
+    return chain | RunnableLambda(lambda state: state["summary"])
 
 
 if __name__ == "__main__":

@@ -1,11 +1,18 @@
-"""Shared fixtures: small engines on the CPU and random Hugging Face checkpoints to compare against."""
+"""Shared fixtures: small engines on the CPU, random Hugging Face checkpoints to compare against, and servers (in
+this process, or `parrot-lc serve` processes) with clients."""
 
 from __future__ import annotations
 
+import json
 import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Callable
 
+import httpx
 import pytest
 import torch
 
@@ -139,3 +146,67 @@ def local_server():
 def parrot_server(local_server) -> str:
     """The base URL of the shared test server."""
     return local_server.base_url
+
+
+@pytest.fixture
+def client(parrot_server):
+    """An HTTP client of the shared test server."""
+    with httpx.Client(base_url=parrot_server, timeout=60) as c:
+        yield c
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(condition: Callable[[], bool], seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+class Served:
+    """A `parrot-lc serve` process on the tiny model, logging JSON lines to a file."""
+
+    def __init__(self, log: Path, *flags: str) -> None:
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = log
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "parrot_lc.cli", "serve", "--model", "tiny", "--device", "cpu", "--dtype",
+             "float32", "--kv-cache-bytes", str(16 * 2**20), "--port", str(port), "--log-format", "json", *flags],
+            stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{self.url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert self.process.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+
+    def records(self) -> list[dict]:
+        return [json.loads(line) for line in self.log.read_text().splitlines() if line.startswith("{")]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture
+def serve(tmp_path):
+    started = []
+
+    def start(*flags: str) -> Served:
+        started.append(Served(tmp_path / "serve.log", *flags))
+        return started[-1]
+
+    yield start
+    for served in started:
+        served.stop()

@@ -1,44 +1,21 @@
 """The `parrot-lc` console script."""
 
-import os
 import signal
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conftest import Served
 
 
-def test_serve_starts_a_server_on_loopback_that_answers_and_stops_on_sigterm():
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "parrot_lc.cli", "serve", "--model", "tiny", "--device", "cpu", "--port", str(port),
-         "--kv-cache-bytes", str(16 * 2**20)],
-        env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )
+def test_serve_starts_a_server_on_loopback_that_answers_and_stops_on_sigterm(tmp_path):
+    served = Served(tmp_path / "serve.log")
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None and time.monotonic() < deadline, process.stdout.read().decode()
-            time.sleep(0.2)
-        reply = httpx.post(f"http://127.0.0.1:{port}/v1/completions",
-                           json={"model": "tiny", "prompt": "Hello", "max_tokens": 3}, timeout=30)
+        reply = httpx.post(f"{served.url}/v1/completions", json={"model": "tiny", "prompt": "Hello", "max_tokens": 3},
+                           timeout=30)
         assert reply.json()["usage"]["completion_tokens"] == 3
     finally:
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=30) == 0
+        served.process.send_signal(signal.SIGTERM)
+        assert served.process.wait(timeout=30) == 0
 
 
 def test_demo_on_tiny_prints_answers_and_fork_reuse(capsys):

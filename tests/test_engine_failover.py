@@ -3,31 +3,17 @@ calls complete on the other engine."""
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
 
+from conftest import free_port, wait_until
 from parrot_lc.engine import LLMEngine, SamplingParams
 from parrot_lc.server.local import LocalServer
 from parrot_lc.server.remote_engine import RemoteEngine
 from parrot_lc.settings import EngineSettings, ServerSettings
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(condition, seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 CLIENT_KEY, ENGINE_KEY = "client-key-0123456789", "engine-key-9876543210"

@@ -2,30 +2,16 @@
 filled to the brim. Work is never lost and KV blocks never leak. (An engine process killed or hung mid-graph:
 tests/test_engine_failover.py.)"""
 
-import threading
 import time
 
 import httpx
-import pytest
 
+from conftest import wait_until
 from parrot_lc.engine import LLMEngine, SamplingParams
 from parrot_lc.server.local import LocalServer
 from parrot_lc.settings import EngineSettings
 
 LONG = {"max_tokens": 3000, "temperature": 0, "ignore_eos": True}
-
-
-def wait_until(condition, seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-
-
-@pytest.fixture
-def client(parrot_server):
-    with httpx.Client(base_url=parrot_server, timeout=60) as c:
-        yield c
 
 
 def kv_blocks_used(server: LocalServer) -> int:

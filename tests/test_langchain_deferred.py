@@ -2,7 +2,6 @@
 
 import logging
 
-import httpx
 import pytest
 from langchain_core.output_parsers import CommaSeparatedListOutputParser, StrOutputParser
 from langchain_core.prompts import PromptTemplate

@@ -6,16 +6,9 @@ import json
 import logging
 import time
 
-import httpx
 import pytest
 
 from parrot_lc.logs import JsonFormatter, RequestIdFilter
-
-
-@pytest.fixture
-def client(parrot_server):
-    with httpx.Client(base_url=parrot_server, timeout=60) as c:
-        yield c
 
 
 @pytest.fixture

@@ -53,12 +53,6 @@ def test_an_empty_keys_file_is_refused_rather_than_opening_the_api(tmp_path):
 # ---- sessions ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def client(parrot_server):
-    with httpx.Client(base_url=parrot_server, timeout=30) as c:
-        yield c
-
-
 def new_session(client: httpx.Client) -> tuple[str, dict]:
     body = client.post("/api/sessions").json()
     return f"/api/sessions/{body['session_id']}", {"X-Session-Token": body["session_token"]}

@@ -31,12 +31,6 @@ class Session:
         return self.client.get(f"/api/sessions/{self.id}/variables/{var_id}", params=params, headers=self.headers)
 
 
-@pytest.fixture
-def client(parrot_server):
-    with httpx.Client(base_url=parrot_server, timeout=60) as c:
-        yield c
-
-
 @pytest.fixture(scope="module")
 def reference_engine():
     return LLMEngine(EngineSettings(model="tiny", device="cpu", dtype="float32", kv_cache_bytes=32 * 2**20))

@@ -1,64 +1,11 @@
 """Graceful shutdown of `parrot-lc serve` (a real process): on SIGTERM new work gets 503, the work in flight
 finishes (or is cancelled at the deadline), contexts are freed, and the process exits 0."""
 
-import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
-import pytest
-
-
-class Served:
-    """A `parrot-lc serve` process on the tiny model, logging JSON lines to a file."""
-
-    def __init__(self, log: Path, *flags: str) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        self.log = log
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "parrot_lc.cli", "serve", "--model", "tiny", "--device", "cpu", "--dtype",
-             "float32", "--kv-cache-bytes", str(16 * 2**20), "--port", str(port), "--log-format", "json", *flags],
-            stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{self.url}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert self.process.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
-
-    def records(self) -> list[dict]:
-        return [json.loads(line) for line in self.log.read_text().splitlines() if line.startswith("{")]
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-
-
-@pytest.fixture
-def serve(tmp_path):
-    started = []
-
-    def start(*flags: str) -> Served:
-        started.append(Served(tmp_path / "serve.log", *flags))
-        return started[-1]
-
-    yield start
-    for served in started:
-        served.stop()
 
 
 def graph_waiting_for_input(client: httpx.Client) -> tuple[str, dict, str, str]:

@@ -132,10 +132,10 @@ class AsyncEngine:
             listener = self._listeners.get(output.request_id)
             if listener is None:
                 continue
-            loop, queue = listener
+            loop, listener_outputs = listener
             if output.finished:
                 del self._listeners[output.request_id]
-            batches.setdefault(loop, []).append((queue, output))
+            batches.setdefault(loop, []).append((listener_outputs, output))
         for loop, batch in batches.items():
             try:
                 loop.call_soon_threadsafe(_put_all, batch)
@@ -144,5 +144,5 @@ class AsyncEngine:
 
 
 def _put_all(batch: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
-    for queue, output in batch:
-        queue.put_nowait(output)
+    for listener_outputs, output in batch:
+        listener_outputs.put_nowait(output)

@@ -8,6 +8,7 @@ merges the two by log-sum-exp; the torch reference here does that with plain ten
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
@@ -80,7 +81,6 @@ class DecodeLayout:
         for i, prefix in enumerate(meta.shared):
             group_tables[i, : prefix.block_ids.numel()] = prefix.block_ids
         rows = [p.seq_indices for p in meta.shared]
-        own = meta.context_lens - meta.shared_lens  # (B,)
         return cls(
             block_tables=meta.block_tables.to(i32),
             context_lens=meta.context_lens.to(i32),
@@ -90,8 +90,19 @@ class DecodeLayout:
             group_tables=group_tables,
             group_lens=torch.tensor([p.num_tokens for p in meta.shared], dtype=i32, device=device),
             max_group=max(sizes, default=0),
-            max_context=max([p.num_tokens for p in meta.shared] + [int(own.max())]),
+            # The widest table bounds every range, as in a CUDA graph, and is known without a device sync.
+            max_context=meta.block_tables.shape[1] * meta.block_size,
         )
+
+
+def multiprocessors(device: torch.device) -> int:
+    """The GPU's streaming multiprocessors: what the kernels size their grids by."""
+    return _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 class AttentionBackend(ABC):

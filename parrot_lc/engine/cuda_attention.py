@@ -11,12 +11,11 @@ never on tensor values, so a call can be captured in a CUDA graph and replayed w
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 
-from parrot_lc.engine.attention import DecodeLayout
+from parrot_lc.engine.attention import DecodeLayout, multiprocessors
 from parrot_lc.engine.triton_attention import TritonBackend
 
 try:
@@ -75,11 +74,6 @@ class CudaBackend(TritonBackend):
         return cuda_decode_attention(q, k_cache, v_cache, layout, scale)
 
 
-@functools.cache
-def _multiprocessors(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _splits(items: int, max_context: int, min_chunk: int, slots: int) -> int:
     """Parts per KV range so that `items` unsplit work items fill `slots` resident blocks (at most), no more
     than the longest possible range has chunks of min_chunk tokens."""
@@ -107,8 +101,7 @@ def cuda_decode_attention(
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
 
-    device_index = q.device.index if q.device.index is not None else torch.cuda.current_device()
-    slots = RESIDENT_PER_SM[head_dim] * _multiprocessors(device_index)
+    slots = RESIDENT_PER_SM[head_dim] * multiprocessors(q.device)
     # A shared item holds 16, 32 or 64 query rows (members x G heads): just enough for the largest group.
     row_warps = 1 if layout.max_group * group <= 16 else 2 if layout.max_group * group <= 32 else 4
     members_per_tile = 16 * row_warps // group

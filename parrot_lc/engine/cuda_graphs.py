@@ -1,7 +1,7 @@
 """Decode steps replayed from CUDA graphs, one per batch-size bucket and number of shared-prefix groups, so
 that small batches are not bound by Python's launch overhead. A graph covers the whole forward (embedding to
 logits) of one token per sequence, reading its inputs from static buffers that each step overwrites; the
-sequences of a group read their shared prefix once (a second attention pass, merged by log-sum-exp)."""
+sequences of a group read their shared prefix once (the fused decode kernel's layout, `DecodeLayout`)."""
 
 from __future__ import annotations
 

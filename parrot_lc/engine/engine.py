@@ -16,16 +16,15 @@ from parrot_lc.engine.errors import (
     ContextBusyError,
     ContextNotFoundError,
     EngineError,
-    InvalidRequestError,
     ContextTooLargeError,
-    OutOfMemoryError,
+    InvalidRequestError,
     RequestCancelledError,
 )
 from parrot_lc.engine.loader import load_model
 from parrot_lc.engine.model_runner import ModelRunner
 from parrot_lc.engine.request import Request, RequestKind, RequestOutput
 from parrot_lc.engine.sampling import Sampler, SamplingParams
-from parrot_lc.engine.scheduler import ScheduledChunk, Scheduler
+from parrot_lc.engine.scheduler import Scheduler
 from parrot_lc.settings import EngineSettings
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -56,7 +56,8 @@ class ModelRunner:
         decode = all(n == 1 for n in step.query_lens)
         groups = self._shared_groups(chunks, block_tables, self.min_shared_elements_decode if decode
                                      else self.min_shared_elements)
-        if self.graphs is not None and self._graph_ready(step, groups):
+        if self.graphs is not None and decode and self.graphs.fits(len(step.query_lens), block_tables.shape[1],
+                                                                    len(groups)):
             logits = self.graphs.run(step.ids, step.positions, step.slots, block_tables, step.context_lens, groups)
             logits = logits[done]  # a copy: the graph's output buffer is overwritten by the next replay
         else:
@@ -70,11 +71,6 @@ class ModelRunner:
             chunk.request.context.num_computed += chunk.num_tokens
         for row, i in enumerate(done):
             chunks[i].request.context.last_logits = logits[row]
-
-    def _graph_ready(self, step: StepInputs, groups: list[SharedGroup]) -> bool:
-        """Graphs replay pure decode steps (one token per sequence) that fit their buffers."""
-        return all(n == 1 for n in step.query_lens) and self.graphs.fits(
-            len(step.query_lens), max(map(len, step.tables)), len(groups))
 
     def _gather(self, chunks: list[ScheduledChunk]) -> StepInputs:
         bs = self.block_size

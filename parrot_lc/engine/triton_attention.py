@@ -9,13 +9,14 @@ of rows instead of once per sequence. The two results are merged by log-sum-exp,
 
 from __future__ import annotations
 
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
-from parrot_lc.engine.attention import AttentionBackend, AttentionMetadata, DecodeLayout, merge_by_lse, write_kv
+from parrot_lc.engine.attention import (
+    AttentionBackend, AttentionMetadata, DecodeLayout, merge_by_lse, multiprocessors, write_kv,
+)
 from parrot_lc.engine.triton_decode import decode_attention
 
 
@@ -141,18 +142,14 @@ def paged_attention(
     return (weights[..., None] * out).sum(0).to(q.dtype), total
 
 
-@functools.cache
-def _multiprocessors(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 class TritonBackend(AttentionBackend):
     """Paged attention in Triton. Steps with prefill chunks: own parts in one launch, all shared prefixes in
     another, merged by LSE. Decode steps: the fused decode kernel (`decode`)."""
 
     name = "triton"
-    # The shared pass costs a second launch and a merge per layer. In decode steps under CUDA graphs
-    # (benchmarks/shared_prefix_decode.py, Llama-2-7B shapes, H200) it was already faster at 8 forks of a
+    # The two-pass path's shared pass costs a second launch and a merge per layer. Measured in decode steps under
+    # CUDA graphs before the fused decode kernel, when decode took this path too (benchmarks/
+    # shared_prefix_decode.py, Llama-2-7B shapes, H200), it was already faster at 8 forks of a
     # 4,096-token prefix (1.2e8 saved elements: 8.4 against 9.0 ms a step) and far faster with more (230 forks:
     # 27 against 82 ms); below about half that saving the extra pass is not worth its launches.
     min_shared_elements = 60_000_000
@@ -220,5 +217,5 @@ def shared_splits(device: torch.device, programs: int, longest: int) -> int:
     into ranges of at least 256 tokens until there are about two programs per SM."""
     if device.type != "cuda":
         return 1
-    sms = _multiprocessors(device.index or 0)
+    sms = multiprocessors(device)
     return max(1, min(32, -(-2 * sms // programs), longest // 256))

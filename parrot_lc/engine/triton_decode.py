@@ -14,13 +14,12 @@ serves every step of its shape.
 
 from __future__ import annotations
 
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
-from parrot_lc.engine.attention import DecodeLayout
+from parrot_lc.engine.attention import DecodeLayout, multiprocessors
 
 MIN_CHUNK = 256  # tokens: a split shorter than this costs more in partials and launch tail than it gains
 # The fastest of a sweep on the H200 over benchmarks/kernel_shared_prefix.py's cases: tiles of 128 rows (8 warps)
@@ -169,11 +168,6 @@ def _merge_partials_kernel(
     tl.store(Out + seq * stride_b + head * stride_h + d, out.to(Out.dtype.element_ty))
 
 
-@functools.cache
-def _multiprocessors(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def shared_rows(max_group: int, group_size: int) -> int:
     """Query rows in a shared item's tile: the largest group's sequences x query heads, at least 16 (the
     tensor-core minimum) and at most MAX_SHARED_ROWS (or one sequence's heads, if more). Every tile of a group
@@ -196,7 +190,7 @@ def decode_splits(
     shorter ones leave some splits empty."""
     if device.type != "cuda":
         return (4 if layout.num_groups else 0), 2  # the CPU interpreter: several splits, to test the merge
-    target = TARGET_ITEMS_PER_SM * _multiprocessors(device.index or 0) / num_kv_heads  # items per KV head
+    target = TARGET_ITEMS_PER_SM * multiprocessors(device) / num_kv_heads  # items per KV head
     longest = max(layout.max_context, 1)
     own_splits = max(1, min(-(-int(target) // max(batch, 1)), -(-longest // MIN_CHUNK)))
     if not layout.num_groups:

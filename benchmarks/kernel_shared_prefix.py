@@ -6,7 +6,8 @@ sequence, one launch plus a merge), the same kernel with sharing switched off (e
 through its own block table), our CUDA kernel (csrc/, where built), FlashInfer's cascade attention (where
 its package is on the machine), torch SDPA on the expanded KV (where it fits in memory), and the floor: bytes
 that must move (the prefix KV once plus every own KV) over the copy bandwidth measured in this run. Every
-kernel is replayed from a CUDA graph, as in the engine's decode steps.
+kernel is replayed from a CUDA graph, as in the engine's decode steps, where it can be captured (else timed
+eagerly); each case's `timed` says which.
 
     PYTHONPATH=. python3 benchmarks/kernel_shared_prefix.py --out benchmarks/results/kernel_shared_prefix.json
     python benchmarks/kernel_shared_prefix.py --plot benchmarks/results/kernel_shared_prefix.json   # the PNG
@@ -84,20 +85,20 @@ def time_ms(fn) -> tuple[float, str]:
         return triton.testing.do_bench(fn, warmup=10, rep=50), "eager"
 
 
-def sdpa_ms(n: int, prefix: int) -> float | None:
+def sdpa_ms(n: int, prefix: int) -> tuple[float, str] | None:
     context = prefix + OWN
     if 2 * n * HEADS * context * HEAD_DIM * 2 > 30e9:  # expanded K and V must fit beside the rest
         return None
     q = torch.randn(n, HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(n, HEADS, context, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
-    ms, _ = time_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    timing = time_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
     del q, k, v
     torch.cuda.empty_cache()
-    return ms
+    return timing
 
 
-def flashinfer_ms(q, k_cache, v_cache, blocks, kv_heads: int) -> float | None:
+def flashinfer_ms(q, k_cache, v_cache, blocks, kv_heads: int) -> tuple[float, str] | None:
     """FlashInfer's two-level cascade (the prefix for all N queries, then each sequence's own pages)."""
     try:
         import flashinfer
@@ -115,8 +116,7 @@ def flashinfer_ms(q, k_cache, v_cache, blocks, kv_heads: int) -> float | None:
         [torch.tensor([PAGE], **i32), torch.full((n,), PAGE, **i32)],
         HEADS, kv_heads, HEAD_DIM, PAGE, q_data_type=torch.bfloat16,
     )
-    ms, _ = time_ms(lambda: wrapper.run(q, (k_cache, v_cache)))
-    return ms
+    return time_ms(lambda: wrapper.run(q, (k_cache, v_cache)))
 
 
 def measure(args: argparse.Namespace) -> None:
@@ -128,21 +128,28 @@ def measure(args: argparse.Namespace) -> None:
     bandwidth = copy_bandwidth()
     cases = []
     for kv_heads, n, prefix in tqdm(CASES, desc="cases"):
-        row = {"n": n, "prefix": prefix, "own": OWN, "kv_heads": kv_heads}
+        row = {"n": n, "prefix": prefix, "own": OWN, "kv_heads": kv_heads, "timed": {}}
+
+        def record(name: str, timing: tuple[float, str] | None) -> None:
+            """`name`_ms, and in `timed` how it was timed: replayed from a CUDA graph, or eagerly."""
+            row[f"{name}_ms"] = timing and timing[0]
+            if timing:
+                row["timed"][name] = timing[1]
+
         q, k_cache, v_cache, layout, blocks = build_case(n, prefix, kv_heads, sharing=True)
         _, _, _, unshared, _ = build_case(n, prefix, kv_heads, sharing=False)
         scale = HEAD_DIM**-0.5
-        row["ours_ms"], row["timed"] = time_ms(lambda: decode_attention(q, k_cache, v_cache, layout, scale))
-        row["no_sharing_ms"], _ = time_ms(lambda: decode_attention(q, k_cache, v_cache, unshared, scale))
+        record("ours", time_ms(lambda: decode_attention(q, k_cache, v_cache, layout, scale)))
+        record("no_sharing", time_ms(lambda: decode_attention(q, k_cache, v_cache, unshared, scale)))
         if cuda_attention.available():
-            row["cuda_ms"], _ = time_ms(lambda: cuda_attention.cuda_decode_attention(q, k_cache, v_cache, layout, scale))
+            record("cuda", time_ms(lambda: cuda_attention.cuda_decode_attention(q, k_cache, v_cache, layout, scale)))
         try:
-            row["flashinfer_ms"] = flashinfer_ms(q, k_cache, v_cache, blocks, kv_heads)
+            record("flashinfer", flashinfer_ms(q, k_cache, v_cache, blocks, kv_heads))
         except Exception as error:  # noqa: BLE001 - the peer's failure is reported, ours still measured
             row["flashinfer_error"] = repr(error)[:300]
         del q, k_cache, v_cache, layout, unshared, blocks
         torch.cuda.empty_cache()
-        row["sdpa_ms"] = sdpa_ms(n, prefix)
+        record("sdpa", sdpa_ms(n, prefix))
         kv_bytes_per_token = 2 * kv_heads * HEAD_DIM * 2
         row["floor_ms"] = (prefix + n * OWN) * kv_bytes_per_token / bandwidth * 1e3
         row["ours_over_floor"] = row["ours_ms"] / row["floor_ms"]

@@ -32,6 +32,7 @@ from pathlib import Path
 import httpx
 
 from e2e import WORDS
+from load import percentile
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -105,24 +106,29 @@ async def chat(client: httpx.AsyncClient, system: str, question: str, tokens: in
     return UserRun(usage["prompt_tokens"], first - start, (end - first) / max(1, generated - 1), generated)
 
 
-def percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
+def system_prompt(words: int) -> str:
+    return " ".join(random.Random(0).choice(WORDS) for _ in range(words))
+
+
+async def warm_up(base_url: str, system_words: int) -> None:
+    """Fills the shared prefix and warms the code paths, before the CPU counters are read."""
+    async with httpx.AsyncClient(base_url=base_url, timeout=600) as client:
+        await chat(client, system_prompt(system_words), "warm up", 2)
 
 
 async def load(base_url: str, users: int, tokens: int, system_words: int) -> dict:
-    rng = random.Random(0)
-    system = " ".join(rng.choice(WORDS) for _ in range(system_words))
+    rng = random.Random(1)
+    system = system_prompt(system_words)
     questions = [" ".join(rng.choice(WORDS) for _ in range(16)) + "?" for _ in range(users)]
     limits = httpx.Limits(max_connections=users, max_keepalive_connections=users)
     async with httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits) as client:
-        await chat(client, system, "warm up", 2)  # fills the shared prefix and warms the code paths
         started = time.perf_counter()
         runs = await asyncio.gather(*(chat(client, system, q, tokens) for q in questions))
         wall = time.perf_counter() - started
-    first, per_token = [r.first_token_s for r in runs], [r.per_token_s for r in runs]
-    return {"users": users, "prompt_tokens": runs[0].prompt_tokens, "tokens_per_user": tokens, "generated_tokens": sum(r.completion_tokens for r in runs),
-            "wall_s": wall, "first_token_p50_s": percentile(first, 50), "first_token_p99_s": percentile(first, 99),
+    first, per_token = sorted(r.first_token_s for r in runs), sorted(r.per_token_s for r in runs)
+    return {"users": users, "prompt_tokens": runs[0].prompt_tokens, "tokens_per_user": tokens,
+            "generated_tokens": sum(r.completion_tokens for r in runs), "wall_s": wall,
+            "first_token_p50_s": percentile(first, 50), "first_token_p99_s": percentile(first, 99),
             "per_token_p50_s": percentile(per_token, 50), "per_token_p99_s": percentile(per_token, 99)}
 
 
@@ -139,6 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
     server = start_server(port, args.profile)
     try:
         wait_until_healthy(base_url, server)
+        asyncio.run(warm_up(base_url, args.system_words))
         cpu_before, loop_before = cpu_seconds(server.pid)
         client_before = client_cpu_seconds()
         report = asyncio.run(load(base_url, args.users, args.tokens, args.system_words))

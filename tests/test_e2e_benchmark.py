@@ -30,7 +30,21 @@ def test_every_workload_has_both_modes_and_a_speedup(smoke_run):
     assert set(workloads) == {"chain_summary", "map_reduce", "shared_prompt_chat", "multi_agent", "gpts", "mixed"}
     for name, figures in workloads.items():
         assert {"parrot", "baseline", "speedup"} <= set(figures), name
-        assert figures["speedup"] > 0, name
+
+
+def test_each_speedup_reads_as_its_target_does(smoke_run):
+    """Time: the baseline's over parrot_lc's; throughput: parrot_lc's over the baseline's."""
+    w = smoke_run["workloads"]
+    for name in ("chain_summary", "multi_agent"):
+        assert w[name]["speedup"] == pytest.approx(w[name]["baseline"]["seconds"] / w[name]["parrot"]["seconds"])
+    most_chunks = str(max(smoke_run["scale"]["map_chunks"]))
+    assert w["map_reduce"]["speedup"] == pytest.approx(
+        w["map_reduce"]["baseline"][most_chunks]["seconds"] / w["map_reduce"]["parrot"][most_chunks]["seconds"])
+    assert w["gpts"]["speedup"] == pytest.approx(w["gpts"]["parrot"]["requests_per_s"]
+                                                 / w["gpts"]["baseline"]["requests_per_s"])
+    mixed = w["mixed"]
+    assert mixed["speedup"] == pytest.approx(mixed["baseline"]["chat_mean_latency_s"]
+                                             / mixed["parrot"]["chat_mean_latency_s"])
 
 
 def test_only_parrot_reuses_the_shared_system_prompt(smoke_run):

@@ -54,13 +54,6 @@ def test_map_reduce_deferred_equals_eager_in_one_submission(parrot_server):
     assert not any(path.startswith("/v1/") for path in seen)
 
 
-def test_the_map_stage_shares_its_instruction_prefix_on_the_server(llm, local_server):
-    before = local_server.manager.engines[0].engine.stats().reused_tokens
-    deferred(map_reduce_chain(llm)).invoke(DOCUMENT)
-    reused = local_server.manager.engines[0].engine.stats().reused_tokens - before
-    assert reused >= 5 * 10  # every map call forked the ~13-token instruction
-
-
 def test_a_refine_chain_deferred_equals_eager(llm):
     assert deferred(refine_chain(llm)).invoke(DOCUMENT) == refine_chain(llm).invoke(DOCUMENT)
 

@@ -50,6 +50,15 @@ def test_an_error_response_carries_the_request_id_too(client):
     assert response.status_code == 404 and response.headers["X-Request-Id"] == "failing-1"
 
 
+def test_health_probes_are_logged_at_debug_and_requests_at_info(client, records):
+    records.set_level(logging.DEBUG, logger="parrot_lc")
+    client.get("/health", headers={"X-Request-Id": "probe-1"})
+    client.get("/api/sessions/nope", headers={"X-Request-Id": "request-1"})
+    [probe] = logged(records, "parrot_lc.access", "probe-1")
+    [request] = logged(records, "parrot_lc.access", "request-1")
+    assert (probe.levelno, request.levelno) == (logging.DEBUG, logging.INFO)
+
+
 def test_the_log_record_of_a_failed_request_carries_its_id(client, records):
     client.get("/api/sessions/nope", headers={"X-Request-Id": "failing-2"})
     [record] = logged(records, "parrot_lc.access", "failing-2")

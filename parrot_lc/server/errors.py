@@ -34,10 +34,7 @@ class QueueFullError(ServerError):
     """The server holds as much work as it may queue; the client should retry after `retry_after` seconds."""
 
     status = 429
-
-    def __init__(self, message: str, field: str | None = None, retry_after: int = 1) -> None:
-        super().__init__(message, field)
-        self.retry_after = retry_after
+    retry_after = 1
 
 
 class ShuttingDownError(ServerError):

@@ -245,16 +245,10 @@ class ParrotManager:
 
     # ---- calls ------------------------------------------------------------------------------------
 
-    def submit(
-        self, session: Session, pieces_of_calls: list[list[Piece]], prompt_token_ids: list[int] | None = None
-    ) -> list[Call]:
-        """Adds a graph of calls to the session; each starts as soon as its inputs have values. A graph of one call
-        may come with its prompt already tokenized (`prompt_token_ids`, of its text before its output)."""
+    def submit(self, session: Session, pieces_of_calls: list[list[Piece]]) -> list[Call]:
+        """Adds a graph of calls to the session; each starts as soon as its inputs have values."""
         self._check_accepting()
         calls = [Call(f"c{next(self._ids)}", session.session_id, pieces) for pieces in pieces_of_calls]
-        if prompt_token_ids is not None:
-            assert len(calls) == 1, "prompt_token_ids are those of a graph of one call"
-            calls[0].prompt_token_ids = prompt_token_ids
         validate_new_calls(session, calls)
         for index, call in enumerate(calls):
             for piece in call.pieces:
@@ -508,11 +502,11 @@ class ParrotManager:
         output = self.create_variable(session)
         output.deltas = TextStream()
         try:
-            [call] = self.submit(session, [pieces + [Piece("output", var_id=output.var_id, sampling=sampling)]],
-                                 prompt_token_ids)
+            [call] = self.submit(session, [pieces + [Piece("output", var_id=output.var_id, sampling=sampling)]])
         except Exception:  # refused: nothing runs, and the session must not stay behind
             self.sessions.pop(session.session_id)
             raise
+        call.prompt_token_ids = prompt_token_ids  # set before its task first runs: no await since submit
         return Completion(call, output, session)
 
     async def end_completion(self, completion: Completion) -> None:

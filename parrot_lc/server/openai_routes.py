@@ -75,16 +75,14 @@ def openai_router(manager: ParrotManager, model_name: str) -> APIRouter:
         def delta_chunk(text: str, first: bool) -> dict:
             return chunk([{"index": 0, **delta(text, first), "finish_reason": None}])
 
-        first_event = DeltaEvents(lambda text: delta_chunk(text, True))
         next_event = DeltaEvents(lambda text: delta_chunk(text, False))
 
         async def events() -> AsyncIterator[str]:
-            event = first_event
+            first = True
             try:
                 async for text in completion.deltas():
-                    yield event(text)
-                    event = next_event
-                first = event is first_event
+                    yield sse(delta_chunk(text, True)) if first else next_event(text)  # the first names the role
+                    first = False
                 last = [sse(chunk([{"index": 0, **delta("", first), "finish_reason": completion.call.finish_reason}]))]
                 if include_usage:
                     last.append(sse({**chunk([]), "usage": usage(completion)}))

@@ -15,6 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from parrot_lc.logs import request_id
 
 HEADER = "X-Request-Id"
+QUIET_PATHS = {"/health", "/metrics"}  # polled by probes and scrapers: their access lines are DEBUG
 # What a client's id may be: short and plain, so that it cannot forge log lines or bloat them.
 SANE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/+=-]{0,127}")
 log = logging.getLogger("parrot_lc.access")
@@ -54,6 +55,9 @@ class RequestIds:
             await self.app(scope, receive, send_with_id)
         finally:
             duration_ms = round((time.perf_counter() - started) * 1000, 1)
-            log.info("%s %s %d %.1f ms", scope["method"], scope["path"], status, duration_ms,
+            # Probes and engines' heartbeats (one a second each) only at DEBUG: they would drown the requests.
+            quiet = scope["path"] in QUIET_PATHS or scope["path"].endswith("/heartbeat")
+            level = logging.DEBUG if quiet else logging.INFO
+            log.log(level, "%s %s %d %.1f ms", scope["method"], scope["path"], status, duration_ms,
                      extra={"request_id": rid, "method": scope["method"], "path": scope["path"], "status": status,
                             "duration_ms": duration_ms})

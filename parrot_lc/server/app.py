@@ -27,6 +27,7 @@ from parrot_lc.server.metrics import registry_for
 from parrot_lc.server.openai_routes import openai_router
 from parrot_lc.server.remote_engine import RemoteEngine
 from parrot_lc.server.request_ids import RequestIds, id_header
+from parrot_lc.server.responses import error_response
 from parrot_lc.server.schemas import (
     EngineRef,
     EngineStatsBody,
@@ -54,12 +55,6 @@ ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 403, 404, 408, 4
 ERRORS[429] = {"model": ErrorBody, "description": "the server's queue is full: retry after `Retry-After` seconds",
                "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds to wait"}}}
 ERRORS[503] = {"model": ErrorBody, "description": "the server is shutting down: it takes no new work"}
-
-
-def error_response(status: int, message: str, kind: str, field: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "field": field}}, status_code=status,
-                        headers=headers)
 
 
 def create_app(manager: ParrotManager, settings: ServerSettings) -> FastAPI:

@@ -17,6 +17,7 @@ from pydantic import BaseModel
 from parrot_lc.engine.async_engine import AsyncEngine
 from parrot_lc.engine.errors import EngineError
 from parrot_lc.server.auth import bearer_key_ok
+from parrot_lc.server.responses import error_response
 from parrot_lc.server.schemas import Sampling
 from parrot_lc.settings import EngineProcessSettings
 
@@ -51,12 +52,12 @@ def create_engine_app(engine: AsyncEngine, api_key: str | None = None) -> FastAP
     async def check_api_key(request: Request, call_next):
         if keys and request.url.path != "/health" and not bearer_key_ok(request.headers.get("authorization"), keys):
             message = "missing or wrong API key: send `Authorization: Bearer <key>`"
-            return JSONResponse({"error": {"type": "Unauthorized", "message": message}}, status_code=401)
+            return error_response(401, message, "Unauthorized", "authorization")
         return await call_next(request)
 
     @app.exception_handler(EngineError)
     async def engine_error(request, exc: EngineError) -> JSONResponse:
-        return JSONResponse({"error": {"type": type(exc).__name__, "message": str(exc)}}, status_code=400)
+        return error_response(400, str(exc), type(exc).__name__)
 
     @app.get("/health")
     async def health() -> dict:

@@ -3,9 +3,9 @@ or comes in chunks (a `Content-Length` check alone lets chunked bodies through).
 
 from __future__ import annotations
 
-import json
-
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from parrot_lc.server.responses import error_response
 
 
 class BodyLimit:
@@ -20,7 +20,7 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length", b"")
         if length.isdigit() and int(length) > self.max_bytes:
-            return await self._too_large(send)
+            return await self._too_large(scope, receive, send)
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -29,7 +29,7 @@ class BodyLimit:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.max_bytes:
-                return await self._too_large(send)
+                return await self._too_large(scope, receive, send)
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
@@ -45,9 +45,6 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _too_large(self, send: Send) -> None:
-        body = json.dumps({"error": {"message": f"request body over {self.max_bytes} bytes", "type": "PayloadTooLarge",
-                                     "field": "body"}}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = error_response(413, f"request body over {self.max_bytes} bytes", "PayloadTooLarge", "body")
+        await response(scope, receive, send)

@@ -243,6 +243,7 @@ class Driver:
             result[str(users)] = {
                 "mean_latency_s": statistics.mean(latencies),
                 "p99_latency_s": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+                "mean_first_token_s": statistics.mean(r["first_token_s"] for r in runs),
                 "mean_per_token_s": statistics.mean(r["per_token_s"] for r in runs),
                 **stats.figures(),
             }
@@ -311,6 +312,7 @@ class Driver:
         job_seconds = await job_task
         return {
             "chat_mean_latency_s": statistics.mean(c["latency_s"] for c in chats),
+            "chat_mean_first_token_s": statistics.mean(c["first_token_s"] for c in chats),
             "chat_mean_per_token_s": statistics.mean(c["per_token_s"] for c in chats),
             "jobs_seconds": max(job_seconds),
             "jobs_per_minute": len(jobs) / max(job_seconds) * 60,

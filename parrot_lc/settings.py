@@ -40,6 +40,11 @@ class EngineSettings(BaseSettings):
     )
     max_num_batched_tokens: int = Field(2048, ge=1, description="token budget of one engine step")
     max_num_seqs: int = Field(256, ge=1, description="most sequences in one engine step")
+    background_prefill_tokens: int = Field(
+        512, ge=1, description="in a step that decodes for a more important request, the most prompt tokens that "
+        "less important requests prefill: a latency-critical stream keeps its pace while background work fills its "
+        "prompts in smaller pieces"
+    )
     attention_backend: Literal["auto", "torch", "triton", "cuda"] = Field(
         "auto", description="attention implementation; `auto`: cuda on a GPU where its kernel is built, else triton; "
         "the torch reference on cpu. cuda: the CUDA kernel for decode steps that share prefixes, Triton for the rest"

@@ -50,3 +50,25 @@ def test_stats_count_prefilled_decoded_and_reused_tokens(tiny):
     stats = tiny.stats()
     assert (stats.prefill_tokens, stats.decode_tokens, stats.reused_tokens) == (37, 4, 37)
     assert stats.num_contexts == 2 and stats.kv_blocks_used > 0
+
+
+def prefilled_beside_a_decode(engine, decode_priority: int, fill_priority: int) -> int:
+    """Tokens of a 300-token prompt prefilled in the first step it shares with another request's decode."""
+    engine.fill([5, 6, 7], "chat")
+    engine.submit_generate(SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True), "chat",
+                           priority=decode_priority)
+    engine.step()
+    before = engine.stats().prefill_tokens
+    engine.submit_fill(list(range(3, 303)), "job", priority=fill_priority)
+    engine.step()
+    return engine.stats().prefill_tokens - before
+
+
+def test_a_step_decoding_for_a_more_important_request_prefills_less_important_prompts_in_small_pieces(make_engine):
+    engine = make_engine(max_num_batched_tokens=256, background_prefill_tokens=32)
+    assert prefilled_beside_a_decode(engine, decode_priority=2, fill_priority=1) == 32
+
+
+def test_prompts_as_important_as_the_decoding_requests_take_the_whole_step_budget(make_engine):
+    engine = make_engine(max_num_batched_tokens=256, background_prefill_tokens=32)
+    assert prefilled_beside_a_decode(engine, decode_priority=1, fill_priority=1) == 255  # 256 less the decode's one

@@ -83,3 +83,42 @@ def test_cuda_backend_decodes_forks_as_the_triton_backend_does(hf_checkpoint, ma
         logits[backend] = torch.stack([engine.context_logits(c) for c in children])  # (4, V)
     error = (logits["cuda"] - logits["triton"]).abs().max() / logits["triton"].abs().max()
     assert error < 2e-2, f"relative error {error:.2e}"
+
+
+STEPS_AFTER_START = """
+import json, sys
+import triton
+from parrot_lc.engine import LLMEngine, SamplingParams
+from parrot_lc.settings import EngineSettings
+
+compiled = {"start": [], "steps": []}
+phase = "start"
+triton.knobs.runtime.jit_cache_hook = lambda **kw: compiled[phase].append(kw["repr"])
+engine = LLMEngine(EngineSettings(model="tiny", device="cuda", dtype="bfloat16", attention_backend="triton",
+                                  kv_cache_bytes=64 * 2**20, cache_dir=sys.argv[1]))
+engine.runner.min_shared_elements = 0  # steps with prefill chunks read shared prefixes in their own pass too
+phase = "steps"
+engine.fill(list(range(3, 300)), "prefix")
+children = [f"c{i}" for i in range(7)]
+engine.run_until_done([engine.submit_fill(list(range(10, 11 + 3 * (i % 3))), c, "prefix")  # 1, 4 and 7 tokens
+                       for i, c in enumerate(children)])
+sampling = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+engine.run_until_done([engine.submit_generate(sampling, c) for c in children]
+                      + [engine.submit_fill(list(range(20, 90)), "late", "prefix")])  # a fill among decodes
+print(json.dumps(compiled))
+"""
+
+
+def test_no_request_waits_for_a_kernel_compile(tmp_path):
+    """Kernels compile while the engine starts (warm-up, graph capture), not in the first steps that need them:
+    a compile takes about a second on the H100, which a user's first token would wait for. In a process of its
+    own, so that no other test has compiled them first."""
+    import json
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", STEPS_AFTER_START, str(tmp_path)], capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    compiled = json.loads(run.stdout.strip().splitlines()[-1])
+    assert compiled["steps"] == [], f"compiled in steps: {compiled['steps']}\nat start: {compiled['start']}"

@@ -3,7 +3,9 @@
 import pytest
 
 from parrot_lc.server.errors import GraphError
-from parrot_lc.server.graph import Call, Criterion, Piece, Session, Variable, deduce_objectives, validate_new_calls
+from parrot_lc.server.graph import (
+    Call, CallState, Criterion, Piece, Session, Variable, deduce_objectives, fetch_objective, validate_new_calls,
+)
 
 
 def build(session: Session, edges: dict[str, list[str]]) -> dict[str, Call]:
@@ -16,7 +18,10 @@ def build(session: Session, edges: dict[str, list[str]]) -> dict[str, Call]:
         calls[name] = Call(name, session.session_id, pieces + [Piece("output", var_id=f"out:{name}")])
     validate_new_calls(session, list(calls.values()))
     for call in calls.values():
+        session.calls[call.call_id] = call
         session.variables[call.outputs[0]].producer = call
+        for var_id in call.inputs:
+            session.variables[var_id].consumers.append(call)
     return calls
 
 
@@ -56,3 +61,42 @@ def test_a_throughput_fetch_makes_nothing_latency_critical(session):
 def test_a_cycle_is_rejected_with_its_path(session):
     with pytest.raises(GraphError, match="cycle: .*a -> .*b"):
         build(session, {"a": ["b"], "b": ["a"]})
+
+
+def submitted(session: Session, edges: dict[str, list[str]]) -> dict[str, Call]:
+    """The calls as the server holds them after submission: each sink assumed latency-critical."""
+    calls = build(session, edges)
+    for variable in list(session.variables.values()):
+        if not variable.consumers:
+            deduce_objectives(session, variable, Criterion.LATENCY)
+    return calls
+
+
+def test_a_throughput_fetch_of_a_sink_takes_its_waiting_producers_off_the_critical_path(session):
+    calls = submitted(session, {**{f"map{i}": [] for i in range(3)}, "reduce": [f"map{i}" for i in range(3)]})
+    assert calls["reduce"].latency_critical
+    fetch_objective(session, session.variables["out:reduce"], Criterion.THROUGHPUT)
+    assert not calls["reduce"].latency_critical
+    assert {calls[f"map{i}"].task_group for i in range(3)} == {"group:reduce"}
+
+
+def test_a_call_that_runs_keeps_its_objective_when_a_fetch_changes_the_criterion(session):
+    calls = submitted(session, {"a": [], "b": ["a"]})
+    calls["a"].state = CallState.RUNNING
+    fetch_objective(session, session.variables["out:b"], Criterion.THROUGHPUT)
+    assert calls["a"].latency_critical and not calls["b"].latency_critical
+
+
+def test_a_producer_on_a_latency_fetchs_path_stays_critical_whatever_else_fetches_it(session):
+    calls = submitted(session, {"shared": [], "chat": ["shared"], "report": ["shared"]})
+    fetch_objective(session, session.variables["out:report"], Criterion.THROUGHPUT)
+    fetch_objective(session, session.variables["out:chat"], Criterion.LATENCY)
+    assert calls["chat"].latency_critical and calls["shared"].latency_critical
+    assert not calls["report"].latency_critical
+
+
+def test_only_the_first_fetch_of_a_variable_names_its_criterion(session):
+    calls = submitted(session, {"a": [], "b": ["a"]})
+    fetch_objective(session, session.variables["out:b"], Criterion.THROUGHPUT)
+    fetch_objective(session, session.variables["out:b"], Criterion.LATENCY)
+    assert not calls["b"].latency_critical

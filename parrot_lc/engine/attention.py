@@ -129,6 +129,10 @@ class AttentionBackend(ABC):
     ) -> torch.Tensor:  # (T, Hq, D)
         ...
 
+    def warm_up(self, num_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor, sliding_window: int | None) -> None:
+        """Compiles, before the first request, what steps would otherwise compile when they first need it
+        (nothing, unless the backend compiles kernels at run time). Reads the caches, writes nothing to them."""
+
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor) -> None:
     num_kv_heads, head_dim = k.shape[1:]

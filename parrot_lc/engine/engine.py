@@ -96,6 +96,7 @@ class LLMEngine:
         kv_cache = torch.zeros(
             cfg.num_layers, 2, num_blocks + 1, bs, cfg.num_kv_heads, cfg.head_dim, dtype=self.dtype, device=self.device
         )
+        self.backend.warm_up(cfg.num_heads, kv_cache[0, 0], kv_cache[0, 1], cfg.sliding_window)
         graphs = None
         if settings.cuda_graphs and self.device.type == "cuda" and self.backend.decodes_in_graphs:
             graphs = DecodeGraphs(self.model, kv_cache, bs, settings.max_num_seqs, dummy_slot=num_blocks * bs)
@@ -107,7 +108,8 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, kv_cache, bs, graphs, (decode_threshold, self.backend.min_shared_elements))
         self.allocator = BlockAllocator(num_blocks)
         self.tree = ContextTree(self.allocator, bs, self.runner.copy_block)
-        self.scheduler = Scheduler(self.tree, settings.max_num_batched_tokens, settings.max_num_seqs)
+        self.scheduler = Scheduler(self.tree, settings.max_num_batched_tokens, settings.max_num_seqs,
+                                   settings.background_prefill_tokens)
         self.sampler = Sampler(settings.seed)
         self._ids = itertools.count()
         self._requests: dict[int, Request] = {}

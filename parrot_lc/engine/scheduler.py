@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from parrot_lc.engine.context import ContextTree
 from parrot_lc.engine.errors import EngineError, OutOfMemoryError
-from parrot_lc.engine.request import Request
+from parrot_lc.engine.request import Request, RequestKind
 
 
 @dataclass
@@ -18,15 +18,20 @@ class ScheduledChunk:
 class Scheduler:
     """Most important requests first, within a token budget and a sequence cap per step.
 
-    Prefill chunks and decode tokens share one step. When KV blocks run out, the least important request
-    that holds blocks and is not in this step is preempted (its own KV dropped, recomputed later); when
-    nothing can be preempted the request waits, and fails only if no request at all could run.
+    Prefill chunks and decode tokens share one step. A step that decodes for a request prefills less important
+    requests' prompts only up to a smaller budget (`background_prefill_tokens`): a step's time grows with its
+    prefill tokens, and a latency-critical stream's pace is that time. When KV blocks run out, the least
+    important request that holds blocks and is not in this step is preempted (its own KV dropped, recomputed
+    later); when nothing can be preempted the request waits, and fails only if no request at all could run.
     """
 
-    def __init__(self, tree: ContextTree, max_num_batched_tokens: int, max_num_seqs: int) -> None:
+    def __init__(
+        self, tree: ContextTree, max_num_batched_tokens: int, max_num_seqs: int, background_prefill_tokens: int
+    ) -> None:
         self.tree = tree
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
+        self.background_prefill_tokens = background_prefill_tokens
         self.requests: list[Request] = []
         self.num_running = 0  # requests in the last step
         self.num_waiting = 0  # requests left out of the last step
@@ -42,6 +47,8 @@ class Scheduler:
         """Returns this step's chunks and the requests that failed to start (with why)."""
         self.requests.sort(key=lambda r: r.order)
         budget = self.max_num_batched_tokens
+        background = self.background_prefill_tokens
+        decoding_priority: int | None = None  # the most important priority this step decodes for
         chunks: list[ScheduledChunk] = []
         failed: list[tuple[Request, EngineError]] = []
         blocked: list[Request] = []
@@ -65,7 +72,11 @@ class Scheduler:
                 chunks.append(ScheduledChunk(request, 0))
                 in_step.add(request.request_id)
                 continue
-            take = min(context.num_pending, budget)
+            decoding = request.kind is RequestKind.GENERATE and bool(request.output_token_ids)
+            if decoding and decoding_priority is None:
+                decoding_priority = request.priority
+            in_background = not decoding and decoding_priority is not None and request.priority < decoding_priority
+            take = min(context.num_pending, min(budget, background) if in_background else budget)
             if take == 0:
                 continue
             while self.tree.tokens_that_fit(context) < take and self._preempt_one(request, in_step):
@@ -78,6 +89,7 @@ class Scheduler:
             chunks.append(ScheduledChunk(request, take))
             in_step.add(request.request_id)
             budget -= take
+            background -= take if in_background else 0
         if not chunks and blocked:
             failed.append((blocked[0], OutOfMemoryError(
                 "the KV cache is full of idle contexts and no request can be preempted: free contexts")))

@@ -9,6 +9,7 @@ of rows instead of once per sequence. The two results are merged by log-sum-exp,
 
 from __future__ import annotations
 
+import itertools
 
 import torch
 import triton
@@ -20,21 +21,23 @@ from parrot_lc.engine.attention import (
 from parrot_lc.engine.triton_decode import decode_attention
 
 
-@triton.jit
+# Arguments that change from step to step are not specialized on (a value of 1, divisibility by 16): each
+# specialization is a compile of about 0.6 s on the H100, paid by whichever request first takes it.
+@triton.jit(do_not_specialize=["stride_os", "stride_ls", "stride_bt", "window", "splits"])
 def _paged_attention_kernel(
     Q, K, V, Out, Lse,  # Q: (T, Hq, D); K/V: (num_blocks, PAGE, Hkv, D); Out: (SPLITS, T, Hq, D); Lse: (SPLITS, T, Hq)
     row_ptr, row_index, positions,  # rows of set s: row_index[row_ptr[s]:row_ptr[s+1]]; positions: (T,)
     block_tables, kv_start, kv_end,  # (S, max_blocks), (S,), (S,)
     stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_os, stride_ot, stride_oh, stride_ls, stride_lt,
     stride_bt,
-    scale, window,  # window <= 0: none
+    scale, window, splits,  # window <= 0: none
     G: tl.constexpr, BLOCK_M: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
-    D: tl.constexpr, PRECISION: tl.constexpr, SPLITS: tl.constexpr,
+    D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     s = tl.program_id(0)
     h_kv = tl.program_id(1)
-    tile = tl.program_id(2) // SPLITS
-    split = tl.program_id(2) % SPLITS  # a part of the KV range, for parallelism when the grid is small
+    tile = tl.program_id(2) // splits
+    split = tl.program_id(2) % splits  # a part of the KV range, for parallelism when the grid is small
     first_row = tl.load(row_ptr + s)
     num_rows = tl.load(row_ptr + s + 1) - first_row
     if tile * BLOCK_M >= num_rows:
@@ -53,8 +56,8 @@ def _paged_attention_kernel(
     hi = tl.minimum(tl.load(kv_end + s), tl.max(tl.where(row_ok, q_pos, 0)) + 1)
     if window > 0:
         lo = tl.maximum(lo, tl.min(tl.where(row_ok, q_pos, 2147483647)) - window + 1)
-    if SPLITS > 1:
-        per_split = tl.cdiv(tl.cdiv(hi - lo, SPLITS), BLOCK_N) * BLOCK_N
+    if splits > 1:
+        per_split = tl.cdiv(tl.cdiv(hi - lo, splits), BLOCK_N) * BLOCK_N
         lo = lo + split * per_split
         hi = tl.minimum(hi, lo + per_split)
     m_i = tl.full((ROWS,), float("-inf"), tl.float32)
@@ -130,10 +133,10 @@ def paged_attention(
         block_tables, kv_start, kv_end,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         out_s.stride(0), out_s.stride(1), out_s.stride(2), lse_s.stride(0), lse_s.stride(1), block_tables.stride(0),
-        scale, window or 0,
+        scale, window or 0, splits,
         G=group, BLOCK_M=block_m, ROWS=max(16, triton.next_power_of_2(block_m * group)), BLOCK_N=block_n,
         PAGE=page, D=head_dim, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # exact float32
-        SPLITS=splits, num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages,
     )
     if splits == 1:
         return out, lse
@@ -172,6 +175,21 @@ class TritonBackend(AttentionBackend):
             rows = plan["shared_rows"]
             out[rows] = merge_by_lse(out[rows].float(), lse[rows], out_s[rows].float(), lse_s[rows]).to(out.dtype)
         return out
+
+    def warm_up(self, num_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor, sliding_window: int | None) -> None:
+        """Compiles the prefill kernel's variants, about 0.6 s each on the H100, which the first steps with
+        prefill chunks would otherwise wait for: two tile shapes (sets of one query row and of several), each
+        writing the model's dtype (one split) or float32 partials (several). Decode steps' kernels compile when
+        CUDA graphs are captured."""
+        device = k_cache.device
+        if device.type != "cuda":
+            return  # the interpreter compiles nothing
+        i32 = {"dtype": torch.int32, "device": device}
+        q = torch.zeros(2, num_heads, k_cache.shape[-1], dtype=k_cache.dtype, device=device)  # (T, Hq, D)
+        for rows, splits in itertools.product((1, 2), (1, 2)):
+            paged_attention(q, k_cache, v_cache, torch.zeros(2, **i32), torch.tensor([0, rows], **i32),
+                            torch.arange(rows, **i32), torch.zeros(1, 1, **i32), torch.zeros(1, **i32),
+                            torch.ones(1, **i32), rows, scale=1.0, window=sliding_window, splits=splits)
 
     def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, layout: DecodeLayout,
                scale: float) -> torch.Tensor:

@@ -80,7 +80,10 @@ def _store_partial(OutP, LseP, seq, head, part, acc, m_i, l_i, row_ok, stride_ob
     tl.store(LseP + seq.to(tl.int64) * stride_lb + head * stride_lh + part, lse, mask=row_ok)
 
 
-@triton.jit
+# Counts, table widths and the partials' strides change from step to step: no specialization on them (a value of
+# 1, divisibility by 16), which would compile a variant (about a second) in whichever step first meets it.
+@triton.jit(do_not_specialize=["stride_lb", "stride_lh", "stride_bt", "stride_gt", "num_shared_items", "tiles",
+                               "shared_splits", "own_splits", "own_part0"])
 def _decode_partials_kernel(
     Q, K, V, OutP, LseP,  # Q (B, Hq, D); K/V (num_blocks, PAGE, Hkv, D); OutP (B, Hq, PARTS, D) f32; LseP (B, Hq, PARTS)
     block_tables, context_lens, shared_lens, group_ptr, group_rows, group_tables, group_lens,
@@ -145,7 +148,7 @@ def _decode_partials_kernel(
                      mask=row_ok[:, None] & (p[None, :] < own_part0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_lb", "stride_lh", "parts"])
 def _merge_partials_kernel(
     OutP, LseP, Out,  # OutP (B, Hq, PARTS, D) f32; LseP (B, Hq, PARTS); Out (B, Hq, D)
     stride_ob, stride_oh, stride_op, stride_lb, stride_lh, stride_b, stride_h, parts,

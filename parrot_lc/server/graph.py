@@ -80,7 +80,8 @@ class Variable:
     error: str | None = None
     producer: "Call | None" = None
     consumers: list["Call"] = field(default_factory=list)
-    criterion: Criterion | None = None  # set by the first fetch
+    criterion: Criterion | None = None  # deduced: its own fetch's, a consumer's, or latency (a sink at submission)
+    fetched: Criterion | None = None  # the criterion its first fetch named
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     deltas: TextStream | None = None  # when set, the producer streams text pieces here as they come
 
@@ -185,6 +186,36 @@ def validate_new_calls(session: Session, calls: list[Call]) -> None:
 
     for call_id in by_id:
         visit(call_id, [])
+
+
+def fetch_objective(session: Session, variable: Variable, criterion: Criterion) -> None:
+    """A fetch names its variable's criterion (the first fetch decides). A sink was assumed latency-critical when
+    it was submitted; a fetch that names throughput instead re-deduces the session's calls that have not started
+    (those that run keep their priority)."""
+    if variable.fetched is not None:
+        return
+    variable.fetched = criterion
+    if variable.criterion is None:
+        deduce_objectives(session, variable, criterion)
+    elif variable.criterion is not criterion:
+        deduce_session_objectives(session)
+
+
+def deduce_session_objectives(session: Session) -> None:
+    """Deduces every waiting call's objective afresh from the fetched variables and the sinks no fetch has named
+    yet (latency), latency first: a call on a latency-critical path stays there whatever else fetches it."""
+    for call in session.calls.values():
+        if call.state is CallState.WAITING:
+            call.latency_critical, call.task_group = False, None
+    roots = []
+    for variable in session.variables.values():
+        variable.criterion = None
+        if variable.fetched is not None:
+            roots.append((variable, variable.fetched))
+        elif variable.producer is not None and not variable.consumers:
+            roots.append((variable, Criterion.LATENCY))
+    for variable, criterion in sorted(roots, key=lambda root: root[1] is not Criterion.LATENCY):
+        deduce_objectives(session, variable, criterion)
 
 
 def deduce_objectives(session: Session, variable: Variable, criterion: Criterion) -> None:

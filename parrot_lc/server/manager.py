@@ -41,6 +41,7 @@ from parrot_lc.server.graph import (
     TextStream,
     Variable,
     deduce_objectives,
+    fetch_objective,
     validate_new_calls,
 )
 from parrot_lc.server.prefix_cache import PrefixCache, prefix_key
@@ -234,7 +235,7 @@ class ParrotManager:
     ) -> str:
         """Waits for the variable's value; the criterion steers how its producers are scheduled."""
         variable = self.variable(session, var_id)
-        deduce_objectives(session, variable, criterion)
+        fetch_objective(session, variable, criterion)
         try:
             await asyncio.wait_for(variable.ready.wait(), timeout)
         except asyncio.TimeoutError:

@@ -1,7 +1,7 @@
 """End-to-end workloads of the Parrot paper: parrot_lc against request-level serving on the same engine.
 
-Two server modes over the same engine, model and GPU, each in its own process (so that each gets the whole
-GPU): **parrot** (`app_centric=True`: graphs of Semantic Variables submitted at once, shared prompt prefixes
+Two server modes over the same engine, model and GPU, each a `parrot-lc serve` process of its own (so that each
+gets the whole GPU, and the clients here share no interpreter with it, as in a deployment): **parrot** (`app_centric=True`: graphs of Semantic Variables submitted at once, shared prompt prefixes
 filled once and forked, priorities from the deduced objectives) and **baseline** (`app_centric=False`:
 request-level serving, as LangChain against an OpenAI-compatible server: each LLM call sent on its own as the
 application reaches it, no prefix sharing, first come first served; the engine's continuous batching stays on).
@@ -26,7 +26,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,9 +35,10 @@ import httpx
 from tqdm import tqdm
 
 from engine_decode import LLAMA2_7B as ENGINE_LLAMA2_7B
+from parrot_lc.engine.loader import load_model_info
 from parrot_lc.frontend import AsyncParrotClient, SemanticFunction
-from parrot_lc.server.local import LocalServer
-from parrot_lc.settings import EngineSettings, ServerSettings
+from parrot_lc.settings import EngineSettings
+from served import EngineCounters, ServeProcess, metrics
 
 WORKLOADS = ("chain_summary", "map_reduce", "shared_prompt_chat", "multi_agent", "gpts", "mixed")
 TINY = Path(__file__).resolve().parent.parent / "parrot_lc" / "engine" / "tiny"
@@ -105,46 +105,16 @@ class Text:
         return self.tokenizer.decode(self.tokenizer(words).input_ids[:tokens])
 
 
-class Stats:
-    """Engine counters and the largest running batch seen, sampled while a workload runs."""
-
-    def __init__(self, server: LocalServer) -> None:
-        self.engine = server.manager.engines[0].engine
-        self.max_running = 0
-        self._stop = threading.Event()
-
-    def __enter__(self) -> Stats:
-        self.before = self.engine.stats()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.02):
-            self.max_running = max(self.max_running, self.engine.stats().num_running)
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        after = self.engine.stats()
-        self.prefill_tokens = after.prefill_tokens - self.before.prefill_tokens
-        self.reused_tokens = after.reused_tokens - self.before.reused_tokens
-
-    def figures(self) -> dict[str, int]:
-        return {"prefill_tokens": self.prefill_tokens, "reused_tokens": self.reused_tokens,
-                "max_running": self.max_running}
-
-
 class Driver:
     """Runs the workloads against one server, in the way of its mode."""
 
-    def __init__(self, server: LocalServer, scale: Scale, parrot: bool) -> None:
+    def __init__(self, server: ServeProcess, tokenizer, scale: Scale, parrot: bool) -> None:
         self.server, self.scale, self.parrot = server, scale, parrot
-        self.text = Text(server.manager.tokenizer)
+        self.text = Text(tokenizer)
         self.http = httpx.AsyncClient(base_url=server.base_url, timeout=3600,
                                       limits=httpx.Limits(max_connections=1024))
         self.client = AsyncParrotClient(server.base_url, timeout=3600)
-        self.model = server.manager.model.name
+        self.model = server.model()
 
     # ---- the two ways to call the model ----------------------------------------------------------------
 
@@ -226,17 +196,19 @@ class Driver:
         s = self.scale
         system = self.text(s.system_tokens)
         # The users whose whole prompts and answers fit in the KV cache at once: the baseline's largest batch.
-        kv = self.server.manager.engines[0].engine.stats()
-        block_size = self.server.manager.engines[0].engine.engine.settings.block_size
+        with httpx.Client(base_url=self.server.base_url) as scraper:
+            kv = metrics(scraper)
+        block_size = EngineSettings.model_fields["block_size"].default  # the server runs with the default
         per_user = s.system_tokens + s.query_tokens + s.answer_tokens + 2 * block_size
-        fit = min(s.max_chat_users, (kv.kv_blocks_used + kv.kv_blocks_free) * block_size // per_user)
+        blocks = kv["parrot_kv_blocks_used"] + kv["parrot_kv_blocks_free"]
+        fit = min(s.max_chat_users, int(blocks) * block_size // per_user)
         await self.chat(system, self.text(s.query_tokens), 2)  # the first user warms the prefix in parrot mode
         result: dict[str, Any] = {"baseline_fit_users": fit}
         counts = {*s.chat_users, fit, min(s.max_chat_users, 10 * fit)}
         if self.parrot:  # steps between, to find the most users at the baseline's pace (the baseline's stay queued)
             counts |= {min(s.max_chat_users, k * fit) for k in (2, 4, 6, 8)}
         for users in sorted(counts):
-            with Stats(self.server) as stats:
+            with EngineCounters(self.server.base_url) as stats:
                 runs = await asyncio.gather(*(self.chat(system, self.text(s.query_tokens), s.answer_tokens)
                                               for _ in range(users)))
             latencies = sorted(r["latency_s"] for r in runs)
@@ -290,7 +262,7 @@ class Driver:
         prompts = [self.text(s.app_prompt_tokens) for _ in range(s.apps)]
         rng = random.Random(1)
         start = time.perf_counter()
-        with Stats(self.server) as stats:
+        with EngineCounters(self.server.base_url) as stats:
             runs = await asyncio.gather(*(self.chat(rng.choice(prompts), self.text(s.query_tokens),
                                                     s.gpts_answer_tokens) for _ in range(s.gpts_requests)))
         seconds = time.perf_counter() - start
@@ -338,12 +310,15 @@ def run_mode(args: argparse.Namespace, parrot: bool) -> dict[str, Any]:
     """Starts a server in one mode and runs every workload against it (in this process)."""
     scale = SCALES[args.scale]
     with tempfile.TemporaryDirectory() as work:
-        engine = EngineSettings(model=model_dir(args, Path(work)), device=args.device,
-                                load_format="dummy" if args.model == "llama2-7b-dummy" else "auto",
-                                kv_cache_bytes=args.kv_cache_gib * 2**30 if args.kv_cache_gib else None,
-                                max_num_batched_tokens=args.max_num_batched_tokens)
-        with LocalServer(engine, ServerSettings(port=0, app_centric=parrot)) as server:
-            driver = Driver(server, scale, parrot)
+        model = model_dir(args, Path(work))
+        flags = ["--model", model, "--device", args.device, "--app-centric", str(parrot),
+                 "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+        if args.model == "llama2-7b-dummy":
+            flags += ["--load-format", "dummy"]
+        if args.kv_cache_gib:
+            flags += ["--kv-cache-bytes", str(args.kv_cache_gib * 2**30)]
+        with ServeProcess(*flags) as server:
+            driver = Driver(server, load_model_info(model, Path(work))[1], scale, parrot)
 
             async def run_all() -> dict[str, Any]:
                 # Warm-up, untimed: Triton compiles its kernels on first use (and caches them on disk, so

@@ -18,13 +18,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import resource
-import signal
-import socket
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +28,7 @@ import httpx
 
 from e2e import WORDS
 from load import percentile
-
-TICKS = os.sysconf("SC_CLK_TCK")
+from served import ServeProcess, cpu_seconds
 
 
 @dataclass
@@ -43,40 +37,6 @@ class UserRun:
     first_token_s: float
     per_token_s: float
     completion_tokens: int
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def start_server(port: int, profile: Path | None) -> subprocess.Popen:
-    profiler = ["-m", "cProfile", "-o", str(profile)] if profile else []
-    command = [sys.executable, *profiler, "-m", "parrot_lc.cli", "serve", "--model", "tiny", "--device", "cpu",
-               "--port", str(port)]
-    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def wait_until_healthy(base_url: str, server: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and server.poll() is None:
-        try:
-            if httpx.get(f"{base_url}/health").status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError("the server did not start")
-
-
-def cpu_seconds(pid: int) -> tuple[float, float]:
-    """(CPU seconds of the whole process, of its main thread), user and system time together."""
-    def read(path: str) -> float:
-        fields = Path(path).read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime (fields 14 and 15 of stat)
-
-    return read(f"/proc/{pid}/stat"), read(f"/proc/{pid}/task/{pid}/stat")
 
 
 def client_cpu_seconds() -> float:
@@ -140,20 +100,13 @@ def main(argv: list[str] | None = None) -> dict:
                         help="words of the shared system prompt (1250: about 4,100 tokens, as in e2e.py's chat)")
     parser.add_argument("--profile", type=Path, help="run the server under cProfile, writing its stats here")
     args = parser.parse_args(argv)
-    port = free_port()
-    base_url = f"http://127.0.0.1:{port}"
-    server = start_server(port, args.profile)
-    try:
-        wait_until_healthy(base_url, server)
-        asyncio.run(warm_up(base_url, args.system_words))
+    with ServeProcess("--model", "tiny", "--device", "cpu", profile=args.profile) as server:
+        asyncio.run(warm_up(server.base_url, args.system_words))
         cpu_before, loop_before = cpu_seconds(server.pid)
         client_before = client_cpu_seconds()
-        report = asyncio.run(load(base_url, args.users, args.tokens, args.system_words))
+        report = asyncio.run(load(server.base_url, args.users, args.tokens, args.system_words))
         cpu_after, loop_after = cpu_seconds(server.pid)
         client_cpu = client_cpu_seconds() - client_before
-    finally:
-        server.send_signal(signal.SIGTERM)  # drains and exits, so that cProfile writes its stats
-        server.wait(timeout=120)
     generated = report["generated_tokens"]
     report.update(server_cpu_s=cpu_after - cpu_before, event_loop_cpu_s=loop_after - loop_before,
                   server_cpu_ms_per_token=1000 * (cpu_after - cpu_before) / generated,

@@ -22,7 +22,7 @@ from parrot_lc.engine.errors import (
 )
 from parrot_lc.engine.loader import load_model
 from parrot_lc.engine.model_runner import ModelRunner
-from parrot_lc.engine.request import Request, RequestKind, RequestOutput
+from parrot_lc.engine.request import Request, RequestKind, RequestOutput, text_decoder
 from parrot_lc.engine.sampling import Sampler, SamplingParams
 from parrot_lc.engine.scheduler import Scheduler
 from parrot_lc.settings import EngineSettings
@@ -88,6 +88,7 @@ class LLMEngine:
         self.eos_token_ids = self.config.eos_token_ids
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_token_ids = tuple(sorted({*self.eos_token_ids, self.tokenizer.eos_token_id}))
+        self._decode = text_decoder(self.tokenizer) if self.tokenizer is not None else None
 
         cfg, bs = self.config, settings.block_size
         block_bytes = cfg.num_layers * 2 * bs * cfg.num_kv_heads * cfg.head_dim * self.dtype.itemsize
@@ -281,7 +282,7 @@ class LLMEngine:
         outputs = []
         for request, token in zip(requests, tokens):
             request.context.token_ids.append(token)  # pending: its KV is computed if generation goes on
-            output = request.add_token(token, self.tokenizer, self.eos_token_ids)
+            output = request.add_token(token, self._decode, self.eos_token_ids)
             if output.finished:
                 self._release(request)
             outputs.append(output)

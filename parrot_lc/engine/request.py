@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Callable
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -51,16 +52,17 @@ class Request:
         return (-self.priority, self.arrival)
 
     def add_token(
-        self, token: int, tokenizer: PreTrainedTokenizerBase | None, eos_token_ids: tuple[int, ...]
+        self, token: int, decode: Callable[[list[int]], str] | None, eos_token_ids: tuple[int, ...]
     ) -> RequestOutput:
-        """Records a sampled token and decides whether generation stops here."""
+        """Records a sampled token and decides whether generation stops here. `decode`: token ids to text
+        (`text_decoder`), None for a model without a tokenizer."""
         assert self.sampling is not None
         params = self.sampling
         self.output_token_ids.append(token)
         reason = None
         if (token in eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
             reason = "stop"
-        text = tokenizer.decode(self.output_token_ids, skip_special_tokens=True) if tokenizer else ""
+        text = decode(self.output_token_ids) if decode else ""
         for stop in params.stop:
             cut = text.find(stop)
             if cut >= 0:
@@ -73,6 +75,15 @@ class Request:
         return RequestOutput(
             self.request_id, self.context.context_id, [token], delta, finished=reason is not None, finish_reason=reason
         )
+
+
+def text_decoder(tokenizer: PreTrainedTokenizerBase) -> Callable[[list[int]], str]:
+    """The tokenizer's decode with special tokens skipped, through its Rust backend where the wrapper would add
+    nothing: the wrapper's checks of every id cost more than the decode itself, once a token and sequence."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or tokenizer.clean_up_tokenization_spaces:
+        return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+    return lambda ids: backend.decode(ids, skip_special_tokens=True)
 
 
 def _held_back(text: str, stops: tuple[str, ...]) -> int:

@@ -67,9 +67,10 @@ setup(
         "langchain-core>=1.0,<2",
     ],
     extras_require={
-        # accelerate: transformers reads GGUF files only with it installed (the tests compare against that)
-        "test": ["pytest>=8", "matplotlib>=3.8", "hypothesis>=6.100", "accelerate>=1.0", "openai>=1.40",
-                 "langchain-tests>=1.1.9,<2", "pytest-asyncio>=0.23", "langchain-text-splitters>=1.0",
+        # accelerate: transformers reads GGUF files only with it installed (the tests compare against that);
+        # matplotlib and aiohttp: the benchmarks (their smoke runs are tests)
+        "test": ["pytest>=8", "matplotlib>=3.8", "aiohttp>=3.9", "hypothesis>=6.100", "accelerate>=1.0",
+                 "openai>=1.40", "langchain-tests>=1.1.9,<2", "pytest-asyncio>=0.23", "langchain-text-splitters>=1.0",
                  "schemathesis>=4.0,<5"],
         "examples": ["langchain-text-splitters>=1.0"],
     },

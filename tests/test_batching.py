@@ -72,3 +72,19 @@ def test_a_step_decoding_for_a_more_important_request_prefills_less_important_pr
 def test_prompts_as_important_as_the_decoding_requests_take_the_whole_step_budget(make_engine):
     engine = make_engine(max_num_batched_tokens=256, background_prefill_tokens=32)
     assert prefilled_beside_a_decode(engine, decode_priority=1, fill_priority=1) == 255  # 256 less the decode's one
+
+
+def test_a_generate_that_carries_its_prompt_equals_a_fill_then_a_generate(make_engine):
+    prefix = torch.randint(3, 1024, (21,), generator=torch.Generator().manual_seed(0)).tolist()
+    prompt = torch.randint(3, 1024, (9,), generator=torch.Generator().manual_seed(1)).tolist()
+    sampling = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    separate, merged = make_engine(), make_engine()
+    for engine in (separate, merged):
+        engine.fill(prefix, "prefix")
+    separate.fill(prompt, "call", "prefix")
+    expected = [t for e in separate.generate(sampling, "call") for t in e.token_ids]
+    request = merged.submit_generate(sampling, "call", "prefix", token_ids=prompt)
+    events = merged.run_until_done([request])[request.request_id]
+    assert [t for e in events for t in e.token_ids] == expected
+    assert merged.stats().prefill_tokens == separate.stats().prefill_tokens  # the prompt counts as prefill
+    assert len(events) == len(expected)  # no event for the fill: the first one brings the first token

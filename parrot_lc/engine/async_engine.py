@@ -56,9 +56,12 @@ class AsyncEngine:
         context_id: ContextId,
         parent_context_id: ContextId | None = None,
         priority: int = 0,
+        token_ids: list[int] | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Decodes into the context, yielding each token's event; closing the iterator early cancels it."""
-        return self._stream(lambda: self.engine.submit_generate(sampling, context_id, parent_context_id, priority))
+        """Decodes into the context (after filling `token_ids`, if given), yielding each token's event; closing
+        the iterator early cancels it."""
+        return self._stream(
+            lambda: self.engine.submit_generate(sampling, context_id, parent_context_id, priority, token_ids))
 
     async def free_context(self, context_id: ContextId) -> None:
         await self._call(lambda: self.engine.free_context(context_id))

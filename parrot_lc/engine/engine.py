@@ -141,19 +141,8 @@ class LLMEngine:
         """Queues a prefill of `token_ids` into the context, creating it (forked from the parent) if new."""
         if not token_ids:
             raise InvalidRequestError("token_ids is empty: a fill needs at least one token")
-        bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < self.config.vocab_size]
-        if bad:
-            raise InvalidRequestError(f"token_ids holds {bad[0]!r}, outside the vocabulary [0, {self.config.vocab_size})")
         existing, parent = self._resolve(context_id, parent_context_id, create=True)
-        total = self._length(existing or parent) + len(token_ids)
-        if total > self.config.max_position_embeddings:
-            raise InvalidRequestError(
-                f"the context would hold {total} tokens; the model's context is {self.config.max_position_embeddings}"
-            )
-        if total > self.capacity_tokens:
-            raise ContextTooLargeError(
-                f"the context would hold {total} tokens; the KV cache holds {self.capacity_tokens}"
-            )
+        self._check_fill(token_ids, existing or parent)
         context = existing or self.tree.create(context_id, parent)
         return self._add(Request(next(self._ids), RequestKind.FILL, context, priority, 0, fill_token_ids=list(token_ids)))
 
@@ -163,19 +152,39 @@ class LLMEngine:
         context_id: ContextId,
         parent_context_id: ContextId | None = None,
         priority: int = 0,
+        token_ids: list[int] | None = None,
     ) -> Request:
-        """Queues decoding into the context (forked from the parent if new); tokens stream out of `step()`."""
+        """Queues decoding into the context (forked from the parent if new); tokens stream out of `step()`.
+        `token_ids`: prompt tokens to fill first, in the same request (a step and a round trip fewer than a
+        fill and then a generate)."""
         sampling.validate(self.config.vocab_size)
-        existing, parent = self._resolve(context_id, parent_context_id, create=parent_context_id is not None)
-        if self._length(existing or parent) == 0:
+        token_ids = token_ids or []
+        existing, parent = self._resolve(context_id, parent_context_id,
+                                         create=parent_context_id is not None or bool(token_ids))
+        self._check_fill(token_ids, existing or parent)
+        if self._length(existing or parent) + len(token_ids) == 0:
             raise InvalidRequestError(f"context {context_id!r} is empty: fill a prompt before generating")
         context = existing or self.tree.create(context_id, parent)
         generator = None
         if sampling.seed is not None:
             generator = torch.Generator().manual_seed(sampling.seed)
-        return self._add(
-            Request(next(self._ids), RequestKind.GENERATE, context, priority, 0, sampling=sampling, generator=generator)
-        )
+        return self._add(Request(next(self._ids), RequestKind.GENERATE, context, priority, 0,
+                                 fill_token_ids=list(token_ids), sampling=sampling, generator=generator))
+
+    def _check_fill(self, token_ids: list[int], context: Context | None) -> None:
+        """Raises if the tokens are not in the vocabulary or would not fit the context (or the KV cache)."""
+        bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"token_ids holds {bad[0]!r}, outside the vocabulary [0, {self.config.vocab_size})")
+        total = self._length(context) + len(token_ids)
+        if total > self.config.max_position_embeddings:
+            raise InvalidRequestError(
+                f"the context would hold {total} tokens; the model's context is {self.config.max_position_embeddings}"
+            )
+        if total > self.capacity_tokens:
+            raise ContextTooLargeError(
+                f"the context would hold {total} tokens; the KV cache holds {self.capacity_tokens}"
+            )
 
     def _resolve(
         self, context_id: ContextId, parent_context_id: ContextId | None, create: bool

@@ -23,8 +23,9 @@ class EngineClient(Protocol):
 
     def generate(
         self, sampling: SamplingParams, context_id: ContextId, parent_context_id: ContextId | None = None,
-        priority: int = 0,
-    ) -> AsyncIterator[RequestOutput]: ...
+        priority: int = 0, token_ids: list[int] | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Fills `token_ids` (if any) into the context, then decodes, in one request."""
 
     async def free_context(self, context_id: ContextId) -> None: ...
 

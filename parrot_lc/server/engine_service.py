@@ -36,6 +36,7 @@ class GenerateBody(BaseModel):
     context_id: str
     parent_context_id: str | None = None
     priority: int = 0
+    token_ids: list[int] = []  # filled first, in the same request
 
 
 class FreeBody(BaseModel):
@@ -79,7 +80,8 @@ def create_engine_app(engine: AsyncEngine, api_key: str | None = None) -> FastAP
 
     @app.post("/generate")
     async def generate(body: GenerateBody) -> StreamingResponse:
-        events = engine.generate(body.sampling.to_params(), body.context_id, body.parent_context_id, body.priority)
+        events = engine.generate(body.sampling.to_params(), body.context_id, body.parent_context_id, body.priority,
+                                 body.token_ids)
         first = await anext(events)  # submission errors become a 400 before the stream starts
 
         async def lines() -> AsyncIterator[str]:

@@ -21,6 +21,7 @@ from typing import AsyncIterator, Callable
 from transformers import PreTrainedTokenizerBase
 
 from parrot_lc.engine.errors import ContextTooLargeError, EngineError, OutOfMemoryError
+from parrot_lc.engine.request import RequestOutput
 from parrot_lc.engine.sampling import SamplingParams
 from parrot_lc.server.engine_client import EngineClient, EngineUnavailableError
 from parrot_lc.server.errors import (
@@ -385,17 +386,20 @@ class ParrotManager:
     ) -> None:
         slot.running += 1
         try:
-            await self._fill_call_context(slot, context_id, prefix_ids, token_ids, priority)
             for index, (text, output) in enumerate(segments):
-                if index > 0 and text:
-                    await slot.engine.fill(self.tokenizer(text, add_special_tokens=False).input_ids, context_id,
-                                           priority=priority)
+                # The text before each output is filled by the request that generates the output.
+                ids = self.tokenizer(text, add_special_tokens=False).input_ids if index > 0 and text else []
                 if output is None:
+                    if ids:
+                        await slot.engine.fill(ids, context_id, priority=priority)
                     break
                 variable = session.variables[output.var_id]
                 retried = variable.ready.is_set()  # a rerun after failover: the first value stands
                 pieces = []
-                async for event in slot.engine.generate(output.sampling, context_id, priority=priority):
+                events = (self._start_call_context(slot, context_id, prefix_ids, token_ids, output.sampling, priority)
+                          if index == 0 else slot.engine.generate(output.sampling, context_id, priority=priority,
+                                                                  token_ids=ids))
+                async for event in events:
                     pieces.append(event.text)
                     call.completion_tokens += len(event.token_ids)
                     call.finish_reason = event.finish_reason
@@ -410,16 +414,18 @@ class ParrotManager:
             slot.call_ended.set()
             slot.call_ended = asyncio.Event()
 
-    async def _fill_call_context(
-        self, slot: EngineSlot, context_id: str, prefix_ids: list[int], token_ids: list[int], priority: int
-    ) -> None:
-        """Forks the call's context from the warm prefix context and fills the rest of its prompt."""
+    async def _start_call_context(
+        self, slot: EngineSlot, context_id: str, prefix_ids: list[int], token_ids: list[int],
+        sampling: SamplingParams, priority: int,
+    ) -> AsyncIterator[RequestOutput]:
+        """Forks the call's context from the warm prefix context, fills the rest of its prompt and generates its
+        first output: one engine request, whose events this yields."""
         rest = token_ids[len(prefix_ids):]  # never empty: _shared_prefix leaves the call a token of its own
         for attempt in range(2):
             entry = await slot.prefixes.acquire(prefix_ids) if prefix_ids else None
+            events = slot.engine.generate(sampling, context_id, entry.context_id if entry else None, priority, rest)
             try:
-                await slot.engine.fill(rest, context_id, entry.context_id if entry else None, priority)
-                return
+                first = await anext(events)  # the prompt is in the context once its first token comes
             except ContextTooLargeError:
                 await self._free_quietly(slot, context_id)
                 raise  # evicting warm prefixes would not make room for it
@@ -428,9 +434,17 @@ class ParrotManager:
                 await self._free_quietly(slot, context_id)
                 if attempt or not await slot.prefixes.evict():
                     raise
+                continue
             finally:
                 if entry is not None:
                     slot.prefixes.release(entry)
+            try:
+                yield first
+                async for event in events:
+                    yield event
+            finally:
+                await events.aclose()
+            return
 
     @staticmethod
     async def _free_quietly(slot: EngineSlot, context_id: str) -> None:

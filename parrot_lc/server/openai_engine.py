@@ -39,9 +39,11 @@ class OpenAIEngine:
         self._contexts[context_id].extend(token_ids)
 
     async def generate(
-        self, sampling: SamplingParams, context_id, parent_context_id=None, priority=0
+        self, sampling: SamplingParams, context_id, parent_context_id=None, priority=0, token_ids=None
     ) -> AsyncIterator[RequestOutput]:
-        if parent_context_id is not None and context_id not in self._contexts:
+        if token_ids:
+            await self.fill(token_ids, context_id, parent_context_id, priority)
+        elif parent_context_id is not None and context_id not in self._contexts:
             self._contexts[context_id] = list(self._context(parent_context_id))
         tokens = self._context(context_id)
         body = {"model": self.model, "prompt": self.tokenizer.decode(tokens), "stream": True,

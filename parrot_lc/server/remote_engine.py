@@ -59,11 +59,12 @@ class RemoteEngine:
         await self._post("/free", {"context_id": context_id})
 
     async def generate(
-        self, sampling: SamplingParams, context_id, parent_context_id=None, priority=0
+        self, sampling: SamplingParams, context_id, parent_context_id=None, priority=0, token_ids=None
     ) -> AsyncIterator[RequestOutput]:
         body = {"sampling": {**sampling.__dict__, "stop": list(sampling.stop),
                              "stop_token_ids": list(sampling.stop_token_ids)},
-                "context_id": context_id, "parent_context_id": parent_context_id, "priority": priority}
+                "context_id": context_id, "parent_context_id": parent_context_id, "priority": priority,
+                "token_ids": token_ids or []}
         self._check_open()
         try:
             async with self._client.stream("POST", "/generate", json=body) as response:

@@ -1,7 +1,8 @@
 """End-to-end workloads of the Parrot paper: parrot_lc against request-level serving on the same engine.
 
-Two server modes over the same engine, model and GPU, each a `parrot-lc serve` process of its own (so that each
-gets the whole GPU, and the clients here share no interpreter with it, as in a deployment): **parrot** (`app_centric=True`: graphs of Semantic Variables submitted at once, shared prompt prefixes
+Two server modes over the same engine, model and GPU, each a `parrot-lc serve` process of its own with its engine
+in a process of its own (`--engine-processes`; so that each mode gets the whole GPU, and the clients here share no
+interpreter with the server, as in a deployment): **parrot** (`app_centric=True`: graphs of Semantic Variables submitted at once, shared prompt prefixes
 filled once and forked, priorities from the deduced objectives) and **baseline** (`app_centric=False`:
 request-level serving, as LangChain against an OpenAI-compatible server: each LLM call sent on its own as the
 application reaches it, no prefix sharing, first come first served; the engine's continuous batching stays on).
@@ -321,7 +322,7 @@ def run_mode(args: argparse.Namespace, parrot: bool) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as work:
         model = model_dir(args, Path(work))
         flags = ["--model", model, "--device", args.device, "--app-centric", str(parrot),
-                 "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+                 "--max-num-batched-tokens", str(args.max_num_batched_tokens), "--engine-processes", "true"]
         if args.model == "llama2-7b-dummy":
             flags += ["--load-format", "dummy"]
         if args.kv_cache_gib:

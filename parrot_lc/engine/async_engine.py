@@ -32,7 +32,7 @@ class AsyncEngine:
         self.vocab_size = engine.config.vocab_size
         self.max_context = engine.config.max_position_embeddings
         self._commands: queue.SimpleQueue[tuple[Callable[[], object], Future]] = queue.SimpleQueue()
-        self._listeners: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._listeners: Listeners = {}
         self._stats = engine.stats()
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="parrot-engine", daemon=True)
@@ -128,22 +128,30 @@ class AsyncEngine:
         self._stats = self.engine.stats()
 
     def _deliver_all(self, outputs: list[RequestOutput]) -> None:
-        """Outputs (a step's) to their listeners, with one wake-up per event loop rather than one per output:
-        at hundreds of streams, a call_soon_threadsafe per output kept the loop busy waking up."""
-        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
-        for output in outputs:
-            listener = self._listeners.get(output.request_id)
-            if listener is None:
-                continue
-            loop, listener_outputs = listener
-            if output.finished:
-                del self._listeners[output.request_id]
-            batches.setdefault(loop, []).append((listener_outputs, output))
-        for loop, batch in batches.items():
-            try:
-                loop.call_soon_threadsafe(_put_all, batch)
-            except RuntimeError:  # the caller's event loop is gone; the engine serves on
-                pass
+        deliver(self._listeners, outputs)
+
+
+Listeners = dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]]  # request id -> its caller's loop and queue
+
+
+def deliver(listeners: Listeners, outputs: list[RequestOutput]) -> None:
+    """Outputs (a step's) to their listeners, from the engine's thread, with one wake-up per event loop rather
+    than one per output: at hundreds of streams, a call_soon_threadsafe per output kept the loop busy waking
+    up. A finished output's listener is forgotten."""
+    batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+    for output in outputs:
+        listener = listeners.get(output.request_id)
+        if listener is None:
+            continue
+        loop, listener_outputs = listener
+        if output.finished:
+            del listeners[output.request_id]
+        batches.setdefault(loop, []).append((listener_outputs, output))
+    for loop, batch in batches.items():
+        try:
+            loop.call_soon_threadsafe(_put_all, batch)
+        except RuntimeError:  # the caller's event loop is gone; the engine serves on
+            pass
 
 
 def _put_all(batch: list[tuple[asyncio.Queue, RequestOutput]]) -> None:

@@ -11,6 +11,7 @@ import uvicorn
 
 from parrot_lc.engine.async_engine import AsyncEngine
 from parrot_lc.engine.engine import LLMEngine
+from parrot_lc.engine.process_engine import ProcessEngine
 from parrot_lc.server.app import KEEP_ALIVE_S, create_app
 from parrot_lc.engine.loader import load_model_info
 from parrot_lc.server.manager import ModelInfo, ParrotManager
@@ -20,7 +21,10 @@ from parrot_lc.settings import EngineSettings, ServerSettings
 
 def build_manager(engine_settings: EngineSettings, server_settings: ServerSettings) -> ParrotManager:
     """A manager with its local engines (none: it waits for remote engines to register)."""
-    engines = [AsyncEngine(LLMEngine(engine_settings)) for _ in range(server_settings.engines)]
+    def local_engine() -> AsyncEngine | ProcessEngine:
+        return ProcessEngine(engine_settings) if server_settings.engine_processes else AsyncEngine(LLMEngine(engine_settings))
+
+    engines = [local_engine() for _ in range(server_settings.engines)]
     if engines:
         info = ModelInfo(engine_settings.model, engines[0].tokenizer, engines[0].vocab_size, engines[0].max_context)
     else:

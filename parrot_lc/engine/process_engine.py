@@ -1,0 +1,192 @@
+"""An LLMEngine in a process of its own, for asyncio callers: AsyncEngine's interface, but the engine's Python
+work (scheduling, building steps, sampling, detokenizing) takes no turns on the caller's interpreter lock, which
+an HTTP server streaming to hundreds of clients needs for itself.
+
+Commands go to the engine process over a pipe, each with a key the caller picked; the process answers a command
+that failed at once, and sends each step's outputs (keyed the same way) and its counters in one message. A
+thread here reads the pipe and hands outputs to their callers' event loops, one wake-up per loop and message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import multiprocessing
+import threading
+from multiprocessing.connection import Connection
+from typing import AsyncIterator
+
+from parrot_lc.engine.async_engine import Listeners, deliver
+from parrot_lc.engine.context import ContextId
+from parrot_lc.engine.engine import EngineStats, LLMEngine
+from parrot_lc.engine.errors import EngineError, EngineStepError
+from parrot_lc.engine.loader import load_model_info
+from parrot_lc.engine.request import RequestOutput
+from parrot_lc.engine.sampling import SamplingParams
+from parrot_lc.settings import EngineSettings
+
+log = logging.getLogger("parrot_lc.engine")
+
+
+class ProcessEngine:
+    """fill / generate / free_context as coroutines over an engine process (started here, stopped by close)."""
+
+    def __init__(self, settings: EngineSettings) -> None:
+        config, self.tokenizer = load_model_info(settings.model, settings.cache_dir)
+        self.vocab_size = config.vocab_size
+        self.max_context = config.max_position_embeddings
+        context = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
+        self._pipe, child_pipe = context.Pipe()
+        self._process = context.Process(target=serve_engine, args=(settings, child_pipe), name="parrot-engine",
+                                        daemon=True)
+        self._process.start()
+        child_pipe.close()
+        kind, payload = self._pipe.recv()
+        if kind == "failed":
+            self._process.join()
+            raise payload
+        self._stats: EngineStats = payload
+        self._keys = itertools.count()
+        self._listeners: Listeners = {}
+        self._send_lock = threading.Lock()  # callers on several event loops may send at once
+        self._reader = threading.Thread(target=self._read, name="parrot-engine-pipe", daemon=True)
+        self._reader.start()
+
+    async def fill(
+        self, token_ids: list[int], context_id: ContextId, parent_context_id: ContextId | None = None, priority: int = 0
+    ) -> None:
+        """Prefills the tokens into the context; raises the engine's typed error if the request fails."""
+        async for _ in self._stream("fill", token_ids, context_id, parent_context_id, priority):
+            pass
+
+    def generate(
+        self,
+        sampling: SamplingParams,
+        context_id: ContextId,
+        parent_context_id: ContextId | None = None,
+        priority: int = 0,
+        token_ids: list[int] | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Decodes into the context (after filling `token_ids`, if given), yielding each token's event; closing
+        the iterator early cancels it."""
+        return self._stream("generate", sampling, context_id, parent_context_id, priority, token_ids)
+
+    async def free_context(self, context_id: ContextId) -> None:
+        async for _ in self._stream("free", context_id):
+            pass
+
+    def stats(self) -> EngineStats:
+        """The counters as of the engine's last step."""
+        return self._stats
+
+    def close(self) -> None:
+        if self._process.is_alive():
+            self._send(("stop",))
+            self._process.join(timeout=30)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join()
+        self._pipe.close()
+
+    def _send(self, message: tuple) -> None:
+        with self._send_lock:
+            self._pipe.send(message)
+
+    async def _stream(self, command: str, *args) -> AsyncIterator[RequestOutput]:
+        """Sends the command under a new key and yields the outputs that come back under it, to the last."""
+        key = next(self._keys)
+        outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self._listeners[key] = (asyncio.get_running_loop(), outputs)  # before sending: nothing can come back first
+        try:
+            self._send((command, key, *args))
+        except (OSError, ValueError) as exc:  # the pipe is closed: the process is gone
+            del self._listeners[key]
+            raise EngineStepError(f"the engine process is gone: {exc!r}") from exc
+        finished = False
+        try:
+            while not finished:
+                output = await outputs.get()
+                if output.error is not None:
+                    raise output.error
+                finished = output.finished
+                yield output
+        finally:
+            if not finished:  # the caller went away: stop the request and let its blocks go
+                self._listeners.pop(key, None)
+                try:
+                    self._send(("cancel", key))
+                except (OSError, ValueError):
+                    pass
+
+    def _read(self) -> None:
+        while True:
+            try:
+                message = self._pipe.recv()
+            except (EOFError, OSError):
+                break
+            outputs, self._stats = message
+            deliver(self._listeners, outputs)
+        # The process is gone (stopped, or died): whoever still waits learns it.
+        error = EngineStepError("the engine process exited")
+        deliver(self._listeners, [RequestOutput(key, "", [], "", finished=True, finish_reason="error", error=error)
+                                  for key in list(self._listeners)])
+
+
+def serve_engine(settings: EngineSettings, pipe: Connection) -> None:
+    """The engine process: builds the engine, then takes commands between steps and sends each step's outputs."""
+    try:
+        engine = LLMEngine(settings)
+    except Exception as exc:  # the parent raises it
+        pipe.send(("failed", exc))
+        return
+    pipe.send(("ready", engine.stats()))
+    keys: dict[int, int] = {}  # request id -> the caller's key
+    requests: dict[int, int] = {}  # the caller's key -> request id
+
+    def send(outputs: list[RequestOutput]) -> None:
+        pipe.send((outputs, engine.stats()))
+
+    while True:
+        while pipe.poll(0 if engine.has_work() else None):
+            command, *args = pipe.recv()
+            if command == "stop":
+                return
+            key = args[0]
+            try:
+                if command == "fill":
+                    request = engine.submit_fill(*args[1:])
+                elif command == "generate":
+                    request = engine.submit_generate(*args[1:])
+                elif command == "cancel":
+                    if key in requests:
+                        output = engine.cancel(requests[key])
+                        if output is not None and output.request_id in keys:
+                            _keyed(output, keys, requests)  # forgets it: its caller went away
+                    continue
+                else:  # free: it also ends the context's request, if one runs
+                    output = engine.free_context(args[1])
+                    ended = [output] if output is not None and output.request_id in keys else []
+                    send([_keyed(o, keys, requests) for o in ended]
+                         + [RequestOutput(key, "", [], "", finished=True, finish_reason="freed")])
+                    continue
+            except EngineError as exc:  # typed, for the caller
+                send([RequestOutput(key, "", [], "", finished=True, finish_reason="error", error=exc)])
+                continue
+            keys[request.request_id], requests[key] = key, request.request_id
+        try:
+            outputs = engine.step()
+        except Exception as exc:  # a bug: the step's requests fail, the process serves on
+            log.exception("an engine step failed; the requests in the engine are stopped")
+            outputs = engine.abort_all(EngineStepError(f"the engine failed in a step: {exc!r}"))
+        send([_keyed(o, keys, requests) for o in outputs if o.request_id in keys])
+
+
+def _keyed(output: RequestOutput, keys: dict[int, int], requests: dict[int, int]) -> RequestOutput:
+    """The output under its caller's key; a finished request's key is forgotten."""
+    key = keys[output.request_id]
+    if output.finished:
+        del keys[output.request_id]
+        del requests[key]
+    output.request_id = key
+    return output

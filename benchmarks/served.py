@@ -55,9 +55,10 @@ class ServeProcess:
             except httpx.TransportError:
                 pass
             time.sleep(0.2)
-        self.__exit__()
         self.log.seek(0)
-        raise RuntimeError(f"the server did not start: {self.log.read()[-3000:]}")
+        said = self.log.read()[-3000:]
+        self.__exit__()
+        raise RuntimeError(f"the server did not start: {said}")
 
     def __exit__(self, *exc: object) -> None:
         assert self.process is not None

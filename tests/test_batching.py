@@ -88,3 +88,22 @@ def test_a_generate_that_carries_its_prompt_equals_a_fill_then_a_generate(make_e
     assert [t for e in events for t in e.token_ids] == expected
     assert merged.stats().prefill_tokens == separate.stats().prefill_tokens  # the prompt counts as prefill
     assert len(events) == len(expected)  # no event for the fill: the first one brings the first token
+
+
+def test_a_preempted_request_recomputing_its_context_is_prefilled_as_background_work(make_engine):
+    engine = make_engine(max_num_batched_tokens=256, background_prefill_tokens=32)
+    decoding = SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True)
+    engine.fill([5, 6, 7], "chat")
+    engine.submit_generate(decoding, "chat", priority=2)
+    engine.fill(list(range(3, 203)), "job")
+    job = engine.submit_generate(decoding, "job", priority=1)
+    engine.step()
+    engine.step()  # both decoding
+    engine.tree.release_own_blocks(job.context)  # preempted, as the scheduler does when blocks run out
+    def computed() -> int:
+        stats = engine.stats()
+        return stats.prefill_tokens + stats.decode_tokens
+
+    before = computed()
+    engine.step()
+    assert computed() - before == 1 + 32  # the chat's token and a background piece of the job's context

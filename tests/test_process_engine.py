@@ -8,7 +8,7 @@ import pytest
 
 from parrot_lc.engine import SamplingParams
 from parrot_lc.engine.async_engine import AsyncEngine
-from parrot_lc.engine.errors import ContextNotFoundError, InvalidRequestError
+from parrot_lc.engine.errors import ContextNotFoundError, EngineUnavailableError, InvalidRequestError
 from parrot_lc.engine.process_engine import ProcessEngine
 from parrot_lc.server.local import LocalServer
 from parrot_lc.settings import EngineSettings, ServerSettings
@@ -79,3 +79,23 @@ def test_a_server_with_engine_processes_answers_a_chat():
         response = httpx.post(f"{server.base_url}/v1/chat/completions", json=body, timeout=60)
         assert response.status_code == 200
         assert response.json()["usage"]["completion_tokens"] == 5
+
+
+def test_callers_learn_that_a_dead_engine_process_is_unavailable():
+    """The manager moves work off an unavailable engine: a waiting caller and a later one both learn it."""
+    engine = ProcessEngine(SETTINGS)
+    try:
+        async def scenario() -> None:
+            events = engine.generate(SamplingParams(max_tokens=3000, temperature=0.0, ignore_eos=True), "long",
+                                     token_ids=list(range(3, 20)))
+            await anext(events)
+            engine._process.kill()
+            with pytest.raises(EngineUnavailableError):
+                async for _ in events:
+                    pass
+            with pytest.raises(EngineUnavailableError):
+                await engine.fill([5, 6], "later")
+
+        asyncio.run(asyncio.wait_for(scenario(), 60))
+    finally:
+        engine.close()

@@ -145,7 +145,7 @@ def deliver(listeners: Listeners, outputs: list[RequestOutput]) -> None:
             continue
         loop, listener_outputs = listener
         if output.finished:
-            del listeners[output.request_id]
+            listeners.pop(output.request_id, None)  # its caller, on another thread, may have dropped it already
         batches.setdefault(loop, []).append((listener_outputs, output))
     for loop, batch in batches.items():
         try:

@@ -39,3 +39,7 @@ class ModelLoadError(EngineError, ValueError):
 
 class EngineStepError(EngineError):
     """A step of the engine raised (a bug): the requests it held were stopped, the engine serves on."""
+
+
+class EngineUnavailableError(EngineError):
+    """The engine cannot be reached (its process died or stopped answering): work moves elsewhere."""

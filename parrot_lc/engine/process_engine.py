@@ -13,6 +13,7 @@ import asyncio
 import itertools
 import logging
 import multiprocessing
+import signal
 import threading
 from multiprocessing.connection import Connection
 from typing import AsyncIterator
@@ -20,7 +21,7 @@ from typing import AsyncIterator
 from parrot_lc.engine.async_engine import Listeners, deliver
 from parrot_lc.engine.context import ContextId
 from parrot_lc.engine.engine import EngineStats, LLMEngine
-from parrot_lc.engine.errors import EngineError, EngineStepError
+from parrot_lc.engine.errors import EngineStepError, EngineUnavailableError
 from parrot_lc.engine.loader import load_model_info
 from parrot_lc.engine.request import RequestOutput
 from parrot_lc.engine.sampling import SamplingParams
@@ -50,6 +51,8 @@ class ProcessEngine:
         self._keys = itertools.count()
         self._listeners: Listeners = {}
         self._send_lock = threading.Lock()  # callers on several event loops may send at once
+        self._gone_lock = threading.Lock()  # a caller registers before the reader's last sweep, or learns it is gone
+        self._gone = False
         self._reader = threading.Thread(target=self._read, name="parrot-engine-pipe", daemon=True)
         self._reader.start()
 
@@ -81,12 +84,15 @@ class ProcessEngine:
         return self._stats
 
     def close(self) -> None:
-        if self._process.is_alive():
+        try:
             self._send(("stop",))
-            self._process.join(timeout=30)
+        except (OSError, ValueError):
+            pass  # already gone
+        self._process.join(timeout=30)
         if self._process.is_alive():
             self._process.kill()
             self._process.join()
+        self._reader.join(timeout=10)  # it ends on the pipe's end, failing whoever still waits
         self._pipe.close()
 
     def _send(self, message: tuple) -> None:
@@ -97,12 +103,15 @@ class ProcessEngine:
         """Sends the command under a new key and yields the outputs that come back under it, to the last."""
         key = next(self._keys)
         outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        self._listeners[key] = (asyncio.get_running_loop(), outputs)  # before sending: nothing can come back first
+        with self._gone_lock:
+            if self._gone:
+                raise EngineUnavailableError("the engine process exited")
+            self._listeners[key] = (asyncio.get_running_loop(), outputs)  # before sending: nothing comes back first
         try:
             self._send((command, key, *args))
         except (OSError, ValueError) as exc:  # the pipe is closed: the process is gone
-            del self._listeners[key]
-            raise EngineStepError(f"the engine process is gone: {exc!r}") from exc
+            self._listeners.pop(key, None)
+            raise EngineUnavailableError(f"the engine process is gone: {exc!r}") from exc
         finished = False
         try:
             while not finished:
@@ -120,21 +129,28 @@ class ProcessEngine:
                     pass
 
     def _read(self) -> None:
-        while True:
-            try:
-                message = self._pipe.recv()
-            except (EOFError, OSError):
-                break
-            outputs, self._stats = message
-            deliver(self._listeners, outputs)
-        # The process is gone (stopped, or died): whoever still waits learns it.
-        error = EngineStepError("the engine process exited")
-        deliver(self._listeners, [RequestOutput(key, "", [], "", finished=True, finish_reason="error", error=error)
-                                  for key in list(self._listeners)])
+        try:
+            while True:
+                try:
+                    outputs, self._stats = self._pipe.recv()
+                except (EOFError, OSError):
+                    return
+                deliver(self._listeners, outputs)
+        finally:  # the process is gone (stopped, or died), or this thread failed: whoever still waits learns it
+            with self._gone_lock:
+                self._gone = True
+                waiting = list(self._listeners)
+            error = EngineUnavailableError("the engine process exited")
+            deliver(self._listeners, [RequestOutput(key, "", [], "", finished=True, finish_reason="error",
+                                                    error=error) for key in waiting])
 
 
 def serve_engine(settings: EngineSettings, pipe: Connection) -> None:
-    """The engine process: builds the engine, then takes commands between steps and sends each step's outputs."""
+    """The engine process: builds the engine, then takes commands between steps and sends each step's outputs.
+    It stops on the parent's `stop` or when the pipe ends (the parent died), not on the signals that reach the
+    whole process group: the server drains its requests first."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         engine = LLMEngine(settings)
     except Exception as exc:  # the parent raises it
@@ -149,7 +165,10 @@ def serve_engine(settings: EngineSettings, pipe: Connection) -> None:
 
     while True:
         while pipe.poll(0 if engine.has_work() else None):
-            command, *args = pipe.recv()
+            try:
+                command, *args = pipe.recv()
+            except EOFError:
+                return
             if command == "stop":
                 return
             key = args[0]
@@ -170,7 +189,7 @@ def serve_engine(settings: EngineSettings, pipe: Connection) -> None:
                     send([_keyed(o, keys, requests) for o in ended]
                          + [RequestOutput(key, "", [], "", finished=True, finish_reason="freed")])
                     continue
-            except EngineError as exc:  # typed, for the caller
+            except Exception as exc:  # typed engine errors, or a bug: for the caller, and the process serves on
                 send([RequestOutput(key, "", [], "", finished=True, finish_reason="error", error=exc)])
                 continue
             keys[request.request_id], requests[key] = key, request.request_id

@@ -72,7 +72,9 @@ class Scheduler:
                 chunks.append(ScheduledChunk(request, 0))
                 in_step.add(request.request_id)
                 continue
-            decoding = request.kind is RequestKind.GENERATE and bool(request.output_token_ids)
+            # A preempted request recomputing its context is prefill, not decode, whatever it generated before.
+            decoding = (request.kind is RequestKind.GENERATE and bool(request.output_token_ids)
+                        and context.num_pending == 1)
             if decoding and decoding_priority is None:
                 decoding_priority = request.priority
             in_background = not decoding and decoding_priority is not None and request.priority < decoding_priority

@@ -1,5 +1,6 @@
 """What the manager needs of an engine, wherever it runs: the in-process AsyncEngine satisfies it, and so
-does RemoteEngine, the client of an engine process (`parrot-lc engine`)."""
+does RemoteEngine, the client of an engine process (`parrot-lc engine`). An engine that cannot be reached raises
+EngineUnavailableError (engine/errors.py), and the manager moves the work to another."""
 
 from __future__ import annotations
 
@@ -7,13 +8,8 @@ from typing import AsyncIterator, Protocol
 
 from parrot_lc.engine.context import ContextId
 from parrot_lc.engine.engine import EngineStats
-from parrot_lc.engine.errors import EngineError
 from parrot_lc.engine.request import RequestOutput
 from parrot_lc.engine.sampling import SamplingParams
-
-
-class EngineUnavailableError(EngineError):
-    """The engine cannot be reached (its process died or stopped answering): work moves elsewhere."""
 
 
 class EngineClient(Protocol):

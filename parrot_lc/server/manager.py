@@ -20,10 +20,10 @@ from typing import AsyncIterator, Callable
 
 from transformers import PreTrainedTokenizerBase
 
-from parrot_lc.engine.errors import ContextTooLargeError, EngineError, OutOfMemoryError
+from parrot_lc.engine.errors import ContextTooLargeError, EngineError, EngineUnavailableError, OutOfMemoryError
 from parrot_lc.engine.request import RequestOutput
 from parrot_lc.engine.sampling import SamplingParams
-from parrot_lc.server.engine_client import EngineClient, EngineUnavailableError
+from parrot_lc.server.engine_client import EngineClient
 from parrot_lc.server.errors import (
     CallFailedError,
     ForbiddenError,

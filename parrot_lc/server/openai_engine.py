@@ -15,10 +15,9 @@ from transformers import PreTrainedTokenizerBase
 
 from parrot_lc.engine.context import ContextId
 from parrot_lc.engine.engine import EngineStats
-from parrot_lc.engine.errors import ContextNotFoundError, InvalidRequestError
+from parrot_lc.engine.errors import ContextNotFoundError, EngineUnavailableError, InvalidRequestError
 from parrot_lc.engine.request import RequestOutput
 from parrot_lc.engine.sampling import SamplingParams
-from parrot_lc.server.engine_client import EngineUnavailableError
 
 
 class OpenAIEngine:

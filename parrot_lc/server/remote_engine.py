@@ -11,9 +11,9 @@ import httpx
 
 from parrot_lc.engine import errors as engine_errors
 from parrot_lc.engine.engine import EngineStats
+from parrot_lc.engine.errors import EngineUnavailableError
 from parrot_lc.engine.request import RequestOutput
 from parrot_lc.engine.sampling import SamplingParams
-from parrot_lc.server.engine_client import EngineUnavailableError
 
 
 def _raise_typed(error: dict) -> None:

@@ -160,6 +160,7 @@ def test_an_input_never_set_times_out_with_408(client):
     never, out = session.var(), session.var()
     session.submit([{"text": "Use "}, {"input": never}, {"output": out, "sampling": GREEDY}])
     assert_error(session.get(out, timeout=0.2), 408, "timeout")
+    client.delete(f"/api/sessions/{session.id}", headers=session.headers)  # its call would wait on, in a shared server
 
 
 def test_a_prompt_longer_than_the_context_is_400(client):

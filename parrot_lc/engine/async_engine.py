@@ -10,8 +10,11 @@ import asyncio
 import logging
 import queue
 import threading
+from abc import ABC, abstractmethod
 from concurrent.futures import Future
 from typing import AsyncIterator, Callable, TypeVar
+
+from transformers import PreTrainedTokenizerBase
 
 from parrot_lc.engine.context import ContextId
 from parrot_lc.engine.engine import EngineStats, LLMEngine
@@ -23,31 +26,22 @@ T = TypeVar("T")
 log = logging.getLogger("parrot_lc.engine")
 
 
-class AsyncEngine:
-    """fill / generate / free_context as coroutines over one engine thread."""
+class EngineFront(ABC):
+    """fill / generate as coroutines over an engine that runs elsewhere (a thread, a process). A subclass starts
+    a request and registers its caller's queue in `_listeners` (`_start`), and stops one whose caller went away
+    (`_stop`); outputs reach the queues through `deliver`."""
 
-    def __init__(self, engine: LLMEngine) -> None:
-        self.engine = engine
-        self.tokenizer = engine.tokenizer
-        self.vocab_size = engine.config.vocab_size
-        self.max_context = engine.config.max_position_embeddings
-        self._commands: queue.SimpleQueue[tuple[Callable[[], object], Future]] = queue.SimpleQueue()
-        self._listeners: Listeners = {}
-        self._stats = engine.stats()
-        self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="parrot-engine", daemon=True)
-        self._thread.start()
-
-    async def _call(self, fn: Callable[[], T]) -> T:
-        future: Future = Future()
-        self._commands.put((fn, future))
-        return await asyncio.wrap_future(future)
+    tokenizer: PreTrainedTokenizerBase | None
+    vocab_size: int
+    max_context: int
+    _listeners: Listeners
+    _stats: EngineStats
 
     async def fill(
         self, token_ids: list[int], context_id: ContextId, parent_context_id: ContextId | None = None, priority: int = 0
     ) -> None:
         """Prefills the tokens into the context; raises the engine's typed error if the request fails."""
-        async for _ in self._stream(lambda: self.engine.submit_fill(token_ids, context_id, parent_context_id, priority)):
+        async for _ in self._stream("fill", token_ids, context_id, parent_context_id, priority):
             pass
 
     def generate(
@@ -60,31 +54,30 @@ class AsyncEngine:
     ) -> AsyncIterator[RequestOutput]:
         """Decodes into the context (after filling `token_ids`, if given), yielding each token's event; closing
         the iterator early cancels it."""
-        return self._stream(
-            lambda: self.engine.submit_generate(sampling, context_id, parent_context_id, priority, token_ids))
-
-    async def free_context(self, context_id: ContextId) -> None:
-        await self._call(lambda: self.engine.free_context(context_id))
+        return self._stream("generate", sampling, context_id, parent_context_id, priority, token_ids)
 
     def stats(self) -> EngineStats:
-        """The counters as of the last step (read without waiting for the engine thread)."""
+        """The counters as of the engine's last step (read without waiting for the engine)."""
         return self._stats
 
-    def close(self) -> None:
-        self._stopped.set()
-        self._commands.put((lambda: None, Future()))
-        self._thread.join(timeout=10)
+    @abstractmethod
+    async def free_context(self, context_id: ContextId) -> None: ...
 
-    async def _stream(self, submit: Callable) -> AsyncIterator[RequestOutput]:
+    @abstractmethod
+    def close(self) -> None: ...
+
+    @abstractmethod
+    async def _start(self, command: str, args: tuple, outputs: asyncio.Queue) -> int:
+        """Starts the request (`fill` or `generate`, the engine's submit arguments) with `outputs` as its
+        listener; returns the key its outputs come under. Raises the engine's typed error if it is refused."""
+
+    @abstractmethod
+    def _stop(self, key: int) -> None:
+        """Cancels the request whose caller went away, letting its blocks go."""
+
+    async def _stream(self, command: str, *args) -> AsyncIterator[RequestOutput]:
         outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-
-        def submit_and_listen() -> int:
-            request = submit()  # raises typed errors straight to the caller
-            self._listeners[request.request_id] = (loop, outputs)
-            return request.request_id
-
-        request_id = await self._call(submit_and_listen)
+        key = await self._start(command, args, outputs)
         finished = False
         try:
             while not finished:
@@ -94,8 +87,51 @@ class AsyncEngine:
                 finished = output.finished
                 yield output
         finally:
-            if not finished:  # the caller went away: stop the request and let its blocks go
-                self._commands.put((lambda: self.engine.cancel(request_id), Future()))
+            if not finished:
+                self._stop(key)
+
+
+class AsyncEngine(EngineFront):
+    """fill / generate / free_context as coroutines over one engine thread."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.vocab_size = engine.config.vocab_size
+        self.max_context = engine.config.max_position_embeddings
+        self._commands: queue.SimpleQueue[tuple[Callable[[], object], Future]] = queue.SimpleQueue()
+        self._listeners = {}
+        self._stats = engine.stats()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="parrot-engine", daemon=True)
+        self._thread.start()
+
+    async def _call(self, fn: Callable[[], T]) -> T:
+        future: Future = Future()
+        self._commands.put((fn, future))
+        return await asyncio.wrap_future(future)
+
+    async def free_context(self, context_id: ContextId) -> None:
+        await self._call(lambda: self.engine.free_context(context_id))
+
+    def close(self) -> None:
+        self._stopped.set()
+        self._commands.put((lambda: None, Future()))
+        self._thread.join(timeout=10)
+
+    async def _start(self, command: str, args: tuple, outputs: asyncio.Queue) -> int:
+        loop = asyncio.get_running_loop()
+        submit = self.engine.submit_fill if command == "fill" else self.engine.submit_generate
+
+        def submit_and_listen() -> int:  # on the engine thread
+            request = submit(*args)  # raises typed errors straight to the caller
+            self._listeners[request.request_id] = (loop, outputs)
+            return request.request_id
+
+        return await self._call(submit_and_listen)
+
+    def _stop(self, key: int) -> None:
+        self._commands.put((lambda: self.engine.cancel(key), Future()))
 
     def _loop(self) -> None:
         while not self._stopped.is_set():

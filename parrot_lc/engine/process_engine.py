@@ -16,21 +16,19 @@ import multiprocessing
 import signal
 import threading
 from multiprocessing.connection import Connection
-from typing import AsyncIterator
 
-from parrot_lc.engine.async_engine import Listeners, deliver
+from parrot_lc.engine.async_engine import EngineFront, deliver
 from parrot_lc.engine.context import ContextId
-from parrot_lc.engine.engine import EngineStats, LLMEngine
+from parrot_lc.engine.engine import LLMEngine
 from parrot_lc.engine.errors import EngineStepError, EngineUnavailableError
 from parrot_lc.engine.loader import load_model_info
 from parrot_lc.engine.request import RequestOutput
-from parrot_lc.engine.sampling import SamplingParams
 from parrot_lc.settings import EngineSettings
 
 log = logging.getLogger("parrot_lc.engine")
 
 
-class ProcessEngine:
+class ProcessEngine(EngineFront):
     """fill / generate / free_context as coroutines over an engine process (started here, stopped by close)."""
 
     def __init__(self, settings: EngineSettings) -> None:
@@ -47,41 +45,18 @@ class ProcessEngine:
         if kind == "failed":
             self._process.join()
             raise payload
-        self._stats: EngineStats = payload
+        self._stats = payload
         self._keys = itertools.count()
-        self._listeners: Listeners = {}
+        self._listeners = {}
         self._send_lock = threading.Lock()  # callers on several event loops may send at once
         self._gone_lock = threading.Lock()  # a caller registers before the reader's last sweep, or learns it is gone
         self._gone = False
         self._reader = threading.Thread(target=self._read, name="parrot-engine-pipe", daemon=True)
         self._reader.start()
 
-    async def fill(
-        self, token_ids: list[int], context_id: ContextId, parent_context_id: ContextId | None = None, priority: int = 0
-    ) -> None:
-        """Prefills the tokens into the context; raises the engine's typed error if the request fails."""
-        async for _ in self._stream("fill", token_ids, context_id, parent_context_id, priority):
-            pass
-
-    def generate(
-        self,
-        sampling: SamplingParams,
-        context_id: ContextId,
-        parent_context_id: ContextId | None = None,
-        priority: int = 0,
-        token_ids: list[int] | None = None,
-    ) -> AsyncIterator[RequestOutput]:
-        """Decodes into the context (after filling `token_ids`, if given), yielding each token's event; closing
-        the iterator early cancels it."""
-        return self._stream("generate", sampling, context_id, parent_context_id, priority, token_ids)
-
     async def free_context(self, context_id: ContextId) -> None:
         async for _ in self._stream("free", context_id):
             pass
-
-    def stats(self) -> EngineStats:
-        """The counters as of the engine's last step."""
-        return self._stats
 
     def close(self) -> None:
         try:
@@ -99,10 +74,9 @@ class ProcessEngine:
         with self._send_lock:
             self._pipe.send(message)
 
-    async def _stream(self, command: str, *args) -> AsyncIterator[RequestOutput]:
-        """Sends the command under a new key and yields the outputs that come back under it, to the last."""
+    async def _start(self, command: str, args: tuple, outputs: asyncio.Queue) -> int:
+        """Sends the command under a new key: the child answers under it (free_context too)."""
         key = next(self._keys)
-        outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
         with self._gone_lock:
             if self._gone:
                 raise EngineUnavailableError("the engine process exited")
@@ -112,21 +86,14 @@ class ProcessEngine:
         except (OSError, ValueError) as exc:  # the pipe is closed: the process is gone
             self._listeners.pop(key, None)
             raise EngineUnavailableError(f"the engine process is gone: {exc!r}") from exc
-        finished = False
+        return key
+
+    def _stop(self, key: int) -> None:
+        self._listeners.pop(key, None)
         try:
-            while not finished:
-                output = await outputs.get()
-                if output.error is not None:
-                    raise output.error
-                finished = output.finished
-                yield output
-        finally:
-            if not finished:  # the caller went away: stop the request and let its blocks go
-                self._listeners.pop(key, None)
-                try:
-                    self._send(("cancel", key))
-                except (OSError, ValueError):
-                    pass
+            self._send(("cancel", key))
+        except (OSError, ValueError):
+            pass
 
     def _read(self) -> None:
         try:

@@ -49,6 +49,11 @@ class EngineSettings(BaseSettings):
         "auto", description="attention implementation; `auto`: cuda on a GPU where its kernel is built, else triton; "
         "the torch reference on cpu. cuda: the CUDA kernel for decode steps that share prefixes, Triton for the rest"
     )
+    overlap_steps: bool | None = Field(
+        None, description="launch each step before reading back the tokens of the step before, so that the engine's "
+        "Python work (scheduling, detokenizing) runs while the device computes; unset: on a GPU (on a CPU nothing "
+        "overlaps, and a request that stops computes one token for nothing)"
+    )
     cuda_graphs: bool = Field(True, description="replay decode steps from CUDA graphs (cuda, triton backend)")
     seed: int = Field(0, description="seed of random weights (tiny) and of unseeded sampling")
     cache_dir: Path = Field(

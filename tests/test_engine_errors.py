@@ -130,11 +130,11 @@ def test_a_step_that_raises_fails_its_requests_and_the_engine_thread_serves_on(t
     run = tiny.runner.run
     calls = []
 
-    def broken_once(chunks):  # a bug in the first step only
+    def broken_once(chunks, in_flight_tokens=None):  # a bug in the first step only
         calls.append(len(chunks))
         if len(calls) == 1:
             raise RuntimeError("a bug in the model runner")
-        return run(chunks)
+        return run(chunks, in_flight_tokens)
 
     monkeypatch.setattr(tiny.runner, "run", broken_once)
     engine = AsyncEngine(tiny)

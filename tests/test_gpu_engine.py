@@ -1,5 +1,7 @@
 """On a GPU: the Triton and CUDA backends and CUDA-graph decode compute what the eager torch reference computes."""
 
+import time
+
 import pytest
 import torch
 
@@ -62,6 +64,36 @@ def test_cuda_graph_decode_of_shared_prefix_groups_equals_eager_reference(make_e
     graphed = forked_decode(graphed_engine)
     assert any(groups for _, groups in graphed_engine.runner.graphs._graphs), "no graph with shared groups replayed"
     assert graphed == eager
+
+
+def test_overlapped_steps_decode_forks_as_steps_one_at_a_time_do(make_engine, gpu_backend):
+    """Each decode step is launched before the tokens of the step before are read back: its input tokens come
+    from the device, into the CUDA graphs' buffers, and the outputs are those of steps taken one at a time."""
+    outputs = []
+    for overlap in (True, False):
+        engine = make_engine(device="cuda", attention_backend=gpu_backend, overlap_steps=overlap)
+        engine.runner.min_shared_elements_decode = 0  # shared-prefix groups in the graphs too
+        outputs.append(forked_decode(engine))
+    assert outputs[0] == outputs[1]
+
+
+def test_a_decode_step_returns_without_waiting_for_the_device(make_engine, gpu_backend):
+    """With the device busy for a second, an overlapped decode step launches and returns at once: nothing in
+    scheduling, the graph's inputs or sampling waits for the device; without overlap the step waits."""
+    returned_in = {}
+    for overlap in (True, False):
+        engine = make_engine(device="cuda", attention_backend=gpu_backend, overlap_steps=overlap)
+        engine.fill(list(range(3, 40)), "c")
+        request = engine.submit_generate(SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True), "c")
+        for _ in range(4):
+            engine.step()
+        torch.cuda._sleep(2_000_000_000)  # about a second of GPU clock cycles, queued before the next step
+        start = time.perf_counter()
+        engine.step()
+        returned_in[overlap] = time.perf_counter() - start
+        torch.cuda.synchronize()
+        engine.run_until_done([request])
+    assert returned_in[True] < 0.1 < returned_in[False], returned_in
 
 
 def test_cuda_backend_decodes_forks_as_the_triton_backend_does(hf_checkpoint, make_engine):

@@ -16,12 +16,25 @@ if TYPE_CHECKING:
 ContextId = Hashable
 
 
+def in_flight_token(row: int) -> int:
+    """The placeholder a context holds for a token sampled in the step still on the device, in row `row` of
+    that step's sampled tokens: negative, so that it can never be taken for a token id."""
+    return -1 - row
+
+
+def in_flight_row(placeholder: int) -> int:
+    """The row of the in-flight step's sampled tokens that `placeholder` (`in_flight_token`) stands for."""
+    return -1 - placeholder
+
+
 @dataclass(eq=False)
 class Context:
     """One node of the context tree: a token sequence whose KV lives in `blocks`.
 
     `token_ids` holds every token of the context, ancestors' included; the first `num_computed` of them have
-    KV in the cache, the rest are pending (filled or generated, not yet run through the model). The first
+    KV in the cache, the rest are pending (filled or generated, not yet run through the model). A token sampled
+    in a step whose results are not back from the device yet is a negative placeholder (`in_flight_token`) at
+    the end, which the next step can already compute. The first
     `num_inherited_blocks` blocks are the parent's full blocks, held by reference, never written.
     """
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from parrot_lc.engine.attention import AttentionMetadata, DecodeLayout
+from parrot_lc.engine.host_to_device import to_device
 from parrot_lc.engine.models.llama import LlamaForCausalLM
 from parrot_lc.engine.triton_attention import shared_splits
 
@@ -61,22 +62,24 @@ class DecodeGraphs:
         return batch <= self.max_batch and widest_table <= self.max_blocks and num_groups <= GROUP_BUCKETS[-1]
 
     def run(
-        self, ids: list[int], positions: list[int], slots: list[int], block_tables: torch.Tensor,
+        self, input_ids: torch.Tensor, positions: list[int], slots: list[int], block_tables: torch.Tensor,
         context_lens: list[int], groups: list[SharedGroup] = (),
     ) -> torch.Tensor:
         """One decode token per sequence; returns logits (B, V) float32 (a view, valid until the next run).
-        `block_tables`: (B, widest table) on the CPU, rows padded past their length (never read)."""
-        batch = len(ids)
+        `input_ids`: (B,) on the device; `block_tables`: (B, widest table) on the CPU, rows padded past their
+        length (never read). Nothing here waits for the device."""
+        batch = len(positions)
         bucket = next(b for b in self.buckets if b >= batch)
         group_bucket = next(g for g in GROUP_BUCKETS if g >= len(groups))
         pad = bucket - batch
         width = block_tables.shape[1]  # columns past a row's length are never read: no need to clear them
-        # Padding rows: token 0 at position 0, KV written to the dummy slot, no key read (context length 0).
-        self.input_ids[:bucket].copy_(torch.tensor(ids + [0] * pad), non_blocking=True)
-        self.positions[:bucket].copy_(torch.tensor(positions + [0] * pad), non_blocking=True)
-        self.slots[:bucket].copy_(torch.tensor(slots + [self.dummy_slot] * pad), non_blocking=True)
-        self.context_lens[:bucket].copy_(torch.tensor(context_lens + [0] * pad, dtype=torch.int32), non_blocking=True)
-        self.block_tables[:batch, :width].copy_(block_tables, non_blocking=True)
+        # Padding rows: position 0, KV written to the dummy slot, no key read (context length 0); their token is
+        # whatever an earlier step left, a valid id.
+        self.input_ids[:batch].copy_(input_ids)
+        self.positions[:bucket].copy_(self._on_device(positions + [0] * pad))
+        self.slots[:bucket].copy_(self._on_device(slots + [self.dummy_slot] * pad))
+        self.context_lens[:bucket].copy_(self._on_device(context_lens + [0] * pad, torch.int32))
+        self.block_tables[:batch, :width].copy_(self._on_device(block_tables))
         if group_bucket:
             self._set_groups(groups, block_tables, bucket, group_bucket)
         key = (bucket, group_bucket)
@@ -86,8 +89,12 @@ class DecodeGraphs:
         graph.replay()
         return logits[:batch]
 
+    def _on_device(self, values: list[int] | torch.Tensor, dtype: torch.dtype = torch.long) -> torch.Tensor:
+        return to_device(values, self.kv_cache.device, dtype)
+
     def _set_groups(self, groups: list[SharedGroup], block_tables: torch.Tensor, bucket: int, group_bucket: int) -> None:
         shared_lens, rows, ptr, lens = [0] * bucket, [], [0], []
+        tables = torch.zeros(len(groups), block_tables.shape[1], dtype=block_tables.dtype)  # (G, width)
         for g, (members, num_blocks) in enumerate(groups):
             rows += members
             ptr.append(len(rows))
@@ -95,13 +102,13 @@ class DecodeGraphs:
             for member in members:
                 shared_lens[member] = num_blocks * self.block_size
             # The prefix's blocks: the first ones of any member's table (its first member's).
-            self.group_tables[g, :num_blocks].copy_(block_tables[members[0], :num_blocks], non_blocking=True)
+            tables[g, :num_blocks] = block_tables[members[0], :num_blocks]
         unused = group_bucket - len(groups)  # empty groups: no rows, no keys
-        self.shared_lens[:bucket].copy_(torch.tensor(shared_lens, dtype=torch.int32), non_blocking=True)
-        self.group_rows[: len(rows)].copy_(torch.tensor(rows, dtype=torch.int32), non_blocking=True)
-        self.group_ptr[: group_bucket + 1].copy_(torch.tensor(ptr + [len(rows)] * unused, dtype=torch.int32),
-                                                 non_blocking=True)
-        self.group_lens[:group_bucket].copy_(torch.tensor(lens + [0] * unused, dtype=torch.int32), non_blocking=True)
+        self.group_tables[: len(groups), : tables.shape[1]].copy_(self._on_device(tables))
+        self.shared_lens[:bucket].copy_(self._on_device(shared_lens, torch.int32))
+        self.group_rows[: len(rows)].copy_(self._on_device(rows, torch.int32))
+        self.group_ptr[: group_bucket + 1].copy_(self._on_device(ptr + [len(rows)] * unused, torch.int32))
+        self.group_lens[:group_bucket].copy_(self._on_device(lens + [0] * unused, torch.int32))
 
     def _forward(self, bucket: int, group_bucket: int) -> torch.Tensor:
         device = self.kv_cache.device

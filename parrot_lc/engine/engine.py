@@ -10,7 +10,7 @@ import torch
 
 from parrot_lc.engine.attention import AttentionBackend, TorchReferenceBackend
 from parrot_lc.engine.block_allocator import BlockAllocator
-from parrot_lc.engine.context import Context, ContextId, ContextTree
+from parrot_lc.engine.context import Context, ContextId, ContextTree, in_flight_token
 from parrot_lc.engine.cuda_graphs import DecodeGraphs
 from parrot_lc.engine.errors import (
     ContextBusyError,
@@ -24,7 +24,7 @@ from parrot_lc.engine.loader import load_model
 from parrot_lc.engine.model_runner import ModelRunner
 from parrot_lc.engine.request import Request, RequestKind, RequestOutput, text_decoder
 from parrot_lc.engine.sampling import Sampler, SamplingParams
-from parrot_lc.engine.scheduler import Scheduler
+from parrot_lc.engine.scheduler import ScheduledChunk, Scheduler
 from parrot_lc.settings import EngineSettings
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -44,6 +44,31 @@ class EngineStats:
     num_waiting: int
     num_contexts: int
     num_preemptions: int
+
+
+@dataclass
+class InFlightStep:
+    """A launched step's sampled tokens, on the device until read back: `sampled` holds (request, index of its
+    placeholder in its context's tokens, or None when this token ends it) for row after row of `tokens`."""
+
+    tokens: torch.Tensor  # (S,) int64 on the device
+    sampled: list[tuple[Request, int | None]]
+    waits_for_device: bool = False  # sampling read the logits on the CPU: nothing is left to overlap
+    _host: torch.Tensor | None = None
+    _ready: torch.cuda.Event | None = None
+
+    def __post_init__(self) -> None:
+        if self.tokens.device.type == "cuda":  # start the copy back now; the host waits only when it reads
+            self._host = torch.empty(self.tokens.shape, dtype=self.tokens.dtype, pin_memory=True)
+            self._host.copy_(self.tokens, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+
+    def host_tokens(self) -> list[int]:
+        if self._ready is None:
+            return self.tokens.tolist()
+        self._ready.synchronize()
+        return self._host.tolist()
 
 
 def select_backend(name: str, device: torch.device) -> AttentionBackend:
@@ -112,6 +137,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.tree, settings.max_num_batched_tokens, settings.max_num_seqs,
                                    settings.background_prefill_tokens)
         self.sampler = Sampler(settings.seed)
+        self.overlap_steps = settings.overlap_steps if settings.overlap_steps is not None else self.device.type == "cuda"
+        self._in_flight: InFlightStep | None = None  # the step launched last, its tokens not read back yet
         self._ids = itertools.count()
         self._requests: dict[int, Request] = {}
         self.prefill_tokens = 0
@@ -230,6 +257,7 @@ class LLMEngine:
     def abort_all(self, error: EngineError) -> list[RequestOutput]:
         """Ends every request with `error` (their contexts keep what was computed): what the engine does when a
         step fails, so that no caller waits forever and later requests start from a clean batch."""
+        self._in_flight = None
         return [self._finish(request, "error", error) for request in list(self._requests.values())]
 
     def free_context(self, context_id: ContextId) -> RequestOutput | None:
@@ -243,7 +271,7 @@ class LLMEngine:
         return output
 
     def has_work(self) -> bool:
-        return bool(self._requests)
+        return bool(self._requests) or self._in_flight is not None
 
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -266,31 +294,67 @@ class LLMEngine:
     # ---- the step ---------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Runs one batch: prefill chunks and decode tokens together, then samples. Returns its events."""
+        """Runs one batch: prefill chunks and decode tokens together, then samples. Returns its events.
+
+        With `overlap_steps` a step's sampled tokens are read back one call later: this call launches its batch
+        on the device, then waits for the step before and turns its tokens into events while the device
+        computes. A token still on the device is a placeholder in its context that the next batch can compute
+        already; a request that turns out to have ended (a stop) computed one token for nothing."""
         chunks, failed = self.scheduler.schedule()
         outputs = [self._finish(request, "error", error) for request, error in failed]
+        launched = self._launch(chunks, outputs) if chunks else None
+        if self._in_flight is not None:
+            outputs.extend(self._complete(self._in_flight))
+            self._in_flight = None
+        if launched is not None:
+            if self.overlap_steps and not launched.waits_for_device:
+                self._in_flight = launched
+            else:
+                outputs.extend(self._complete(launched))
+        return outputs
+
+    def _launch(self, chunks: list[ScheduledChunk], outputs: list[RequestOutput]) -> InFlightStep:
+        """Queues the chunks' model run and the sampling of their ready requests on the device; appends the
+        events of fills that end here to `outputs` (their KV is computed before any later step reads it)."""
         for chunk in chunks:
-            request = chunk.request
-            if request.kind is RequestKind.GENERATE and request.output_token_ids:
+            if chunk.request.kind is RequestKind.GENERATE and chunk.request.num_generated:
                 self.decode_tokens += chunk.num_tokens
             else:
                 self.prefill_tokens += chunk.num_tokens
-        self.runner.run(chunks)
+        in_flight_tokens = self._in_flight.tokens if self._in_flight is not None else None
+        self.runner.run(chunks, in_flight_tokens)
         ready = [c.request for c in chunks if c.request.context.num_pending == 0]
-        for request in ready:
-            if request.kind is RequestKind.FILL:
-                outputs.append(self._finish(request, "filled"))
-        outputs.extend(self._sample([r for r in ready if r.kind is RequestKind.GENERATE]))
-        return outputs
-
-    def _sample(self, requests: list[Request]) -> list[RequestOutput]:
+        outputs.extend(self._finish(r, "filled") for r in ready if r.kind is RequestKind.FILL)
+        requests = [r for r in ready if r.kind is RequestKind.GENERATE]
         if not requests:
-            return []
+            return InFlightStep(torch.empty(0, dtype=torch.long, device=self.device), [])
+        params = [r.sampling for r in requests]
         logits = torch.stack([r.context.last_logits for r in requests])  # (B, V)
-        tokens = self.sampler.sample(logits, [r.sampling for r in requests], [r.generator for r in requests])
+        tokens = self.sampler.sample(logits, params, [r.generator for r in requests])  # (B,) on the device
+        sampled = []
+        for row, request in enumerate(requests):
+            context = request.context
+            index = None
+            if request.num_generated + 1 < request.sampling.max_tokens:  # else it ends with this token
+                index = len(context.token_ids)
+                context.token_ids.append(in_flight_token(row))  # pending: computed if generation goes on
+            request.num_in_flight += 1
+            sampled.append((request, index))
+        return InFlightStep(tokens, sampled, self.sampler.waits_for_device(params))
+
+    def _complete(self, step: InFlightStep) -> list[RequestOutput]:
+        """Waits for the step's sampled tokens and turns them into events."""
+        tokens = step.host_tokens()
         outputs = []
-        for request, token in zip(requests, tokens):
-            request.context.token_ids.append(token)  # pending: its KV is computed if generation goes on
+        for (request, index), token in zip(step.sampled, tokens):
+            request.num_in_flight -= 1
+            if request.finished:  # cancelled, freed, or ended by a token of the step before
+                continue
+            context = request.context
+            if index is None:
+                context.token_ids.append(token)  # its last token: never computed
+            else:
+                context.token_ids[index] = token
             output = request.add_token(token, self._decode, self.eos_token_ids)
             if output.finished:
                 self._release(request)
@@ -309,6 +373,8 @@ class LLMEngine:
         self.scheduler.remove(request)
         context = request.context
         context.active_request = None
+        while context.token_ids and context.token_ids[-1] < 0:  # a token of the step in flight, not to be had
+            context.token_ids.pop()
         if not context.forked and not context.freed:  # it ended before its fork: the context never came to be
             self.tree.free(context.context_id)
 

@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 import torch
 
 from parrot_lc.engine.attention import AttentionMetadata, SharedPrefix
+from parrot_lc.engine.context import in_flight_row
 from parrot_lc.engine.cuda_graphs import DecodeGraphs, SharedGroup
+from parrot_lc.engine.host_to_device import to_device
 from parrot_lc.engine.models.llama import LlamaForCausalLM
 from parrot_lc.engine.scheduler import ScheduledChunk
 
@@ -44,9 +46,11 @@ class ModelRunner:
         self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
 
     @torch.inference_mode()
-    def run(self, chunks: list[ScheduledChunk]) -> None:
+    def run(self, chunks: list[ScheduledChunk], in_flight_tokens: torch.Tensor | None = None) -> None:
         """Computes the chunks' pending tokens; a context whose tokens are then all computed gets its
-        next-token logits in `context.last_logits`."""
+        next-token logits in `context.last_logits`. Nothing here waits for the device: a token still being
+        sampled there (a placeholder, see `in_flight_token`) is read from `in_flight_tokens` (S,), the
+        sampled tokens of the step before, on the device."""
         chunks = [c for c in chunks if c.num_tokens > 0]
         if not chunks:
             return
@@ -56,21 +60,36 @@ class ModelRunner:
         decode = all(n == 1 for n in step.query_lens)
         groups = self._shared_groups(chunks, block_tables, self.min_shared_elements_decode if decode
                                      else self.min_shared_elements)
+        input_ids = self._input_ids(step.ids, in_flight_tokens)  # (T,)
         if self.graphs is not None and decode and self.graphs.fits(len(step.query_lens), block_tables.shape[1],
                                                                     len(groups)):
-            logits = self.graphs.run(step.ids, step.positions, step.slots, block_tables, step.context_lens, groups)
-            logits = logits[done]  # a copy: the graph's output buffer is overwritten by the next replay
+            logits = self.graphs.run(input_ids, step.positions, step.slots, block_tables, step.context_lens, groups)
+            # A copy: the graph's output buffer is overwritten by the next replay.
+            logits = logits.clone() if len(done) == len(chunks) else logits[self._to_device(done)]  # (N, V)
         else:
-            input_ids, positions, meta = self._tensors(step, block_tables, groups)
+            positions, meta = self._tensors(step, block_tables, groups)
             hidden = self.model(input_ids, positions, self.kv_cache, meta)  # (T, C)
             logits = None
             if done:
-                last_rows = (meta.query_start[1:] - 1)[done]  # (N,)
-                logits = self.model.compute_logits(hidden[last_rows])  # (N, V)
+                last_rows = torch.tensor(step.query_lens).cumsum(0)[done] - 1  # (N,)
+                logits = self.model.compute_logits(hidden[self._to_device(last_rows)])  # (N, V)
         for chunk in chunks:
             chunk.request.context.num_computed += chunk.num_tokens
         for row, i in enumerate(done):
             chunks[i].request.context.last_logits = logits[row]
+
+    def _to_device(self, values: list[int] | torch.Tensor) -> torch.Tensor:
+        return to_device(values, self.device)
+
+    def _input_ids(self, ids: list[int], in_flight_tokens: torch.Tensor | None) -> torch.Tensor:
+        """The step's token ids (T,) on the device, placeholders replaced by the tokens they stand for."""
+        input_ids = self._to_device(ids)
+        if min(ids) < 0:
+            rows = [i for i, t in enumerate(ids) if t < 0]
+            assert in_flight_tokens is not None, "a placeholder token with no step in flight"
+            sources = self._to_device([in_flight_row(ids[i]) for i in rows])
+            input_ids[self._to_device(rows)] = in_flight_tokens[sources]
+        return input_ids
 
     def _gather(self, chunks: list[ScheduledChunk]) -> StepInputs:
         bs = self.block_size
@@ -88,26 +107,21 @@ class ModelRunner:
 
     def _tensors(
         self, step: StepInputs, block_tables: torch.Tensor, groups: list[SharedGroup]
-    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    ) -> tuple[torch.Tensor, AttentionMetadata]:
         query_start = torch.tensor([0] + step.query_lens).cumsum(0)
         shared, shared_lens = self._shared_prefixes(groups, block_tables, query_start)
-        device = self.device
         meta = AttentionMetadata(
             block_size=self.block_size,
-            slot_mapping=torch.tensor(step.slots, dtype=torch.long, device=device),
-            query_start=query_start.to(device),
+            slot_mapping=self._to_device(step.slots),
+            query_start=self._to_device(query_start),
             query_lens=step.query_lens,
-            context_lens=torch.tensor(step.context_lens, dtype=torch.long, device=device),
-            block_tables=block_tables.to(device),
-            shared_lens=shared_lens.to(device),
+            context_lens=self._to_device(step.context_lens),
+            block_tables=self._to_device(block_tables),
+            shared_lens=self._to_device(shared_lens),
             shared=shared,
             sliding_window=self.model.config.sliding_window,
         )
-        return (
-            torch.tensor(step.ids, dtype=torch.long, device=device),
-            torch.tensor(step.positions, dtype=torch.long, device=device),
-            meta,
-        )
+        return self._to_device(step.positions), meta
 
     @staticmethod
     def _block_tables(step: StepInputs) -> torch.Tensor:
@@ -149,9 +163,9 @@ class ModelRunner:
             rows = torch.cat([torch.arange(query_start[i], query_start[i + 1]) for i in members])
             shared.append(
                 SharedPrefix(
-                    seq_indices=torch.tensor(members, device=self.device),
-                    query_rows=rows.to(self.device),
-                    block_ids=block_tables[members[0], :num_blocks].to(self.device),
+                    seq_indices=self._to_device(members),
+                    query_rows=self._to_device(rows),
+                    block_ids=self._to_device(block_tables[members[0], :num_blocks]),
                     num_tokens=num_blocks * self.block_size,
                 )
             )

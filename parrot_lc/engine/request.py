@@ -43,8 +43,14 @@ class Request:
     generator: torch.Generator | None = None
     started: bool = False
     output_token_ids: list[int] = field(default_factory=list)
+    num_in_flight: int = 0  # tokens sampled in a step still on the device: not in output_token_ids yet
     _emitted_chars: int = 0
     finished: bool = False
+
+    @property
+    def num_generated(self) -> int:
+        """Tokens sampled so far, those still on the device included."""
+        return len(self.output_token_ids) + self.num_in_flight
 
     @property
     def order(self) -> tuple[int, int]:

@@ -57,18 +57,24 @@ class Sampler:
 
     def sample(
         self, logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
-    ) -> list[int]:
-        """logits: (B, V) float32 on any device; returns B token ids."""
-        greedy_tokens = logits.argmax(dim=-1).tolist()  # (B,)
-        out = list(greedy_tokens)
+    ) -> torch.Tensor:
+        """logits: (B, V) float32 on any device; returns B token ids (B,) int64 on that device. Greedy rows are
+        picked there without waiting for the device; sampled rows are drawn on the CPU from their generators,
+        which waits for the logits."""
+        tokens = logits.argmax(dim=-1)  # (B,)
         rows = [i for i, p in enumerate(params) if not p.greedy]
         if not rows:
-            return out
+            return tokens
         probs = self._probabilities(logits[rows], [params[i] for i in rows]).cpu()  # (R, V)
-        for r, i in enumerate(rows):
-            generator = generators[i] or self._shared
-            out[i] = int(torch.multinomial(probs[r], 1, generator=generator))
-        return out
+        draws = [int(torch.multinomial(probs[r], 1, generator=generators[i] or self._shared))
+                 for r, i in enumerate(rows)]
+        tokens[rows] = torch.tensor(draws, device=tokens.device)
+        return tokens
+
+    @staticmethod
+    def waits_for_device(params: list[SamplingParams]) -> bool:
+        """Whether sampling these rows reads the logits on the CPU (a sampled, not greedy, row)."""
+        return any(not p.greedy for p in params)
 
     @staticmethod
     def _probabilities(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

@@ -69,11 +69,13 @@ class Scheduler:
                     failed.append((request, exc))
                     continue
             if context.num_pending == 0:
+                if request.num_in_flight:
+                    continue  # its last token is on the device and ends it (max_tokens): nothing to compute
                 chunks.append(ScheduledChunk(request, 0))
                 in_step.add(request.request_id)
                 continue
             # A preempted request recomputing its context is prefill, not decode, whatever it generated before.
-            decoding = (request.kind is RequestKind.GENERATE and bool(request.output_token_ids)
+            decoding = (request.kind is RequestKind.GENERATE and request.num_generated > 0
                         and context.num_pending == 1)
             if decoding and decoding_priority is None:
                 decoding_priority = request.priority
@@ -92,7 +94,8 @@ class Scheduler:
             in_step.add(request.request_id)
             budget -= take
             background -= take if in_background else 0
-        if not chunks and blocked:
+        # Requests whose tokens are still on the device may end and free blocks once they are read back.
+        if not chunks and blocked and not any(r.num_in_flight for r in self.requests):
             failed.append((blocked[0], OutOfMemoryError(
                 "the KV cache is full of idle contexts and no request can be preempted: free contexts")))
         self.num_running = len(chunks)

@@ -1,0 +1,129 @@
+"""Overlapped steps (`overlap_steps`): a step is launched before the tokens of the step before are read back, and
+nothing a request computes or streams changes. On the CPU nothing overlaps, but the bookkeeping is the same as
+on a GPU: placeholders for tokens in flight, events one step later, a token computed for nothing after a stop."""
+
+import functools
+import itertools
+
+import pytest
+import torch
+
+from parrot_lc.engine import SamplingParams
+
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+
+
+def prompts(n: int) -> list[list[int]]:
+    return [torch.randint(3, 1024, (5 + 11 * i,), generator=torch.Generator().manual_seed(i)).tolist()
+            for i in range(n)]
+
+
+def streams(engine, first_wave, second_wave) -> list[tuple[list[int], str, str | None]]:
+    """Submits the first wave, steps twice, submits the second, steps until all end; each request's tokens,
+    text and finish reason, in submission order."""
+    requests = [submit() for submit in first_wave]
+    events = {r.request_id: [] for r in requests}
+    for step in itertools.count():
+        if step == 2:
+            for submit in second_wave:
+                requests.append(submit())
+                events[requests[-1].request_id] = []
+        elif step > 2 and not engine.has_work():
+            break
+        for output in engine.step():
+            events[output.request_id].append(output)
+    return [([t for e in events[r.request_id] for t in e.token_ids], "".join(e.text for e in events[r.request_id]),
+             events[r.request_id][-1].finish_reason) for r in requests]
+
+
+def mixed_load(engine):
+    """Forks of a shared prefix and unforked prompts, prefilled in chunks beside decodes, with different
+    lengths and a stop token, submitted in two waves."""
+    engine.fill(list(range(3, 60)), "prefix")
+    samplings = [SamplingParams(max_tokens=1, **GREEDY), SamplingParams(max_tokens=2, **GREEDY),
+                 SamplingParams(max_tokens=9, **GREEDY), SamplingParams(max_tokens=17, **GREEDY),
+                 SamplingParams(max_tokens=17, stop_token_ids=(504,), **GREEDY)]
+    first = [functools.partial(engine.submit_generate, samplings[i % 5], f"fork{i}", "prefix", token_ids=p)
+             for i, p in enumerate(prompts(5))]
+    second = [functools.partial(engine.submit_generate, samplings[i % 5], f"own{i}", token_ids=p)
+              for i, p in enumerate(prompts(5))]
+    return streams(engine, first, second)
+
+
+def test_overlapped_steps_generate_what_steps_one_at_a_time_generate(make_engine):
+    overlapped = make_engine(overlap_steps=True, max_num_batched_tokens=48)
+    alone = make_engine(overlap_steps=False, max_num_batched_tokens=48)
+    assert mixed_load(overlapped) == mixed_load(alone)
+
+
+def test_a_request_stopped_by_a_token_leaves_its_context_as_without_overlap(make_engine):
+    contexts = []
+    for overlap in (True, False):
+        engine = make_engine(overlap_steps=overlap)
+        engine.fill(list(range(3, 30)), "c")
+        first = next(iter(engine.generate(SamplingParams(max_tokens=1, **GREEDY), "c"))).token_ids[0]
+        engine.free_context("c")
+        engine.fill(list(range(3, 30)), "c")
+        # With overlap, the second token is computed before the first is read back and found to stop.
+        stop = SamplingParams(max_tokens=20, stop_token_ids=(first,), **GREEDY)
+        assert [t for e in engine.generate(stop, "c") for t in e.token_ids] == [first]
+        contexts.append(list(engine.tree.get("c").token_ids))
+        # The context goes on from there: a fill and a generate see exactly the tokens above.
+        engine.fill([7, 8], "c")
+        contexts.append([t for e in engine.generate(SamplingParams(max_tokens=5, **GREEDY), "c") for t in e.token_ids])
+    assert contexts[:2] == contexts[2:]
+    assert min(contexts[0]) >= 0
+
+
+def test_a_request_cancelled_while_its_token_is_on_the_device_leaves_no_placeholder(make_engine):
+    engine = make_engine(overlap_steps=True)
+    engine.fill(list(range(3, 30)), "c")
+    request = engine.submit_generate(SamplingParams(max_tokens=50, **GREEDY), "c")
+    for _ in range(4):
+        engine.step()
+    assert request.num_in_flight == 1
+    engine.cancel(request.request_id)
+    assert min(engine.tree.get("c").token_ids) >= 0
+    engine.step()  # reads back the step in flight: the cancelled request gets no event
+    assert not engine.has_work()
+    list(engine.generate(SamplingParams(max_tokens=3, **GREEDY), "c"))  # the context serves on
+
+
+def test_contexts_freed_while_a_step_is_in_flight_leak_no_block(make_engine):
+    engine = make_engine(overlap_steps=True)
+    engine.fill(list(range(3, 40)), "prefix")
+    for i in range(3):
+        engine.submit_generate(SamplingParams(max_tokens=30, **GREEDY), f"f{i}", "prefix", token_ids=[5 + i] * 20)
+    for _ in range(3):
+        engine.step()
+    for i in range(3):
+        engine.free_context(f"f{i}")
+    engine.free_context("prefix")
+    while engine.has_work():
+        assert all(o.error is None for o in engine.step())
+    assert engine.stats().kv_blocks_used == 0
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_each_step_returns_the_tokens_of_the_step_launched_before_it_when_overlapped(make_engine, overlap):
+    engine = make_engine(overlap_steps=overlap)
+    engine.fill(list(range(3, 30)), "c")
+    engine.submit_generate(SamplingParams(max_tokens=3, **GREEDY), "c")
+    tokens_per_step = []
+    while engine.has_work():
+        tokens_per_step.append(sum(len(o.token_ids) for o in engine.step()))
+    assert tokens_per_step == ([0, 1, 1, 1] if overlap else [1, 1, 1])
+
+
+def test_a_sampled_request_is_read_back_in_its_own_step_and_keeps_its_seed(make_engine):
+    sampling = SamplingParams(max_tokens=8, temperature=0.9, seed=7)
+    outputs = []
+    for overlap in (True, False):
+        engine = make_engine(overlap_steps=overlap)
+        engine.fill(list(range(3, 30)), "c")
+        request = engine.submit_generate(sampling, "c")
+        first = engine.step()
+        assert [len(o.token_ids) for o in first] == [1]  # nothing left on the device to overlap with
+        events = engine.run_until_done([request])[request.request_id]
+        outputs.append(first[0].token_ids + [t for e in events for t in e.token_ids])
+    assert outputs[0] == outputs[1]

@@ -1,7 +1,8 @@
 """Decode steps of N sequences forked from one long prefix, in the engine, with the prefix read once per step
 (the shared pass) and read by every sequence (paged, under CUDA graphs), on the GPU.
 
-Llama-2-7B shapes, random bf16 weights, a prefix of P tokens, each fork with 64 own prompt tokens, greedy.
+Llama-2-7B shapes, random bf16 weights, a prefix of P tokens, each fork with 64 own prompt tokens, greedy; also
+the time from submitting the N forks' requests (prompt and generate in one) to the last one's first token.
 Floor of a step = (weight bytes + KV bytes that must be read) / copy bandwidth measured in the same run, with
 the prefix's KV counted once (what sharing can reach) and N times (what reading it per sequence must move
 from memory when it does not stay in L2).
@@ -29,18 +30,25 @@ STEPS = 16
 MODES = {"auto": None, "shared": 0, "per_sequence": 2**62}  # the runner's min_shared_elements_decode
 
 
-def step_ms(engine: LLMEngine, forks: int, mode: str, profile: bool) -> float:
-    """Milliseconds a decode step of `forks` sequences forked from the filled context "prefix" takes."""
+def fork_steps(engine: LLMEngine, forks: int, mode: str, profile: bool) -> tuple[float, float]:
+    """(Milliseconds from submitting `forks` generate requests, each with its own prompt forked from the filled
+    context "prefix", to the last one's first token; milliseconds a decode step of them takes afterwards.)"""
     default = engine.runner.min_shared_elements_decode
     if MODES[mode] is not None:
         engine.runner.min_shared_elements_decode = MODES[mode]
     gen = torch.Generator().manual_seed(forks)
     ids = [(mode, forks, i) for i in range(forks)]
-    engine.run_until_done([engine.submit_fill(torch.randint(3, 1000, (OWN_TOKENS,), generator=gen).tolist(), c,
-                                              "prefix") for c in ids])
     sampling = SamplingParams(max_tokens=STEPS + 8, temperature=0.0, ignore_eos=True)
-    requests = [engine.submit_generate(sampling, c) for c in ids]
-    for _ in range(4):  # the first sample, and graphs or kernels warmed
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    requests = [engine.submit_generate(sampling, c, "prefix",
+                                       token_ids=torch.randint(3, 1000, (OWN_TOKENS,), generator=gen).tolist())
+                for c in ids]
+    waiting = {r.request_id for r in requests}
+    while waiting:
+        waiting -= {o.request_id for o in engine.step() if o.token_ids}
+    first_token = (time.perf_counter() - start) * 1e3
+    for _ in range(3):  # graphs or kernels warmed
         engine.step()
     torch.cuda.synchronize()
     start = time.perf_counter()
@@ -54,7 +62,7 @@ def step_ms(engine: LLMEngine, forks: int, mode: str, profile: bool) -> float:
     for c in ids:
         engine.free_context(c)
     engine.runner.min_shared_elements_decode = default
-    return elapsed
+    return first_token, elapsed
 
 
 def main() -> None:
@@ -77,8 +85,10 @@ def main() -> None:
     results = {}
     for forks in tqdm(args.forks, desc="forks"):
         own = OWN_TOKENS + STEPS
+        timings = {mode: fork_steps(engine, forks, mode, forks in args.profile) for mode in MODES}
         results[str(forks)] = {
-            **{f"{mode}_ms": step_ms(engine, forks, mode, forks in args.profile) for mode in MODES},
+            **{f"{mode}_ms": step for mode, (_, step) in timings.items()},
+            **{f"{mode}_first_token_ms": first for mode, (first, _) in timings.items()},
             "floor_shared_ms": (weight_bytes + (args.prefix + forks * own) * kv_bytes_per_token) / bandwidth * 1e3,
             "floor_per_sequence_ms": (weight_bytes + forks * (args.prefix + own) * kv_bytes_per_token)
             / bandwidth * 1e3,
@@ -90,6 +100,7 @@ def main() -> None:
         "own_tokens": OWN_TOKENS,
         "copy_bandwidth_gb_s": bandwidth / 1e9,
         "min_shared_elements_decode": engine.runner.min_shared_elements_decode,
+        "overlap_steps": engine.overlap_steps,
         "by_forks": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -69,9 +69,10 @@ class ServerSettings(BaseSettings):
     host: str = Field("127.0.0.1", description="address to bind (loopback by default)")
     port: int = Field(9000, ge=0, le=65535, description="TCP port (0: any free port)")
     engines: int = Field(1, ge=0, description="local engines (model replicas) the manager drives; 0: remote only")
-    engine_processes: bool = Field(
-        False, description="run each local engine in a process of its own: its Python work (scheduling, sampling, "
-        "detokenizing) then takes no turns on the HTTP server's interpreter lock, which hundreds of streams need"
+    engine_processes: bool | None = Field(
+        None, description="run each local engine in a process of its own: its Python work (scheduling, sampling, "
+        "detokenizing) then takes no turns on the HTTP server's interpreter lock, which hundreds of streams need; "
+        "unset: when the engine runs on a GPU"
     )
     engine_timeout: float = Field(5.0, gt=0, description="seconds without a heartbeat before a remote engine is dropped")
     engine_key: str | None = Field(

@@ -77,6 +77,22 @@ def test_overlapped_steps_decode_forks_as_steps_one_at_a_time_do(make_engine, gp
     assert outputs[0] == outputs[1]
 
 
+def test_seeded_sampling_on_the_gpu_is_the_same_overlapped_or_not_alone_or_in_a_batch(make_engine):
+    sampling = SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=11, ignore_eos=True)
+    runs = []
+    for overlap in (True, False):
+        engine = make_engine(device="cuda", overlap_steps=overlap)
+        engine.fill(list(range(3, 40)), "p")
+        alone = engine.submit_generate(sampling, "alone", "p")
+        events = engine.run_until_done([alone])[alone.request_id]
+        runs.append([t for e in events for t in e.token_ids])
+        batch = [engine.submit_generate(SamplingParams(max_tokens=12, temperature=1.0, seed=s, ignore_eos=True),
+                                        f"b{s}", "p") for s in (1, 2)] + [engine.submit_generate(sampling, "b", "p")]
+        events = engine.run_until_done(batch)[batch[-1].request_id]
+        runs.append([t for e in events for t in e.token_ids])
+    assert len(set(map(tuple, runs))) == 1, runs
+
+
 def test_a_decode_step_returns_without_waiting_for_the_device(make_engine, gpu_backend):
     """With the device busy for a second, an overlapped decode step launches and returns at once: nothing in
     scheduling, the graph's inputs or sampling waits for the device; without overlap the step waits."""

@@ -115,15 +115,16 @@ def test_each_step_returns_the_tokens_of_the_step_launched_before_it_when_overla
     assert tokens_per_step == ([0, 1, 1, 1] if overlap else [1, 1, 1])
 
 
-def test_a_sampled_request_is_read_back_in_its_own_step_and_keeps_its_seed(make_engine):
-    sampling = SamplingParams(max_tokens=8, temperature=0.9, seed=7)
+def test_sampled_requests_overlap_too_and_keep_their_seeds(make_engine):
     outputs = []
     for overlap in (True, False):
         engine = make_engine(overlap_steps=overlap)
         engine.fill(list(range(3, 30)), "c")
-        request = engine.submit_generate(sampling, "c")
+        requests = [engine.submit_generate(SamplingParams(max_tokens=8, temperature=0.9, seed=seed), f"c{seed}", "c")
+                    for seed in (7, 8)]
         first = engine.step()
-        assert [len(o.token_ids) for o in first] == [1]  # nothing left on the device to overlap with
-        events = engine.run_until_done([request])[request.request_id]
-        outputs.append(first[0].token_ids + [t for e in events for t in e.token_ids])
+        assert len(first) == (0 if overlap else 2)  # with overlap, the tokens come back with the next step
+        events = engine.run_until_done(requests)
+        outputs.append([[t for e in first + events[r.request_id] if e.request_id == r.request_id
+                         for t in e.token_ids] for r in requests])
     assert outputs[0] == outputs[1]

@@ -55,6 +55,24 @@ def test_temperature_flattens_the_distribution():
     assert cold[0, 0] > hot[0, 0] > 0.5
 
 
+def test_sampled_tokens_follow_the_distribution():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log().expand(20_000, 4)  # (N, V)
+    params = [SamplingParams(temperature=1.0)] * len(logits)
+    tokens = Sampler(seed=0).sample(logits, params, [None] * len(logits))
+    frequencies = torch.bincount(tokens, minlength=4) / len(logits)
+    assert torch.allclose(frequencies, probs, atol=0.015), frequencies
+
+
+def test_a_seeded_row_draws_from_its_own_generator():
+    sampler = Sampler(seed=0)
+    logits = torch.zeros(2, 1000)  # (2, V): every token equally likely
+    params = [SamplingParams(temperature=1.0, seed=5)] * 2
+    first = sampler.sample(logits, params, [sampler.generator(5), sampler.generator(6)])
+    again = sampler.sample(logits, params, [sampler.generator(5), None])
+    assert first[0] == again[0] and first[0] != first[1]
+
+
 def test_generation_stops_at_max_tokens(tiny):
     tiny.fill(list(range(3, 30)), "p")
     tokens, _, reason = generated(tiny, SamplingParams(max_tokens=7, temperature=0.0, ignore_eos=True))

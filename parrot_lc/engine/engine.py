@@ -22,7 +22,7 @@ from parrot_lc.engine.errors import (
 )
 from parrot_lc.engine.loader import load_model
 from parrot_lc.engine.model_runner import ModelRunner
-from parrot_lc.engine.request import Request, RequestKind, RequestOutput, text_decoder
+from parrot_lc.engine.request import Request, RequestKind, RequestOutput, StreamedText, text_decoder
 from parrot_lc.engine.sampling import Sampler, SamplingParams
 from parrot_lc.engine.scheduler import ScheduledChunk, Scheduler
 from parrot_lc.settings import EngineSettings
@@ -53,7 +53,6 @@ class InFlightStep:
 
     tokens: torch.Tensor  # (S,) int64 on the device
     sampled: list[tuple[Request, int | None]]
-    waits_for_device: bool = False  # sampling read the logits on the CPU: nothing is left to overlap
     _host: torch.Tensor | None = None
     _ready: torch.cuda.Event | None = None
 
@@ -136,8 +135,8 @@ class LLMEngine:
         self.tree = ContextTree(self.allocator, bs, self.runner.copy_block)
         self.scheduler = Scheduler(self.tree, settings.max_num_batched_tokens, settings.max_num_seqs,
                                    settings.background_prefill_tokens)
-        self.sampler = Sampler(settings.seed)
-        self.overlap_steps = settings.overlap_steps if settings.overlap_steps is not None else self.device.type == "cuda"
+        self.sampler = Sampler(settings.seed, self.device)
+        self.overlap_steps = self.device.type == "cuda" if settings.overlap_steps is None else settings.overlap_steps
         self._in_flight: InFlightStep | None = None  # the step launched last, its tokens not read back yet
         self._ids = itertools.count()
         self._requests: dict[int, Request] = {}
@@ -194,9 +193,10 @@ class LLMEngine:
         context = existing or self.tree.create(context_id, parent)
         generator = None
         if sampling.seed is not None:
-            generator = torch.Generator().manual_seed(sampling.seed)
+            generator = self.sampler.generator(sampling.seed)
+        text = StreamedText(self._decode, sampling.stop) if self._decode is not None else None
         return self._add(Request(next(self._ids), RequestKind.GENERATE, context, priority, 0,
-                                 fill_token_ids=list(token_ids), sampling=sampling, generator=generator))
+                                 fill_token_ids=list(token_ids), sampling=sampling, generator=generator, text=text))
 
     def _check_fill(self, token_ids: list[int], context: Context | None) -> None:
         """Raises if the tokens are not in the vocabulary or would not fit the context (or the KV cache)."""
@@ -307,7 +307,7 @@ class LLMEngine:
             outputs.extend(self._complete(self._in_flight))
             self._in_flight = None
         if launched is not None:
-            if self.overlap_steps and not launched.waits_for_device:
+            if self.overlap_steps:
                 self._in_flight = launched
             else:
                 outputs.extend(self._complete(launched))
@@ -328,9 +328,9 @@ class LLMEngine:
         requests = [r for r in ready if r.kind is RequestKind.GENERATE]
         if not requests:
             return InFlightStep(torch.empty(0, dtype=torch.long, device=self.device), [])
-        params = [r.sampling for r in requests]
         logits = torch.stack([r.context.last_logits for r in requests])  # (B, V)
-        tokens = self.sampler.sample(logits, params, [r.generator for r in requests])  # (B,) on the device
+        params, generators = [r.sampling for r in requests], [r.generator for r in requests]
+        tokens = self.sampler.sample(logits, params, generators)  # (B,) on the device
         sampled = []
         for row, request in enumerate(requests):
             context = request.context
@@ -340,7 +340,7 @@ class LLMEngine:
                 context.token_ids.append(in_flight_token(row))  # pending: computed if generation goes on
             request.num_in_flight += 1
             sampled.append((request, index))
-        return InFlightStep(tokens, sampled, self.sampler.waits_for_device(params))
+        return InFlightStep(tokens, sampled)
 
     def _complete(self, step: InFlightStep) -> list[RequestOutput]:
         """Waits for the step's sampled tokens and turns them into events."""
@@ -355,7 +355,7 @@ class LLMEngine:
                 context.token_ids.append(token)  # its last token: never computed
             else:
                 context.token_ids[index] = token
-            output = request.add_token(token, self._decode, self.eos_token_ids)
+            output = request.add_token(token, self.eos_token_ids)
             if output.finished:
                 self._release(request)
             outputs.append(output)

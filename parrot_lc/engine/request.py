@@ -44,7 +44,7 @@ class Request:
     started: bool = False
     output_token_ids: list[int] = field(default_factory=list)
     num_in_flight: int = 0  # tokens sampled in a step still on the device: not in output_token_ids yet
-    _emitted_chars: int = 0
+    text: "StreamedText | None" = None  # the output's text (None: a model without a tokenizer)
     finished: bool = False
 
     @property
@@ -57,30 +57,60 @@ class Request:
         """Sort key: most important first."""
         return (-self.priority, self.arrival)
 
-    def add_token(
-        self, token: int, decode: Callable[[list[int]], str] | None, eos_token_ids: tuple[int, ...]
-    ) -> RequestOutput:
-        """Records a sampled token and decides whether generation stops here. `decode`: token ids to text
-        (`text_decoder`), None for a model without a tokenizer."""
+    def add_token(self, token: int, eos_token_ids: tuple[int, ...]) -> RequestOutput:
+        """Records a sampled token and decides whether generation stops here."""
         assert self.sampling is not None
         params = self.sampling
         self.output_token_ids.append(token)
         reason = None
         if (token in eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
             reason = "stop"
-        text = decode(self.output_token_ids) if decode else ""
-        for stop in params.stop:
-            cut = text.find(stop)
-            if cut >= 0:
-                text, reason = text[:cut], "stop"
         if reason is None and len(self.output_token_ids) >= params.max_tokens:
             reason = "length"
-        visible = text if reason else text[: len(text) - _held_back(text, params.stop)]
-        delta = visible[self._emitted_chars :]
-        self._emitted_chars = max(self._emitted_chars, len(visible))
+        delta = ""
+        if self.text is not None:
+            delta, stopped = self.text.add(self.output_token_ids, final=reason is not None)
+            reason = "stop" if stopped else reason
         return RequestOutput(
             self.request_id, self.context.context_id, [token], delta, finished=reason is not None, finish_reason=reason
         )
+
+
+@dataclass
+class StreamedText:
+    """A generation's text, decoded as its tokens come: each token decodes only a window of the last few tokens
+    (from the token after the last window's start, so that a tokenizer that drops a leading space at the start
+    of a text sees the word before), instead of the whole output again; a stop string is searched for only
+    where the new text can complete one. The deltas join to the tokenizer's decode of all the tokens."""
+
+    decode: Callable[[list[int]], str]  # token ids to text (`text_decoder`)
+    stops: tuple[str, ...] = ()
+    text: str = ""  # decoded so far, cut at a stop string
+    _window_start: int = 0  # first token of the decode window
+    _decoded: int = 0  # tokens whose text is in `text`
+    _emitted: int = 0  # characters of `text` streamed
+
+    def add(self, token_ids: list[int], final: bool) -> tuple[str, bool]:
+        """The text to stream now that `token_ids` (all of the output) has a new token, and whether a stop
+        string ended it. A possible start of a stop string, or a character whose bytes are not all there yet
+        (U+FFFD), is held back until the next token, unless the output ends here."""
+        before = self.decode(token_ids[self._window_start : self._decoded])
+        window = self.decode(token_ids[self._window_start :])
+        searched = len(self.text)
+        if len(window) > len(before) and (final or not window.endswith("\ufffd")):
+            self.text += window[len(before) :]
+            self._window_start, self._decoded = self._decoded, len(token_ids)
+        stopped = False
+        longest = max((len(stop) for stop in self.stops), default=0)
+        for stop in self.stops:
+            cut = self.text.find(stop, max(0, searched - longest + 1))
+            if cut >= 0:
+                self.text, stopped = self.text[:cut], True
+        final = final or stopped
+        visible = len(self.text) if final else len(self.text) - _held_back(self.text, self.stops)
+        delta = self.text[self._emitted : visible]
+        self._emitted = max(self._emitted, visible)
+        return delta, stopped
 
 
 def text_decoder(tokenizer: PreTrainedTokenizerBase) -> Callable[[list[int]], str]:

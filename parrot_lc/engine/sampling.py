@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from parrot_lc.engine.errors import InvalidRequestError
+from parrot_lc.engine.host_to_device import to_device
 
 GREEDY_BELOW_TEMPERATURE = 1e-5
 
@@ -50,43 +51,51 @@ class SamplingParams:
 
 
 class Sampler:
-    """Samples one token per row; rows with a seed draw from their own generator."""
+    """Samples one token per row on the logits' device, without waiting for it: a sampled row takes the argmax
+    of its probabilities over exponential noise (which draws each token with its probability), the noise from
+    the row's own generator when it has a seed, else from the sampler's."""
 
-    def __init__(self, seed: int = 0) -> None:
-        self._shared = torch.Generator().manual_seed(seed)
+    def __init__(self, seed: int = 0, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self._shared = torch.Generator(device=self.device).manual_seed(seed)
+
+    def generator(self, seed: int) -> torch.Generator:
+        """A request's own generator, on the sampler's device."""
+        return torch.Generator(device=self.device).manual_seed(seed)
 
     def sample(
         self, logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
     ) -> torch.Tensor:
-        """logits: (B, V) float32 on any device; returns B token ids (B,) int64 on that device. Greedy rows are
-        picked there without waiting for the device; sampled rows are drawn on the CPU from their generators,
-        which waits for the logits."""
+        """logits: (B, V) float32 on the sampler's device; returns B token ids (B,) int64 there."""
         tokens = logits.argmax(dim=-1)  # (B,)
         rows = [i for i, p in enumerate(params) if not p.greedy]
         if not rows:
             return tokens
-        probs = self._probabilities(logits[rows], [params[i] for i in rows]).cpu()  # (R, V)
-        draws = [int(torch.multinomial(probs[r], 1, generator=generators[i] or self._shared))
-                 for r, i in enumerate(rows)]
-        tokens[rows] = torch.tensor(draws, device=tokens.device)
+        on_device = to_device(rows, self.device)
+        probs = self._probabilities(logits[on_device], [params[i] for i in rows])  # (R, V)
+        noise = torch.empty_like(probs)  # (R, V)
+        shared = [r for r, i in enumerate(rows) if generators[i] is None]
+        if shared:
+            noise[to_device(shared, self.device)] = torch.empty(
+                len(shared), probs.shape[1], device=self.device).exponential_(generator=self._shared)
+        for r, i in enumerate(rows):
+            if generators[i] is not None:
+                noise[r].exponential_(generator=generators[i])
+        # Noise of exactly 0 would divide a zero probability into NaN, which argmax would pick.
+        tokens[on_device] = (probs / noise.clamp_(min=torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
         return tokens
 
     @staticmethod
-    def waits_for_device(params: list[SamplingParams]) -> bool:
-        """Whether sampling these rows reads the logits on the CPU (a sampled, not greedy, row)."""
-        return any(not p.greedy for p in params)
-
-    @staticmethod
     def _probabilities(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-        temperature = torch.tensor([p.temperature for p in params], device=logits.device)
+        temperature = to_device([p.temperature for p in params], logits.device, torch.float32)  # (R,)
         scaled = logits.float() / temperature[:, None]  # (R, V)
         sorted_logits, order = scaled.sort(dim=-1, descending=True)
         vocab = scaled.shape[-1]
-        top_k = torch.tensor([p.top_k or vocab for p in params], device=logits.device)
+        top_k = to_device([p.top_k or vocab for p in params], logits.device)  # (R,)
         rank = torch.arange(vocab, device=logits.device)[None, :]
         cut = rank >= top_k[:, None]
         sorted_probs = sorted_logits.masked_fill(cut, float("-inf")).softmax(dim=-1)
-        top_p = torch.tensor([p.top_p for p in params], device=logits.device)
+        top_p = to_device([p.top_p for p in params], logits.device, torch.float32)  # (R,)
         # Keep the smallest set of tokens whose mass reaches top_p (the first token always stays).
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
         cut |= mass_before >= top_p[:, None]

@@ -7,6 +7,7 @@ import socket
 import threading
 import time
 
+import torch
 import uvicorn
 
 from parrot_lc.engine.async_engine import AsyncEngine
@@ -21,8 +22,13 @@ from parrot_lc.settings import EngineSettings, ServerSettings
 
 def build_manager(engine_settings: EngineSettings, server_settings: ServerSettings) -> ParrotManager:
     """A manager with its local engines (none: it waits for remote engines to register)."""
+    processes = server_settings.engine_processes
+    if processes is None:
+        processes = engine_settings.device.startswith("cuda") or (engine_settings.device == "auto"
+                                                                  and torch.cuda.is_available())
+
     def local_engine() -> AsyncEngine | ProcessEngine:
-        return ProcessEngine(engine_settings) if server_settings.engine_processes else AsyncEngine(LLMEngine(engine_settings))
+        return ProcessEngine(engine_settings) if processes else AsyncEngine(LLMEngine(engine_settings))
 
     engines = [local_engine() for _ in range(server_settings.engines)]
     if engines:

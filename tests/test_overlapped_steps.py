@@ -115,6 +115,27 @@ def test_each_step_returns_the_tokens_of_the_step_launched_before_it_when_overla
     assert tokens_per_step == ([0, 1, 1, 1] if overlap else [1, 1, 1])
 
 
+def test_a_step_with_prompt_tokens_reads_the_step_before_back_before_it_launches(make_engine, monkeypatch):
+    """A decode step launches, then reads back the step before; a step with a prompt to prefill (a long launch,
+    not a CUDA graph) reads it back first, so that its events (here a first token) do not wait behind."""
+    engine = make_engine(overlap_steps=True)
+    calls = []
+    for name in ("_complete", "_launch"):
+        method = getattr(engine, name)
+        monkeypatch.setattr(engine, name, lambda *args, method=method, name=name: calls.append(name) or method(*args))
+    engine.fill(list(range(3, 30)), "a")
+    first = engine.submit_generate(SamplingParams(max_tokens=20, **GREEDY), "a")
+    engine.step()  # a's prompt is computed already: it samples, nothing in flight before it
+    calls.clear()
+    engine.step()  # a decode step
+    assert calls == ["_launch", "_complete"]
+    engine.submit_generate(SamplingParams(max_tokens=5, **GREEDY), "b", token_ids=list(range(40, 60)))
+    calls.clear()
+    outputs = engine.step()  # b's prompt beside a's decode
+    assert calls == ["_complete", "_launch"]
+    assert [o.request_id for o in outputs] == [first.request_id]
+
+
 def test_sampled_requests_overlap_too_and_keep_their_seeds(make_engine):
     outputs = []
     for overlap in (True, False):

@@ -299,13 +299,20 @@ class LLMEngine:
         With `overlap_steps` a step's sampled tokens are read back one call later: this call launches its batch
         on the device, then waits for the step before and turns its tokens into events while the device
         computes. A token still on the device is a placeholder in its context that the next batch can compute
-        already; a request that turns out to have ended (a stop) computed one token for nothing."""
+        already; a request that turns out to have ended (a stop) computed one token for nothing. A step with
+        prompt tokens reads the step before back first: its launch (eager, not a CUDA graph) is long host work
+        that the step before's events, often first tokens, should not wait behind."""
         chunks, failed = self.scheduler.schedule()
         outputs = [self._finish(request, "error", error) for request, error in failed]
-        launched = self._launch(chunks, outputs) if chunks else None
-        if self._in_flight is not None:
-            outputs.extend(self._complete(self._in_flight))
-            self._in_flight = None
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is not None and any(c.num_tokens > 1 for c in chunks):
+            outputs.extend(self._complete(in_flight))
+            chunks = [c for c in chunks if not c.request.finished]  # ended by a token just read back
+            in_flight = None  # its placeholders are tokens now
+        in_flight_tokens = in_flight.tokens if in_flight is not None else None
+        launched = self._launch(chunks, in_flight_tokens, outputs) if chunks else None
+        if in_flight is not None:
+            outputs.extend(self._complete(in_flight))
         if launched is not None:
             if self.overlap_steps:
                 self._in_flight = launched
@@ -313,15 +320,17 @@ class LLMEngine:
                 outputs.extend(self._complete(launched))
         return outputs
 
-    def _launch(self, chunks: list[ScheduledChunk], outputs: list[RequestOutput]) -> InFlightStep:
+    def _launch(
+        self, chunks: list[ScheduledChunk], in_flight_tokens: torch.Tensor | None, outputs: list[RequestOutput]
+    ) -> InFlightStep:
         """Queues the chunks' model run and the sampling of their ready requests on the device; appends the
-        events of fills that end here to `outputs` (their KV is computed before any later step reads it)."""
+        events of fills that end here to `outputs` (their KV is computed before any later step reads it).
+        `in_flight_tokens`: the step before's sampled tokens, which placeholders stand for."""
         for chunk in chunks:
             if chunk.request.kind is RequestKind.GENERATE and chunk.request.num_generated:
                 self.decode_tokens += chunk.num_tokens
             else:
                 self.prefill_tokens += chunk.num_tokens
-        in_flight_tokens = self._in_flight.tokens if self._in_flight is not None else None
         self.runner.run(chunks, in_flight_tokens)
         ready = [c.request for c in chunks if c.request.context.num_pending == 0]
         outputs.extend(self._finish(r, "filled") for r in ready if r.kind is RequestKind.FILL)

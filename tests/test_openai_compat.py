@@ -90,11 +90,23 @@ def test_a_chat_is_tokenized_once_and_its_shared_system_prompt_once_for_all(oai,
             list(oai.chat.completions.create(model="tiny", max_tokens=2, temperature=0, stream=stream,
                                              messages=[{"role": "system", "content": system},
                                                        {"role": "user", "content": question}]))
-    texts = [text for text in counting.texts if system in text]
-    # Each request's prompt once (the length check, the prefix lookup and the engine call share its ids), and the
-    # system part once for all four requests.
-    assert [sum(question in text for text in texts) for question in questions] == [2, 2]
-    assert len(texts) == 4 + 1
+    # The system part once for all four requests; each request's own part once (the length check, the prefix
+    # lookup and the engine call share its ids).
+    assert sum(system in text for text in counting.texts) == 1
+    assert [sum(question in text for text in counting.texts) for question in questions] == [2, 2]
+
+
+def test_a_chat_prompt_tokenized_in_two_parts_has_the_whole_prompts_ids(local_server, monkeypatch):
+    manager, tokenizer = local_server.manager, local_server.manager.tokenizer
+    counting = CountingTokenizer(tokenizer)
+    monkeypatch.setattr(manager, "tokenizer", counting)
+    system = [{"role": "system", "content": "Tide tables: high water at 06:12, low at 12:30. Spaces   kept."}]
+    head = tokenizer.apply_chat_template(system, tokenize=False)
+    for question in ["When is high tide?", " leading space", "é🦜 unicode"]:
+        prompt = tokenizer.apply_chat_template(system + [{"role": "user", "content": question}],
+                                               tokenize=False, add_generation_prompt=True)
+        assert manager.tokenize(prompt, head) == tokenizer(prompt).input_ids
+    assert [text for text in counting.texts if "Tide tables" in text] == [head]  # the head once, from then on cached
 
 
 def test_delta_events_are_the_whole_payload_encoded():

@@ -39,12 +39,12 @@ def openai_router(manager: ParrotManager, model_name: str) -> APIRouter:
     async def chat_completions(body: ChatCompletionRequest):
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
         prompt = manager.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        token_ids = manager.tokenize(prompt)  # once: the length check and the call share the ids
-        max_tokens = manager.check_prompt(token_ids, body.max_completion_tokens or body.max_tokens, "messages")
         # The system messages rendered alone are the part that many chats share (a long system prompt).
         system = [m for m in messages if m["role"] == "system"]
         head = manager.tokenizer.apply_chat_template(system, tokenize=False) if system else ""
         head = head if prompt.startswith(head) else ""
+        token_ids = manager.tokenize(prompt, head)  # once: the length check and the call share the ids
+        max_tokens = manager.check_prompt(token_ids, body.max_completion_tokens or body.max_tokens, "messages")
         pieces = [Piece("text", head), Piece("text", prompt[len(head):])] if head else [Piece("text", prompt)]
         return await respond(body, max_tokens, pieces, token_ids, "chat.completion",
                              lambda text: {"message": {"role": "assistant", "content": text}},

@@ -99,3 +99,13 @@ def test_callers_learn_that_a_dead_engine_process_is_unavailable():
         asyncio.run(asyncio.wait_for(scenario(), 60))
     finally:
         engine.close()
+
+
+def test_a_command_that_cannot_be_sent_fails_its_caller_and_the_engine_serves_on(process_engine):
+    async def scenario() -> None:
+        with pytest.raises(InvalidRequestError, match="could not be sent"):
+            await process_engine.fill([5, 6], lambda: None)  # a context id no pipe can carry
+        await process_engine.fill([5, 6, 7], "after-unpicklable")
+        await process_engine.free_context("after-unpicklable")
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))

@@ -13,6 +13,7 @@ import asyncio
 import itertools
 import logging
 import multiprocessing
+import queue
 import signal
 import threading
 from multiprocessing.connection import Connection
@@ -20,7 +21,7 @@ from multiprocessing.connection import Connection
 from parrot_lc.engine.async_engine import EngineFront, deliver
 from parrot_lc.engine.context import ContextId
 from parrot_lc.engine.engine import LLMEngine
-from parrot_lc.engine.errors import EngineStepError, EngineUnavailableError
+from parrot_lc.engine.errors import EngineStepError, EngineUnavailableError, InvalidRequestError
 from parrot_lc.engine.loader import load_model_info
 from parrot_lc.engine.request import RequestOutput
 from parrot_lc.settings import EngineSettings
@@ -48,9 +49,14 @@ class ProcessEngine(EngineFront):
         self._stats = payload
         self._keys = itertools.count()
         self._listeners = {}
-        self._send_lock = threading.Lock()  # callers on several event loops may send at once
         self._gone_lock = threading.Lock()  # a caller registers before the reader's last sweep, or learns it is gone
         self._gone = False
+        # Commands go out from a thread of their own, in order: a send blocks while the engine is inside a step
+        # and the pipe's buffer is full (hundreds of prompts arriving at once), which the caller's event loop must
+        # not wait for.
+        self._outbox: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
+        self._sender = threading.Thread(target=self._write, name="parrot-engine-send", daemon=True)
+        self._sender.start()
         self._reader = threading.Thread(target=self._read, name="parrot-engine-pipe", daemon=True)
         self._reader.start()
 
@@ -59,20 +65,28 @@ class ProcessEngine(EngineFront):
             pass
 
     def close(self) -> None:
-        try:
-            self._send(("stop",))
-        except (OSError, ValueError):
-            pass  # already gone
+        self._outbox.put(("stop",))
+        self._outbox.put(None)
         self._process.join(timeout=30)
         if self._process.is_alive():
             self._process.kill()
             self._process.join()
+        self._sender.join(timeout=10)
         self._reader.join(timeout=10)  # it ends on the pipe's end, failing whoever still waits
         self._pipe.close()
 
-    def _send(self, message: tuple) -> None:
-        with self._send_lock:
-            self._pipe.send(message)
+    def _write(self) -> None:
+        """Sends the outbox's commands until close() (None) or the pipe's end (the process is gone: the reader
+        then fails whoever waits)."""
+        while (message := self._outbox.get()) is not None:
+            try:
+                self._pipe.send(message)
+            except (OSError, ValueError):
+                return
+            except Exception as exc:  # a command that cannot be pickled: its caller learns it, the rest go on
+                error = InvalidRequestError(f"the command could not be sent to the engine process: {exc!r}")
+                deliver(self._listeners, [RequestOutput(message[1], "", [], "", finished=True, finish_reason="error",
+                                                        error=error)])
 
     async def _start(self, command: str, args: tuple, outputs: asyncio.Queue) -> int:
         """Sends the command under a new key: the child answers under it (free_context too)."""
@@ -81,19 +95,12 @@ class ProcessEngine(EngineFront):
             if self._gone:
                 raise EngineUnavailableError("the engine process exited")
             self._listeners[key] = (asyncio.get_running_loop(), outputs)  # before sending: nothing comes back first
-        try:
-            self._send((command, key, *args))
-        except (OSError, ValueError) as exc:  # the pipe is closed: the process is gone
-            self._listeners.pop(key, None)
-            raise EngineUnavailableError(f"the engine process is gone: {exc!r}") from exc
+        self._outbox.put((command, key, *args))
         return key
 
     def _stop(self, key: int) -> None:
         self._listeners.pop(key, None)
-        try:
-            self._send(("cancel", key))
-        except (OSError, ValueError):
-            pass
+        self._outbox.put(("cancel", key))
 
     def _read(self) -> None:
         try:

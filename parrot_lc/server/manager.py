@@ -45,7 +45,7 @@ from parrot_lc.server.graph import (
     fetch_objective,
     validate_new_calls,
 )
-from parrot_lc.server.prefix_cache import PrefixCache, prefix_key
+from parrot_lc.server.prefix_cache import PrefixCache, PromptPrefix
 from parrot_lc.server.remote_engine import RemoteEngine
 
 LATENCY_PRIORITY, GROUP_PRIORITY, DEFAULT_PRIORITY = 2, 1, 0
@@ -349,17 +349,18 @@ class ParrotManager:
         segments = self._segments(session, call)
         token_ids = call.prompt_token_ids if call.prompt_token_ids is not None else self.tokenize(segments[0][0])
         call.prompt_tokens = len(token_ids)
-        prefix_ids = self._shared_prefix(call.constant_prefix, token_ids) if self.app_centric else []
+        prefix = self._shared_prefix(call.constant_prefix, token_ids) if self.app_centric else None
         while True:
-            slot = self._place(call, prefix_ids)
+            slot = self._place(call, prefix)
             try:
-                return await self._execute_on(slot, session, call, segments, token_ids, prefix_ids)
+                return await self._execute_on(slot, session, call, segments, token_ids, prefix)
             except EngineUnavailableError:
                 self.drop_engine(slot)
                 call.completion_tokens = 0
 
     async def _execute_on(
-        self, slot: EngineSlot, session: Session, call: Call, segments, token_ids: list[int], prefix_ids: list[int]
+        self, slot: EngineSlot, session: Session, call: Call, segments, token_ids: list[int],
+        prefix: PromptPrefix | None,
     ) -> None:
         priority = DEFAULT_PRIORITY  # request-level serving: one priority for all
         if self.app_centric:
@@ -370,7 +371,7 @@ class ParrotManager:
             idle_waits = 0
             while True:
                 try:
-                    return await self._execute_in_context(slot, session, call, segments, token_ids, prefix_ids,
+                    return await self._execute_in_context(slot, session, call, segments, token_ids, prefix,
                                                           priority, context_id)
                 except ContextTooLargeError:
                     raise  # longer than the whole cache: no wait makes room
@@ -391,8 +392,8 @@ class ParrotManager:
                         idle_waits += 0 if evicted else 1
 
     async def _execute_in_context(
-        self, slot: EngineSlot, session: Session, call: Call, segments, token_ids: list[int], prefix_ids: list[int],
-        priority: int, context_id: str,
+        self, slot: EngineSlot, session: Session, call: Call, segments, token_ids: list[int],
+        prefix: PromptPrefix | None, priority: int, context_id: str,
     ) -> None:
         slot.running += 1
         try:
@@ -406,7 +407,7 @@ class ParrotManager:
                 variable = session.variables[output.var_id]
                 retried = variable.ready.is_set()  # a rerun after failover: the first value stands
                 pieces = []
-                events = (self._start_call_context(slot, context_id, prefix_ids, token_ids, output.sampling, priority)
+                events = (self._start_call_context(slot, context_id, prefix, token_ids, output.sampling, priority)
                           if index == 0 else slot.engine.generate(output.sampling, context_id, priority=priority,
                                                                   token_ids=ids))
                 async for event in events:
@@ -425,14 +426,15 @@ class ParrotManager:
             slot.call_ended = asyncio.Event()
 
     async def _start_call_context(
-        self, slot: EngineSlot, context_id: str, prefix_ids: list[int], token_ids: list[int],
+        self, slot: EngineSlot, context_id: str, prefix: PromptPrefix | None, token_ids: list[int],
         sampling: SamplingParams, priority: int,
     ) -> AsyncIterator[RequestOutput]:
         """Forks the call's context from the warm prefix context, fills the rest of its prompt and generates its
         first output: one engine request, whose events this yields."""
-        rest = token_ids[len(prefix_ids):]  # never empty: _shared_prefix leaves the call a token of its own
+        # Never empty: _shared_prefix leaves the call a token of its own.
+        rest = token_ids[len(prefix.token_ids):] if prefix is not None else token_ids
         for attempt in range(2):
-            entry = await slot.prefixes.acquire(prefix_ids) if prefix_ids else None
+            entry = await slot.prefixes.acquire(prefix) if prefix is not None else None
             events = slot.engine.generate(sampling, context_id, entry.context_id if entry else None, priority, rest)
             try:
                 first = await anext(events)  # the prompt is in the context once its first token comes
@@ -479,23 +481,23 @@ class ParrotManager:
             segments.append(("".join(text), None))
         return segments
 
-    def _shared_prefix(self, constant_prefix: str, token_ids: list[int]) -> list[int]:
+    def _shared_prefix(self, constant_prefix: str, token_ids: list[int]) -> PromptPrefix | None:
         """The tokens of the prompt that its template's constant prefix fixes (tokenization may merge across
-        the prefix's end, so only the part on which both tokenizations agree is shared)."""
+        the prefix's end, so only the part on which both tokenizations agree is shared); None if none."""
         if not constant_prefix:
-            return []
+            return None
         shared = common_length(self._prefix_tokens(constant_prefix), token_ids)
         # Keep at least one token of the prompt for the call itself, so that it computes its own logits.
-        return token_ids[: min(shared, len(token_ids) - 1)]
+        shared = min(shared, len(token_ids) - 1)
+        return PromptPrefix.of(token_ids[:shared]) if shared > 0 else None
 
-    def _place(self, call: Call, prefix_ids: list[int]) -> EngineSlot:
+    def _place(self, call: Call, prefix: PromptPrefix | None) -> EngineSlot:
         """Prefix affinity first (the engine that holds the prefix), then the call's task group, then load."""
         if not self.engines:
             raise EngineUnavailableError("no engine is serving: start one (`parrot-lc engine --manager URL`)")
-        if prefix_ids:
-            key = prefix_key(prefix_ids)
+        if prefix is not None:
             for slot in self.engines:
-                if key in slot.prefixes:
+                if prefix.key in slot.prefixes:
                     return slot
         if call.task_group in self._group_engines:
             return self._group_engines[call.task_group]

@@ -20,6 +20,18 @@ def prefix_key(token_ids: list[int]) -> str:
     return hashlib.sha256(array("q", token_ids).tobytes()).hexdigest()[:32]
 
 
+@dataclass(frozen=True)
+class PromptPrefix:
+    """The part of a call's prompt that it shares with others: its token ids and their key, hashed once."""
+
+    token_ids: list[int]
+    key: str
+
+    @classmethod
+    def of(cls, token_ids: list[int]) -> PromptPrefix:
+        return cls(token_ids, prefix_key(token_ids))
+
+
 @dataclass(eq=False)
 class PrefixEntry:
     key: str
@@ -45,9 +57,9 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    async def acquire(self, token_ids: list[int]) -> PrefixEntry:
-        """The filled prefix context of these tokens (filled now if new); release it when done forking."""
-        key = prefix_key(token_ids)
+    async def acquire(self, prefix: PromptPrefix) -> PrefixEntry:
+        """The filled context of the prefix (filled now if new); release it when done forking."""
+        key, token_ids = prefix.key, prefix.token_ids
         entry = self._entries.get(key)
         entry_is_new = entry is None
         if entry_is_new:  # registered before any await, so that concurrent callers share it

@@ -149,3 +149,40 @@ def test_sampled_requests_overlap_too_and_keep_their_seeds(make_engine):
         outputs.append([[t for e in first + events[r.request_id] if e.request_id == r.request_id
                          for t in e.token_ids] for r in requests])
     assert outputs[0] == outputs[1]
+
+
+def test_a_step_that_fails_after_its_batch_ran_leaves_every_context_consistent(make_engine, monkeypatch):
+    """The batch computed a token whose value never came back: the context drops it and computes its last
+    token again, so that what it holds next is what a context built without the failure holds."""
+    engine = make_engine(overlap_steps=True)
+    engine.fill(list(range(3, 30)), "c")
+    request = engine.submit_generate(SamplingParams(max_tokens=20, **GREEDY), "c")
+    for _ in range(3):
+        engine.step()
+    sample = engine.sampler.sample
+    monkeypatch.setattr(engine.sampler, "sample", lambda *args: (_ for _ in ()).throw(RuntimeError("device error")))
+    outputs = engine.step()
+    monkeypatch.setattr(engine.sampler, "sample", sample)
+    assert [o.finish_reason for o in outputs if o.request_id == request.request_id][-1] == "error"
+    context = engine.tree.get("c")
+    assert min(context.token_ids) >= 0 and context.num_pending >= 0
+    engine.fill([700, 800, 900], "c")
+    reference = make_engine(overlap_steps=False)
+    reference.fill(list(context.token_ids), "c")
+    assert torch.allclose(engine.context_logits("c"), reference.context_logits("c"), atol=1e-5)
+
+
+def test_a_request_ended_by_a_token_read_back_in_a_failing_step_gets_its_last_event(make_engine, monkeypatch):
+    engine = make_engine(overlap_steps=True)
+    engine.fill(list(range(3, 30)), "a")
+    a = engine.submit_generate(SamplingParams(max_tokens=3, **GREEDY), "a")
+    events = []
+    while a.num_generated < 3:  # until a's last token is on the device
+        events += engine.step()
+    b = engine.submit_generate(SamplingParams(max_tokens=3, **GREEDY), "b", token_ids=list(range(40, 60)))
+    # b's prompt makes the step read a's last token back first; then its launch fails.
+    monkeypatch.setattr(engine.runner, "run", lambda *args: (_ for _ in ()).throw(RuntimeError("out of memory")))
+    events += engine.step()
+    assert [e.finish_reason for e in events if e.request_id == a.request_id][-1] == "length"
+    assert [e.finish_reason for e in events if e.request_id == b.request_id] == ["error"]
+    assert not engine.has_work()

@@ -101,10 +101,18 @@ def test_callers_learn_that_a_dead_engine_process_is_unavailable():
         engine.close()
 
 
+class Unpicklable:
+    def __hash__(self) -> int:
+        return 0
+
+    def __reduce__(self):
+        raise ValueError("cannot pickle this id")  # the error a closed pipe raises too
+
+
 def test_a_command_that_cannot_be_sent_fails_its_caller_and_the_engine_serves_on(process_engine):
     async def scenario() -> None:
         with pytest.raises(InvalidRequestError, match="could not be sent"):
-            await process_engine.fill([5, 6], lambda: None)  # a context id no pipe can carry
+            await process_engine.fill([5, 6], Unpicklable())  # a context id no pipe can carry
         await process_engine.fill([5, 6, 7], "after-unpicklable")
         await process_engine.free_context("after-unpicklable")
 

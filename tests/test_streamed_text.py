@@ -52,3 +52,9 @@ def test_a_stop_string_cuts_the_streamed_text_where_the_whole_text_has_it_first(
         streamed, stopped = stream(tokenizer, ids, (stop, "never there"))
         expected = whole[: whole.index(stop)] if stop in whole else whole
         assert (streamed, stopped) == (expected, stop in whole), text
+
+
+def test_of_two_stop_strings_the_one_the_text_has_first_cuts_it(tokenizer):
+    ids = tokenizer("say ABC now", add_special_tokens=False).input_ids
+    whole = tokenizer.decode(ids, skip_special_tokens=True)
+    assert stream(tokenizer, ids, ("B", "AB")) == (whole[: whole.index("AB")], True)  # "B" is found, but later

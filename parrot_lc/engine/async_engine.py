@@ -7,7 +7,6 @@ results; each request's outputs are handed back to the caller's event loop as th
 from __future__ import annotations
 
 import asyncio
-import logging
 import queue
 import threading
 from abc import ABC, abstractmethod
@@ -18,14 +17,10 @@ from transformers import PreTrainedTokenizerBase
 
 from parrot_lc.engine.context import ContextId
 from parrot_lc.engine.engine import EngineStats, LLMEngine
-from parrot_lc.engine.errors import EngineStepError
 from parrot_lc.engine.request import RequestOutput
 from parrot_lc.engine.sampling import SamplingParams
 
 T = TypeVar("T")
-log = logging.getLogger("parrot_lc.engine")
-
-
 class EngineFront(ABC):
     """fill / generate as coroutines over an engine that runs elsewhere (a thread, a process). A subclass starts
     a request and registers its caller's queue in `_listeners` (`_start`), and stops one whose caller went away
@@ -144,12 +139,7 @@ class AsyncEngine(EngineFront):
             except queue.Empty:
                 pass
             if self.engine.has_work():
-                try:
-                    outputs = self.engine.step()
-                except Exception as exc:  # a bug: the step's requests fail, the thread (and the server) serve on
-                    log.exception("an engine step failed; the requests in the engine are stopped")
-                    outputs = self.engine.abort_all(EngineStepError(f"the engine failed in a step: {exc!r}"))
-                self._deliver_all(outputs)
+                self._deliver_all(self.engine.step())
                 self._stats = self.engine.stats()
 
     def _run_command(self, fn: Callable[[], object], future: Future) -> None:

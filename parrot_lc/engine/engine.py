@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -16,6 +17,7 @@ from parrot_lc.engine.errors import (
     ContextBusyError,
     ContextNotFoundError,
     EngineError,
+    EngineStepError,
     ContextTooLargeError,
     InvalidRequestError,
     RequestCancelledError,
@@ -26,6 +28,8 @@ from parrot_lc.engine.request import Request, RequestKind, RequestOutput, Stream
 from parrot_lc.engine.sampling import Sampler, SamplingParams
 from parrot_lc.engine.scheduler import ScheduledChunk, Scheduler
 from parrot_lc.settings import EngineSettings
+
+log = logging.getLogger("parrot_lc.engine")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CPU_KV_CACHE_BYTES = 512 * 2**20
@@ -294,7 +298,8 @@ class LLMEngine:
     # ---- the step ---------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Runs one batch: prefill chunks and decode tokens together, then samples. Returns its events.
+        """Runs one batch: prefill chunks and decode tokens together, then samples. Returns its events. A step
+        that fails (a bug, a device error) ends every request with EngineStepError; the engine serves on.
 
         With `overlap_steps` a step's sampled tokens are read back one call later: this call launches its batch
         on the device, then waits for the step before and turns its tokens into events while the device
@@ -302,8 +307,17 @@ class LLMEngine:
         already; a request that turns out to have ended (a stop) computed one token for nothing. A step with
         prompt tokens reads the step before back first: its launch (eager, not a CUDA graph) is long host work
         that the step before's events, often first tokens, should not wait behind."""
+        outputs: list[RequestOutput] = []
+        try:
+            self._step(outputs)
+        except Exception as exc:  # a bug or a device error: every request fails, with the events made so far
+            log.exception("an engine step failed; the requests in the engine are stopped")
+            outputs.extend(self.abort_all(EngineStepError(f"the engine failed in a step: {exc!r}")))
+        return outputs
+
+    def _step(self, outputs: list[RequestOutput]) -> None:
         chunks, failed = self.scheduler.schedule()
-        outputs = [self._finish(request, "error", error) for request, error in failed]
+        outputs.extend(self._finish(request, "error", error) for request, error in failed)
         in_flight, self._in_flight = self._in_flight, None
         if in_flight is not None and any(c.num_tokens > 1 for c in chunks):
             outputs.extend(self._complete(in_flight))
@@ -318,7 +332,6 @@ class LLMEngine:
                 self._in_flight = launched
             else:
                 outputs.extend(self._complete(launched))
-        return outputs
 
     def _launch(
         self, chunks: list[ScheduledChunk], in_flight_tokens: torch.Tensor | None, outputs: list[RequestOutput]
@@ -384,6 +397,11 @@ class LLMEngine:
         context.active_request = None
         while context.token_ids and context.token_ids[-1] < 0:  # a token of the step in flight, not to be had
             context.token_ids.pop()
+        if context.num_computed > len(context.token_ids):
+            # A failed step had computed the popped token's KV (its value never came back): the last token is
+            # computed again, for logits of the tokens the context holds.
+            context.num_computed = len(context.token_ids) - 1
+            context.last_logits = None
         if not context.forked and not context.freed:  # it ended before its fork: the context never came to be
             self.tree.free(context.context_id)
 

@@ -11,23 +11,20 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
 import multiprocessing
 import queue
 import signal
 import threading
 from multiprocessing.connection import Connection
+from multiprocessing.reduction import ForkingPickler
 
 from parrot_lc.engine.async_engine import EngineFront, deliver
 from parrot_lc.engine.context import ContextId
 from parrot_lc.engine.engine import LLMEngine
-from parrot_lc.engine.errors import EngineStepError, EngineUnavailableError, InvalidRequestError
+from parrot_lc.engine.errors import EngineUnavailableError, InvalidRequestError
 from parrot_lc.engine.loader import load_model_info
 from parrot_lc.engine.request import RequestOutput
 from parrot_lc.settings import EngineSettings
-
-log = logging.getLogger("parrot_lc.engine")
-
 
 class ProcessEngine(EngineFront):
     """fill / generate / free_context as coroutines over an engine process (started here, stopped by close)."""
@@ -80,13 +77,16 @@ class ProcessEngine(EngineFront):
         then fails whoever waits)."""
         while (message := self._outbox.get()) is not None:
             try:
-                self._pipe.send(message)
-            except (OSError, ValueError):
-                return
+                data = ForkingPickler.dumps(message)  # what Connection.send does, apart from the pipe's errors
             except Exception as exc:  # a command that cannot be pickled: its caller learns it, the rest go on
                 error = InvalidRequestError(f"the command could not be sent to the engine process: {exc!r}")
                 deliver(self._listeners, [RequestOutput(message[1], "", [], "", finished=True, finish_reason="error",
                                                         error=error)])
+                continue
+            try:
+                self._pipe.send_bytes(data)
+            except (OSError, ValueError):  # the pipe is closed
+                return
 
     async def _start(self, command: str, args: tuple, outputs: asyncio.Queue) -> int:
         """Sends the command under a new key: the child answers under it (free_context too)."""
@@ -167,12 +167,7 @@ def serve_engine(settings: EngineSettings, pipe: Connection) -> None:
                 send([RequestOutput(key, "", [], "", finished=True, finish_reason="error", error=exc)])
                 continue
             keys[request.request_id], requests[key] = key, request.request_id
-        try:
-            outputs = engine.step()
-        except Exception as exc:  # a bug: the step's requests fail, the process serves on
-            log.exception("an engine step failed; the requests in the engine are stopped")
-            outputs = engine.abort_all(EngineStepError(f"the engine failed in a step: {exc!r}"))
-        send([_keyed(o, keys, requests) for o in outputs if o.request_id in keys])
+        send([_keyed(o, keys, requests) for o in engine.step() if o.request_id in keys])
 
 
 def _keyed(output: RequestOutput, keys: dict[int, int], requests: dict[int, int]) -> RequestOutput:

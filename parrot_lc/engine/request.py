@@ -100,12 +100,12 @@ class StreamedText:
         if len(window) > len(before) and (final or not window.endswith("\ufffd")):
             self.text += window[len(before) :]
             self._window_start, self._decoded = self._decoded, len(token_ids)
-        stopped = False
         longest = max((len(stop) for stop in self.stops), default=0)
-        for stop in self.stops:
-            cut = self.text.find(stop, max(0, searched - longest + 1))
-            if cut >= 0:
-                self.text, stopped = self.text[:cut], True
+        found = [self.text.find(stop, max(0, searched - longest + 1)) for stop in self.stops]
+        cut = min((at for at in found if at >= 0), default=-1)  # the stop string that the text has first
+        stopped = cut >= 0
+        if stopped:
+            self.text = self.text[:cut]
         final = final or stopped
         visible = len(self.text) if final else len(self.text) - _held_back(self.text, self.stops)
         delta = self.text[self._emitted : visible]

@@ -324,7 +324,7 @@ class LLMEngine:
             chunks = [c for c in chunks if not c.request.finished]  # ended by a token just read back
             in_flight = None  # its placeholders are tokens now
         in_flight_tokens = in_flight.tokens if in_flight is not None else None
-        launched = self._launch(chunks, in_flight_tokens, outputs) if chunks else None
+        launched = self._launch(chunks, in_flight_tokens, outputs) if chunks else None  # None: nothing sampled
         if in_flight is not None:
             outputs.extend(self._complete(in_flight))
         if launched is not None:
@@ -335,10 +335,10 @@ class LLMEngine:
 
     def _launch(
         self, chunks: list[ScheduledChunk], in_flight_tokens: torch.Tensor | None, outputs: list[RequestOutput]
-    ) -> InFlightStep:
-        """Queues the chunks' model run and the sampling of their ready requests on the device; appends the
-        events of fills that end here to `outputs` (their KV is computed before any later step reads it).
-        `in_flight_tokens`: the step before's sampled tokens, which placeholders stand for."""
+    ) -> InFlightStep | None:
+        """Queues the chunks' model run and the sampling of their ready requests on the device (None: no request
+        samples); appends the events of fills that end here to `outputs` (their KV is computed before any later
+        step reads it). `in_flight_tokens`: the step before's sampled tokens, which placeholders stand for."""
         for chunk in chunks:
             if chunk.request.kind is RequestKind.GENERATE and chunk.request.num_generated:
                 self.decode_tokens += chunk.num_tokens
@@ -349,7 +349,7 @@ class LLMEngine:
         outputs.extend(self._finish(r, "filled") for r in ready if r.kind is RequestKind.FILL)
         requests = [r for r in ready if r.kind is RequestKind.GENERATE]
         if not requests:
-            return InFlightStep(torch.empty(0, dtype=torch.long, device=self.device), [])
+            return None
         logits = torch.stack([r.context.last_logits for r in requests])  # (B, V)
         params, generators = [r.sampling for r in requests], [r.generator for r in requests]
         tokens = self.sampler.sample(logits, params, generators)  # (B,) on the device

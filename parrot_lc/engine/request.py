@@ -123,9 +123,9 @@ def text_decoder(tokenizer: PreTrainedTokenizerBase) -> Callable[[list[int]], st
 
 
 def _held_back(text: str, stops: tuple[str, ...]) -> int:
-    """Characters at the end of `text` not to stream yet: a possible start of a stop string, or a
-    partial UTF-8 character that the tokenizer shows as U+FFFD."""
-    hold = len(text) - len(text.rstrip("\ufffd"))
+    """Characters at the end of `text` not to stream yet: a possible start of a stop string. (A partial UTF-8
+    character never reaches `text` before the output ends: `StreamedText.add` waits for its other bytes.)"""
+    hold = 0
     for stop in stops:
         for n in range(min(len(stop) - 1, len(text)), 0, -1):
             if text.endswith(stop[:n]):

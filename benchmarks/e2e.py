@@ -63,7 +63,7 @@ class Scale:
     max_chat_users: int = 256  # the engine's max_num_seqs
     query_tokens: int = 64
     answer_tokens: int = 64
-    agent_files: int = 8
+    agent_files: int = 16
     role_tokens: int = 1024
     design_tokens: int = 256
     code_tokens: int = 256
@@ -153,7 +153,14 @@ class Driver:
         s = self.scale
         chunks = [self.text(s.chunk_tokens) for _ in range(s.chain_chunks)]
         instruction = CHAIN_INSTRUCTION
-        start = time.perf_counter()
+        with EngineCounters(self.server.base_url) as stats:
+            start = time.perf_counter()
+            await self._chain(chunks, instruction)
+            seconds = time.perf_counter() - start
+        return {"seconds": seconds, **stats.figures()}
+
+    async def _chain(self, chunks: list[str], instruction: str) -> None:
+        s = self.scale
         if self.parrot:
             step = self.function(instruction + "Previous summary: {{input:previous}}\nPart: {{input:chunk}}\n"
                                  "Summary:{{output:summary}}", s.summary_tokens)
@@ -168,7 +175,6 @@ class Driver:
             for chunk in chunks:
                 summary = await self.complete(f"{instruction}Previous summary: {summary}\nPart: {chunk}\nSummary:",
                                               s.summary_tokens)
-        return {"seconds": time.perf_counter() - start}
 
     async def map_reduce_once(self, chunks: list[str], criterion: str = "latency") -> float:
         s = self.scale
@@ -191,8 +197,13 @@ class Driver:
         return time.perf_counter() - start
 
     async def map_reduce(self) -> dict[str, Any]:
-        return {str(n): {"seconds": await self.map_reduce_once([self.text(self.scale.chunk_tokens) for _ in range(n)])}
-                for n in self.scale.map_chunks}
+        result = {}
+        for n in self.scale.map_chunks:
+            chunks = [self.text(self.scale.chunk_tokens) for _ in range(n)]
+            with EngineCounters(self.server.base_url) as stats:
+                seconds = await self.map_reduce_once(chunks)
+            result[str(n)] = {"seconds": seconds, **stats.figures()}
+        return result
 
     async def shared_prompt_chat(self) -> dict[str, Any]:
         s = self.scale
@@ -224,40 +235,54 @@ class Driver:
         return result
 
     async def multi_agent(self) -> dict[str, Any]:
+        """MetaGPT's software company, as the paper's workload takes it from MetaGPT's logs: an architect designs,
+        then rounds of agents work on every file at once, each prompt carrying its role, the design and (after
+        the first round) the whole codebase, and only its own file's part after those: engineers write the
+        files, reviewers review each file against the codebase, engineers revise each file from its review."""
         s = self.scale
         architect_role, engineer_role, reviewer_role = (self.text(s.role_tokens) for _ in range(3))
         task = self.text(s.query_tokens)
         specs = [self.text(s.query_tokens) for _ in range(s.agent_files)]
-        start = time.perf_counter()
+        with EngineCounters(self.server.base_url) as stats:
+            start = time.perf_counter()
+            await self._agents(architect_role, engineer_role, reviewer_role, task, specs)
+            seconds = time.perf_counter() - start
+        return {"seconds": seconds, **stats.figures()}
+
+    async def _agents(self, architect_role: str, engineer_role: str, reviewer_role: str, task: str,
+                      specs: list[str]) -> None:
+        s = self.scale
+        files = range(len(specs))
         if self.parrot:
+            codebase = "\nCodebase:" + "".join(f"\nFile {i}:\n{{{{input:code{i}}}}}" for i in files)
             design_fn = self.function(architect_role + "\nTask: {{input:task}}\nDesign:{{output:design}}",
                                       s.design_tokens)
             code_fn = self.function(engineer_role + "\nDesign: {{input:design}}\nFile: {{input:spec}}\n"
                                     "Code:{{output:code}}", s.code_tokens)
-            review_fn = self.function(reviewer_role + "\nDesign: {{input:design}}\nCode: {{input:code}}\n"
-                                      "Review:{{output:review}}", s.review_tokens)
-            revise_fn = self.function(engineer_role + "\nDesign: {{input:design}}\nCode: {{input:code}}\n"
-                                      "Review: {{input:review}}\nRevised code:{{output:revised}}", s.code_tokens)
+            review_fn = self.function(reviewer_role + "\nDesign: {{input:design}}" + codebase
+                                      + "\nReview file {{input:name}}:{{output:review}}", s.review_tokens)
+            revise_fn = self.function(engineer_role + "\nDesign: {{input:design}}" + codebase
+                                      + "\nReview of file {{input:name}}: {{input:review}}\nRevised code:"
+                                      "{{output:revised}}", s.code_tokens)
             async with self.client.session() as session:
                 async with session.graph():
                     design = design_fn(task)
-                    finals = []
-                    for spec in specs:
-                        code = code_fn(design, spec)
-                        finals.append(revise_fn(design, code, review_fn(design, code)))
+                    codes = [code_fn(design, spec) for spec in specs]
+                    finals = [revise_fn(design, *codes, str(i), review_fn(design, *codes, str(i))) for i in files]
                 await asyncio.gather(*(f.aget() for f in finals))
         else:
             design = await self.complete(f"{architect_role}\nTask: {task}\nDesign:", s.design_tokens)
+            codes = await asyncio.gather(*(self.complete(f"{engineer_role}\nDesign: {design}\nFile: {spec}\nCode:",
+                                                         s.code_tokens) for spec in specs))
+            codebase = "\nCodebase:" + "".join(f"\nFile {i}:\n{code}" for i, code in enumerate(codes))
 
-            async def one_file(spec: str) -> str:
-                code = await self.complete(f"{engineer_role}\nDesign: {design}\nFile: {spec}\nCode:", s.code_tokens)
-                review = await self.complete(f"{reviewer_role}\nDesign: {design}\nCode: {code}\nReview:",
+            async def review_and_revise(i: int) -> str:
+                review = await self.complete(f"{reviewer_role}\nDesign: {design}{codebase}\nReview file {i}:",
                                              s.review_tokens)
-                return await self.complete(f"{engineer_role}\nDesign: {design}\nCode: {code}\nReview: {review}\n"
-                                           f"Revised code:", s.code_tokens)
+                return await self.complete(f"{engineer_role}\nDesign: {design}{codebase}\nReview of file {i}: "
+                                           f"{review}\nRevised code:", s.code_tokens)
 
-            await asyncio.gather(*(one_file(spec) for spec in specs))
-        return {"seconds": time.perf_counter() - start}
+            await asyncio.gather(*(review_and_revise(i) for i in files))
 
     async def gpts(self) -> dict[str, Any]:
         s = self.scale
@@ -331,11 +356,15 @@ def run_mode(args: argparse.Namespace, parrot: bool) -> dict[str, Any]:
             tokenizer = load_model_info(model, Path(work))[1]
 
             async def run_all() -> dict[str, Any]:
+                # Warm-up, untimed: each workload once at the smoke scale, so that what a server does once (Triton
+                # compiling a kernel's variant, and caching it on disk, where only the first mode to run would
+                # pay for it; CUDA loading a kernel's module on its first launch; a template's prefix context
+                # filled) falls in neither mode's figures.
+                warm = Driver(server, tokenizer, SCALES["smoke"], parrot)
+                for name in tqdm(args.workloads, desc="warm-up"):
+                    await getattr(warm, name)()
+                await warm.close()
                 driver = Driver(server, tokenizer, scale, parrot)
-                # Warm-up, untimed: Triton compiles its kernels on first use (and caches them on disk, so
-                # without this only the first mode to run would pay for it).
-                await driver.map_reduce_once([driver.text(scale.chunk_tokens) for _ in range(4)])
-                await driver.chat(driver.text(scale.query_tokens), driver.text(scale.query_tokens), 4)
                 results = {}
                 for name in tqdm(args.workloads, desc="parrot" if parrot else "baseline"):
                     results[name] = await getattr(driver, name)()

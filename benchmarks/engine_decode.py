@@ -13,7 +13,9 @@ import gc
 import json
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from tqdm import tqdm
@@ -45,16 +47,23 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() * 20 / (time.perf_counter() - start)
 
 
-def profile_steps(engine: LLMEngine, label: str) -> None:
-    """Prints where a decode step's time goes (GPU kernels by total time), to explain a gap to the floor."""
+@contextmanager
+def kernel_profile(label: str) -> Iterator[None]:
+    """Prints where the GPU's time went while the block ran (kernels by total time), to explain a gap to a floor."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        yield
+        torch.cuda.synchronize()
+    print(f"--- profile of {label}")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+
+
+def profile_steps(engine: LLMEngine, label: str) -> None:
+    """Prints where 3 decode steps' time goes."""
+    with kernel_profile(f"3 decode steps, {label}"):
         for _ in range(3):
             engine.step()
-        torch.cuda.synchronize()
-    print(f"--- profile of 3 decode steps, {label}")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
 
 
 def bench_ours(model_dir: Path, batches: list[int], profile: bool) -> tuple[dict, float, int]:

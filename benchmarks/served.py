@@ -98,8 +98,8 @@ def metrics(client: httpx.Client) -> dict[str, float]:
 
 
 class EngineCounters:
-    """Tokens prefilled and reused while a `with` block runs, and the largest engine step seen (requests in one
-    step, sampled from /metrics every `interval` seconds)."""
+    """Tokens prefilled, reused and generated and engine steps run while a `with` block runs, and the largest
+    engine step seen (requests in one step, sampled from /metrics every `interval` seconds)."""
 
     def __init__(self, base_url: str, interval: float = 0.05) -> None:
         self.client = httpx.Client(base_url=base_url, timeout=60)
@@ -122,10 +122,10 @@ class EngineCounters:
         self._thread.join()
         after = metrics(self.client)
         self.client.close()
-        self.prefill_tokens = int(after["parrot_prefill_tokens_total"] - self.before["parrot_prefill_tokens_total"])
-        self.reused_tokens = int(after["parrot_prefix_reused_tokens_total"]
-                                 - self.before["parrot_prefix_reused_tokens_total"])
+        self.counts = {name: int(after[f"parrot_{name}_total"] - self.before[f"parrot_{name}_total"])
+                       for name in ("prefill_tokens", "prefix_reused_tokens", "decode_tokens", "engine_steps")}
 
     def figures(self) -> dict[str, int]:
-        return {"prefill_tokens": self.prefill_tokens, "reused_tokens": self.reused_tokens,
+        return {"prefill_tokens": self.counts["prefill_tokens"], "reused_tokens": self.counts["prefix_reused_tokens"],
+                "decode_tokens": self.counts["decode_tokens"], "engine_steps": self.counts["engine_steps"],
                 "max_running": self.max_running}

@@ -1,7 +1,7 @@
 """Decode steps of N sequences forked from one long prefix, in the engine, with the prefix read once per step
 (the shared pass) and read by every sequence (paged, under CUDA graphs), on the GPU.
 
-Llama-2-7B shapes, random bf16 weights, a prefix of P tokens, each fork with 64 own prompt tokens, greedy; also
+Llama-2-7B shapes, random bf16 weights, a prefix of P tokens, each fork with 64 own prompt tokens (`--own`), greedy; also
 the time from submitting the N forks' requests (prompt and generate in one) to the last one's first token.
 Floor of a step = (weight bytes + KV bytes that must be read) / copy bandwidth measured in the same run, with
 the prefix's KV counted once (what sharing can reach) and N times (what reading it per sequence must move
@@ -13,6 +13,7 @@ from memory when it does not stay in L2).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import tempfile
 import time
@@ -21,18 +22,19 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from engine_decode import LLAMA2_7B, copy_bandwidth, profile_steps
+from engine_decode import LLAMA2_7B, copy_bandwidth, kernel_profile, profile_steps
 from parrot_lc.engine import LLMEngine, SamplingParams
 from parrot_lc.settings import EngineSettings
 
-OWN_TOKENS = 64
 STEPS = 16
 MODES = {"auto": None, "shared": 0, "per_sequence": 2**62}  # the runner's min_shared_elements_decode
 
 
-def fork_steps(engine: LLMEngine, forks: int, mode: str, profile: bool) -> tuple[float, float]:
-    """(Milliseconds from submitting `forks` generate requests, each with its own prompt forked from the filled
-    context "prefix", to the last one's first token; milliseconds a decode step of them takes afterwards.)"""
+def fork_steps(engine: LLMEngine, forks: int, own: int, mode: str, profile: bool, profile_prefill: bool
+               ) -> tuple[float, float]:
+    """(Milliseconds from submitting `forks` generate requests, each with its own prompt of `own` tokens forked
+    from the filled context "prefix", to the last one's first token; milliseconds a decode step of them takes
+    afterwards.)"""
     default = engine.runner.min_shared_elements_decode
     if MODES[mode] is not None:
         engine.runner.min_shared_elements_decode = MODES[mode]
@@ -42,11 +44,12 @@ def fork_steps(engine: LLMEngine, forks: int, mode: str, profile: bool) -> tuple
     torch.cuda.synchronize()
     start = time.perf_counter()
     requests = [engine.submit_generate(sampling, c, "prefix",
-                                       token_ids=torch.randint(3, 1000, (OWN_TOKENS,), generator=gen).tolist())
+                                       token_ids=torch.randint(3, 1000, (own,), generator=gen).tolist())
                 for c in ids]
     waiting = {r.request_id for r in requests}
-    while waiting:
-        waiting -= {o.request_id for o in engine.step() if o.token_ids}
+    with kernel_profile(f"the prefill, {mode}, {forks} forks") if profile_prefill else contextlib.nullcontext():
+        while waiting:
+            waiting -= {o.request_id for o in engine.step() if o.token_ids}
     first_token = (time.perf_counter() - start) * 1e3
     for _ in range(3):  # graphs or kernels warmed
         engine.step()
@@ -70,7 +73,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/shared_prefix_decode.json"))
     parser.add_argument("--prefix", type=int, default=4096)
     parser.add_argument("--forks", type=int, nargs="+", default=[8, 23, 64, 128, 230])
-    parser.add_argument("--profile", type=int, nargs="*", default=[], help="N values to profile")
+    parser.add_argument("--own", type=int, default=64, help="each fork's own prompt tokens")
+    parser.add_argument("--profile", type=int, nargs="*", default=[], help="N values whose decode steps to profile")
+    parser.add_argument("--profile-prefill", type=int, nargs="*", default=[],
+                        help="N values whose prefill to profile (the first token's time then includes the profiler's)")
     args = parser.parse_args()
 
     bandwidth = copy_bandwidth()
@@ -84,8 +90,9 @@ def main() -> None:
     engine.fill(prefix, "prefix")
     results = {}
     for forks in tqdm(args.forks, desc="forks"):
-        own = OWN_TOKENS + STEPS
-        timings = {mode: fork_steps(engine, forks, mode, forks in args.profile) for mode in MODES}
+        own = args.own + STEPS
+        timings = {mode: fork_steps(engine, forks, args.own, mode, forks in args.profile, forks in args.profile_prefill)
+                   for mode in MODES}
         results[str(forks)] = {
             **{f"{mode}_ms": step for mode, (_, step) in timings.items()},
             **{f"{mode}_first_token_ms": first for mode, (first, _) in timings.items()},
@@ -97,7 +104,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(),
         "model": "Llama-2-7B shapes, random bf16 weights",
         "prefix_tokens": args.prefix,
-        "own_tokens": OWN_TOKENS,
+        "own_tokens": args.own,
         "copy_bandwidth_gb_s": bandwidth / 1e9,
         "min_shared_elements_decode": engine.runner.min_shared_elements_decode,
         "overlap_steps": engine.overlap_steps,

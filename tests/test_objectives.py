@@ -4,7 +4,8 @@ import pytest
 
 from parrot_lc.server.errors import GraphError
 from parrot_lc.server.graph import (
-    Call, CallState, Criterion, Piece, Session, Variable, deduce_objectives, fetch_objective, validate_new_calls,
+    Call, CallState, Criterion, Piece, Session, Variable, deduce_objectives, fetch_objective, mark_shared_pieces,
+    validate_new_calls,
 )
 
 
@@ -100,3 +101,33 @@ def test_only_the_first_fetch_of_a_variable_names_its_criterion(session):
     fetch_objective(session, session.variables["out:b"], Criterion.THROUGHPUT)
     fetch_objective(session, session.variables["out:b"], Criterion.LATENCY)
     assert not calls["b"].latency_critical
+
+
+# ---- prompt prefixes shared through variables ------------------------------------------------------------------
+
+
+def agent_call(name: str, *inputs: str) -> Call:
+    """A call whose prompt is a role's text, then each input variable after a label, then its output."""
+    pieces = [Piece("text", "You are a reviewer.\n")]
+    for var_id in inputs:
+        pieces += [Piece("text", f"{var_id}: "), Piece("input", var_id=var_id)]
+    return Call(name, "s", pieces + [Piece("output", var_id=f"out:{name}")])
+
+
+def test_calls_that_read_the_same_variables_first_share_those_pieces():
+    calls = [agent_call(f"review{i}", "design", "code", f"file{i}") for i in range(3)]
+    mark_shared_pieces(calls)
+    # The role, "design: ", design, "code: ", code, "file…: ": the file's label differs.
+    assert [c.shared_pieces for c in calls] == [5, 5, 5]
+
+
+def test_a_call_shares_with_the_call_that_begins_like_it_longest():
+    calls = [agent_call("a", "design", "code"), agent_call("b", "design", "code"), agent_call("c", "design", "x")]
+    mark_shared_pieces(calls)
+    assert [c.shared_pieces for c in calls] == [5, 5, 3]
+
+
+def test_a_call_that_begins_like_no_other_shares_nothing():
+    calls = [agent_call("a", "design"), Call("b", "s", [Piece("text", "Other.\n"), Piece("output", var_id="out:b")])]
+    mark_shared_pieces(calls)
+    assert [c.shared_pieces for c in calls] == [0, 0]

@@ -3,6 +3,7 @@ request gets a 4xx JSON error while the server keeps serving."""
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from parrot_lc.engine import LLMEngine, SamplingParams
 from parrot_lc.settings import EngineSettings
@@ -75,6 +76,28 @@ def test_map_reduce_graph_equals_calls_run_one_by_one_and_fills_the_shared_prefi
     reduce_tokens = tokens("Combine these summaries into one:\n" + "".join(m + "\n" for m in expected_maps))
     # The prefix (less at most a boundary token) was filled once, not 8 times.
     assert prefilled <= map_tokens - 7 * (tokens(MAP_PREFIX) - 1) + reduce_tokens
+
+
+def test_calls_that_read_the_same_variable_first_fill_its_text_once(client, local_server, reference_engine):
+    session = Session(client)
+    role = "You are an engineer of a small team. Write the file the design asks for, and nothing else.\nDesign: "
+    design_text = " ".join(f"Module {i} keeps the ledger of harbour {i} and reports to the council." for i in range(6))
+    design = session.var(design_text)
+    files = [session.var(f"ledger_{i}.py") for i in range(4)]
+    codes = [session.var() for _ in files]
+    engineers = [[{"text": role}, {"input": design}, {"text": "\nFile: "}, {"input": f},
+                  {"output": c, "sampling": GREEDY}] for f, c in zip(files, codes)]
+    before = local_server.manager.engines[0].engine.stats().prefill_tokens
+    assert session.submit(*engineers).status_code == 201
+    values = [session.get(c).json()["value"] for c in codes]
+
+    shared = role + design_text + "\nFile: "
+    assert values == [run_alone(reference_engine, shared + f"ledger_{i}.py", 6) for i in range(4)]
+    prefilled = local_server.manager.engines[0].engine.stats().prefill_tokens - before
+    prompts = sum(len(reference_engine.tokenizer(shared + f"ledger_{i}.py").input_ids) for i in range(4))
+    shared_tokens = len(reference_engine.tokenizer(shared).input_ids)
+    # The role and the design's value (less at most a boundary token) were filled once, not 4 times.
+    assert prefilled <= prompts - 3 * (shared_tokens - 1)
 
 
 def test_a_chain_of_4_calls_runs_with_one_submission_and_one_fetch(client, reference_engine):
@@ -203,6 +226,22 @@ def test_health_and_prometheus_metrics(client):
                  "parrot_requests", "parrot_queue_length", "parrot_engine_calls"):
         assert name in text
     assert 'parrot_engine_calls{engine="engine-0"}' in text
+
+
+def test_metrics_count_the_engine_steps_and_generated_tokens(client):
+    def metrics() -> dict[str, float]:
+        families = text_string_to_metric_families(client.get("/metrics").text)
+        return {sample.name: sample.value for family in families for sample in family.samples}
+
+    body = {"model": "tiny", "prompt": "Count my steps", "max_tokens": 4, "ignore_eos": True}
+    client.post("/v1/completions", json=body)  # the first fills the prompt's prefix context (a step of its own)
+    before = metrics()
+    client.post("/v1/completions", json=body)
+    after = metrics()
+    # One step prefills the prompt's last token and samples the first token; each of the other three feeds a
+    # token back.
+    assert after["parrot_decode_tokens_total"] - before["parrot_decode_tokens_total"] == 3
+    assert after["parrot_engine_steps_total"] - before["parrot_engine_steps_total"] == 4
 
 
 def test_openapi_schema_documents_the_api(client):

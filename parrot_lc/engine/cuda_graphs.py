@@ -10,7 +10,7 @@ import torch
 from parrot_lc.engine.attention import AttentionMetadata, DecodeLayout
 from parrot_lc.engine.host_to_device import to_device
 from parrot_lc.engine.models.llama import LlamaForCausalLM
-from parrot_lc.engine.triton_attention import shared_splits
+from parrot_lc.engine.triton_attention import rows_per_tile, shared_splits
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 GROUP_BUCKETS = (0, 1, 2, 4, 8)  # shared-prefix groups a graph has room for; a step with more runs eagerly
@@ -163,7 +163,9 @@ class DecodeGraphs:
             # Every row is merged: a row in no group has the shared pass's empty result (lse -inf), which leaves
             # its own result as it is; a padding row has neither and comes out 0.
             plan["shared_rows"] = rows[:-1].long()
-            plan["splits"] = shared_splits(device, group_bucket * num_kv_heads, self.max_blocks * self.block_size)
+            tiles = -(-bucket // rows_per_tile(bucket, self.model.config.num_heads // num_kv_heads))
+            plan["splits"] = shared_splits(device, group_bucket * num_kv_heads * tiles,
+                                           self.max_blocks * self.block_size)
 
     @torch.inference_mode()
     def _capture(self, bucket: int, group_bucket: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:

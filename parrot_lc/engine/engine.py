@@ -48,6 +48,7 @@ class EngineStats:
     num_waiting: int
     num_contexts: int
     num_preemptions: int
+    num_steps: int = 0  # batches run (prefill chunks and decode rows together)
 
 
 @dataclass
@@ -146,6 +147,7 @@ class LLMEngine:
         self._requests: dict[int, Request] = {}
         self.prefill_tokens = 0
         self.decode_tokens = 0
+        self.num_steps = 0
 
     def _kv_cache_bytes(self) -> int:
         if self.settings.kv_cache_bytes is not None:
@@ -288,6 +290,7 @@ class LLMEngine:
             num_waiting=self.scheduler.num_waiting,
             num_contexts=len(self.tree),
             num_preemptions=self.scheduler.num_preemptions,
+            num_steps=self.num_steps,
         )
 
     def context_logits(self, context_id: ContextId) -> torch.Tensor | None:
@@ -344,6 +347,7 @@ class LLMEngine:
                 self.decode_tokens += chunk.num_tokens
             else:
                 self.prefill_tokens += chunk.num_tokens
+        self.num_steps += 1
         self.runner.run(chunks, in_flight_tokens)
         ready = [c.request for c in chunks if c.request.context.num_pending == 0]
         outputs.extend(self._finish(r, "filled") for r in ready if r.kind is RequestKind.FILL)

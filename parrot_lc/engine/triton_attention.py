@@ -118,8 +118,7 @@ def paged_attention(
     num_tokens, num_heads, head_dim = q.shape
     page, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
-    # A tile has BLOCK_M query rows x G heads, at least 16 rows for tensor-core dots.
-    block_m = max(1, 16 // group) if max_rows == 1 else max(1, 64 // group)
+    block_m = rows_per_tile(max_rows, group)
     block_n = block_n or (32 if head_dim <= 64 else 64)
     num_sets = row_ptr.numel() - 1
     tiles = triton.cdiv(max_rows, block_m)
@@ -145,6 +144,12 @@ def paged_attention(
     return (weights[..., None] * out).sum(0).to(q.dtype), total
 
 
+def rows_per_tile(max_rows: int, group: int) -> int:
+    """Query rows (tokens) in one program's tile of `paged_attention`: with G heads each, at least 16 rows for
+    tensor-core dots."""
+    return max(1, 16 // group) if max_rows == 1 else max(1, 64 // group)
+
+
 class TritonBackend(AttentionBackend):
     """Paged attention in Triton. Steps with prefill chunks: own parts in one launch, all shared prefixes in
     another, merged by LSE. Decode steps: the fused decode kernel (`decode`)."""
@@ -156,15 +161,19 @@ class TritonBackend(AttentionBackend):
     # 4,096-token prefix (1.2e8 saved elements: 8.4 against 9.0 ms a step) and far faster with more (230 forks:
     # 27 against 82 ms); below about half that saving the extra pass is not worth its launches.
     min_shared_elements = 60_000_000
-    # Decode steps read a shared prefix in the same launch as the own parts (triton_decode.py), which was
-    # faster than reading it per sequence in every case of benchmarks/kernel_shared_prefix.py but one, within
-    # 3 us (16 sequences, 8 KV heads, a 1,024-token prefix).
-    min_shared_elements_decode = 0
+    # Decode steps read a shared prefix in the same launch as the own parts (triton_decode.py). A small one is
+    # still cheaper read per sequence: 16 sequences of 8 KV heads forked from 1,024 tokens (1.6e7 elements saved)
+    # took 0.029 against 0.026 ms a layer shared (benchmarks/kernel_shared_prefix.py, H200), and in the engine 8
+    # and 32 forks of a 48-token prefix (a map step's instruction: 1.4e6 and 6.1e6) took 7.78 and 11.50 ms a step
+    # against 7.57 and 11.40 (shared_prefix_decode.py --prefix 48 --own 1024, H100). From 6.3e7 up, sharing was
+    # the faster in every case of the kernel table.
+    min_shared_elements_decode = 32_000_000
     decodes_in_graphs = True
 
     def forward(self, q, k, v, k_cache, v_cache, meta, scale):
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        plan = meta.plan.get("triton") or meta.plan.setdefault("triton", self._plan(meta, k_cache.shape[2]))
+        plan = meta.plan.get("triton") or meta.plan.setdefault("triton", self._plan(meta, k_cache.shape[2],
+                                                                                    q.shape[1] // k_cache.shape[2]))
         if "decode" in plan:
             return self.decode(q, k_cache, v_cache, plan["decode"], scale)
         out, lse = paged_attention(q, k_cache, v_cache, plan["positions"], *plan["own"], scale=scale,
@@ -197,7 +206,7 @@ class TritonBackend(AttentionBackend):
         return decode_attention(q, k_cache, v_cache, layout, scale)
 
     @staticmethod
-    def _plan(meta: AttentionMetadata, num_kv_heads: int) -> dict:
+    def _plan(meta: AttentionMetadata, num_kv_heads: int, group: int) -> dict:
         device = meta.slot_mapping.device
         if meta.sliding_window is None and all(n == 1 for n in meta.query_lens):
             return {"decode": DecodeLayout.of_step(meta)}
@@ -226,13 +235,16 @@ class TritonBackend(AttentionBackend):
             )
             plan["shared_rows"] = rows
             longest = max(p.num_tokens for p in meta.shared)
-            plan["splits"] = shared_splits(device, len(meta.shared) * num_kv_heads, longest)
+            tile = rows_per_tile(max(sizes), group)
+            plan["splits"] = shared_splits(device, sum(-(-n // tile) for n in sizes) * num_kv_heads, longest)
         return plan
 
 
 def shared_splits(device: torch.device, programs: int, longest: int) -> int:
-    """A long shared prefix read by few programs (one per group and KV head) leaves most SMs idle: split it
-    into ranges of at least 256 tokens until there are about two programs per SM."""
+    """A long shared prefix read by few programs (one per tile of a group's rows and KV head) leaves most SMs
+    idle: split it into ranges of at least 256 tokens until there are about two programs per SM. Many forks'
+    rows are enough programs unsplit: splitting them would only write float32 partials for the merge to read
+    (at 230 forks of 64 rows, 9 splits wrote 0.6 GB a layer in a step of 4,096 rows)."""
     if device.type != "cuda":
         return 1
     sms = multiprocessors(device)

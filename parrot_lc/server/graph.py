@@ -2,13 +2,17 @@
 
 A call is a prompt template of pieces (constant text, input variables, output variables). Variables are the
 edges: produced by at most one call, consumed by any number. Analysis finds the DAG's order, rejects cycles
-and variables produced twice, and deduces each call's scheduling objective from the criteria of fetches.
+and variables produced twice, deduces each call's scheduling objective from the criteria of fetches, and finds
+the prompt prefixes that calls of a graph will share (the same text and the same variables, see
+`mark_shared_pieces`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import secrets
+from collections import Counter
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import AsyncIterator
@@ -123,6 +127,8 @@ class Call:
     # The prompt's token ids (the text before the first output), when the submitter has tokenized it already (an
     # OpenAI-compatible request, for its length check): a long prompt is tokenized once, not again here.
     prompt_token_ids: list[int] | None = None
+    # Leading pieces that another call of its graph begins with too (`mark_shared_pieces`); 0: none.
+    shared_pieces: int = 0
 
     @property
     def inputs(self) -> list[str]:
@@ -136,6 +142,20 @@ class Call:
     def constant_prefix(self) -> str:
         """The text before the first variable: shared by every call of the same template."""
         return self.pieces[0].text if self.pieces and self.pieces[0].kind == "text" else ""
+
+
+def mark_shared_pieces(calls: list[Call]) -> None:
+    """Sets each call's `shared_pieces`: the most pieces before its first output that another of the calls begins
+    with too (the same texts, the same input variables). Once those inputs have values, such calls' prompts begin
+    with the same text, which is then filled once and forked: prefix sharing through Semantic Variables (a
+    design and a codebase that every agent of a round reads), not only through a template's constant text."""
+    def key(piece: Piece) -> tuple[str, str]:
+        return (piece.kind, piece.text if piece.kind == "text" else piece.var_id)
+
+    heads = [tuple(key(p) for p in itertools.takewhile(lambda p: p.kind != "output", call.pieces)) for call in calls]
+    counts = Counter(head[:k] for head in heads for k in range(1, len(head) + 1))
+    for call, head in zip(calls, heads):
+        call.shared_pieces = max((k for k in range(1, len(head) + 1) if counts[head[:k]] > 1), default=0)
 
 
 @dataclass(eq=False)

@@ -43,6 +43,7 @@ from parrot_lc.server.graph import (
     Variable,
     deduce_objectives,
     fetch_objective,
+    mark_shared_pieces,
     validate_new_calls,
 )
 from parrot_lc.server.prefix_cache import PrefixCache, PromptPrefix
@@ -262,6 +263,7 @@ class ParrotManager:
         self._check_accepting()
         calls = [Call(f"c{next(self._ids)}", session.session_id, pieces) for pieces in pieces_of_calls]
         validate_new_calls(session, calls)
+        mark_shared_pieces(calls)
         for index, call in enumerate(calls):
             for piece in call.pieces:
                 if piece.sampling is not None:
@@ -349,7 +351,7 @@ class ParrotManager:
         segments = self._segments(session, call)
         token_ids = call.prompt_token_ids if call.prompt_token_ids is not None else self.tokenize(segments[0][0])
         call.prompt_tokens = len(token_ids)
-        prefix = self._shared_prefix(call.constant_prefix, token_ids) if self.app_centric else None
+        prefix = self._shared_prefix(self._prefix_text(session, call), token_ids) if self.app_centric else None
         while True:
             slot = self._place(call, prefix)
             try:
@@ -481,12 +483,21 @@ class ParrotManager:
             segments.append(("".join(text), None))
         return segments
 
-    def _shared_prefix(self, constant_prefix: str, token_ids: list[int]) -> PromptPrefix | None:
-        """The tokens of the prompt that its template's constant prefix fixes (tokenization may merge across
-        the prefix's end, so only the part on which both tokenizations agree is shared); None if none."""
-        if not constant_prefix:
+    @staticmethod
+    def _prefix_text(session: Session, call: Call) -> str:
+        """The text that begins the call's prompt and others': its pieces shared in its graph, their inputs
+        filled in, or else its template's constant prefix (shared by every call of the template)."""
+        if call.shared_pieces == 0:
+            return call.constant_prefix
+        return "".join(piece.text if piece.kind == "text" else session.variables[piece.var_id].value
+                       for piece in call.pieces[:call.shared_pieces])
+
+    def _shared_prefix(self, prefix_text: str, token_ids: list[int]) -> PromptPrefix | None:
+        """The tokens of the prompt that its shared prefix text fixes (tokenization may merge across the
+        prefix's end, so only the part on which both tokenizations agree is shared); None if none."""
+        if not prefix_text:
             return None
-        shared = common_length(self._prefix_tokens(constant_prefix), token_ids)
+        shared = common_length(self._prefix_tokens(prefix_text), token_ids)
         # Keep at least one token of the prompt for the call itself, so that it computes its own logits.
         shared = min(shared, len(token_ids) - 1)
         return PromptPrefix.of(token_ids[:shared]) if shared > 0 else None

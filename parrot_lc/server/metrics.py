@@ -50,6 +50,10 @@ class ManagerCollector:
                                   value=sum(st.prefill_tokens for _, st in stats))
         yield CounterMetricFamily("parrot_prefix_reused_tokens", "Tokens served from a forked or cached context",
                                   value=sum(st.reused_tokens for _, st in stats))
+        yield CounterMetricFamily("parrot_decode_tokens", "Generated tokens fed back through the model",
+                                  value=sum(st.decode_tokens for _, st in stats))
+        yield CounterMetricFamily("parrot_engine_steps", "Batches the engines ran (prefill and decode together)",
+                                  value=sum(st.num_steps for _, st in stats))
 
 
 def registry_for(manager: ParrotManager) -> CollectorRegistry:

@@ -123,6 +123,7 @@ class EngineStatsBody(BaseModel):
     num_waiting: NonNegativeInt = 0
     num_contexts: NonNegativeInt = 0
     num_preemptions: NonNegativeInt = 0
+    num_steps: NonNegativeInt = 0
 
 
 class RegisterEngine(BaseModel):

@@ -132,6 +132,15 @@ def test_a_fetch_past_its_timeout_raises_variable_timeout_error(client):
         assert isinstance(info.value, TimeoutError)
 
 
+def test_a_graph_makes_all_its_variables_in_one_request(client, sent):
+    with client.session() as session:
+        with session.graph():
+            summaries = [summarize(f"Part {i} of the report.") for i in range(6)]
+        [value.get() for value in summaries]
+    made = [p for m, p in sent if m == "POST" and "variables" in p]
+    assert made == [f"/api/sessions/{session.session_id}/variables:batchCreate"]  # 6 inputs and 6 outputs
+
+
 def test_unknown_sessions_and_variables_raise_not_found(client):
     with pytest.raises(NotFoundError, match="unknown session"):
         client.session("no-such-session", "some-token").status()

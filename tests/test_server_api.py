@@ -144,6 +144,25 @@ def assert_error(response: httpx.Response, status: int, words: str) -> None:
     assert words in error["message"] or words == error["field"], error
 
 
+def test_variables_made_in_one_request_come_back_in_order_with_their_values(client):
+    session = Session(client)
+    body = {"variables": [{"name": "a", "value": "first"}, {"name": "b"}, {"value": "third"}]}
+    response = client.post(f"/api/sessions/{session.id}/variables:batchCreate", json=body, headers=session.headers)
+    assert response.status_code == 201
+    made = response.json()["variables"]
+    assert [v["name"] for v in made] == ["a", "b", ""]
+    assert session.get(made[0]["var_id"]).json()["value"] == "first"
+    assert session.get(made[2]["var_id"]).json()["value"] == "third"
+    assert session.get(made[1]["var_id"], timeout=0.1).status_code == 408  # made without a value
+
+
+def test_an_empty_batch_of_variables_is_422_naming_the_field(client):
+    session = Session(client)
+    response = client.post(f"/api/sessions/{session.id}/variables:batchCreate", json={"variables": []},
+                           headers=session.headers)
+    assert response.status_code == 422 and "variables" in response.text
+
+
 def test_malformed_json_is_400(client):
     assert_error(client.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"}),
                  400, "malformed JSON")
@@ -234,14 +253,20 @@ def test_metrics_count_the_engine_steps_and_generated_tokens(client):
         return {sample.name: sample.value for family in families for sample in family.samples}
 
     body = {"model": "tiny", "prompt": "Count my steps", "max_tokens": 4, "ignore_eos": True}
-    client.post("/v1/completions", json=body)  # the first fills the prompt's prefix context (a step of its own)
     before = metrics()
     client.post("/v1/completions", json=body)
     after = metrics()
-    # One step prefills the prompt's last token and samples the first token; each of the other three feeds a
-    # token back.
+    # One step prefills the prompt and samples the first token; each of the other three feeds a token back.
     assert after["parrot_decode_tokens_total"] - before["parrot_decode_tokens_total"] == 3
     assert after["parrot_engine_steps_total"] - before["parrot_engine_steps_total"] == 4
+
+
+def test_a_completion_runs_in_one_context_without_parking_its_prompt_as_a_prefix(client, local_server):
+    prefixes = local_server.manager.engines[0].prefixes
+    count = len(prefixes)
+    body = {"model": "tiny", "prompt": "A prompt no other request has sent before", "max_tokens": 2}
+    assert client.post("/v1/completions", json=body).status_code == 200
+    assert len(prefixes) == count
 
 
 def test_openapi_schema_documents_the_api(client):

@@ -172,9 +172,9 @@ class BaseSession:
         if not new:
             return
         yield from self._open_steps()
-        bodies = yield [self._request("POST", "variables", json=_creation(v)) for v in new]
-        for variable, body in zip(new, bodies):
-            variable._var_id = body["var_id"]
+        [body] = yield [self._request("POST", "variables:batchCreate", json={"variables": [_creation(v) for v in new]})]
+        for variable, made in zip(new, body["variables"]):
+            variable._var_id = made["var_id"]
 
     def _flush_steps(self) -> Steps[None]:
         calls, self._pending = self._pending, []

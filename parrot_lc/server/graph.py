@@ -140,8 +140,13 @@ class Call:
 
     @property
     def constant_prefix(self) -> str:
-        """The text before the first variable: shared by every call of the same template."""
-        return self.pieces[0].text if self.pieces and self.pieces[0].kind == "text" else ""
+        """The text before the first variable where the template goes on after it (a role before its inputs, a
+        chat's system part before the rest): shared by every call of the template. A prompt that is one text (an
+        OpenAI completion) has none: a context of its own to fork it from would cost a step and hold KV for no
+        other call (calls of one graph that repeat it still share it, see `mark_shared_pieces`)."""
+        if len(self.pieces) > 1 and self.pieces[0].kind == "text" and self.pieces[1].kind != "output":
+            return self.pieces[0].text
+        return ""
 
 
 def mark_shared_pieces(calls: list[Call]) -> None:

@@ -74,6 +74,16 @@ class VariableRef(BaseModel):
     name: str
 
 
+class NewVariables(StrictModel):
+    """Several variables made in one request (a graph's inputs: one round trip, not one each)."""
+
+    variables: list[NewVariable] = Field(min_length=1)
+
+
+class VariableRefs(BaseModel):
+    variables: list[VariableRef]
+
+
 class SetValue(StrictModel):
     value: str
 

@@ -208,8 +208,9 @@ class ParrotLLM(ParrotParams, BaseLLM):
         path = f"/api/sessions/{session['session_id']}"
         headers = {"X-Session-Token": session["session_token"]}
         try:
-            var_ids = [self._request(url, "POST", f"{path}/variables", json={}, headers=headers)["var_id"]
-                       for _ in prompts]
+            made = self._request(url, "POST", f"{path}/variables:batchCreate", json=_new_variables(len(prompts)),
+                                 headers=headers)
+            var_ids = [v["var_id"] for v in made["variables"]]
             self._request(url, "POST", f"{path}/calls", json=self._graph_calls(prompts, var_ids, stop, kwargs),
                           headers=headers)
             # Every call runs on the server from the submission on; the fetches only wait for the values.
@@ -233,9 +234,9 @@ class ParrotLLM(ParrotParams, BaseLLM):
             path = f"/api/sessions/{session['session_id']}"
             headers = {"X-Session-Token": session["session_token"]}
             try:
-                created = await asyncio.gather(*(
-                    self._arequest(client, "POST", f"{path}/variables", json={}, headers=headers) for _ in prompts))
-                var_ids = [body["var_id"] for body in created]
+                made = await self._arequest(client, "POST", f"{path}/variables:batchCreate",
+                                            json=_new_variables(len(prompts)), headers=headers)
+                var_ids = [v["var_id"] for v in made["variables"]]
                 await self._arequest(client, "POST", f"{path}/calls",
                                      json=self._graph_calls(prompts, var_ids, stop, kwargs), headers=headers)
                 values = await asyncio.gather(*(
@@ -247,3 +248,8 @@ class ParrotLLM(ParrotParams, BaseLLM):
                     pass
         return LLMResult(generations=[[Generation(text=body["value"])] for body in values],
                          llm_output={"model_name": self._model_name(kwargs.get("model"))})
+
+
+def _new_variables(count: int) -> dict[str, Any]:
+    """The body that makes `count` unset variables in one request (the outputs of a batch's calls)."""
+    return {"variables": [{} for _ in range(count)]}

@@ -54,6 +54,16 @@ def test_only_parrot_reuses_the_shared_system_prompt(smoke_run):
     assert gpts["parrot"]["prefill_tokens"] < gpts["baseline"]["prefill_tokens"]
 
 
+def test_agents_fill_the_design_and_codebase_they_all_read_once(smoke_run):
+    """Multi-agent prompts share text through variables (the design, the files' code), not only a template's
+    constant text: parrot_lc fills it once a round, the baseline once a prompt. Both generate the same tokens."""
+    agents = smoke_run["workloads"]["multi_agent"]
+    assert agents["baseline"]["reused_tokens"] == 0
+    assert agents["parrot"]["reused_tokens"] > agents["parrot"]["prefill_tokens"]
+    assert agents["parrot"]["prefill_tokens"] < agents["baseline"]["prefill_tokens"]
+    assert agents["parrot"]["decode_tokens"] == agents["baseline"]["decode_tokens"]
+
+
 def test_transformers_is_timed_on_the_workloads_small_enough_for_it(smoke_run):
     workloads = smoke_run["workloads"]
     assert workloads["chain_summary"]["hf"]["seconds"] > 0

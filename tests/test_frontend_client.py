@@ -18,6 +18,7 @@ from parrot_lc.frontend import (
     VariableTimeoutError,
     semantic_function,
 )
+from parrot_lc.settings import EngineSettings, ServerSettings
 
 GREEDY = {"max_tokens": 6, "temperature": 0.0}
 MAP_PREFIX = "Summarize the following part of a long report in one short sentence, keeping its key facts. Part: "
@@ -139,6 +140,18 @@ def test_a_graph_makes_all_its_variables_in_one_request(client, sent):
         [value.get() for value in summaries]
     made = [p for m, p in sent if m == "POST" and "variables" in p]
     assert made == [f"/api/sessions/{session.session_id}/variables:batchCreate"]  # 6 inputs and 6 outputs
+
+
+def test_a_graph_whose_inputs_together_pass_the_body_limit_still_runs():
+    """Its variables are made in one request while they fit the server's limit on a body; past it, one each."""
+    from parrot_lc.server.local import LocalServer
+
+    engine = EngineSettings(model="tiny", device="cpu", dtype="float32", kv_cache_bytes=16 * 2**20)
+    with LocalServer(engine, ServerSettings(port=0, max_request_bytes=32 * 1024)) as server:
+        with ParrotClient(server.base_url, timeout=60) as client, client.session() as session:
+            with session.graph():
+                parts = [summarize(f"Part {i}: " + "sales grew. " * 800) for i in range(4)]  # about 9.6 KB each
+            assert all(isinstance(p.get(), str) for p in parts)
 
 
 def test_unknown_sessions_and_variables_raise_not_found(client):

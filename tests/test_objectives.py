@@ -1,5 +1,7 @@
 """Objective deduction on known DAGs: which calls are latency-critical and which form task groups."""
 
+import time
+
 import pytest
 
 from parrot_lc.server.errors import GraphError
@@ -131,3 +133,11 @@ def test_a_call_that_begins_like_no_other_shares_nothing():
     calls = [agent_call("a", "design"), Call("b", "s", [Piece("text", "Other.\n"), Piece("output", var_id="out:b")])]
     mark_shared_pieces(calls)
     assert [c.shared_pieces for c in calls] == [0, 0]
+
+
+def test_finding_shared_pieces_is_not_quadratic_in_a_calls_pieces():
+    """It runs on the event loop as a graph is submitted: one call of 16,000 pieces (a 224 KB body) is quick."""
+    call = Call("c0", "s", [Piece("text", "") for _ in range(16_000)] + [Piece("output", var_id="o")])
+    start = time.perf_counter()
+    mark_shared_pieces([call, call])
+    assert time.perf_counter() - start < 0.5 and call.shared_pieces == 16_000

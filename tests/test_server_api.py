@@ -100,6 +100,36 @@ def test_calls_that_read_the_same_variable_first_fill_its_text_once(client, loca
     assert prefilled <= prompts - 3 * (shared_tokens - 1)
 
 
+def test_calls_sharing_a_variable_share_one_prefix_whatever_text_follows_it(client, local_server):
+    """The design's last token merges with "s of …" and not with ", then": one prefix context all the same."""
+    session = Session(client)
+    design = session.var(" ".join(f"Module {i} keeps the ledger of harbour {i}." for i in range(20))
+                         + " The ledger keeps accounts")
+    outputs = [session.var() for _ in range(4)]
+    calls = [[{"text": "You are an engineer.\nDesign: "}, {"input": design}, {"text": tail},
+              {"output": out, "sampling": GREEDY}] for tail, out in zip(["s of harbours", "s of ships", ", then", ", and"], outputs)]
+    prefixes = local_server.manager.engines[0].prefixes
+    before = len(prefixes)
+    assert session.submit(*calls).status_code == 201
+    assert all(session.get(out).status_code == 200 for out in outputs)
+    assert len(prefixes) - before == 1
+
+
+def test_a_prefix_made_of_a_sessions_variables_is_freed_with_the_session(client, local_server):
+    session = Session(client)
+    design = session.var("The harbour ledger keeps every ship's cargo, berth and fees, by day.")
+    outputs = [session.var() for _ in range(3)]
+    calls = [[{"text": "You are a reviewer.\nDesign: "}, {"input": design}, {"text": f"\nReview part {i}:"},
+              {"output": out, "sampling": GREEDY}] for i, out in enumerate(outputs)]
+    prefixes = local_server.manager.engines[0].prefixes
+    before = len(prefixes)
+    assert session.submit(*calls).status_code == 201
+    assert all(session.get(out).status_code == 200 for out in outputs)
+    assert len(prefixes) == before + 1  # the role and the design, filled once for the three calls
+    assert client.delete(f"/api/sessions/{session.id}", headers=session.headers).status_code == 204
+    assert len(prefixes) == before
+
+
 def test_a_chain_of_4_calls_runs_with_one_submission_and_one_fetch(client, reference_engine):
     session = Session(client)
     variables = [session.var("Once upon a time")] + [session.var() for _ in range(4)]

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 
-from parrot_lc.frontend.errors import GraphError, ParrotError
+from parrot_lc.frontend.errors import GraphError, InvalidRequestError, ParrotError
 from parrot_lc.frontend.template import Template, Text
 from parrot_lc.frontend.variable import SemanticVariable
 
@@ -30,6 +30,8 @@ if TYPE_CHECKING:
     from parrot_lc.frontend.client import AsyncParrotClient, ParrotClient
 
 T = TypeVar("T")
+# Variables made by one request (the server takes up to 4,096): a graph's inputs and outputs in a round trip or few.
+NEW_VARIABLES_PER_REQUEST = 1024
 
 
 @dataclass(frozen=True)
@@ -172,9 +174,19 @@ class BaseSession:
         if not new:
             return
         yield from self._open_steps()
-        [body] = yield [self._request("POST", "variables:batchCreate", json={"variables": [_creation(v) for v in new]})]
-        for variable, made in zip(new, body["variables"]):
-            variable._var_id = made["var_id"]
+        try:
+            parts = [new[i:i + NEW_VARIABLES_PER_REQUEST] for i in range(0, len(new), NEW_VARIABLES_PER_REQUEST)]
+            bodies = yield [self._request("POST", "variables:batchCreate",
+                                          json={"variables": [_creation(v) for v in part]}) for part in parts]
+            var_ids = [made["var_id"] for body in bodies for made in body["variables"]]
+        except InvalidRequestError as exc:
+            if exc.status != 413 or len(new) == 1:
+                raise
+            # The values together pass the server's limit on a request's body: one request each, as each fits.
+            bodies = yield [self._request("POST", "variables", json=_creation(v)) for v in new]
+            var_ids = [made["var_id"] for made in bodies]
+        for variable, var_id in zip(new, var_ids):
+            variable._var_id = var_id
 
     def _flush_steps(self) -> Steps[None]:
         calls, self._pending = self._pending, []

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import secrets
-from collections import Counter
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import AsyncIterator
@@ -131,6 +130,11 @@ class Call:
     shared_pieces: int = 0
 
     @property
+    def shares_variables(self) -> bool:
+        """Whether the prefix it shares in its graph holds a variable's value (see `mark_shared_pieces`)."""
+        return any(piece.kind == "input" for piece in self.pieces[:self.shared_pieces])
+
+    @property
     def inputs(self) -> list[str]:
         return [p.var_id for p in self.pieces if p.kind == "input"]
 
@@ -157,10 +161,19 @@ def mark_shared_pieces(calls: list[Call]) -> None:
     def key(piece: Piece) -> tuple[str, str]:
         return (piece.kind, piece.text if piece.kind == "text" else piece.var_id)
 
-    heads = [tuple(key(p) for p in itertools.takewhile(lambda p: p.kind != "output", call.pieces)) for call in calls]
-    counts = Counter(head[:k] for head in heads for k in range(1, len(head) + 1))
-    for call, head in zip(calls, heads):
-        call.shared_pieces = max((k for k in range(1, len(head) + 1) if counts[head[:k]] > 1), default=0)
+    heads = [[key(p) for p in itertools.takewhile(lambda p: p.kind != "output", call.pieces)] for call in calls]
+    # In sorted order the head that begins like a head longest is one of its neighbours: n log n comparisons,
+    # not a count of every prefix of every head (quadratic in a call's pieces).
+    order = sorted(range(len(calls)), key=heads.__getitem__)
+    common = [_common_pieces(heads[a], heads[b]) for a, b in zip(order, order[1:])]  # of neighbours in order
+    for rank, index in enumerate(order):
+        before = common[rank - 1] if rank > 0 else 0
+        after = common[rank] if rank < len(common) else 0
+        calls[index].shared_pieces = max(before, after)
+
+
+def _common_pieces(a: list[tuple[str, str]], b: list[tuple[str, str]]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 @dataclass(eq=False)
@@ -169,6 +182,9 @@ class Session:
     token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     variables: dict[str, Variable] = field(default_factory=dict)
     calls: dict[str, Call] = field(default_factory=dict)
+    # (engine name, prefix key) of the prefix contexts made of this session's variables' values: no other
+    # session's prompts begin with them, so they are freed with the session.
+    variable_prefixes: set[tuple[str, str]] = field(default_factory=set)
 
 
 def validate_new_calls(session: Session, calls: list[Call]) -> None:

@@ -214,12 +214,20 @@ class ParrotManager:
         return session
 
     async def delete_session(self, session: Session) -> None:
-        """Cancels the session's calls; their contexts are freed as they stop."""
+        """Cancels the session's calls; their contexts are freed as they stop, and so are the prefix contexts
+        made of its variables' values."""
         self.sessions.pop(session.session_id, None)
         tasks = [c.task for c in session.calls.values() if c.task is not None and not c.task.done()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        slots = {slot.name: slot for slot in self.engines}
+        for name, key in session.variable_prefixes:
+            if name in slots:
+                try:
+                    await slots[name].prefixes.discard(key)
+                except EngineError as exc:  # an engine that went away took its contexts with it
+                    log.warning("could not free a prefix of %s: %s", name, exc)
 
     def create_variable(self, session: Session, name: str = "", value: str | None = None) -> Variable:
         variable = Variable(f"v{next(self._ids)}", session.session_id, name=name)
@@ -354,6 +362,8 @@ class ParrotManager:
         prefix = self._shared_prefix(self._prefix_text(session, call), token_ids) if self.app_centric else None
         while True:
             slot = self._place(call, prefix)
+            if prefix is not None and call.shares_variables:
+                session.variable_prefixes.add((slot.name, prefix.key))
             try:
                 return await self._execute_on(slot, session, call, segments, token_ids, prefix)
             except EngineUnavailableError:
@@ -497,9 +507,11 @@ class ParrotManager:
         prefix's end, so only the part on which both tokenizations agree is shared); None if none."""
         if not prefix_text:
             return None
-        shared = common_length(self._prefix_tokens(prefix_text), token_ids)
-        # Keep at least one token of the prompt for the call itself, so that it computes its own logits.
-        shared = min(shared, len(token_ids) - 1)
+        prefix_ids = self._prefix_tokens(prefix_text)
+        # Not the prefix text's last token: whether it merges with the text after it differs from prompt to
+        # prompt, and calls that share the text should share one prefix context. And at least one token of the
+        # prompt stays the call's own, so that it computes its own logits.
+        shared = min(common_length(prefix_ids, token_ids), len(prefix_ids) - 1, len(token_ids) - 1)
         return PromptPrefix.of(token_ids[:shared]) if shared > 0 else None
 
     def _place(self, call: Call, prefix: PromptPrefix | None) -> EngineSlot:

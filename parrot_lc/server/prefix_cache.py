@@ -99,6 +99,15 @@ class PrefixCache:
             raise errors[0]
         return len(victims)
 
+    async def discard(self, key: str) -> None:
+        """Frees the prefix's context unless a call is forking from it (or it is being filled)."""
+        entry = self._entries.get(key)
+        if entry is None or entry.users or not entry.filled.done():
+            return
+        del self._entries[key]
+        if entry.filled.exception() is None:
+            await self.engine.free_context(entry.context_id)
+
     async def _fill(self, entry: PrefixEntry, token_ids: list[int]) -> None:
         try:
             await self.engine.fill(token_ids, entry.context_id, priority=1)

@@ -64,6 +64,10 @@ class NewSession(BaseModel):
     session_token: str
 
 
+# Variables one batchCreate request may make: a body of empty ones is small, their objects are not.
+MAX_NEW_VARIABLES = 4096
+
+
 class NewVariable(StrictModel):
     name: str = ""
     value: str | None = None
@@ -77,7 +81,7 @@ class VariableRef(BaseModel):
 class NewVariables(StrictModel):
     """Several variables made in one request (a graph's inputs: one round trip, not one each)."""
 
-    variables: list[NewVariable] = Field(min_length=1)
+    variables: list[NewVariable] = Field(min_length=1, max_length=MAX_NEW_VARIABLES)
 
 
 class VariableRefs(BaseModel):

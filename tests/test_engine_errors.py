@@ -112,6 +112,11 @@ def test_when_blocks_run_out_requests_are_preempted_and_all_complete_unchanged(m
     assert tight == roomy
     assert engine.stats().num_preemptions > 0
     assert engine.stats().kv_blocks_used == 0
+    # Recomputing a preempted request's prompt and tokens is prefill; decode counts the generated tokens fed
+    # back one at a time (19 of each request's 20, less the one a recomputation took along, per preemption).
+    stats = engine.stats()
+    assert 6 * 19 - stats.num_preemptions <= stats.decode_tokens <= 6 * 19
+    assert stats.prefill_tokens > 6 * 30
 
 
 def test_an_idle_cache_that_cannot_make_room_fails_the_request_not_the_engine(make_engine):

@@ -40,7 +40,7 @@ class EngineStats:
     """Counters and gauges the server exports."""
 
     prefill_tokens: int  # tokens computed from fills (recomputation after preemption included)
-    decode_tokens: int  # generated tokens fed back through the model
+    decode_tokens: int  # generated tokens fed back through the model one at a time (not in recomputations)
     reused_tokens: int  # tokens whose KV a fork got from its parent without computing it
     kv_blocks_used: int
     kv_blocks_free: int
@@ -343,7 +343,9 @@ class LLMEngine:
         samples); appends the events of fills that end here to `outputs` (their KV is computed before any later
         step reads it). `in_flight_tokens`: the step before's sampled tokens, which placeholders stand for."""
         for chunk in chunks:
-            if chunk.request.kind is RequestKind.GENERATE and chunk.request.num_generated:
+            # A generated token fed back is a chunk of one; a longer chunk of a request that has generated is the
+            # recomputation of a preempted one (prompt and tokens): prefill.
+            if chunk.request.kind is RequestKind.GENERATE and chunk.request.num_generated and chunk.num_tokens == 1:
                 self.decode_tokens += chunk.num_tokens
             else:
                 self.prefill_tokens += chunk.num_tokens

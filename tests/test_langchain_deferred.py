@@ -51,7 +51,8 @@ def test_map_reduce_deferred_equals_eager_in_one_submission(parrot_server):
     seen.clear()
     assert deferred(map_reduce_chain(llm)).invoke(DOCUMENT) == eager
     assert sum(path.endswith("/calls") for path in seen) == 1  # the whole DAG in one request
-    assert not any(path.startswith("/v1/") for path in seen)
+    assert sum(path.endswith("/variables:batchCreate") for path in seen) == 1  # and its variables in one
+    assert not any(path.endswith("/variables") or path.startswith("/v1/") for path in seen)
 
 
 def test_a_refine_chain_deferred_equals_eager(llm):

@@ -305,3 +305,9 @@ def usage_of(body: dict[str, Any]) -> dict[str, int] | None:
     if not isinstance(usage, dict):
         return None
     return {k: int(usage[k]) for k in ("prompt_tokens", "completion_tokens", "total_tokens") if k in usage}
+
+
+def new_variables_body(count: int) -> dict[str, Any]:
+    """The body of `POST /api/sessions/{id}/variables:batchCreate` that makes `count` unset variables (the outputs
+    of a graph's calls) in one request."""
+    return {"variables": [{} for _ in range(count)]}

@@ -27,6 +27,8 @@ from typing import Any, Callable
 from langchain_core.output_parsers import BaseOutputParser, StrOutputParser
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableLambda
 
+from parrot_lc.integrations.langchain._base import new_variables_body
+
 __all__ = ["deferred"]
 
 log = logging.getLogger("parrot_lc.deferred")
@@ -102,8 +104,9 @@ class Trace:
             if self.session is None:
                 self.url = new[0].llm._server_url()
                 self.session = self._request("POST", "/api/sessions")
-            for call in new:
-                call.var_id = self._request("POST", self._path("variables"), json={})["var_id"]
+            made = self._request("POST", self._path("variables:batchCreate"), json=new_variables_body(len(new)))
+            for call, variable in zip(new, made["variables"]):
+                call.var_id = variable["var_id"]
             self._request("POST", self._path("calls"), json={"calls": [self._template(c) for c in new]})
             self.submitted = len(self.calls)
 

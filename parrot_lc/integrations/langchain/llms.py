@@ -11,7 +11,7 @@ from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackMana
 from langchain_core.language_models import BaseLLM
 from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 
-from parrot_lc.integrations.langchain._base import ParrotParams, usage_of
+from parrot_lc.integrations.langchain._base import ParrotParams, new_variables_body, usage_of
 from parrot_lc.integrations.langchain.deferred import current_trace
 
 __all__ = ["ParrotLLM"]
@@ -208,7 +208,7 @@ class ParrotLLM(ParrotParams, BaseLLM):
         path = f"/api/sessions/{session['session_id']}"
         headers = {"X-Session-Token": session["session_token"]}
         try:
-            made = self._request(url, "POST", f"{path}/variables:batchCreate", json=_new_variables(len(prompts)),
+            made = self._request(url, "POST", f"{path}/variables:batchCreate", json=new_variables_body(len(prompts)),
                                  headers=headers)
             var_ids = [v["var_id"] for v in made["variables"]]
             self._request(url, "POST", f"{path}/calls", json=self._graph_calls(prompts, var_ids, stop, kwargs),
@@ -235,7 +235,7 @@ class ParrotLLM(ParrotParams, BaseLLM):
             headers = {"X-Session-Token": session["session_token"]}
             try:
                 made = await self._arequest(client, "POST", f"{path}/variables:batchCreate",
-                                            json=_new_variables(len(prompts)), headers=headers)
+                                            json=new_variables_body(len(prompts)), headers=headers)
                 var_ids = [v["var_id"] for v in made["variables"]]
                 await self._arequest(client, "POST", f"{path}/calls",
                                      json=self._graph_calls(prompts, var_ids, stop, kwargs), headers=headers)
@@ -248,8 +248,3 @@ class ParrotLLM(ParrotParams, BaseLLM):
                     pass
         return LLMResult(generations=[[Generation(text=body["value"])] for body in values],
                          llm_output={"model_name": self._model_name(kwargs.get("model"))})
-
-
-def _new_variables(count: int) -> dict[str, Any]:
-    """The body that makes `count` unset variables in one request (the outputs of a batch's calls)."""
-    return {"variables": [{} for _ in range(count)]}

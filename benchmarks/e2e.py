@@ -352,6 +352,10 @@ def run_mode(args: argparse.Namespace, parrot: bool) -> dict[str, Any]:
             flags += ["--load-format", "dummy"]
         if args.kv_cache_gib:
             flags += ["--kv-cache-bytes", str(args.kv_cache_gib * 2**30)]
+        mode = "parrot" if parrot else "baseline"
+        if args.step_logs:
+            args.step_logs.mkdir(parents=True, exist_ok=True)
+            flags += ["--step-log", str(args.step_logs / f"{mode}.jsonl")]
         with ServeProcess(*flags) as server:
             tokenizer = load_model_info(model, Path(work))[1]
 
@@ -365,10 +369,14 @@ def run_mode(args: argparse.Namespace, parrot: bool) -> dict[str, Any]:
                     await getattr(warm, name)()
                 await warm.close()
                 driver = Driver(server, tokenizer, scale, parrot)
-                results = {}
-                for name in tqdm(args.workloads, desc="parrot" if parrot else "baseline"):
+                results, spans = {}, {}
+                for name in tqdm(args.workloads, desc=mode):
+                    start = time.time()
                     results[name] = await getattr(driver, name)()
+                    spans[name] = [start, time.time()]
                 await driver.close()
+                if args.step_logs:  # when each workload ran, on the step log's clock
+                    (args.step_logs / f"{mode}.spans.json").write_text(json.dumps(spans, indent=2) + "\n")
                 return results
 
             return asyncio.run(run_all())
@@ -483,6 +491,8 @@ def main() -> None:
     parser.add_argument("--kv-cache-gib", type=int, default=None, help="KV cache size (default: the engine's)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=4096)
     parser.add_argument("--hf", action="store_true", help="also time transformers `generate` where it finishes")
+    parser.add_argument("--step-logs", type=Path, help="a folder for each server's engine step log (MODE.jsonl) and "
+                        "the spans of its workloads (MODE.spans.json)")
     parser.add_argument("--replot", type=Path, help="only draw the plot of an existing results file")
     parser.add_argument("--mode", choices=["parrot", "baseline", "hf"], help="run one mode here and print its JSON")
     args = parser.parse_args()

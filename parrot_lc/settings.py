@@ -55,6 +55,10 @@ class EngineSettings(BaseSettings):
         "overlaps, and a request that stops computes one token for nothing)"
     )
     cuda_graphs: bool = Field(True, description="replay decode steps from CUDA graphs (cuda, triton backend)")
+    step_log: Path | None = Field(
+        None, description="append one JSON line per engine step to this file (its start, host milliseconds, tokens "
+        "prefilled and decoded, events, requests): a timeline of where the engine's time goes"
+    )
     seed: int = Field(0, description="seed of random weights (tiny) and of unseeded sampling")
     cache_dir: Path = Field(
         Path.home() / ".cache" / "parrot_lc", description="where converted GGUF checkpoints are cached"

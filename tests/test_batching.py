@@ -52,6 +52,21 @@ def test_stats_count_prefilled_decoded_and_reused_tokens(tiny):
     assert stats.num_contexts == 2 and stats.kv_blocks_used > 0
 
 
+def test_the_step_log_has_a_line_per_step_that_adds_up_to_the_stats(make_engine, tmp_path):
+    import json
+
+    engine = make_engine(step_log=tmp_path / "steps.jsonl")
+    sampling = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    engine.run_until_done([engine.submit_generate(sampling, i, token_ids=list(range(3, 40 + i))) for i in range(3)])
+    steps = [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
+    stats = engine.stats()
+    assert sum(s["launched"] for s in steps) == stats.num_steps == 5  # the prompts together, then 4 decodes
+    assert sum(s["prefill_tokens"] for s in steps) == stats.prefill_tokens == 37 + 38 + 39
+    assert sum(s["decode_tokens"] for s in steps) == stats.decode_tokens == 3 * 4
+    assert sum(s["events"] for s in steps) == 3 * 5
+    assert all(s["ms"] >= 0 for s in steps) and [s["t"] for s in steps] == sorted(s["t"] for s in steps)
+
+
 def prefilled_beside_a_decode(engine, decode_priority: int, fill_priority: int) -> int:
     """Tokens of a 300-token prompt prefilled in the first step it shares with another request's decode."""
     engine.fill([5, 6, 7], "chat")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -27,6 +28,7 @@ from parrot_lc.engine.model_runner import ModelRunner
 from parrot_lc.engine.request import Request, RequestKind, RequestOutput, StreamedText, text_decoder
 from parrot_lc.engine.sampling import Sampler, SamplingParams
 from parrot_lc.engine.scheduler import ScheduledChunk, Scheduler
+from parrot_lc.engine.step_log import StepLog
 from parrot_lc.settings import EngineSettings
 
 log = logging.getLogger("parrot_lc.engine")
@@ -148,6 +150,7 @@ class LLMEngine:
         self.prefill_tokens = 0
         self.decode_tokens = 0
         self.num_steps = 0
+        self._step_log = StepLog(settings.step_log) if settings.step_log is not None else None
 
     def _kv_cache_bytes(self) -> int:
         if self.settings.kv_cache_bytes is not None:
@@ -311,11 +314,17 @@ class LLMEngine:
         prompt tokens reads the step before back first: its launch (eager, not a CUDA graph) is long host work
         that the step before's events, often first tokens, should not wait behind."""
         outputs: list[RequestOutput] = []
+        started, counts = time.perf_counter(), (self.num_steps, self.prefill_tokens, self.decode_tokens)
         try:
             self._step(outputs)
         except Exception as exc:  # a bug or a device error: every request fails, with the events made so far
             log.exception("an engine step failed; the requests in the engine are stopped")
             outputs.extend(self.abort_all(EngineStepError(f"the engine failed in a step: {exc!r}")))
+        if self._step_log is not None and (self.num_steps > counts[0] or outputs):
+            self._step_log.write(started, time.perf_counter(), launched=self.num_steps - counts[0],
+                                 prefill_tokens=self.prefill_tokens - counts[1],
+                                 decode_tokens=self.decode_tokens - counts[2], events=len(outputs),
+                                 running=self.scheduler.num_running, waiting=self.scheduler.num_waiting)
         return outputs
 
     def _step(self, outputs: list[RequestOutput]) -> None:

@@ -22,6 +22,3 @@ class StepLog:
     def write(self, started: float, ended: float, **figures: int) -> None:
         record = {"t": round(self._epoch + started, 6), "ms": round((ended - started) * 1e3, 3), **figures}
         self._file.write(json.dumps(record) + "\n")
-
-    def close(self) -> None:
-        self._file.close()

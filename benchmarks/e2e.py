@@ -30,7 +30,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable
 
 import aiohttp
 import httpx
@@ -144,6 +144,14 @@ class Driver:
         per_token = (end - first) / max(1, max_tokens - 1) if first else float("nan")
         return {"latency_s": end - start, "first_token_s": (first or end) - start, "per_token_s": per_token}
 
+    async def timed(self, work: Awaitable[Any]) -> dict[str, Any]:
+        """The seconds `work` takes, and the engine's counters over it."""
+        with EngineCounters(self.server.base_url) as stats:
+            start = time.perf_counter()
+            await work
+            seconds = time.perf_counter() - start
+        return {"seconds": seconds, **stats.figures()}
+
     def function(self, template: str, max_tokens: int) -> SemanticFunction:
         return SemanticFunction.from_template(template, max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
 
@@ -153,11 +161,7 @@ class Driver:
         s = self.scale
         chunks = [self.text(s.chunk_tokens) for _ in range(s.chain_chunks)]
         instruction = CHAIN_INSTRUCTION
-        with EngineCounters(self.server.base_url) as stats:
-            start = time.perf_counter()
-            await self._chain(chunks, instruction)
-            seconds = time.perf_counter() - start
-        return {"seconds": seconds, **stats.figures()}
+        return await self.timed(self._chain(chunks, instruction))
 
     async def _chain(self, chunks: list[str], instruction: str) -> None:
         s = self.scale
@@ -200,9 +204,7 @@ class Driver:
         result = {}
         for n in self.scale.map_chunks:
             chunks = [self.text(self.scale.chunk_tokens) for _ in range(n)]
-            with EngineCounters(self.server.base_url) as stats:
-                seconds = await self.map_reduce_once(chunks)
-            result[str(n)] = {"seconds": seconds, **stats.figures()}
+            result[str(n)] = await self.timed(self.map_reduce_once(chunks))
         return result
 
     async def shared_prompt_chat(self) -> dict[str, Any]:
@@ -243,11 +245,7 @@ class Driver:
         architect_role, engineer_role, reviewer_role = (self.text(s.role_tokens) for _ in range(3))
         task = self.text(s.query_tokens)
         specs = [self.text(s.query_tokens) for _ in range(s.agent_files)]
-        with EngineCounters(self.server.base_url) as stats:
-            start = time.perf_counter()
-            await self._agents(architect_role, engineer_role, reviewer_role, task, specs)
-            seconds = time.perf_counter() - start
-        return {"seconds": seconds, **stats.figures()}
+        return await self.timed(self._agents(architect_role, engineer_role, reviewer_role, task, specs))
 
     async def _agents(self, architect_role: str, engineer_role: str, reviewer_role: str, task: str,
                       specs: list[str]) -> None:

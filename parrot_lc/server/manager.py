@@ -221,13 +221,12 @@ class ParrotManager:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        slots = {slot.name: slot for slot in self.engines}
-        for name, key in session.variable_prefixes:
-            if name in slots:
-                try:
-                    await slots[name].prefixes.discard(key)
-                except EngineError as exc:  # an engine that went away took its contexts with it
-                    log.warning("could not free a prefix of %s: %s", name, exc)
+        for slot in self.engines:
+            keys = [key for name, key in session.variable_prefixes if name == slot.name]
+            try:
+                await slot.prefixes.discard(keys)
+            except EngineError as exc:  # an engine that went away took its contexts with it
+                log.warning("could not free a prefix of %s: %s", slot.name, exc)
 
     def create_variable(self, session: Session, name: str = "", value: str | None = None) -> Variable:
         variable = Variable(f"v{next(self._ids)}", session.session_id, name=name)

@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import itertools
 from array import array
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from parrot_lc.engine.async_engine import AsyncEngine
@@ -89,8 +90,14 @@ class PrefixCache:
 
     async def evict(self, keep: int = 0) -> int:
         """Frees idle prefixes, least recently used first, until at most `keep` remain; returns how many."""
-        idle = sorted((e for e in self._entries.values() if e.users == 0 and e.filled.done()), key=lambda e: e.last_used)
-        victims = idle[: max(0, len(self._entries) - keep)]
+        idle = sorted((e for e in self._entries.values() if _idle(e)), key=lambda e: e.last_used)
+        return await self._free(idle[: max(0, len(self._entries) - keep)])
+
+    async def discard(self, keys: Iterable[str]) -> None:
+        """Frees the prefixes' contexts, but not one that a call is forking from (or that is being filled)."""
+        await self._free([entry for key in keys if (entry := self._entries.get(key)) is not None and _idle(entry)])
+
+    async def _free(self, victims: list[PrefixEntry]) -> int:
         for entry in victims:  # out of the map first: the frees below await, and others may look meanwhile
             self._entries.pop(entry.key, None)
         frees = [self.engine.free_context(e.context_id) for e in victims if e.filled.exception() is None]
@@ -98,15 +105,6 @@ class PrefixCache:
         if errors:  # every victim was tried; the first failure is the caller's to see
             raise errors[0]
         return len(victims)
-
-    async def discard(self, key: str) -> None:
-        """Frees the prefix's context unless a call is forking from it (or it is being filled)."""
-        entry = self._entries.get(key)
-        if entry is None or entry.users or not entry.filled.done():
-            return
-        del self._entries[key]
-        if entry.filled.exception() is None:
-            await self.engine.free_context(entry.context_id)
 
     async def _fill(self, entry: PrefixEntry, token_ids: list[int]) -> None:
         try:
@@ -119,3 +117,7 @@ class PrefixCache:
                 await self.engine.free_context(entry.context_id)
         else:
             entry.filled.set_result(None)
+
+
+def _idle(entry: PrefixEntry) -> bool:
+    return entry.users == 0 and entry.filled.done()

@@ -43,6 +43,8 @@ from parrot_lc.settings import EngineSettings
 from served import EngineCounters, ServeProcess, metrics
 
 WORKLOADS = ("chain_summary", "map_reduce", "shared_prompt_chat", "multi_agent", "gpts", "mixed")
+# The workloads timed as one run (`seconds`), which `--repeats` runs again in the same server.
+REPEATABLE = ("chain_summary", "multi_agent", "gpts")
 TINY = Path(__file__).resolve().parent.parent / "parrot_lc" / "engine" / "tiny"
 # Llama-2-7B's shapes with the tiny model's tokenizer (its vocabulary and special ids), and room for the
 # workloads' longest prompts.
@@ -119,6 +121,9 @@ class Driver:
                                           timeout=aiohttp.ClientTimeout(total=3600))
         self.client = AsyncParrotClient(server.base_url, timeout=3600)
         self.model = server.model()
+        # Each chat's start, first token and end on the wall clock, when a step log is kept: a request's
+        # timeline beside the engine's steps.
+        self.chat_times: list[list[float]] | None = None
 
     # ---- the two ways to call the model ----------------------------------------------------------------
 
@@ -140,6 +145,9 @@ class Driver:
                 if line.startswith(b"data: ") and not line.startswith(b"data: [DONE]"):
                     first = first or time.perf_counter()
         end = time.perf_counter()
+        if self.chat_times is not None:
+            epoch = time.time() - end
+            self.chat_times.append([round(epoch + t, 6) for t in (start, first or end, end)])
         # Per output token after the first (the decode pace the user sees).
         per_token = (end - first) / max(1, max_tokens - 1) if first else float("nan")
         return {"latency_s": end - start, "first_token_s": (first or end) - start, "per_token_s": per_token}
@@ -292,7 +300,8 @@ class Driver:
                                                     s.gpts_answer_tokens) for _ in range(s.gpts_requests)))
         seconds = time.perf_counter() - start
         return {"seconds": seconds, "requests_per_s": s.gpts_requests / seconds,
-                "mean_latency_s": statistics.mean(r["latency_s"] for r in runs), **stats.figures()}
+                "mean_latency_s": statistics.mean(r["latency_s"] for r in runs),
+                "mean_first_token_s": statistics.mean(r["first_token_s"] for r in runs), **stats.figures()}
 
     async def mixed(self) -> dict[str, Any]:
         """A user chats while map-reduce jobs run all along: each of `mixed_jobs` job slots starts a new job as
@@ -354,7 +363,11 @@ def run_mode(args: argparse.Namespace, parrot: bool) -> dict[str, Any]:
         if args.step_logs:
             args.step_logs.mkdir(parents=True, exist_ok=True)
             flags += ["--step-log", str(args.step_logs / f"{mode}.jsonl")]
-        with ServeProcess(*flags) as server:
+        profile = None
+        if args.profile:
+            args.profile.mkdir(parents=True, exist_ok=True)
+            profile = args.profile / f"{mode}.prof"
+        with ServeProcess(*flags, profile=profile) as server:
             tokenizer = load_model_info(model, Path(work))[1]
 
             async def run_all() -> dict[str, Any]:
@@ -367,17 +380,32 @@ def run_mode(args: argparse.Namespace, parrot: bool) -> dict[str, Any]:
                     await getattr(warm, name)()
                 await warm.close()
                 driver = Driver(server, tokenizer, scale, parrot)
-                results, spans = {}, {}
+                if args.step_logs:
+                    driver.chat_times = []
+                results, spans, chats = {}, {}, {}
                 for name in tqdm(args.workloads, desc=mode):
-                    start = time.time()
-                    results[name] = await getattr(driver, name)()
-                    spans[name] = [start, time.time()]
+                    runs = []
+                    for _ in range(args.repeats if name in REPEATABLE else 1):
+                        start, first_chat = time.time(), len(driver.chat_times or ())
+                        runs.append(await getattr(driver, name)())
+                        spans.setdefault(name, []).append([start, time.time()])
+                        chats.setdefault(name, []).append((driver.chat_times or [])[first_chat:])
+                    results[name] = median_run(runs)
                 await driver.close()
-                if args.step_logs:  # when each workload ran, on the step log's clock
+                if args.step_logs:  # when each workload (and each chat) ran, on the step log's clock
                     (args.step_logs / f"{mode}.spans.json").write_text(json.dumps(spans, indent=2) + "\n")
+                    (args.step_logs / f"{mode}.chats.json").write_text(json.dumps(chats) + "\n")
                 return results
 
             return asyncio.run(run_all())
+
+
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Of a workload's repeated runs (in one server), the run of the median time, with every run's seconds."""
+    if len(runs) == 1:
+        return runs[0]
+    ordered = sorted(runs, key=lambda run: run["seconds"])
+    return {**ordered[(len(ordered) - 1) // 2], "repeats_seconds": [run["seconds"] for run in runs]}
 
 
 def run_hf(args: argparse.Namespace) -> dict[str, Any]:
@@ -489,8 +517,13 @@ def main() -> None:
     parser.add_argument("--kv-cache-gib", type=int, default=None, help="KV cache size (default: the engine's)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=4096)
     parser.add_argument("--hf", action="store_true", help="also time transformers `generate` where it finishes")
-    parser.add_argument("--step-logs", type=Path, help="a folder for each server's engine step log (MODE.jsonl) and "
-                        "the spans of its workloads (MODE.spans.json)")
+    parser.add_argument("--repeats", type=int, default=1, help="run chain summary, multi-agent and GPTs-like this "
+                        "many times in each server and report the run of the median time (and every run's time)")
+    parser.add_argument("--step-logs", type=Path, help="a folder for each server's engine step log (MODE.jsonl), "
+                        "the spans of its workloads' runs (MODE.spans.json) and of their chats (MODE.chats.json); "
+                        "`step_timeline.py DIR` reads them")
+    parser.add_argument("--profile", type=Path, help="run each server under cProfile, writing its stats to "
+                        "DIR/MODE.prof (the server's process; its engine runs in a process of its own)")
     parser.add_argument("--replot", type=Path, help="only draw the plot of an existing results file")
     parser.add_argument("--mode", choices=["parrot", "baseline", "hf"], help="run one mode here and print its JSON")
     args = parser.parse_args()

@@ -149,6 +149,21 @@ def parrot_server(local_server) -> str:
 
 
 @pytest.fixture
+def prefix_fill_priorities(local_server, monkeypatch) -> list[int]:
+    """The priority of every prefix context that the shared test server's engine is asked to fill during the test."""
+    engine = local_server.manager.engines[0].engine
+    fill, priorities = engine.fill, []
+
+    async def recording_fill(token_ids, context_id, parent_context_id=None, priority=0):
+        if str(context_id).startswith("prefix/"):
+            priorities.append(priority)
+        await fill(token_ids, context_id, parent_context_id, priority)
+
+    monkeypatch.setattr(engine, "fill", recording_fill)
+    return priorities
+
+
+@pytest.fixture
 def client(parrot_server):
     """An HTTP client of the shared test server."""
     with httpx.Client(base_url=parrot_server, timeout=60) as c:

@@ -1,6 +1,7 @@
 """benchmarks/e2e.py at its smoke scale on the CPU: every workload runs in both modes, and the figures show
 what separates them (the benchmark itself runs on the GPU; this keeps the script working)."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -8,15 +9,20 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).parent.parent / "benchmarks" / "e2e.py"
+BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+SCRIPT = BENCHMARKS / "e2e.py"
+TIMELINE = importlib.util.spec_from_file_location("step_timeline", BENCHMARKS / "step_timeline.py")
+step_timeline = importlib.util.module_from_spec(TIMELINE)
+TIMELINE.loader.exec_module(step_timeline)
 
 
 @pytest.fixture(scope="module")
 def smoke_out(tmp_path_factory) -> Path:
-    """Where the smoke run wrote its results (e2e.json, and e2e.png beside it)."""
+    """Where the smoke run wrote its results (e2e.json, and e2e.png beside it), and its step logs (steps/)."""
     out = tmp_path_factory.mktemp("e2e") / "e2e.json"
-    subprocess.run([sys.executable, str(SCRIPT), "--model", "tiny", "--device", "cpu", "--scale", "smoke",
-                    "--hf", "--out", str(out)], check=True, timeout=300, capture_output=True)
+    subprocess.run([sys.executable, str(SCRIPT), "--model", "tiny", "--device", "cpu", "--scale", "smoke", "--hf",
+                    "--repeats", "2", "--step-logs", str(out.parent / "steps"), "--out", str(out)],
+                   check=True, timeout=300, capture_output=True)
     return out
 
 
@@ -72,3 +78,18 @@ def test_transformers_is_timed_on_the_workloads_small_enough_for_it(smoke_run):
 
 def test_the_run_draws_its_plot_beside_the_results(smoke_out):
     assert smoke_out.with_suffix(".png").stat().st_size > 10_000
+
+
+def test_a_repeated_workload_reports_its_median_run_and_every_runs_time(smoke_run):
+    gpts = smoke_run["workloads"]["gpts"]["parrot"]
+    assert len(gpts["repeats_seconds"]) == 2
+    assert gpts["seconds"] in gpts["repeats_seconds"]
+
+
+def test_the_step_timeline_of_each_run_adds_up_to_the_engines_counters(smoke_out, smoke_run):
+    runs = step_timeline.timeline(smoke_out.parent / "steps", "parrot", ["gpts"])["gpts"]
+    median = smoke_run["workloads"]["gpts"]["parrot"]
+    [run] = [r for r, seconds in zip(runs, median["repeats_seconds"]) if seconds == median["seconds"]]
+    assert (run["prefill_tokens"], run["decode_tokens"]) == (median["prefill_tokens"], median["decode_tokens"])
+    assert run["steps"] == median["engine_steps"]
+    assert 0 < run["chats"]["first_token_s"][0] <= run["chats"]["done_s"][2] <= run["wall_s"]

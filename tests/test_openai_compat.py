@@ -7,6 +7,7 @@ import openai
 import pytest
 
 from parrot_lc.server.graph import TextStream
+from parrot_lc.server.manager import LATENCY_PRIORITY
 from parrot_lc.server.openai_routes import DeltaEvents, sse
 
 
@@ -59,6 +60,15 @@ def test_chats_sharing_a_system_prompt_reuse_its_prefix(oai, local_server):
         oai.chat.completions.create(model="tiny", max_tokens=2, temperature=0,
                                     messages=[{"role": "system", "content": system}, {"role": "user", "content": question}])
     assert stats().reused_tokens - before >= 3 * 80  # each chat forked the ~100-token system part
+
+
+def test_a_chats_new_system_prompt_is_filled_at_the_chats_priority(oai, prefix_fill_priorities):
+    """The fill is the first part of a latency-critical chat: filled as a background job, it would be prefilled a
+    little a step while other chats decode, and this chat's first token would wait for it."""
+    system = "You keep the berth bookings of a small harbour and answer the harbour master. " * 6
+    oai.chat.completions.create(model="tiny", max_tokens=2, temperature=0,
+                                messages=[{"role": "system", "content": system}, {"role": "user", "content": "Hi"}])
+    assert prefix_fill_priorities == [LATENCY_PRIORITY]
 
 
 def test_bad_sampling_is_a_4xx_the_client_raises(oai):

@@ -6,6 +6,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from parrot_lc.engine import LLMEngine, SamplingParams
+from parrot_lc.server.manager import GROUP_PRIORITY, LATENCY_PRIORITY
 from parrot_lc.settings import EngineSettings
 
 GREEDY = {"max_tokens": 6, "temperature": 0.0}
@@ -76,6 +77,20 @@ def test_map_reduce_graph_equals_calls_run_one_by_one_and_fills_the_shared_prefi
     reduce_tokens = tokens("Combine these summaries into one:\n" + "".join(m + "\n" for m in expected_maps))
     # The prefix (less at most a boundary token) was filled once, not 8 times.
     assert prefilled <= map_tokens - 7 * (tokens(MAP_PREFIX) - 1) + reduce_tokens
+
+
+def test_each_prefix_is_filled_at_its_calls_priority_the_maps_as_a_group_the_reduce_as_latency(
+    client, prefix_fill_priorities
+):
+    session = Session(client)
+    summaries = [session.var() for _ in range(3)]
+    maps = [[{"text": "Summarize this harbour log entry in five words. Entry: "}, {"input": session.var(f"Ship {i} left.")},
+             {"text": "\nSummary:"}, {"output": s, "sampling": GREEDY}] for i, s in enumerate(summaries)]
+    final = session.var()
+    reduce = [{"text": "Join these:\n"}, *({"input": s} for s in summaries), {"output": final, "sampling": GREEDY}]
+    assert session.submit(*maps, reduce).status_code == 201
+    assert session.get(final).status_code == 200
+    assert prefix_fill_priorities == [GROUP_PRIORITY, LATENCY_PRIORITY]
 
 
 def test_calls_that_read_the_same_variable_first_fill_its_text_once(client, local_server, reference_engine):

@@ -445,7 +445,7 @@ class ParrotManager:
         # Never empty: _shared_prefix leaves the call a token of its own.
         rest = token_ids[len(prefix.token_ids):] if prefix is not None else token_ids
         for attempt in range(2):
-            entry = await slot.prefixes.acquire(prefix) if prefix is not None else None
+            entry = await slot.prefixes.acquire(prefix, priority) if prefix is not None else None
             events = slot.engine.generate(sampling, context_id, entry.context_id if entry else None, priority, rest)
             try:
                 first = await anext(events)  # the prompt is in the context once its first token comes

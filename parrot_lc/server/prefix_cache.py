@@ -58,8 +58,10 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    async def acquire(self, prefix: PromptPrefix) -> PrefixEntry:
-        """The filled context of the prefix (filled now if new); release it when done forking."""
+    async def acquire(self, prefix: PromptPrefix, priority: int) -> PrefixEntry:
+        """The filled context of the prefix (filled now if new, at the priority of the call that waits for it:
+        the fill is the first part of that call, and a less important fill would be prefilled in the background
+        of the steps that decode other calls); release it when done forking."""
         key, token_ids = prefix.key, prefix.token_ids
         entry = self._entries.get(key)
         entry_is_new = entry is None
@@ -77,7 +79,7 @@ class PrefixCache:
                 entry.filled.set_exception(exc if isinstance(exc, Exception) else asyncio.CancelledError())
                 entry.users -= 1
                 raise
-            asyncio.ensure_future(self._fill(entry, token_ids))
+            asyncio.ensure_future(self._fill(entry, token_ids, priority))
         try:
             await asyncio.shield(entry.filled)
         except BaseException:
@@ -106,9 +108,9 @@ class PrefixCache:
             raise errors[0]
         return len(victims)
 
-    async def _fill(self, entry: PrefixEntry, token_ids: list[int]) -> None:
+    async def _fill(self, entry: PrefixEntry, token_ids: list[int], priority: int) -> None:
         try:
-            await self.engine.fill(token_ids, entry.context_id, priority=1)
+            await self.engine.fill(token_ids, entry.context_id, priority=priority)
         except Exception as exc:  # every waiting call sees the error; the entry is dropped
             self._entries.pop(entry.key, None)
             entry.filled.set_exception(exc)

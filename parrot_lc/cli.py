@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import gc
 import signal
 import time
 
@@ -19,6 +18,7 @@ from parrot_lc.settings import (
     load_settings,
     settings_table,
 )
+from parrot_lc.startup import freeze_startup_objects
 
 DEMO_SYSTEM = "You are a concise assistant. Answer in one or two sentences."
 DEMO_QUESTIONS = [
@@ -48,14 +48,6 @@ def _add_flags(parser: argparse.ArgumentParser, cls) -> None:
     for name, field in cls.model_fields.items():
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=_flag_type(field.annotation),
                             help=field.description)
-
-
-def freeze_startup_objects() -> None:
-    """Leaves what startup made (modules, the model, the app: millions of objects) out of every later garbage
-    collection. A full collection otherwise walks them all, about 0.2 s with the GIL held, in the middle of
-    streaming: every stream and the engine's step stall meanwhile."""
-    gc.collect()
-    gc.freeze()
 
 
 def serve(args: argparse.Namespace) -> None:

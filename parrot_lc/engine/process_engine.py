@@ -25,6 +25,7 @@ from parrot_lc.engine.errors import EngineUnavailableError, InvalidRequestError
 from parrot_lc.engine.loader import load_model_info
 from parrot_lc.engine.request import RequestOutput
 from parrot_lc.settings import EngineSettings
+from parrot_lc.startup import freeze_startup_objects
 
 class ProcessEngine(EngineFront):
     """fill / generate / free_context as coroutines over an engine process (started here, stopped by close)."""
@@ -130,6 +131,7 @@ def serve_engine(settings: EngineSettings, pipe: Connection) -> None:
     except Exception as exc:  # the parent raises it
         pipe.send(("failed", exc))
         return
+    freeze_startup_objects()
     pipe.send(("ready", engine.stats()))
     keys: dict[int, int] = {}  # request id -> the caller's key
     requests: dict[int, int] = {}  # the caller's key -> request id

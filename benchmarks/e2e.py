@@ -470,6 +470,16 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def merge_results(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Results files of separate runs (on one device and model) as one, each workload from the last run of it."""
+    if len({(r["device"], r["model"]) for r in results}) > 1:
+        sys.exit("the results were measured on different devices or models: they do not make one table")
+    merged = {**results[0], "workloads": {}}
+    for result in results:
+        merged["workloads"].update(result["workloads"])
+    return merged
+
+
 def speedups(ours: dict[str, Any], base: dict[str, Any], scale: Scale) -> dict[str, Any]:
     """Each workload's figures side by side, with the speedup as its target reads."""
     out: dict[str, Any] = {}
@@ -525,11 +535,18 @@ def main() -> None:
     parser.add_argument("--profile", type=Path, help="run each server under cProfile, writing its stats to "
                         "DIR/MODE.prof (the server's process; its engine runs in a process of its own)")
     parser.add_argument("--replot", type=Path, help="only draw the plot of an existing results file")
+    parser.add_argument("--merge", type=Path, nargs="+", help="only join the workloads of results files run on one "
+                        "device (a workload in a later file replaces an earlier one's) into --out, and plot it")
     parser.add_argument("--mode", choices=["parrot", "baseline", "hf"], help="run one mode here and print its JSON")
     args = parser.parse_args()
 
     if args.replot:
         plot(json.loads(args.replot.read_text()), args.replot.with_suffix(".png"))
+        return
+    if args.merge:
+        merged = merge_results([json.loads(path.read_text()) for path in args.merge])
+        args.out.write_text(json.dumps(merged, indent=2) + "\n")
+        plot(merged, args.out.with_suffix(".png"))
         return
     if args.mode:  # a child: one server (or transformers), one mode
         figures = run_hf(args) if args.mode == "hf" else run_mode(args, args.mode == "parrot")

@@ -93,3 +93,17 @@ def test_the_step_timeline_of_each_run_adds_up_to_the_engines_counters(smoke_out
     assert (run["prefill_tokens"], run["decode_tokens"]) == (median["prefill_tokens"], median["decode_tokens"])
     assert run["steps"] == median["engine_steps"]
     assert 0 < run["chats"]["first_token_s"][0] <= run["chats"]["done_s"][2] <= run["wall_s"]
+
+
+def test_runs_of_some_workloads_each_merge_into_one_results_file(smoke_out, smoke_run, tmp_path):
+    names = sorted(smoke_run["workloads"])
+    parts = []
+    for i, part in enumerate((names[:2], names[2:])):
+        path = tmp_path / f"part{i}.json"
+        path.write_text(json.dumps({**smoke_run, "workloads": {n: smoke_run["workloads"][n] for n in part}}))
+        parts.append(str(path))
+    out = tmp_path / "merged.json"
+    subprocess.run([sys.executable, str(SCRIPT), "--merge", *parts, "--out", str(out)], check=True, timeout=120,
+                   capture_output=True)
+    assert json.loads(out.read_text()) == smoke_run
+    assert out.with_suffix(".png").exists()

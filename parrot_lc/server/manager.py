@@ -48,6 +48,7 @@ from parrot_lc.server.graph import (
 )
 from parrot_lc.server.prefix_cache import PrefixCache, PromptPrefix
 from parrot_lc.server.remote_engine import RemoteEngine
+from parrot_lc.server.tasks import start_now
 
 LATENCY_PRIORITY, GROUP_PRIORITY, DEFAULT_PRIORITY = 2, 1, 0
 DEFAULT_MAX_TOKENS = 256  # of a completion that does not say (the OpenAI-compatible endpoints)
@@ -265,10 +266,16 @@ class ParrotManager:
 
     # ---- calls ------------------------------------------------------------------------------------
 
-    def submit(self, session: Session, pieces_of_calls: list[list[Piece]]) -> list[Call]:
-        """Adds a graph of calls to the session; each starts as soon as its inputs have values."""
+    def submit(
+        self, session: Session, pieces_of_calls: list[list[Piece]], prompt_token_ids: list[list[int]] | None = None
+    ) -> list[Call]:
+        """Adds a graph of calls to the session; each starts as soon as its inputs have values (one whose inputs
+        have values starts here, up to its first wait). `prompt_token_ids`, if given, are each call's prompt
+        tokenized (`tokenize`; only for calls whose prompts are all text)."""
         self._check_accepting()
         calls = [Call(f"c{next(self._ids)}", session.session_id, pieces) for pieces in pieces_of_calls]
+        for call, token_ids in zip(calls, prompt_token_ids or ()):
+            call.prompt_token_ids = token_ids
         validate_new_calls(session, calls)
         mark_shared_pieces(calls)
         for index, call in enumerate(calls):
@@ -292,7 +299,7 @@ class ParrotManager:
                 if not variable.consumers:
                     deduce_objectives(session, variable, Criterion.LATENCY)
         for call in calls:
-            call.task = asyncio.ensure_future(self._run(session, call))
+            call.task = start_now(self._run(session, call))
             # A done callback, not the task's own `finally`: a task cancelled before it started never runs that.
             call.task.add_done_callback(self._unqueue)
         return calls
@@ -551,11 +558,11 @@ class ParrotManager:
         output = self.create_variable(session)
         output.deltas = TextStream()
         try:
-            [call] = self.submit(session, [pieces + [Piece("output", var_id=output.var_id, sampling=sampling)]])
+            [call] = self.submit(session, [pieces + [Piece("output", var_id=output.var_id, sampling=sampling)]],
+                                 [prompt_token_ids] if prompt_token_ids is not None else None)
         except Exception:  # refused: nothing runs, and the session must not stay behind
             self.sessions.pop(session.session_id)
             raise
-        call.prompt_token_ids = prompt_token_ids  # set before its task first runs: no await since submit
         return Completion(call, output, session)
 
     async def end_completion(self, completion: Completion) -> None:

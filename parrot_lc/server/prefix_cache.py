@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from parrot_lc.engine.async_engine import AsyncEngine
 from parrot_lc.engine.errors import EngineError
+from parrot_lc.server.tasks import start_now
 
 
 def prefix_key(token_ids: list[int]) -> str:
@@ -79,7 +80,7 @@ class PrefixCache:
                 entry.filled.set_exception(exc if isinstance(exc, Exception) else asyncio.CancelledError())
                 entry.users -= 1
                 raise
-            asyncio.ensure_future(self._fill(entry, token_ids, priority))
+            start_now(self._fill(entry, token_ids, priority))  # the fill's command leaves in this turn
         try:
             await asyncio.shield(entry.filled)
         except BaseException:

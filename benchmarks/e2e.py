@@ -401,11 +401,12 @@ def run_mode(args: argparse.Namespace, parrot: bool) -> dict[str, Any]:
 
 
 def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Of a workload's repeated runs (in one server), the run of the median time, with every run's seconds."""
+    """Of a workload's repeated runs (in one server), the run of the median time (of an even number, the slower
+    of the two in the middle), with every run's seconds."""
     if len(runs) == 1:
         return runs[0]
     ordered = sorted(runs, key=lambda run: run["seconds"])
-    return {**ordered[(len(ordered) - 1) // 2], "repeats_seconds": [run["seconds"] for run in runs]}
+    return {**ordered[len(ordered) // 2], "repeats_seconds": [run["seconds"] for run in runs]}
 
 
 def run_hf(args: argparse.Namespace) -> dict[str, Any]:
@@ -472,8 +473,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 def merge_results(results: list[dict[str, Any]]) -> dict[str, Any]:
     """Results files of separate runs (on one device and model) as one, each workload from the last run of it."""
-    if len({(r["device"], r["model"]) for r in results}) > 1:
-        sys.exit("the results were measured on different devices or models: they do not make one table")
+    if len({(r["device"], r["model"], json.dumps(r["scale"], sort_keys=True)) for r in results}) > 1:
+        sys.exit("the results were measured on different devices, models or scales: they do not make one table")
     merged = {**results[0], "workloads": {}}
     for result in results:
         merged["workloads"].update(result["workloads"])

@@ -52,19 +52,26 @@ def read_steps(folder: Path, mode: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (folder / f"{mode}.jsonl").read_text().splitlines() if line]
 
 
+def read_spans(folder: Path, mode: str) -> dict[str, list[list[float]]]:
+    """Each workload's runs' [start, end] (a folder written before `--repeats` holds one pair a workload)."""
+    spans = json.loads((folder / f"{mode}.spans.json").read_text())
+    return {name: runs if isinstance(runs[0], list) else [runs] for name, runs in spans.items()}
+
+
 def step_rows(steps: list[dict[str, Any]], span: list[float]) -> list[str]:
     """Each step of a run: its start (s from the run's), the engine's idle time before it (ms), then its figures."""
     rows, last_end = [], span[0]
     for step in (s for s in steps if span[0] <= s["t"] <= span[1]):
         figures = " ".join(f"{k}={v}" for k, v in step.items() if k not in ("t", "ms"))
-        rows.append(f"{step['t'] - span[0]:8.3f} idle {1e3 * (step['t'] - last_end):7.1f} ms {step['ms']:8.1f} {figures}")
+        idle_ms = 1e3 * (step["t"] - last_end)
+        rows.append(f"{step['t'] - span[0]:8.3f} idle {idle_ms:7.1f} ms {step['ms']:8.1f} {figures}")
         last_end = step["t"] + step["ms"] / 1e3
     return rows
 
 
 def timeline(folder: Path, mode: str, workloads: list[str] | None) -> dict[str, list[dict[str, Any]]]:
     steps = read_steps(folder, mode)
-    spans = json.loads((folder / f"{mode}.spans.json").read_text())
+    spans = read_spans(folder, mode)
     chats_path = folder / f"{mode}.chats.json"
     chats = json.loads(chats_path.read_text()) if chats_path.exists() else {}
     return {name: [run_figures(steps, span, (chats.get(name) or [[]] * len(runs))[i]) for i, span in enumerate(runs)]
@@ -77,8 +84,8 @@ def main() -> None:
     parser.add_argument("--workloads", nargs="+")
     parser.add_argument("--steps", action="store_true", help="also print every step of every run")
     args = parser.parse_args()
-    for log in sorted(args.folder.glob("*.jsonl")):
-        spans = json.loads((args.folder / f"{log.stem}.spans.json").read_text())
+    for log in sorted(p for p in args.folder.glob("*.jsonl") if p.with_suffix(".spans.json").exists()):
+        spans = read_spans(args.folder, log.stem)
         for name, runs in timeline(args.folder, log.stem, args.workloads).items():
             for i, figures in enumerate(runs):
                 print(f"{log.stem} {name} run {i}: {json.dumps(figures)}")

@@ -452,7 +452,9 @@ class ParrotManager:
         # Never empty: _shared_prefix leaves the call a token of its own.
         rest = token_ids[len(prefix.token_ids):] if prefix is not None else token_ids
         for attempt in range(2):
-            entry = await slot.prefixes.acquire(prefix, priority) if prefix is not None else None
+            # Filled at this call's priority, but never below a task group's: a throughput call's fill may be
+            # what a latency-critical call that comes next waits for.
+            entry = await slot.prefixes.acquire(prefix, max(priority, GROUP_PRIORITY)) if prefix is not None else None
             events = slot.engine.generate(sampling, context_id, entry.context_id if entry else None, priority, rest)
             try:
                 first = await anext(events)  # the prompt is in the context once its first token comes

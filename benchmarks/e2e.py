@@ -294,14 +294,16 @@ class Driver:
         s = self.scale
         prompts = [self.text(s.app_prompt_tokens) for _ in range(s.apps)]
         rng = random.Random(1)
-        start = time.perf_counter()
-        with EngineCounters(self.server.base_url) as stats:
-            runs = await asyncio.gather(*(self.chat(rng.choice(prompts), self.text(s.query_tokens),
-                                                    s.gpts_answer_tokens) for _ in range(s.gpts_requests)))
-        seconds = time.perf_counter() - start
-        return {"seconds": seconds, "requests_per_s": s.gpts_requests / seconds,
+        queries = [(rng.choice(prompts), self.text(s.query_tokens)) for _ in range(s.gpts_requests)]
+        runs: list[dict[str, float]] = []
+
+        async def chats() -> None:
+            runs.extend(await asyncio.gather(*(self.chat(app, query, s.gpts_answer_tokens) for app, query in queries)))
+
+        figures = await self.timed(chats())
+        return {**figures, "requests_per_s": s.gpts_requests / figures["seconds"],
                 "mean_latency_s": statistics.mean(r["latency_s"] for r in runs),
-                "mean_first_token_s": statistics.mean(r["first_token_s"] for r in runs), **stats.figures()}
+                "mean_first_token_s": statistics.mean(r["first_token_s"] for r in runs)}
 
     async def mixed(self) -> dict[str, Any]:
         """A user chats while map-reduce jobs run all along: each of `mixed_jobs` job slots starts a new job as

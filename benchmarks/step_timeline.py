@@ -20,7 +20,7 @@ from typing import Any
 def run_figures(steps: list[dict[str, Any]], span: list[float], chats: list[list[float]]) -> dict[str, Any]:
     """One run's figures from the steps that started within its span (times in seconds from the span's start)."""
     start, end = span
-    inside = [s for s in steps if start <= s["t"] <= end]
+    inside = steps_in(steps, span)
     busy = sum(s["ms"] for s in inside) / 1e3
     figures: dict[str, Any] = {
         "wall_s": end - start,
@@ -48,6 +48,11 @@ def run_figures(steps: list[dict[str, Any]], span: list[float], chats: list[list
     return figures
 
 
+def steps_in(steps: list[dict[str, Any]], span: list[float]) -> list[dict[str, Any]]:
+    """The steps that started within a run's span."""
+    return [s for s in steps if span[0] <= s["t"] <= span[1]]
+
+
 def read_steps(folder: Path, mode: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (folder / f"{mode}.jsonl").read_text().splitlines() if line]
 
@@ -61,7 +66,7 @@ def read_spans(folder: Path, mode: str) -> dict[str, list[list[float]]]:
 def step_rows(steps: list[dict[str, Any]], span: list[float]) -> list[str]:
     """Each step of a run: its start (s from the run's), the engine's idle time before it (ms), then its figures."""
     rows, last_end = [], span[0]
-    for step in (s for s in steps if span[0] <= s["t"] <= span[1]):
+    for step in steps_in(steps, span):
         figures = " ".join(f"{k}={v}" for k, v in step.items() if k not in ("t", "ms"))
         idle_ms = 1e3 * (step["t"] - last_end)
         rows.append(f"{step['t'] - span[0]:8.3f} idle {idle_ms:7.1f} ms {step['ms']:8.1f} {figures}")
@@ -85,12 +90,12 @@ def main() -> None:
     parser.add_argument("--steps", action="store_true", help="also print every step of every run")
     args = parser.parse_args()
     for log in sorted(p for p in args.folder.glob("*.jsonl") if p.with_suffix(".spans.json").exists()):
-        spans = read_spans(args.folder, log.stem)
+        steps, spans = read_steps(args.folder, log.stem), read_spans(args.folder, log.stem)
         for name, runs in timeline(args.folder, log.stem, args.workloads).items():
             for i, figures in enumerate(runs):
                 print(f"{log.stem} {name} run {i}: {json.dumps(figures)}")
                 if args.steps:
-                    print("\n".join(step_rows(read_steps(args.folder, log.stem), spans[name][i])))
+                    print("\n".join(step_rows(steps, spans[name][i])))
 
 
 if __name__ == "__main__":

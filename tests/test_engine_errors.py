@@ -85,6 +85,13 @@ def test_a_request_larger_than_the_whole_cache_is_out_of_memory(make_engine):
     engine.fill(list(range(3, 3 + 40)), "fits")
 
 
+def test_a_fork_counts_the_tokens_its_parent_is_still_waiting_to_fill(make_engine):
+    engine = make_engine(kv_cache_bytes=4 * 2 * 2 * 16 * 2 * 16 * 4)  # 4 blocks of 16 tokens
+    engine.submit_fill(list(range(3, 3 + 40)), "parent")  # queued: its tokens are not in the context yet
+    with pytest.raises(OutOfMemoryError, match="65"):
+        engine.submit_fill(list(range(3, 3 + 25)), "fork", parent_context_id="parent")
+
+
 def test_unknown_model_names_are_a_model_load_error(make_engine, tmp_path):
     with pytest.raises(ModelLoadError, match="checkpoint directory"):
         make_engine(model=str(tmp_path / "missing"))

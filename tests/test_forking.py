@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from parrot_lc.engine import SamplingParams
+from parrot_lc.engine.errors import ContextNotFoundError
 
 from conftest import greedy_text_ids
 
@@ -88,3 +89,24 @@ def test_generate_with_a_parent_forks_a_new_context(tiny):
     tiny.fill(prefix, "alone")
     assert forked == greedy_text_ids(tiny, "alone", 8)
     assert tiny.stats().reused_tokens == 18
+
+
+def test_a_fork_waiting_for_a_fill_that_ended_before_it_began_fails(tiny):
+    parent = tiny.submit_fill(random_tokens(30, 0), "prefix")
+    child = tiny.submit_generate(SamplingParams(max_tokens=2, temperature=0.0), "fork", parent_context_id="prefix")
+    tiny.cancel(parent.request_id)
+    final = tiny.run_until_done([child])[child.request_id][-1]
+    assert isinstance(final.error, ContextNotFoundError)
+    assert len(tiny.tree) == 0 and tiny.stats().kv_blocks_used == 0
+
+
+def test_a_fork_of_a_fill_stopped_midway_computes_the_rest_of_the_prompt(make_engine):
+    engine = make_engine(max_num_batched_tokens=16)  # the 40-token fill takes three steps
+    prefix, suffix = random_tokens(40, 0), random_tokens(5, 1)
+    parent = engine.submit_fill(prefix, "prefix")
+    child = engine.submit_fill(suffix, "fork", parent_context_id="prefix")
+    engine.step()
+    engine.cancel(parent.request_id)
+    engine.run_until_done([child])
+    engine.fill(prefix + suffix, "whole")
+    assert torch.allclose(engine.context_logits("fork"), engine.context_logits("whole"), atol=1e-5)

@@ -242,10 +242,12 @@ class LLMEngine:
         return None, self.tree.get(parent_context_id)
 
     def _length(self, context: Context | None) -> int:
-        """Tokens the context will hold once its pending fork (if any) is done."""
+        """Tokens the context will hold once its pending fork and its queued request's tokens (if any) are in."""
         if context is None:
             return 0
-        return len(context.token_ids) + (0 if context.forked else self._length(context.parent))
+        request = context.active_request
+        queued = len(request.fill_token_ids) if request is not None and not request.started else 0
+        return len(context.token_ids) + queued + (0 if context.forked else self._length(context.parent))
 
     def _add(self, request: Request) -> Request:
         request.arrival = request.request_id
@@ -417,7 +419,9 @@ class LLMEngine:
             # computed again, for logits of the tokens the context holds.
             context.num_computed = len(context.token_ids) - 1
             context.last_logits = None
-        if not context.forked and not context.freed:  # it ended before its fork: the context never came to be
+        if not context.freed and (not context.forked or not context.token_ids):
+            # It ended before its fork, or before its tokens reached the context it created: the context never
+            # came to be. A fork that waited for it then fails (its parent is gone) rather than start from nothing.
             self.tree.free(context.context_id)
 
     # ---- blocking conveniences --------------------------------------------------------------------

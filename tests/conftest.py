@@ -154,10 +154,10 @@ def prefix_fill_priorities(local_server, monkeypatch) -> list[int]:
     engine = local_server.manager.engines[0].engine
     fill, priorities = engine.fill, []
 
-    async def recording_fill(token_ids, context_id, parent_context_id=None, priority=0):
+    async def recording_fill(token_ids, context_id, parent_context_id=None, priority=0, **kwargs):
         if str(context_id).startswith("prefix/"):
             priorities.append(priority)
-        await fill(token_ids, context_id, parent_context_id, priority)
+        await fill(token_ids, context_id, parent_context_id, priority, **kwargs)
 
     monkeypatch.setattr(engine, "fill", recording_fill)
     return priorities

@@ -1,6 +1,7 @@
-"""A call whose inputs have values starts in its submitter's turn of the event loop: its first command to the
-engine (its prefix's fill) leaves before the submitter awaits anything, not after every request handler that is
-ready meanwhile (eager tasks, Python 3.12 and later; earlier Pythons start it a turn later)."""
+"""How a call reaches the engine: a call whose inputs have values starts in its submitter's turn of the event
+loop, so its first command (its prefix's fill) leaves before the submitter awaits anything, not after every
+request handler that is ready meanwhile (eager tasks, Python 3.12 and later; earlier Pythons start it a turn
+later); and its fork of the prefix follows the fill's command at once, not the fill's end."""
 
 import asyncio
 
@@ -57,3 +58,41 @@ def test_a_chats_prefix_fill_reaches_the_engine_before_start_completion_returns(
         return sent
 
     assert [context.split("/")[0] for context in asyncio.run(main())] == ["prefix"]
+
+
+def test_a_fork_of_a_new_prefix_is_sent_before_the_prefix_is_filled():
+    """The engine takes commands in order, so a call's fork waits there for its prefix's fill: it starts in the
+    step after the fill's, not a round trip through the server later."""
+
+    async def main() -> tuple[list[str], str, str]:
+        # 32-token steps: the prefix's fill takes a dozen of them.
+        manager = build_manager(EngineSettings(model="tiny", device="cpu", dtype="float32", kv_cache_bytes=16 * 2**20,
+                                               max_num_batched_tokens=32), ServerSettings(engine_processes=False))
+        engine, order = manager.engines[0].engine, []
+        fill, generate = engine.fill, engine.generate
+
+        async def recording_fill(token_ids, context_id, *args, **kwargs):
+            await fill(token_ids, context_id, *args, **kwargs)
+            order.append("prefix filled")
+
+        def recording_generate(sampling, context_id, parent_context_id=None, *args, **kwargs):
+            order.append("fork sent" if parent_context_id else "generate sent")
+            return generate(sampling, context_id, parent_context_id, *args, **kwargs)
+
+        engine.fill, engine.generate = recording_fill, recording_generate
+        head = "You keep the tide tables of a small harbour and answer its pilots about the tides. " * 6
+        prompt = head + "When is high tide?"
+        sampling = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+        completion = manager.start_completion([Piece("text", head), Piece("text", prompt[len(head):])], sampling,
+                                              manager.tokenize(prompt))
+        forked = "".join([text async for text in completion.deltas()])
+        await manager.end_completion(completion)
+        alone = manager.start_completion([Piece("text", prompt)], sampling, manager.tokenize(prompt))
+        unforked = "".join([text async for text in alone.deltas()])
+        await manager.end_completion(alone)
+        manager.close()
+        return order, forked, unforked
+
+    order, forked, unforked = asyncio.run(main())
+    assert order[:2] == ["fork sent", "prefix filled"]
+    assert forked == unforked

@@ -33,10 +33,13 @@ class EngineFront(ABC):
     _stats: EngineStats
 
     async def fill(
-        self, token_ids: list[int], context_id: ContextId, parent_context_id: ContextId | None = None, priority: int = 0
+        self, token_ids: list[int], context_id: ContextId, parent_context_id: ContextId | None = None, priority: int = 0,
+        issued: asyncio.Future | None = None,
     ) -> None:
-        """Prefills the tokens into the context; raises the engine's typed error if the request fails."""
-        async for _ in self._stream("fill", token_ids, context_id, parent_context_id, priority):
+        """Prefills the tokens into the context; raises the engine's typed error if the request fails. `issued`
+        (if given) gets its result once the command is on its way: the engine takes commands in the order they
+        are sent, so a fork of the context sent from then on waits there for the fill, no round trip between."""
+        async for _ in self._stream("fill", token_ids, context_id, parent_context_id, priority, issued=issued):
             pass
 
     def generate(
@@ -70,9 +73,11 @@ class EngineFront(ABC):
     def _stop(self, key: int) -> None:
         """Cancels the request whose caller went away, letting its blocks go."""
 
-    async def _stream(self, command: str, *args) -> AsyncIterator[RequestOutput]:
+    async def _stream(self, command: str, *args, issued: asyncio.Future | None = None) -> AsyncIterator[RequestOutput]:
         outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
         key = await self._start(command, args, outputs)
+        if issued is not None and not issued.done():
+            issued.set_result(None)
         finished = False
         try:
             while not finished:

@@ -4,6 +4,7 @@ EngineUnavailableError (engine/errors.py), and the manager moves the work to ano
 
 from __future__ import annotations
 
+import asyncio
 from typing import AsyncIterator, Protocol
 
 from parrot_lc.engine.context import ContextId
@@ -14,8 +15,12 @@ from parrot_lc.engine.sampling import SamplingParams
 
 class EngineClient(Protocol):
     async def fill(
-        self, token_ids: list[int], context_id: ContextId, parent_context_id: ContextId | None = None, priority: int = 0
-    ) -> None: ...
+        self, token_ids: list[int], context_id: ContextId, parent_context_id: ContextId | None = None, priority: int = 0,
+        issued: asyncio.Future | None = None,
+    ) -> None:
+        """Prefills the tokens into the context. `issued` (if given) gets its result once a fork of the context
+        sent from then on finds it: at once for an engine that takes commands in order (a fork waits there for
+        the fill), when the fill ends for one that does not."""
 
     def generate(
         self, sampling: SamplingParams, context_id: ContextId, parent_context_id: ContextId | None = None,

@@ -39,7 +39,11 @@ class PrefixEntry:
     key: str
     context_id: str
     num_tokens: int
-    filled: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    # Done once a fork of the context may be sent (its fill's command is ahead of it; see EngineClient.fill), or
+    # with the error of a fill that failed before that.
+    ready: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    filled: bool = False  # the fill ended, and well: the context may be evicted once idle
+    failed: bool = False  # the fill failed: the context is freed once no caller may still fork from it
     users: int = 0
     last_used: int = 0
 
@@ -60,9 +64,12 @@ class PrefixCache:
         return len(self._entries)
 
     async def acquire(self, prefix: PromptPrefix, priority: int) -> PrefixEntry:
-        """The filled context of the prefix (filled now if new, at the priority of the call that waits for it:
-        the fill is the first part of that call, and a less important fill would be prefilled in the background
-        of the steps that decode other calls); release it when done forking."""
+        """The context of the prefix, to fork from: filled now if new, at the priority of the call that waits for
+        it (the fill is the first part of that call, and a less important fill would be prefilled in the
+        background of the steps that decode other calls). It returns once a fork may be sent, which on an engine
+        that takes commands in order is before the fill ends: the fork waits in the engine, and starts in the
+        step after the fill's, not a round trip through this server later. Release it once the fork has begun
+        (its first event) or failed."""
         key, token_ids = prefix.key, prefix.token_ids
         entry = self._entries.get(key)
         entry_is_new = entry is None
@@ -77,19 +84,22 @@ class PrefixCache:
                 await self.evict(keep=self.max_entries)  # the new entry is in use: never a victim
             except BaseException as exc:  # the waiters of this entry must not hang
                 self._entries.pop(key, None)
-                entry.filled.set_exception(exc if isinstance(exc, Exception) else asyncio.CancelledError())
-                entry.users -= 1
+                entry.failed = True
+                entry.ready.set_exception(exc if isinstance(exc, Exception) else asyncio.CancelledError())
+                self.release(entry)
                 raise
             start_now(self._fill(entry, token_ids, priority))  # the fill's command leaves in this turn
         try:
-            await asyncio.shield(entry.filled)
+            await asyncio.shield(entry.ready)
         except BaseException:
-            entry.users -= 1
+            self.release(entry)
             raise
         return entry
 
     def release(self, entry: PrefixEntry) -> None:
         entry.users -= 1
+        if entry.failed and entry.users == 0:
+            start_now(self._free_failed(entry))
 
     async def evict(self, keep: int = 0) -> int:
         """Frees idle prefixes, least recently used first, until at most `keep` remain; returns how many."""
@@ -103,7 +113,7 @@ class PrefixCache:
     async def _free(self, victims: list[PrefixEntry]) -> int:
         for entry in victims:  # out of the map first: the frees below await, and others may look meanwhile
             self._entries.pop(entry.key, None)
-        frees = [self.engine.free_context(e.context_id) for e in victims if e.filled.exception() is None]
+        frees = [self.engine.free_context(e.context_id) for e in victims]
         errors = [r for r in await asyncio.gather(*frees, return_exceptions=True) if isinstance(r, BaseException)]
         if errors:  # every victim was tried; the first failure is the caller's to see
             raise errors[0]
@@ -111,16 +121,27 @@ class PrefixCache:
 
     async def _fill(self, entry: PrefixEntry, token_ids: list[int], priority: int) -> None:
         try:
-            await self.engine.fill(token_ids, entry.context_id, priority=priority)
-        except Exception as exc:  # every waiting call sees the error; the entry is dropped
-            self._entries.pop(entry.key, None)
-            entry.filled.set_exception(exc)
-            # A fill that failed once started (the KV cache ran out) leaves its context behind: free it.
-            with contextlib.suppress(EngineError):
-                await self.engine.free_context(entry.context_id)
+            await self.engine.fill(token_ids, entry.context_id, priority=priority, issued=entry.ready)
+        except Exception as exc:  # the entry is dropped; callers that wait for it see the error
+            if self._entries.get(entry.key) is entry:
+                del self._entries[entry.key]
+            entry.failed = True
+            if not entry.ready.done():
+                entry.ready.set_exception(exc)
+            # Forks already sent start from what the fill computed and compute the rest themselves (or fail, if
+            # it computed nothing): the context is freed once they have begun.
+            if entry.users == 0:
+                await self._free_failed(entry)
         else:
-            entry.filled.set_result(None)
+            entry.filled = True
+            if not entry.ready.done():
+                entry.ready.set_result(None)
+
+    async def _free_failed(self, entry: PrefixEntry) -> None:
+        # A fill that failed once started (the KV cache ran out) leaves its context behind.
+        with contextlib.suppress(EngineError):
+            await self.engine.free_context(entry.context_id)
 
 
 def _idle(entry: PrefixEntry) -> bool:
-    return entry.users == 0 and entry.filled.done()
+    return entry.users == 0 and entry.filled

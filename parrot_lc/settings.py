@@ -99,6 +99,10 @@ class ServerSettings(BaseSettings):
         "more get 429 with Retry-After"
     )
     max_prefixes_per_engine: int = Field(64, ge=1, description="warm prefix contexts kept per engine (LRU)")
+    prefix_cache_fraction: float = Field(
+        0.25, ge=0, le=1, description="the share of an engine's KV cache that warm prefix contexts may hold; past "
+        "it the least recently used idle ones are freed (running requests get the rest, never preempted for them)"
+    )
     app_centric: bool = Field(
         True, description="Parrot's scheduling: shared prompt prefixes filled once and forked, priorities from the "
         "deduced objectives; off: request-level serving (each call on its own, first come first served), the "

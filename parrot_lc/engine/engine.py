@@ -51,6 +51,7 @@ class EngineStats:
     num_contexts: int
     num_preemptions: int
     num_steps: int = 0  # batches run (prefill chunks and decode rows together)
+    kv_capacity_tokens: int = 0  # tokens the whole KV cache holds (0: not known)
 
 
 @dataclass
@@ -296,6 +297,7 @@ class LLMEngine:
             num_contexts=len(self.tree),
             num_preemptions=self.scheduler.num_preemptions,
             num_steps=self.num_steps,
+            kv_capacity_tokens=self.capacity_tokens,
         )
 
     def context_logits(self, context_id: ContextId) -> torch.Tensor | None:

@@ -41,7 +41,7 @@ def build_manager(engine_settings: EngineSettings, server_settings: ServerSettin
                                     info.tokenizer, server_settings.openai_engine_api_key))
     return ParrotManager(info, engines, server_settings.max_prefixes_per_engine,
                          server_settings.max_background_calls_per_engine, server_settings.max_queued_calls,
-                         server_settings.app_centric)
+                         server_settings.app_centric, server_settings.prefix_cache_fraction)
 
 
 class LocalServer:

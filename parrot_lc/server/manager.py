@@ -135,12 +135,14 @@ class ParrotManager:
     def __init__(
         self, model: ModelInfo, engines: list[EngineClient], max_prefixes_per_engine: int = 64,
         max_background_calls_per_engine: int = 64, max_queued_calls: int = 4096, app_centric: bool = True,
+        prefix_cache_fraction: float = 0.25,
     ) -> None:
         self.model = model
         self.tokenizer = model.tokenizer
         self.vocab_size = model.vocab_size
         self.max_context = model.max_context
         self.max_prefixes_per_engine = max_prefixes_per_engine
+        self.prefix_cache_fraction = prefix_cache_fraction
         self.max_background_calls = max_background_calls_per_engine
         self.max_queued_calls = max_queued_calls
         self.app_centric = app_centric  # off: no prefix sharing, one priority, no background cap (the baseline)
@@ -170,7 +172,8 @@ class ParrotManager:
     # ---- engines ----------------------------------------------------------------------------------
 
     def add_engine(self, engine: EngineClient, name: str | None = None) -> EngineSlot:
-        slot = EngineSlot(name or f"engine-{len(self.engines)}", engine, PrefixCache(engine, self.max_prefixes_per_engine),
+        slot = EngineSlot(name or f"engine-{len(self.engines)}", engine, PrefixCache(engine, self.max_prefixes_per_engine,
+                                                                      self.prefix_cache_fraction),
                           asyncio.Semaphore(self.max_background_calls), last_heartbeat=time.monotonic())
         self.engines.append(slot)
         return slot

@@ -1,5 +1,7 @@
 """Prefix contexts kept warm on each engine: a shared prompt prefix is filled once and forked by every call
-that starts with it, across sessions; idle prefixes are evicted least recently used first."""
+that starts with it, across sessions; idle prefixes are evicted least recently used first, past a number of
+them or a share of the engine's KV cache (an engine cannot preempt a context that no request runs in, so warm
+prefixes past that share would push running requests out)."""
 
 from __future__ import annotations
 
@@ -51,9 +53,10 @@ class PrefixEntry:
 class PrefixCache:
     """The prefix contexts of one engine, by the hash of their token ids."""
 
-    def __init__(self, engine: AsyncEngine, max_entries: int) -> None:
+    def __init__(self, engine: AsyncEngine, max_entries: int, max_cache_fraction: float = 1.0) -> None:
         self.engine = engine
         self.max_entries = max_entries
+        self.max_cache_fraction = max_cache_fraction
         self._entries: dict[str, PrefixEntry] = {}
         self._clock = itertools.count()  # orders uses (LRU) and makes each new entry's context id unique
 
@@ -81,7 +84,7 @@ class PrefixCache:
         entry.last_used = next(self._clock)
         if entry_is_new:
             try:
-                await self.evict(keep=self.max_entries)  # the new entry is in use: never a victim
+                await self.evict(self.max_entries, self._max_tokens())  # the new entry is in use: never a victim
             except BaseException as exc:  # the waiters of this entry must not hang
                 self._entries.pop(key, None)
                 entry.failed = True
@@ -101,10 +104,23 @@ class PrefixCache:
         if entry.failed and entry.users == 0:
             start_now(self._free_failed(entry))
 
-    async def evict(self, keep: int = 0) -> int:
-        """Frees idle prefixes, least recently used first, until at most `keep` remain; returns how many."""
+    async def evict(self, keep: int = 0, keep_tokens: int | None = None) -> int:
+        """Frees idle prefixes, least recently used first, until at most `keep` remain and (if given) all of them
+        hold at most `keep_tokens`; returns how many."""
         idle = sorted((e for e in self._entries.values() if _idle(e)), key=lambda e: e.last_used)
-        return await self._free(idle[: max(0, len(self._entries) - keep)])
+        count, tokens = len(self._entries), sum(e.num_tokens for e in self._entries.values())
+        victims = []
+        for entry in idle:
+            if count <= keep and (keep_tokens is None or tokens <= keep_tokens):
+                break
+            victims.append(entry)
+            count, tokens = count - 1, tokens - entry.num_tokens
+        return await self._free(victims)
+
+    def _max_tokens(self) -> int | None:
+        """The tokens prefixes may hold on this engine (None: its cache's size is not known)."""
+        capacity = self.engine.stats().kv_capacity_tokens
+        return int(capacity * self.max_cache_fraction) if capacity else None
 
     async def discard(self, keys: Iterable[str]) -> None:
         """Frees the prefixes' contexts, but not one that a call is forking from (or that is being filled)."""

@@ -138,6 +138,7 @@ class EngineStatsBody(BaseModel):
     num_contexts: NonNegativeInt = 0
     num_preemptions: NonNegativeInt = 0
     num_steps: NonNegativeInt = 0
+    kv_capacity_tokens: NonNegativeInt = 0
 
 
 class RegisterEngine(BaseModel):

@@ -110,3 +110,14 @@ def test_a_fork_of_a_fill_stopped_midway_computes_the_rest_of_the_prompt(make_en
     engine.run_until_done([child])
     engine.fill(prefix + suffix, "whole")
     assert torch.allclose(engine.context_logits("fork"), engine.context_logits("whole"), atol=1e-5)
+
+
+def test_a_fork_of_a_fork_before_any_step_reads_the_copied_partial_block(tiny):
+    # Each fork copies its parent's partial last block; the copies wait for the next step and are made together.
+    prefix, suffix = random_tokens(21, 0), random_tokens(4, 1)
+    tiny.fill(prefix, "a")
+    middle = tiny.submit_fill(random_tokens(3, 2), "b", parent_context_id="a")  # forks now: "a" is idle
+    tiny.cancel(middle.request_id)  # "b" holds what it inherited, its own tokens never went in
+    tiny.fill(suffix, "c", parent_context_id="b")
+    tiny.fill(prefix + suffix, "whole")
+    assert torch.allclose(tiny.context_logits("c"), tiny.context_logits("whole"), atol=1e-5)

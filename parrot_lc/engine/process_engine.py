@@ -18,6 +18,8 @@ import threading
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import ForkingPickler
 
+import torch
+
 from parrot_lc.engine.async_engine import EngineFront, deliver
 from parrot_lc.engine.context import ContextId
 from parrot_lc.engine.engine import LLMEngine
@@ -132,6 +134,11 @@ def serve_engine(settings: EngineSettings, pipe: Connection) -> None:
         pipe.send(("failed", exc))
         return
     freeze_startup_objects()
+    if engine.device.type == "cuda":
+        # Past start-up this process's CPU work is a step's bookkeeping, on small tensors: a pool of threads as
+        # wide as the machine only adds wake-up latency to it (a step of 128 sequences spent 3.8 ms comparing
+        # their block tables with 16 threads on the H100's host).
+        torch.set_num_threads(1)
     pipe.send(("ready", engine.stats()))
     keys: dict[int, int] = {}  # request id -> the caller's key
     requests: dict[int, int] = {}  # the caller's key -> request id

@@ -342,8 +342,9 @@ class ParrotManager:
             await self._execute(session, call)
             call.state = CallState.DONE
         except asyncio.CancelledError:
-            call.state = CallState.FAILED
-            self._fail_outputs(session, call, "the call was cancelled")
+            if call.state is not CallState.DONE:  # else only the freeing of its context was cut short
+                call.state = CallState.FAILED
+                self._fail_outputs(session, call, "the call was cancelled")
             raise
         except (EngineError, ServerError) as exc:
             log.info("call %s failed: %s", call.call_id, exc)
@@ -440,6 +441,7 @@ class ParrotManager:
                         call.streamed = True
                 if not retried:
                     variable.set("".join(pieces))
+            call.state = CallState.DONE  # its outputs are set: a client that reads one finds the call done
         finally:
             slot.running -= 1
             await self._free_quietly(slot, context_id)

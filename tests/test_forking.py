@@ -121,3 +121,30 @@ def test_a_fork_of_a_fork_before_any_step_reads_the_copied_partial_block(tiny):
     tiny.fill(suffix, "c", parent_context_id="b")
     tiny.fill(prefix + suffix, "whole")
     assert torch.allclose(tiny.context_logits("c"), tiny.context_logits("whole"), atol=1e-5)
+
+
+def test_a_block_freed_while_a_waiting_copy_reads_it_is_copied_from_before_it_is_reused(make_engine):
+    # More waiting copies than one launch makes, and the block one of them reads freed and taken by another fork.
+    engine = make_engine(kv_cache_bytes=4 * 2**20)
+    prefix, suffix = random_tokens(21, 0), random_tokens(4, 3)
+    engine.fill(prefix, "p")
+    others = [f"q{i}" for i in range(16)]
+    for i, name in enumerate(others):
+        engine.fill(random_tokens(21, 100 + i), name)
+    fillers = []
+    while engine.allocator.num_free > 1:  # leave one free block: the next fork's copy takes the one "p" frees
+        fillers.append(f"f{len(fillers)}")
+        engine.fill(random_tokens(min(8, engine.allocator.num_free - 1) * 16, 500 + len(fillers)), fillers[-1])
+    waiting = engine.submit_fill(random_tokens(3, 1), "c", parent_context_id="p")  # its copy of p's block waits
+    engine.cancel(waiting.request_id)
+    read_block = engine.tree.get("p").blocks[-1]
+    engine.free_context("p")
+    engine.submit_fill(random_tokens(2, 2), "g0", parent_context_id=others[0])
+    assert engine.tree.get("g0").blocks[-1] == read_block
+    for name in fillers:
+        engine.free_context(name)
+    for i, name in enumerate(others[1:15]):
+        engine.submit_fill(random_tokens(2, 2), f"g{i + 1}", parent_context_id=name)
+    engine.fill(suffix, "d", parent_context_id="c")
+    engine.fill(prefix + suffix, "whole")
+    assert torch.allclose(engine.context_logits("d"), engine.context_logits("whole"), atol=1e-5)

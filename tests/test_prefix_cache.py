@@ -4,7 +4,10 @@ runs in: past that share, warm prefixes would push running requests out)."""
 
 import asyncio
 
+import pytest
+
 from parrot_lc.engine import SamplingParams
+from parrot_lc.server.errors import CallFailedError
 from parrot_lc.server.graph import Piece
 from parrot_lc.server.local import build_manager
 from parrot_lc.settings import EngineSettings, ServerSettings
@@ -55,3 +58,34 @@ def test_idle_prefixes_past_the_cache_share_are_freed_least_recently_used_first(
 def test_no_more_prefixes_stay_warm_than_max_prefixes_per_engine():
     sizes, _, contexts = warm_prefixes_after_chats(HEADS, max_prefixes_per_engine=3)
     assert len(sizes) == 3 and contexts == 3
+
+
+@pytest.mark.parametrize("engine_processes", [False, True])
+def test_a_prefix_the_engine_refuses_fails_its_call_for_that_reason_and_leaves_nothing(engine_processes):
+    """The call's fork leaves before the engine has answered the fill (at once, to an engine process): it fails for
+    the fill's reason, not for its missing parent, and the prefix's context goes once no fork can need it."""
+
+    async def main() -> tuple[str, int, int]:
+        manager = build_manager(EngineSettings(model="tiny", device="cpu", dtype="float32",
+                                               kv_cache_bytes=4 * 2 * 2 * 16 * 2 * 16 * 4),  # 4 blocks of 16 tokens
+                                ServerSettings(engine_processes=engine_processes))
+        try:  # closed whatever happens: an engine process left running would keep the test from ending
+            head = HEADS[0] * 2  # longer than the whole cache
+            prompt = head + "When is high tide?"
+            completion = manager.start_completion([Piece("text", head), Piece("text", prompt[len(head):])],
+                                                  SamplingParams(max_tokens=2, temperature=0), manager.tokenize(prompt))
+            with pytest.raises(CallFailedError) as failure:
+                "".join([text async for text in completion.deltas()])
+            await manager.end_completion(completion)
+            slot = manager.engines[0]
+            for _ in range(100):
+                if slot.engine.stats().num_contexts == 0:
+                    break
+                await asyncio.sleep(0.02)
+            return str(failure.value), len(slot.prefixes), slot.engine.stats().num_contexts
+        finally:
+            manager.close()
+
+    message, prefixes, contexts = asyncio.run(main())
+    assert "the KV cache holds 64" in message
+    assert prefixes == 0 and contexts == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -50,16 +51,19 @@ class ModelRunner:
         """Copies a block's KV in every layer, before the next run reads or writes the cache: the copies of a
         step's forks (their parents' partial last blocks, hundreds when a prompt's users arrive at once) go in
         a few launches rather than one each (a millisecond of host time each on the H100's host)."""
+        if dst in self._block_copies.values():  # a freed block that a waiting copy still reads: make that one now
+            self._copy_blocks()
         # A block reused as the destination of a later copy takes that one; a copy of a block whose own copy is
-        # not made yet reads that copy's source.
+        # not made yet reads that copy's source. So no waiting copy reads a block that another one writes.
         self._block_copies[dst] = self._block_copies.get(src, src)
 
     def _copy_blocks(self) -> None:
-        copies, self._block_copies = list(self._block_copies.items()), {}
-        for start in range(0, len(copies), BLOCK_COPIES_PER_LAUNCH):
-            dst, src = zip(*copies[start : start + BLOCK_COPIES_PER_LAUNCH])
+        while self._block_copies:
+            dst, src = zip(*itertools.islice(self._block_copies.items(), BLOCK_COPIES_PER_LAUNCH))
             # (L, 2, n, block_size, Hkv, D): the sources are gathered before any destination is written.
             self.kv_cache[:, :, self._to_device(list(dst))] = self.kv_cache[:, :, self._to_device(list(src))]
+            for block in dst:  # only once made: a launch that fails leaves them for the next run
+                del self._block_copies[block]
 
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk], in_flight_tokens: torch.Tensor | None = None) -> None:

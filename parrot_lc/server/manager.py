@@ -463,14 +463,16 @@ class ParrotManager:
             events = slot.engine.generate(sampling, context_id, entry.context_id if entry else None, priority, rest)
             try:
                 first = await anext(events)  # the prompt is in the context once its first token comes
-            except ContextTooLargeError:
+            except EngineError as exc:
+                # A fork of a prefix whose fill failed (after the fork was sent) fails for the fill's reason.
+                error = entry.error if entry is not None and entry.error is not None else exc
+                if not isinstance(error, OutOfMemoryError):
+                    raise error
                 await self._free_quietly(slot, context_id)
-                raise  # evicting warm prefixes would not make room for it
-            except OutOfMemoryError:
-                # Idle prefixes hold the cache: evict them (least recently used first) and try once more.
-                await self._free_quietly(slot, context_id)
-                if attempt or not await slot.prefixes.evict():
-                    raise
+                # Idle prefixes hold the cache: evict them (least recently used first) and try once more; not for
+                # a context longer than the whole cache, which no eviction makes room for.
+                if isinstance(error, ContextTooLargeError) or attempt or not await slot.prefixes.evict():
+                    raise error
                 continue
             finally:
                 if entry is not None:

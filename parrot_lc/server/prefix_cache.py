@@ -45,7 +45,7 @@ class PrefixEntry:
     # with the error of a fill that failed before that.
     ready: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     filled: bool = False  # the fill ended, and well: the context may be evicted once idle
-    failed: bool = False  # the fill failed: the context is freed once no caller may still fork from it
+    error: Exception | None = None  # why the fill failed: the context is freed once no caller may still fork from it
     users: int = 0
     last_used: int = 0
 
@@ -87,13 +87,15 @@ class PrefixCache:
                 await self.evict(self.max_entries, self._max_tokens())  # the new entry is in use: never a victim
             except BaseException as exc:  # the waiters of this entry must not hang
                 self._entries.pop(key, None)
-                entry.failed = True
-                entry.ready.set_exception(exc if isinstance(exc, Exception) else asyncio.CancelledError())
+                entry.error = exc if isinstance(exc, Exception) else asyncio.CancelledError()
+                entry.ready.set_exception(entry.error)
                 self.release(entry)
                 raise
             start_now(self._fill(entry, token_ids, priority))  # the fill's command leaves in this turn
         try:
             await asyncio.shield(entry.ready)
+            if entry.error is not None:  # failed after its command left, before this caller woke: no fork now
+                raise entry.error
         except BaseException:
             self.release(entry)
             raise
@@ -101,7 +103,7 @@ class PrefixCache:
 
     def release(self, entry: PrefixEntry) -> None:
         entry.users -= 1
-        if entry.failed and entry.users == 0:
+        if entry.error is not None and entry.users == 0:
             start_now(self._free_failed(entry))
 
     async def evict(self, keep: int = 0, keep_tokens: int | None = None) -> int:
@@ -141,7 +143,7 @@ class PrefixCache:
         except Exception as exc:  # the entry is dropped; callers that wait for it see the error
             if self._entries.get(entry.key) is entry:
                 del self._entries[entry.key]
-            entry.failed = True
+            entry.error = exc
             if not entry.ready.done():
                 entry.ready.set_exception(exc)
             # Forks already sent start from what the fill computed and compute the rest themselves (or fail, if

@@ -31,6 +31,7 @@ class StepInputs:
 
 BLOCK_COPIES_PER_LAUNCH = 16  # blocks gathered at once: 16 x 8 MiB for Llama-2-7B's 32 layers
 
+
 class ModelRunner:
     def __init__(
         self, model: LlamaForCausalLM, kv_cache: torch.Tensor, block_size: int, graphs: DecodeGraphs | None = None,

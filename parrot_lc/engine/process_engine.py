@@ -29,6 +29,7 @@ from parrot_lc.engine.request import RequestOutput
 from parrot_lc.settings import EngineSettings
 from parrot_lc.startup import freeze_startup_objects
 
+
 class ProcessEngine(EngineFront):
     """fill / generate / free_context as coroutines over an engine process (started here, stopped by close)."""
 

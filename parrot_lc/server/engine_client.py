@@ -18,9 +18,9 @@ class EngineClient(Protocol):
         self, token_ids: list[int], context_id: ContextId, parent_context_id: ContextId | None = None, priority: int = 0,
         issued: asyncio.Future | None = None,
     ) -> None:
-        """Prefills the tokens into the context. `issued` (if given) gets its result once a fork of the context
-        sent from then on finds it: at once for an engine that takes commands in order (a fork waits there for
-        the fill), when the fill ends for one that does not."""
+        """Prefills the tokens into the context. `issued` (if given) gets its result once the command is on its way
+        to an engine that takes commands in order, where a fork of the context sent from then on waits for the
+        fill; an engine that keeps no order leaves it unset, and a fork is safe once the fill has returned."""
 
     def generate(
         self, sampling: SamplingParams, context_id: ContextId, parent_context_id: ContextId | None = None,

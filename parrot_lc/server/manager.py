@@ -339,8 +339,7 @@ class ParrotManager:
             if failed:
                 raise CallFailedError(f"input {failed[0].var_id} failed: {failed[0].error}")
             call.state = CallState.RUNNING
-            await self._execute(session, call)
-            call.state = CallState.DONE
+            await self._execute(session, call)  # DONE once its outputs are set, before its context is freed
         except asyncio.CancelledError:
             if call.state is not CallState.DONE:  # else only the freeing of its context was cut short
                 call.state = CallState.FAILED

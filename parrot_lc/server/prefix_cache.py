@@ -41,8 +41,8 @@ class PrefixEntry:
     key: str
     context_id: str
     num_tokens: int
-    # Done once a fork of the context may be sent (its fill's command is ahead of it; see EngineClient.fill), or
-    # with the error of a fill that failed before that.
+    # Done once a fork of the context may be sent (its fill's command is ahead of it, see EngineClient.fill; or
+    # the fill has returned), or with the error of a fill that failed before that.
     ready: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     filled: bool = False  # the fill ended, and well: the context may be evicted once idle
     error: Exception | None = None  # why the fill failed: the context is freed once no caller may still fork from it
@@ -85,10 +85,9 @@ class PrefixCache:
         if entry_is_new:
             try:
                 await self.evict(self.max_entries, self._max_tokens())  # the new entry is in use: never a victim
-            except BaseException as exc:  # the waiters of this entry must not hang
+            except BaseException as exc:  # the waiters of this entry must not hang; its fill never left
                 self._entries.pop(key, None)
-                entry.error = exc if isinstance(exc, Exception) else asyncio.CancelledError()
-                entry.ready.set_exception(entry.error)
+                entry.ready.set_exception(exc if isinstance(exc, Exception) else asyncio.CancelledError())
                 self.release(entry)
                 raise
             start_now(self._fill(entry, token_ids, priority))  # the fill's command leaves in this turn

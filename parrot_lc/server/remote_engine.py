@@ -52,10 +52,9 @@ class RemoteEngine:
             _raise_typed(response.json().get("error", {}))
 
     async def fill(self, token_ids, context_id, parent_context_id=None, priority=0, issued=None) -> None:
+        # `issued` stays unset: HTTP requests keep no order, so a fork is safe once this returns.
         await self._post("/fill", {"token_ids": token_ids, "context_id": context_id,
                                    "parent_context_id": parent_context_id, "priority": priority})
-        if issued is not None and not issued.done():  # HTTP requests keep no order: a fork is safe once it is done
-            issued.set_result(None)
 
     async def free_context(self, context_id) -> None:
         await self._post("/free", {"context_id": context_id})

@@ -104,7 +104,7 @@ async def graph_session(client: httpx.AsyncClient, index: int) -> None:
 async def openai_request(client: httpx.AsyncClient, index: int) -> None:
     """One OpenAI-compatible request: completions or chat, streamed or not, by the session's index."""
     chat, stream = index % 2 == 0, index % 4 < 2
-    body = {"model": "tiny", "max_tokens": MAX_TOKENS, "temperature": 0, "stream": stream}
+    body = {"max_tokens": MAX_TOKENS, "temperature": 0, "stream": stream}  # no model named: the server's own
     if chat:
         body["messages"] = [{"role": "system", "content": "You answer in one word."},
                             {"role": "user", "content": f"Question number {index}?"}]

@@ -7,6 +7,7 @@ import signal
 import time
 
 from parrot_lc.engine import LLMEngine, SamplingParams
+from parrot_lc.engine.errors import ModelLoadError
 from parrot_lc.logs import configure_logging
 from parrot_lc.settings import (
     ConfigFileSettings,
@@ -54,7 +55,8 @@ def serve(args: argparse.Namespace) -> None:
     """Runs the Parrot server (manager + local engines) until interrupted."""
     import uvicorn
 
-    from parrot_lc.server.app import KEEP_ALIVE_S, create_app
+    from parrot_lc.server.app import create_app
+    from parrot_lc.server.connections import uvicorn_options
     from parrot_lc.server.local import build_manager
     from parrot_lc.server.shutdown import DrainingServer
 
@@ -70,7 +72,7 @@ def serve(args: argparse.Namespace) -> None:
     # itself, with its id, instead of uvicorn's access log.
     config = uvicorn.Config(app, host=server_settings.host, port=server_settings.port, log_level="info",
                             log_config=None, access_log=False, timeout_graceful_shutdown=process.shutdown_timeout,
-                            timeout_keep_alive=KEEP_ALIVE_S)
+                            **uvicorn_options(server_settings.header_timeout))
     try:
         DrainingServer(config, manager, process.shutdown_timeout).run()
     finally:
@@ -113,8 +115,8 @@ def engine_process(args: argparse.Namespace) -> None:
     import uvicorn
 
     from parrot_lc.engine.async_engine import AsyncEngine
-    from parrot_lc.server.app import KEEP_ALIVE_S
-    from parrot_lc.server.engine_service import ManagerLink, create_engine_app
+    from parrot_lc.server.connections import uvicorn_options
+    from parrot_lc.server.engine_service import LinkedServer, ManagerLink, create_engine_app
 
     engine_settings, link_settings, process = load(args, EngineSettings, EngineProcessSettings, ProcessSettings)
     configure_logging(process.log_format)
@@ -122,13 +124,15 @@ def engine_process(args: argparse.Namespace) -> None:
     freeze_startup_objects()
     url = link_settings.advertise_url or f"http://{link_settings.host}:{link_settings.port}"
     link = ManagerLink(engine, link_settings, url)
-    link.start()
     signal.signal(signal.SIGTERM, lambda *_: None)  # exit 0 after uvicorn's graceful stop (see serve)
+    # On SIGTERM uvicorn stops accepting connections (the manager moves new calls to other engines) and lets the
+    # fills and generations in flight finish, up to the deadline.
+    config = uvicorn.Config(create_engine_app(engine, link_settings.engine_key), host=link_settings.host,
+                            port=link_settings.port, log_level="warning", log_config=None,
+                            timeout_graceful_shutdown=process.shutdown_timeout,
+                            **uvicorn_options(link_settings.header_timeout))
     try:
-        # On SIGTERM uvicorn stops accepting connections (the manager moves new calls to other engines) and
-        # lets the fills and generations in flight finish, up to the deadline.
-        uvicorn.run(create_engine_app(engine, link_settings.engine_key), host=link_settings.host, port=link_settings.port, log_level="warning",
-                    log_config=None, timeout_graceful_shutdown=process.shutdown_timeout, timeout_keep_alive=KEEP_ALIVE_S)
+        LinkedServer(config, link).run()  # registers with the manager once it serves on its port
     finally:
         link.stopped.set()
         engine.close()
@@ -162,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except SettingsError as exc:
+    except (SettingsError, ModelLoadError) as exc:  # a setting to fix, which the message names: no traceback
         parser.exit(2, f"parrot-lc: error: {exc}\n")
 
 

@@ -4,12 +4,13 @@ passed down."""
 from __future__ import annotations
 
 import json
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
 
@@ -64,6 +65,21 @@ class EngineSettings(BaseSettings):
         Path.home() / ".cache" / "parrot_lc", description="where converted GGUF checkpoints are cached"
     )
 
+    @field_validator("device")
+    @classmethod
+    def usable_device(cls, device: str) -> str:
+        """A device the engine can run on here: a typo (`gpu`), or cuda where torch sees no CUDA device, is a
+        settings error naming where it came from, not a traceback from the engine's first tensor."""
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+            raise ValueError(f"{device!r} is none of `cpu`, `cuda`, `cuda:N`, `auto`")
+        if device.startswith("cuda"):
+            import torch  # here only: the settings of a process that runs no engine need no torch
+
+            count, index = torch.cuda.device_count(), int(device.partition(":")[2] or 0)
+            if index >= count:
+                raise ValueError(f"{device!r}, but torch {torch.__version__} sees {count} CUDA devices here")
+        return device
+
 
 class ServerSettings(BaseSettings):
     """Settings of the Parrot server (the manager and its HTTP API)."""
@@ -81,7 +97,11 @@ class ServerSettings(BaseSettings):
     engine_timeout: float = Field(5.0, gt=0, description="seconds without a heartbeat before a remote engine is dropped")
     engine_key: str | None = Field(
         None, description="the key engine processes register with (not a client key), which the manager sends back "
-        "to them; unset: only engines on this host may register"
+        "to them; unset: the server takes no remote engines (an engine receives prompts and writes answers)"
+    )
+    max_remote_engines: int = Field(
+        64, ge=1, description="remote engines the server holds at most; more registrations get 409 (an engine that "
+        "registers again at the same URL replaces its old registration)"
     )
     api_key: str | None = Field(
         None, description="if set, the API (sessions, calls, /v1, /metrics) needs `Authorization: Bearer KEY`; "
@@ -94,9 +114,28 @@ class ServerSettings(BaseSettings):
         True, description="whether /metrics needs the API key too (false: open to a scraper without one)"
     )
     max_request_bytes: int = Field(2 * 2**20, ge=1024, description="larger request bodies get 413")
+    header_timeout: float = Field(
+        10.0, gt=0, allow_inf_nan=False, description="seconds a client has to send a request's headers, from "
+        "connecting (or from the request's first byte, on a kept-alive connection); slower connections are closed"
+    )
     max_queued_calls: int = Field(
         4096, ge=1, description="unfinished calls (graph calls and OpenAI-compatible requests) the server holds; "
         "more get 429 with Retry-After"
+    )
+    max_queued_calls_per_session: int = Field(
+        2048, ge=1, description="unfinished calls one session (or one OpenAI-compatible request's) may hold; more get "
+        "429 with Retry-After"
+    )
+    max_queued_calls_per_key: int | None = Field(
+        None, ge=1, description="unfinished calls the sessions and requests of one API key may hold together, so that "
+        "one client cannot take the whole queue; unset: no limit of its own (max_queued_calls holds)"
+    )
+    max_variables_per_session: int = Field(
+        16384, ge=1, description="Semantic Variables one session may hold; more are refused (400)"
+    )
+    session_idle_timeout: float = Field(
+        3600.0, gt=0, allow_inf_nan=False, description="seconds after which a session that no request named and "
+        "that has no unfinished call is deleted (its client went away without deleting it)"
     )
     max_prefixes_per_engine: int = Field(64, ge=1, description="warm prefix contexts kept per engine (LRU)")
     prefix_cache_fraction: float = Field(
@@ -144,6 +183,10 @@ class EngineProcessSettings(BaseSettings):
         "engine but /health"
     )
     heartbeat_interval: float = Field(1.0, gt=0, description="seconds between heartbeats")
+    header_timeout: float = Field(
+        10.0, gt=0, allow_inf_nan=False, description="seconds a caller has to send a request's headers, from "
+        "connecting (or from the request's first byte, on a kept-alive connection); slower connections are closed"
+    )
 
 
 class ProcessSettings(BaseSettings):

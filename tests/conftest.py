@@ -170,6 +170,38 @@ def client(parrot_server):
         yield c
 
 
+@pytest.fixture(scope="module")
+def engine_app_urls():
+    """`urls(key, count)`: `count` loopback URLs of one tiny engine's HTTP face (what `parrot-lc engine` serves,
+    without its link to a manager), served in this process and taking the engine key `key`: engines that a
+    manager's registration probe reaches, at as many addresses as a test registers."""
+    import threading
+
+    import uvicorn
+
+    from parrot_lc.engine.async_engine import AsyncEngine
+    from parrot_lc.server.engine_service import create_engine_app
+
+    started = []
+
+    def urls(key: str, count: int) -> list[str]:
+        engine = AsyncEngine(LLMEngine(EngineSettings(model="tiny", device="cpu", dtype="float32",
+                                                      kv_cache_bytes=16 * 2**20)))
+        sockets = [socket.create_server(("127.0.0.1", 0)) for _ in range(count)]
+        server = uvicorn.Server(uvicorn.Config(create_engine_app(engine, key), log_level="warning"))
+        thread = threading.Thread(target=server.run, kwargs={"sockets": sockets}, daemon=True)
+        thread.start()
+        started.append((server, thread, engine))
+        wait_until(lambda: server.started, 60, "the engine's HTTP server")
+        return [f"http://127.0.0.1:{s.getsockname()[1]}" for s in sockets]
+
+    yield urls
+    for server, thread, engine in started:
+        server.should_exit = True
+        thread.join(timeout=30)
+        engine.close()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -181,6 +213,14 @@ def wait_until(condition: Callable[[], bool], seconds: float, what: str) -> None
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.02)
+
+
+def assert_refused(response: httpx.Response, status: int, field: str) -> dict:
+    """The response is an error of `status` in the documented shape, naming `field`; returns the error."""
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "field"} and error["field"] == field, error
+    return error
 
 
 class Served:

@@ -3,6 +3,7 @@
 import signal
 
 import httpx
+import pytest
 
 from conftest import Served
 
@@ -32,3 +33,13 @@ def test_the_readme_settings_table_is_the_generated_one():
     from parrot_lc.settings import settings_table
 
     assert settings_table() in (Path(__file__).parent.parent / "README.md").read_text()
+
+
+def test_a_model_that_cannot_be_loaded_is_a_one_line_error(tmp_path, capsys):
+    from parrot_lc.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["demo", "--model", str(tmp_path / "nonexistent")])
+    assert stop.value.code == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("parrot-lc: error: model ") and "nonexistent" in line

@@ -1,10 +1,16 @@
 """A remote engine process registers with the manager, takes work, and when it is SIGKILLed mid-graph its
-calls complete on the other engine."""
+calls complete on the other engine. One that the manager dropped registers again; one that cannot bind its port
+never registers."""
 
+import asyncio
+import json
 import os
+import select
 import signal
+import socket
 import subprocess
 import sys
+import time
 
 import httpx
 import pytest
@@ -17,29 +23,76 @@ from parrot_lc.settings import EngineSettings, ServerSettings
 
 
 CLIENT_KEY, ENGINE_KEY = "client-key-0123456789", "engine-key-9876543210"
+AS_ENGINE = {"Authorization": f"Bearer {ENGINE_KEY}"}
+ENGINE = EngineSettings(model="tiny", device="cpu", dtype="float32", kv_cache_bytes=16 * 2**20)
+ENGINE_TIMEOUT = 3.0
+
+
+def start_engine(manager_url: str, port: int) -> subprocess.Popen:
+    """A `parrot-lc engine` process on `port` that registers with the manager with the engine key."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "parrot_lc.cli", "engine", "--manager", manager_url, "--port", str(port),
+         "--model", "tiny", "--device", "cpu", "--kv-cache-bytes", str(16 * 2**20), "--engine-key", ENGINE_KEY],
+        env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+
+
+def remote_slots(server: LocalServer) -> list:
+    return [slot for slot in server.manager.engines if isinstance(slot.engine, RemoteEngine)]
 
 
 @pytest.fixture
 def manager_and_remote(request):
-    """A manager with one local engine and a remote engine process registered with it. Parametrized
-    indirectly with True: the manager has a client API key and an engine key, the engine the engine key."""
+    """A manager with one local engine and a remote engine process registered with it (with the engine key,
+    which every registration needs). Parametrized indirectly with True: the manager has a client API key too."""
     keyed = getattr(request, "param", False)
-    keys = {"api_key": CLIENT_KEY, "engine_key": ENGINE_KEY} if keyed else {}
-    settings = EngineSettings(model="tiny", device="cpu", dtype="float32", kv_cache_bytes=16 * 2**20)
-    with LocalServer(settings, ServerSettings(port=0, engines=1, engine_timeout=3.0, **keys)) as server:
-        port = free_port()
-        remote = subprocess.Popen(
-            [sys.executable, "-m", "parrot_lc.cli", "engine", "--manager", server.base_url, "--port", str(port),
-             "--model", "tiny", "--device", "cpu", "--kv-cache-bytes", str(16 * 2**20),
-             *(["--engine-key", ENGINE_KEY] if keyed else [])],
-            env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
+    keys = {"engine_key": ENGINE_KEY} | ({"api_key": CLIENT_KEY} if keyed else {})
+    with LocalServer(ENGINE, ServerSettings(port=0, engines=1, engine_timeout=ENGINE_TIMEOUT, **keys)) as server:
+        remote = start_engine(server.base_url, free_port())
         try:
             wait_until(lambda: len(server.manager.engines) == 2, 60, "the remote engine to register")
             yield server, remote
         finally:
             remote.kill()
             remote.wait()
+
+
+def test_streams_on_an_engine_that_dies_resume_on_another_without_repeating_text(manager_and_remote):
+    """Before: a stream whose engine died received `reference[:k] + reference` with no error. Now the call resumes
+    on the other engine after the tokens it had, and each stream is the undisturbed text exactly once."""
+    server, remote = manager_and_remote
+    prompts = [f"Stream number {i} tells a story:" for i in range(6)]
+    texts: dict[int, list[str]] = {i: [] for i in range(len(prompts))}
+    usage: dict[int, int] = {}
+
+    async def stream(i: int) -> None:
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=120) as client:
+            body = {"model": "tiny", "prompt": prompts[i], "max_tokens": 200, "temperature": 0, "ignore_eos": True,
+                    "stream": True, "stream_options": {"include_usage": True}}
+            async with client.stream("POST", "/v1/completions", json=body) as reply:
+                async for line in reply.aiter_lines():
+                    if line.startswith("data: {"):
+                        event = json.loads(line[6:])
+                        assert "error" not in event, event
+                        texts[i] += [c["text"] for c in event["choices"]]
+                        usage[i] = (event.get("usage") or {}).get("completion_tokens", usage.get(i))
+
+    async def streams_and_a_kill() -> None:
+        running = [asyncio.ensure_future(stream(i)) for i in range(len(prompts))]
+        slot = remote_slots(server)[0]
+        while not (slot.running and sum(map(len, texts.values())) > 20):
+            await asyncio.sleep(0.01)
+        remote.send_signal(signal.SIGKILL)
+        await asyncio.gather(*running)
+
+    asyncio.run(streams_and_a_kill())
+    assert not remote_slots(server)  # it died under its streams, which went on elsewhere
+    reference = LLMEngine(ENGINE)
+    sampling = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+    for i, prompt in enumerate(prompts):
+        reference.fill(reference.tokenizer(prompt).input_ids, i)
+        assert "".join(texts[i]) == "".join(e.text for e in reference.generate(sampling, i))
+        assert usage[i] == 200
 
 
 @pytest.mark.parametrize("fault", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "hung"])
@@ -98,3 +151,37 @@ def test_only_the_engine_key_registers_an_engine_and_a_client_key_does_not(manag
     as_client = httpx.post(f"{server.base_url}/api/engines", json=body, headers={"Authorization": f"Bearer {CLIENT_KEY}"})
     assert as_client.status_code == 401 and as_client.json()["error"]["field"] == "authorization"
     assert len(server.manager.engines) == 2  # the local one and the keyed remote one, nothing more
+
+
+def test_a_heartbeat_for_an_unknown_engine_gets_404_and_the_engine_registers_again(manager_and_remote):
+    """An engine that stops past the engine timeout is dropped; once it runs again its heartbeat gets 404 and it
+    registers again, under a name of its own, and keeps that registration with its heartbeats. The old
+    registration's name and token open nothing."""
+    server, remote = manager_and_remote
+    [old] = remote_slots(server)
+    remote.send_signal(signal.SIGSTOP)
+    wait_until(lambda: old not in server.manager.engines, 30, "the silent engine to be dropped")
+    remote.send_signal(signal.SIGCONT)
+    wait_until(lambda: len(remote_slots(server)) == 1, 30, "the engine to register again")
+    [new] = remote_slots(server)
+    assert new.name != old.name and new.engine.url == old.engine.url
+    time.sleep(ENGINE_TIMEOUT + 1)  # its heartbeats reach the new registration: it is not dropped
+    assert remote_slots(server) == [new]
+    for name, headers in ((old.name, {"X-Engine-Token": old.token}), (new.name, {"X-Engine-Token": old.token}),
+                          (new.name, {})):
+        stale = httpx.post(f"{server.base_url}/api/engines/{name}/heartbeat", json={}, headers={**AS_ENGINE, **headers})
+        assert stale.status_code == 404 and stale.json()["error"]["field"] == "name"
+
+
+def test_an_engine_registers_only_once_its_port_is_bound():
+    """An engine whose port is taken exits without registering: the manager, which probes a registered URL
+    before it takes the engine, never knocks at that port."""
+    with LocalServer(ENGINE, ServerSettings(port=0, engine_key=ENGINE_KEY)) as server, \
+            socket.create_server(("127.0.0.1", 0)) as taken:  # listening, never accepting
+        remote = start_engine(server.base_url, taken.getsockname()[1])
+        try:
+            assert remote.wait(60) != 0
+        finally:
+            remote.kill()
+        readable, _, _ = select.select([taken], [], [], 1.0)  # a connection waiting to be accepted: a probe
+        assert readable == [] and remote_slots(server) == []

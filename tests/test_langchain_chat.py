@@ -46,6 +46,12 @@ def test_invoke_reports_usage_finish_reason_and_model(chat):
     assert reply.response_metadata["model_name"] == "tiny"
 
 
+def test_without_a_model_name_the_server_answers_with_the_one_it_serves(parrot_server):
+    """The server refuses names of models it does not serve: a class given no `model` names none."""
+    reply = ChatParrot(base_url=parrot_server, max_tokens=2, temperature=0).invoke("Hi")
+    assert reply.response_metadata["model_name"] == "tiny"
+
+
 def test_stream_fires_a_callback_per_token_and_ends_with_usage(chat):
     recorder = TokenRecorder()
     chunks = list(chat.stream("Tell me a story", config={"callbacks": [recorder]}))

@@ -6,9 +6,13 @@ import asyncio
 import openai
 import pytest
 
+from conftest import assert_refused
+from parrot_lc.engine.loader import TINY_DIR
 from parrot_lc.server.graph import TextStream
+from parrot_lc.server.local import LocalServer
 from parrot_lc.server.manager import LATENCY_PRIORITY
 from parrot_lc.server.openai_routes import DeltaEvents, sse
+from parrot_lc.settings import EngineSettings
 
 
 @pytest.fixture
@@ -74,6 +78,100 @@ def test_a_chats_new_system_prompt_is_filled_at_the_chats_priority(oai, prefix_f
 def test_bad_sampling_is_a_4xx_the_client_raises(oai):
     with pytest.raises(openai.UnprocessableEntityError):
         oai.completions.create(model="tiny", prompt="x", temperature=-1)
+
+
+def test_an_unknown_model_gets_404_listing_the_served_names(oai):
+    with pytest.raises(openai.NotFoundError) as refused:
+        oai.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+    error = assert_refused(refused.value.response, 404, "model")
+    assert "'gpt-4o'" in error["message"] and "'tiny'" in error["message"]
+
+
+def test_a_model_served_from_a_path_answers_to_the_path_and_to_its_last_part():
+    settings = EngineSettings(model=str(TINY_DIR), load_format="dummy", device="cpu", dtype="float32",
+                              kv_cache_bytes=16 * 2**20)
+    with LocalServer(settings) as server:
+        oai = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
+        assert [m.id for m in oai.models.list().data] == [str(TINY_DIR)]
+        for name in (str(TINY_DIR), "tiny"):
+            assert oai.completions.create(model=name, prompt="x", max_tokens=1).usage.completion_tokens == 1
+        with pytest.raises(openai.NotFoundError):
+            oai.completions.create(model="engine/tiny", prompt="x", max_tokens=1)
+
+
+def test_a_request_that_names_no_model_gets_the_served_one(client):
+    response = client.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 2})
+    assert response.status_code == 200 and response.json()["model"] == "tiny"
+
+
+CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+
+
+@pytest.mark.parametrize("field, value", [
+    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
+    ("tool_choice", "required"), ("response_format", {"type": "json_object"}), ("logprobs", True),
+    ("top_logprobs", 2), ("presence_penalty", 0.5), ("frequency_penalty", -1), ("logit_bias", {"42": 100}),
+    ("n", 2), ("audio", {"voice": "alloy", "format": "wav"}),
+])
+def test_an_unimplemented_openai_field_gets_400_naming_it(oai, field, value):
+    with pytest.raises(openai.BadRequestError) as refused:
+        oai.chat.completions.create(**CHAT, **{field: value})
+    assert_refused(refused.value.response, 400, field)
+
+
+@pytest.mark.parametrize("field, value", [("echo", True), ("best_of", 3), ("suffix", " the end"), ("logprobs", 0)])
+def test_an_unimplemented_completions_field_gets_400_naming_it(oai, field, value):
+    with pytest.raises(openai.BadRequestError) as refused:
+        oai.completions.create(model="tiny", prompt="x", max_tokens=2, **{field: value})
+    assert_refused(refused.value.response, 400, field)
+
+
+def test_the_neutral_values_that_clients_send_anyway_and_harmless_extra_fields_are_accepted(oai):
+    """What LangChain's ChatOpenAI and the openai package may send without being asked, and fields that change
+    nothing of the answer (as vLLM, the server takes them)."""
+    response = oai.chat.completions.create(
+        **CHAT, n=1, presence_penalty=0, frequency_penalty=0.0, logprobs=False, logit_bias={}, user="u-1",
+        metadata={"run": "test"}, store=False, parallel_tool_calls=False, stream_options=None,
+        extra_body={"tool_choice": "none", "response_format": {"type": "text"}},
+    )
+    assert response.usage.completion_tokens == 2
+
+
+def test_an_image_content_part_gets_400_naming_it(oai):
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    with pytest.raises(openai.BadRequestError) as refused:
+        oai.chat.completions.create(**{**CHAT, "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "What is this?"}, image]}]})
+    assert_refused(refused.value.response, 400, "messages.0.content.1.type")
+
+
+@pytest.mark.parametrize("text", [5, None, ["a"]])
+def test_a_text_content_part_whose_text_is_no_string_is_422_naming_it(client, text):
+    body = {**CHAT, "messages": [{"role": "user", "content": [{"type": "text", "text": text}]}]}
+    assert_refused(client.post("/v1/chat/completions", json=body), 422, "messages.0.content.0.text")
+
+
+def test_text_content_parts_are_the_text_they_hold(oai):
+    parts = [{"type": "text", "text": "Tell me "}, {"type": "text", "text": "a story"}]
+    joined = oai.chat.completions.create(**{**CHAT, "temperature": 0, "messages": [{"role": "user", "content": parts}]})
+    whole = oai.chat.completions.create(**{**CHAT, "temperature": 0, "messages": [
+        {"role": "user", "content": "Tell me a story"}]})
+    assert joined.choices[0].message.content == whole.choices[0].message.content
+
+
+def test_a_lone_surrogate_in_the_model_name_gets_400_naming_it(client):
+    body = b'{"model": "tiny\\ud800", "prompt": "x", "max_tokens": 2}'
+    response = client.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+    assert_refused(response, 400, "model")
+
+
+def test_top_k_of_1_samples_the_most_likely_token(oai):
+    """vLLM's `top_k` extension is implemented (the engine samples with it), not ignored."""
+    kwargs = dict(model="tiny", prompt="Once upon a time", max_tokens=6)
+    greedy = oai.completions.create(**kwargs, temperature=0).choices[0].text
+    sampled = [oai.completions.create(**kwargs, temperature=1.0, seed=seed, extra_body={"top_k": 1}).choices[0].text
+               for seed in (1, 2)]
+    assert sampled == [greedy, greedy]
 
 
 class CountingTokenizer:

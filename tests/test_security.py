@@ -1,12 +1,17 @@
 """Security promises: loopback by default, API keys (flag or file, constant-time) on every endpoint but /health,
-/metrics optionally open, sessions isolated by their own tokens with unguessable ids, and limits on bodies and
-prompts. (The key on every endpoint: tests/test_server_engines.py; another session's token is 403 and an
+/metrics optionally open, sessions isolated by their own tokens with unguessable ids, limits on bodies and
+prompts, and remote engines only with the engine key, at URLs that answer as engines. (The key on every endpoint: tests/test_server_engines.py; another session's token is 403 and an
 oversized declared body is 413: tests/test_server_api.py.)"""
+
+import socket
+import time
 
 import httpx
 import pytest
 
+from conftest import assert_refused, free_port
 from parrot_lc.server.local import LocalServer
+from parrot_lc.server.remote_engine import RemoteEngine
 from parrot_lc.settings import EngineProcessSettings, EngineSettings, ServerSettings
 
 ENGINE = EngineSettings(model="tiny", device="cpu", dtype="float32", kv_cache_bytes=16 * 2**20)
@@ -88,6 +93,80 @@ def test_a_session_without_its_token_is_403(client):
     assert client.get(base).status_code == 403
 
 
+def test_a_non_ascii_session_token_is_403_naming_it(client):
+    """A header's bytes reach the server as Latin-1 text, which a constant-time comparison of strings refuses."""
+    base, _ = new_session(client)
+    assert_refused(client.get(base, headers={"X-Session-Token": "clé-ü".encode()}), 403, "session_token")
+
+
+# ---- slow clients -----------------------------------------------------------------------------------------
+
+HEADER_TIMEOUT = 0.5
+
+
+@pytest.fixture(scope="module")
+def strict_headers():
+    """A server that gives clients HEADER_TIMEOUT seconds to send a request's headers."""
+    with LocalServer(ENGINE, ServerSettings(port=0, header_timeout=HEADER_TIMEOUT)) as server:
+        yield server
+
+
+def connect(server: LocalServer) -> socket.socket:
+    host, port = server.base_url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=10)
+
+
+def closed_after(sock: socket.socket) -> float:
+    """Seconds until the server closes the connection (having sent nothing more)."""
+    started = time.monotonic()
+    assert sock.recv(1024) == b""
+    return time.monotonic() - started
+
+
+def health_exchange(sock: socket.socket) -> None:
+    """Sends a whole GET /health and reads its answer, up to the end of its JSON body."""
+    sock.sendall(b"GET /health HTTP/1.1\r\nHost: parrot\r\n\r\n")
+    answer = b""
+    while not answer.endswith(b"}"):
+        received = sock.recv(65536)
+        assert received, answer  # not closed halfway
+        answer += received
+    assert answer.startswith(b"HTTP/1.1 200"), answer
+
+
+def test_a_connection_with_half_sent_headers_is_closed_after_the_header_timeout(strict_headers):
+    connections = [connect(strict_headers) for _ in range(50)]
+    for sock in connections:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: parrot\r\nX-Slow: ")
+    waits = [closed_after(sock) for sock in connections]
+    assert max(waits) < HEADER_TIMEOUT + 3
+    for sock in connections:
+        sock.close()
+
+
+def test_a_connection_that_sends_nothing_is_closed_after_the_header_timeout(strict_headers):
+    with connect(strict_headers) as sock:
+        assert HEADER_TIMEOUT - 0.1 < closed_after(sock) < HEADER_TIMEOUT + 3
+
+
+def test_a_kept_alive_connection_is_not_cut_between_requests_but_its_next_requests_headers_must_come_in_time(
+        strict_headers):
+    with connect(strict_headers) as sock:
+        health_exchange(sock)
+        time.sleep(3 * HEADER_TIMEOUT)  # idle between requests: the keep-alive timeout's, not the header timeout's
+        health_exchange(sock)
+        sock.sendall(b"GET /health HTTP/1.1\r\n")
+        assert closed_after(sock) < HEADER_TIMEOUT + 3
+
+
+def test_a_request_whose_headers_came_in_time_is_served_however_long_it_takes(strict_headers):
+    with httpx.Client(base_url=strict_headers.base_url, timeout=30) as slow:
+        base, token = new_session(slow)
+        never = slow.post(f"{base}/variables", json={}, headers=token).json()["var_id"]
+        waited = slow.get(f"{base}/variables/{never}", params={"timeout": 4 * HEADER_TIMEOUT}, headers=token)
+    assert_refused(waited, 408, "timeout")
+
+
 # ---- limits -----------------------------------------------------------------------------------------------
 
 
@@ -124,24 +203,93 @@ def test_a_graph_call_asking_for_more_tokens_than_the_context_is_400_naming_the_
     assert response.status_code == 400 and response.json()["error"]["field"] == "calls.0.sampling.max_tokens"
 
 
-def test_without_an_engine_key_only_engines_on_this_host_may_register(local_server):
-    import asyncio
+# ---- engines ----------------------------------------------------------------------------------------------
 
-    from parrot_lc.server.app import create_app
-
-    app = create_app(local_server.manager, ServerSettings())  # the shared server's manager, reached from afar
-
-    async def register_from_another_host() -> httpx.Response:
-        transport = httpx.ASGITransport(app=app, client=("203.0.113.7", 40000))
-        async with httpx.AsyncClient(transport=transport, base_url="http://parrot") as remote_host:
-            return await remote_host.post("/api/engines", json={"url": "http://203.0.113.7:9100"})
-
-    refused = asyncio.run(register_from_another_host())
-    assert refused.status_code == 403 and refused.json()["error"]["field"] == "client"
-    assert all(slot.engine.url != "http://203.0.113.7:9100" for slot in local_server.manager.engines
-               if hasattr(slot.engine, "url"))
+CLIENT_KEY, ENGINE_KEY = "client-key-0123456789", "engine-key-9876543210"
+AS_ENGINE = {"Authorization": f"Bearer {ENGINE_KEY}"}
 
 
-def test_a_heartbeat_for_an_engine_inside_the_server_is_404(parrot_server):
-    response = httpx.post(f"{parrot_server}/api/engines/engine-0/heartbeat", json={})
+@pytest.fixture
+def engine_keyed():
+    """A server with a client key and an engine key, one local engine, and room for two remote engines (which
+    send no heartbeats here: they are not dropped within a test)."""
+    settings = ServerSettings(port=0, api_key=CLIENT_KEY, engine_key=ENGINE_KEY, max_remote_engines=2,
+                              engine_timeout=600)
+    with LocalServer(ENGINE, settings) as server:
+        yield server
+
+
+def remote_urls(server: LocalServer) -> list[str]:
+    return [slot.engine.url for slot in server.manager.engines if isinstance(slot.engine, RemoteEngine)]
+
+
+def test_a_server_without_an_engine_key_takes_no_remote_engines(local_server, engine_app_urls):
+    [url] = engine_app_urls(ENGINE_KEY, 1)  # a real engine: only the server's missing key refuses it
+    for headers in ({}, AS_ENGINE):  # from loopback, with or without a key
+        refused = httpx.post(f"{local_server.base_url}/api/engines", json={"url": url}, headers=headers)
+        assert refused.status_code == 403
+        error = refused.json()["error"]
+        assert set(error) == {"message", "type", "field"} and "--engine-key" in error["message"]
+    heartbeat = httpx.post(f"{local_server.base_url}/api/engines/engine-0/heartbeat", json={}, headers=AS_ENGINE)
+    assert heartbeat.status_code == 403
+    assert remote_urls(local_server) == []
+
+
+def test_engine_registration_without_the_engine_key_is_refused_even_from_loopback(engine_keyed, engine_app_urls):
+    [url] = engine_app_urls(ENGINE_KEY, 1)
+    register = f"{engine_keyed.base_url}/api/engines"
+    for headers in ({}, {"Authorization": f"Bearer {CLIENT_KEY}"}, {"Authorization": "Bearer nope"}):
+        refused = httpx.post(register, json={"url": url}, headers=headers)
+        assert refused.status_code == 401 and refused.json()["error"]["field"] == "authorization"
+    assert httpx.post(f"{engine_keyed.base_url}/api/engines/engine-0/heartbeat", json={}).status_code == 401
+    assert remote_urls(engine_keyed) == []
+    assert httpx.post(register, json={"url": url}, headers=AS_ENGINE).status_code == 201  # the key: taken
+    assert remote_urls(engine_keyed) == [url]
+
+
+@pytest.mark.parametrize("url", [
+    "ftp://127.0.0.1:9100", "file:///etc/passwd", "http://user:secret@127.0.0.1:9100", "http://token@127.0.0.1:9100",
+    "http://127.0.0.1:9100/?next=x", "http://127.0.0.1:9100/#x", "http://127.0.0.1:99999", "http://127.0.0.1:0",
+    "http://", "127.0.0.1:9100",
+])
+def test_registered_engine_urls_must_be_http_with_a_host(engine_keyed, url):
+    refused = httpx.post(f"{engine_keyed.base_url}/api/engines", json={"url": url}, headers=AS_ENGINE)
+    assert refused.status_code == 422 and refused.json()["error"]["field"] == "url"
+    assert remote_urls(engine_keyed) == []
+
+
+def test_a_registered_url_must_answer_as_an_engine_of_the_servers_key(engine_keyed, engine_app_urls):
+    """Nothing listening, a server that is no engine (the manager itself), an engine of another key: each is
+    refused at once, naming the URL, rather than taken and sent calls."""
+    [other_key] = engine_app_urls("another-engine-key", 1)
+    for url in (f"http://127.0.0.1:{free_port()}", engine_keyed.base_url, other_key):
+        refused = httpx.post(f"{engine_keyed.base_url}/api/engines", json={"url": url}, headers=AS_ENGINE)
+        assert refused.status_code == 422 and refused.json()["error"]["field"] == "url", url
+        assert "does not answer as an engine" in refused.json()["error"]["message"]
+    assert remote_urls(engine_keyed) == []
+
+
+def test_a_registration_at_a_registered_url_replaces_it_and_the_server_holds_at_most_max_remote_engines(
+        engine_keyed, engine_app_urls):
+    first, second, third = engine_app_urls(ENGINE_KEY, 3)
+    register = f"{engine_keyed.base_url}/api/engines"
+    names = [httpx.post(register, json={"url": url}, headers=AS_ENGINE).json()["name"]
+             for url in (first, first + "/", second)]
+    assert remote_urls(engine_keyed) == [first, second]  # the second registration of `first` replaced the first
+    assert len(set(names)) == 3 and names[0] not in {slot.name for slot in engine_keyed.manager.engines}
+    refused = httpx.post(register, json={"url": third}, headers=AS_ENGINE)
+    assert refused.status_code == 409 and "max_remote_engines" in refused.json()["error"]["message"]
+    assert remote_urls(engine_keyed) == [first, second]
+    assert httpx.post(register, json={"url": second}, headers=AS_ENGINE).status_code == 201  # a refresh fits
+
+
+def test_a_heartbeat_for_an_engine_inside_the_server_is_404(engine_keyed):
+    response = httpx.post(f"{engine_keyed.base_url}/api/engines/engine-0/heartbeat", json={}, headers=AS_ENGINE)
     assert response.status_code == 404 and response.json()["error"]["field"] == "name"
+
+
+def test_an_engines_own_errors_have_the_documented_shape(engine_app_urls):
+    [url] = engine_app_urls(ENGINE_KEY, 1)
+    bad_fill = httpx.post(f"{url}/fill", json={"token_ids": "many", "context_id": "c"}, headers=AS_ENGINE)
+    assert_refused(bad_fill, 422, "token_ids")
+    assert_refused(httpx.get(f"{url}/no-such-route", headers=AS_ENGINE), 404, "path")

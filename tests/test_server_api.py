@@ -5,6 +5,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from conftest import assert_refused
 from parrot_lc.engine import LLMEngine, SamplingParams
 from parrot_lc.server.manager import GROUP_PRIORITY, LATENCY_PRIORITY
 from parrot_lc.settings import EngineSettings
@@ -277,6 +278,80 @@ def test_the_server_answers_good_requests_after_bad_ones(client):
     client.get("/api/sessions/nope")
     response = client.post("/v1/completions", json={"model": "tiny", "prompt": "Hello", "max_tokens": 3})
     assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 3
+
+
+# ---- malformed requests: each a 4xx in the documented shape, naming the field -----------------------------
+
+JSON = {"content-type": "application/json"}
+
+
+def post_raw(client: httpx.Client, path: str, body: bytes, headers: dict | None = None) -> httpx.Response:
+    """A request with a body exactly as given (JSON escapes and literals that a client's encoder would not write)."""
+    return client.post(path, content=body, headers={**JSON, **(headers or {})})
+
+
+@pytest.mark.parametrize("timeout", ["nan", "inf", "-inf", "-1"])
+def test_a_nan_timeout_is_refused_naming_the_field(client, timeout):
+    session = Session(client)
+    assert_refused(session.get(session.var("a value"), timeout=timeout), 422, "timeout")
+
+
+def test_nan_and_infinite_numbers_in_a_body_are_refused_naming_the_field(client):
+    """Python's JSON parser takes `NaN` and `Infinity` literals: the schemas must refuse them themselves."""
+    session = Session(client)
+    out = session.var()
+    calls = b'{"calls": [{"template": [{"text": "x"}, {"output": "%s", "sampling": {"temperature": NaN}}]}]}'
+    response = post_raw(client, f"/api/sessions/{session.id}/calls", calls % out.encode(), session.headers)
+    assert_refused(response, 422, "calls.0.template.1.sampling.temperature")
+    completion = b'{"model": "tiny", "prompt": "x", "max_tokens": 2, "top_p": Infinity}'
+    assert_refused(post_raw(client, "/v1/completions", completion), 422, "top_p")
+
+
+def test_a_lone_surrogate_in_a_variable_name_gets_400_naming_the_field(client):
+    session = Session(client)
+    response = post_raw(client, f"/api/sessions/{session.id}/variables", b'{"name": "x\\ud800"}', session.headers)
+    assert_refused(response, 400, "name")
+
+
+def test_a_lone_surrogate_in_a_prompt_gets_400_naming_the_field(client):
+    assert_refused(post_raw(client, "/v1/completions", b'{"model": "tiny", "prompt": "hi \\udc00"}'), 400, "prompt")
+    session = Session(client)
+    out = session.var()
+    calls = b'{"calls": [{"template": [{"text": "\\ud83d"}, {"output": "%s"}]}]}' % out.encode()
+    response = post_raw(client, f"/api/sessions/{session.id}/calls", calls, session.headers)
+    assert_refused(response, 400, "calls.0.template.0.text")
+
+
+def test_a_lone_surrogate_in_a_field_name_gets_400(client):
+    session = Session(client)
+    response = post_raw(client, f"/api/sessions/{session.id}/variables", b'{"\\ud800": 1}', session.headers)
+    assert_refused(response, 400, "body")
+
+
+def test_deeply_nested_json_gets_the_documented_error_shape(client):
+    error = assert_refused(post_raw(client, "/v1/completions", b"[" * 100_000 + b"]" * 100_000), 400, "body")
+    assert "recursion" in error["message"]
+
+
+def test_a_body_that_is_not_utf8_gets_the_documented_error_shape(client):
+    error = assert_refused(post_raw(client, "/v1/completions", b'{"model": "tiny", "prompt": "\xff\xfe"}'), 400, "body")
+    assert "utf-8" in error["message"]
+
+
+def test_unknown_routes_and_methods_get_the_documented_error_shape(client):
+    assert_refused(client.get("/api/no-such-route"), 404, "path")
+    response = client.put("/health")
+    assert_refused(response, 405, "method")
+    assert "GET" in response.headers["allow"]
+
+
+@pytest.mark.parametrize("head", [[], [{"text": ""}], [{"text": ""}, {"text": ""}]],
+                         ids=["only-an-output", "empty-text", "two-empty-texts"])
+def test_a_template_with_nothing_before_its_first_output_is_422_naming_it(client, head):
+    """Such a call has no prompt to generate from: refused at submission, not failed later by the engine."""
+    session = Session(client)
+    response = session.submit([*head, {"output": session.var()}, {"text": "after"}])
+    assert_refused(response, 422, "calls.0.template")
 
 
 # ---- observability ---------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 import httpx
 import pytest
 
-from parrot_lc.server.local import LocalServer
+from parrot_lc.server.local import LocalServer, build_manager
 from parrot_lc.server.prefix_cache import prefix_key
 from parrot_lc.settings import EngineSettings, ServerSettings
 
@@ -65,6 +65,21 @@ def test_every_endpoint_but_health_needs_the_api_key(two_engines):
 
 def test_the_right_api_key_opens_the_api(client):
     assert client.get("/v1/models").status_code == 200
+
+
+def test_engine_names_are_never_reused_after_an_engine_is_dropped():
+    """engine-0 dies and engine-1 survives: the engine added next is neither a second engine-1 (two engines'
+    heartbeats then went into one slot, and the other was dropped) nor engine-0 again."""
+    settings = EngineSettings(model="tiny", device="cpu", dtype="float32", kv_cache_bytes=16 * 2**20)
+    manager = build_manager(settings, ServerSettings(engines=2))
+    try:
+        dead, survivor = manager.engines
+        manager.drop_engine(dead)
+        restarted = manager.add_engine(dead.engine)
+        assert restarted.name not in {dead.name, survivor.name}
+        assert [slot.name for slot in manager.engines] == ["engine-1", "engine-2"]
+    finally:
+        manager.close()
 
 
 def test_background_calls_are_capped_per_engine_while_latency_critical_ones_are_not():

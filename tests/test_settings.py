@@ -4,6 +4,7 @@ setting is an error that says where it came from and which field it is."""
 import json
 
 import pytest
+import torch
 
 from parrot_lc.cli import build_parser, load, main
 from parrot_lc.settings import EngineSettings, ProcessSettings, ServerSettings
@@ -85,3 +86,30 @@ def test_a_missing_config_file_is_an_error_naming_it(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["serve", "--config", str(tmp_path / "absent.toml")])
     assert f"config file {tmp_path / 'absent.toml'}: cannot be read" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:", "CUDA", "cpu:0"])
+def test_a_bad_device_is_a_one_line_settings_error(monkeypatch, capsys, device):
+    monkeypatch.setenv("PARROT_DEVICE", device)
+    with pytest.raises(SystemExit) as stop:
+        main(["demo", "--model", "tiny"])
+    assert stop.value.code == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("parrot-lc: error: environment variable PARROT_DEVICE: device:") and repr(device) in line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("device", ["cuda", "cuda:0"])
+def test_a_cuda_device_on_a_machine_without_cuda_is_a_one_line_settings_error(capsys, device):
+    with pytest.raises(SystemExit) as stop:
+        main(["demo", "--model", "tiny", "--device", device])
+    assert stop.value.code == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("parrot-lc: error: --device: device:") and "0 CUDA devices" in line
+
+
+def test_a_nan_header_timeout_is_a_settings_error(monkeypatch, capsys):
+    monkeypatch.setenv("PARROT_HEADER_TIMEOUT", "nan")
+    with pytest.raises(SystemExit):
+        main(["serve"])
+    assert "environment variable PARROT_HEADER_TIMEOUT: header_timeout:" in capsys.readouterr().err

@@ -144,10 +144,14 @@ class AsyncEngine(EngineFront):
             except queue.Empty:
                 pass
             if self.engine.has_work():
-                self._deliver_all(self.engine.step())
+                outputs = self.engine.step()
+                # The counters first: a caller woken by its request's last event reads them with that step in.
                 self._stats = self.engine.stats()
+                self._deliver_all(outputs)
 
     def _run_command(self, fn: Callable[[], object], future: Future) -> None:
+        if not future.set_running_or_notify_cancel():  # its caller was cancelled before it ran: nothing to do
+            return
         try:
             result = fn()
         except Exception as exc:  # handed to the awaiting caller, typed as the engine raised it

@@ -42,6 +42,8 @@ class Scheduler:
 
     def remove(self, request: Request) -> None:
         self.requests.remove(request)
+        if not self.requests:  # the gauges count the last step's requests, but an idle engine runs none
+            self.num_running = self.num_waiting = 0
 
     def schedule(self) -> tuple[list[ScheduledChunk], list[tuple[Request, EngineError]]]:
         """Returns this step's chunks and the requests that failed to start (with why)."""

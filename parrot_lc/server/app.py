@@ -9,17 +9,23 @@ import asyncio
 import logging
 import time
 from contextlib import asynccontextmanager
+from typing import Callable
 
-from fastapi import APIRouter, Depends, FastAPI, Header, Request, Response
-from fastapi.exceptions import RequestValidationError
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from parrot_lc.engine.engine import EngineStats
-from parrot_lc.engine.errors import EngineError, OutOfMemoryError
+from parrot_lc.engine.errors import EngineError, EngineUnavailableError, OutOfMemoryError
 from parrot_lc.engine.sampling import SamplingParams
-from parrot_lc.server.auth import bearer_key_ok
-from parrot_lc.server.errors import ForbiddenError, NotFoundError, QueueFullError, ServerError
+from parrot_lc.server.auth import bearer_key_ok, matching_key
+from parrot_lc.server.errors import (
+    EngineRefusedError,
+    ForbiddenError,
+    QueueFullError,
+    ServerError,
+    TooManyEnginesError,
+)
 from parrot_lc.server.graph import Criterion, Piece, Session
 from parrot_lc.server.limits import BodyLimit
 from parrot_lc.server.manager import ParrotManager
@@ -27,7 +33,7 @@ from parrot_lc.server.metrics import registry_for
 from parrot_lc.server.openai_routes import openai_router
 from parrot_lc.server.remote_engine import RemoteEngine
 from parrot_lc.server.request_ids import RequestIds, id_header
-from parrot_lc.server.responses import error_response
+from parrot_lc.server.responses import add_error_handlers, error_response
 from parrot_lc.server.schemas import (
     EngineRef,
     EngineStatsBody,
@@ -46,12 +52,10 @@ from parrot_lc.server.schemas import (
 )
 from parrot_lc.settings import ServerSettings
 
-# uvicorn closes a connection that has been idle this long. Clients keep idle connections for reuse (httpx for
-# 5 s, uvicorn's own default too): a server that closes first may close one just as a client sends a request on
-# it, which then fails with a reset connection. Longer than clients keep them, the client always closes first.
-KEEP_ALIVE_S = 75
+# A registering engine must answer GET /stats with the engine key within this long: a URL of a host that is no
+# engine is refused at once, before any call goes there.
+PROBE_TIMEOUT_S = 2.0
 
-LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 log = logging.getLogger("parrot_lc.server")
 ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 403, 404, 408, 413, 422, 424)}
 ERRORS[429] = {"model": ErrorBody, "description": "the server's queue is full: retry after `Retry-After` seconds",
@@ -62,9 +66,11 @@ ERRORS[503] = {"model": ErrorBody, "description": "the server is shutting down: 
 def create_app(manager: ParrotManager, settings: ServerSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        watcher = asyncio.ensure_future(watch_engines(manager, settings.engine_timeout))
+        watchers = [asyncio.ensure_future(watch_engines(manager, settings.engine_timeout)),
+                    asyncio.ensure_future(expire_sessions(manager, settings.session_idle_timeout))]
         yield
-        watcher.cancel()
+        for watcher in watchers:
+            watcher.cancel()
 
     app = FastAPI(title="parrot_lc", description="Serving LLM applications as graphs of Semantic Variables",
                   lifespan=lifespan)
@@ -73,9 +79,15 @@ def create_app(manager: ParrotManager, settings: ServerSettings) -> FastAPI:
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
     app.add_middleware(RequestIds)  # added last, so outermost: every response (413s too) carries the id
 
-    def check_api_key(authorization: str | None = Header(None)) -> None:
-        if api_keys and not bearer_key_ok(authorization, api_keys):
+    def check_api_key(authorization: str | None = Header(None)) -> str | None:
+        """The client: a label of the API key the request carries (None where the API is open), for per-key
+        limits; a missing or wrong key is refused."""
+        if not api_keys:
+            return None
+        index = matching_key(authorization, api_keys)
+        if index is None:
             raise ServerError("missing or wrong API key: send `Authorization: Bearer <key>`", field="authorization")
+        return f"key-{index}"
 
     @app.exception_handler(ServerError)
     async def server_error(request: Request, exc: ServerError) -> JSONResponse:
@@ -87,13 +99,7 @@ def create_app(manager: ParrotManager, settings: ServerSettings) -> FastAPI:
     async def engine_error(request: Request, exc: EngineError) -> JSONResponse:
         return error_response(400, str(exc), type(exc).__name__, "prompt" if isinstance(exc, OutOfMemoryError) else None)
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"] if p != "body")
-        if first["type"] == "json_invalid":
-            return error_response(400, f"malformed JSON: {first['msg']}", "MalformedJSON", "body")
-        return error_response(422, f"{field or 'body'}: {first['msg']}", "ValidationError", field or "body")
+    add_error_handlers(app)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -113,22 +119,22 @@ def create_app(manager: ParrotManager, settings: ServerSettings) -> FastAPI:
     async def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    app.include_router(parrot_router(manager), dependencies=guarded)
+    app.include_router(parrot_router(manager, check_api_key), dependencies=guarded)
     engine_keys = [settings.engine_key.encode()] if settings.engine_key else []
 
-    def check_engine_key(request: Request, authorization: str | None = Header(None)) -> None:
-        """Engines register with the engine key (client keys do not open these routes); without one, from
-        this host only: an engine receives prompts, so not just anyone may become one."""
-        if engine_keys:
-            if not bearer_key_ok(authorization, engine_keys):
-                raise ServerError("missing or wrong engine key: send `Authorization: Bearer <engine key>`",
-                                  field="authorization")
-        elif request.client is None or request.client.host not in LOOPBACK:
-            raise ForbiddenError("engines register from this host only, unless the server has an --engine-key",
-                                 field="client")
+    def check_engine_key(authorization: str | None = Header(None)) -> None:
+        """Every engine route needs the engine key, from any host (a client key opens none): an engine receives
+        prompts and writes their answers, so only a holder of the key may become one. Without a key the server
+        takes no remote engines (its local ones do not register)."""
+        if not engine_keys:
+            raise ForbiddenError("this server takes no remote engines: start it with --engine-key KEY, and each "
+                                 "`parrot-lc engine` with the same --engine-key KEY")
+        if not bearer_key_ok(authorization, engine_keys):
+            raise ServerError("missing or wrong engine key: send `Authorization: Bearer <engine key>`",
+                              field="authorization")
 
     app.include_router(engines_router(manager, settings), dependencies=[Depends(check_engine_key)])
-    app.include_router(openai_router(manager, manager.model.name), dependencies=guarded, responses=ERRORS)
+    app.include_router(openai_router(manager, manager.model.name, check_api_key), dependencies=guarded, responses=ERRORS)
     return app
 
 
@@ -140,23 +146,46 @@ async def watch_engines(manager: ParrotManager, timeout: float) -> None:
             log.warning("engine %s sent no heartbeat for %.1f s: dropped", name, timeout)
 
 
+async def expire_sessions(manager: ParrotManager, timeout: float) -> None:
+    """Deletes sessions left idle past `timeout` (clients that went away without deleting them)."""
+    while True:
+        await asyncio.sleep(min(timeout / 4, 60.0))
+        expired = await manager.expire_idle_sessions()
+        if expired:
+            log.info("deleted %d sessions idle for %.0f s", len(expired), timeout)
+
+
 def engines_router(manager: ParrotManager, settings: ServerSettings) -> APIRouter:
     """Remote engine processes register here and send heartbeats with their counters."""
     router = APIRouter(prefix="/api/engines", responses=ERRORS)
-    # The manager calls engines with the engine key (they require it when they have one).
-    authorization = f"Bearer {settings.engine_key}" if settings.engine_key else None
+    # The manager calls engines with the engine key (these routes open only to a server that has one).
+    authorization = f"Bearer {settings.engine_key}"
+    too_many = {409: {"model": ErrorBody, "description": "the server holds max_remote_engines remote engines"}}
 
-    @router.post("", status_code=201)
+    @router.post("", status_code=201, responses=too_many)
     async def register(body: RegisterEngine) -> EngineRef:
-        slot = manager.add_engine(RemoteEngine(str(body.url), EngineStats(**body.stats.model_dump()), authorization))
-        log.info("engine %s registered from %s", slot.name, body.url)
-        return EngineRef(name=slot.name)
+        """Takes an engine process once its URL answers as an engine of this key; one registered before at the
+        same URL is replaced."""
+        engine = RemoteEngine(str(body.url), EngineStats(**body.stats.model_dump()), authorization)
+        try:
+            await engine.probe(PROBE_TIMEOUT_S)
+        except EngineUnavailableError as exc:
+            engine.close()
+            raise EngineRefusedError(f"{body.url} does not answer as an engine of this server's engine key ({exc}): "
+                                     "start `parrot-lc engine` with the same --engine-key, at an --advertise-url "
+                                     "that this server reaches", field="url") from exc
+        try:
+            slot = manager.add_remote_engine(engine)
+        except TooManyEnginesError:
+            engine.close()
+            raise
+        log.info("engine %s registered from %s", slot.name, engine.url)
+        return EngineRef(name=slot.name, token=slot.token)
 
     @router.post("/{name}/heartbeat", status_code=204)
-    async def heartbeat(name: str, body: EngineStatsBody) -> Response:
-        slot = manager.slot(name)
-        if not isinstance(slot.engine, RemoteEngine):
-            raise NotFoundError(f"engine {name!r} runs in the server: it sends no heartbeats", field="name")
+    async def heartbeat(name: str, body: EngineStatsBody, x_engine_token: str | None = Header(None)) -> Response:
+        """404 unless `name` is registered with this token (the engine then registers again)."""
+        slot = manager.remote_slot(name, x_engine_token)
         slot.last_heartbeat = time.monotonic()
         slot.engine.update_stats(EngineStats(**body.model_dump()))
         return Response(status_code=204)
@@ -164,7 +193,7 @@ def engines_router(manager: ParrotManager, settings: ServerSettings) -> APIRoute
     return router
 
 
-def parrot_router(manager: ParrotManager) -> APIRouter:
+def parrot_router(manager: ParrotManager, client_of: Callable[..., str | None]) -> APIRouter:
     """Sessions, Semantic Variables and call graphs."""
     router = APIRouter(prefix="/api", responses=ERRORS)
 
@@ -172,8 +201,8 @@ def parrot_router(manager: ParrotManager) -> APIRouter:
         return manager.session(session_id, x_session_token)
 
     @router.post("/sessions", status_code=201)
-    async def create_session() -> NewSession:
-        session = manager.create_session()
+    async def create_session(client: str | None = Depends(client_of)) -> NewSession:
+        session = manager.create_session(client)
         return NewSession(session_id=session.session_id, session_token=session.token)
 
     @router.delete("/sessions/{session_id}", status_code=204)
@@ -193,6 +222,7 @@ def parrot_router(manager: ParrotManager) -> APIRouter:
     @router.post("/sessions/{session_id}/variables:batchCreate", status_code=201)
     async def create_variables(body: NewVariables, session: Session = Depends(session_of)) -> VariableRefs:
         """Makes several variables at once, in the order given (what a client does before submitting a graph)."""
+        manager.check_new_variables(session, len(body.variables))
         made = [manager.create_variable(session, v.name, v.value) for v in body.variables]
         return VariableRefs(variables=[VariableRef(var_id=v.var_id, name=v.name) for v in made])
 
@@ -203,7 +233,8 @@ def parrot_router(manager: ParrotManager) -> APIRouter:
 
     @router.get("/sessions/{session_id}/variables/{var_id}")
     async def get_variable(
-        var_id: str, criterion: Criterion = Criterion.LATENCY, timeout: float | None = None,
+        var_id: str, criterion: Criterion = Criterion.LATENCY,
+        timeout: float | None = Query(None, ge=0, allow_inf_nan=False, description="seconds to wait (unset: no limit)"),
         session: Session = Depends(session_of),
     ) -> VariableValue:
         """Long-polls until the variable has a value; the criterion steers the scheduling of its producers."""

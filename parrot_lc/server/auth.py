@@ -6,9 +6,17 @@ import hmac
 from collections.abc import Sequence
 
 
-def bearer_key_ok(authorization: str | None, keys: Sequence[bytes]) -> bool:
-    """Whether the header carries one of `keys`. Every key is compared, in constant time, so the time taken
-    tells nothing of which (if any) matched."""
+def matching_key(authorization: str | None, keys: Sequence[bytes]) -> int | None:
+    """The index in `keys` of the key the header carries (None: none of them). Every key is compared, in constant
+    time, so the time taken tells nothing of which (if any) matched."""
     scheme, _, key = (authorization or "").partition(" ")
-    matches = [hmac.compare_digest(key.encode(), known) for known in keys]
-    return scheme.lower() == "bearer" and any(matches)
+    given = key.encode("utf-8", "replace")  # a header is Latin-1 text; the keys' bytes are UTF-8
+    matches = [hmac.compare_digest(given, known) for known in keys]
+    if scheme.lower() != "bearer" or not any(matches):
+        return None
+    return matches.index(True)
+
+
+def bearer_key_ok(authorization: str | None, keys: Sequence[bytes]) -> bool:
+    """Whether the header carries one of `keys` (see `matching_key`)."""
+    return matching_key(authorization, keys) is not None

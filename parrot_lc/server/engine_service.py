@@ -6,10 +6,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import socket
 import threading
 from typing import AsyncIterator
 
 import httpx
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
@@ -17,7 +19,7 @@ from pydantic import BaseModel
 from parrot_lc.engine.async_engine import AsyncEngine
 from parrot_lc.engine.errors import EngineError
 from parrot_lc.server.auth import bearer_key_ok
-from parrot_lc.server.responses import error_response
+from parrot_lc.server.responses import add_error_handlers, error_response
 from parrot_lc.server.schemas import Sampling
 from parrot_lc.settings import EngineProcessSettings
 
@@ -47,6 +49,7 @@ def create_engine_app(engine: AsyncEngine, api_key: str | None = None) -> FastAP
     """The engine's routes; with `api_key`, every one but /health needs `Authorization: Bearer KEY` (the engine
     key it registers with, which its manager sends back)."""
     app = FastAPI(title="parrot_lc engine")
+    add_error_handlers(app)
     keys = [api_key.encode()] if api_key else []
 
     @app.middleware("http")
@@ -106,8 +109,9 @@ def create_engine_app(engine: AsyncEngine, api_key: str | None = None) -> FastAP
 
 
 class ManagerLink(threading.Thread):
-    """Registers an engine process with its manager, then sends a heartbeat (with the engine's counters)
-    every interval; registers again if the manager forgot it (a restart, or a heartbeat gap)."""
+    """Registers an engine process with its manager, then sends a heartbeat (with the engine's counters and the
+    token its registration gave) every interval; registers again if the manager forgot it (a restart, or a
+    heartbeat gap), which it tells with a 404."""
 
     def __init__(self, engine: AsyncEngine, settings: EngineProcessSettings, url: str) -> None:
         super().__init__(name="parrot-manager-link", daemon=True)
@@ -115,6 +119,7 @@ class ManagerLink(threading.Thread):
         headers = {"Authorization": f"Bearer {settings.engine_key}"} if settings.engine_key else {}
         self.client = httpx.Client(base_url=settings.manager.rstrip("/"), headers=headers, timeout=5.0)
         self.name_at_manager: str | None = None
+        self.token = ""
         self.stopped = threading.Event()
 
     def run(self) -> None:
@@ -122,14 +127,51 @@ class ManagerLink(threading.Thread):
             stats = dataclasses.asdict(self.engine.stats())
             try:
                 if self.name_at_manager is None:
-                    reply = self.client.post("/api/engines", json={"url": self.url, "stats": stats})
-                    reply.raise_for_status()
-                    self.name_at_manager = reply.json()["name"]
-                    log.info("registered with %s as %s", self.settings.manager, self.name_at_manager)
+                    self.register(stats)
                 else:
-                    reply = self.client.post(f"/api/engines/{self.name_at_manager}/heartbeat", json=stats)
-                    if reply.status_code == 404:
-                        self.name_at_manager = None
+                    self.send_heartbeat(stats)
             except httpx.HTTPError as exc:
-                log.warning("manager %s not reachable (%s); retrying", self.settings.manager, exc)
+                log.warning("manager %s: %s; retrying", self.settings.manager, describe(exc))
                 self.stopped.wait(self.settings.heartbeat_interval)
+
+    def register(self, stats: dict) -> None:
+        reply = self.client.post("/api/engines", json={"url": self.url, "stats": stats})
+        reply.raise_for_status()
+        ref = reply.json()
+        self.name_at_manager, self.token = ref["name"], ref["token"]
+        log.info("registered with %s as %s", self.settings.manager, self.name_at_manager)
+
+    def send_heartbeat(self, stats: dict) -> None:
+        reply = self.client.post(f"/api/engines/{self.name_at_manager}/heartbeat", json=stats,
+                                 headers={"X-Engine-Token": self.token})
+        if reply.status_code == 404:
+            log.warning("manager %s no longer knows %s: registering again", self.settings.manager,
+                        self.name_at_manager)
+            self.name_at_manager = None
+        else:
+            reply.raise_for_status()
+
+
+def describe(exc: httpx.HTTPError) -> str:
+    """What went wrong, with the manager's own message when it answered with an error."""
+    if isinstance(exc, httpx.HTTPStatusError):
+        try:
+            return f"{exc.response.status_code} {exc.response.json()['error']['message']}"
+        except (ValueError, KeyError, TypeError):
+            return f"{exc.response.status_code} {exc.response.text[:200]}"
+    return f"not reachable ({exc!r})"
+
+
+class LinkedServer(uvicorn.Server):
+    """uvicorn's server that starts the engine's link to its manager only once it serves on its port: a
+    registration sent before would point the manager at an address where nothing answers (the manager probes
+    it, then calls it). A port that cannot be bound ends the process before any registration."""
+
+    def __init__(self, config: uvicorn.Config, link: ManagerLink) -> None:
+        super().__init__(config)
+        self.link = link
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            self.link.start()

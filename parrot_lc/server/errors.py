@@ -47,3 +47,16 @@ class CallFailedError(ServerError):
     """The call producing a variable failed; the message says why."""
 
     status = 424
+
+
+class EngineRefusedError(ServerError):
+    """A remote engine's registration that the server does not take: its URL answers as no engine of this
+    server's key."""
+
+    status = 422
+
+
+class TooManyEnginesError(ServerError):
+    """The server holds as many remote engines as it may (max_remote_engines)."""
+
+    status = 409

@@ -12,10 +12,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import secrets
+import time
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
+from parrot_lc.engine.request import RequestOutput
 from parrot_lc.engine.sampling import SamplingParams
 from parrot_lc.server.errors import GraphError
 
@@ -109,6 +111,62 @@ class CallState(str, Enum):
     FAILED = "failed"
 
 
+@dataclass
+class CallProgress:
+    """What a call's context holds past its prompt. A call that runs again (on another engine after its engine
+    died, or after waiting for KV memory) resumes from here: outputs already set are not generated again, and an
+    output's text already generated (and perhaps streamed to a client) is neither sent twice nor replaced."""
+
+    token_ids: list[int] = field(default_factory=list)  # filled or generated after the prompt, in order
+    outputs_done: int = 0
+    started: bool = False  # the output in progress has its text before it in `token_ids`
+    pieces: list[str] = field(default_factory=list)  # its text so far
+    tokens: int = 0  # its tokens so far
+    resumed: bool = False  # its text has yet to be continued after a rerun began
+
+    def took(self, text_ids: list[int], event: RequestOutput, decode: Callable[[list[int]], str]) -> str:
+        """Notes an event of the request that filled `text_ids` (the text before the output) and generates it;
+        returns the event's text. The first text after a resume is decoded here with the tokens before it: the
+        engine decodes only the request's own, and some tokenizers drop a space at the start of a text."""
+        if not self.started:
+            self.token_ids += text_ids
+            self.started = True
+        self.token_ids += event.token_ids
+        self.tokens += len(event.token_ids)
+        text = event.text
+        if self.resumed and text:
+            self.resumed = False
+            before, whole = "".join(self.pieces), decode(self.output_ids)
+            if whole.startswith(before) and not whole.endswith("\ufffd"):
+                text = whole[len(before):]
+        self.pieces.append(text)
+        return text
+
+    @property
+    def output_ids(self) -> list[int]:
+        """The tokens generated so far of the output in progress."""
+        return self.token_ids[len(self.token_ids) - self.tokens:]
+
+    def resume(self, decode: Callable[[list[int]], str]) -> int:
+        """Prepares a rerun: drops the output's last tokens whose text was not given out yet (a character whose
+        bytes had not all come, a possible start of a stop string), which the rerun generates again; returns
+        how many it dropped."""
+        if not self.tokens:
+            return 0
+        given, ids = "".join(self.pieces), self.output_ids
+        kept = next((k for k in range(len(ids), -1, -1) if decode(ids[:k]) == given), len(ids))
+        del self.token_ids[len(self.token_ids) - (len(ids) - kept):]
+        self.tokens, self.resumed = kept, True
+        return len(ids) - kept
+
+    def output_done(self) -> str:
+        """Ends the output in progress; returns its text."""
+        text = "".join(self.pieces)
+        self.outputs_done += 1
+        self.started, self.pieces, self.tokens = False, [], 0
+        return text
+
+
 @dataclass(eq=False)
 class Call:
     call_id: str
@@ -122,7 +180,7 @@ class Call:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str | None = None  # of the last output
-    streamed: bool = False  # text went out to a streaming client: the call cannot start over
+    progress: "CallProgress" = field(default_factory=lambda: CallProgress())
     # The prompt's token ids (the text before the first output), when the submitter has tokenized it already (an
     # OpenAI-compatible request, for its length check): a long prompt is tokenized once, not again here.
     prompt_token_ids: list[int] | None = None
@@ -185,6 +243,10 @@ class Session:
     # (engine name, prefix key) of the prefix contexts made of this session's variables' values: no other
     # session's prompts begin with them, so they are freed with the session.
     variable_prefixes: set[tuple[str, str]] = field(default_factory=set)
+    client: str | None = None  # the API key it was opened with (a label, not the key), for per-key limits
+    queued: int = 0  # its unfinished calls
+    waiting: int = 0  # fetches waiting for a value
+    last_used: float = field(default_factory=time.monotonic)  # when a request last named it, or a call ended
 
 
 def validate_new_calls(session: Session, calls: list[Call]) -> None:
@@ -208,25 +270,43 @@ def validate_new_calls(session: Session, calls: list[Call]) -> None:
                 raise GraphError(f"call {call.call_id} reads its own output {var_id!r}",
                                  field=f"calls.{call.call_id}.template")
             produced[var_id] = call.call_id
-    # A cycle needs a new call reading (transitively) one of its own outputs; earlier calls cannot read
-    # new outputs (they were validated without them), so only edges among the new calls matter.
+    # A cycle through the new calls may pass through the session's earlier ones: an earlier call that reads a
+    # variable no call produced yet (the client was to set it) depends on the new call that produces it now.
     by_id = {c.call_id: c for c in calls}
-    deps = {c.call_id: {produced[v] for v in c.inputs if v in produced} for c in calls}
-    state: dict[str, int] = {}
 
-    def visit(call_id: str, path: list[str]) -> None:
-        if state.get(call_id) == 2:
-            return
-        if state.get(call_id) == 1:
-            cycle = path[path.index(call_id):] + [call_id]
-            raise GraphError(f"the calls form a cycle: {' -> '.join(cycle)}", field="calls")
-        state[call_id] = 1
-        for dep in deps[call_id]:
-            visit(dep, path + [call_id])
-        state[call_id] = 2
+    def producer(var_id: str) -> Call | None:
+        new = produced.get(var_id)
+        return by_id[new] if new is not None else session.variables[var_id].producer
 
-    for call_id in by_id:
-        visit(call_id, [])
+    _check_acyclic(calls, lambda call: [p for v in dict.fromkeys(call.inputs) if (p := producer(v)) is not None])
+
+
+def _check_acyclic(roots: list[Call], producers: Callable[[Call], list[Call]]) -> None:
+    """Raises GraphError if a call reachable from `roots` (through `producers`, a call's input producers) reads,
+    through others, its own output. Depth-first with a stack of its own: a chain of thousands of calls is a
+    graph to run, not a recursion limit to hit."""
+    finished: set[str] = set()
+    for root in roots:
+        if root.call_id in finished:
+            continue
+        path, on_path = [root], {root.call_id}
+        stack = [iter(producers(root))]
+        while stack:
+            dep = next(stack[-1], None)
+            if dep is None:
+                stack.pop()
+                done = path.pop().call_id
+                on_path.discard(done)
+                finished.add(done)
+                continue
+            if dep.call_id in on_path:
+                cycle = [c.call_id for c in path[path.index(dep):]] + [dep.call_id]
+                raise GraphError(f"the calls form a cycle: {' -> '.join(cycle)}", field="calls")
+            if dep.call_id in finished:
+                continue
+            path.append(dep)
+            on_path.add(dep.call_id)
+            stack.append(iter(producers(dep)))
 
 
 def fetch_objective(session: Session, variable: Variable, criterion: Criterion) -> None:
@@ -266,19 +346,23 @@ def deduce_objectives(session: Session, variable: Variable, criterion: Criterion
     group, scheduled for the group's completion (throughput). Any other producer on the way back from a
     latency fetch is a step of the critical path: latency-critical.
     """
-    if variable.criterion is not None:
-        return
-    variable.criterion = criterion
-    call = variable.producer
-    if call is None:
-        return
-    if criterion is Criterion.LATENCY and call.task_group is None:
-        call.latency_critical = True
-    inputs = [session.variables[v] for v in dict.fromkeys(call.inputs)]
-    producers = list(dict.fromkeys(v.producer for v in inputs if v.producer is not None))
-    if len(producers) >= 2:
-        for producer in producers:
-            if producer.task_group is None and not producer.latency_critical:
-                producer.task_group = f"group:{call.call_id}"
-    for var in inputs:
-        deduce_objectives(session, var, criterion)
+    # Preorder depth-first with a stack of its own (a chain of thousands of calls is no recursion limit to hit):
+    # a consumer puts its producers into task groups before any of them is visited, as recursion would.
+    stack = [variable]
+    while stack:
+        variable = stack.pop()
+        if variable.criterion is not None:
+            continue
+        variable.criterion = criterion
+        call = variable.producer
+        if call is None:
+            continue
+        if criterion is Criterion.LATENCY and call.task_group is None:
+            call.latency_critical = True
+        inputs = [session.variables[v] for v in dict.fromkeys(call.inputs)]
+        producers = list(dict.fromkeys(v.producer for v in inputs if v.producer is not None))
+        if len(producers) >= 2:
+            for producer in producers:
+                if producer.task_group is None and not producer.latency_critical:
+                    producer.task_group = f"group:{call.call_id}"
+        stack.extend(reversed(inputs))

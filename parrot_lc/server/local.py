@@ -13,7 +13,8 @@ import uvicorn
 from parrot_lc.engine.async_engine import AsyncEngine
 from parrot_lc.engine.engine import LLMEngine
 from parrot_lc.engine.process_engine import ProcessEngine
-from parrot_lc.server.app import KEEP_ALIVE_S, create_app
+from parrot_lc.server.app import create_app
+from parrot_lc.server.connections import uvicorn_options
 from parrot_lc.engine.loader import load_model_info
 from parrot_lc.server.manager import ModelInfo, ParrotManager
 from parrot_lc.server.openai_engine import OpenAIEngine
@@ -39,9 +40,7 @@ def build_manager(engine_settings: EngineSettings, server_settings: ServerSettin
     if server_settings.openai_engine is not None:
         engines.append(OpenAIEngine(server_settings.openai_engine, server_settings.openai_engine_model or info.name,
                                     info.tokenizer, server_settings.openai_engine_api_key))
-    return ParrotManager(info, engines, server_settings.max_prefixes_per_engine,
-                         server_settings.max_background_calls_per_engine, server_settings.max_queued_calls,
-                         server_settings.app_centric, server_settings.prefix_cache_fraction)
+    return ParrotManager(info, engines, server_settings)
 
 
 class LocalServer:
@@ -59,7 +58,8 @@ class LocalServer:
         self._socket.bind((self.server_settings.host, self.server_settings.port))
         host, port = self._socket.getsockname()[:2]
         self.base_url = f"http://{host}:{port}"
-        self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_keep_alive=KEEP_ALIVE_S))
+        self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning",
+                                                     **uvicorn_options(self.server_settings.header_timeout)))
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]}, daemon=True)
 
     def start(self) -> "LocalServer":

@@ -9,8 +9,10 @@ generated into it with the output's sampling settings.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
+import math
 import secrets
 import time
 from collections import OrderedDict
@@ -21,7 +23,7 @@ from typing import AsyncIterator, Callable
 from transformers import PreTrainedTokenizerBase
 
 from parrot_lc.engine.errors import ContextTooLargeError, EngineError, EngineUnavailableError, OutOfMemoryError
-from parrot_lc.engine.request import RequestOutput
+from parrot_lc.engine.request import RequestOutput, text_decoder
 from parrot_lc.engine.sampling import SamplingParams
 from parrot_lc.server.engine_client import EngineClient
 from parrot_lc.server.errors import (
@@ -31,6 +33,7 @@ from parrot_lc.server.errors import (
     QueueFullError,
     ServerError,
     ShuttingDownError,
+    TooManyEnginesError,
     VariableTimeoutError,
 )
 from parrot_lc.server.graph import (
@@ -49,6 +52,7 @@ from parrot_lc.server.graph import (
 from parrot_lc.server.prefix_cache import PrefixCache, PromptPrefix
 from parrot_lc.server.remote_engine import RemoteEngine
 from parrot_lc.server.tasks import start_now
+from parrot_lc.settings import ServerSettings
 
 LATENCY_PRIORITY, GROUP_PRIORITY, DEFAULT_PRIORITY = 2, 1, 0
 DEFAULT_MAX_TOKENS = 256  # of a completion that does not say (the OpenAI-compatible endpoints)
@@ -111,6 +115,7 @@ class EngineSlot:
     call_ended: asyncio.Event = field(default_factory=asyncio.Event)  # set (and replaced) as each call ends
     placed: int = 0  # calls ever placed here: breaks ties in load, so idle engines take turns
     last_heartbeat: float = 0.0  # remote engines only
+    token: str | None = None  # remote engines: given at registration, carried by each heartbeat
 
 
 def common_length(a: list[int], b: list[int]) -> int:
@@ -132,21 +137,21 @@ class ModelInfo:
 
 
 class ParrotManager:
-    def __init__(
-        self, model: ModelInfo, engines: list[EngineClient], max_prefixes_per_engine: int = 64,
-        max_background_calls_per_engine: int = 64, max_queued_calls: int = 4096, app_centric: bool = True,
-        prefix_cache_fraction: float = 0.25,
-    ) -> None:
+    def __init__(self, model: ModelInfo, engines: list[EngineClient], settings: ServerSettings | None = None) -> None:
+        settings = settings or ServerSettings()
+        self.settings = settings
         self.model = model
         self.tokenizer = model.tokenizer
         self.vocab_size = model.vocab_size
         self.max_context = model.max_context
-        self.max_prefixes_per_engine = max_prefixes_per_engine
-        self.prefix_cache_fraction = prefix_cache_fraction
-        self.max_background_calls = max_background_calls_per_engine
-        self.max_queued_calls = max_queued_calls
-        self.app_centric = app_centric  # off: no prefix sharing, one priority, no background cap (the baseline)
+        self.max_prefixes_per_engine = settings.max_prefixes_per_engine
+        self.prefix_cache_fraction = settings.prefix_cache_fraction
+        self.max_background_calls = settings.max_background_calls_per_engine
+        self.max_queued_calls = settings.max_queued_calls
+        self.app_centric = settings.app_centric  # off: no prefix sharing, one priority, no background cap (the baseline)
+        max_prefixes_per_engine = settings.max_prefixes_per_engine
         # As many prefixes as an engine keeps warm contexts for: the ones in use.
+        self._decode = text_decoder(self.tokenizer) if self.tokenizer is not None else lambda ids: ""
         self._prefix_tokens = PrefixTokens(self.tokenize, max_prefixes_per_engine, self.max_context)
         # Special tokens that a text may be split before (one that strips the spaces before it may not), and
         # whether the tokenizer adds its own special tokens only at the start (an end-of-text one would land in
@@ -159,7 +164,9 @@ class ParrotManager:
             plain = self.tokenizer("x", add_special_tokens=False).input_ids
             self._splits_at_special_tokens = self.tokenizer("x").input_ids[-len(plain):] == plain
         self.queued_calls = 0  # submitted and not finished, in every session: what max_queued_calls bounds
+        self.queued_by_client: dict[str, int] = {}  # the same, by API key (where max_queued_calls_per_key bounds)
         self.rejected_calls = 0
+        self._engine_numbers = itertools.count()
         self.engines: list[EngineSlot] = []
         for engine in engines:
             self.add_engine(engine)
@@ -171,18 +178,47 @@ class ParrotManager:
 
     # ---- engines ----------------------------------------------------------------------------------
 
-    def add_engine(self, engine: EngineClient, name: str | None = None) -> EngineSlot:
-        slot = EngineSlot(name or f"engine-{len(self.engines)}", engine, PrefixCache(engine, self.max_prefixes_per_engine,
-                                                                      self.prefix_cache_fraction),
+    def add_engine(self, engine: EngineClient) -> EngineSlot:
+        """A slot named `engine-N`, N never used before by this manager: a name given again after its engine was
+        dropped would let the heartbeats of one engine process keep another's slot alive."""
+        slot = EngineSlot(f"engine-{next(self._engine_numbers)}", engine,
+                          PrefixCache(engine, self.max_prefixes_per_engine, self.prefix_cache_fraction),
                           asyncio.Semaphore(self.max_background_calls), last_heartbeat=time.monotonic())
         self.engines.append(slot)
         return slot
 
-    def slot(self, name: str) -> EngineSlot:
-        for slot in self.engines:
-            if slot.name == name:
-                return slot
-        raise NotFoundError(f"unknown engine {name!r}", field="engine")
+    def add_remote_engine(self, engine: RemoteEngine) -> EngineSlot:
+        """Adds a registered engine process, with a token of its own for its heartbeats. One registered before at
+        the same URL is dropped first (a restarted process holds none of its contexts, and one address serves one
+        engine); past max_remote_engines, TooManyEnginesError."""
+        for old in self._remote_slots():
+            if old.engine.url == engine.url:
+                log.warning("engine %s registers again: it replaces %s", engine.url, old.name)
+                self.drop_engine(old)
+        most = self.settings.max_remote_engines
+        if len(self._remote_slots()) >= most:
+            raise TooManyEnginesError(f"the server holds {most} remote engines already (its max_remote_engines): "
+                                      "stop one, or raise the limit", field="url")
+        slot = self.add_engine(engine)
+        slot.token = secrets.token_urlsafe(24)
+        return slot
+
+    def remote_slot(self, name: str, token: str | None) -> EngineSlot:
+        """The remote engine registered as `name` with `token` (compared in constant time). Anything else is
+        NotFoundError, on which an engine process registers again: its slot was dropped, or the name is another
+        engine's (given by this run of the server, when the engine registered with an earlier one)."""
+        slot = next((s for s in self.engines if s.name == name), None)
+        if slot is None:
+            raise NotFoundError(f"unknown engine {name!r}: register again", field="name")
+        if slot.token is None:
+            raise NotFoundError(f"engine {name!r} runs in the server: it sends no heartbeats", field="name")
+        if token is None or not secrets.compare_digest(token.encode("utf-8", "replace"), slot.token.encode()):
+            raise NotFoundError(f"engine {name!r} is not the one registered with this token: register again",
+                                field="name")
+        return slot
+
+    def _remote_slots(self) -> list[EngineSlot]:
+        return [s for s in self.engines if isinstance(s.engine, RemoteEngine)]
 
     def drop_engine(self, slot: EngineSlot) -> None:
         """Forgets an engine that died: its calls fail over to the others as they notice."""
@@ -195,16 +231,17 @@ class ParrotManager:
     def drop_silent_engines(self, timeout: float) -> list[str]:
         """Drops remote engines whose last heartbeat is older than `timeout` seconds."""
         now = time.monotonic()
-        silent = [s for s in self.engines if isinstance(s.engine, RemoteEngine) and now - s.last_heartbeat > timeout]
+        silent = [s for s in self._remote_slots() if now - s.last_heartbeat > timeout]
         for slot in silent:
             self.drop_engine(slot)
         return [s.name for s in silent]
 
     # ---- sessions and variables -------------------------------------------------------------------
 
-    def create_session(self) -> Session:
+    def create_session(self, client: str | None = None) -> Session:
+        """A new session of `client` (a label of the API key it came with, for per-key limits)."""
         self._check_accepting()
-        session = Session(secrets.token_urlsafe(12))
+        session = Session(secrets.token_urlsafe(12), client=client)
         self.sessions[session.session_id] = session
         return session
 
@@ -213,18 +250,22 @@ class ParrotManager:
         session = self.sessions.get(session_id)
         if session is None:
             raise NotFoundError(f"unknown session {session_id!r}", field="session_id")
-        if token is None or not secrets.compare_digest(token, session.token):
+        if token is None or not secrets.compare_digest(token.encode("utf-8", "replace"), session.token.encode()):
             raise ForbiddenError("this session token does not open that session", field="session_token")
+        session.last_used = time.monotonic()
         return session
 
     async def delete_session(self, session: Session) -> None:
         """Cancels the session's calls; their contexts are freed as they stop, and so are the prefix contexts
-        made of its variables' values."""
+        made of its variables' values. Fetches still waiting (for a value the client was to set) fail."""
         self.sessions.pop(session.session_id, None)
         tasks = [c.task for c in session.calls.values() if c.task is not None and not c.task.done()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for variable in session.variables.values():
+            if not variable.ready.is_set():
+                variable.fail("the session was deleted")
         for slot in self.engines:
             keys = [key for name, key in session.variable_prefixes if name == slot.name]
             try:
@@ -232,7 +273,16 @@ class ParrotManager:
             except EngineError as exc:  # an engine that went away took its contexts with it
                 log.warning("could not free a prefix of %s: %s", slot.name, exc)
 
+    def check_new_variables(self, session: Session, count: int) -> None:
+        """Refuses `count` more variables in the session past max_variables_per_session (before any is made)."""
+        limit = self.settings.max_variables_per_session
+        if len(session.variables) + count > limit:
+            raise ServerError(f"the session has {len(session.variables)} variables; {count} more would pass "
+                              f"max_variables_per_session={limit}: delete the session and start another",
+                              field="variables")
+
     def create_variable(self, session: Session, name: str = "", value: str | None = None) -> Variable:
+        self.check_new_variables(session, 1)
         variable = Variable(f"v{next(self._ids)}", session.session_id, name=name)
         session.variables[variable.var_id] = variable
         if value is not None:
@@ -257,12 +307,18 @@ class ParrotManager:
         self, session: Session, var_id: str, criterion: Criterion = Criterion.LATENCY, timeout: float | None = None
     ) -> str:
         """Waits for the variable's value; the criterion steers how its producers are scheduled."""
+        if timeout is not None and not 0 <= timeout < math.inf:  # NaN fails both comparisons
+            raise ServerError(f"timeout must be a finite number of seconds, at least 0; got {timeout}", field="timeout")
         variable = self.variable(session, var_id)
         fetch_objective(session, variable, criterion)
+        session.waiting += 1
         try:
             await asyncio.wait_for(variable.ready.wait(), timeout)
         except asyncio.TimeoutError:
             raise VariableTimeoutError(f"variable {var_id!r} has no value after {timeout} s", field="timeout") from None
+        finally:
+            session.waiting -= 1
+            session.last_used = time.monotonic()
         if variable.error is not None:
             raise CallFailedError(variable.error, field="var_id")
         return variable.value
@@ -280,7 +336,6 @@ class ParrotManager:
         for call, token_ids in zip(calls, prompt_token_ids or ()):
             call.prompt_token_ids = token_ids
         validate_new_calls(session, calls)
-        mark_shared_pieces(calls)
         for index, call in enumerate(calls):
             for piece in call.pieces:
                 if piece.sampling is not None:
@@ -288,7 +343,9 @@ class ParrotManager:
                     if piece.sampling.max_tokens >= self.max_context:
                         raise ServerError(f"sampling.max_tokens is {piece.sampling.max_tokens}; the model's context "
                                           f"is {self.max_context}", field=f"calls.{index}.sampling.max_tokens")
-        self._admit(len(calls))
+        self._check_room(session, len(calls))
+        # Nothing below fails: every call counted into the queue runs (or is cancelled), and leaves it as it ends.
+        mark_shared_pieces(calls)
         for call in calls:
             session.calls[call.call_id] = call
             for var_id in call.inputs:
@@ -301,25 +358,61 @@ class ParrotManager:
                 variable = session.variables[var_id]
                 if not variable.consumers:
                     deduce_objectives(session, variable, Criterion.LATENCY)
+        self._queue(session, len(calls))
         for call in calls:
             call.task = start_now(self._run(session, call))
             # A done callback, not the task's own `finally`: a task cancelled before it started never runs that.
-            call.task.add_done_callback(self._unqueue)
+            call.task.add_done_callback(lambda _, session=session: self._unqueue(session))
         return calls
 
-    def _admit(self, count: int) -> None:
-        """Takes `count` more calls into the queue, or refuses them (429) while it is full."""
-        if count > self.max_queued_calls:
-            raise ServerError(f"a graph of {count} calls is more than the server queues "
-                              f"(max_queued_calls={self.max_queued_calls}): submit it in parts", field="calls")
-        if self.queued_calls + count > self.max_queued_calls:
-            self.rejected_calls += count
-            raise QueueFullError(f"the server queues {self.queued_calls} unfinished calls "
-                                 f"(max_queued_calls={self.max_queued_calls}): retry later", field="calls")
-        self.queued_calls += count
+    def _queue_limits(self, session: Session) -> list[tuple[int, int, str, str]]:
+        """(calls queued, limit, the limit's setting, whose queue) of each queue that a call of `session` joins."""
+        settings = self.settings
+        limits = [(self.queued_calls, settings.max_queued_calls, "max_queued_calls", "the server queues"),
+                  (session.queued, settings.max_queued_calls_per_session, "max_queued_calls_per_session",
+                   "this session has")]
+        if session.client is not None and settings.max_queued_calls_per_key is not None:
+            limits.append((self.queued_by_client.get(session.client, 0), settings.max_queued_calls_per_key,
+                           "max_queued_calls_per_key", "this API key has"))
+        return limits
 
-    def _unqueue(self, task: asyncio.Task) -> None:
+    def _check_room(self, session: Session, count: int) -> None:
+        """Refuses `count` more calls of `session` where a queue they join has no room: 429 while it is full, 400
+        for a graph larger than the queue itself. Counts nothing (`_queue` does, once nothing can fail)."""
+        for queued, limit, setting, whose in self._queue_limits(session):
+            if count > limit:
+                raise ServerError(f"a graph of {count} calls is more than {whose} room for ({setting}={limit}): "
+                                  "submit it in parts", field="calls")
+            if queued + count > limit:
+                self.rejected_calls += count
+                raise QueueFullError(f"{whose} {queued} unfinished calls ({setting}={limit}): retry later",
+                                     field="calls")
+
+    def _queue(self, session: Session, count: int) -> None:
+        self.queued_calls += count
+        session.queued += count
+        if session.client is not None:
+            self.queued_by_client[session.client] = self.queued_by_client.get(session.client, 0) + count
+
+    def _unqueue(self, session: Session) -> None:
         self.queued_calls -= 1
+        session.queued -= 1
+        session.last_used = time.monotonic()
+        if session.client is not None:
+            left = self.queued_by_client[session.client] - 1
+            if left:
+                self.queued_by_client[session.client] = left
+            else:
+                del self.queued_by_client[session.client]
+
+    async def expire_idle_sessions(self) -> list[str]:
+        """Deletes the sessions that no request has named for session_idle_timeout seconds and that have no
+        unfinished call (their clients went away without deleting them); returns their ids."""
+        deadline = time.monotonic() - self.settings.session_idle_timeout
+        idle = [s for s in self.sessions.values() if s.queued == 0 and s.waiting == 0 and s.last_used < deadline]
+        for session in idle:
+            await self.delete_session(session)
+        return [s.session_id for s in idle]
 
     async def cancel_call(self, session: Session, call_id: str) -> None:
         """Stops a call of the session (its outputs fail, and so do the calls that wait for them); its
@@ -367,6 +460,8 @@ class ParrotManager:
         """Runs the call on an engine; if that engine dies under it, again from the start on another."""
         segments = self._segments(session, call)
         token_ids = call.prompt_token_ids if call.prompt_token_ids is not None else self.tokenize(segments[0][0])
+        if not token_ids:  # its inputs' values were empty: an engine has nothing to compute its first token from
+            raise ServerError("the prompt before the call's first output is empty", field="template")
         call.prompt_tokens = len(token_ids)
         prefix = self._shared_prefix(self._prefix_text(session, call), token_ids) if self.app_centric else None
         while True:
@@ -376,8 +471,7 @@ class ParrotManager:
             try:
                 return await self._execute_on(slot, session, call, segments, token_ids, prefix)
             except EngineUnavailableError:
-                self.drop_engine(slot)
-                call.completion_tokens = 0
+                self.drop_engine(slot)  # the call resumes on another engine where this one stopped (CallProgress)
 
     async def _execute_on(
         self, slot: EngineSlot, session: Session, call: Call, segments, token_ids: list[int],
@@ -398,14 +492,12 @@ class ParrotManager:
                     raise  # longer than the whole cache: no wait makes room
                 except OutOfMemoryError:
                     # The KV cache is full of contexts that wait (filled calls, warm prefixes), which the engine
-                    # cannot preempt; this call's context is freed: run it again once another call has ended.
-                    # Not if its text went out to a client, nor after waits in which nothing ended or was
-                    # evicted: then it cannot fit at all.
+                    # cannot preempt; this call's context is freed: resume it once another call has ended. Not
+                    # after waits in which nothing ended or was evicted: then it cannot fit at all.
                     ended = slot.call_ended  # taken after this attempt's own end, which set the previous one
                     evicted = await slot.prefixes.evict()
-                    if call.streamed or idle_waits >= OOM_IDLE_WAITS:
+                    if idle_waits >= OOM_IDLE_WAITS:
                         raise
-                    call.completion_tokens = 0
                     try:
                         await asyncio.wait_for(ended.wait(), OOM_RETRY_SECONDS)
                         idle_waits = 0
@@ -417,29 +509,36 @@ class ParrotManager:
         prefix: PromptPrefix | None, priority: int, context_id: str,
     ) -> None:
         slot.running += 1
+        progress = call.progress
+        call.completion_tokens -= progress.resume(self._decode)
+        first_request = True  # of this attempt: it creates the context, from the prefix, with all done before
         try:
             for index, (text, output) in enumerate(segments):
+                if index < progress.outputs_done:
+                    continue
                 # The text before each output is filled by the request that generates the output.
-                ids = self.tokenizer(text, add_special_tokens=False).input_ids if index > 0 and text else []
+                ids = [] if index == 0 or not text or progress.started else self.tokenizer(
+                    text, add_special_tokens=False).input_ids
                 if output is None:
-                    if ids:
+                    if ids and not first_request:
                         await slot.engine.fill(ids, context_id, priority=priority)
                     break
                 variable = session.variables[output.var_id]
-                retried = variable.ready.is_set()  # a rerun after failover: the first value stands
-                pieces = []
-                events = (self._start_call_context(slot, context_id, prefix, token_ids, output.sampling, priority)
-                          if index == 0 else slot.engine.generate(output.sampling, context_id, priority=priority,
-                                                                  token_ids=ids))
-                async for event in events:
-                    pieces.append(event.text)
-                    call.completion_tokens += len(event.token_ids)
-                    call.finish_reason = event.finish_reason
-                    if variable.deltas is not None and event.text and not retried:
-                        variable.deltas.push(event.text)
-                        call.streamed = True
-                if not retried:
-                    variable.set("".join(pieces))
+                sampling = output.sampling
+                if progress.tokens:  # resumed: generate what the last attempt did not
+                    sampling = dataclasses.replace(sampling, max_tokens=sampling.max_tokens - progress.tokens)
+                if sampling.max_tokens > 0:
+                    events = (self._start_call_context(slot, context_id, prefix, token_ids + progress.token_ids + ids,
+                                                       sampling, priority) if first_request else
+                              slot.engine.generate(sampling, context_id, priority=priority, token_ids=ids))
+                    first_request = False
+                    async for event in events:
+                        text = progress.took(ids, event, self._decode)
+                        call.completion_tokens += len(event.token_ids)
+                        call.finish_reason = event.finish_reason
+                        if variable.deltas is not None and text:
+                            variable.deltas.push(text)
+                variable.set(progress.output_done())
             call.state = CallState.DONE  # its outputs are set: a client that reads one finds the call done
         finally:
             slot.running -= 1
@@ -545,24 +644,27 @@ class ParrotManager:
 
     @asynccontextmanager
     async def completion(
-        self, pieces: list[Piece], sampling: SamplingParams, prompt_token_ids: list[int] | None = None
+        self, pieces: list[Piece], sampling: SamplingParams, prompt_token_ids: list[int] | None = None,
+        client: str | None = None,
     ) -> AsyncIterator["Completion"]:
         """A one-call graph in a session of its own (what the OpenAI-compatible endpoints run): the
         template's pieces followed by one output. The session goes when the block ends, early or not.
         `prompt_token_ids`, if given, are the pieces' text tokenized (`tokenize`), used instead of tokenizing it
         again."""
-        completion = self.start_completion(pieces, sampling, prompt_token_ids)
+        completion = self.start_completion(pieces, sampling, prompt_token_ids, client)
         try:
             yield completion
         finally:
             await self.end_completion(completion)
 
     def start_completion(
-        self, pieces: list[Piece], sampling: SamplingParams, prompt_token_ids: list[int] | None = None
+        self, pieces: list[Piece], sampling: SamplingParams, prompt_token_ids: list[int] | None = None,
+        client: str | None = None,
     ) -> Completion:
-        """Submits the one-call graph of `completion()`; end it with `end_completion` (more than once is fine).
-        Raises before anything runs if the call is refused (a full queue, bad sampling)."""
-        session = self.create_session()
+        """Submits the one-call graph of `completion()` for `client` (see `create_session`); end it with
+        `end_completion` (more than once is fine). Raises before anything runs if the call is refused (a full
+        queue, bad sampling)."""
+        session = self.create_session(client)
         output = self.create_variable(session)
         output.deltas = TextStream()
         try:

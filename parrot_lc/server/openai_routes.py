@@ -8,35 +8,49 @@ import asyncio
 import json
 import time
 import uuid
+from pathlib import PurePath
 from typing import AsyncIterator, Callable
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from parrot_lc.server.errors import CallFailedError
+from parrot_lc.server.errors import CallFailedError, NotFoundError
 from parrot_lc.server.graph import Piece
 from parrot_lc.server.manager import Completion, ParrotManager
 from parrot_lc.server.schemas import ChatCompletionRequest, CompletionRequest, OpenAISampling
 
 
-def openai_router(manager: ParrotManager, model_name: str) -> APIRouter:
+def openai_router(manager: ParrotManager, model_name: str, client_of: Callable[..., str | None]) -> APIRouter:
+    """The /v1 routes; `client_of` is the dependency that tells a request's client (its API key's label), whose
+    requests share the per-key queue limit."""
     router = APIRouter(prefix="/v1")
+    # The names a request may give the model: the one /v1/models lists and, for a path, its last part.
+    served = list(dict.fromkeys([model_name, PurePath(model_name).name]))
+
+    def check_model(body: OpenAISampling) -> None:
+        """Refuses a request for a model this server does not serve (404, as vLLM does), rather than answering it
+        with another model's text under the name asked for. A request that names none gets the served one."""
+        if body.model is not None and body.model not in served:
+            raise NotFoundError(f"model {body.model!r} is not served here; this server serves "
+                                f"{' or '.join(map(repr, served))} (GET /v1/models)", field="model")
 
     @router.get("/models")
     async def models() -> dict:
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "parrot_lc"}]}
 
     @router.post("/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, client: str | None = Depends(client_of)):
+        check_model(body)
         token_ids = manager.tokenize(body.prompt)
         max_tokens = manager.check_prompt(token_ids, body.max_tokens)
         pieces = [Piece("text", body.prompt)]
-        return await respond(body, max_tokens, pieces, token_ids, "text_completion",
+        return await respond(body, client, max_tokens, pieces, token_ids, "text_completion",
                              lambda text: {"text": text, "logprobs": None})
 
     @router.post("/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest):
+    async def chat_completions(body: ChatCompletionRequest, client: str | None = Depends(client_of)):
+        check_model(body)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
         prompt = manager.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         # The system messages rendered alone are the part that many chats share (a long system prompt).
@@ -46,19 +60,19 @@ def openai_router(manager: ParrotManager, model_name: str) -> APIRouter:
         token_ids = manager.tokenize(prompt, head)  # once: the length check and the call share the ids
         max_tokens = manager.check_prompt(token_ids, body.max_completion_tokens or body.max_tokens, "messages")
         pieces = [Piece("text", head), Piece("text", prompt[len(head):])] if head else [Piece("text", prompt)]
-        return await respond(body, max_tokens, pieces, token_ids, "chat.completion",
+        return await respond(body, client, max_tokens, pieces, token_ids, "chat.completion",
                              lambda text: {"message": {"role": "assistant", "content": text}},
                              lambda text, first: {"delta": {"role": "assistant", "content": text} if first
                                                   else {"content": text}})
 
-    async def respond(body: OpenAISampling, max_tokens: int, pieces: list[Piece], token_ids: list[int], kind: str,
-                      final_choice, delta_choice=None):
+    async def respond(body: OpenAISampling, client: str | None, max_tokens: int, pieces: list[Piece],
+                      token_ids: list[int], kind: str, final_choice, delta_choice=None):
         sampling = body.to_params(max_tokens)
         sampling.validate(manager.vocab_size)
         response_id = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}"
-        head = {"id": response_id, "created": int(time.time()), "model": body.model}
+        head = {"id": response_id, "created": int(time.time()), "model": body.model or model_name}
         if not body.stream:
-            async with manager.completion(pieces, sampling, token_ids) as completion:
+            async with manager.completion(pieces, sampling, token_ids, client) as completion:
                 text = "".join([d async for d in completion.deltas()])
             choice = {"index": 0, **final_choice(text), "finish_reason": completion.call.finish_reason}
             return {**head, "object": kind, "choices": [choice], "usage": usage(completion)}
@@ -67,7 +81,7 @@ def openai_router(manager: ParrotManager, model_name: str) -> APIRouter:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
 
         # Submitted before the response starts, so that a refusal (429) is still an HTTP status.
-        completion = manager.start_completion(pieces, sampling, token_ids)
+        completion = manager.start_completion(pieces, sampling, token_ids, client)
 
         def chunk(choices: list[dict]) -> dict:
             return {**head, "object": chunk_kind, "choices": choices}

@@ -38,6 +38,20 @@ class RemoteEngine:
     def stats(self) -> EngineStats:
         return self._stats
 
+    async def probe(self, timeout: float) -> None:
+        """Reads the engine's counters with the manager's key, within `timeout` seconds; EngineUnavailableError
+        unless they come: a registration of a host that is no engine (or an engine of another key) is refused
+        before any call goes there."""
+        try:
+            response = await self._client.get("/stats", timeout=timeout)
+            if response.status_code != 200:
+                raise EngineUnavailableError(f"GET {self.url}/stats answered {response.status_code}")
+            self._stats = EngineStats(**response.json())
+        except httpx.HTTPError as exc:
+            raise EngineUnavailableError(f"GET {self.url}/stats failed: {exc!r}") from exc
+        except (ValueError, TypeError) as exc:  # not JSON, or not an engine's counters
+            raise EngineUnavailableError(f"GET {self.url}/stats answered no engine counters") from exc
+
     def _check_open(self) -> None:
         if self._client.is_closed:
             raise EngineUnavailableError(f"engine {self.url} was dropped")

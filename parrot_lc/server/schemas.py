@@ -2,14 +2,62 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import itertools
+import json
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, NonNegativeInt, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    HttpUrl,
+    NonNegativeInt,
+    TypeAdapter,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from parrot_lc.engine.sampling import SamplingParams
 
+# Error types of the validators here that the HTTP layer answers with 400, not 422 (parrot_lc/server/responses.py):
+# text that is no Unicode, and a field or a value that the server does not implement.
+INVALID_TEXT, NOT_SUPPORTED = "invalid_text", "not_supported"
 
-class StrictModel(BaseModel):
+
+def check_text(value: Any) -> None:
+    """Raises if a string in `value` (a string, or lists and dicts of them) does not encode as UTF-8: JSON escapes
+    can spell lone surrogates, which no tokenizer takes and no answer that quotes them can encode."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            surrogate = f"\\u{ord(value[exc.start]):04x}"
+            raise PydanticCustomError(INVALID_TEXT, "not Unicode text: a lone surrogate ({surrogate}) at index {index}",
+                                      {"surrogate": surrogate, "index": exc.start}) from None
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            check_text(item)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_text(key)
+            check_text(item)
+
+
+class RequestModel(BaseModel):
+    """A body the server reads, checked in one place for what the types alone let through: numbers are finite (a
+    JSON `NaN` or `Infinity`, which Python's parser takes, would upset timers and sampling) and text is Unicode."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+    @field_validator("*")
+    @classmethod
+    def unicode_text(cls, value: Any) -> Any:
+        check_text(value)
+        return value
+
+
+class StrictModel(RequestModel):
     model_config = ConfigDict(extra="forbid")
 
 
@@ -49,6 +97,16 @@ class TemplatePiece(StrictModel):
 
 class CallSpec(StrictModel):
     template: list[TemplatePiece] = Field(min_length=1)
+
+    @field_validator("template")
+    @classmethod
+    def has_a_prompt(cls, template: list[TemplatePiece]) -> list[TemplatePiece]:
+        """The first output is generated from the prompt before it, which must hold something: text, or an input
+        (whose value brings the text)."""
+        head = itertools.takewhile(lambda piece: piece.output is None, template)
+        if not any(piece.text or piece.input is not None for piece in head):
+            raise ValueError("the prompt before the first output is empty: begin the template with text or an input")
+        return template
 
 
 class SubmitCalls(StrictModel):
@@ -125,7 +183,7 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
-class EngineStatsBody(BaseModel):
+class EngineStatsBody(RequestModel):
     """An engine's counters, as its heartbeat sends them (the fields of parrot_lc.engine.EngineStats)."""
 
     prefill_tokens: NonNegativeInt = 0
@@ -141,55 +199,134 @@ class EngineStatsBody(BaseModel):
     kv_capacity_tokens: NonNegativeInt = 0
 
 
-class RegisterEngine(BaseModel):
+class RegisterEngine(RequestModel):
     url: HttpUrl  # where the manager reaches the engine: http(s), with a host
     stats: EngineStatsBody = Field(default_factory=EngineStatsBody)
 
+    @field_validator("url")
+    @classmethod
+    def plain_engine_url(cls, url: HttpUrl) -> HttpUrl:
+        """An engine's address is a base URL the manager appends its paths to: user info would travel to the
+        engine with every call, and a query or fragment would be dropped or mangled by them."""
+        if url.username is not None or url.password is not None:
+            raise ValueError("an engine URL carries no user info (the manager sends the engine key instead)")
+        if url.query is not None or url.fragment is not None:
+            raise ValueError("an engine URL has no query or fragment: the manager adds its own paths to it")
+        if url.port == 0:
+            raise ValueError("an engine URL needs the port the engine listens on")
+        return url
+
 
 class EngineRef(BaseModel):
+    """A registered engine: its heartbeats go to /api/engines/{name}/heartbeat with `X-Engine-Token: token`, so
+    that a heartbeat of another engine process (one dropped, or registered with an earlier run of the server)
+    cannot keep this registration alive."""
+
     name: str
+    token: str
 
 
 # ---- OpenAI-compatible ---------------------------------------------------------------------------------
 
+# Fields of OpenAI's API that this server does not implement, with the values that ask for nothing (which clients
+# send anyway: LangChain's ChatOpenAI, for one, may send `n: 1` or `presence_penalty: 0`). Any other value is
+# refused (400) rather than silently ignored. Other fields that the server does not know (`user`, `metadata`,
+# `store`, `service_tier`, `parallel_tool_calls`...) change nothing of the answer: ignored, as vLLM does.
+UNIMPLEMENTED: dict[str, tuple[Any, ...]] = {
+    "n": (None, 1), "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""), "logprobs": (None, False),
+    "top_logprobs": (None, 0), "logit_bias": (None, {}), "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0), "repetition_penalty": (None, 1, 1.0), "min_p": (None, 0, 0.0),
+    "response_format": (None, {"type": "text"}), "tools": (None, []), "tool_choice": (None, "none"),
+    "functions": (None, []), "function_call": (None, "none"), "modalities": (None, ["text"]), "audio": (None,),
+    "prediction": (None,), "reasoning_effort": (None,), "web_search_options": (None,),
+}
 
-class StreamOptions(BaseModel):
+
+def asks_for_nothing(value: Any, neutral: tuple[Any, ...]) -> bool:
+    """Whether `value` is one of `neutral`, type and all (`0` is no `false`: `logprobs: 0` asks for log-probs)."""
+    return any(type(value) is type(n) and value == n for n in neutral)
+
+
+def not_supported(field: str, message: str) -> PydanticCustomError:
+    """The error of a request for what the server does not implement; `field` goes after the error's location."""
+    return PydanticCustomError(NOT_SUPPORTED, message, {"field": field})
+
+
+class StreamOptions(RequestModel):
     include_usage: bool = False
 
 
-class OpenAISampling(BaseModel):
+class OpenAISampling(RequestModel):
     """The sampling fields shared by /v1/completions and /v1/chat/completions."""
 
-    model: str
+    model: str | None = Field(None, description="the served model, as GET /v1/models names it; unset: that one")
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=-1, description="sample from the k most likely tokens (vLLM's extension); 0 or -1: all")
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, lt=2**63)
-    n: Literal[1] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     ignore_eos: bool = Field(False, description="keep generating past EOS up to max_tokens (as vLLM's extension)")
 
+    @model_validator(mode="before")
+    @classmethod
+    def refuse_unimplemented(cls, data: Any) -> Any:
+        """Refuses a field of UNIMPLEMENTED that asks for something, naming it."""
+        for name, neutral in UNIMPLEMENTED.items():
+            if isinstance(data, dict) and name in data and not asks_for_nothing(data[name], neutral):
+                values = " or ".join(json.dumps(n) for n in neutral if n is not None)
+                raise not_supported(name, "not supported by this server yet: leave it out"
+                                    + (f", or send {values}" if values else ""))
+        return data
+
     def to_params(self, max_tokens: int) -> SamplingParams:
         """The engine's sampling settings; `max_tokens` as the server settled it (see ParrotManager.check_prompt)."""
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
-        return SamplingParams(max_tokens=max_tokens, temperature=self.temperature,
-                              top_p=self.top_p, seed=self.seed, stop=tuple(stop), ignore_eos=self.ignore_eos)
+        return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
+                              top_k=max(self.top_k, 0), seed=self.seed, stop=tuple(stop), ignore_eos=self.ignore_eos)
 
 
 class CompletionRequest(OpenAISampling):
     prompt: str
 
 
-class ChatMessage(BaseModel):
+class TextPart(RequestModel):
+    """A text part of a chat message's content: the only kind of part this server reads."""
+
+    type: Literal["text"]
+    text: str
+
+
+TEXT_PARTS = TypeAdapter(list[TextPart])
+
+
+class ChatMessage(RequestModel):
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[dict] | None = None
+    content: str | list[TextPart] | None = None
+
+    @field_validator("content", mode="plain", json_schema_input_type=str | list[TextPart] | None)
+    @classmethod
+    def text_parts(cls, content: Any) -> str | list[TextPart] | None:
+        """A string, or content parts of text. A part of another kind (an image, audio, a file) is refused by name
+        rather than dropped from the prompt; a bad text part is named by its place (a plain union would report it
+        as a mismatch of each type that `content` may have). Being the whole validation of `content`, it checks
+        the text itself (see RequestModel)."""
+        if content is None or isinstance(content, str):
+            check_text(content)
+            return content
+        for index, part in enumerate(content if isinstance(content, list) else []):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if isinstance(kind, str) and kind != "text":
+                raise not_supported(f"{index}.type", f"content parts of type {kind!r} are not supported by this "
+                                    "server yet: send text parts")
+        return TEXT_PARTS.validate_python(content)
 
     def text(self) -> str:
-        if isinstance(self.content, list):  # OpenAI content parts: only text parts are understood here
-            return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
         return self.content or ""
 
 

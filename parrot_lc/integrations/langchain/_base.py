@@ -54,9 +54,10 @@ class ParrotParams(BaseModel):
     """Without `base_url`: the model to run in this process: `"smollm2"` (the default, SmolLM2-135M-Instruct),
     `"tiny"` (random weights, for tests), a Hugging Face checkpoint directory or a .gguf file. One in-process
     server per model is started on first use and shared by every instance (and by `parrot_lc.connect`); its
-    other settings come from `PARROT_*` environment variables (e.g. `PARROT_DEVICE`). With `base_url`: only the
-    model name sent and reported in metadata (a Parrot server serves one model; the name does not select it).
-    A per-call `model=` keyword argument does the same for one call."""
+    other settings come from `PARROT_*` environment variables (e.g. `PARROT_DEVICE`). With `base_url`: the name
+    of the model the server serves, as its `GET /v1/models` lists it (a Parrot server serves one model and
+    answers 404 to another name); unset, requests name none and get the served one. A per-call `model=` keyword
+    argument does the same for one call."""
 
     max_tokens: int | None = Field(default=None, ge=1)
     """Most tokens to generate (default 256)."""
@@ -102,12 +103,17 @@ class ParrotParams(BaseModel):
     # ---- where the server is -----------------------------------------------------------------------
 
     def _model_name(self, model: str | None = None) -> str:
-        """The name of the model a call runs on (per-call override, field, or the default)."""
+        """The name of the model a call runs on (per-call override, field, or the default), for metadata."""
+        return self._requested_model(model) or REMOTE_MODEL_NAME
+
+    def _requested_model(self, model: str | None = None) -> str | None:
+        """The model a call names in its request: per-call override, field, the in-process default; None for a
+        server at `base_url` (which then answers with the model it serves)."""
         if isinstance(model, str) and model:
             return model
         if self.model:
             return self.model
-        return REMOTE_MODEL_NAME if self.base_url else DEFAULT_MODEL
+        return None if self.base_url else DEFAULT_MODEL
 
     def _server_url(self, model: str | None = None) -> str:
         """The server's root URL: `base_url`, or the in-process server of the model (started if need be)."""
@@ -219,7 +225,8 @@ class ParrotParams(BaseModel):
         return sampling
 
     def _openai_body(self, stop: list[str] | None, kwargs: dict[str, Any], *, stream: bool) -> dict[str, Any]:
-        body = {"model": self._model_name(kwargs.get("model")), **self._sampling(stop, kwargs)}
+        model = self._requested_model(kwargs.get("model"))
+        body = {**({"model": model} if model else {}), **self._sampling(stop, kwargs)}
         if stream:
             body["stream"] = True
             body["stream_options"] = {"include_usage": True}

@@ -1,0 +1,246 @@
+"""The server's queue and sessions under requests that are too large, malformed or abandoned: limits are checked
+before anything is counted, every counted queue slot comes back on every path, sessions and their variables are
+bounded, and abandoned sessions expire (a real server on a loopback port, tiny model)."""
+
+import asyncio
+import threading
+from contextlib import contextmanager
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+from conftest import wait_until
+from parrot_lc.server.local import LocalServer
+from parrot_lc.settings import EngineSettings, ServerSettings
+
+ENGINE = EngineSettings(model="tiny", device="cpu", dtype="float32", kv_cache_bytes=16 * 2**20)
+KEYS = ("key-a-0123456789", "key-b-0123456789")
+LIMITS = dict(max_queued_calls=4096, max_queued_calls_per_session=4096, max_queued_calls_per_key=4096,
+              max_variables_per_session=4097)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    keys_file = tmp_path_factory.mktemp("keys") / "keys.txt"
+    keys_file.write_text("\n".join(KEYS) + "\n")
+    with LocalServer(ENGINE, ServerSettings(port=0, api_keys_file=keys_file, **LIMITS)) as server:
+        yield server
+
+
+class Session:
+    """A session of the server, opened with `key`."""
+
+    def __init__(self, server: LocalServer, key: str = KEYS[0]) -> None:
+        self.client = httpx.Client(base_url=server.base_url, timeout=60, headers={"Authorization": f"Bearer {key}"})
+        body = self.client.post("/api/sessions").json()
+        self.base, self.headers = f"/api/sessions/{body['session_id']}", {"X-Session-Token": body["session_token"]}
+
+    def variables(self, count: int, value: str | None = None) -> list[str]:
+        body = {"variables": [{} if value is None else {"value": value} for _ in range(count)]}
+        reply = self.client.post(f"{self.base}/variables:batchCreate", json=body, headers=self.headers)
+        assert reply.status_code == 201, reply.text
+        return [v["var_id"] for v in reply.json()["variables"]]
+
+    def submit(self, calls: list[dict]) -> httpx.Response:
+        return self.client.post(f"{self.base}/calls", json={"calls": calls}, headers=self.headers)
+
+    def delete(self) -> None:
+        assert self.client.delete(self.base, headers=self.headers).status_code == 204
+
+
+def call(reads: list[str], writes: str, max_tokens: int = 2) -> dict:
+    template = [{"text": "Read "}] + [{"input": v} for v in reads]
+    return {"template": template + [{"output": writes, "sampling": {"max_tokens": max_tokens, "temperature": 0}}]}
+
+
+@pytest.fixture
+def idle(server):
+    """Asserts after the test that the server went back to idle: no queued call, no request on the engine."""
+    yield
+    engine = server.manager.engines[0].engine
+    wait_until(lambda: server.manager.queued_calls == 0, 30, "the queue to empty")
+    wait_until(lambda: (engine.stats().num_running, engine.stats().num_waiting) == (0, 0), 30, "the engine to idle")
+    assert server.manager.queued_by_client == {}
+
+
+def test_a_chain_of_4096_calls_is_admitted_and_returns_its_queue_slots_when_its_session_is_deleted(server, idle):
+    """Before: a chain of about 1,000 calls or more hit RecursionError after its calls were counted, and every
+    later request of every client got 429 until a restart."""
+    session = Session(server)
+    chain = session.variables(1) + session.variables(4096)  # an input never set, then 4096 outputs
+    reply = session.submit([call([chain[i]], chain[i + 1]) for i in range(4096)])
+    assert reply.status_code == 201, reply.text
+    assert server.manager.queued_calls == 4096
+    graph = session.client.get(session.base, headers=session.headers).json()["graph"]
+    assert all(node["latency_critical"] for node in graph)  # deduced along the whole chain
+    session.delete()
+    assert server.manager.queued_calls == 0
+
+
+def test_a_cycle_across_two_submissions_is_refused_and_holds_no_queue_slot(server, idle):
+    session = Session(server)
+    x, y = session.variables(2)
+    assert session.submit([call([x], y)]).status_code == 201  # reads x (the client's to set), writes y
+    cycle = session.submit([call([y], x)])  # writes x from y: each would wait for the other
+    assert cycle.status_code == 422 and cycle.json()["error"]["field"] == "calls"
+    assert "cycle" in cycle.json()["error"]["message"]
+    assert server.manager.queued_calls == 1
+    session.delete()
+
+
+@pytest.mark.parametrize("case", ["unknown variable", "produced twice", "bad sampling", "larger than the queue"])
+def test_a_refused_graph_counts_no_queue_slot(server, idle, case):
+    session = Session(server)
+    a, b = session.variables(2)
+    calls = {
+        "unknown variable": [call(["v-none"], a)],
+        "produced twice": [call([], a), call([], a)],
+        "bad sampling": [{"template": [{"text": "x"}, {"output": a, "sampling": {"max_tokens": 10**6}}]}],
+        "larger than the queue": [call([], a)] * 4097,
+    }[case]
+    assert session.submit(calls).status_code in (400, 413, 422)
+    assert server.manager.queued_calls == 0
+    session.delete()
+
+
+@contextmanager
+def limit(server: LocalServer, **settings):
+    """The server's settings changed for the block."""
+    before = {name: getattr(server.manager.settings, name) for name in settings}
+    for name, value in settings.items():
+        setattr(server.manager.settings, name, value)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            setattr(server.manager.settings, name, value)
+
+
+def test_one_session_gets_429_past_max_queued_calls_per_session(server, idle):
+    with limit(server, max_queued_calls_per_session=2):
+        session = Session(server)
+        never, *outputs = session.variables(4)
+        assert session.submit([call([never], outputs[0]), call([never], outputs[1])]).status_code == 201
+        refused = session.submit([call([never], outputs[2])])
+        assert refused.status_code == 429 and refused.headers["Retry-After"]
+        assert "max_queued_calls_per_session" in refused.json()["error"]["message"]
+        other = Session(server)  # another session of the same key has room
+        [out] = other.variables(1)
+        assert other.submit([call([], out)]).status_code == 201
+        other.delete()
+        session.delete()
+
+
+def test_one_api_key_gets_429_past_max_queued_calls_per_key_while_another_key_gets_in(server, idle):
+    with limit(server, max_queued_calls_per_key=2):
+        first, second = Session(server, KEYS[0]), Session(server, KEYS[0])
+        for session in (first, second):
+            never, out = session.variables(2)
+            assert session.submit([call([never], out)]).status_code == 201
+        [out] = first.variables(1)
+        refused = first.submit([call([], out)])
+        assert refused.status_code == 429 and "max_queued_calls_per_key" in refused.json()["error"]["message"]
+        other_key = Session(server, KEYS[1])
+        [out] = other_key.variables(1)
+        assert other_key.submit([call([], out)]).status_code == 201
+        for session in (first, second, other_key):
+            session.delete()
+
+
+def test_variables_past_max_variables_per_session_are_refused_naming_the_limit(server):
+    session = Session(server)
+    with limit(server, max_variables_per_session=64):
+        session.variables(60)
+        too_many = session.client.post(f"{session.base}/variables:batchCreate", json={"variables": [{}] * 5},
+                                       headers=session.headers)
+        assert too_many.status_code == 400 and too_many.json()["error"]["field"] == "variables"
+        assert "max_variables_per_session=64" in too_many.json()["error"]["message"]
+        assert len(session.variables(4)) == 4  # up to the limit exactly; none of the refused batch was made
+        one_more = session.client.post(f"{session.base}/variables", json={}, headers=session.headers)
+        assert one_more.status_code == 400
+    session.delete()
+
+
+def test_deleting_a_session_fails_the_fetches_that_wait_in_it(server):
+    session = Session(server)
+    [never] = session.variables(1)
+    replies = []
+    fetch = threading.Thread(target=lambda: replies.append(session.client.get(
+        f"{session.base}/variables/{never}", headers=session.headers)))
+    fetch.start()
+    wait_until(lambda: any(s.waiting for s in server.manager.sessions.values()), 10, "the fetch to wait")
+    session.delete()
+    fetch.join(10)
+    assert replies[0].status_code == 424 and "deleted" in replies[0].json()["error"]["message"]
+
+
+def test_a_session_left_idle_past_the_idle_timeout_is_deleted_unless_it_has_work():
+    with LocalServer(ENGINE, ServerSettings(port=0, session_idle_timeout=0.4)) as server:
+        abandoned, working = Session(server), Session(server)
+        never, out = working.variables(2)
+        assert working.submit([call([never], out)]).status_code == 201  # an unfinished call: not idle
+        wait_until(lambda: len(server.manager.sessions) == 1, 10, "the abandoned session to expire")
+        assert abandoned.client.get(abandoned.base, headers=abandoned.headers).status_code == 404
+        assert working.client.get(working.base, headers=working.headers).status_code == 200
+        working.delete()
+
+
+# ---- the invariant: any sequence of submissions, cancels and deletions leaves the server idle ----------------
+
+OPERATIONS = st.lists(st.one_of(
+    st.tuples(st.just("chain"), st.integers(1, 4), st.booleans()),  # length, whether it waits for a set input
+    st.tuples(st.just("fan_in"), st.integers(2, 4), st.booleans()),
+    st.tuples(st.just("set"), st.integers(0, 7), st.none()),
+    st.tuples(st.just("cancel"), st.integers(0, 7), st.none()),
+    st.tuples(st.just("delete"), st.integers(0, 3), st.none()),
+    st.tuples(st.just("bad"), st.integers(0, 3), st.none()),
+), min_size=1, max_size=8)
+
+
+@settings(max_examples=40, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck),
+          phases=(Phase.explicit, Phase.generate))  # a failing sequence is short already: no slow shrinking
+@given(operations=OPERATIONS)
+def test_any_sequence_of_submissions_cancels_and_deletions_leaves_no_queued_call_context_or_kv_block(
+        server, operations):
+    manager, engine = server.manager, server.manager.engines[0]
+    sessions = [Session(server) for _ in range(2)]
+    waiting_inputs: list[tuple[Session, str]] = []
+    calls: list[tuple[Session, str]] = []
+    for kind, n, flag in operations:
+        session = sessions[n % len(sessions)]
+        if kind in ("chain", "fan_in"):
+            inputs = session.variables(1)
+            if flag:
+                waiting_inputs.append((session, inputs[0]))
+            else:
+                session.client.put(f"{session.base}/variables/{inputs[0]}", json={"value": "ready"},
+                                   headers=session.headers)
+            outs = session.variables(n + 1)
+            graph = ([call([inputs[0] if i == 0 else outs[i - 1]], outs[i]) for i in range(n)] if kind == "chain"
+                     else [call([inputs[0]], outs[i]) for i in range(n)] + [call(outs[:n], outs[n])])
+            reply = session.submit(graph)
+            assert reply.status_code == 201, reply.text
+            calls += [(session, c) for c in reply.json()["call_ids"]]
+        elif kind == "set" and waiting_inputs:
+            owner, var = waiting_inputs.pop(n % len(waiting_inputs))
+            owner.client.put(f"{owner.base}/variables/{var}", json={"value": "now"}, headers=owner.headers)
+        elif kind == "cancel" and calls:
+            owner, call_id = calls[n % len(calls)]
+            owner.client.delete(f"{owner.base}/calls/{call_id}", headers=owner.headers)
+        elif kind == "delete":
+            session.delete()
+            sessions[n % len(sessions)] = Session(server)
+        elif kind == "bad":
+            [out] = session.variables(1)
+            assert session.submit([call(["v-unknown"], out)]).status_code == 422
+    for session in sessions:
+        session.delete()
+    wait_until(lambda: manager.queued_calls == 0, 30, "every call to leave the queue")
+    wait_until(lambda: engine.engine.stats().num_contexts == len(engine.prefixes), 30, "the calls' contexts to go")
+    wait_until(lambda: (engine.engine.stats().num_running, engine.engine.stats().num_waiting) == (0, 0), 30,
+               "the engine to idle")
+    # What is left in use is the warm prefix contexts', and freeing them (all idle now) frees every block.
+    asyncio.run(engine.prefixes.evict())
+    assert (engine.engine.stats().num_contexts, engine.engine.stats().kv_blocks_used) == (0, 0)

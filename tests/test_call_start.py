@@ -50,7 +50,7 @@ def test_a_chats_prefix_fill_reaches_the_engine_before_start_completion_returns(
         head = "You keep the tide tables of a small harbour and answer its pilots. " * 3
         prompt = head + "When is high tide?"
         completion = manager.start_completion([Piece("text", head), Piece("text", prompt[len(head):])],
-                                              SamplingParams(max_tokens=2, temperature=0), manager.tokenize(prompt))
+                                              SamplingParams(max_tokens=2, temperature=0), manager.prompts.tokenize(prompt))
         sent = list(fills)
         assert "".join([text async for text in completion.deltas()])
         await manager.end_completion(completion)
@@ -84,10 +84,10 @@ def test_a_fork_of_a_new_prefix_is_sent_before_the_prefix_is_filled():
         prompt = head + "When is high tide?"
         sampling = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
         completion = manager.start_completion([Piece("text", head), Piece("text", prompt[len(head):])], sampling,
-                                              manager.tokenize(prompt))
+                                              manager.prompts.tokenize(prompt))
         forked = "".join([text async for text in completion.deltas()])
         await manager.end_completion(completion)
-        alone = manager.start_completion([Piece("text", prompt)], sampling, manager.tokenize(prompt))
+        alone = manager.start_completion([Piece("text", prompt)], sampling, manager.prompts.tokenize(prompt))
         unforked = "".join([text async for text in alone.deltas()])
         await manager.end_completion(alone)
         manager.close()

@@ -136,7 +136,7 @@ def test_a_keyed_engine_process_serves_its_manager_and_refuses_callers_without_t
     assert httpx.get(f"{remote.url}/stats", headers=client_key).status_code == 401
     # The manager calls the engine with the key it registered with: with the local engine gone, a completion
     # runs on the remote one.
-    server.manager.drop_engine(next(s for s in server.manager.engines if s.engine is not remote))
+    server.manager.pool.drop(next(s for s in server.manager.engines if s.engine is not remote))
     completion = httpx.post(f"{server.base_url}/v1/completions", headers=client_key, timeout=60, json={
         "model": "tiny", "prompt": "Hello there", "max_tokens": 3, "temperature": 0})
     assert completion.status_code == 200 and completion.json()["usage"]["completion_tokens"] == 3
@@ -167,7 +167,7 @@ def test_a_heartbeat_for_an_unknown_engine_gets_404_and_the_engine_registers_aga
     assert new.name != old.name and new.engine.url == old.engine.url
     time.sleep(ENGINE_TIMEOUT + 1)  # its heartbeats reach the new registration: it is not dropped
     assert remote_slots(server) == [new]
-    for name, headers in ((old.name, {"X-Engine-Token": old.token}), (new.name, {"X-Engine-Token": old.token}),
+    for name, headers in ((old.name, {"X-Engine-Token": old.registration.token}), (new.name, {"X-Engine-Token": old.registration.token}),
                           (new.name, {})):
         stale = httpx.post(f"{server.base_url}/api/engines/{name}/heartbeat", json={}, headers={**AS_ENGINE, **headers})
         assert stale.status_code == 404 and stale.json()["error"]["field"] == "name"

@@ -10,7 +10,7 @@ from conftest import assert_refused
 from parrot_lc.engine.loader import TINY_DIR
 from parrot_lc.server.graph import TextStream
 from parrot_lc.server.local import LocalServer
-from parrot_lc.server.manager import LATENCY_PRIORITY
+from parrot_lc.server.executor import LATENCY_PRIORITY
 from parrot_lc.server.openai_routes import DeltaEvents, sse
 from parrot_lc.settings import EngineSettings
 
@@ -190,7 +190,7 @@ class CountingTokenizer:
 
 def test_a_chat_is_tokenized_once_and_its_shared_system_prompt_once_for_all(oai, local_server, monkeypatch):
     counting = CountingTokenizer(local_server.manager.tokenizer)
-    monkeypatch.setattr(local_server.manager, "tokenizer", counting)
+    monkeypatch.setattr(local_server.manager.prompts, "tokenizer", counting)
     system = "You answer questions about the tide tables of a small harbour. " * 8  # no other test sends it
     questions = ["When is high tide?", "Is the harbour open at night?"]
     for question in questions:
@@ -207,13 +207,13 @@ def test_a_chat_is_tokenized_once_and_its_shared_system_prompt_once_for_all(oai,
 def test_a_chat_prompt_tokenized_in_two_parts_has_the_whole_prompts_ids(local_server, monkeypatch):
     manager, tokenizer = local_server.manager, local_server.manager.tokenizer
     counting = CountingTokenizer(tokenizer)
-    monkeypatch.setattr(manager, "tokenizer", counting)
+    monkeypatch.setattr(manager.prompts, "tokenizer", counting)
     system = [{"role": "system", "content": "Tide tables: high water at 06:12, low at 12:30. Spaces   kept."}]
     head = tokenizer.apply_chat_template(system, tokenize=False)
     for question in ["When is high tide?", " leading space", "é🦜 unicode"]:
         prompt = tokenizer.apply_chat_template(system + [{"role": "user", "content": question}],
                                                tokenize=False, add_generation_prompt=True)
-        assert manager.tokenize(prompt, head) == tokenizer(prompt).input_ids
+        assert manager.prompts.tokenize(prompt, head) == tokenizer(prompt).input_ids
     assert [text for text in counting.texts if "Tide tables" in text] == [head]  # the head once, from then on cached
 
 

@@ -27,7 +27,7 @@ def warm_prefixes_after_chats(heads: list[str], **server) -> tuple[list[int], in
         for head in heads:
             prompt = head + "When is high tide?"
             completion = manager.start_completion([Piece("text", head), Piece("text", prompt[len(head):])], sampling,
-                                                  manager.tokenize(prompt))
+                                                  manager.prompts.tokenize(prompt))
             assert "".join([text async for text in completion.deltas()])
             await manager.end_completion(completion)
         slot = manager.engines[0]
@@ -73,7 +73,7 @@ def test_a_prefix_the_engine_refuses_fails_its_call_for_that_reason_and_leaves_n
             head = HEADS[0] * 2  # longer than the whole cache
             prompt = head + "When is high tide?"
             completion = manager.start_completion([Piece("text", head), Piece("text", prompt[len(head):])],
-                                                  SamplingParams(max_tokens=2, temperature=0), manager.tokenize(prompt))
+                                                  SamplingParams(max_tokens=2, temperature=0), manager.prompts.tokenize(prompt))
             with pytest.raises(CallFailedError) as failure:
                 "".join([text async for text in completion.deltas()])
             await manager.end_completion(completion)

@@ -7,7 +7,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import assert_refused
 from parrot_lc.engine import LLMEngine, SamplingParams
-from parrot_lc.server.manager import GROUP_PRIORITY, LATENCY_PRIORITY
+from parrot_lc.server.executor import GROUP_PRIORITY, LATENCY_PRIORITY
 from parrot_lc.settings import EngineSettings
 
 GREEDY = {"max_tokens": 6, "temperature": 0.0}

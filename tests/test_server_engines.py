@@ -74,8 +74,8 @@ def test_engine_names_are_never_reused_after_an_engine_is_dropped():
     manager = build_manager(settings, ServerSettings(engines=2))
     try:
         dead, survivor = manager.engines
-        manager.drop_engine(dead)
-        restarted = manager.add_engine(dead.engine)
+        manager.pool.drop(dead)
+        restarted = manager.pool.add(dead.engine)
         assert restarted.name not in {dead.name, survivor.name}
         assert [slot.name for slot in manager.engines] == ["engine-1", "engine-2"]
     finally:

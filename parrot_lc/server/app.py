@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from contextlib import asynccontextmanager
 from typing import Callable
 
@@ -25,6 +24,7 @@ from parrot_lc.server.errors import (
     QueueFullError,
     ServerError,
     TooManyEnginesError,
+    UnauthorizedError,
 )
 from parrot_lc.server.graph import Criterion, Piece, Session
 from parrot_lc.server.limits import BodyLimit
@@ -86,14 +86,13 @@ def create_app(manager: ParrotManager, settings: ServerSettings) -> FastAPI:
             return None
         index = matching_key(authorization, api_keys)
         if index is None:
-            raise ServerError("missing or wrong API key: send `Authorization: Bearer <key>`", field="authorization")
+            raise UnauthorizedError("missing or wrong API key: send `Authorization: Bearer <key>`")
         return f"key-{index}"
 
     @app.exception_handler(ServerError)
     async def server_error(request: Request, exc: ServerError) -> JSONResponse:
-        status = 401 if exc.field == "authorization" else exc.status
         headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, QueueFullError) else None
-        return error_response(status, exc.message, type(exc).__name__, exc.field, headers)
+        return error_response(exc.status, exc.message, type(exc).__name__, exc.field, headers)
 
     @app.exception_handler(EngineError)
     async def engine_error(request: Request, exc: EngineError) -> JSONResponse:
@@ -130,8 +129,7 @@ def create_app(manager: ParrotManager, settings: ServerSettings) -> FastAPI:
             raise ForbiddenError("this server takes no remote engines: start it with --engine-key KEY, and each "
                                  "`parrot-lc engine` with the same --engine-key KEY")
         if not bearer_key_ok(authorization, engine_keys):
-            raise ServerError("missing or wrong engine key: send `Authorization: Bearer <engine key>`",
-                              field="authorization")
+            raise UnauthorizedError("missing or wrong engine key: send `Authorization: Bearer <engine key>`")
 
     app.include_router(engines_router(manager, settings), dependencies=[Depends(check_engine_key)])
     app.include_router(openai_router(manager, manager.model.name, check_api_key), dependencies=guarded, responses=ERRORS)
@@ -142,7 +140,7 @@ async def watch_engines(manager: ParrotManager, timeout: float) -> None:
     """Drops remote engines that stopped sending heartbeats; their calls move to the others."""
     while True:
         await asyncio.sleep(timeout / 4)
-        for name in manager.drop_silent_engines(timeout):
+        for name in manager.pool.drop_silent(timeout):
             log.warning("engine %s sent no heartbeat for %.1f s: dropped", name, timeout)
 
 
@@ -175,19 +173,17 @@ def engines_router(manager: ParrotManager, settings: ServerSettings) -> APIRoute
                                      "start `parrot-lc engine` with the same --engine-key, at an --advertise-url "
                                      "that this server reaches", field="url") from exc
         try:
-            slot = manager.add_remote_engine(engine)
+            slot = manager.pool.register(engine)
         except TooManyEnginesError:
             engine.close()
             raise
         log.info("engine %s registered from %s", slot.name, engine.url)
-        return EngineRef(name=slot.name, token=slot.token)
+        return EngineRef(name=slot.name, token=slot.registration.token)
 
     @router.post("/{name}/heartbeat", status_code=204)
     async def heartbeat(name: str, body: EngineStatsBody, x_engine_token: str | None = Header(None)) -> Response:
         """404 unless `name` is registered with this token (the engine then registers again)."""
-        slot = manager.remote_slot(name, x_engine_token)
-        slot.last_heartbeat = time.monotonic()
-        slot.engine.update_stats(EngineStats(**body.model_dump()))
+        manager.pool.heartbeat(name, x_engine_token, EngineStats(**body.model_dump()))
         return Response(status_code=204)
 
     return router

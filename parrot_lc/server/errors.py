@@ -12,6 +12,15 @@ class ServerError(Exception):
         self.field = field
 
 
+class UnauthorizedError(ServerError):
+    """A missing or wrong key (a client's API key, or an engine's key)."""
+
+    status = 401
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, field="authorization")
+
+
 class NotFoundError(ServerError):
     status = 404
 

@@ -1,31 +1,28 @@
-"""The Parrot manager: sessions, variables and call graphs, executed on engines with prefix sharing.
+"""The Parrot manager: sessions, variables and call graphs, run on engines with prefix sharing.
 
-It knows nothing of HTTP. A call runs as soon as its inputs have values (no client round trip): its prompt
-is tokenized, the longest constant prefix it shares with its template is taken from (or filled into) a warm
-prefix context on the engine that holds it, the call forks a context from there, and each output is
-generated into it with the output's sampling settings.
+It knows nothing of HTTP. It keeps the sessions and their graphs, admits calls into a bounded queue, starts each
+call as soon as its inputs have values (no client round trip: `CallExecutor` runs it on an engine of the
+`EnginePool`), and drains for a shutdown.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
 import logging
 import math
 import secrets
 import time
-from collections import OrderedDict
-from contextlib import asynccontextmanager, nullcontext
-from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import AsyncIterator
 
 from transformers import PreTrainedTokenizerBase
 
-from parrot_lc.engine.errors import ContextTooLargeError, EngineError, EngineUnavailableError, OutOfMemoryError
-from parrot_lc.engine.request import RequestOutput, text_decoder
+from parrot_lc.engine.errors import EngineError
 from parrot_lc.engine.sampling import SamplingParams
 from parrot_lc.server.engine_client import EngineClient
+from parrot_lc.server.engine_pool import EnginePool, EngineSlot
 from parrot_lc.server.errors import (
     CallFailedError,
     ForbiddenError,
@@ -33,9 +30,9 @@ from parrot_lc.server.errors import (
     QueueFullError,
     ServerError,
     ShuttingDownError,
-    TooManyEnginesError,
     VariableTimeoutError,
 )
+from parrot_lc.server.executor import CallExecutor
 from parrot_lc.server.graph import (
     Call,
     CallState,
@@ -49,16 +46,10 @@ from parrot_lc.server.graph import (
     mark_shared_pieces,
     validate_new_calls,
 )
-from parrot_lc.server.prefix_cache import PrefixCache, PromptPrefix
-from parrot_lc.server.remote_engine import RemoteEngine
+from parrot_lc.server.prompts import Prompts
 from parrot_lc.server.tasks import start_now
 from parrot_lc.settings import ServerSettings
 
-LATENCY_PRIORITY, GROUP_PRIORITY, DEFAULT_PRIORITY = 2, 1, 0
-DEFAULT_MAX_TOKENS = 256  # of a completion that does not say (the OpenAI-compatible endpoints)
-# A call refused for want of KV waits for another call to end (at most this long) and runs again; after this
-# many waits in which nothing ended, it fails.
-OOM_RETRY_SECONDS, OOM_IDLE_WAITS = 1.0, 3
 log = logging.getLogger("parrot_lc.manager")
 
 
@@ -79,53 +70,6 @@ class Completion:
             raise CallFailedError(self.output.error)
 
 
-class PrefixTokens:
-    """Token ids of the constant prefixes (a template's text before its first variable, a chat's system messages)
-    used last. Each call compares them with its prompt's ids to find what it shares, and they are the same every
-    time: a long system prompt is tokenized once, not once a request. A prefix with more tokens than the model's
-    context is not kept (no call can use it), which bounds what the cache holds."""
-
-    def __init__(self, tokenize: Callable[[str], list[int]], max_entries: int, max_tokens: int) -> None:
-        self._tokenize = tokenize
-        self._max_entries, self._max_tokens = max_entries, max_tokens
-        self._entries: OrderedDict[str, list[int]] = OrderedDict()
-
-    def __call__(self, text: str) -> list[int]:
-        token_ids = self._entries.get(text)
-        if token_ids is not None:
-            self._entries.move_to_end(text)
-            return token_ids
-        token_ids = self._tokenize(text)
-        if len(token_ids) <= self._max_tokens:
-            self._entries[text] = token_ids
-            if len(self._entries) > self._max_entries:
-                self._entries.popitem(last=False)
-        return token_ids
-
-
-@dataclass(eq=False)
-class EngineSlot:
-    """An engine as the manager sees it: its prefix contexts and the calls running on it."""
-
-    name: str
-    engine: EngineClient
-    prefixes: PrefixCache
-    background: asyncio.Semaphore  # caps the calls that are not latency-critical
-    running: int = 0
-    call_ended: asyncio.Event = field(default_factory=asyncio.Event)  # set (and replaced) as each call ends
-    placed: int = 0  # calls ever placed here: breaks ties in load, so idle engines take turns
-    last_heartbeat: float = 0.0  # remote engines only
-    token: str | None = None  # remote engines: given at registration, carried by each heartbeat
-
-
-def common_length(a: list[int], b: list[int]) -> int:
-    """How many leading token ids `a` and `b` share."""
-    n = min(len(a), len(b))
-    if a[:n] == b[:n]:  # the usual case for a prefix and its prompt, compared in C rather than id by id
-        return n
-    return next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
-
-
 @dataclass(frozen=True)
 class ModelInfo:
     """What the manager must know of the model all its engines serve."""
@@ -138,103 +82,27 @@ class ModelInfo:
 
 class ParrotManager:
     def __init__(self, model: ModelInfo, engines: list[EngineClient], settings: ServerSettings | None = None) -> None:
-        settings = settings or ServerSettings()
-        self.settings = settings
+        self.settings = settings = settings or ServerSettings()
         self.model = model
         self.tokenizer = model.tokenizer
         self.vocab_size = model.vocab_size
         self.max_context = model.max_context
-        self.max_prefixes_per_engine = settings.max_prefixes_per_engine
-        self.prefix_cache_fraction = settings.prefix_cache_fraction
-        self.max_background_calls = settings.max_background_calls_per_engine
-        self.max_queued_calls = settings.max_queued_calls
-        self.app_centric = settings.app_centric  # off: no prefix sharing, one priority, no background cap (the baseline)
-        max_prefixes_per_engine = settings.max_prefixes_per_engine
-        # As many prefixes as an engine keeps warm contexts for: the ones in use.
-        self._decode = text_decoder(self.tokenizer) if self.tokenizer is not None else lambda ids: ""
-        self._prefix_tokens = PrefixTokens(self.tokenize, max_prefixes_per_engine, self.max_context)
-        # Special tokens that a text may be split before (one that strips the spaces before it may not), and
-        # whether the tokenizer adds its own special tokens only at the start (an end-of-text one would land in
-        # the middle of a prompt tokenized in two parts).
-        self._boundary_tokens: tuple[str, ...] = ()
-        self._splits_at_special_tokens = False
-        if self.tokenizer is not None:
-            self._boundary_tokens = tuple(t.content for t in self.tokenizer.added_tokens_decoder.values()
-                                          if t.special and not t.lstrip)
-            plain = self.tokenizer("x", add_special_tokens=False).input_ids
-            self._splits_at_special_tokens = self.tokenizer("x").input_ids[-len(plain):] == plain
+        self.prompts = Prompts(model.tokenizer, model.max_context, settings.max_prefixes_per_engine)
+        self.pool = EnginePool(settings)
+        for engine in engines:
+            self.pool.add(engine)
+        self.executor = CallExecutor(self.pool, self.prompts, settings.app_centric)
         self.queued_calls = 0  # submitted and not finished, in every session: what max_queued_calls bounds
         self.queued_by_client: dict[str, int] = {}  # the same, by API key (where max_queued_calls_per_key bounds)
         self.rejected_calls = 0
-        self._engine_numbers = itertools.count()
-        self.engines: list[EngineSlot] = []
-        for engine in engines:
-            self.add_engine(engine)
         self.sessions: dict[str, Session] = {}
         self._ids = itertools.count()
-        self._group_engines: dict[str, EngineSlot] = {}
         self.calls_finished = {CallState.DONE: 0, CallState.FAILED: 0}
         self.draining = False  # set by drain(): new sessions and calls are refused
 
-    # ---- engines ----------------------------------------------------------------------------------
-
-    def add_engine(self, engine: EngineClient) -> EngineSlot:
-        """A slot named `engine-N`, N never used before by this manager: a name given again after its engine was
-        dropped would let the heartbeats of one engine process keep another's slot alive."""
-        slot = EngineSlot(f"engine-{next(self._engine_numbers)}", engine,
-                          PrefixCache(engine, self.max_prefixes_per_engine, self.prefix_cache_fraction),
-                          asyncio.Semaphore(self.max_background_calls), last_heartbeat=time.monotonic())
-        self.engines.append(slot)
-        return slot
-
-    def add_remote_engine(self, engine: RemoteEngine) -> EngineSlot:
-        """Adds a registered engine process, with a token of its own for its heartbeats. One registered before at
-        the same URL is dropped first (a restarted process holds none of its contexts, and one address serves one
-        engine); past max_remote_engines, TooManyEnginesError."""
-        for old in self._remote_slots():
-            if old.engine.url == engine.url:
-                log.warning("engine %s registers again: it replaces %s", engine.url, old.name)
-                self.drop_engine(old)
-        most = self.settings.max_remote_engines
-        if len(self._remote_slots()) >= most:
-            raise TooManyEnginesError(f"the server holds {most} remote engines already (its max_remote_engines): "
-                                      "stop one, or raise the limit", field="url")
-        slot = self.add_engine(engine)
-        slot.token = secrets.token_urlsafe(24)
-        return slot
-
-    def remote_slot(self, name: str, token: str | None) -> EngineSlot:
-        """The remote engine registered as `name` with `token` (compared in constant time). Anything else is
-        NotFoundError, on which an engine process registers again: its slot was dropped, or the name is another
-        engine's (given by this run of the server, when the engine registered with an earlier one)."""
-        slot = next((s for s in self.engines if s.name == name), None)
-        if slot is None:
-            raise NotFoundError(f"unknown engine {name!r}: register again", field="name")
-        if slot.token is None:
-            raise NotFoundError(f"engine {name!r} runs in the server: it sends no heartbeats", field="name")
-        if token is None or not secrets.compare_digest(token.encode("utf-8", "replace"), slot.token.encode()):
-            raise NotFoundError(f"engine {name!r} is not the one registered with this token: register again",
-                                field="name")
-        return slot
-
-    def _remote_slots(self) -> list[EngineSlot]:
-        return [s for s in self.engines if isinstance(s.engine, RemoteEngine)]
-
-    def drop_engine(self, slot: EngineSlot) -> None:
-        """Forgets an engine that died: its calls fail over to the others as they notice."""
-        if slot in self.engines:
-            self.engines.remove(slot)
-            self._group_engines = {g: s for g, s in self._group_engines.items() if s is not slot}
-            if isinstance(slot.engine, RemoteEngine):
-                slot.engine.close()
-
-    def drop_silent_engines(self, timeout: float) -> list[str]:
-        """Drops remote engines whose last heartbeat is older than `timeout` seconds."""
-        now = time.monotonic()
-        silent = [s for s in self._remote_slots() if now - s.last_heartbeat > timeout]
-        for slot in silent:
-            self.drop_engine(slot)
-        return [s.name for s in silent]
+    @property
+    def engines(self) -> list[EngineSlot]:
+        return self.pool.slots
 
     # ---- sessions and variables -------------------------------------------------------------------
 
@@ -432,7 +300,7 @@ class ParrotManager:
             if failed:
                 raise CallFailedError(f"input {failed[0].var_id} failed: {failed[0].error}")
             call.state = CallState.RUNNING
-            await self._execute(session, call)  # DONE once its outputs are set, before its context is freed
+            await self.executor.execute(session, call)  # DONE once its outputs are set, before its context is freed
         except asyncio.CancelledError:
             if call.state is not CallState.DONE:  # else only the freeing of its context was cut short
                 call.state = CallState.FAILED
@@ -455,192 +323,6 @@ class ParrotManager:
             variable = session.variables[var_id]
             if not variable.ready.is_set():
                 variable.fail(error)
-
-    async def _execute(self, session: Session, call: Call) -> None:
-        """Runs the call on an engine; if that engine dies under it, again from the start on another."""
-        segments = self._segments(session, call)
-        token_ids = call.prompt_token_ids if call.prompt_token_ids is not None else self.tokenize(segments[0][0])
-        if not token_ids:  # its inputs' values were empty: an engine has nothing to compute its first token from
-            raise ServerError("the prompt before the call's first output is empty", field="template")
-        call.prompt_tokens = len(token_ids)
-        prefix = self._shared_prefix(self._prefix_text(session, call), token_ids) if self.app_centric else None
-        while True:
-            slot = self._place(call, prefix)
-            if prefix is not None and call.shares_variables:
-                session.variable_prefixes.add((slot.name, prefix.key))
-            try:
-                return await self._execute_on(slot, session, call, segments, token_ids, prefix)
-            except EngineUnavailableError:
-                self.drop_engine(slot)  # the call resumes on another engine where this one stopped (CallProgress)
-
-    async def _execute_on(
-        self, slot: EngineSlot, session: Session, call: Call, segments, token_ids: list[int],
-        prefix: PromptPrefix | None,
-    ) -> None:
-        priority = DEFAULT_PRIORITY  # request-level serving: one priority for all
-        if self.app_centric:
-            priority = LATENCY_PRIORITY if call.latency_critical else GROUP_PRIORITY if call.task_group else priority
-        context_id = f"{session.session_id}/{call.call_id}"
-        slot.placed += 1
-        async with nullcontext() if call.latency_critical or not self.app_centric else slot.background:
-            idle_waits = 0
-            while True:
-                try:
-                    return await self._execute_in_context(slot, session, call, segments, token_ids, prefix,
-                                                          priority, context_id)
-                except ContextTooLargeError:
-                    raise  # longer than the whole cache: no wait makes room
-                except OutOfMemoryError:
-                    # The KV cache is full of contexts that wait (filled calls, warm prefixes), which the engine
-                    # cannot preempt; this call's context is freed: resume it once another call has ended. Not
-                    # after waits in which nothing ended or was evicted: then it cannot fit at all.
-                    ended = slot.call_ended  # taken after this attempt's own end, which set the previous one
-                    evicted = await slot.prefixes.evict()
-                    if idle_waits >= OOM_IDLE_WAITS:
-                        raise
-                    try:
-                        await asyncio.wait_for(ended.wait(), OOM_RETRY_SECONDS)
-                        idle_waits = 0
-                    except asyncio.TimeoutError:
-                        idle_waits += 0 if evicted else 1
-
-    async def _execute_in_context(
-        self, slot: EngineSlot, session: Session, call: Call, segments, token_ids: list[int],
-        prefix: PromptPrefix | None, priority: int, context_id: str,
-    ) -> None:
-        slot.running += 1
-        progress = call.progress
-        call.completion_tokens -= progress.resume(self._decode)
-        first_request = True  # of this attempt: it creates the context, from the prefix, with all done before
-        try:
-            for index, (text, output) in enumerate(segments):
-                if index < progress.outputs_done:
-                    continue
-                # The text before each output is filled by the request that generates the output.
-                ids = [] if index == 0 or not text or progress.started else self.tokenizer(
-                    text, add_special_tokens=False).input_ids
-                if output is None:
-                    if ids and not first_request:
-                        await slot.engine.fill(ids, context_id, priority=priority)
-                    break
-                variable = session.variables[output.var_id]
-                sampling = output.sampling
-                if progress.tokens:  # resumed: generate what the last attempt did not
-                    sampling = dataclasses.replace(sampling, max_tokens=sampling.max_tokens - progress.tokens)
-                if sampling.max_tokens > 0:
-                    events = (self._start_call_context(slot, context_id, prefix, token_ids + progress.token_ids + ids,
-                                                       sampling, priority) if first_request else
-                              slot.engine.generate(sampling, context_id, priority=priority, token_ids=ids))
-                    first_request = False
-                    async for event in events:
-                        text = progress.took(ids, event, self._decode)
-                        call.completion_tokens += len(event.token_ids)
-                        call.finish_reason = event.finish_reason
-                        if variable.deltas is not None and text:
-                            variable.deltas.push(text)
-                variable.set(progress.output_done())
-            call.state = CallState.DONE  # its outputs are set: a client that reads one finds the call done
-        finally:
-            slot.running -= 1
-            await self._free_quietly(slot, context_id)
-            slot.call_ended.set()
-            slot.call_ended = asyncio.Event()
-
-    async def _start_call_context(
-        self, slot: EngineSlot, context_id: str, prefix: PromptPrefix | None, token_ids: list[int],
-        sampling: SamplingParams, priority: int,
-    ) -> AsyncIterator[RequestOutput]:
-        """Forks the call's context from the warm prefix context, fills the rest of its prompt and generates its
-        first output: one engine request, whose events this yields."""
-        # Never empty: _shared_prefix leaves the call a token of its own.
-        rest = token_ids[len(prefix.token_ids):] if prefix is not None else token_ids
-        for attempt in range(2):
-            # Filled at this call's priority, but never below a task group's: a throughput call's fill may be
-            # what a latency-critical call that comes next waits for.
-            entry = await slot.prefixes.acquire(prefix, max(priority, GROUP_PRIORITY)) if prefix is not None else None
-            events = slot.engine.generate(sampling, context_id, entry.context_id if entry else None, priority, rest)
-            try:
-                first = await anext(events)  # the prompt is in the context once its first token comes
-            except EngineError as exc:
-                # A fork of a prefix whose fill failed (after the fork was sent) fails for the fill's reason.
-                error = entry.error if entry is not None and entry.error is not None else exc
-                if not isinstance(error, OutOfMemoryError):
-                    raise error
-                await self._free_quietly(slot, context_id)
-                # Idle prefixes hold the cache: evict them (least recently used first) and try once more; not for
-                # a context longer than the whole cache, which no eviction makes room for.
-                if isinstance(error, ContextTooLargeError) or attempt or not await slot.prefixes.evict():
-                    raise error
-                continue
-            finally:
-                if entry is not None:
-                    slot.prefixes.release(entry)
-            try:
-                yield first
-                async for event in events:
-                    yield event
-            finally:
-                await events.aclose()
-            return
-
-    @staticmethod
-    async def _free_quietly(slot: EngineSlot, context_id: str) -> None:
-        try:
-            await asyncio.shield(slot.engine.free_context(context_id))
-        except EngineError:
-            pass  # it was never created
-
-    def _segments(self, session: Session, call: Call) -> list[tuple[str, Piece | None]]:
-        """The prompt cut at each output: [(text before output 1, output 1), (text between 1 and 2, output 2)…]."""
-        segments: list[tuple[str, Piece | None]] = []
-        text = []
-        for piece in call.pieces:
-            if piece.kind == "text":
-                text.append(piece.text)
-            elif piece.kind == "input":
-                text.append(session.variables[piece.var_id].value)
-            else:
-                segments.append(("".join(text), piece))
-                text = []
-        if text and "".join(text):
-            segments.append(("".join(text), None))
-        return segments
-
-    @staticmethod
-    def _prefix_text(session: Session, call: Call) -> str:
-        """The text that begins the call's prompt and others': its pieces shared in its graph, their inputs
-        filled in, or else its template's constant prefix (shared by every call of the template)."""
-        if call.shared_pieces == 0:
-            return call.constant_prefix
-        return "".join(piece.text if piece.kind == "text" else session.variables[piece.var_id].value
-                       for piece in call.pieces[:call.shared_pieces])
-
-    def _shared_prefix(self, prefix_text: str, token_ids: list[int]) -> PromptPrefix | None:
-        """The tokens of the prompt that its shared prefix text fixes (tokenization may merge across the
-        prefix's end, so only the part on which both tokenizations agree is shared); None if none."""
-        if not prefix_text:
-            return None
-        prefix_ids = self._prefix_tokens(prefix_text)
-        # Not the prefix text's last token: whether it merges with the text after it differs from prompt to
-        # prompt, and calls that share the text should share one prefix context. And at least one token of the
-        # prompt stays the call's own, so that it computes its own logits.
-        shared = min(common_length(prefix_ids, token_ids), len(prefix_ids) - 1, len(token_ids) - 1)
-        return PromptPrefix.of(token_ids[:shared]) if shared > 0 else None
-
-    def _place(self, call: Call, prefix: PromptPrefix | None) -> EngineSlot:
-        """Prefix affinity first (the engine that holds the prefix), then the call's task group, then load."""
-        if not self.engines:
-            raise EngineUnavailableError("no engine is serving: start one (`parrot-lc engine --manager URL`)")
-        if prefix is not None:
-            for slot in self.engines:
-                if prefix.key in slot.prefixes:
-                    return slot
-        if call.task_group in self._group_engines:
-            return self._group_engines[call.task_group]
-        slot = min(self.engines, key=lambda s: (s.running, s.placed))
-        if call.task_group is not None:
-            self._group_engines[call.task_group] = slot
-        return slot
 
     @asynccontextmanager
     async def completion(
@@ -679,33 +361,6 @@ class ParrotManager:
         """Cancels the completion's call if it still runs (its client went away) and forgets its session."""
         await self.delete_session(completion.session)
 
-    def tokenize(self, text: str, head: str = "") -> list[int]:
-        """The token ids of a prompt, as calls feed them to engines. Of a prompt that starts with `head` (a
-        chat's system messages, the same in many requests) only the rest is tokenized, the head's ids cached,
-        where the rest begins with a special token: a tokenizer splits text at its special tokens before
-        anything else, so the two parts' ids are the whole's (a 4k-token system prompt costs about 2 ms a
-        request to tokenize, on the event loop)."""
-        rest = text[len(head):]
-        if head and rest and text.startswith(head) and self._splits_at_special_tokens and rest.startswith(
-                self._boundary_tokens):
-            return self._prefix_tokens(head) + self.tokenizer(rest, add_special_tokens=False).input_ids
-        return self.tokenizer(text).input_ids
-
-    def check_prompt(self, token_ids: list[int], max_tokens: int | None, field: str = "prompt") -> int:
-        """How many tokens the completion may generate: `max_tokens`, or without it what the context leaves (up
-        to a default). A prompt (its `tokenize`d ids) that fills the model's context, or leaves less room than
-        `max_tokens`, is rejected before it runs (naming `field`, or `max_tokens`)."""
-        count = len(token_ids)
-        if count == 0:
-            raise ServerError("the prompt is empty: it needs at least one token", field)
-        if count >= self.max_context:
-            raise ServerError(f"the prompt has {count} tokens; the model's context is {self.max_context}", field)
-        room = self.max_context - count
-        if max_tokens is not None and max_tokens > room:
-            raise ServerError(f"max_tokens is {max_tokens}, but the prompt ({count} tokens) leaves room for {room} "
-                              f"in the model's context of {self.max_context}", "max_tokens")
-        return min(max_tokens or DEFAULT_MAX_TOKENS, room)
-
     # ---- observability ------------------------------------------------------------------------------
 
     def status(self, session: Session) -> dict:
@@ -742,7 +397,7 @@ class ParrotManager:
             except EngineError as exc:  # an engine that went away meanwhile: nothing of it to free
                 log.warning("could not free the prefixes of %s: %s", slot.name, exc)
         # Engines in other processes report through heartbeats, too late to count here.
-        left = sum(s.engine.stats().num_contexts for s in self.engines if not isinstance(s.engine, RemoteEngine))
+        left = sum(s.engine.stats().num_contexts for s in self.engines if s.registration is None)
         log.info("drained: %d calls finished, %d cancelled at the deadline, %d contexts left on local engines",
                  len(done), len(pending), left,
                  extra={"calls_finished": len(done), "calls_cancelled": len(pending), "contexts_left": left})

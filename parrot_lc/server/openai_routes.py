@@ -42,8 +42,8 @@ def openai_router(manager: ParrotManager, model_name: str, client_of: Callable[.
     @router.post("/completions")
     async def completions(body: CompletionRequest, client: str | None = Depends(client_of)):
         check_model(body)
-        token_ids = manager.tokenize(body.prompt)
-        max_tokens = manager.check_prompt(token_ids, body.max_tokens)
+        token_ids = manager.prompts.tokenize(body.prompt)
+        max_tokens = manager.prompts.check(token_ids, body.max_tokens)
         pieces = [Piece("text", body.prompt)]
         return await respond(body, client, max_tokens, pieces, token_ids, "text_completion",
                              lambda text: {"text": text, "logprobs": None})
@@ -57,8 +57,8 @@ def openai_router(manager: ParrotManager, model_name: str, client_of: Callable[.
         system = [m for m in messages if m["role"] == "system"]
         head = manager.tokenizer.apply_chat_template(system, tokenize=False) if system else ""
         head = head if prompt.startswith(head) else ""
-        token_ids = manager.tokenize(prompt, head)  # once: the length check and the call share the ids
-        max_tokens = manager.check_prompt(token_ids, body.max_completion_tokens or body.max_tokens, "messages")
+        token_ids = manager.prompts.tokenize(prompt, head)  # once: the length check and the call share the ids
+        max_tokens = manager.prompts.check(token_ids, body.max_completion_tokens or body.max_tokens, "messages")
         pieces = [Piece("text", head), Piece("text", prompt[len(head):])] if head else [Piece("text", prompt)]
         return await respond(body, client, max_tokens, pieces, token_ids, "chat.completion",
                              lambda text: {"message": {"role": "assistant", "content": text}},

@@ -13,8 +13,8 @@ from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from parrot_lc.engine.async_engine import AsyncEngine
 from parrot_lc.engine.errors import EngineError
+from parrot_lc.server.engine_client import EngineClient
 from parrot_lc.server.tasks import start_now
 
 
@@ -53,7 +53,7 @@ class PrefixEntry:
 class PrefixCache:
     """The prefix contexts of one engine, by the hash of their token ids."""
 
-    def __init__(self, engine: AsyncEngine, max_entries: int, max_cache_fraction: float = 1.0) -> None:
+    def __init__(self, engine: EngineClient, max_entries: int, max_cache_fraction: float = 1.0) -> None:
         self.engine = engine
         self.max_entries = max_entries
         self.max_cache_fraction = max_cache_fraction

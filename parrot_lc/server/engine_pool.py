@@ -1,0 +1,133 @@
+"""The engines a manager drives: those it runs itself and those that registered over HTTP, each in a slot with
+its warm prefix contexts and its load; and where a call runs."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+
+from parrot_lc.engine.engine import EngineStats
+from parrot_lc.engine.errors import EngineUnavailableError
+from parrot_lc.server.engine_client import EngineClient
+from parrot_lc.server.errors import NotFoundError, TooManyEnginesError
+from parrot_lc.server.graph import Call
+from parrot_lc.server.prefix_cache import PrefixCache, PromptPrefix
+from parrot_lc.server.remote_engine import RemoteEngine
+from parrot_lc.settings import ServerSettings
+
+log = logging.getLogger("parrot_lc.engines")
+
+
+@dataclass
+class Registration:
+    """An engine process that registered over HTTP: the token its heartbeats carry, and when the last came."""
+
+    engine: RemoteEngine
+    token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    last_heartbeat: float = field(default_factory=time.monotonic)
+
+
+@dataclass(eq=False)
+class EngineSlot:
+    """An engine as the manager sees it: its prefix contexts and the calls running on it."""
+
+    name: str
+    engine: EngineClient
+    prefixes: PrefixCache
+    background: asyncio.Semaphore  # caps the calls that are not latency-critical
+    registration: Registration | None = None  # engines that registered over HTTP only
+    running: int = 0
+    call_ended: asyncio.Event = field(default_factory=asyncio.Event)  # set (and replaced) as each call ends
+    placed: int = 0  # calls ever placed here: breaks ties in load, so idle engines take turns
+
+    def end_call(self) -> None:
+        """Wakes whoever waits for a call on this engine to end (for memory), once."""
+        self.call_ended.set()
+        self.call_ended = asyncio.Event()
+
+
+class EnginePool:
+    """The slots, named `engine-N` with N never used twice: a name given again after its engine was dropped would
+    let the heartbeats of one engine process keep another's slot alive."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.slots: list[EngineSlot] = []
+        self._numbers = itertools.count()
+        self._group_slots: dict[str, EngineSlot] = {}  # a task group's calls run on one engine
+
+    def add(self, engine: EngineClient, registration: Registration | None = None) -> EngineSlot:
+        settings = self.settings
+        slot = EngineSlot(f"engine-{next(self._numbers)}", engine,
+                          PrefixCache(engine, settings.max_prefixes_per_engine, settings.prefix_cache_fraction),
+                          asyncio.Semaphore(settings.max_background_calls_per_engine), registration)
+        self.slots.append(slot)
+        return slot
+
+    def register(self, engine: RemoteEngine) -> EngineSlot:
+        """Adds an engine process that registered, with a token of its own for its heartbeats. One registered
+        before at the same URL is dropped first (a restarted process holds none of its contexts, and one address
+        serves one engine); past max_remote_engines, TooManyEnginesError."""
+        for old in self.registered():
+            if old.registration.engine.url == engine.url:
+                log.warning("engine %s registers again: it replaces %s", engine.url, old.name)
+                self.drop(old)
+        most = self.settings.max_remote_engines
+        if len(self.registered()) >= most:
+            raise TooManyEnginesError(f"the server holds {most} remote engines already (its max_remote_engines): "
+                                      "stop one, or raise the limit", field="url")
+        return self.add(engine, Registration(engine))
+
+    def heartbeat(self, name: str, token: str | None, stats: EngineStats) -> None:
+        """Takes a registered engine's counters. Anything but the name and token it registered with is
+        NotFoundError, on which an engine process registers again: its slot was dropped, or the name is another
+        engine's (given by this run of the server, when the engine registered with an earlier one)."""
+        slot = next((s for s in self.slots if s.name == name), None)
+        if slot is None:
+            raise NotFoundError(f"unknown engine {name!r}: register again", field="name")
+        registration = slot.registration
+        if registration is None:
+            raise NotFoundError(f"engine {name!r} runs in the server: it sends no heartbeats", field="name")
+        if token is None or not secrets.compare_digest(token.encode("utf-8", "replace"), registration.token.encode()):
+            raise NotFoundError(f"engine {name!r} is not the one registered with this token: register again",
+                                field="name")
+        registration.last_heartbeat = time.monotonic()
+        registration.engine.update_stats(stats)
+
+    def registered(self) -> list[EngineSlot]:
+        return [s for s in self.slots if s.registration is not None]
+
+    def drop(self, slot: EngineSlot) -> None:
+        """Forgets an engine that died: its calls fail over to the others as they notice."""
+        if slot in self.slots:
+            self.slots.remove(slot)
+            self._group_slots = {g: s for g, s in self._group_slots.items() if s is not slot}
+            if slot.registration is not None:
+                slot.engine.close()
+
+    def drop_silent(self, timeout: float) -> list[str]:
+        """Drops registered engines whose last heartbeat is older than `timeout` seconds; returns their names."""
+        now = time.monotonic()
+        silent = [s for s in self.registered() if now - s.registration.last_heartbeat > timeout]
+        for slot in silent:
+            self.drop(slot)
+        return [s.name for s in silent]
+
+    def place(self, call: Call, prefix: PromptPrefix | None) -> EngineSlot:
+        """Prefix affinity first (the engine that holds the prefix), then the call's task group, then load."""
+        if not self.slots:
+            raise EngineUnavailableError("no engine is serving: start one (`parrot-lc engine --manager URL`)")
+        if prefix is not None:
+            for slot in self.slots:
+                if prefix.key in slot.prefixes:
+                    return slot
+        if call.task_group in self._group_slots:
+            return self._group_slots[call.task_group]
+        slot = min(self.slots, key=lambda s: (s.running, s.placed))
+        if call.task_group is not None:
+            self._group_slots[call.task_group] = slot
+        return slot

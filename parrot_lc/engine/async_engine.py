@@ -17,14 +17,17 @@ from transformers import PreTrainedTokenizerBase
 
 from parrot_lc.engine.context import ContextId
 from parrot_lc.engine.engine import EngineStats, LLMEngine
+from parrot_lc.engine.engine_client import EngineClient
 from parrot_lc.engine.request import RequestOutput
 from parrot_lc.engine.sampling import SamplingParams
 
 T = TypeVar("T")
-class EngineFront(ABC):
-    """fill / generate as coroutines over an engine that runs elsewhere (a thread, a process). A subclass starts
-    a request and registers its caller's queue in `_listeners` (`_start`), and stops one whose caller went away
-    (`_stop`); outputs reach the queues through `deliver`."""
+
+
+class EngineDriver(EngineClient, ABC):
+    """The EngineClient of an LLMEngine that runs elsewhere (a thread, a process): fill / generate as coroutines. A
+    subclass starts a request and registers its caller's queue in `_listeners` (`_start`), and stops one whose
+    caller went away (`_stop`); outputs reach the queues through `deliver`."""
 
     tokenizer: PreTrainedTokenizerBase | None
     vocab_size: int
@@ -91,7 +94,7 @@ class EngineFront(ABC):
                 self._stop(key)
 
 
-class AsyncEngine(EngineFront):
+class AsyncEngine(EngineDriver):
     """fill / generate / free_context as coroutines over one engine thread."""
 
     def __init__(self, engine: LLMEngine) -> None:

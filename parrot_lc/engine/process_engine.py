@@ -20,7 +20,7 @@ from multiprocessing.reduction import ForkingPickler
 
 import torch
 
-from parrot_lc.engine.async_engine import EngineFront, deliver
+from parrot_lc.engine.async_engine import EngineDriver, deliver
 from parrot_lc.engine.context import ContextId
 from parrot_lc.engine.engine import LLMEngine
 from parrot_lc.engine.errors import EngineUnavailableError, InvalidRequestError
@@ -30,7 +30,7 @@ from parrot_lc.settings import EngineSettings
 from parrot_lc.startup import freeze_startup_objects
 
 
-class ProcessEngine(EngineFront):
+class ProcessEngine(EngineDriver):
     """fill / generate / free_context as coroutines over an engine process (started here, stopped by close)."""
 
     def __init__(self, settings: EngineSettings) -> None:

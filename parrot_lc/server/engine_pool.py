@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from parrot_lc.engine.engine import EngineStats
 from parrot_lc.engine.errors import EngineUnavailableError
-from parrot_lc.server.engine_client import EngineClient
+from parrot_lc.engine.engine_client import EngineClient
 from parrot_lc.server.errors import NotFoundError, TooManyEnginesError
 from parrot_lc.server.graph import Call
 from parrot_lc.server.prefix_cache import PrefixCache, PromptPrefix

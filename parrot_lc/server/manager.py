@@ -21,7 +21,7 @@ from transformers import PreTrainedTokenizerBase
 
 from parrot_lc.engine.errors import EngineError
 from parrot_lc.engine.sampling import SamplingParams
-from parrot_lc.server.engine_client import EngineClient
+from parrot_lc.engine.engine_client import EngineClient
 from parrot_lc.server.engine_pool import EnginePool, EngineSlot
 from parrot_lc.server.errors import (
     CallFailedError,

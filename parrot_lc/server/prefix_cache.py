@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from parrot_lc.engine.errors import EngineError
-from parrot_lc.server.engine_client import EngineClient
+from parrot_lc.engine.engine_client import EngineClient
 from parrot_lc.server.tasks import start_now
 
 

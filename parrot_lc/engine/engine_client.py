@@ -1,6 +1,8 @@
-"""What the manager needs of an engine, wherever it runs: the in-process AsyncEngine satisfies it, and so
-does RemoteEngine, the client of an engine process (`parrot-lc engine`). An engine that cannot be reached raises
-EngineUnavailableError (engine/errors.py), and the manager moves the work to another."""
+"""The one engine interface: what the server needs of an engine, wherever it runs. EngineDriver's subclasses
+implement it over an LLMEngine in a thread (AsyncEngine) or a child process (ProcessEngine); the server's
+RemoteEngine over HTTP to an engine process (`parrot-lc engine`), and OpenAIEngine over an OpenAI-compatible
+server. An engine that cannot be reached raises EngineUnavailableError (engine/errors.py), and the manager moves
+the work to another."""
 
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ from parrot_lc.engine.sampling import SamplingParams
 
 
 class EngineClient(Protocol):
+    """fill / generate / free_context as coroutines, and the engine's counters."""
+
     async def fill(
         self, token_ids: list[int], context_id: ContextId, parent_context_id: ContextId | None = None, priority: int = 0,
         issued: asyncio.Future | None = None,

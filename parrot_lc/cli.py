@@ -6,7 +6,6 @@ import argparse
 import signal
 import time
 
-from parrot_lc.engine import LLMEngine, SamplingParams
 from parrot_lc.engine.errors import ModelLoadError
 from parrot_lc.logs import configure_logging
 from parrot_lc.settings import (
@@ -47,8 +46,9 @@ def _add_flags(parser: argparse.ArgumentParser, cls) -> None:
     """One flag per setting of `cls`; an unset flag leaves the setting to its PARROT_* variable, the config file or
     its default."""
     for name, field in cls.model_fields.items():
+        default = "" if field.default is None else f" (default: {field.default})"
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=_flag_type(field.annotation),
-                            help=field.description)
+                            help=f"{field.description}{default}".replace("%", "%%"))
 
 
 def serve(args: argparse.Namespace) -> None:
@@ -81,6 +81,8 @@ def serve(args: argparse.Namespace) -> None:
 
 def demo(args: argparse.Namespace) -> None:
     """Fills a shared system prompt once, forks it for several questions and generates the answers."""
+    from parrot_lc.engine import LLMEngine, SamplingParams
+
     [settings] = load(args, EngineSettings)
     engine = LLMEngine(settings)
     tokenizer = engine.tokenizer
@@ -114,6 +116,7 @@ def engine_process(args: argparse.Namespace) -> None:
     """Runs one engine that registers with a manager and serves its fill / generate / free_context calls."""
     import uvicorn
 
+    from parrot_lc.engine import LLMEngine
     from parrot_lc.engine.async_engine import AsyncEngine
     from parrot_lc.server.connections import uvicorn_options
     from parrot_lc.server.engine_service import LinkedServer, ManagerLink, create_engine_app

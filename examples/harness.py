@@ -27,19 +27,16 @@ def parse_args(description: str, max_tokens: int) -> argparse.Namespace:
 
 
 def make_llm(args: argparse.Namespace) -> ParrotLLM:
-    """Greedy, so that the eager and the deferred run give the same text."""
-    base_url = args.base_url
-    if base_url is None:
-        from parrot_lc.inprocess import local_server
-
-        base_url = local_server(args.model).base_url
-    return ParrotLLM(base_url=base_url, api_key=args.api_key, max_tokens=args.max_tokens, temperature=0)
+    """Greedy, so that the eager and the deferred run give the same text; without --base-url, on the in-process
+    server of --model."""
+    return ParrotLLM(base_url=args.base_url, model=None if args.base_url else args.model, api_key=args.api_key,
+                     max_tokens=args.max_tokens, temperature=0)
 
 
 def reused_tokens(llm: ParrotLLM) -> float:
     """The server's parrot_prefix_reused_tokens_total counter."""
     headers = {"Authorization": f"Bearer {llm.api_key.get_secret_value()}"} if llm.api_key else {}
-    text = httpx.get(f"{llm.base_url}/metrics", headers=headers).text
+    text = httpx.get(f"{llm.parrot_client().base_url}/metrics", headers=headers).text
     return float(re.search(r"^parrot_prefix_reused_tokens_total (\S+)$", text, re.M).group(1))
 
 

@@ -16,7 +16,7 @@ _EXPORTS = {
     "SemanticFunction": "parrot_lc.frontend",
     "semantic_function": "parrot_lc.frontend",
     "Output": "parrot_lc.frontend",
-    "connect": "parrot_lc.inprocess",
+    "connect": "parrot_lc.frontend",
     "ParrotLLM": "parrot_lc.integrations.langchain",
     "ChatParrot": "parrot_lc.integrations.langchain",
 }

@@ -1,5 +1,6 @@
-"""The frontend end to end: semantic functions and variables through ParrotClient / AsyncParrotClient, against
-a real server (uvicorn on a loopback port, the `tiny` model), compared with the OpenAI-compatible endpoint."""
+"""The frontend end to end: semantic functions and variables, completions and chat replies, through ParrotClient /
+AsyncParrotClient, against a real server (uvicorn on a loopback port, the `tiny` model), compared with the
+OpenAI-compatible endpoint."""
 
 import asyncio
 
@@ -11,10 +12,13 @@ from parrot_lc.frontend import (
     AuthError,
     CallFailedError,
     GraphError,
+    InvalidRequestError,
     NotFoundError,
     Output,
     ParrotClient,
+    ParrotConnectionError,
     SemanticFunction,
+    ServerFailure,
     VariableTimeoutError,
     semantic_function,
 )
@@ -178,3 +182,41 @@ def test_a_graph_the_server_rejects_raises_graph_error(client):
         assert info.value.status == 422
         with pytest.raises(GraphError):  # the call was never submitted: its output says so
             again.get()
+
+
+# ---- completions and chat replies: the OpenAI-compatible API ------------------------------------------------
+
+
+def test_completions_and_chat_replies_whole_and_streamed_sync_and_async(client, parrot_server):
+    prompt, messages = "Question: What do parrots eat?\nAnswer:", [{"role": "user", "content": "Hi"}]
+    whole = client.complete(prompt, **GREEDY)
+    assert whole.text == complete(parrot_server, prompt) and whole.model == "tiny"
+    assert whole.finish_reason == "length" and whole.usage["completion_tokens"] == 6
+    pieces = list(client.stream_complete(prompt, **GREEDY))
+    assert "".join(p.text for p in pieces) == whole.text and pieces[-1].usage == whole.usage
+    assert [p.finish_reason for p in pieces if p.finish_reason] == ["length"]
+    reply = client.chat(messages, **GREEDY)
+    assert reply.text and reply.usage["completion_tokens"] == 6
+    assert "".join(p.text for p in client.stream_chat(messages, **GREEDY)) == reply.text
+
+    async def run() -> tuple[str, ...]:
+        async with AsyncParrotClient(parrot_server, timeout=60) as aclient:
+            completed, replied = await asyncio.gather(aclient.complete(prompt, **GREEDY),
+                                                      aclient.chat(messages, **GREEDY))
+            streamed = [p.text async for p in aclient.stream_complete(prompt, **GREEDY)]
+            return completed.text, replied.text, "".join(streamed)
+
+    assert asyncio.run(run()) == (whole.text, reply.text, whole.text)
+
+
+def test_completion_errors_are_typed_whole_streamed_or_unreachable(client):
+    with pytest.raises(InvalidRequestError, match="non-empty") as info:
+        client.complete("Hi", stop=[""])
+    assert info.value.status == 400
+    with pytest.raises(InvalidRequestError, match="context is"):
+        list(client.stream_chat([{"role": "user", "content": "word " * 9000}]))
+    with pytest.raises(ParrotConnectionError, match="cannot reach the Parrot server at http://127.0.0.1:9"):
+        ParrotClient("http://127.0.0.1:9/v1", max_retries=0).complete("Hi")
+    failing = httpx.MockTransport(lambda request: httpx.Response(503, json={"error": {"message": "draining"}}))
+    with pytest.raises(ServerFailure, match="draining"):
+        ParrotClient("http://parrot.test", transport=failing).complete("Hi")

@@ -3,7 +3,7 @@
 import pytest
 
 from parrot_lc.frontend import Output, SemanticFunction, semantic_function
-from parrot_lc.frontend.template import Placeholder, TemplateError, Text, parse_template
+from parrot_lc.frontend.template import Placeholder, Template, TemplateError, Text, parse_template
 
 
 def test_pieces_of_a_template_with_inputs_and_outputs():
@@ -102,3 +102,17 @@ def test_sampling_settings_per_output():
         SemanticFunction.from_template("{{output:y}}", max_token=3)
     with pytest.raises(TypeError, match="not an output"):
         SemanticFunction.from_template("{{output:y}}", z={"max_tokens": 3})
+
+
+def test_a_template_of_pieces_keeps_adjacent_texts_apart_and_is_checked_like_a_parsed_one():
+    template = Template.of([Text("Shared {{prefix}}. "), Text(""), Text("Rest "), Placeholder("input", "x"),
+                            Placeholder("output", "y")])
+    assert template.pieces == (Text("Shared {{prefix}}. "), Text("Rest "),
+                               Placeholder("input", "x", 26), Placeholder("output", "y", 37))
+    assert template.source == "Shared \\{{prefix\\}}. Rest {{input:x}}{{output:y}}"
+    assert parse_template(template.source).placeholders == template.placeholders
+    assert SemanticFunction.from_template(template).template is template
+    with pytest.raises(TemplateError, match="no {{output:NAME}}"):
+        Template.of([Text("no output")])
+    with pytest.raises(TemplateError, match="output 'y' is used as an input"):
+        Template.of([Placeholder("output", "y"), Placeholder("input", "y")])

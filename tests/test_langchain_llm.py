@@ -4,9 +4,11 @@ in-process mode; errors. (langchain-tests has no standard suite for text LLMs.)"
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import json
 import re
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -14,6 +16,7 @@ import pytest
 from langchain_core.callbacks import BaseCallbackHandler
 
 from parrot_lc.frontend.errors import CallFailedError, InvalidRequestError, ParrotConnectionError
+from parrot_lc.integrations import langchain as langchain_integration
 from parrot_lc.integrations.langchain import ChatParrot, ParrotLLM
 
 PROMPT = "The parrot said"
@@ -168,10 +171,10 @@ def test_in_process_model_needs_no_base_url(monkeypatch):
     llm = ParrotLLM(model="tiny", max_tokens=4, temperature=0)
     result = llm.generate(["Hello"])
     assert result.generations[0][0].text and result.llm_output["token_usage"]["completion_tokens"] == 4
-    from parrot_lc.inprocess import local_server
+    from parrot_lc.frontend.inprocess import local_server
 
     shared = local_server("tiny").base_url  # one server per model, shared by every instance
-    assert llm._server_url() == shared == ChatParrot(model="tiny")._server_url()
+    assert llm.parrot_client().base_url == shared == ChatParrot(model="tiny").parrot_client().base_url
     assert ParrotLLM(model="tiny", max_tokens=4, temperature=0).batch(["Hello", "Hello you"])[0] == llm.invoke("Hello")
 
 
@@ -189,6 +192,16 @@ def test_server_errors_raise_with_the_servers_message(llm):
     with pytest.raises(InvalidRequestError, match="non-empty") as caught:
         llm.invoke(PROMPT, stop=[""])
     assert caught.value.status == 400
+
+
+def test_the_classes_reach_the_server_only_through_the_frontend():
+    """No module of the integration speaks HTTP or imports the server: the frontend is the one client."""
+    for path in Path(langchain_integration.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        imported = [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
+        imported += [node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+        assert not [name for name in imported if name.split(".")[0] in ("httpx", "json")
+                    or name.startswith(("parrot_lc.server", "parrot_lc.engine"))], path.name
 
 
 def test_unreachable_server_raises_a_connection_error():

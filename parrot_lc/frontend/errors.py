@@ -54,8 +54,9 @@ class ParrotConnectionError(ParrotError, ConnectionError):
     """The server could not be reached."""
 
 
-class ServerError(ParrotError):
-    """The server failed on its side (5xx)."""
+class ServerFailure(ParrotError):
+    """The server failed on its side, or is shutting down (5xx). (Not the server's own `ServerError`, the base of
+    the errors it answers with 4xx.)"""
 
 
 _BY_STATUS: dict[int, type[ParrotError]] = {
@@ -78,7 +79,7 @@ def error_from_response(status: int, body: Any, text: str) -> ParrotError:
     if status == 422 and kind == "GraphError":
         cls: type[ParrotError] = GraphError
     elif status >= 500:
-        cls = ServerError
+        cls = ServerFailure
     else:
         cls = _BY_STATUS.get(status, InvalidRequestError)
     return cls(message, status=status, type=kind, field=field)

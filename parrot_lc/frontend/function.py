@@ -67,10 +67,11 @@ class SemanticFunction:
         self.__name__ = name
 
     @classmethod
-    def from_template(cls, template: str, /, **sampling: Any) -> SemanticFunction:
+    def from_template(cls, template: str | Template, /, **sampling: Any) -> SemanticFunction:
         """A function whose parameters are the template's inputs (positional or keyword, in order of first
-        appearance), then its outputs (keyword only: pass a variable to produce into an existing one)."""
-        parsed = parse_template(template)
+        appearance), then its outputs (keyword only: pass a variable to produce into an existing one). The
+        template is a string to parse, or a Template built of pieces (`Template.of`)."""
+        parsed = template if isinstance(template, Template) else parse_template(template)
         parameters = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in parsed.inputs]
         parameters += [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None) for n in parsed.outputs]
         return cls(parsed, inspect.Signature(parameters), _per_output(sampling, parsed.outputs, {}))

@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Generator, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar, Token
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 
+from parrot_lc.frontend.api import ApiRequest, Steps
 from parrot_lc.frontend.errors import GraphError, InvalidRequestError, ParrotError
 from parrot_lc.frontend.template import Template, Text
 from parrot_lc.frontend.variable import SemanticVariable
@@ -32,22 +33,6 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 # Variables made by one request (the server takes up to 4,096): a graph's inputs and outputs in a round trip or few.
 NEW_VARIABLES_PER_REQUEST = 1024
-
-
-@dataclass(frozen=True)
-class Request:
-    """One HTTP request; `timeout` None means the client's default."""
-
-    method: str
-    path: str
-    json: dict[str, Any] | None = None
-    params: dict[str, Any] | None = None
-    headers: dict[str, str] = field(default_factory=dict)
-    timeout: httpx.Timeout | None = None
-
-
-# Yields batches of requests, receives the JSON bodies of each batch (in order), returns the result.
-Steps = Generator[list[Request], list[Any], T]
 
 
 @dataclass(eq=False)
@@ -157,16 +142,16 @@ class BaseSession:
 
     # ---- request steps --------------------------------------------------------------------------------
 
-    def _request(self, method: str, *path: str, **kwargs: Any) -> Request:
+    def _request(self, method: str, *path: str, **kwargs: Any) -> ApiRequest:
         assert self.session_id is not None, "opened by _open_steps first"
-        return Request(method, "/".join(("/api/sessions", self.session_id, *path)),
-                       headers={"X-Session-Token": self._token}, **kwargs)
+        return ApiRequest(method, "/".join(("/api/sessions", self.session_id, *path)),
+                          headers={"X-Session-Token": self._token}, **kwargs)
 
     def _open_steps(self) -> Steps[None]:
         if self._closed:
             raise ParrotError("this session is closed")
         if self.session_id is None:
-            [body] = yield [Request("POST", "/api/sessions")]
+            [body] = yield [ApiRequest("POST", "/api/sessions")]
             self.session_id, self._token = body["session_id"], body["session_token"]
 
     def _create_steps(self, variables: Iterable[SemanticVariable]) -> Steps[None]:
@@ -285,7 +270,8 @@ class Session(BaseSession):
         self._run(self._flush_steps())
 
     def status(self) -> dict[str, Any]:
-        """`{"session_id", "variables": count, "calls": {"waiting", "running", "done", "failed": count}}`."""
+        """`{"session_id", "variables": count, "calls": {"waiting", "running", "done", "failed": count},
+        "graph": [{"call_id", "inputs", "outputs", "state", "latency_critical", "task_group"}]}`."""
         return self._run(self._status_steps())
 
     @contextmanager
@@ -365,7 +351,8 @@ class AsyncSession(BaseSession):
         await self._run(self._flush_steps())
 
     async def status(self) -> dict[str, Any]:
-        """`{"session_id", "variables": count, "calls": {"waiting", "running", "done", "failed": count}}`."""
+        """`{"session_id", "variables": count, "calls": {"waiting", "running", "done", "failed": count},
+        "graph": [{"call_id", "inputs", "outputs", "state", "latency_critical", "task_group"}]}`."""
         return await self._run(self._status_steps())
 
     @asynccontextmanager

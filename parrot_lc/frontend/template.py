@@ -21,7 +21,7 @@ stray `}}`, or the template's length for what is missing at the end.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -46,11 +46,12 @@ class Text:
 
 @dataclass(frozen=True)
 class Placeholder:
-    """An input or output variable, at `position` (the offset of its `{{`) in the template."""
+    """An input or output variable, at `position` (the offset of its `{{`) in the template (`Template.of` sets it
+    in the template it builds)."""
 
     kind: Literal["input", "output"]
     name: str
-    position: int
+    position: int = 0
 
 
 Piece = Text | Placeholder
@@ -58,10 +59,35 @@ Piece = Text | Placeholder
 
 @dataclass(frozen=True)
 class Template:
-    """A parsed template: its source and its pieces (adjacent text merged, no empty text)."""
+    """A template: its source and its pieces (no empty text). Parsing merges adjacent text; `of()` keeps it apart."""
 
     source: str
     pieces: tuple[Piece, ...]
+
+    @classmethod
+    def of(cls, pieces: Iterable[Piece]) -> Template:
+        """The template of these pieces as they are: adjacent texts stay apart, so that a text that other calls
+        begin with too is a piece of its own (the server fills such a prefix once and forks the calls from it);
+        empty texts are dropped. Placeholders follow the rules of parsing; the source is the pieces written in
+        template syntax, where positions count."""
+        kept: list[Piece] = []
+        written: list[str] = []
+        seen: dict[str, Placeholder] = {}
+        position = 0
+        for piece in pieces:
+            if isinstance(piece, Text):
+                if not piece.text:
+                    continue
+                text = piece.text.replace("{{", "\\{{").replace("}}", "\\}}")
+            else:
+                piece = _placeholder(f"{piece.kind}:{piece.name}", position, None)
+                _note_use(piece, seen)
+                text = f"{{{{{piece.kind}:{piece.name}}}}}"
+            kept.append(piece)
+            written.append(text)
+            position += len(text)
+        _check_has_output(seen, position)
+        return cls("".join(written), tuple(kept))
 
     @property
     def inputs(self) -> tuple[str, ...]:
@@ -98,8 +124,7 @@ def parse_template(source: str, parameters: Collection[str] | None = None) -> Te
             if end == -1 or reopened != -1:
                 raise TemplateError("'{{' is not closed by '}}' (write '\\{{' for literal braces)", i)
             placeholder = _placeholder(source[i + 2:end], i, parameters)
-            _check_use(placeholder, seen)
-            seen.setdefault(placeholder.name, placeholder)
+            _note_use(placeholder, seen)
             if text:
                 pieces.append(Text("".join(text)))
                 text = []
@@ -112,8 +137,7 @@ def parse_template(source: str, parameters: Collection[str] | None = None) -> Te
             i += 1
     if text:
         pieces.append(Text("".join(text)))
-    if not any(p.kind == "output" for p in seen.values()):
-        raise TemplateError("the template has no {{output:NAME}} placeholder", n)
+    _check_has_output(seen, n)
     unused = [name for name in parameters or () if name not in seen]
     if unused:
         raise TemplateError(f"parameter {unused[0]!r} does not appear in the template", n)
@@ -137,10 +161,12 @@ def _placeholder(body: str, position: int, parameters: Collection[str] | None) -
     return Placeholder(kind, name, position)  # type: ignore[arg-type]  # kind is checked above
 
 
-def _check_use(placeholder: Placeholder, seen: dict[str, Placeholder]) -> None:
-    """Outputs are generated in order: each name is either an input (any number of times) or one output."""
+def _note_use(placeholder: Placeholder, seen: dict[str, Placeholder]) -> None:
+    """Notes a placeholder in `seen` (the first of each name). Outputs are generated in order: each name is either
+    an input (any number of times) or one output."""
     first = seen.get(placeholder.name)
     if first is None:
+        seen[placeholder.name] = placeholder
         return
     name, position = placeholder.name, placeholder.position
     if placeholder.kind == "output" and first.kind == "output":
@@ -149,3 +175,8 @@ def _check_use(placeholder: Placeholder, seen: dict[str, Placeholder]) -> None:
         raise TemplateError(f"{name!r} is an input (at position {first.position}) and an output", position)
     if first.kind == "output":
         raise TemplateError(f"output {name!r} is used as an input", position)
+
+
+def _check_has_output(seen: dict[str, Placeholder], end: int) -> None:
+    if not any(p.kind == "output" for p in seen.values()):
+        raise TemplateError("the template has no {{output:NAME}} placeholder", end)

@@ -1,34 +1,26 @@
-"""What ParrotLLM and ChatParrot share: where the server is (a URL, or one started in this process), the
-sampling fields, the HTTP clients (httpx, sync and async), server-sent events and errors.
+"""What ParrotLLM and ChatParrot share: their fields (where the server is, sampling, the clients' options), the
+frontend clients their requests go through, and LangChain's hooks.
 
-Nothing here imports torch or the server: the in-process server is imported and started on the first request
-of a model that has no `base_url`, never when a class is constructed.
+Nothing here imports torch or the server: a model that has no `base_url` gets the frontend's in-process server
+of its model, started on its first request, never when a class is constructed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
-from collections.abc import AsyncIterator, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
-import httpx
 from langchain_core.language_models import LangSmithParams
 from langchain_core.utils import from_env, secret_from_env
 from pydantic import BaseModel, Field, PrivateAttr, SecretStr
 
-from parrot_lc.frontend.errors import (
-    ParrotConnectionError,
-    ParrotError,
-    RequestTimeoutError,
-    response_body,
-)
+from parrot_lc.frontend import AsyncParrotClient, Completion, ParrotClient
+from parrot_lc.frontend.client import DEFAULT_MAX_RETRIES
+from parrot_lc.frontend.inprocess import DEFAULT_MODEL, local_server
 
-__all__ = ["DEFAULT_MAX_TOKENS", "DEFAULT_MODEL", "ParrotParams"]
-
-DEFAULT_MODEL = "smollm2"
-"""The model run in this process when neither `base_url` nor `model` is given."""
+__all__ = ["DEFAULT_MAX_TOKENS", "ParrotParams", "StreamEnd"]
 
 DEFAULT_MAX_TOKENS = 256
 """Tokens generated when `max_tokens` is not set (always sent explicitly, so that every path of a class
@@ -79,7 +71,7 @@ class ParrotParams(BaseModel):
     timeout: float | None = 120.0
     """Seconds to wait for the server on each request (None: no limit)."""
 
-    max_retries: int = Field(default=2, ge=0)
+    max_retries: int = Field(default=DEFAULT_MAX_RETRIES, ge=0)
     """Times a request is retried when the connection to the server cannot be made."""
 
     streaming: bool = False
@@ -87,8 +79,8 @@ class ParrotParams(BaseModel):
     (`on_llm_new_token`). `stream` / `astream` always stream."""
 
     client_kwargs: dict[str, Any] = Field(default_factory=dict)
-    """Further options of both httpx clients (`httpx.Client` and `httpx.AsyncClient`), e.g. `verify` or
-    `headers`."""
+    """Further options of both clients (`ParrotClient` and `AsyncParrotClient`, which give them to `httpx.Client`
+    and `httpx.AsyncClient`), e.g. `verify` or `headers`."""
 
     sync_client_kwargs: dict[str, Any] = Field(default_factory=dict)
     """Options of the sync client only (over `client_kwargs`), e.g. `transport` or `event_hooks`."""
@@ -96,9 +88,8 @@ class ParrotParams(BaseModel):
     async_client_kwargs: dict[str, Any] = Field(default_factory=dict)
     """Options of the async clients only (over `client_kwargs`), e.g. `transport` or async `event_hooks`."""
 
-    _http: httpx.Client | None = PrivateAttr(default=None)
-    _http_url: str | None = PrivateAttr(default=None)
-    _http_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+    _clients: dict[str, ParrotClient] = PrivateAttr(default_factory=dict)
+    _clients_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
 
     # ---- where the server is -----------------------------------------------------------------------
 
@@ -116,97 +107,32 @@ class ParrotParams(BaseModel):
         return None if self.base_url else DEFAULT_MODEL
 
     def _server_url(self, model: str | None = None) -> str:
-        """The server's root URL: `base_url`, or the in-process server of the model (started if need be)."""
-        if self.base_url:
-            url = self.base_url.rstrip("/")
-            return url[: -len("/v1")] if url.endswith("/v1") else url
-        from parrot_lc.inprocess import local_server  # imports torch: only in in-process mode
+        """`base_url`, or the URL of the in-process server of the model (started if need be)."""
+        return self.base_url or local_server(self._model_name(model)).base_url
 
-        return local_server(self._model_name(model)).base_url
+    # ---- the frontend's clients ----------------------------------------------------------------------
 
-    async def _aserver_url(self, model: str | None = None) -> str:
-        if self.base_url:
-            return self._server_url(model)
-        return await asyncio.to_thread(self._server_url, model)  # loading a model must not block the loop
+    def parrot_client(self, model: str | None = None) -> ParrotClient:
+        """The frontend client this model's sync requests go through, to the server of `model` (a per-call
+        override, else the field's): made on first use and kept, for its connection pool; thread-safe. Also for
+        Parrot's own API beside LangChain's, e.g. `with llm.parrot_client().session() as session: ...`."""
+        url = self._server_url(model)
+        with self._clients_lock:
+            if url not in self._clients:
+                self._clients[url] = ParrotClient(url, **self._client_options(self.sync_client_kwargs))
+            return self._clients[url]
 
-    # ---- HTTP ---------------------------------------------------------------------------------------
+    async def _async_client(self, model: str | None = None) -> AsyncParrotClient:
+        """A new async client, to be used in `async with` (a kept one would be tied to one event loop)."""
+        url = self.base_url or await asyncio.to_thread(self._server_url, model)  # loading a model blocks
+        return AsyncParrotClient(url, **self._client_options(self.async_client_kwargs))
 
     def _client_options(self, specific: dict[str, Any]) -> dict[str, Any]:
-        options = {**self.client_kwargs, **specific}
-        headers = dict(options.pop("headers", None) or {})
-        if self.api_key is not None:
-            headers.setdefault("Authorization", f"Bearer {self.api_key.get_secret_value()}")
-        options.setdefault("timeout", self.timeout)
-        return {"headers": headers, **options}
+        options = {"timeout": self.timeout, **self.client_kwargs, **specific}
+        api_key = self.api_key.get_secret_value() if self.api_key is not None else None
+        return {"api_key": api_key, "max_retries": self.max_retries, **options}
 
-    def _client(self, url: str) -> httpx.Client:
-        """The sync client (made on first use, kept for its connection pool; thread-safe)."""
-        with self._http_lock:
-            if self._http is None or self._http_url != url:
-                options = self._client_options(self.sync_client_kwargs)
-                options.setdefault("transport", httpx.HTTPTransport(retries=self.max_retries))
-                self._http, self._http_url = httpx.Client(base_url=url, **options), url
-            return self._http
-
-    def _async_client(self, url: str) -> httpx.AsyncClient:
-        """A new async client, to be used in `async with` (a pooled one would be tied to one event loop)."""
-        options = self._client_options(self.async_client_kwargs)
-        options.setdefault("transport", httpx.AsyncHTTPTransport(retries=self.max_retries))
-        return httpx.AsyncClient(base_url=url, **options)
-
-    def _request(self, url: str, method: str, path: str, **kwargs: Any) -> Any:
-        try:
-            response = self._client(url).request(method, path, **kwargs)
-        except httpx.TransportError as exc:
-            raise transport_error(url, exc) from exc
-        return response_body(response)
-
-    @staticmethod
-    async def _arequest(client: httpx.AsyncClient, method: str, path: str, **kwargs: Any) -> Any:
-        try:
-            response = await client.request(method, path, **kwargs)
-        except httpx.TransportError as exc:
-            raise transport_error(str(client.base_url), exc) from exc
-        return response_body(response)
-
-    def _post(self, path: str, body: dict[str, Any], model: str | None = None) -> dict[str, Any]:
-        return self._request(self._server_url(model), "POST", path, json=body)
-
-    async def _apost(self, path: str, body: dict[str, Any], model: str | None = None) -> dict[str, Any]:
-        async with self._async_client(await self._aserver_url(model)) as client:
-            return await self._arequest(client, "POST", path, json=body)
-
-    def _post_events(self, path: str, body: dict[str, Any], model: str | None = None) -> Iterator[dict[str, Any]]:
-        """POSTs a streaming request and yields its server-sent events (parsed JSON) until `data: [DONE]`."""
-        url = self._server_url(model)
-        started = False
-        try:
-            with self._client(url).stream("POST", path, json=body) as response:
-                if response.is_error:
-                    response.read()
-                    response_body(response)
-                started = True
-                yield from sse_events(response.iter_lines())
-        except httpx.TransportError as exc:
-            raise transport_error(url, exc, started) from exc
-
-    async def _apost_events(
-        self, path: str, body: dict[str, Any], model: str | None = None
-    ) -> AsyncIterator[dict[str, Any]]:
-        url = await self._aserver_url(model)
-        started = False
-        try:
-            async with self._async_client(url) as client, client.stream("POST", path, json=body) as response:
-                if response.is_error:
-                    await response.aread()
-                    response_body(response)
-                started = True
-                async for event in asse_events(response.aiter_lines()):
-                    yield event
-        except httpx.TransportError as exc:
-            raise transport_error(url, exc, started) from exc
-
-    # ---- request bodies -----------------------------------------------------------------------------
+    # ---- what a call asks for ------------------------------------------------------------------------
 
     def _stops(self, stop: list[str] | None) -> list[str]:
         """The field's stop sequences and the call's, without repeats."""
@@ -224,13 +150,9 @@ class ParrotParams(BaseModel):
             sampling["stop"] = stops
         return sampling
 
-    def _openai_body(self, stop: list[str] | None, kwargs: dict[str, Any], *, stream: bool) -> dict[str, Any]:
-        model = self._requested_model(kwargs.get("model"))
-        body = {**({"model": model} if model else {}), **self._sampling(stop, kwargs)}
-        if stream:
-            body["stream"] = True
-            body["stream_options"] = {"include_usage": True}
-        return body
+    def _request_options(self, stop: list[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The keyword arguments of a completion or chat request of the frontend: the model and sampling."""
+        return {"model": self._requested_model(kwargs.get("model")), **self._sampling(stop, kwargs)}
 
     # ---- LangChain hooks ----------------------------------------------------------------------------
 
@@ -259,62 +181,16 @@ class ParrotParams(BaseModel):
         return params
 
 
-# ---- helpers ------------------------------------------------------------------------------------------
+@dataclass
+class StreamEnd:
+    """What a stream tells besides its text, noted from its pieces for its last chunk: why it stopped, the
+    model's name and the token usage."""
 
+    finish_reason: str | None = None
+    model: str | None = None
+    usage: dict[str, int] | None = None
 
-def transport_error(url: str, exc: httpx.TransportError, streaming: bool = False) -> ParrotError:
-    """The frontend's error for a failure of the connection (`streaming`: after a stream had begun)."""
-    if isinstance(exc, httpx.TimeoutException):
-        return RequestTimeoutError(f"no answer from the Parrot server at {url} within the timeout ({exc})")
-    if streaming:
-        return ParrotConnectionError(f"the response stream from the Parrot server at {url} broke off: {exc}")
-    return ParrotConnectionError(f"cannot reach the Parrot server at {url}: {exc}")
-
-
-_DONE: dict[str, Any] = {}
-
-
-def _event(line: str) -> dict[str, Any] | None:
-    """The JSON of one `data: {...}` line (None for other lines); `data: [DONE]` gives `_DONE`."""
-    if not line.startswith("data:"):
-        return None
-    data = line[len("data:"):].strip()
-    return _DONE if data == "[DONE]" else json.loads(data)
-
-
-def _unfinished() -> ParrotError:
-    return ParrotConnectionError("the server's event stream ended before `data: [DONE]`")
-
-
-def sse_events(lines: Iterable[str]) -> Iterator[dict[str, Any]]:
-    for line in lines:
-        event = _event(line)
-        if event is _DONE:
-            return
-        if event is not None:
-            yield event
-    raise _unfinished()
-
-
-async def asse_events(lines: AsyncIterator[str]) -> AsyncIterator[dict[str, Any]]:
-    async for line in lines:
-        event = _event(line)
-        if event is _DONE:
-            return
-        if event is not None:
-            yield event
-    raise _unfinished()
-
-
-def usage_of(body: dict[str, Any]) -> dict[str, int] | None:
-    """The OpenAI `usage` object of a response or event, as plain ints."""
-    usage = body.get("usage")
-    if not isinstance(usage, dict):
-        return None
-    return {k: int(usage[k]) for k in ("prompt_tokens", "completion_tokens", "total_tokens") if k in usage}
-
-
-def new_variables_body(count: int) -> dict[str, Any]:
-    """The body of `POST /api/sessions/{id}/variables:batchCreate` that makes `count` unset variables (the outputs
-    of a graph's calls) in one request."""
-    return {"variables": [{} for _ in range(count)]}
+    def note(self, piece: Completion) -> None:
+        self.finish_reason = piece.finish_reason or self.finish_reason
+        self.model = self.model or piece.model
+        self.usage = piece.usage or self.usage

@@ -20,7 +20,8 @@ from langchain_core.messages import (
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 
-from parrot_lc.integrations.langchain._base import ParrotParams, usage_of
+from parrot_lc.frontend import Completion, MessageDict
+from parrot_lc.integrations.langchain._base import ParrotParams, StreamEnd
 
 _ROLES = {"system", "developer", "user", "assistant", "tool"}
 _NON_TEXT_PARTS = {"image", "image_url", "input_image", "audio", "input_audio", "file", "video", "document"}
@@ -31,10 +32,10 @@ __all__ = ["ChatParrot"]
 class ChatParrot(ParrotParams, BaseChatModel):
     """A chat model on a Parrot server (`parrot-lc serve`), or on a server in this process.
 
-    Messages go to the server's OpenAI-compatible `/v1/chat/completions`, which renders them with the
-    model's chat template; chats that share their system messages share that prefix's KV cache on the
-    server. Text only: no tool calling, structured output or images (a message with an image, audio or file
-    part raises ValueError).
+    Messages go through the frontend's clients (`parrot_client()`: `chat`, `stream_chat`) to the server's
+    OpenAI-compatible `/v1/chat/completions`, which renders them with the model's chat template; chats that share
+    their system messages share that prefix's KV cache on the server. Text only: no tool calling, structured
+    output or images (a message with an image, audio or file part raises ValueError).
 
     Each reply carries `usage_metadata` (`input_tokens`, `output_tokens`, `total_tokens`) and
     `response_metadata` (`finish_reason`: `"stop"` or `"length"`, `model_name`); streamed, they come with the
@@ -58,10 +59,6 @@ class ChatParrot(ParrotParams, BaseChatModel):
     def _llm_type(self) -> str:
         return "parrot-chat"
 
-    def _chat_body(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any], *,
-                   stream: bool) -> dict[str, Any]:
-        return {"messages": [_to_openai(m) for m in messages], **self._openai_body(stop, kwargs, stream=stream)}
-
     # ---- whole replies ------------------------------------------------------------------------------
 
     def _generate(
@@ -71,8 +68,8 @@ class ChatParrot(ParrotParams, BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        body = self._chat_body(messages, stop, kwargs, stream=False)
-        return _chat_result(self._post("/v1/chat/completions", body, kwargs.get("model")))
+        client = self.parrot_client(kwargs.get("model"))
+        return _chat_result(client.chat(_chat_messages(messages), **self._request_options(stop, kwargs)))
 
     async def _agenerate(
         self,
@@ -81,8 +78,8 @@ class ChatParrot(ParrotParams, BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        body = self._chat_body(messages, stop, kwargs, stream=False)
-        return _chat_result(await self._apost("/v1/chat/completions", body, kwargs.get("model")))
+        async with await self._async_client(kwargs.get("model")) as client:
+            return _chat_result(await client.chat(_chat_messages(messages), **self._request_options(stop, kwargs)))
 
     # ---- streamed replies ---------------------------------------------------------------------------
 
@@ -93,15 +90,16 @@ class ChatParrot(ParrotParams, BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
-        state: dict[str, Any] = {}
-        body = self._chat_body(messages, stop, kwargs, stream=True)
-        for event in self._post_events("/v1/chat/completions", body, kwargs.get("model")):
-            chunk = _text_chunk(event, state)
-            if chunk is not None:
+        end = StreamEnd()
+        client = self.parrot_client(kwargs.get("model"))
+        for piece in client.stream_chat(_chat_messages(messages), **self._request_options(stop, kwargs)):
+            end.note(piece)
+            if piece.text:
+                chunk = ChatGenerationChunk(message=AIMessageChunk(content=piece.text))
                 if run_manager:
                     run_manager.on_llm_new_token(chunk.text, chunk=chunk)
                 yield chunk
-        chunk = _last_chunk(state)
+        chunk = _last_chunk(end)
         if run_manager:
             run_manager.on_llm_new_token(chunk.text, chunk=chunk)
         yield chunk
@@ -113,15 +111,17 @@ class ChatParrot(ParrotParams, BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
-        state: dict[str, Any] = {}
-        body = self._chat_body(messages, stop, kwargs, stream=True)
-        async for event in self._apost_events("/v1/chat/completions", body, kwargs.get("model")):
-            chunk = _text_chunk(event, state)
-            if chunk is not None:
-                if run_manager:
-                    await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
-                yield chunk
-        chunk = _last_chunk(state)
+        end = StreamEnd()
+        async with await self._async_client(kwargs.get("model")) as client:
+            pieces = client.stream_chat(_chat_messages(messages), **self._request_options(stop, kwargs))
+            async for piece in pieces:
+                end.note(piece)
+                if piece.text:
+                    chunk = ChatGenerationChunk(message=AIMessageChunk(content=piece.text))
+                    if run_manager:
+                        await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+                    yield chunk
+        chunk = _last_chunk(end)
         if run_manager:
             await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
         yield chunk
@@ -165,8 +165,9 @@ def _text(content: str | Sequence[Any]) -> str:
     return "".join(texts)
 
 
-def _to_openai(message: BaseMessage) -> dict[str, Any]:
-    return {"role": _role(message), "content": _text(message.content)}
+def _chat_messages(messages: list[BaseMessage]) -> list[MessageDict]:
+    """LangChain's messages as the frontend's chat takes them."""
+    return [{"role": _role(message), "content": _text(message.content)} for message in messages]
 
 
 def _usage_metadata(usage: dict[str, int] | None) -> UsageMetadata | None:
@@ -177,37 +178,16 @@ def _usage_metadata(usage: dict[str, int] | None) -> UsageMetadata | None:
                          total_tokens=usage.get("total_tokens", input_tokens + output_tokens))
 
 
-def _chat_result(body: dict[str, Any]) -> ChatResult:
-    choice = body["choices"][0]
-    usage = usage_of(body)
-    metadata = {"finish_reason": choice.get("finish_reason"), "model_name": body.get("model"),
-                "model_provider": "parrot"}
-    message = AIMessage(content=(choice.get("message") or {}).get("content") or "",
-                        usage_metadata=_usage_metadata(usage), response_metadata=metadata)
-    generation = ChatGeneration(message=message, generation_info={"finish_reason": choice.get("finish_reason")})
-    return ChatResult(generations=[generation], llm_output={"token_usage": usage, "model_name": body.get("model")})
+def _chat_result(reply: Completion) -> ChatResult:
+    metadata = {"finish_reason": reply.finish_reason, "model_name": reply.model, "model_provider": "parrot"}
+    message = AIMessage(content=reply.text, usage_metadata=_usage_metadata(reply.usage), response_metadata=metadata)
+    generation = ChatGeneration(message=message, generation_info={"finish_reason": reply.finish_reason})
+    return ChatResult(generations=[generation], llm_output={"token_usage": reply.usage, "model_name": reply.model})
 
 
-def _text_chunk(event: dict[str, Any], state: dict[str, Any]) -> ChatGenerationChunk | None:
-    """The chunk of one streamed event (None if it has no text); notes the finish reason and usage."""
-    usage = usage_of(event)
-    if usage is not None:
-        state["usage"] = usage
-    if event.get("model"):
-        state.setdefault("model_name", event["model"])
-    for choice in event.get("choices") or []:
-        if choice.get("finish_reason"):
-            state["finish_reason"] = choice["finish_reason"]
-        text = (choice.get("delta") or {}).get("content")
-        if text:
-            return ChatGenerationChunk(message=AIMessageChunk(content=text))
-    return None
-
-
-def _last_chunk(state: dict[str, Any]) -> ChatGenerationChunk:
+def _last_chunk(end: StreamEnd) -> ChatGenerationChunk:
     """The last chunk: no text; usage, finish reason and model name (set on this chunk only)."""
-    metadata = {"finish_reason": state.get("finish_reason"), "model_name": state.get("model_name"),
-                "model_provider": "parrot"}
-    message = AIMessageChunk(content="", usage_metadata=_usage_metadata(state.get("usage")),
-                             response_metadata=metadata, chunk_position="last")
-    return ChatGenerationChunk(message=message, generation_info={"finish_reason": state.get("finish_reason")})
+    metadata = {"finish_reason": end.finish_reason, "model_name": end.model, "model_provider": "parrot"}
+    message = AIMessageChunk(content="", usage_metadata=_usage_metadata(end.usage), response_metadata=metadata,
+                             chunk_position="last")
+    return ChatGenerationChunk(message=message, generation_info={"finish_reason": end.finish_reason})

@@ -18,16 +18,18 @@ from __future__ import annotations
 
 import contextvars
 import logging
-import os
 import re
 import threading
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from langchain_core.output_parsers import BaseOutputParser, StrOutputParser
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableLambda
 
-from parrot_lc.integrations.langchain._base import new_variables_body
+from parrot_lc.frontend import SemanticVariable, Session
+from parrot_lc.integrations.langchain._base import ParrotParams
+from parrot_lc.integrations.langchain._graph import Prompt, add_calls
 
 __all__ = ["deferred"]
 
@@ -42,8 +44,9 @@ class ValueNeeded(BaseException):
     `except Exception` does not swallow it)."""
 
 
-class Placeholder(str):
-    """A marker that refuses to be read: reading it raises ValueNeeded (joins and formats still copy it)."""
+class MarkedText(str):
+    """Text holding markers, that refuses to be read: reading it raises ValueNeeded (joins and formats still copy
+    it)."""
 
     def _refuse(self, *args: Any, **kwargs: Any) -> Any:
         raise ValueNeeded(str(self))
@@ -56,83 +59,50 @@ class Placeholder(str):
 
 
 @dataclass
-class TracedCall:
-    """One LLM call seen while tracing: its prompt (markers for other calls' outputs) and its settings."""
-
-    llm: Any  # the ParrotLLM
-    prompt: str
-    sampling: dict[str, Any]
-    shared_prefix: int = 0  # characters of the prompt shared with the other calls of its batch
-    var_id: str | None = None
-
-
-@dataclass
 class Trace:
-    """The calls of one deferred run and the server session that runs them."""
+    """The calls of one deferred run: the outputs of the LLM calls, in a frontend session whose graph block lasts
+    the run (a call is submitted with the others when a value is first needed, or at the end)."""
 
-    calls: list[TracedCall] = field(default_factory=list)
+    outputs: list[SemanticVariable] = field(default_factory=list)
     values: dict[int, str] = field(default_factory=dict)
     lock: threading.RLock = field(default_factory=threading.RLock)
-    url: str | None = None
-    session: dict[str, str] | None = None
-    submitted: int = 0
+    session: Session | None = None
+    graph: list[dict[str, Any]] | None = None
+    """The calls as the server saw them, once the run has ended (None if nothing ran)."""
     waited: bool = False
+    _blocks: ExitStack = field(default_factory=ExitStack)
 
-    def add(self, llm: Any, prompts: list[str], sampling: dict[str, Any]) -> list[Placeholder]:
-        """Records the calls of one invoke or batch; returns their placeholders."""
-        prefix = len(os.path.commonprefix(prompts)) if len(prompts) > 1 else 0
+    def add(self, llm: ParrotParams, prompts: list[str], sampling: dict[str, Any]) -> list[MarkedText]:
+        """Adds the calls of one invoke or batch of a ParrotLLM to the graph (in a session of the first LLM's
+        server); returns their markers."""
         with self.lock:
-            start = len(self.calls)
-            self.calls += [TracedCall(llm, p, sampling, prefix) for p in prompts]
-        return [Placeholder(f"{_MARK}sv{start + i}{_MARK}") for i in range(len(prompts))]
+            if self.session is None:
+                self.session = llm.parrot_client().session()
+                self._blocks.enter_context(self.session.graph())
+            start = len(self.outputs)
+            self.outputs += add_calls(self.session, [self._prompt(p) for p in prompts], sampling)
+        return [MarkedText(f"{_MARK}sv{start + i}{_MARK}") for i in range(len(prompts))]
 
-    # ---- on the server ------------------------------------------------------------------------------
-
-    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
-        headers = {"X-Session-Token": self.session["session_token"]} if self.session else {}
-        return self.calls[0].llm._request(self.url, method, path, headers=headers, **kwargs)
-
-    def _path(self, *parts: str) -> str:
-        return "/".join(("/api/sessions", self.session["session_id"], *parts))
+    def _prompt(self, text: str) -> Prompt:
+        """The prompt's text, with the output of an earlier call where its marker stands."""
+        prompt: list[str | SemanticVariable] = []
+        position = 0
+        for match in _MARKER.finditer(text):
+            prompt += [text[position:match.start()], self.outputs[int(match.group(1))]]
+            position = match.end()
+        return [*prompt, text[position:]]
 
     def submit(self) -> None:
-        """Sends the calls recorded since the last submission, as one graph."""
+        """Sends the calls not yet sent, as one graph."""
         with self.lock:
-            new = self.calls[self.submitted:]
-            if not new:
-                return
-            if self.session is None:
-                self.url = new[0].llm._server_url()
-                self.session = self._request("POST", "/api/sessions")
-            made = self._request("POST", self._path("variables:batchCreate"), json=new_variables_body(len(new)))
-            for call, variable in zip(new, made["variables"]):
-                call.var_id = variable["var_id"]
-            self._request("POST", self._path("calls"), json={"calls": [self._template(c) for c in new]})
-            self.submitted = len(self.calls)
-
-    def _template(self, call: TracedCall) -> dict[str, Any]:
-        pieces: list[dict[str, Any]] = []
-        position = 0
-        for match in _MARKER.finditer(call.prompt):
-            if match.start() > position:
-                pieces.append({"text": call.prompt[position:match.start()]})
-            pieces.append({"input": self.calls[int(match.group(1))].var_id})
-            position = match.end()
-        if position < len(call.prompt):
-            pieces.append({"text": call.prompt[position:]})
-        first = pieces[0].get("text") if pieces else None
-        if first is not None and 0 < call.shared_prefix < len(first):
-            # The batch's common prefix as a piece of its own: the server fills it once and forks every call.
-            pieces[:1] = [{"text": first[:call.shared_prefix]}, {"text": first[call.shared_prefix:]}]
-        pieces.append({"output": call.var_id, "sampling": call.sampling})
-        return {"template": pieces}
+            if self.session is not None:
+                self.session.flush()
 
     def value(self, index: int) -> str:
         with self.lock:
             if index not in self.values:
-                self.submit()
-                reply = self._request("GET", self._path("variables", self.calls[index].var_id))
-                self.values[index] = reply["value"]
+                self.submit()  # all the calls known so far: the server runs them while this one waits
+                self.values[index] = self.outputs[index].get()
             return self.values[index]
 
     def resolve(self, data: Any) -> Any:
@@ -150,23 +120,29 @@ class Trace:
             self.waited = True
             log.info("deferred run: %s needs real values; it waits for them and the run goes on", step)
 
-    def close(self) -> dict[str, Any] | None:
-        """Deletes the server session; returns the graph it ran as the server saw it (None if nothing ran)."""
+    def __enter__(self) -> Trace:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        """Ends the graph block (a run that raised drops the calls not yet sent), keeps the graph as the server
+        saw it, and deletes the session."""
         if self.session is None:
-            return None
-        graph = self._request("GET", self._path())["graph"]
-        self._request("DELETE", self._path())
-        return graph
+            return
+        try:
+            self._blocks.__exit__(*exc_info)
+            self.graph = self.session.status()["graph"]
+        finally:
+            self.session.close()
 
 
-def _as_placeholders(data: Any) -> Any:
-    """Strings that hold markers become Placeholders, so that reading them is noticed."""
+def _as_marked_text(data: Any) -> Any:
+    """Strings that hold markers become MarkedText, so that reading them is noticed."""
     if isinstance(data, str) and _MARKER.search(data):
-        return Placeholder(data)
+        return MarkedText(data)
     if isinstance(data, (list, tuple)):
-        return type(data)(_as_placeholders(item) for item in data)
+        return type(data)(_as_marked_text(item) for item in data)
     if isinstance(data, dict):
-        return {key: _as_placeholders(item) for key, item in data.items()}
+        return {key: _as_marked_text(item) for key, item in data.items()}
     return data
 
 
@@ -180,7 +156,7 @@ def _deferred_lambda_invoke(self: RunnableLambda, input: Any, config: RunnableCo
     if trace is None:
         return _lambda_invoke(self, input, config, **kwargs)
     try:
-        return _lambda_invoke(self, _as_placeholders(input), config, **kwargs)
+        return _lambda_invoke(self, _as_marked_text(input), config, **kwargs)
     except ValueNeeded:
         trace.note_wait(f"RunnableLambda {self.get_name()}")
         return _lambda_invoke(self, trace.resolve(input), config, **kwargs)
@@ -225,12 +201,13 @@ class DeferredRunnable(Runnable):
         trace = Trace()
         token = _TRACE.set(trace)
         try:
-            output = self.chain.invoke(input, config, **kwargs)
-            trace.submit()
-            return trace.resolve(output)
+            with trace:
+                output = self.chain.invoke(input, config, **kwargs)
+                trace.submit()
+                return trace.resolve(output)
         finally:
             _TRACE.reset(token)
-            self.last_graph = trace.close()
+            self.last_graph = trace.graph
 
 
 def deferred(chain: Runnable) -> Runnable:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -11,7 +10,9 @@ from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackMana
 from langchain_core.language_models import BaseLLM
 from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 
-from parrot_lc.integrations.langchain._base import ParrotParams, new_variables_body, usage_of
+from parrot_lc.frontend import Completion
+from parrot_lc.integrations.langchain._base import ParrotParams, StreamEnd
+from parrot_lc.integrations.langchain._graph import add_calls
 from parrot_lc.integrations.langchain.deferred import current_trace
 
 __all__ = ["ParrotLLM"]
@@ -20,12 +21,12 @@ __all__ = ["ParrotLLM"]
 class ParrotLLM(ParrotParams, BaseLLM):
     """A text-completion LLM on a Parrot server (`parrot-lc serve`), or on a server in this process.
 
-    Single prompts go to the server's OpenAI-compatible `/v1/completions` (streamed by server-sent events for
-    `stream` / `astream`). A batch of several prompts (`batch`, `abatch`, `generate`) goes to the Parrot API as
-    one graph, in one session: the prompts' longest common prefix is the first piece of every call's template,
-    so the server fills it once and forks every call from it. Greedy results (temperature 0) are the same as
-    invoking each prompt alone. Batched results carry no token usage and no finish reason, and are not streamed
-    (`streaming=True` applies to single prompts).
+    Requests go through the frontend's clients (`parrot_client()`). A single prompt is a completion of the server's
+    OpenAI-compatible API (`complete`, `stream_complete`). A batch of several prompts (`batch`, `abatch`,
+    `generate`) is one graph of semantic-function calls in a frontend session: the prompts' longest common prefix
+    is the first piece of every call's template, so the server fills it once and forks every call from it. Greedy
+    results (temperature 0) are the same as invoking each prompt alone. Batched results carry no token usage and
+    no finish reason, and are not streamed (`streaming=True` applies to single prompts).
 
     Token usage of a single prompt is in `LLMResult.llm_output["token_usage"]` (`prompt_tokens`,
     `completion_tokens`, `total_tokens`); its finish reason (`"stop"` or `"length"`) in
@@ -68,19 +69,19 @@ class ParrotLLM(ParrotParams, BaseLLM):
         prompts = [self._convert_input(i).to_string() for i in inputs]
         return trace.add(self, prompts, self._sampling(kwargs.pop("stop", None), kwargs))
 
-    # ---- one prompt: /v1/completions -----------------------------------------------------------------
-
-    def _completion_body(self, prompt: str, stop: list[str] | None, kwargs: dict[str, Any], *,
-                         stream: bool) -> dict[str, Any]:
-        return {"prompt": prompt, **self._openai_body(stop, kwargs, stream=stream)}
+    # ---- one prompt: a completion ----------------------------------------------------------------------
 
     @staticmethod
-    def _result(body: dict[str, Any]) -> LLMResult:
-        choice = body["choices"][0]
-        info = {"finish_reason": choice.get("finish_reason"), "model_name": body.get("model")}
-        generation = Generation(text=choice["text"], generation_info=info)
-        return LLMResult(generations=[[generation]],
-                         llm_output={"token_usage": usage_of(body), "model_name": body.get("model")})
+    def _result(completion: Completion) -> LLMResult:
+        info = {"finish_reason": completion.finish_reason, "model_name": completion.model}
+        return LLMResult(generations=[[Generation(text=completion.text, generation_info=info)]],
+                         llm_output={"token_usage": completion.usage, "model_name": completion.model})
+
+    @staticmethod
+    def _last_chunk(end: StreamEnd) -> GenerationChunk:
+        """The last chunk: no text, the finish reason, model name and token usage in `generation_info`."""
+        info = {"finish_reason": end.finish_reason, "model_name": end.model, "token_usage": end.usage}
+        return GenerationChunk(text="", generation_info=info)
 
     @staticmethod
     def _streamed_result(chunk: GenerationChunk | None) -> LLMResult:
@@ -92,25 +93,6 @@ class ParrotLLM(ParrotParams, BaseLLM):
         return LLMResult(generations=[[generation]],
                          llm_output={"token_usage": usage, "model_name": info.get("model_name")})
 
-    @staticmethod
-    def _chunk(event: dict[str, Any], state: dict[str, Any]) -> GenerationChunk | None:
-        """The text chunk of one streamed event (None if it has no text); notes the finish and usage."""
-        if usage_of(event) is not None:
-            state["token_usage"] = usage_of(event)
-        state.setdefault("model_name", event.get("model"))
-        for choice in event.get("choices") or []:
-            if choice.get("finish_reason"):
-                state["finish_reason"] = choice["finish_reason"]
-            if choice.get("text"):
-                return GenerationChunk(text=choice["text"])
-        return None
-
-    @staticmethod
-    def _final_chunk(state: dict[str, Any]) -> GenerationChunk:
-        """The last chunk: no text, the finish reason, model name and token usage in `generation_info`."""
-        info = {k: state.get(k) for k in ("finish_reason", "model_name", "token_usage")}
-        return GenerationChunk(text="", generation_info=info)
-
     def _stream(
         self,
         prompt: str,
@@ -118,15 +100,16 @@ class ParrotLLM(ParrotParams, BaseLLM):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[GenerationChunk]:
-        state: dict[str, Any] = {}
-        body = self._completion_body(prompt, stop, kwargs, stream=True)
-        for event in self._post_events("/v1/completions", body, kwargs.get("model")):
-            chunk = self._chunk(event, state)
-            if chunk is not None:
+        end = StreamEnd()
+        client = self.parrot_client(kwargs.get("model"))
+        for piece in client.stream_complete(prompt, **self._request_options(stop, kwargs)):
+            end.note(piece)
+            if piece.text:
+                chunk = GenerationChunk(text=piece.text)
                 if run_manager:
                     run_manager.on_llm_new_token(chunk.text, chunk=chunk, verbose=self.verbose)
                 yield chunk
-        chunk = self._final_chunk(state)
+        chunk = self._last_chunk(end)
         if run_manager:
             run_manager.on_llm_new_token(chunk.text, chunk=chunk, verbose=self.verbose)
         yield chunk
@@ -138,15 +121,16 @@ class ParrotLLM(ParrotParams, BaseLLM):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[GenerationChunk]:
-        state: dict[str, Any] = {}
-        body = self._completion_body(prompt, stop, kwargs, stream=True)
-        async for event in self._apost_events("/v1/completions", body, kwargs.get("model")):
-            chunk = self._chunk(event, state)
-            if chunk is not None:
-                if run_manager:
-                    await run_manager.on_llm_new_token(chunk.text, chunk=chunk, verbose=self.verbose)
-                yield chunk
-        chunk = self._final_chunk(state)
+        end = StreamEnd()
+        async with await self._async_client(kwargs.get("model")) as client:
+            async for piece in client.stream_complete(prompt, **self._request_options(stop, kwargs)):
+                end.note(piece)
+                if piece.text:
+                    chunk = GenerationChunk(text=piece.text)
+                    if run_manager:
+                        await run_manager.on_llm_new_token(chunk.text, chunk=chunk, verbose=self.verbose)
+                    yield chunk
+        chunk = self._last_chunk(end)
         if run_manager:
             await run_manager.on_llm_new_token(chunk.text, chunk=chunk, verbose=self.verbose)
         yield chunk
@@ -165,8 +149,8 @@ class ParrotLLM(ParrotParams, BaseLLM):
             for chunk in self._stream(prompts[0], stop, run_manager, **kwargs):
                 aggregate = chunk if aggregate is None else aggregate + chunk
             return self._streamed_result(aggregate)
-        body = self._completion_body(prompts[0], stop, kwargs, stream=False)
-        return self._result(self._post("/v1/completions", body, kwargs.get("model")))
+        client = self.parrot_client(kwargs.get("model"))
+        return self._result(client.complete(prompts[0], **self._request_options(stop, kwargs)))
 
     async def _agenerate(
         self,
@@ -182,69 +166,25 @@ class ParrotLLM(ParrotParams, BaseLLM):
             async for chunk in self._astream(prompts[0], stop, run_manager, **kwargs):
                 aggregate = chunk if aggregate is None else aggregate + chunk
             return self._streamed_result(aggregate)
-        body = self._completion_body(prompts[0], stop, kwargs, stream=False)
-        return self._result(await self._apost("/v1/completions", body, kwargs.get("model")))
+        async with await self._async_client(kwargs.get("model")) as client:
+            return self._result(await client.complete(prompts[0], **self._request_options(stop, kwargs)))
 
-    # ---- several prompts: one graph on the Parrot API -------------------------------------------------
-
-    def _graph_calls(self, prompts: list[str], var_ids: list[str], stop: list[str] | None,
-                     kwargs: dict[str, Any]) -> dict[str, Any]:
-        """One call per prompt; each template starts with the prompts' longest common prefix (the piece the
-        server shares between calls), then the rest of its prompt, then its output variable."""
-        sampling = self._sampling(stop, kwargs)
-        prefix = os.path.commonprefix(prompts)
-        calls = []
-        for prompt, var_id in zip(prompts, var_ids):
-            template: list[dict[str, Any]] = [{"text": prefix}] if prefix else []
-            if len(prompt) > len(prefix):
-                template.append({"text": prompt[len(prefix):]})
-            template.append({"output": var_id, "sampling": sampling})
-            calls.append({"template": template})
-        return {"calls": calls}
+    # ---- several prompts: one graph in a frontend session ---------------------------------------------
 
     def _generate_graph(self, prompts: list[str], stop: list[str] | None, kwargs: dict[str, Any]) -> LLMResult:
-        url = self._server_url(kwargs.get("model"))
-        session = self._request(url, "POST", "/api/sessions")
-        path = f"/api/sessions/{session['session_id']}"
-        headers = {"X-Session-Token": session["session_token"]}
-        try:
-            made = self._request(url, "POST", f"{path}/variables:batchCreate", json=new_variables_body(len(prompts)),
-                                 headers=headers)
-            var_ids = [v["var_id"] for v in made["variables"]]
-            self._request(url, "POST", f"{path}/calls", json=self._graph_calls(prompts, var_ids, stop, kwargs),
-                          headers=headers)
+        with self.parrot_client(kwargs.get("model")).session() as session:
+            with session.graph():
+                outputs = add_calls(session, [[prompt] for prompt in prompts], self._sampling(stop, kwargs))
             # Every call runs on the server from the submission on; the fetches only wait for the values.
-            texts = [self._request(url, "GET", f"{path}/variables/{v}", headers=headers)["value"] for v in var_ids]
-        finally:
-            self._delete_session(url, path, headers)
-        return LLMResult(generations=[[Generation(text=text)] for text in texts],
-                         llm_output={"model_name": self._model_name(kwargs.get("model"))})
-
-    def _delete_session(self, url: str, path: str, headers: dict[str, str]) -> None:
-        try:
-            self._request(url, "DELETE", path, headers=headers)
-        except Exception:  # noqa: BLE001 - cleanup only: the request's own error (if any) is what matters
-            pass
+            return self._graph_result([output.get() for output in outputs], kwargs)
 
     async def _agenerate_graph(self, prompts: list[str], stop: list[str] | None,
                                kwargs: dict[str, Any]) -> LLMResult:
-        url = await self._aserver_url(kwargs.get("model"))
-        async with self._async_client(url) as client:
-            session = await self._arequest(client, "POST", "/api/sessions")
-            path = f"/api/sessions/{session['session_id']}"
-            headers = {"X-Session-Token": session["session_token"]}
-            try:
-                made = await self._arequest(client, "POST", f"{path}/variables:batchCreate",
-                                            json=new_variables_body(len(prompts)), headers=headers)
-                var_ids = [v["var_id"] for v in made["variables"]]
-                await self._arequest(client, "POST", f"{path}/calls",
-                                     json=self._graph_calls(prompts, var_ids, stop, kwargs), headers=headers)
-                values = await asyncio.gather(*(
-                    self._arequest(client, "GET", f"{path}/variables/{v}", headers=headers) for v in var_ids))
-            finally:
-                try:
-                    await self._arequest(client, "DELETE", path, headers=headers)
-                except Exception:  # noqa: BLE001 - cleanup only
-                    pass
-        return LLMResult(generations=[[Generation(text=body["value"])] for body in values],
+        async with await self._async_client(kwargs.get("model")) as client, client.session() as session:
+            async with session.graph():
+                outputs = add_calls(session, [[prompt] for prompt in prompts], self._sampling(stop, kwargs))
+            return self._graph_result(await asyncio.gather(*(output.aget() for output in outputs)), kwargs)
+
+    def _graph_result(self, texts: list[str], kwargs: dict[str, Any]) -> LLMResult:
+        return LLMResult(generations=[[Generation(text=text)] for text in texts],
                          llm_output={"model_name": self._model_name(kwargs.get("model"))})

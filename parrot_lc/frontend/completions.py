@@ -1,0 +1,83 @@
+"""Completions and chat replies of the server's OpenAI-compatible API (`/v1/completions`, `/v1/chat/completions`):
+their requests, written once for both clients, and their replies and stream pieces, read into `Completion`s.
+
+A request's options are fields of its body as the OpenAI API names them (`max_tokens`, `temperature`, `top_p`,
+`seed`, `stop`...): the server checks them and refuses what it does not implement, naming the field (400).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from parrot_lc.frontend.api import ApiRequest, Steps
+
+MessageDict = dict[str, str]
+"""A chat message as the OpenAI API writes it: `{"role": "system" | "developer" | "user" | "assistant" | "tool",
+"content": text}`."""
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A completion or a chat reply, or one piece of its stream (then `text` is what the piece adds). Where the
+    reply or the piece tells them: why generation stopped (`"stop"`: a stop sequence or the end of the text;
+    `"length"`: `max_tokens`), the model's name, and the token usage (`prompt_tokens`, `completion_tokens`,
+    `total_tokens`), which a stream gives in its last piece."""
+
+    text: str
+    finish_reason: str | None = None
+    model: str | None = None
+    usage: dict[str, int] | None = None
+
+
+def completion_request(prompt: str, model: str | None, options: dict[str, Any], *, stream: bool = False) -> ApiRequest:
+    return _request("/v1/completions", {"prompt": prompt}, model, options, stream)
+
+
+def chat_request(messages: list[MessageDict], model: str | None, options: dict[str, Any], *,
+                 stream: bool = False) -> ApiRequest:
+    return _request("/v1/chat/completions", {"messages": messages}, model, options, stream)
+
+
+def _request(path: str, body: dict[str, Any], model: str | None, options: dict[str, Any], stream: bool) -> ApiRequest:
+    """`model` None names none: the server answers with the model it serves."""
+    if model:
+        body["model"] = model
+    body.update(options)
+    if stream:
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}  # the token usage, in the stream's last piece
+    return ApiRequest("POST", path, json=body)
+
+
+def reply_steps(request: ApiRequest, read: Callable[[dict[str, Any]], Completion]) -> Steps[Completion]:
+    [body] = yield [request]
+    return read(body)
+
+
+def completion_of(body: dict[str, Any]) -> Completion:
+    """A completion, or a piece of its stream."""
+    return _completion(body, lambda choice: choice.get("text"))
+
+
+def chat_reply_of(body: dict[str, Any]) -> Completion:
+    return _completion(body, lambda choice: (choice.get("message") or {}).get("content"))
+
+
+def chat_piece_of(event: dict[str, Any]) -> Completion:
+    """A piece of a chat reply's stream."""
+    return _completion(event, lambda choice: (choice.get("delta") or {}).get("content"))
+
+
+def _completion(body: dict[str, Any], text: Callable[[dict[str, Any]], str | None]) -> Completion:
+    choices = body.get("choices") or [{}]  # a stream's usage piece has none
+    return Completion(text=text(choices[0]) or "", finish_reason=choices[0].get("finish_reason"),
+                      model=body.get("model"), usage=_usage(body))
+
+
+def _usage(body: dict[str, Any]) -> dict[str, int] | None:
+    usage = body.get("usage")
+    if not isinstance(usage, dict):
+        return None
+    return {k: int(usage[k]) for k in ("prompt_tokens", "completion_tokens", "total_tokens") if k in usage}

@@ -350,18 +350,25 @@ def model_dir(args: argparse.Namespace, work: Path) -> str:
     return str(work)
 
 
-def run_mode(args: argparse.Namespace, parrot: bool) -> dict[str, Any]:
+# A server mode: whether it serves applications (graphs, prefix sharing, objectives) and caches prefixes by content
+# (what vLLM and SGLang do for every request by default). `baseline_apc` is request-level serving as a vLLM user
+# runs it today; `baseline`, without prefix caching, the baseline of the earlier runs.
+MODES = {"parrot": (True, True), "baseline": (False, False), "baseline_apc": (False, True)}
+
+
+def run_mode(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     """Starts a server in one mode and runs every workload against it (in this process)."""
     scale = SCALES[args.scale]
+    parrot, prefix_caching = MODES[mode]
     with tempfile.TemporaryDirectory() as work:
         model = model_dir(args, Path(work))
         flags = ["--model", model, "--device", args.device, "--app-centric", str(parrot),
+                 "--prefix-caching", str(prefix_caching),
                  "--max-num-batched-tokens", str(args.max_num_batched_tokens), "--engine-processes", "true"]
         if args.model == "llama2-7b-dummy":
             flags += ["--load-format", "dummy"]
         if args.kv_cache_gib:
             flags += ["--kv-cache-bytes", str(args.kv_cache_gib * 2**30)]
-        mode = "parrot" if parrot else "baseline"
         if args.step_logs:
             args.step_logs.mkdir(parents=True, exist_ok=True)
             flags += ["--step-log", str(args.step_logs / f"{mode}.jsonl")]
@@ -477,9 +484,11 @@ def merge_results(results: list[dict[str, Any]]) -> dict[str, Any]:
     """Results files of separate runs (on one device and model) as one, each workload from the last run of it."""
     if len({(r["device"], r["model"], json.dumps(r["scale"], sort_keys=True)) for r in results}) > 1:
         sys.exit("the results were measured on different devices, models or scales: they do not make one table")
-    merged = {**results[0], "workloads": {}}
+    merged = {**results[0], "workloads": {}, "against": {}}
     for result in results:
         merged["workloads"].update(result["workloads"])
+        for mode, workloads in result.get("against", {}).items():
+            merged["against"].setdefault(mode, {}).update(workloads)
     return merged
 
 
@@ -540,7 +549,10 @@ def main() -> None:
     parser.add_argument("--replot", type=Path, help="only draw the plot of an existing results file")
     parser.add_argument("--merge", type=Path, nargs="+", help="only join the workloads of results files run on one "
                         "device (a workload in a later file replaces an earlier one's) into --out, and plot it")
-    parser.add_argument("--mode", choices=["parrot", "baseline", "hf"], help="run one mode here and print its JSON")
+    parser.add_argument("--mode", choices=[*MODES, "hf"], help="run one mode here and print its JSON")
+    parser.add_argument("--baselines", nargs="+", choices=[m for m in MODES if m != "parrot"],
+                        default=["baseline", "baseline_apc"], help="the request-level modes to compare against "
+                        "(the first is the one the plot and `workloads` read)")
     args = parser.parse_args()
 
     if args.replot:
@@ -552,11 +564,11 @@ def main() -> None:
         plot(merged, args.out.with_suffix(".png"))
         return
     if args.mode:  # a child: one server (or transformers), one mode
-        figures = run_hf(args) if args.mode == "hf" else run_mode(args, args.mode == "parrot")
+        figures = run_hf(args) if args.mode == "hf" else run_mode(args, args.mode)
         print("RESULT " + json.dumps(figures))
         return
     figures = {}
-    for mode in ("baseline", "parrot", "hf") if args.hf else ("baseline", "parrot"):  # each in a process of its own
+    for mode in [*args.baselines, "parrot", *(["hf"] if args.hf else [])]:  # each in a process of its own
         child = subprocess.run([sys.executable, *sys.argv, "--mode", mode], stdout=subprocess.PIPE, text=True)
         if child.returncode != 0:
             sys.exit(f"the {mode} run failed (exit {child.returncode})")
@@ -573,15 +585,17 @@ def main() -> None:
         "model": "Llama-2-7B shapes, random bf16 weights, 1,024-token vocabulary" if args.model == "llama2-7b-dummy"
         else args.model,
         "scale": asdict(SCALES[args.scale]),
-        "workloads": speedups(figures["parrot"], figures["baseline"], SCALES[args.scale]),
+        "workloads": speedups(figures["parrot"], figures[args.baselines[0]], SCALES[args.scale]),
+        # against each baseline: {baseline mode: {workload: figures and speedup}}
+        "against": {mode: speedups(figures["parrot"], figures[mode], SCALES[args.scale]) for mode in args.baselines},
     }
     for name, hf_figures in figures.get("hf", {}).items():
         if name in result["workloads"]:  # transformers runs its two workloads whichever were asked for
             result["workloads"][name]["hf"] = hf_figures
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     plot(result, args.out.with_suffix(".png"))
-    print(json.dumps({k: {m: v.get(m) for m in ("speedup", "latency_speedup", "jobs_throughput_ratio") if m in v}
-                      for k, v in result["workloads"].items()}, indent=2))
+    print(json.dumps({mode: {k: {m: v.get(m) for m in ("speedup", "latency_speedup", "jobs_throughput_ratio") if m in v}
+                             for k, v in against.items()} for mode, against in result["against"].items()}, indent=2))
 
 
 if __name__ == "__main__":

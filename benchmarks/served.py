@@ -123,9 +123,11 @@ class EngineCounters:
         after = metrics(self.client)
         self.client.close()
         self.counts = {name: int(after[f"parrot_{name}_total"] - self.before[f"parrot_{name}_total"])
-                       for name in ("prefill_tokens", "prefix_reused_tokens", "decode_tokens", "engine_steps")}
+                       for name in ("prefill_tokens", "prefix_reused_tokens", "prefix_cached_tokens", "decode_tokens",
+                                    "engine_steps")}
 
     def figures(self) -> dict[str, int]:
         return {"prefill_tokens": self.counts["prefill_tokens"], "reused_tokens": self.counts["prefix_reused_tokens"],
+                "cached_tokens": self.counts["prefix_cached_tokens"],
                 "decode_tokens": self.counts["decode_tokens"], "engine_steps": self.counts["engine_steps"],
                 "max_running": self.max_running}

@@ -39,6 +39,11 @@ class EngineSettings(BaseSettings):
     kv_cache_memory_fraction: float = Field(
         0.9, gt=0, le=1, description="fraction of free GPU memory (after weights) given to the KV cache"
     )
+    prefix_caching: bool = Field(
+        True, description="reuse the KV of any earlier prompt that begins with the same tokens, whoever sent it: full "
+        "blocks are cached by their tokens and every token before them, kept while memory allows (least recently "
+        "used go first), and prompts that arrive together compute their common blocks once; off: only forks share KV"
+    )
     max_num_batched_tokens: int = Field(2048, ge=1, description="token budget of one engine step")
     max_num_seqs: int = Field(256, ge=1, description="most sequences in one engine step")
     background_prefill_tokens: int = Field(

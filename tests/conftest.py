@@ -22,7 +22,7 @@ if not torch.cuda.is_available():
 
 import transformers  # noqa: E402
 
-from parrot_lc.engine import LLMEngine
+from parrot_lc.engine import LLMEngine, SamplingParams
 from parrot_lc.settings import EngineSettings
 
 HF_CONFIGS = {
@@ -103,10 +103,23 @@ def prompt_ids(engine: LLMEngine, text: str) -> list[int]:
 
 
 def greedy_text_ids(engine: LLMEngine, context_id, max_tokens: int, parent=None) -> list[int]:
-    from parrot_lc.engine import SamplingParams
-
     sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     return [t for event in engine.generate(sampling, context_id, parent) for t in event.token_ids]
+
+
+def generate_from_all(engine: LLMEngine, prompts: list[list[int]], sampling: SamplingParams) -> dict[int, list[int]]:
+    """Fills the prompts, then generates from all of them at once (priorities mixed), freeing each context as it
+    ends, as the server does; returns each prompt's tokens."""
+    engine.run_until_done([engine.submit_fill(p, i) for i, p in enumerate(prompts)])
+    gens = {engine.submit_generate(sampling, i, priority=i % 3).request_id: i for i in range(len(prompts))}
+    tokens = {i: [] for i in gens.values()}
+    while engine.has_work():
+        for output in engine.step():
+            assert output.error is None
+            tokens[gens[output.request_id]] += output.token_ids
+            if output.finished:
+                engine.free_context(gens[output.request_id])
+    return tokens
 
 
 def assert_logits_follow_reference(

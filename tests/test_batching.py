@@ -55,7 +55,8 @@ def test_stats_count_prefilled_decoded_and_reused_tokens(tiny):
 def test_the_step_log_has_a_line_per_step_that_adds_up_to_the_stats(make_engine, tmp_path):
     import json
 
-    engine = make_engine(step_log=tmp_path / "steps.jsonl")
+    # Without the block cache: the prompts' common blocks would be computed once, the other two waiting a step.
+    engine = make_engine(step_log=tmp_path / "steps.jsonl", prefix_caching=False)
     sampling = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
     engine.run_until_done([engine.submit_generate(sampling, i, token_ids=list(range(3, 40 + i))) for i in range(3)])
     steps = [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
@@ -106,7 +107,8 @@ def test_a_generate_that_carries_its_prompt_equals_a_fill_then_a_generate(make_e
 
 
 def test_a_preempted_request_recomputing_its_context_is_prefilled_as_background_work(make_engine):
-    engine = make_engine(max_num_batched_tokens=256, background_prefill_tokens=32)
+    # Without the block cache, which would give the job back most of its dropped KV instead.
+    engine = make_engine(max_num_batched_tokens=256, background_prefill_tokens=32, prefix_caching=False)
     decoding = SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True)
     engine.fill([5, 6, 7], "chat")
     engine.submit_generate(decoding, "chat", priority=2)

@@ -10,6 +10,7 @@ import pytest
 from parrot_lc.engine import SamplingParams
 from parrot_lc.server.graph import Piece
 from parrot_lc.server.local import build_manager
+from parrot_lc.server.manager import CompletionPrompt
 from parrot_lc.server.tasks import start_now
 from parrot_lc.settings import EngineSettings, ServerSettings
 
@@ -49,10 +50,11 @@ def test_a_chats_prefix_fill_reaches_the_engine_before_start_completion_returns(
         engine.fill = recording_fill
         head = "You keep the tide tables of a small harbour and answer its pilots. " * 3
         prompt = head + "When is high tide?"
-        completion = manager.start_completion([Piece("text", head), Piece("text", prompt[len(head):])],
-                                              SamplingParams(max_tokens=2, temperature=0), manager.prompts.tokenize(prompt))
+        pieces = [Piece("text", head), Piece("text", prompt[len(head):])]
+        completion = manager.start_completion([CompletionPrompt(pieces, manager.prompts.tokenize(prompt),
+                                                                SamplingParams(max_tokens=2, temperature=0))])
         sent = list(fills)
-        assert "".join([text async for text in completion.deltas()])
+        assert "".join([text async for _, text in completion.deltas()])
         await manager.end_completion(completion)
         manager.close()
         return sent
@@ -83,12 +85,13 @@ def test_a_fork_of_a_new_prefix_is_sent_before_the_prefix_is_filled():
         head = "You keep the tide tables of a small harbour and answer its pilots about the tides. " * 6
         prompt = head + "When is high tide?"
         sampling = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
-        completion = manager.start_completion([Piece("text", head), Piece("text", prompt[len(head):])], sampling,
-                                              manager.prompts.tokenize(prompt))
-        forked = "".join([text async for text in completion.deltas()])
+        pieces = [Piece("text", head), Piece("text", prompt[len(head):])]
+        completion = manager.start_completion([CompletionPrompt(pieces, manager.prompts.tokenize(prompt), sampling)])
+        forked = "".join([text async for _, text in completion.deltas()])
         await manager.end_completion(completion)
-        alone = manager.start_completion([Piece("text", prompt)], sampling, manager.prompts.tokenize(prompt))
-        unforked = "".join([text async for text in alone.deltas()])
+        alone = manager.start_completion([CompletionPrompt([Piece("text", prompt)], manager.prompts.tokenize(prompt),
+                                                           sampling)])
+        unforked = "".join([text async for _, text in alone.deltas()])
         await manager.end_completion(alone)
         manager.close()
         return order, forked, unforked

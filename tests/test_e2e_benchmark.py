@@ -53,6 +53,13 @@ def test_each_speedup_reads_as_its_target_does(smoke_run):
                                              / mixed["parrot"]["chat_mean_latency_s"])
 
 
+def test_the_prefix_caching_baseline_takes_the_shared_prompts_blocks_from_its_cache(smoke_run):
+    gpts = smoke_run["against"]["baseline_apc"]["gpts"]
+    assert gpts["baseline"]["reused_tokens"] == 0  # no fork: request-level serving
+    assert gpts["baseline"]["cached_tokens"] >= smoke_run["scale"]["app_prompt_tokens"]
+    assert smoke_run["against"]["baseline"]["gpts"]["baseline"]["cached_tokens"] == 0  # the old baseline: no cache
+
+
 def test_only_parrot_reuses_the_shared_system_prompt(smoke_run):
     gpts = smoke_run["workloads"]["gpts"]
     assert gpts["baseline"]["reused_tokens"] == 0

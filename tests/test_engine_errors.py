@@ -4,6 +4,7 @@ import asyncio
 
 import pytest
 
+from conftest import generate_from_all
 from parrot_lc.engine import (
     ContextBusyError,
     ContextNotFoundError,
@@ -100,23 +101,10 @@ def test_unknown_model_names_are_a_model_load_error(make_engine, tmp_path):
 def test_when_blocks_run_out_requests_are_preempted_and_all_complete_unchanged(make_engine):
     prompts = [list(range(3 + i, 3 + i + 30)) for i in range(6)]
     sampling = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
-
-    def run(engine):
-        engine.run_until_done([engine.submit_fill(p, i) for i, p in enumerate(prompts)])
-        gens = {engine.submit_generate(sampling, i, priority=i % 3).request_id: i for i in range(len(prompts))}
-        tokens = {i: [] for i in gens.values()}
-        while engine.has_work():
-            for output in engine.step():
-                assert output.error is None
-                tokens[gens[output.request_id]] += output.token_ids
-                if output.finished:  # as the server does: a finished context's KV is let go
-                    engine.free_context(gens[output.request_id])
-        return tokens, engine
-
-    roomy, _ = run(make_engine())
+    roomy = generate_from_all(make_engine(), prompts, sampling)
     block_bytes = 2 * 2 * 16 * 2 * 16 * 4  # layers * (k, v) * block * kv heads * head dim * float32
-    tight, engine = run(make_engine(kv_cache_bytes=12 * block_bytes))  # 6 contexts of 50 tokens need 24
-    assert tight == roomy
+    engine = make_engine(kv_cache_bytes=12 * block_bytes)  # 6 contexts of 50 tokens need 24
+    assert generate_from_all(engine, prompts, sampling) == roomy
     assert engine.stats().num_preemptions > 0
     assert engine.stats().kv_blocks_used == 0
     # Recomputing a preempted request's prompt and tokens is prefill; decode counts the generated tokens fed
@@ -131,9 +119,9 @@ def test_an_idle_cache_that_cannot_make_room_fails_the_request_not_the_engine(ma
     engine = make_engine(kv_cache_bytes=4 * block_bytes)
     engine.fill(list(range(3, 3 + 48)), "idle")  # 3 of 4 blocks held by an idle context
     with pytest.raises(OutOfMemoryError, match="free contexts"):
-        engine.fill(list(range(3, 3 + 40)), "big")
+        engine.fill(list(range(200, 200 + 40)), "big")  # no block in common with the idle context's
     engine.free_context("idle")
-    engine.fill(list(range(3, 3 + 40)), "big2")
+    engine.fill(list(range(200, 200 + 40)), "big2")
 
 
 def test_a_step_that_raises_fails_its_requests_and_the_engine_thread_serves_on(tiny, monkeypatch):

@@ -77,6 +77,28 @@ def test_overlapped_steps_decode_forks_as_steps_one_at_a_time_do(make_engine, gp
     assert outputs[0] == outputs[1]
 
 
+@pytest.mark.parametrize("overlap", [True, False])
+def test_prompts_that_take_cached_blocks_decode_in_shared_groups_as_the_eager_reference_does(make_engine, gpu_backend,
+                                                                                              overlap):
+    """Prompts that arrive together with 96 tokens in common: one computes them (Triton prefill), the others take
+    its blocks from the block cache, and all decode them as one shared prefix in CUDA graphs."""
+    shared = list(range(3, 99))
+    prompts = [shared + list(range(200 + 9 * i, 204 + 10 * i)) for i in range(6)]
+    sampling = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+    def decode(engine) -> list[list[int]]:
+        requests = [engine.submit_generate(sampling, i, token_ids=p) for i, p in enumerate(prompts)]
+        events = engine.run_until_done(requests)
+        return [[t for e in events[r.request_id] for t in e.token_ids] for r in requests]
+
+    eager = decode(make_engine(device="cuda", attention_backend="torch", prefix_caching=False))
+    engine = make_engine(device="cuda", attention_backend=gpu_backend, overlap_steps=overlap)
+    engine.runner.min_shared_elements_decode = 0  # every shared prefix read once for its group
+    assert decode(engine) == eager
+    assert engine.stats().cached_tokens == 5 * 96
+    assert any(groups for _, groups in engine.runner.graphs._graphs), "no graph with shared groups replayed"
+
+
 def test_seeded_sampling_on_the_gpu_is_the_same_overlapped_or_not_alone_or_in_a_batch(make_engine):
     sampling = SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=11, ignore_eos=True)
     runs = []

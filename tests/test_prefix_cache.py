@@ -10,6 +10,7 @@ from parrot_lc.engine import SamplingParams
 from parrot_lc.server.errors import CallFailedError
 from parrot_lc.server.graph import Piece
 from parrot_lc.server.local import build_manager
+from parrot_lc.server.manager import CompletionPrompt
 from parrot_lc.settings import EngineSettings, ServerSettings
 
 HEADS = [f"App {name} answers questions about the harbour, its tides and its ships. " * 4
@@ -26,9 +27,10 @@ def warm_prefixes_after_chats(heads: list[str], **server) -> tuple[list[int], in
         sampling = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
         for head in heads:
             prompt = head + "When is high tide?"
-            completion = manager.start_completion([Piece("text", head), Piece("text", prompt[len(head):])], sampling,
-                                                  manager.prompts.tokenize(prompt))
-            assert "".join([text async for text in completion.deltas()])
+            pieces = [Piece("text", head), Piece("text", prompt[len(head):])]
+            completion = manager.start_completion([CompletionPrompt(pieces, manager.prompts.tokenize(prompt),
+                                                                    sampling)])
+            assert "".join([text async for _, text in completion.deltas()])
             await manager.end_completion(completion)
         slot = manager.engines[0]
         entries = sorted(slot.prefixes._entries.values(), key=lambda e: e.last_used)
@@ -72,10 +74,11 @@ def test_a_prefix_the_engine_refuses_fails_its_call_for_that_reason_and_leaves_n
         try:  # closed whatever happens: an engine process left running would keep the test from ending
             head = HEADS[0] * 2  # longer than the whole cache
             prompt = head + "When is high tide?"
-            completion = manager.start_completion([Piece("text", head), Piece("text", prompt[len(head):])],
-                                                  SamplingParams(max_tokens=2, temperature=0), manager.prompts.tokenize(prompt))
+            pieces = [Piece("text", head), Piece("text", prompt[len(head):])]
+            completion = manager.start_completion([CompletionPrompt(pieces, manager.prompts.tokenize(prompt),
+                                                                    SamplingParams(max_tokens=2, temperature=0))])
             with pytest.raises(CallFailedError) as failure:
-                "".join([text async for text in completion.deltas()])
+                "".join([text async for _, text in completion.deltas()])
             await manager.end_completion(completion)
             slot = manager.engines[0]
             for _ in range(100):

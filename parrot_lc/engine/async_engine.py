@@ -160,10 +160,10 @@ class AsyncEngine(EngineDriver):
         except Exception as exc:  # handed to the awaiting caller, typed as the engine raised it
             future.set_exception(exc)
             return
+        self._stats = self.engine.stats()  # before any caller wakes: it reads the counters with its command done
         if isinstance(result, RequestOutput):  # a cancel or free that ended a request
             self._deliver_all([result])
         future.set_result(result)
-        self._stats = self.engine.stats()
 
     def _deliver_all(self, outputs: list[RequestOutput]) -> None:
         deliver(self._listeners, outputs)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import deque
 
+from parrot_lc.engine.block_cache import BlockCache
 from parrot_lc.engine.errors import OutOfMemoryError
 
 
@@ -11,37 +12,45 @@ class BlockAllocator:
     """Hands out block ids; a block returns to the free list when its last holder lets it go.
 
     Contexts forked from one parent hold the parent's full blocks by reference, so a parent freed while
-    children live keeps those blocks until the last child goes.
+    children live keeps those blocks until the last child goes. With a block cache, a released block that holds
+    indexed KV stays there, unused, and counts as free: it is handed out (evicted) only when no empty block is left.
     """
 
-    def __init__(self, num_blocks: int) -> None:
+    def __init__(self, num_blocks: int, cache: BlockCache | None = None) -> None:
         self.num_blocks = num_blocks
-        self._free: deque[int] = deque(range(num_blocks))
+        self.cache = cache
+        self._free: deque[int] = deque(range(num_blocks))  # blocks that hold nothing worth keeping
         self._refs = [0] * num_blocks
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return len(self._free) + (self.cache.num_unused if self.cache is not None else 0)
 
     @property
     def num_used(self) -> int:
-        return self.num_blocks - len(self._free)
+        return self.num_blocks - self.num_free
 
     def allocate(self) -> int:
-        if not self._free:
+        if self._free:
+            block = self._free.popleft()
+        elif self.cache is not None and self.cache.num_unused:
+            block = self.cache.evict()
+        else:
             raise OutOfMemoryError("no free KV block")
-        block = self._free.popleft()
         self._refs[block] = 1
         return block
 
     def incref(self, block: int) -> None:
-        assert self._refs[block] > 0, f"block {block} is not allocated"
+        """One more holder of an allocated block, or of an unused cached one (a lookup found it)."""
+        if self._refs[block] == 0:
+            assert self.cache is not None, f"block {block} is not allocated"
+            self.cache.reuse(block)
         self._refs[block] += 1
 
     def decref(self, block: int) -> None:
         assert self._refs[block] > 0, f"block {block} is already free"
         self._refs[block] -= 1
-        if self._refs[block] == 0:
+        if self._refs[block] == 0 and (self.cache is None or not self.cache.release(block)):
             self._free.append(block)
 
     def refcount(self, block: int) -> int:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Callable, Hashable
 import torch
 
 from parrot_lc.engine.block_allocator import BlockAllocator
+from parrot_lc.engine.block_cache import block_key
 from parrot_lc.engine.errors import ContextNotFoundError, InvalidRequestError, OutOfMemoryError
 
 if TYPE_CHECKING:
@@ -35,7 +36,8 @@ class Context:
     KV in the cache, the rest are pending (filled or generated, not yet run through the model). A token sampled
     in a step whose results are not back from the device yet is a negative placeholder (`in_flight_token`) at
     the end, which the next step can already compute. The first
-    `num_inherited_blocks` blocks are the parent's full blocks, held by reference, never written.
+    `num_inherited_blocks` blocks are the parent's full blocks, held by reference, never written; so are blocks
+    taken from the block cache, and the first `num_indexed_blocks` blocks may be in the cache, read by others.
     """
 
     context_id: ContextId
@@ -44,6 +46,10 @@ class Context:
     num_computed: int = 0
     blocks: list[int] = field(default_factory=list)
     num_inherited_blocks: int = 0
+    block_keys: list[bytes] = field(default_factory=list)  # keys (`block_key`) of its leading full blocks' tokens
+    num_indexed_blocks: int = 0  # leading blocks offered to the block cache: computed, and keyed
+    num_cached: int = 0  # tokens it got without computing them: its parent's at the fork, block cache hits
+    recompute_end: int = 0  # tokens before this were computed, then dropped by preemption: no hits when taken again
     last_logits: torch.Tensor | None = None  # (V,) float32, next-token logits once every token is computed
     active_request: "Request | None" = None
     forked: bool = True  # False while a fork waits for its parent's in-flight request
@@ -60,16 +66,20 @@ class Context:
 
 
 class ContextTree:
-    """Owns every context and the blocks they hold; forks copy no full block of KV."""
+    """Owns every context and the blocks they hold; forks copy no full block of KV. With the allocator's block
+    cache, contexts also share full blocks by content: whatever a context computes is indexed, and a context
+    takes the cached blocks that hold its next tokens instead of computing them."""
 
     def __init__(
         self, allocator: BlockAllocator, block_size: int, copy_block: Callable[[int, int], None]
     ) -> None:
         self.allocator = allocator
+        self.cache = allocator.cache
         self.block_size = block_size
         self._copy_block = copy_block
         self._contexts: dict[ContextId, Context] = {}
         self.reused_tokens = 0  # tokens whose KV a fork got without computing it
+        self.cached_tokens = 0  # tokens whose KV a context took from the block cache (recomputations not counted)
 
     def __contains__(self, context_id: ContextId) -> bool:
         return context_id in self._contexts
@@ -118,7 +128,10 @@ class ContextTree:
             self._copy_block(parent.blocks[num_full], copy)
             child.blocks.append(copy)
         child.token_ids = list(parent.token_ids) + child.token_ids
+        child.block_keys = list(parent.block_keys)  # keys of the same tokens
+        child.num_indexed_blocks = min(num_full, parent.num_indexed_blocks)
         child.num_computed = parent.num_computed
+        child.num_cached = parent.num_computed
         child.last_logits = parent.last_logits
         parent.num_waiting_forks -= 1
         child.forked = True
@@ -147,12 +160,93 @@ class ContextTree:
             context.blocks.append(self.allocator.allocate())
 
     def release_own_blocks(self, context: Context) -> None:
-        """Preemption: drops the context's own KV; its tokens stay, to be recomputed later."""
+        """Preemption: drops the context's own KV; its tokens stay, to be recomputed later (or taken back from the
+        block cache, where their blocks stay until their memory is needed)."""
+        self.index_blocks(context)
         for block in context.blocks[context.num_inherited_blocks :]:
             self.allocator.decref(block)
         del context.blocks[context.num_inherited_blocks :]
+        context.recompute_end = max(context.recompute_end, context.num_computed)
         context.num_computed = context.num_inherited_blocks * self.block_size
+        context.num_indexed_blocks = min(context.num_indexed_blocks, context.num_inherited_blocks)
+        context.last_logits = None
+
+    def uncompute(self, context: Context, num_computed: int) -> None:
+        """Forgets the KV of the tokens from `num_computed` on (a failed step's), to be computed again. The block
+        that holds token `num_computed` is let go, not written over, where others may read it (inherited, or
+        indexed): the context then computes that block again from its start."""
+        index = num_computed // self.block_size
+        if index < max(context.num_inherited_blocks, context.num_indexed_blocks):
+            for block in context.blocks[index:]:
+                self.allocator.decref(block)
+            del context.blocks[index:]
+            num_computed = index * self.block_size
+            context.num_inherited_blocks = min(context.num_inherited_blocks, index)
+        context.num_indexed_blocks = min(context.num_indexed_blocks, index)
+        context.num_computed = num_computed
         context.last_logits = None
 
     def own_block_count(self, context: Context) -> int:
         return len(context.blocks) - context.num_inherited_blocks
+
+    # ---- the block cache ---------------------------------------------------------------------------
+
+    def block_key(self, context: Context, index: int) -> bytes | None:
+        """The key of the context's block `index` (kept in `block_keys`); None while that block is not full or a
+        token of it, or of a block before it, is still on the device."""
+        keys, bs = context.block_keys, self.block_size
+        while len(keys) <= index:
+            tokens = context.token_ids[len(keys) * bs : (len(keys) + 1) * bs]
+            if len(tokens) < bs or min(tokens) < 0:
+                return None
+            keys.append(block_key(keys[-1] if keys else b"", tokens))
+        return keys[index]
+
+    def index_blocks(self, context: Context) -> None:
+        """Indexes the context's computed full blocks not offered to the cache yet: their KV is written (their step
+        is launched), so others may read them from the next step on."""
+        if self.cache is None:
+            return
+        while context.num_indexed_blocks < context.num_computed // self.block_size:
+            key = self.block_key(context, context.num_indexed_blocks)
+            if key is None:  # a token still on the device: indexed once it is back
+                return
+            self.cache.add(key, context.blocks[context.num_indexed_blocks])
+            context.num_indexed_blocks += 1
+
+    def take_cached_blocks(self, context: Context) -> bytes | None:
+        """Takes by reference the longest run of cached blocks that hold the context's next pending tokens, from
+        the block of its first pending token on (a block of its own there, partly computed, is let go); at least
+        one token stays pending, for the logits. Returns the key of the block after the run, which the cache
+        lacks (None: no full block of pending tokens is left to look up)."""
+        if self.cache is None:
+            return None
+        self.index_blocks(context)
+        bs = self.block_size
+        while (end := (context.num_computed // bs + 1) * bs) < len(context.token_ids):
+            index = end // bs - 1
+            key = self.block_key(context, index)
+            block = self.cache.get(key) if key is not None else None
+            if block is None:
+                return key
+            self.allocator.incref(block)
+            if index < len(context.blocks):
+                self.allocator.decref(context.blocks[index])
+                context.blocks[index] = block
+            else:
+                context.blocks.append(block)
+            hit = max(0, end - max(context.num_computed, context.recompute_end))
+            context.num_cached += hit
+            self.cached_tokens += hit
+            context.num_computed = end
+            context.num_indexed_blocks = index + 1
+        return None
+
+    def keys_completed(self, context: Context, num_tokens: int) -> list[bytes]:
+        """The keys of the blocks that computing the context's next `num_tokens` tokens completes."""
+        if self.cache is None:
+            return []
+        bs = self.block_size
+        keys = (self.block_key(context, i) for i in range(context.num_computed // bs,
+                                                        (context.num_computed + num_tokens) // bs))
+        return [key for key in keys if key is not None]

@@ -5,13 +5,14 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
 
 from parrot_lc.engine.attention import AttentionBackend, TorchReferenceBackend
 from parrot_lc.engine.block_allocator import BlockAllocator
+from parrot_lc.engine.block_cache import BlockCache
 from parrot_lc.engine.context import Context, ContextId, ContextTree, in_flight_token
 from parrot_lc.engine.cuda_graphs import DecodeGraphs
 from parrot_lc.engine.errors import (
@@ -23,7 +24,9 @@ from parrot_lc.engine.errors import (
     InvalidRequestError,
     RequestCancelledError,
 )
+from parrot_lc.engine.host_to_device import to_device
 from parrot_lc.engine.loader import load_model
+from parrot_lc.engine.logprobs import LogprobRows, PromptLogprobs, TokenLogprob, read_rows, token_logprobs
 from parrot_lc.engine.model_runner import ModelRunner
 from parrot_lc.engine.request import Request, RequestKind, RequestOutput, StreamedText, text_decoder
 from parrot_lc.engine.sampling import Sampler, SamplingParams
@@ -44,6 +47,7 @@ class EngineStats:
     prefill_tokens: int  # tokens computed from fills (recomputation after preemption included)
     decode_tokens: int  # generated tokens fed back through the model one at a time (not in recomputations)
     reused_tokens: int  # tokens whose KV a fork got from its parent without computing it
+    cached_tokens: int  # prompt tokens whose KV a context took from the block cache (not counting recomputations)
     kv_blocks_used: int
     kv_blocks_free: int
     num_running: int
@@ -57,25 +61,37 @@ class EngineStats:
 @dataclass
 class InFlightStep:
     """A launched step's sampled tokens, on the device until read back: `sampled` holds (request, index of its
-    placeholder in its context's tokens, or None when this token ends it) for row after row of `tokens`."""
+    placeholder in its context's tokens, or None when this token ends it) for row after row of `tokens`; `logprobs`
+    the log-probabilities of the rows whose sampling asks, `logprob_rows` (row, top tokens asked) in order."""
 
     tokens: torch.Tensor  # (S,) int64 on the device
     sampled: list[tuple[Request, int | None]]
-    _host: torch.Tensor | None = None
+    logprobs: LogprobRows | None = None
+    logprob_rows: list[tuple[int, int]] = field(default_factory=list)
+    _host: list[torch.Tensor] | None = None
     _ready: torch.cuda.Event | None = None
 
     def __post_init__(self) -> None:
         if self.tokens.device.type == "cuda":  # start the copy back now; the host waits only when it reads
-            self._host = torch.empty(self.tokens.shape, dtype=self.tokens.dtype, pin_memory=True)
-            self._host.copy_(self.tokens, non_blocking=True)
+            self._host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                          for t in self._tensors]
             self._ready = torch.cuda.Event()
             self._ready.record()
 
-    def host_tokens(self) -> list[int]:
+    @property
+    def _tensors(self) -> list[torch.Tensor]:
+        return [self.tokens, *(self.logprobs.tensors if self.logprobs is not None else ())]
+
+    def host_results(self) -> tuple[list[int], dict[int, TokenLogprob]]:
+        """Waits for the step: its tokens, and the log-probabilities of the rows that asked, by row."""
         if self._ready is None:
-            return self.tokens.tolist()
-        self._ready.synchronize()
-        return self._host.tolist()
+            tokens, *logprobs = [t.tolist() for t in self._tensors]
+        else:
+            self._ready.synchronize()
+            tokens, *logprobs = [t.tolist() for t in self._host]
+        rows = [row for row, _ in self.logprob_rows]
+        entries = read_rows([tokens[row] for row in rows], [k for _, k in self.logprob_rows], logprobs) if rows else []
+        return tokens, dict(zip(rows, entries))
 
 
 def select_backend(name: str, device: torch.device) -> AttentionBackend:
@@ -139,7 +155,7 @@ class LLMEngine:
         decode_threshold = (self.backend.min_shared_elements_decode if cfg.sliding_window is None
                             else self.backend.min_shared_elements)
         self.runner = ModelRunner(self.model, kv_cache, bs, graphs, (decode_threshold, self.backend.min_shared_elements))
-        self.allocator = BlockAllocator(num_blocks)
+        self.allocator = BlockAllocator(num_blocks, BlockCache() if settings.prefix_caching else None)
         self.tree = ContextTree(self.allocator, bs, self.runner.copy_block)
         self.scheduler = Scheduler(self.tree, settings.max_num_batched_tokens, settings.max_num_seqs,
                                    settings.background_prefill_tokens)
@@ -180,7 +196,8 @@ class LLMEngine:
         existing, parent = self._resolve(context_id, parent_context_id, create=True)
         self._check_fill(token_ids, existing or parent)
         context = existing or self.tree.create(context_id, parent)
-        return self._add(Request(next(self._ids), RequestKind.FILL, context, priority, 0, fill_token_ids=list(token_ids)))
+        return self._add(Request(next(self._ids), RequestKind.FILL, context, priority, 0,
+                                 fill_token_ids=list(token_ids), cached_from=existing.num_cached if existing else 0))
 
     def submit_generate(
         self,
@@ -205,8 +222,13 @@ class LLMEngine:
         if sampling.seed is not None:
             generator = self.sampler.generator(sampling.seed)
         text = StreamedText(self._decode, sampling.stop) if self._decode is not None else None
+        prompt_logprobs = None
+        if sampling.prompt_logprobs is not None and token_ids:
+            prompt_logprobs = PromptLogprobs(list(token_ids), sampling.prompt_logprobs)
         return self._add(Request(next(self._ids), RequestKind.GENERATE, context, priority, 0,
-                                 fill_token_ids=list(token_ids), sampling=sampling, generator=generator, text=text))
+                                 fill_token_ids=list(token_ids), sampling=sampling, generator=generator, text=text,
+                                 prompt_logprobs=prompt_logprobs,
+                                 cached_from=existing.num_cached if existing else 0))
 
     def _check_fill(self, token_ids: list[int], context: Context | None) -> None:
         """Raises if the tokens are not in the vocabulary or would not fit the context (or the KV cache)."""
@@ -290,6 +312,7 @@ class LLMEngine:
             prefill_tokens=self.prefill_tokens,
             decode_tokens=self.decode_tokens,
             reused_tokens=self.tree.reused_tokens,
+            cached_tokens=self.tree.cached_tokens,
             kv_blocks_used=self.allocator.num_used,
             kv_blocks_free=self.allocator.num_free,
             num_running=self.scheduler.num_running,
@@ -364,14 +387,24 @@ class LLMEngine:
                 self.prefill_tokens += chunk.num_tokens
         self.num_steps += 1
         self.runner.run(chunks, in_flight_tokens)
+        for chunk in chunks:
+            self.tree.index_blocks(chunk.request.context)
         ready = [c.request for c in chunks if c.request.context.num_pending == 0]
         outputs.extend(self._finish(r, "filled") for r in ready if r.kind is RequestKind.FILL)
-        requests = [r for r in ready if r.kind is RequestKind.GENERATE]
+        # A request for its prompt's log-probabilities alone (max_tokens 0) ends with its prompt.
+        outputs.extend(self._finish_prompt(r) for r in ready if r.kind is RequestKind.GENERATE
+                       and r.sampling.max_tokens == 0)
+        requests = [r for r in ready if r.kind is RequestKind.GENERATE and not r.finished]
         if not requests:
             return None
         logits = torch.stack([r.context.last_logits for r in requests])  # (B, V)
         params, generators = [r.sampling for r in requests], [r.generator for r in requests]
         tokens = self.sampler.sample(logits, params, generators)  # (B,) on the device
+        logprob_rows = [(row, r.sampling.logprobs) for row, r in enumerate(requests) if r.sampling.logprobs is not None]
+        logprobs = None
+        if logprob_rows:
+            rows = to_device([row for row, _ in logprob_rows], self.device)
+            logprobs = token_logprobs(logits[rows], tokens[rows], max(k for _, k in logprob_rows))
         sampled = []
         for row, request in enumerate(requests):
             context = request.context
@@ -381,13 +414,13 @@ class LLMEngine:
                 context.token_ids.append(in_flight_token(row))  # pending: computed if generation goes on
             request.num_in_flight += 1
             sampled.append((request, index))
-        return InFlightStep(tokens, sampled)
+        return InFlightStep(tokens, sampled, logprobs, logprob_rows)
 
     def _complete(self, step: InFlightStep) -> list[RequestOutput]:
         """Waits for the step's sampled tokens and turns them into events."""
-        tokens = step.host_tokens()
+        tokens, logprobs = step.host_results()
         outputs = []
-        for (request, index), token in zip(step.sampled, tokens):
+        for row, ((request, index), token) in enumerate(zip(step.sampled, tokens)):
             request.num_in_flight -= 1
             if request.finished:  # cancelled, freed, or ended by a token of the step before
                 continue
@@ -396,7 +429,7 @@ class LLMEngine:
                 context.token_ids.append(token)  # its last token: never computed
             else:
                 context.token_ids[index] = token
-            output = request.add_token(token, self.eos_token_ids)
+            output = request.add_token(token, self.eos_token_ids, logprobs.get(row))
             if output.finished:
                 self._release(request)
             outputs.append(output)
@@ -404,9 +437,15 @@ class LLMEngine:
 
     def _finish(self, request: Request, reason: str, error: EngineError | None = None) -> RequestOutput:
         self._release(request)
-        return RequestOutput(
-            request.request_id, request.context.context_id, [], "", finished=True, finish_reason=reason, error=error
-        )
+        return RequestOutput(request.request_id, request.context.context_id, [], "", finished=True,
+                             finish_reason=reason, error=error, cached_tokens=request.cached_tokens)
+
+    def _finish_prompt(self, request: Request) -> RequestOutput:
+        """Ends a request whose prompt is computed and that generates nothing: its event has its prompt's
+        log-probabilities."""
+        output = self._finish(request, "length")
+        output.prompt_logprobs = request.take_prompt_logprobs()
+        return output
 
     def _release(self, request: Request) -> None:
         request.finished = True
@@ -419,12 +458,13 @@ class LLMEngine:
         if context.num_computed > len(context.token_ids):
             # A failed step had computed the popped token's KV (its value never came back): the last token is
             # computed again, for logits of the tokens the context holds.
-            context.num_computed = len(context.token_ids) - 1
-            context.last_logits = None
+            self.tree.uncompute(context, len(context.token_ids) - 1)
         if not context.freed and (not context.forked or not context.token_ids):
             # It ended before its fork, or before its tokens reached the context it created: the context never
             # came to be. A fork that waited for it then fails (its parent is gone) rather than start from nothing.
             self.tree.free(context.context_id)
+        elif not context.freed:
+            self.tree.index_blocks(context)  # blocks whose last tokens were still on the device at their step
 
     # ---- blocking conveniences --------------------------------------------------------------------
 

@@ -69,7 +69,8 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk], in_flight_tokens: torch.Tensor | None = None) -> None:
         """Computes the chunks' pending tokens; a context whose tokens are then all computed gets its
-        next-token logits in `context.last_logits`. Nothing here waits for the device: a token still being
+        next-token logits in `context.last_logits`, and a request that gathers its prompt's log-probabilities
+        gets those its chunk gives. Nothing here waits for the device: a token still being
         sampled there (a placeholder, see `in_flight_token`) is read from `in_flight_tokens` (S,), the
         sampled tokens of the step before, on the device."""
         self._copy_blocks()
@@ -83,8 +84,9 @@ class ModelRunner:
         groups = self._shared_groups(chunks, step.tables, self.min_shared_elements_decode if decode
                                      else self.min_shared_elements)
         input_ids = self._input_ids(step.ids, in_flight_tokens)  # (T,)
-        if self.graphs is not None and decode and self.graphs.fits(len(step.query_lens), block_tables.shape[1],
-                                                                    len(groups)):
+        prompt_logprobs = any(c.request.prompt_logprobs is not None for c in chunks)  # logits of more rows
+        if self.graphs is not None and decode and not prompt_logprobs and self.graphs.fits(
+                len(step.query_lens), block_tables.shape[1], len(groups)):
             logits = self.graphs.run(input_ids, step.positions, step.slots, block_tables, step.context_lens, groups)
             # A copy: the graph's output buffer is overwritten by the next replay.
             logits = logits.clone() if len(done) == len(chunks) else logits[self._to_device(done)]  # (N, V)
@@ -95,10 +97,28 @@ class ModelRunner:
             if done:
                 last_rows = torch.tensor(step.query_lens).cumsum(0)[done] - 1  # (N,)
                 logits = self.model.compute_logits(hidden[self._to_device(last_rows)])  # (N, V)
+            if prompt_logprobs:
+                self._gather_prompt_logprobs(chunks, step.query_lens, hidden)
         for chunk in chunks:
             chunk.request.context.num_computed += chunk.num_tokens
         for row, i in enumerate(done):
             chunks[i].request.context.last_logits = logits[row]
+
+    def _gather_prompt_logprobs(
+        self, chunks: list[ScheduledChunk], query_lens: list[int], hidden: torch.Tensor
+    ) -> None:
+        """Hands each request that gathers its prompt's log-probabilities the logits of its chunk's rows that give
+        some (hidden: (T, C), the step's rows); before the chunks' contexts count their tokens computed."""
+        for chunk, start in zip(chunks, itertools.accumulate(query_lens, initial=0)):
+            request, context = chunk.request, chunk.request.context
+            if request.prompt_logprobs is None:
+                continue
+            positions = request.prompt_logprobs.positions(request.fill_start, context.num_computed,
+                                                          context.num_computed + chunk.num_tokens)
+            if positions:
+                first = start + positions.start - context.num_computed
+                logits = self.model.compute_logits(hidden[first : first + len(positions)])  # (N, V)
+                request.prompt_logprobs.add(logits, request.fill_start, positions)
 
     def _to_device(self, values: list[int] | torch.Tensor) -> torch.Tensor:
         return to_device(values, self.device)
@@ -157,8 +177,9 @@ class ModelRunner:
         self, chunks: list[ScheduledChunk], tables: list[list[int]], min_shared_elements: int
     ) -> list[SharedGroup]:
         """(members, number of blocks) of each group of sequences whose block tables start with the same blocks;
-        a block appears in two tables only when one context inherited it from an ancestor, so those blocks are
-        one shared prefix. Prefixes too small for the backend's shared pass to pay are left out: each sequence
+        a block appears in two tables only when one context inherited it from an ancestor or both took it from the
+        block cache (whose keys cover every token before a block), and always at the same index, so those blocks
+        are one shared prefix. Prefixes too small for the backend's shared pass to pay are left out: each sequence
         reads them as part of its own KV."""
         by_first_block: dict[int, list[int]] = defaultdict(list)
         for i, chunk in enumerate(chunks):

@@ -10,6 +10,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from parrot_lc.engine.context import Context, ContextId
+from parrot_lc.engine.logprobs import PromptLogprobs, TokenLogprob
 from parrot_lc.engine.sampling import SamplingParams
 
 
@@ -29,6 +30,9 @@ class RequestOutput:
     finished: bool = False
     finish_reason: str | None = None  # "stop", "length", "filled", "cancelled", "error"
     error: Exception | None = None
+    cached_tokens: int = 0  # the request's `Request.cached_tokens` so far (final from its first token on)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of `token_ids`, when its sampling asks
+    prompt_logprobs: list[TokenLogprob] | None = None  # of its prompt, in its first event, when its sampling asks
 
 
 @dataclass(eq=False)
@@ -46,6 +50,15 @@ class Request:
     num_in_flight: int = 0  # tokens sampled in a step still on the device: not in output_token_ids yet
     text: "StreamedText | None" = None  # the output's text (None: a model without a tokenizer)
     finished: bool = False
+    cached_from: int = 0  # its context's num_cached when it was submitted: what it adds to that is its own
+    fill_start: int = 0  # where its fill's tokens begin in its context (set when it starts)
+    prompt_logprobs: PromptLogprobs | None = None  # gathered while its prompt is computed, until its first event
+
+    @property
+    def cached_tokens(self) -> int:
+        """Tokens of its prompt whose KV it did not compute: what the fork it made inherited, and what it took from
+        the block cache (those another request computed while it waited included)."""
+        return self.context.num_cached - self.cached_from
 
     @property
     def num_generated(self) -> int:
@@ -57,8 +70,16 @@ class Request:
         """Sort key: most important first."""
         return (-self.priority, self.arrival)
 
-    def add_token(self, token: int, eos_token_ids: tuple[int, ...]) -> RequestOutput:
-        """Records a sampled token and decides whether generation stops here."""
+    def take_prompt_logprobs(self) -> list[TokenLogprob] | None:
+        """Its prompt's log-probabilities, read back from the device, the first time only (for its first event)."""
+        prompt_logprobs, self.prompt_logprobs = self.prompt_logprobs, None
+        return prompt_logprobs.read() if prompt_logprobs is not None else None
+
+    def add_token(
+        self, token: int, eos_token_ids: tuple[int, ...], logprob: TokenLogprob | None = None
+    ) -> RequestOutput:
+        """Records a sampled token (with its log-probability, if its sampling asks) and decides whether generation
+        stops here."""
         assert self.sampling is not None
         params = self.sampling
         self.output_token_ids.append(token)
@@ -71,9 +92,10 @@ class Request:
         if self.text is not None:
             delta, stopped = self.text.add(self.output_token_ids, final=reason is not None)
             reason = "stop" if stopped else reason
-        return RequestOutput(
-            self.request_id, self.context.context_id, [token], delta, finished=reason is not None, finish_reason=reason
-        )
+        return RequestOutput(self.request_id, self.context.context_id, [token], delta, finished=reason is not None,
+                             finish_reason=reason, cached_tokens=self.cached_tokens,
+                             logprobs=[logprob] if logprob is not None else [],
+                             prompt_logprobs=self.take_prompt_logprobs())
 
 
 @dataclass

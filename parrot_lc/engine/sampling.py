@@ -8,6 +8,7 @@ import torch
 
 from parrot_lc.engine.errors import InvalidRequestError
 from parrot_lc.engine.host_to_device import to_device
+from parrot_lc.engine.logprobs import MAX_LOGPROBS
 
 GREEDY_BELOW_TEMPERATURE = 1e-5
 
@@ -24,11 +25,17 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    # Each sampled token's log-probability and the k most likely tokens' (None: none); see engine/logprobs.py.
+    logprobs: int | None = None
+    # The same for the tokens the request fills (its prompt), computed in its prefill only when asked (None: not).
+    # With them, `max_tokens` may be 0: the request ends once its prompt is computed.
+    prompt_logprobs: int | None = None
 
     def validate(self, vocab_size: int) -> None:
         """Raises InvalidRequestError naming the first field that is out of range."""
         checks = [
-            ("max_tokens", self.max_tokens >= 1, "must be at least 1"),
+            ("max_tokens", self.max_tokens >= (0 if self.prompt_logprobs is not None else 1),
+             "must be at least 1 (0 only with prompt_logprobs)"),
             ("temperature", 0.0 <= self.temperature <= 100.0, "must be in [0, 100]"),
             ("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]"),
             ("top_k", self.top_k >= 0, "must be 0 (off) or positive"),
@@ -39,6 +46,8 @@ class SamplingParams:
                 all(isinstance(t, int) and 0 <= t < vocab_size for t in self.stop_token_ids),
                 f"must hold token ids in [0, {vocab_size})",
             ),
+            *((name, k is None or 0 <= k <= min(MAX_LOGPROBS, vocab_size), f"must be unset or in [0, {MAX_LOGPROBS}]")
+              for name, k in (("logprobs", self.logprobs), ("prompt_logprobs", self.prompt_logprobs))),
         ]
         for name, ok, why in checks:
             if not ok:

@@ -23,6 +23,10 @@ class Scheduler:
     prefill tokens, and a latency-critical stream's pace is that time. When KV blocks run out, the least
     important request that holds blocks and is not in this step is preempted (its own KV dropped, recomputed
     later); when nothing can be preempted the request waits, and fails only if no request at all could run.
+
+    With the block cache, a request whose next tokens fill blocks that the cache holds takes those instead, and one
+    whose next block a request before it in this step completes waits a step and takes it then: requests that
+    arrive together with a prompt in common compute its blocks once.
     """
 
     def __init__(
@@ -55,6 +59,7 @@ class Scheduler:
         failed: list[tuple[Request, EngineError]] = []
         blocked: list[Request] = []
         in_step: set[int] = set()
+        filling: set[bytes] = set()  # keys of the blocks that this step's chunks complete
         for request in self.requests:
             if len(chunks) >= self.max_num_seqs:
                 break
@@ -76,6 +81,10 @@ class Scheduler:
                 chunks.append(ScheduledChunk(request, 0))
                 in_step.add(request.request_id)
                 continue
+            # A request that gathers its prompt's log-probabilities computes its prompt itself: cached KV has no logits.
+            if (context.num_pending > 1 and request.prompt_logprobs is None
+                    and self.tree.take_cached_blocks(context) in filling):
+                continue  # its next block is computed in this step: taken from the cache in the next
             # A preempted request recomputing its context is prefill, not decode, whatever it generated before.
             decoding = (request.kind is RequestKind.GENERATE and request.num_generated > 0
                         and context.num_pending == 1)
@@ -91,6 +100,8 @@ class Scheduler:
             if take == 0:
                 blocked.append(request)
                 continue
+            if take > 1:  # a prompt's chunk (a decode token's block is nobody's prompt yet)
+                filling.update(self.tree.keys_completed(context, take))
             self.tree.reserve(context, take)
             chunks.append(ScheduledChunk(request, take))
             in_step.add(request.request_id)
@@ -108,6 +119,7 @@ class Scheduler:
         context = request.context
         if not context.forked:
             self.tree.fork(context)
+        request.fill_start = len(context.token_ids)
         context.token_ids.extend(request.fill_token_ids)
         request.started = True
 

@@ -30,7 +30,7 @@ from parrot_lc.server.graph import Criterion, Piece, Session
 from parrot_lc.server.limits import BodyLimit
 from parrot_lc.server.manager import ParrotManager
 from parrot_lc.server.metrics import registry_for
-from parrot_lc.server.openai_routes import openai_router
+from parrot_lc.server.openai_routes import openai_router, tokenizer_router
 from parrot_lc.server.remote_engine import RemoteEngine
 from parrot_lc.server.request_ids import RequestIds, id_header
 from parrot_lc.server.responses import add_error_handlers, error_response
@@ -133,6 +133,7 @@ def create_app(manager: ParrotManager, settings: ServerSettings) -> FastAPI:
 
     app.include_router(engines_router(manager, settings), dependencies=[Depends(check_engine_key)])
     app.include_router(openai_router(manager, manager.model.name, check_api_key), dependencies=guarded, responses=ERRORS)
+    app.include_router(tokenizer_router(manager, manager.model.name), dependencies=guarded, responses=ERRORS)
     return app
 
 

@@ -20,7 +20,7 @@ from parrot_lc.engine.async_engine import AsyncEngine
 from parrot_lc.engine.errors import EngineError
 from parrot_lc.server.auth import bearer_key_ok
 from parrot_lc.server.responses import add_error_handlers, error_response
-from parrot_lc.server.schemas import Sampling
+from parrot_lc.server.schemas import EngineSampling
 from parrot_lc.settings import EngineProcessSettings
 
 log = logging.getLogger("parrot_lc.engine_service")
@@ -34,7 +34,7 @@ class FillBody(BaseModel):
 
 
 class GenerateBody(BaseModel):
-    sampling: Sampling
+    sampling: EngineSampling
     context_id: str
     parent_context_id: str | None = None
     priority: int = 0
@@ -92,7 +92,11 @@ def create_engine_app(engine: AsyncEngine, api_key: str | None = None) -> FastAP
             try:
                 while True:
                     yield json.dumps({"token_ids": output.token_ids, "text": output.text,
-                                      "finished": output.finished, "finish_reason": output.finish_reason}) + "\n"
+                                      "finished": output.finished, "finish_reason": output.finish_reason,
+                                      "cached_tokens": output.cached_tokens,
+                                      "logprobs": [entry.to_wire() for entry in output.logprobs],
+                                      "prompt_logprobs": None if output.prompt_logprobs is None else
+                                      [entry.to_wire() for entry in output.prompt_logprobs]}) + "\n"
                     if output.finished:
                         return
                     try:

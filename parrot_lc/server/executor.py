@@ -57,7 +57,8 @@ class CallExecutor:
         if not token_ids:  # its inputs' values were empty: an engine has nothing to compute its first token from
             raise ServerError("the prompt before the call's first output is empty", field="template")
         call.prompt_tokens = len(token_ids)
-        prefix = self.prompts.shared_prefix(session, call, token_ids) if self.app_centric else None
+        shares = self.app_centric and not call.wants_prompt_logprobs
+        prefix = self.prompts.shared_prefix(session, call, token_ids) if shares else None
         run = CallRun(session, call, segments, token_ids, prefix)
         while True:
             slot = self.pool.place(call, prefix)
@@ -102,7 +103,9 @@ class CallExecutor:
         """One attempt in one context, which it frees however it ends; it resumes where the last one stopped."""
         call, progress = run.call, run.call.progress
         slot.running += 1
-        call.completion_tokens -= progress.resume(self.prompts.decode)
+        dropped = progress.resume(self.prompts.decode)
+        call.completion_tokens -= dropped
+        del call.logprobs[len(call.logprobs) - dropped:]  # where it keeps them: of its one output's tokens
         first_request = True  # of this attempt: it creates the context, from the prefix, with all done before
         try:
             for index, (text, output) in enumerate(run.segments):
@@ -115,17 +118,20 @@ class CallExecutor:
                         await slot.engine.fill(ids, run.context_id, priority=priority)
                     break
                 variable = run.session.variables[output.var_id]
-                sampling = output.sampling
-                if progress.tokens:  # resumed: generate what the last attempt did not
-                    sampling = dataclasses.replace(sampling, max_tokens=sampling.max_tokens - progress.tokens)
-                if sampling.max_tokens > 0:
+                sampling = attempt_sampling(output.sampling, call)
+                if sampling is not None:
                     events = (self._start_context(slot, run, run.token_ids + progress.token_ids + ids, sampling,
                                                   priority) if first_request else
                               slot.engine.generate(sampling, run.context_id, priority=priority, token_ids=ids))
-                    first_request = False
+                    prompt_request, first_request = first_request, False
                     async for event in events:
+                        if prompt_request:  # a rerun's prompt holds tokens generated before: not the call's prompt
+                            call.cached_tokens = min(event.cached_tokens, call.prompt_tokens)
                         delta = progress.took(ids, event, self.prompts.decode)
                         call.completion_tokens += len(event.token_ids)
+                        call.logprobs += event.logprobs
+                        if event.prompt_logprobs is not None:  # in the first event, before any token
+                            call.prompt_logprobs = event.prompt_logprobs
                         call.finish_reason = event.finish_reason
                         if variable.deltas is not None and delta:
                             variable.deltas.push(delta)
@@ -173,6 +179,16 @@ class CallExecutor:
             finally:
                 await events.aclose()
             return
+
+
+def attempt_sampling(sampling: SamplingParams, call: Call) -> SamplingParams | None:
+    """What an attempt asks of the call's output in progress: the tokens that the attempts before did not generate,
+    and its prompt's log-probabilities unless one had them (an attempt has them before any token); None when
+    nothing is left to ask."""
+    done = call.progress.tokens
+    if done or call.prompt_logprobs is not None:
+        sampling = dataclasses.replace(sampling, max_tokens=sampling.max_tokens - done, prompt_logprobs=None)
+    return sampling if sampling.max_tokens > 0 or sampling.prompt_logprobs is not None else None
 
 
 async def free_quietly(slot: EngineSlot, context_id: str) -> None:

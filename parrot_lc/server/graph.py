@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import AsyncIterator, Callable
 
+from parrot_lc.engine.logprobs import TokenLogprob
 from parrot_lc.engine.request import RequestOutput
 from parrot_lc.engine.sampling import SamplingParams
 from parrot_lc.server.errors import GraphError
@@ -178,6 +179,7 @@ class Call:
     task_group: str | None = None  # calls of one group are scheduled for the group's completion
     task: asyncio.Task | None = None
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # of prompt_tokens, those whose KV the engine had (RequestOutput.cached_tokens)
     completion_tokens: int = 0
     finish_reason: str | None = None  # of the last output
     progress: "CallProgress" = field(default_factory=lambda: CallProgress())
@@ -186,6 +188,15 @@ class Call:
     prompt_token_ids: list[int] | None = None
     # Leading pieces that another call of its graph begins with too (`mark_shared_pieces`); 0: none.
     shared_pieces: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of its output's tokens, where its sampling asks
+    prompt_logprobs: list[TokenLogprob] | None = None  # of its prompt's tokens, where its sampling asks
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Whether its first output asks for its prompt's log-probabilities: then it computes its whole prompt
+        itself, since a prefix context's tokens would have none."""
+        first = next(piece.sampling for piece in self.pieces if piece.kind == "output")
+        return first is not None and first.prompt_logprobs is not None
 
     @property
     def shares_variables(self) -> bool:

@@ -8,6 +8,7 @@ call as soon as its inputs have values (no client round trip: `CallExecutor` run
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import math
@@ -53,21 +54,79 @@ from parrot_lc.settings import ServerSettings
 log = logging.getLogger("parrot_lc.manager")
 
 
+@dataclass(frozen=True)
+class CompletionPrompt:
+    """One prompt of a completion: its template's pieces, their text tokenized (`Prompts.tokenize`, or the token
+    ids that the client sent), and the sampling of its choices."""
+
+    pieces: list[Piece]
+    token_ids: list[int]
+    sampling: SamplingParams
+
+
 @dataclass
 class Completion:
-    """A running one-call graph: its text streams out of `deltas()`; `call` holds usage once it is done."""
+    """A running graph of one call per choice, `n` per prompt (choice i * n + j is prompt i's j-th), whose texts
+    stream out of `deltas()`; its calls hold usage and log-probabilities once they are done."""
 
-    call: Call
-    output: Variable
+    calls: list[Call]
+    outputs: list[Variable]
     session: Session
+    n: int = 1
 
-    async def deltas(self) -> AsyncIterator[str]:
-        """Text pieces as they are generated; raises CallFailedError if the call fails. Pieces that queued up
-        while the consumer was busy come out joined: a server running behind sends fewer, larger chunks."""
-        async for text in self.output.deltas:
-            yield text
-        if self.output.error is not None:
-            raise CallFailedError(self.output.error)
+    @property
+    def prompt_calls(self) -> list[Call]:
+        """The first call of each prompt: a prompt's choices share its tokens, which usage counts once."""
+        return self.calls[:: self.n]
+
+    async def deltas(self) -> AsyncIterator[tuple[int, str]]:
+        """(choice, text piece) as they are generated; raises CallFailedError, once every call has ended, if one
+        failed. A choice's pieces that queued up while the consumer was busy come out joined: a server running
+        behind sends fewer, larger chunks."""
+        async for delta in merged([output.deltas for output in self.outputs]):
+            yield delta
+        failed = next((output for output in self.outputs if output.error is not None), None)
+        if failed is not None:
+            raise CallFailedError(failed.error)
+
+    async def texts(self) -> list[str]:
+        """Each choice's whole text, once every call has ended."""
+        pieces: list[list[str]] = [[] for _ in self.outputs]
+        async for index, text in self.deltas():
+            pieces[index].append(text)
+        return ["".join(texts) for texts in pieces]
+
+
+async def merged(streams: list[TextStream]) -> AsyncIterator[tuple[int, str]]:
+    """The pieces of several streams as they come, each with its stream's index. A lone stream is read as it is:
+    a completion of one choice, the usual one, costs no task."""
+    if len(streams) == 1:
+        async for text in streams[0]:
+            yield 0, text
+        return
+    queue: asyncio.Queue[tuple[int, str] | None] = asyncio.Queue()
+
+    async def pump(index: int, stream: TextStream) -> None:
+        async for text in stream:
+            queue.put_nowait((index, text))
+        queue.put_nowait(None)  # this stream's end
+
+    pumps = [asyncio.ensure_future(pump(index, stream)) for index, stream in enumerate(streams)]
+    try:
+        for _ in streams:
+            while (delta := await queue.get()) is not None:
+                yield delta
+    finally:
+        for task in pumps:
+            task.cancel()
+
+
+def choice_sampling(sampling: SamplingParams, choice: int) -> SamplingParams:
+    """The sampling of a prompt's `choice`-th choice: with a seed, seed + choice, so that each choice is the same
+    from run to run and no two choices of a prompt draw alike."""
+    if choice == 0 or sampling.seed is None:
+        return sampling
+    return dataclasses.replace(sampling, seed=(sampling.seed + choice) % 2**63)
 
 
 @dataclass(frozen=True)
@@ -87,7 +146,7 @@ class ParrotManager:
         self.tokenizer = model.tokenizer
         self.vocab_size = model.vocab_size
         self.max_context = model.max_context
-        self.prompts = Prompts(model.tokenizer, model.max_context, settings.max_prefixes_per_engine)
+        self.prompts = Prompts(model.tokenizer, model.max_context, settings.max_prefixes_per_engine, model.vocab_size)
         self.pool = EnginePool(settings)
         for engine in engines:
             self.pool.add(engine)
@@ -326,36 +385,35 @@ class ParrotManager:
 
     @asynccontextmanager
     async def completion(
-        self, pieces: list[Piece], sampling: SamplingParams, prompt_token_ids: list[int] | None = None,
-        client: str | None = None,
+        self, prompts: list[CompletionPrompt], n: int = 1, client: str | None = None
     ) -> AsyncIterator["Completion"]:
-        """A one-call graph in a session of its own (what the OpenAI-compatible endpoints run): the
-        template's pieces followed by one output. The session goes when the block ends, early or not.
-        `prompt_token_ids`, if given, are the pieces' text tokenized (`tokenize`), used instead of tokenizing it
-        again."""
-        completion = self.start_completion(pieces, sampling, prompt_token_ids, client)
+        """A graph of one call per choice in a session of its own (what the OpenAI-compatible endpoints run): `n`
+        calls per prompt, each the prompt's pieces followed by an output of its own. The session goes when the
+        block ends, early or not."""
+        completion = self.start_completion(prompts, n, client)
         try:
             yield completion
         finally:
             await self.end_completion(completion)
 
-    def start_completion(
-        self, pieces: list[Piece], sampling: SamplingParams, prompt_token_ids: list[int] | None = None,
-        client: str | None = None,
-    ) -> Completion:
-        """Submits the one-call graph of `completion()` for `client` (see `create_session`); end it with
-        `end_completion` (more than once is fine). Raises before anything runs if the call is refused (a full
-        queue, bad sampling)."""
+    def start_completion(self, prompts: list[CompletionPrompt], n: int = 1, client: str | None = None) -> Completion:
+        """Submits the graph of `completion()` for `client` (see `create_session`); end it with `end_completion`
+        (more than once is fine). A prompt's n calls begin with the same pieces, so its prompt is filled once and
+        forked n times (`mark_shared_pieces`); each counts as a call in the queue's limits. Raises before anything
+        runs if the calls are refused (a full queue, bad sampling)."""
         session = self.create_session(client)
-        output = self.create_variable(session)
-        output.deltas = TextStream()
         try:
-            [call] = self.submit(session, [pieces + [Piece("output", var_id=output.var_id, sampling=sampling)]],
-                                 [prompt_token_ids] if prompt_token_ids is not None else None)
+            outputs = [self.create_variable(session) for _ in range(len(prompts) * n)]
+            for output in outputs:
+                output.deltas = TextStream()
+            choices = [(prompt, choice_sampling(prompt.sampling, choice)) for prompt in prompts for choice in range(n)]
+            graph = [prompt.pieces + [Piece("output", var_id=output.var_id, sampling=sampling)]
+                     for (prompt, sampling), output in zip(choices, outputs)]
+            calls = self.submit(session, graph, [prompt.token_ids for prompt, _ in choices])
         except Exception:  # refused: nothing runs, and the session must not stay behind
             self.sessions.pop(session.session_id)
             raise
-        return Completion(call, output, session)
+        return Completion(calls, outputs, session, n)
 
     async def end_completion(self, completion: Completion) -> None:
         """Cancels the completion's call if it still runs (its client went away) and forgets its session."""

@@ -48,8 +48,10 @@ class ManagerCollector:
             yield family
         yield CounterMetricFamily("parrot_prefill_tokens", "Tokens computed by prefill",
                                   value=sum(st.prefill_tokens for _, st in stats))
-        yield CounterMetricFamily("parrot_prefix_reused_tokens", "Tokens served from a forked or cached context",
+        yield CounterMetricFamily("parrot_prefix_reused_tokens", "Tokens a fork got from its parent context",
                                   value=sum(st.reused_tokens for _, st in stats))
+        yield CounterMetricFamily("parrot_prefix_cached_tokens", "Prompt tokens served from the engines' block cache",
+                                  value=sum(st.cached_tokens for _, st in stats))
         yield CounterMetricFamily("parrot_decode_tokens", "Generated tokens fed back through the model",
                                   value=sum(st.decode_tokens for _, st in stats))
         yield CounterMetricFamily("parrot_engine_steps", "Batches the engines ran (prefill and decode together)",

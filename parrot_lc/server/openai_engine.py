@@ -41,6 +41,8 @@ class OpenAIEngine:
     async def generate(
         self, sampling: SamplingParams, context_id, parent_context_id=None, priority=0, token_ids=None
     ) -> AsyncIterator[RequestOutput]:
+        if sampling.logprobs is not None or sampling.prompt_logprobs is not None:
+            raise InvalidRequestError("an OpenAI-compatible engine gives no log-probabilities here")
         if token_ids:
             await self.fill(token_ids, context_id, parent_context_id, priority)
         elif parent_context_id is not None and context_id not in self._contexts:
@@ -77,7 +79,7 @@ class OpenAIEngine:
     def stats(self) -> EngineStats:
         """What this side can count; the remote server's KV cache is its own business."""
         return EngineStats(prefill_tokens=self._prompt_tokens, decode_tokens=self._completion_tokens, reused_tokens=0,
-                           kv_blocks_used=0, kv_blocks_free=0, num_running=0, num_waiting=0,
+                           cached_tokens=0, kv_blocks_used=0, kv_blocks_free=0, num_running=0, num_waiting=0,
                            num_contexts=len(self._contexts), num_preemptions=0)
 
     def close(self) -> None:

@@ -1,6 +1,7 @@
-"""OpenAI-compatible endpoints, so unmodified clients (the `openai` package, LangChain's ChatOpenAI) use the
-server too. Each request is a one-call graph; its constant prefix (the prompt, or a chat's system part) is
-shared with every other request that starts the same way."""
+"""OpenAI-compatible endpoints, so unmodified clients (the `openai` package, LangChain's ChatOpenAI, evaluation
+harnesses) use the server too, and vLLM's /tokenize and /detokenize. Each request is a graph of one call per
+choice (n per prompt): a prompt's choices share it, filled once and forked; its constant prefix (a chat's system
+part) is shared with every other request that starts the same way."""
 
 from __future__ import annotations
 
@@ -13,27 +14,36 @@ from typing import AsyncIterator, Callable
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import StreamingResponse
+from jinja2 import TemplateError
 from starlette.types import Receive, Scope, Send
+from transformers import PreTrainedTokenizerBase
 
-from parrot_lc.server.errors import CallFailedError, NotFoundError
+from parrot_lc.engine.logprobs import TokenLogprob
+from parrot_lc.engine.sampling import SamplingParams
+from parrot_lc.server.errors import CallFailedError, NotFoundError, ServerError
 from parrot_lc.server.graph import Piece
-from parrot_lc.server.manager import Completion, ParrotManager
-from parrot_lc.server.schemas import ChatCompletionRequest, CompletionRequest, OpenAISampling
+from parrot_lc.server.manager import Completion, CompletionPrompt, ParrotManager
+from parrot_lc.server.openai_choices import ChatChoices, TextChoices, TokenTexts
+from parrot_lc.server.schemas import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    OpenAISampling,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+
+Choices = ChatChoices | TextChoices
 
 
 def openai_router(manager: ParrotManager, model_name: str, client_of: Callable[..., str | None]) -> APIRouter:
     """The /v1 routes; `client_of` is the dependency that tells a request's client (its API key's label), whose
-    requests share the per-key queue limit."""
+    requests share the per-key queue limit. Every response names the model as /v1/models lists it."""
     router = APIRouter(prefix="/v1")
-    # The names a request may give the model: the one /v1/models lists and, for a path, its last part.
-    served = list(dict.fromkeys([model_name, PurePath(model_name).name]))
-
-    def check_model(body: OpenAISampling) -> None:
-        """Refuses a request for a model this server does not serve (404, as vLLM does), rather than answering it
-        with another model's text under the name asked for. A request that names none gets the served one."""
-        if body.model is not None and body.model not in served:
-            raise NotFoundError(f"model {body.model!r} is not served here; this server serves "
-                                f"{' or '.join(map(repr, served))} (GET /v1/models)", field="model")
+    served = served_names(model_name)
+    texts = TokenTexts(manager.tokenizer)
 
     @router.get("/models")
     async def models() -> dict:
@@ -41,72 +51,160 @@ def openai_router(manager: ParrotManager, model_name: str, client_of: Callable[.
 
     @router.post("/completions")
     async def completions(body: CompletionRequest, client: str | None = Depends(client_of)):
-        check_model(body)
-        token_ids = manager.prompts.tokenize(body.prompt)
-        max_tokens = manager.prompts.check(token_ids, body.max_tokens)
-        pieces = [Piece("text", body.prompt)]
-        return await respond(body, client, max_tokens, pieces, token_ids, "text_completion",
-                             lambda text: {"text": text, "logprobs": None})
+        check_model(served, body.model)
+        given = body.prompts()
+        if not given:
+            raise ServerError("the list of prompts is empty", "prompt")
+        fields = ["prompt"] if len(given) == 1 else [f"prompt.{index}" for index in range(len(given))]
+        prompts = [completion_prompt(body, prompt, field) for prompt, field in zip(given, fields)]
+        echoes = [prompt.pieces[0].text for prompt in prompts for _ in range(body.n)] if body.echo else None
+        return await respond(body, client, prompts, TextChoices(texts, body.logprobs is not None, echoes))
+
+    def completion_prompt(body: CompletionRequest, prompt: str | list[int], field: str) -> CompletionPrompt:
+        """A prompt of the request, given as text or as token ids (`field` names it in errors)."""
+        if isinstance(prompt, str):
+            text, token_ids = prompt, manager.prompts.tokenize(prompt)
+        else:
+            manager.prompts.check_token_ids(prompt, field)
+            text, token_ids = manager.prompts.detokenize(prompt), prompt
+        max_tokens = manager.prompts.check(token_ids, body.max_tokens, field)
+        return CompletionPrompt([Piece("text", text)], token_ids, checked_sampling(body, max_tokens))
 
     @router.post("/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, client: str | None = Depends(client_of)):
-        check_model(body)
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-        prompt = manager.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        # The system messages rendered alone are the part that many chats share (a long system prompt).
-        system = [m for m in messages if m["role"] == "system"]
-        head = manager.tokenizer.apply_chat_template(system, tokenize=False) if system else ""
-        head = head if prompt.startswith(head) else ""
+        check_model(served, body.model)
+        prompt, head = chat_prompt(manager.tokenizer, body.messages)
         token_ids = manager.prompts.tokenize(prompt, head)  # once: the length check and the call share the ids
         max_tokens = manager.prompts.check(token_ids, body.max_completion_tokens or body.max_tokens, "messages")
         pieces = [Piece("text", head), Piece("text", prompt[len(head):])] if head else [Piece("text", prompt)]
-        return await respond(body, client, max_tokens, pieces, token_ids, "chat.completion",
-                             lambda text: {"message": {"role": "assistant", "content": text}},
-                             lambda text, first: {"delta": {"role": "assistant", "content": text} if first
-                                                  else {"content": text}})
+        choice = CompletionPrompt(pieces, token_ids, checked_sampling(body, max_tokens))
+        return await respond(body, client, [choice], ChatChoices(texts, bool(body.logprobs)))
 
-    async def respond(body: OpenAISampling, client: str | None, max_tokens: int, pieces: list[Piece],
-                      token_ids: list[int], kind: str, final_choice, delta_choice=None):
+    def checked_sampling(body: OpenAISampling, max_tokens: int) -> SamplingParams:
         sampling = body.to_params(max_tokens)
         sampling.validate(manager.vocab_size)
-        response_id = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}"
-        head = {"id": response_id, "created": int(time.time()), "model": body.model or model_name}
+        return sampling
+
+    async def respond(body: OpenAISampling, client: str | None, prompts: list[CompletionPrompt], shape: Choices):
+        head = {"id": f"{shape.id_prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
         if not body.stream:
-            async with manager.completion(pieces, sampling, token_ids, client) as completion:
-                text = "".join([d async for d in completion.deltas()])
-            choice = {"index": 0, **final_choice(text), "finish_reason": completion.call.finish_reason}
-            return {**head, "object": kind, "choices": [choice], "usage": usage(completion)}
-        chunk_kind = f"{kind}.chunk" if kind == "chat.completion" else kind
-        delta = delta_choice or (lambda text, first: {"text": text, "logprobs": None})
+            async with manager.completion(prompts, body.n, client) as completion:
+                outputs = await completion.texts()
+            choices = [{"index": index, **shape.whole(index, call, text), "finish_reason": call.finish_reason}
+                       for index, (call, text) in enumerate(zip(completion.calls, outputs))]
+            return {**head, "object": shape.kind, "choices": choices, "usage": usage(completion)}
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-
         # Submitted before the response starts, so that a refusal (429) is still an HTTP status.
-        completion = manager.start_completion(pieces, sampling, token_ids, client)
-
-        def chunk(choices: list[dict]) -> dict:
-            return {**head, "object": chunk_kind, "choices": choices}
-
-        def delta_chunk(text: str, first: bool) -> dict:
-            return chunk([{"index": 0, **delta(text, first), "finish_reason": None}])
-
-        next_event = DeltaEvents(lambda text: delta_chunk(text, False))
-
-        async def events() -> AsyncIterator[str]:
-            first = True
-            try:
-                async for text in completion.deltas():
-                    yield sse(delta_chunk(text, True)) if first else next_event(text)  # the first names the role
-                    first = False
-                last = [sse(chunk([{"index": 0, **delta("", first), "finish_reason": completion.call.finish_reason}]))]
-                if include_usage:
-                    last.append(sse({**chunk([]), "usage": usage(completion)}))
-            except CallFailedError as exc:  # the status (200) is sent: the error goes as the stream's last event
-                last = [sse({"error": {"message": exc.message, "type": type(exc).__name__, "field": exc.field}})]
-            yield "".join(last) + "data: [DONE]\n\n"  # the stream's last events in one write
-
-        return CompletionStream(events(), manager, completion)
+        completion = manager.start_completion(prompts, body.n, client)
+        return CompletionStream(stream_events(completion, head, shape, include_usage), manager, completion)
 
     return router
+
+
+def tokenizer_router(manager: ParrotManager, model_name: str) -> APIRouter:
+    """/tokenize and /detokenize (as vLLM serves them): the model's tokenizer as the completion routes use it, for
+    clients that count tokens or send token ids."""
+    router = APIRouter()
+    served = served_names(model_name)
+
+    @router.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
+        """The token ids of a prompt, or of chat messages rendered with the model's chat template, as
+        /v1/completions and /v1/chat/completions tokenize them (with the tokenizer's special tokens, unless
+        `add_special_tokens` is false)."""
+        check_model(served, body.model)
+        text = body.prompt
+        if body.messages is not None:
+            text = chat_prompt(manager.tokenizer, body.messages, body.add_generation_prompt)[0]
+        tokens = manager.prompts.tokenize(text) if body.add_special_tokens else manager.prompts.continuation(text)
+        return TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=manager.max_context)
+
+    @router.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
+        """The text of token ids (special tokens written out); an id outside the vocabulary is a 400 naming it."""
+        check_model(served, body.model)
+        manager.prompts.check_token_ids(body.tokens, "tokens")
+        return DetokenizeResponse(prompt=manager.prompts.detokenize(body.tokens))
+
+    return router
+
+
+def served_names(model_name: str) -> list[str]:
+    """The names a request may give the model: the one /v1/models lists and, for a path, its last part."""
+    return list(dict.fromkeys([model_name, PurePath(model_name).name]))
+
+
+def check_model(served: list[str], name: str | None) -> None:
+    """Refuses a request for a model this server does not serve (404, as vLLM does), rather than answering it
+    with another model's text under the name asked for. A request that names none gets the served one."""
+    if name is not None and name not in served:
+        raise NotFoundError(f"model {name!r} is not served here; this server serves "
+                            f"{' or '.join(map(repr, served))} (GET /v1/models)", field="model")
+
+
+def chat_prompt(
+    tokenizer: PreTrainedTokenizerBase, messages: list[ChatMessage], add_generation_prompt: bool = True
+) -> tuple[str, str]:
+    """The messages rendered with the chat template, and the head of that prompt that the system messages
+    rendered alone make: the part that many chats share (a long system prompt), or "" if none. A template that
+    refuses the messages (roles out of its order) is a 400 naming them."""
+    rendered = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+    system = [m for m in rendered if m["role"] == "system"]
+    try:
+        prompt = tokenizer.apply_chat_template(rendered, tokenize=False, add_generation_prompt=add_generation_prompt)
+        head = tokenizer.apply_chat_template(system, tokenize=False) if system else ""
+    except TemplateError as exc:
+        raise ServerError(f"the model's chat template refuses these messages: {exc}", "messages") from exc
+    return prompt, head if prompt.startswith(head) else ""
+
+
+async def stream_events(
+    completion: Completion, head: dict, shape: Choices, include_usage: bool
+) -> AsyncIterator[str]:
+    """The server-sent events of a streamed completion: each choice's deltas as they come (with the
+    log-probabilities of the tokens generated since its last chunk), then each choice's finish reason, then usage
+    if asked; a call that fails ends the stream with an error event (the status, 200, is sent)."""
+    count = len(completion.calls)
+    started = [False] * count  # a choice's first chunk (or its echoed prompt) is sent
+    sent = [0] * count  # log-probabilities of a choice's tokens sent so far
+    plain: dict[int, DeltaEvents] = {}  # a choice's next delta without log-probabilities, encoded once
+
+    def chunk(choices: list[dict]) -> dict:
+        return {**head, "object": shape.chunk_kind, "choices": choices}
+
+    def event(index: int, fields: dict, finish_reason: str | None = None) -> str:
+        return sse(chunk([{"index": index, **fields, "finish_reason": finish_reason}]))
+
+    def new_logprobs(index: int) -> list[TokenLogprob]:
+        call = completion.calls[index]
+        entries, sent[index] = call.logprobs[sent[index]:], len(call.logprobs)
+        return entries
+
+    def first(index: int, text: str) -> str:
+        started[index] = True
+        opening = shape.opening(index, completion.calls[index])
+        return ("" if opening is None else event(index, opening)) + event(
+            index, shape.delta(index, text, opening is None, new_logprobs(index)))
+
+    def next_delta(index: int, text: str) -> str:
+        if shape.logprobs:
+            return event(index, shape.delta(index, text, False, new_logprobs(index)))
+        if index not in plain:
+            plain[index] = DeltaEvents(lambda text: chunk([{"index": index, **shape.delta(index, text, False, []),
+                                                            "finish_reason": None}]))
+        return plain[index](text)
+
+    try:
+        async for index, text in completion.deltas():
+            yield next_delta(index, text) if started[index] else first(index, text)
+        last = [first(index, "") if not started[index] else "" for index in range(count)]
+        last += [event(index, shape.delta(index, "", False, new_logprobs(index)), call.finish_reason)
+                 for index, call in enumerate(completion.calls)]
+        if include_usage:
+            last.append(sse({**chunk([]), "usage": usage(completion)}))
+    except CallFailedError as exc:  # the status (200) is sent: the error goes as the stream's last event
+        last = [sse({"error": {"message": exc.message, "type": type(exc).__name__, "field": exc.field}})]
+    yield "".join(last) + "data: [DONE]\n\n"  # the stream's last events in one write
 
 
 class CompletionStream(StreamingResponse):
@@ -126,9 +224,12 @@ class CompletionStream(StreamingResponse):
 
 
 def usage(completion: Completion) -> dict:
-    call = completion.call
-    return {"prompt_tokens": call.prompt_tokens, "completion_tokens": call.completion_tokens,
-            "total_tokens": call.prompt_tokens + call.completion_tokens}
+    """The request's tokens: each prompt's once, however many choices fork it, and every choice's own."""
+    prompts, choices = completion.prompt_calls, completion.calls
+    prompt_tokens, completion_tokens = sum(c.prompt_tokens for c in prompts), sum(c.completion_tokens for c in choices)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": sum(c.cached_tokens for c in prompts)}}
 
 
 def sse(payload: dict) -> str:

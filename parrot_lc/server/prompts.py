@@ -55,9 +55,12 @@ class Prompts:
     """The model's tokenizer as calls use it; `max_prefixes` constant prefixes' ids are kept (as many as an
     engine keeps warm prefix contexts: the ones in use)."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase | None, max_context: int, max_prefixes: int) -> None:
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase | None, max_context: int, max_prefixes: int, vocab_size: int
+    ) -> None:
         self.tokenizer = tokenizer
         self.max_context = max_context
+        self.vocab_size = vocab_size
         self.decode = text_decoder(tokenizer) if tokenizer is not None else lambda ids: ""
         self._prefix_tokens = PrefixTokens(self.tokenize, max_prefixes, max_context)
         # Special tokens that a text may be split before (one that strips the spaces before it may not), and
@@ -83,6 +86,18 @@ class Prompts:
             return self._prefix_tokens(head) + self.tokenizer(rest, add_special_tokens=False).input_ids
         return self.tokenizer(text).input_ids
 
+    def detokenize(self, token_ids: list[int]) -> str:
+        """The text of token ids a client sent (a prompt, a detokenize request): special tokens written out, as
+        the ids stand for them."""
+        return self.tokenizer.decode(token_ids)
+
+    def check_token_ids(self, token_ids: list[int], field: str) -> None:
+        """Refuses ids outside the model's vocabulary, naming the first (`field`.index)."""
+        bad = next((i for i, token in enumerate(token_ids) if not 0 <= token < self.vocab_size), None)
+        if bad is not None:
+            raise ServerError(f"token id {token_ids[bad]} is not in the model's vocabulary [0, {self.vocab_size})",
+                              f"{field}.{bad}")
+
     def continuation(self, text: str) -> list[int]:
         """The token ids of text that goes on a prompt (no special tokens of the start)."""
         return self.tokenizer(text, add_special_tokens=False).input_ids if text else []
@@ -100,7 +115,7 @@ class Prompts:
         if max_tokens is not None and max_tokens > room:
             raise ServerError(f"max_tokens is {max_tokens}, but the prompt ({count} tokens) leaves room for {room} "
                               f"in the model's context of {self.max_context}", "max_tokens")
-        return min(max_tokens or DEFAULT_MAX_TOKENS, room)
+        return min(DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens, room)
 
     @staticmethod
     def segments(session: Session, call: Call) -> list[Segment]:

@@ -12,6 +12,7 @@ import httpx
 from parrot_lc.engine import errors as engine_errors
 from parrot_lc.engine.engine import EngineStats
 from parrot_lc.engine.errors import EngineUnavailableError
+from parrot_lc.engine.logprobs import TokenLogprob
 from parrot_lc.engine.request import RequestOutput
 from parrot_lc.engine.sampling import SamplingParams
 
@@ -89,8 +90,12 @@ class RemoteEngine:
                     event = json.loads(line)
                     if "error" in event:
                         _raise_typed(event["error"])
+                    prompt_logprobs = event["prompt_logprobs"]
                     yield RequestOutput(0, context_id, event["token_ids"], event["text"], event["finished"],
-                                        event["finish_reason"])
+                                        event["finish_reason"], cached_tokens=event["cached_tokens"],
+                                        logprobs=[TokenLogprob.from_wire(entry) for entry in event["logprobs"]],
+                                        prompt_logprobs=None if prompt_logprobs is None else
+                                        [TokenLogprob.from_wire(entry) for entry in prompt_logprobs])
         except httpx.TransportError as exc:
             raise EngineUnavailableError(f"engine {self.url} lost mid-generation: {exc!r}") from exc
 

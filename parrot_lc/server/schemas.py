@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import itertools
 import json
-from typing import Any, Literal
+from abc import abstractmethod
+from typing import Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -12,12 +13,14 @@ from pydantic import (
     Field,
     HttpUrl,
     NonNegativeInt,
+    StrictInt,
     TypeAdapter,
     field_validator,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
 
+from parrot_lc.engine.logprobs import MAX_LOGPROBS
 from parrot_lc.engine.sampling import SamplingParams
 
 # Error types of the validators here that the HTTP layer answers with 400, not 422 (parrot_lc/server/responses.py):
@@ -75,6 +78,15 @@ class Sampling(StrictModel):
 
     def to_params(self) -> SamplingParams:
         return SamplingParams(**{**self.model_dump(), "stop": tuple(self.stop), "stop_token_ids": tuple(self.stop_token_ids)})
+
+
+class EngineSampling(Sampling):
+    """Sampling settings as the manager sends them to an engine process: with log-probabilities, which only the
+    OpenAI-compatible routes ask for (SamplingParams.logprobs, prompt_logprobs)."""
+
+    max_tokens: int = Field(128, ge=0)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
 
 class TemplatePiece(StrictModel):
@@ -189,6 +201,7 @@ class EngineStatsBody(RequestModel):
     prefill_tokens: NonNegativeInt = 0
     decode_tokens: NonNegativeInt = 0
     reused_tokens: NonNegativeInt = 0
+    cached_tokens: NonNegativeInt = 0
     kv_blocks_used: NonNegativeInt = 0
     kv_blocks_free: NonNegativeInt = 0
     num_running: NonNegativeInt = 0
@@ -233,13 +246,15 @@ class EngineRef(BaseModel):
 # refused (400) rather than silently ignored. Other fields that the server does not know (`user`, `metadata`,
 # `store`, `service_tier`, `parallel_tool_calls`...) change nothing of the answer: ignored, as vLLM does.
 UNIMPLEMENTED: dict[str, tuple[Any, ...]] = {
-    "n": (None, 1), "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""), "logprobs": (None, False),
-    "top_logprobs": (None, 0), "logit_bias": (None, {}), "presence_penalty": (None, 0, 0.0),
+    "suffix": (None, ""), "logit_bias": (None, {}), "presence_penalty": (None, 0, 0.0),
     "frequency_penalty": (None, 0, 0.0), "repetition_penalty": (None, 1, 1.0), "min_p": (None, 0, 0.0),
     "response_format": (None, {"type": "text"}), "tools": (None, []), "tool_choice": (None, "none"),
     "functions": (None, []), "function_call": (None, "none"), "modalities": (None, ["text"]), "audio": (None,),
     "prediction": (None,), "reasoning_effort": (None,), "web_search_options": (None,),
 }
+# A chat has no `echo` (a completion's field; vLLM's chat echo of the last message is not implemented).
+CHAT_UNIMPLEMENTED = {**UNIMPLEMENTED, "echo": (None, False)}
+MAX_CHOICES = 128  # choices one request may ask for (`n`; OpenAI's limit)
 
 
 def asks_for_nothing(value: Any, neutral: tuple[Any, ...]) -> bool:
@@ -270,27 +285,83 @@ class OpenAISampling(RequestModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
     ignore_eos: bool = Field(False, description="keep generating past EOS up to max_tokens (as vLLM's extension)")
+    n: int = Field(1, ge=1, description=f"choices of each prompt, at most {MAX_CHOICES}: the prompt is filled once "
+                   "and forked; with a seed, choice i samples with seed + i")
+    best_of: int | None = Field(None, ge=1, description="only as many as `n` (no choice is generated to be dropped)")
+
+    unimplemented: ClassVar[dict[str, tuple[Any, ...]]] = UNIMPLEMENTED
 
     @model_validator(mode="before")
     @classmethod
     def refuse_unimplemented(cls, data: Any) -> Any:
-        """Refuses a field of UNIMPLEMENTED that asks for something, naming it."""
-        for name, neutral in UNIMPLEMENTED.items():
+        """Refuses a field of the class's `unimplemented` that asks for something, naming it."""
+        for name, neutral in cls.unimplemented.items():
             if isinstance(data, dict) and name in data and not asks_for_nothing(data[name], neutral):
                 values = " or ".join(json.dumps(n) for n in neutral if n is not None)
                 raise not_supported(name, "not supported by this server yet: leave it out"
                                     + (f", or send {values}" if values else ""))
         return data
 
+    @model_validator(mode="after")
+    def choices_within_limits(self) -> "OpenAISampling":
+        if self.n > MAX_CHOICES:
+            raise not_supported("n", f"at most {MAX_CHOICES} choices a request (OpenAI's limit)")
+        if self.best_of not in (None, self.n):
+            raise not_supported("best_of", "only best_of equal to n is supported: every choice generated is returned")
+        return self
+
     def to_params(self, max_tokens: int) -> SamplingParams:
         """The engine's sampling settings; `max_tokens` as the server settled it (see ParrotManager.check_prompt)."""
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
-                              top_k=max(self.top_k, 0), seed=self.seed, stop=tuple(stop), ignore_eos=self.ignore_eos)
+                              top_k=max(self.top_k, 0), seed=self.seed, stop=tuple(stop), ignore_eos=self.ignore_eos,
+                              **self.logprob_params())
+
+    @abstractmethod
+    def logprob_params(self) -> dict[str, int | None]:
+        """SamplingParams' `logprobs` and `prompt_logprobs`, as the endpoint's own fields ask for them."""
+
+
+def check_top_logprobs(field: str, value: int | None) -> None:
+    """Refuses more most likely tokens than OpenAI gives (400, as OpenAI answers)."""
+    if value is not None and value > MAX_LOGPROBS:
+        raise not_supported(field, f"at most {MAX_LOGPROBS} most likely tokens a position (OpenAI's limit)")
 
 
 class CompletionRequest(OpenAISampling):
-    prompt: str
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="a text or token ids, or a list of either: one choice per prompt (n each), in order")
+    max_tokens: int | None = Field(None, ge=0, description="0 only with `echo`: the prompt (and its logprobs) alone")
+    echo: bool = Field(False, description="the prompt before each choice's text (and its tokens' logprobs)")
+    logprobs: StrictInt | None = Field(None, ge=0, description=f"each token's log-probability and the k most likely "
+                                       f"tokens' (at most {MAX_LOGPROBS}); with `echo`, the prompt's tokens' too")
+
+    @field_validator("logprobs", mode="before")
+    @classmethod
+    def false_asks_for_none(cls, value: Any) -> Any:
+        """`logprobs: false`, which clients send for none (it was the neutral value before logprobs were
+        implemented), is no request for 0 most likely tokens."""
+        return None if value is False else value
+
+    @model_validator(mode="after")
+    def logprobs_within_limits(self) -> "CompletionRequest":
+        check_top_logprobs("logprobs", self.logprobs)
+        if self.max_tokens == 0 and not self.echo:
+            raise PydanticCustomError("echo_only", "max_tokens may be 0 only with echo: a completion of nothing",
+                                      {"field": "max_tokens"})
+        return self
+
+    def prompts(self) -> list[str | list[int]]:
+        """The request's prompts: the one it sends, or each of its list's."""
+        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
+            return [self.prompt]
+        return list(self.prompt)
+
+    def logprob_params(self) -> dict[str, int | None]:
+        # The engine computes the prompt for its log-probabilities to echo, or for an echo alone (max_tokens 0): a
+        # request that generates nothing ends once its prompt is computed.
+        prompt = self.logprobs if self.echo and self.logprobs is not None else 0 if self.max_tokens == 0 else None
+        return {"logprobs": self.logprobs, "prompt_logprobs": prompt}
 
 
 class TextPart(RequestModel):
@@ -333,3 +404,50 @@ class ChatMessage(RequestModel):
 class ChatCompletionRequest(OpenAISampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = Field(None, description="each generated token's log-probability")
+    top_logprobs: int | None = Field(None, ge=0, description=f"and the k most likely tokens' (at most {MAX_LOGPROBS}; "
+                                     "needs `logprobs`)")
+
+    unimplemented: ClassVar[dict[str, tuple[Any, ...]]] = CHAT_UNIMPLEMENTED
+
+    @model_validator(mode="after")
+    def logprobs_within_limits(self) -> "ChatCompletionRequest":
+        check_top_logprobs("top_logprobs", self.top_logprobs)
+        if self.top_logprobs and not self.logprobs:
+            raise PydanticCustomError("needs_logprobs", "top_logprobs needs logprobs: true", {"field": "top_logprobs"})
+        return self
+
+    def logprob_params(self) -> dict[str, int | None]:
+        return {"logprobs": (self.top_logprobs or 0) if self.logprobs else None, "prompt_logprobs": None}
+
+
+class TokenizeRequest(RequestModel):
+    """A prompt, or chat messages, to tokenize as the completion routes do (vLLM's /tokenize)."""
+
+    model: str | None = Field(None, description="the served model, as GET /v1/models names it; unset: that one")
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_generation_prompt: bool = Field(True, description="messages: end with the start of the assistant's turn")
+    add_special_tokens: bool = Field(True, description="the tokenizer's own special tokens (a BOS), which the "
+                                     "completion routes add to prompts and rendered messages alike")
+
+    @model_validator(mode="after")
+    def prompt_or_messages(self) -> "TokenizeRequest":
+        if (self.prompt is None) == (self.messages is None):
+            raise PydanticCustomError("prompt_or_messages", "send either `prompt` or `messages`", {"field": "prompt"})
+        return self
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int]
+    count: int
+    max_model_len: int  # the model's context, in tokens
+
+
+class DetokenizeRequest(RequestModel):
+    model: str | None = Field(None, description="the served model, as GET /v1/models names it; unset: that one")
+    tokens: list[int] = Field(description="token ids of the model's vocabulary")
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str

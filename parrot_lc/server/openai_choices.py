@@ -1,0 +1,135 @@
+"""The choices of OpenAI's responses, whole or streamed, in the shape of each endpoint: a chat's message and
+deltas, a completion's text (after its echoed prompt); and their log-probabilities, from the engine's
+TokenLogprobs: a chat's `content` list (each token with its bytes and its most likely alternatives) and the
+completions' parallel lists (`tokens`, `token_logprobs`, `top_logprobs`, `text_offset`), as vLLM gives them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import PreTrainedTokenizerBase
+
+from parrot_lc.engine.logprobs import TokenLogprob
+from parrot_lc.server.graph import Call
+
+# What OpenAI gives for a log-probability of minus infinity (JSON has no infinity).
+MIN_LOGPROB = -9999.0
+
+
+class TokenTexts:
+    """Each token's text (its decode alone, special tokens written out), decoded once: a response with top
+    log-probabilities names thousands of tokens, most of them the same few."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self._tokenizer = tokenizer
+        self._texts: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        text = self._texts.get(token_id)
+        if text is None:
+            text = self._texts[token_id] = self._tokenizer.decode([token_id])
+        return text
+
+
+def finite(logprob: float) -> float:
+    return max(logprob, MIN_LOGPROB)
+
+
+def chat_logprobs(entries: list[TokenLogprob], texts: TokenTexts) -> dict:
+    """A chat choice's (or chunk's) `logprobs`: {"content": [{token, logprob, bytes, top_logprobs}]}."""
+
+    def token(token_id: int, logprob: float) -> dict:
+        text = texts(token_id)
+        return {"token": text, "logprob": finite(logprob), "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [{**token(entry.token_id, entry.logprob),
+                         "top_logprobs": [token(token_id, logprob) for token_id, logprob in entry.top]}
+                        for entry in entries]}
+
+
+def completion_logprobs(entries: list[TokenLogprob], texts: TokenTexts, offset: int = 0) -> dict:
+    """A completion choice's (or chunk's) `logprobs`, its first token at character `offset` of the choice's text.
+    A position's `top_logprobs` holds its top tokens and the token itself (as vLLM's: `logprobs: 0` still names
+    it); a prompt's first token has none (null)."""
+    tokens = [texts(entry.token_id) for entry in entries]
+    offsets = []
+    for text in tokens:
+        offsets.append(offset)
+        offset += len(text)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [None if entry.logprob is None else finite(entry.logprob) for entry in entries],
+        "top_logprobs": [top_logprobs(entry, text, texts) for entry, text in zip(entries, tokens)],
+        "text_offset": offsets,
+    }
+
+
+def top_logprobs(entry: TokenLogprob, text: str, texts: TokenTexts) -> dict[str, float] | None:
+    """A position's top tokens by their text, and the token itself (`text`); None where it has no log-probability."""
+    if entry.logprob is None:
+        return None
+    top = {texts(token_id): finite(logprob) for token_id, logprob in entry.top}
+    top.setdefault(text, finite(entry.logprob))
+    return top
+
+
+@dataclass
+class ChatChoices:
+    """The choices of /v1/chat/completions: an assistant message each; streamed, deltas whose first names the
+    role."""
+
+    texts: TokenTexts
+    logprobs: bool  # asked for
+    kind = "chat.completion"
+    chunk_kind = "chat.completion.chunk"
+    id_prefix = "chatcmpl"
+
+    def whole(self, choice: int, call: Call, text: str) -> dict:
+        """A choice's fields but its index and finish reason."""
+        return {"message": {"role": "assistant", "content": text},
+                "logprobs": chat_logprobs(call.logprobs, self.texts) if self.logprobs else None}
+
+    def opening(self, choice: int, call: Call) -> dict | None:
+        """The fields of a chunk before the choice's first delta: none (the first delta names the role)."""
+        return None
+
+    def delta(self, choice: int, text: str, first: bool, entries: list[TokenLogprob]) -> dict:
+        """A chunk's fields for the choice's next `text` and the log-probabilities of its tokens (`entries`)."""
+        return {"delta": {"role": "assistant", "content": text} if first else {"content": text},
+                "logprobs": chat_logprobs(entries, self.texts) if self.logprobs else None}
+
+
+@dataclass
+class TextChoices:
+    """The choices of /v1/completions: a text each, after its prompt where the request echoes it; streamed, the
+    echoed prompt is the choice's first chunk."""
+
+    texts: TokenTexts
+    logprobs: bool  # asked for
+    echoes: list[str] | None  # each choice's prompt text, where the request echoes it
+    offsets: dict[int, int] = field(default_factory=dict)  # streamed: each choice's characters so far (text_offset)
+    kind = "text_completion"
+    chunk_kind = "text_completion"
+    id_prefix = "cmpl"
+
+    def whole(self, choice: int, call: Call, text: str) -> dict:
+        """A choice's fields but its index and finish reason."""
+        echo = self.echoes[choice] if self.echoes is not None else None
+        entries = call.logprobs if echo is None else (call.prompt_logprobs or []) + call.logprobs
+        return {"text": (echo or "") + text,
+                "logprobs": completion_logprobs(entries, self.texts) if self.logprobs else None}
+
+    def opening(self, choice: int, call: Call) -> dict | None:
+        """The fields of a chunk before the choice's first delta: the echoed prompt, if the request echoes it."""
+        if self.echoes is None:
+            return None
+        return self.delta(choice, self.echoes[choice], True, call.prompt_logprobs or [])
+
+    def delta(self, choice: int, text: str, first: bool, entries: list[TokenLogprob]) -> dict:
+        """A chunk's fields for the choice's next `text` and the log-probabilities of its tokens (`entries`)."""
+        if not self.logprobs:
+            return {"text": text, "logprobs": None}
+        offset = self.offsets.get(choice, 0)
+        logprobs = completion_logprobs(entries, self.texts, offset)
+        self.offsets[choice] = offset + sum(len(token) for token in logprobs["tokens"])
+        return {"text": text, "logprobs": logprobs}

@@ -264,3 +264,19 @@ class TorchReferenceBackend(AttentionBackend):
 def _bias(mask: torch.Tensor) -> torch.Tensor:
     """An additive float32 mask: 0 where `mask` is True, -inf where it is False."""
     return torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
+def select_backend(name: str, device: torch.device) -> AttentionBackend:
+    """The attention backend a setting names. `auto`: on a GPU the CUDA decode kernel where the extension is
+    built (Triton for everything else), else Triton; the torch reference elsewhere."""
+    if name == "torch" or (name == "auto" and device.type != "cuda"):
+        return TorchReferenceBackend()
+    from parrot_lc.engine import cuda_attention
+    from parrot_lc.engine.triton_attention import TritonBackend
+
+    if name == "cuda" and (device.type != "cuda" or not cuda_attention.available()):
+        raise ValueError("attention_backend 'cuda' needs a CUDA device of sm_80 or newer and the parrot_lc._cuda "
+                         "extension (built by setup.py where torch has CUDA and nvcc is found)")
+    if name == "cuda" or (name == "auto" and cuda_attention.available()):
+        return cuda_attention.CudaBackend()
+    return TritonBackend()

@@ -64,7 +64,7 @@ class CudaBackend(TritonBackend):
     shapes allow it: each kernel where it measured faster. Over benchmarks/kernel_shared_prefix.py's cases (H200)
     the two were within about 10% of each other, the CUDA one ahead in 11 of 18 (all those of 256 sequences); in
     decode steps without groups (benchmarks/engine_decode.py, H100) the Triton one was faster at batch 1 and 64.
-    `auto` takes this backend where the extension is built (engine.select_backend)."""
+    `auto` takes this backend where the extension is built (attention.select_backend)."""
 
     name = "cuda"
 

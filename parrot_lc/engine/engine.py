@@ -10,11 +10,10 @@ from typing import Iterator
 
 import torch
 
-from parrot_lc.engine.attention import AttentionBackend, TorchReferenceBackend
+from parrot_lc.engine.attention import select_backend
 from parrot_lc.engine.block_allocator import BlockAllocator
 from parrot_lc.engine.block_cache import BlockCache
 from parrot_lc.engine.context import Context, ContextId, ContextTree, in_flight_token
-from parrot_lc.engine.cuda_graphs import DecodeGraphs
 from parrot_lc.engine.errors import (
     ContextBusyError,
     ContextNotFoundError,
@@ -37,7 +36,6 @@ from parrot_lc.settings import EngineSettings
 log = logging.getLogger("parrot_lc.engine")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-CPU_KV_CACHE_BYTES = 512 * 2**20
 
 
 @dataclass
@@ -94,22 +92,6 @@ class InFlightStep:
         return tokens, dict(zip(rows, entries))
 
 
-def select_backend(name: str, device: torch.device) -> AttentionBackend:
-    """The attention backend a setting names. `auto`: on a GPU the CUDA decode kernel where the extension is
-    built (Triton for everything else), else Triton; the torch reference elsewhere."""
-    if name == "torch" or (name == "auto" and device.type != "cuda"):
-        return TorchReferenceBackend()
-    from parrot_lc.engine import cuda_attention
-    from parrot_lc.engine.triton_attention import TritonBackend
-
-    if name == "cuda" and (device.type != "cuda" or not cuda_attention.available()):
-        raise ValueError("attention_backend 'cuda' needs a CUDA device of sm_80 or newer and the parrot_lc._cuda "
-                         "extension (built by setup.py where torch has CUDA and nvcc is found)")
-    if name == "cuda" or (name == "auto" and cuda_attention.available()):
-        return cuda_attention.CudaBackend()
-    return TritonBackend()
-
-
 class LLMEngine:
     """One model replica. Requests are submitted, then `step()` advances all of them by one batch.
 
@@ -138,25 +120,9 @@ class LLMEngine:
             self.eos_token_ids = tuple(sorted({*self.eos_token_ids, self.tokenizer.eos_token_id}))
         self._decode = text_decoder(self.tokenizer) if self.tokenizer is not None else None
 
-        cfg, bs = self.config, settings.block_size
-        block_bytes = cfg.num_layers * 2 * bs * cfg.num_kv_heads * cfg.head_dim * self.dtype.itemsize
-        num_blocks = max(1, self._kv_cache_bytes() // block_bytes)
-        # One block more than the allocator hands out: padding rows of CUDA graphs write their KV there.
-        kv_cache = torch.zeros(
-            cfg.num_layers, 2, num_blocks + 1, bs, cfg.num_kv_heads, cfg.head_dim, dtype=self.dtype, device=self.device
-        )
-        self.backend.warm_up(cfg.num_heads, kv_cache[0, 0], kv_cache[0, 1], cfg.sliding_window)
-        graphs = None
-        if settings.cuda_graphs and self.device.type == "cuda" and self.backend.decodes_in_graphs:
-            graphs = DecodeGraphs(self.model, kv_cache, bs, settings.max_num_seqs, dummy_slot=num_blocks * bs)
-            graphs.capture_all()
-        # A sliding-window model's decode steps read shared prefixes in the prefill path's second pass, so they
-        # take the threshold of steps with prefill chunks.
-        decode_threshold = (self.backend.min_shared_elements_decode if cfg.sliding_window is None
-                            else self.backend.min_shared_elements)
-        self.runner = ModelRunner(self.model, kv_cache, bs, graphs, (decode_threshold, self.backend.min_shared_elements))
-        self.allocator = BlockAllocator(num_blocks, BlockCache() if settings.prefix_caching else None)
-        self.tree = ContextTree(self.allocator, bs, self.runner.copy_block)
+        self.runner = ModelRunner.create(self.model, self.config, self.backend, settings, self.device, self.dtype)
+        self.allocator = BlockAllocator(self.runner.num_blocks, BlockCache() if settings.prefix_caching else None)
+        self.tree = ContextTree(self.allocator, settings.block_size, self.runner.copy_block)
         self.scheduler = Scheduler(self.tree, settings.max_num_batched_tokens, settings.max_num_seqs,
                                    settings.background_prefill_tokens)
         self.sampler = Sampler(settings.seed, self.device)
@@ -168,14 +134,6 @@ class LLMEngine:
         self.decode_tokens = 0
         self.num_steps = 0
         self._step_log = StepLog(settings.step_log) if settings.step_log is not None else None
-
-    def _kv_cache_bytes(self) -> int:
-        if self.settings.kv_cache_bytes is not None:
-            return self.settings.kv_cache_bytes
-        if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            return int(free * self.settings.kv_cache_memory_fraction)
-        return CPU_KV_CACHE_BYTES
 
     @property
     def capacity_tokens(self) -> int:

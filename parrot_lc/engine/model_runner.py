@@ -1,4 +1,5 @@
-"""Turns a step's chunks into one flattened batch, runs the model over the paged cache, keeps the logits."""
+"""The model over its paged KV cache: built once (the cache sized and allocated, the attention backend warmed up,
+CUDA graphs captured), then each step's chunks turned into one flattened batch and run, the logits kept."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from parrot_lc.engine.attention import AttentionMetadata, SharedPrefix
+from parrot_lc.engine.attention import AttentionBackend, AttentionMetadata, SharedPrefix
 from parrot_lc.engine.context import in_flight_row
 from parrot_lc.engine.cuda_graphs import DecodeGraphs, SharedGroup
 from parrot_lc.engine.host_to_device import to_device
+from parrot_lc.engine.model_config import ModelConfig
 from parrot_lc.engine.models.llama import LlamaForCausalLM
 from parrot_lc.engine.scheduler import ScheduledChunk
+from parrot_lc.settings import EngineSettings
 
 
 @dataclass
@@ -30,6 +33,18 @@ class StepInputs:
 
 
 BLOCK_COPIES_PER_LAUNCH = 16  # blocks gathered at once: 16 x 8 MiB for Llama-2-7B's 32 layers
+CPU_KV_CACHE_BYTES = 512 * 2**20
+
+
+def kv_cache_bytes(settings: EngineSettings, device: torch.device) -> int:
+    """The KV cache's size: the setting's, else a fraction of the GPU memory left after the weights, else 512 MiB
+    on a CPU."""
+    if settings.kv_cache_bytes is not None:
+        return settings.kv_cache_bytes
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * settings.kv_cache_memory_fraction)
+    return CPU_KV_CACHE_BYTES
 
 
 class ModelRunner:
@@ -47,6 +62,34 @@ class ModelRunner:
         self.kv_elements_per_token = kv_cache.shape[-2] * kv_cache.shape[-1]  # Hkv x D, in one layer's K
         self._block_copies: dict[int, int] = {}  # destination block -> source block, for copies not made yet
         self.min_shared_elements_decode, self.min_shared_elements = min_shared_elements
+
+    @classmethod
+    def create(cls, model: LlamaForCausalLM, config: ModelConfig, backend: AttentionBackend, settings: EngineSettings,
+               device: torch.device, dtype: torch.dtype) -> ModelRunner:
+        """What a model replica needs before its first step: the KV cache sized and allocated, the attention
+        backend warmed up, decode steps captured in CUDA graphs (where they run in graphs)."""
+        cfg, bs = config, settings.block_size
+        block_bytes = cfg.num_layers * 2 * bs * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
+        num_blocks = max(1, kv_cache_bytes(settings, device) // block_bytes)
+        # One block more than the allocator hands out: padding rows of CUDA graphs write their KV there.
+        kv_cache = torch.zeros(
+            cfg.num_layers, 2, num_blocks + 1, bs, cfg.num_kv_heads, cfg.head_dim, dtype=dtype, device=device
+        )  # (L, 2, num_blocks + 1, block_size, Hkv, D)
+        backend.warm_up(cfg.num_heads, kv_cache[0, 0], kv_cache[0, 1], cfg.sliding_window)
+        graphs = None
+        if settings.cuda_graphs and device.type == "cuda" and backend.decodes_in_graphs:
+            graphs = DecodeGraphs(model, kv_cache, bs, settings.max_num_seqs, dummy_slot=num_blocks * bs)
+            graphs.capture_all()
+        # A sliding-window model's decode steps read shared prefixes in the prefill path's second pass, so they
+        # take the threshold of steps with prefill chunks.
+        decode_threshold = (backend.min_shared_elements_decode if cfg.sliding_window is None
+                            else backend.min_shared_elements)
+        return cls(model, kv_cache, bs, graphs, (decode_threshold, backend.min_shared_elements))
+
+    @property
+    def num_blocks(self) -> int:
+        """The blocks the allocator hands out (the cache's last one is CUDA graphs' padding)."""
+        return self.kv_cache.shape[2] - 1
 
     def copy_block(self, src: int, dst: int) -> None:
         """Copies a block's KV in every layer, before the next run reads or writes the cache: the copies of a

@@ -25,6 +25,10 @@ import transformers  # noqa: E402
 from parrot_lc.engine import LLMEngine, SamplingParams
 from parrot_lc.settings import EngineSettings
 
+ROOT = Path(__file__).resolve().parent.parent  # the repository: tests live a folder below it, by layer
+# Tests that need a GPU: `pytest -m gpu` selects them on the device machine; elsewhere they are skipped.
+GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run through the device tool)")]
+
 HF_CONFIGS = {
     "llama-head-dim-64": lambda: transformers.LlamaConfig(  # a head dim the CUDA decode kernel takes
         vocab_size=512, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
@@ -181,6 +185,38 @@ def client(parrot_server):
     """An HTTP client of the shared test server."""
     with httpx.Client(base_url=parrot_server, timeout=60) as c:
         yield c
+
+
+@pytest.fixture
+def graphs_sent() -> list[list[dict]]:
+    """The graphs that `parrot_llm` and `chat_parrot` submit during the test (the `calls` of each request)."""
+    return []
+
+
+def _recording_hooks(graphs_sent: list[list[dict]]) -> dict:
+    def record(request: httpx.Request) -> None:
+        if request.url.path.endswith("/calls") and request.method == "POST":
+            graphs_sent.append(json.loads(request.content)["calls"])
+
+    return {"event_hooks": {"request": [record]}}
+
+
+@pytest.fixture
+def parrot_llm(parrot_server, graphs_sent):
+    """ParrotLLM on the shared test server: greedy, 4 tokens a call; its graphs land in `graphs_sent`."""
+    from parrot_lc import ParrotLLM
+
+    return ParrotLLM(base_url=parrot_server, max_tokens=4, temperature=0,
+                     sync_client_kwargs=_recording_hooks(graphs_sent))
+
+
+@pytest.fixture
+def chat_parrot(parrot_server, graphs_sent):
+    """ChatParrot on the shared test server: greedy, 4 tokens a call; its graphs land in `graphs_sent`."""
+    from parrot_lc import ChatParrot
+
+    return ChatParrot(base_url=parrot_server, max_tokens=4, temperature=0,
+                      sync_client_kwargs=_recording_hooks(graphs_sent))
 
 
 @pytest.fixture(scope="module")

@@ -80,6 +80,7 @@ def test_sampled_tokens_logprobs_are_the_log_softmax_of_their_logits(tiny):
         assert [lp for _, lp in entry.top] == sorted((lp for _, lp in entry.top), reverse=True)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run through the device tool)")
 def test_logprobs_with_cuda_graphs_and_overlapped_steps_equal_the_references(make_engine):
     """Sampled tokens' log-probabilities come back with their tokens a step later, and decode steps replay CUDA

@@ -4,17 +4,17 @@ functions of benchmarks/load.py, all complete and none is lost; a full queue ans
 import asyncio
 import importlib.util
 import sys
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
+from conftest import ROOT
 from parrot_lc.server.local import LocalServer
 from parrot_lc.settings import EngineSettings, ServerSettings
 
 # The script itself, not a copy of it: benchmarks/ is not a package, so it is loaded from its file.
-SPEC = importlib.util.spec_from_file_location("benchmarks_load", Path(__file__).parent.parent / "benchmarks" / "load.py")
+SPEC = importlib.util.spec_from_file_location("benchmarks_load", ROOT / "benchmarks" / "load.py")
 load = sys.modules["benchmarks_load"] = importlib.util.module_from_spec(SPEC)
 SPEC.loader.exec_module(load)
 

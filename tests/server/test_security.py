@@ -1,7 +1,7 @@
 """Security promises: loopback by default, API keys (flag or file, constant-time) on every endpoint but /health,
 /metrics optionally open, sessions isolated by their own tokens with unguessable ids, limits on bodies and
-prompts, and remote engines only with the engine key, at URLs that answer as engines. (The key on every endpoint: tests/test_server_engines.py; another session's token is 403 and an
-oversized declared body is 413: tests/test_server_api.py.)"""
+prompts, and remote engines only with the engine key, at URLs that answer as engines. (The key on every endpoint: tests/server/test_server_engines.py; another session's token is 403 and an
+oversized declared body is 413: tests/server/test_server_api.py.)"""
 
 import socket
 import time

@@ -1,12 +1,12 @@
-"""The examples: deferred runs give the eager text, and map-reduce reaches the server as one graph whose map
-calls share their prefix."""
+"""The examples: deferred runs give the eager text, and map-reduce's map calls reach the server as one graph that
+shares their prefix."""
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from conftest import ROOT
 from parrot_lc import ParrotLLM
 from parrot_lc.engine.errors import ModelLoadError
 from parrot_lc.engine.gguf_checkpoint import smollm2_gguf_path
@@ -14,7 +14,7 @@ from parrot_lc.integrations.langchain import deferred
 from parrot_lc.server.local import LocalServer
 from parrot_lc.settings import EngineSettings
 
-EXAMPLES = Path(__file__).parent.parent / "examples"
+EXAMPLES = ROOT / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
 import chain_summary  # noqa: E402
@@ -37,15 +37,15 @@ def test_deferred_run_gives_the_eager_text(llm, example, chain_input):
     assert deferred(example.build_chain(llm)).invoke(chain_input) == example.build_chain(llm).invoke(chain_input)
 
 
-def test_map_reduce_is_one_graph_whose_map_calls_share_their_prefix(llm, local_server):
+def test_map_reduce_map_calls_are_one_graph_sharing_their_prefix(llm, local_server):
+    """The map calls go to the server as one graph and share the instruction they begin with; the reduce step joins
+    their texts in Python, so it waits for them and its call goes in a second graph."""
     runnable = deferred(map_reduce_summary.build_chain(llm))
     before = local_server.manager.engines[0].engine.stats().reused_tokens
     runnable.invoke(DOCUMENT)
-    graph = runnable.last_graph
-    reduce_call = next(c for c in graph if c["latency_critical"])
-    maps = [c for c in graph if c is not reduce_call]
-    assert len(maps) >= 2 and len(reduce_call["inputs"]) == len(maps)  # the reduce reads every map output
-    assert {c["task_group"] for c in maps} == {f"group:{reduce_call['call_id']}"}
+    *maps, reduce_call = runnable.last_run.graph
+    assert runnable.last_run.submissions == 2 and len(maps) >= 2
+    assert reduce_call["inputs"] == [] and reduce_call["latency_critical"]  # its prompt holds the maps' text
     instruction = len(llm_tokens(local_server, map_reduce_summary.MAP_PROMPT.template.split("{chunk}")[0]))
     reused = local_server.manager.engines[0].engine.stats().reused_tokens - before
     assert reused >= len(maps) * (instruction - 1)

@@ -1,6 +1,6 @@
 """Faults on a real server (loopback): clients that go away, calls cancelled through the API, and a KV cache
 filled to the brim. Work is never lost and KV blocks never leak. (An engine process killed or hung mid-graph:
-tests/test_engine_failover.py.)"""
+tests/server/test_engine_failover.py.)"""
 
 import time
 

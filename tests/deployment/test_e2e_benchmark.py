@@ -8,8 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
-BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+BENCHMARKS = ROOT / "benchmarks"
 SCRIPT = BENCHMARKS / "e2e.py"
 TIMELINE = importlib.util.spec_from_file_location("step_timeline", BENCHMARKS / "step_timeline.py")
 step_timeline = importlib.util.module_from_spec(TIMELINE)

@@ -5,9 +5,10 @@ import time
 import pytest
 import torch
 
+from conftest import GPU
 from parrot_lc.engine import SamplingParams, cuda_attention
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run through the device tool)")
+pytestmark = GPU
 
 
 @pytest.fixture(params=["triton", "cuda"])

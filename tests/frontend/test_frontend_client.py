@@ -220,3 +220,22 @@ def test_completion_errors_are_typed_whole_streamed_or_unreachable(client):
     failing = httpx.MockTransport(lambda request: httpx.Response(503, json={"error": {"message": "draining"}}))
     with pytest.raises(ServerFailure, match="draining"):
         ParrotClient("http://parrot.test", transport=failing).complete("Hi")
+
+
+def test_the_served_models_tokenizer_sync_and_async(client, local_server):
+    tokenizer = local_server.manager.tokenizer
+    text, messages = "The parrot said hello.", [{"role": "user", "content": "Hi"}]
+    assert client.tokenize(text) == tokenizer(text).input_ids
+    assert client.tokenize(text, add_special_tokens=False) == tokenizer(text, add_special_tokens=False).input_ids
+    chat = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    rendered = client.tokenize(messages=messages, add_special_tokens=False)
+    assert client.detokenize(rendered) == chat
+    assert len(client.tokenize(messages=messages)) == client.chat(messages, **GREEDY).usage["prompt_tokens"]
+    with pytest.raises(TypeError, match="a prompt or messages"):
+        client.tokenize()
+
+    async def run() -> tuple[list[int], str]:
+        async with AsyncParrotClient(client.base_url, timeout=60) as aclient:
+            return await aclient.tokenize(text), await aclient.detokenize(rendered)
+
+    assert asyncio.run(run()) == (tokenizer(text).input_ids, chat)

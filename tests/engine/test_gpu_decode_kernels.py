@@ -10,11 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import GPU
 from decode_cases import make_batch, reference
 from parrot_lc.engine import cuda_attention
 from parrot_lc.engine.triton_decode import decode_attention
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="runs on a GPU")
+pytestmark = GPU
 KERNELS = {"cuda": cuda_attention.cuda_decode_attention, "triton": decode_attention}
 
 

@@ -5,11 +5,11 @@ import os
 import re
 import shlex
 import subprocess
-from pathlib import Path
 
 import pytest
 import yaml
 
+from conftest import ROOT
 from parrot_lc.cli import build_parser
 from parrot_lc.settings import (
     ConfigFileSettings,
@@ -19,7 +19,6 @@ from parrot_lc.settings import (
     ServerSettings,
 )
 
-ROOT = Path(__file__).parent.parent
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
 COMPOSE = yaml.safe_load((ROOT / "compose.yaml").read_text())
 # The settings (so the environment variables) of each command a container may run.

@@ -5,7 +5,7 @@ import signal
 import httpx
 import pytest
 
-from conftest import Served
+from conftest import ROOT, Served
 
 
 def test_serve_starts_a_server_on_loopback_that_answers_and_stops_on_sigterm(tmp_path):
@@ -32,7 +32,7 @@ def test_the_readme_settings_table_is_the_generated_one():
 
     from parrot_lc.settings import settings_table
 
-    assert settings_table() in (Path(__file__).parent.parent / "README.md").read_text()
+    assert settings_table() in (ROOT / "README.md").read_text()
 
 
 def test_a_model_that_cannot_be_loaded_is_a_one_line_error(tmp_path, capsys):

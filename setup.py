@@ -71,7 +71,9 @@ setup(
         # matplotlib and aiohttp: the benchmarks (their smoke runs are tests)
         "test": ["pytest>=8", "matplotlib>=3.8", "aiohttp>=3.9", "hypothesis>=6.100", "accelerate>=1.0",
                  "openai>=1.40", "langchain-tests>=1.1.9,<2", "pytest-asyncio>=0.23", "langchain-text-splitters>=1.0",
-                 "schemathesis>=4.0,<5"],
+                 "schemathesis>=4.0,<5",
+                 # deferred runs of langchain-classic chains and LangGraph graphs (both on langchain-core 1.x)
+                 "langchain-classic>=1.0,<2", "langgraph>=1.0,<2"],
         "examples": ["langchain-text-splitters>=1.0"],
     },
     entry_points={"console_scripts": ["parrot-lc=parrot_lc.cli:main"]},

@@ -67,7 +67,10 @@ def compare(build_chain: Callable[[ParrotLLM], Runnable], llm: ParrotLLM, chain_
     lazy = runnable.invoke(chain_input)
     deferred_s = time.perf_counter() - started
     print(f"Result (deferred):\n{lazy}\n")
-    print(f"Graph submitted:\n{describe_graph(runnable.last_graph or [])}")
+    run = runnable.last_run
+    print(f"Graph submitted, in {run.submissions} request(s):\n{describe_graph(run.graph)}")
+    if run.waits:
+        print("Waits:\n" + "\n".join(f"  {wait}" for wait in run.waits))
     print(f"Prefix tokens reused by the deferred run: {reused_tokens(llm) - before:.0f}")
     print(f"Time: eager {eager_s:.2f} s, deferred {deferred_s:.2f} s; same text: {eager == lazy}")
     return eager, lazy

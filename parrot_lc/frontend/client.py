@@ -1,10 +1,11 @@
 """Clients of a Parrot server: `ParrotClient` (sync, httpx.Client) and `AsyncParrotClient` (httpx.AsyncClient).
 
-Both open sessions (variables, semantic function calls, graphs, fetches go through a session) and ask the
-OpenAI-compatible API for completions and chat replies, whole or streamed. Every operation is written once, as
-request steps (`parrot_lc.frontend.api`); a client only runs them, and each client's driver is the one place where
-it meets HTTP: server errors become the typed exceptions of `parrot_lc.frontend.errors`, with the server's message,
-and so do failures of the connection. For a server in this process, see `parrot_lc.frontend.inprocess.connect`.
+Both open sessions (variables, semantic function calls, graphs, fetches go through a session), ask the
+OpenAI-compatible API for completions and chat replies, whole or streamed, and the served model's tokenizer for token
+ids (`tokenize`, `detokenize`). Every operation is written once, as request steps (`parrot_lc.frontend.api`); a
+client only runs them, and each client's driver is the one place where it meets HTTP: server errors become the typed
+exceptions of `parrot_lc.frontend.errors`, with the server's message, and so do failures of the connection. For a
+server in this process, see `parrot_lc.frontend.inprocess.connect`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from parrot_lc.frontend.completions import (
 from parrot_lc.frontend.errors import ParrotConnectionError, ParrotError, RequestTimeoutError, response_body
 from parrot_lc.frontend.events import EventParser
 from parrot_lc.frontend.session import AsyncSession, Session
+from parrot_lc.frontend.tokens import detokenize_steps, tokenize_steps
 
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_MAX_RETRIES = 2
@@ -123,6 +125,19 @@ class ParrotClient(_ClientBase):
         """`chat()`, streamed: its pieces as the server generates them (the last one with the usage)."""
         return map(chat_piece_of, self._events(chat_request(messages, model, options, stream=True)))
 
+    def tokenize(self, prompt: str | None = None, *, messages: list[MessageDict] | None = None,
+                 model: str | None = None, add_special_tokens: bool = True,
+                 add_generation_prompt: bool = True) -> list[int]:
+        """The token ids of `prompt`, or of `messages` rendered with the model's chat template (ending with the
+        start of the assistant's turn unless `add_generation_prompt` is false), as the server's completions
+        tokenize them: with the tokenizer's own special tokens (a BOS) unless `add_special_tokens` is false
+        (`POST /tokenize`)."""
+        return self._drive(tokenize_steps(prompt, messages, model, add_special_tokens, add_generation_prompt))
+
+    def detokenize(self, tokens: list[int], *, model: str | None = None) -> str:
+        """The text of token ids, special tokens written out (`POST /detokenize`)."""
+        return self._drive(detokenize_steps(tokens, model))
+
     def close(self) -> None:
         self._http.close()
 
@@ -202,6 +217,16 @@ class AsyncParrotClient(_ClientBase):
                     **options: Any) -> AsyncIterator[Completion]:
         """See `ParrotClient.stream_chat`."""
         return _read(chat_piece_of, self._events(chat_request(messages, model, options, stream=True)))
+
+    async def tokenize(self, prompt: str | None = None, *, messages: list[MessageDict] | None = None,
+                       model: str | None = None, add_special_tokens: bool = True,
+                       add_generation_prompt: bool = True) -> list[int]:
+        """See `ParrotClient.tokenize`."""
+        return await self._drive(tokenize_steps(prompt, messages, model, add_special_tokens, add_generation_prompt))
+
+    async def detokenize(self, tokens: list[int], *, model: str | None = None) -> str:
+        """See `ParrotClient.detokenize`."""
+        return await self._drive(detokenize_steps(tokens, model))
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -1,6 +1,7 @@
 """LangChain integration: `ParrotLLM` (a text-completion LLM) and `ChatParrot` (a chat model), drop-in
 classes served by a Parrot server at `base_url=`, or by one started in this process (`model=`); and
-`deferred(chain)`, which runs an unchanged chain as one graph of Semantic Variables.
+`deferred(chain)`, which runs an unchanged chain (LCEL, langchain-classic, LangGraph) as graphs of Semantic
+Variables, with the result of an eager run.
 
 Server errors raise the frontend's typed errors (`parrot_lc.frontend.ParrotError` and its subclasses),
 re-exported here.

@@ -1,5 +1,5 @@
 """What ParrotLLM and ChatParrot share: their fields (where the server is, sampling, the clients' options), the
-frontend clients their requests go through, and LangChain's hooks.
+frontend clients their requests go through, token counting by the served model's tokenizer, and LangChain's hooks.
 
 Nothing here imports torch or the server: a model that has no `base_url` gets the frontend's in-process server
 of its model, started on its first request, never when a class is constructed.
@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field, PrivateAttr, SecretStr
 from parrot_lc.frontend import AsyncParrotClient, Completion, ParrotClient
 from parrot_lc.frontend.client import DEFAULT_MAX_RETRIES
 from parrot_lc.frontend.inprocess import DEFAULT_MODEL, local_server
+from parrot_lc.integrations.langchain._trace import current_trace
 
 __all__ = ["DEFAULT_MAX_TOKENS", "ParrotParams", "StreamEnd"]
 
@@ -153,6 +154,20 @@ class ParrotParams(BaseModel):
     def _request_options(self, stop: list[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
         """The keyword arguments of a completion or chat request of the frontend: the model and sampling."""
         return {"model": self._requested_model(kwargs.get("model")), **self._sampling(stop, kwargs)}
+
+    # ---- tokens, and text of a deferred run -----------------------------------------------------------------
+
+    def get_token_ids(self, text: str) -> list[int]:
+        """The token ids of `text` by the served model's own tokenizer (the server's `POST /tokenize`, without
+        special tokens): no other tokenizer is downloaded, and `get_num_tokens` counts these. Inside a deferred run,
+        of the real text (waiting for the values in it)."""
+        text = str(self._known(text, f"{type(self).__name__}.get_token_ids"))
+        return self.parrot_client().tokenize(text, model=self._requested_model(), add_special_tokens=False)
+
+    def _known(self, data: Any, step: str) -> Any:
+        """`data` with real text, inside a deferred run (`step` names what waits for it); else as it is."""
+        trace = current_trace()
+        return trace.resolve(data, step) if trace is not None else data
 
     # ---- LangChain hooks ----------------------------------------------------------------------------
 

@@ -1,6 +1,10 @@
-"""ParrotLLM's calls as calls of a graph of Semantic Variables: the prompts of a batch, and the calls of a deferred
-run. Each call is a semantic function of the frontend whose template is its prompt (text, and the outputs of
-other calls as inputs) followed by its output, so that it is submitted by the same code as any semantic function.
+"""LangChain's LLM calls as calls of a graph of Semantic Variables: the prompts of a batch, and the calls of a
+deferred run. Each call is a semantic function of the frontend whose template is its prompt (text, and the outputs
+of other calls as inputs) followed by its output, so that it is submitted by the same code as any semantic function.
+
+Calls that begin with the same text share it on the server when it is a piece of its own in each template (the
+server fills it once and forks the calls from it): each call's leading text is cut where the most prefill is saved
+(`shared_prefix_lengths`).
 """
 
 from __future__ import annotations
@@ -18,14 +22,15 @@ Prompt = Sequence[str | SemanticVariable]
 
 def add_calls(session: BaseSession, prompts: Sequence[Prompt], sampling: dict[str, Any]) -> list[SemanticVariable]:
     """Adds one call per prompt to the session (submitted now, or with the enclosing graph block) and returns their
-    outputs. The text that the prompts all begin with (their longest common prefix, before any variable) is a
-    piece of its own in every template: the server fills it once and forks each call from it."""
-    leading = [prompt[0] if prompt and isinstance(prompt[0], str) else "" for prompt in prompts]
-    shared = len(os.path.commonprefix(leading)) if len(prompts) > 1 else 0
-    return [_add_call(session, prompt, shared, sampling) for prompt in prompts]
+    outputs."""
+    shared = shared_prefix_lengths([leading_text(prompt) for prompt in prompts])
+    return [add_call(session, prompt, length, sampling) for prompt, length in zip(prompts, shared)]
 
 
-def _add_call(session: BaseSession, prompt: Prompt, shared: int, sampling: dict[str, Any]) -> SemanticVariable:
+def add_call(session: BaseSession, prompt: Prompt, shared: int, sampling: dict[str, Any],
+             output: SemanticVariable | None = None) -> SemanticVariable:
+    """Adds the call of one prompt whose first `shared` characters are a piece of their own; its output goes to
+    `output` (a new variable if None), which it returns."""
     pieces: list[Text | Placeholder] = []
     inputs: dict[str, SemanticVariable] = {}
     names: dict[int, str] = {}  # a variable read twice is one input
@@ -40,4 +45,40 @@ def _add_call(session: BaseSession, prompt: Prompt, shared: int, sampling: dict[
         first = pieces[0].text
         pieces[:1] = [Text(first[:shared]), Text(first[shared:])]
     function = SemanticFunction.from_template(Template.of([*pieces, Placeholder("output", "text")]), **sampling)
-    return function(**inputs, text=session.variable("text"))
+    return function(**inputs, text=output if output is not None else session.variable("text"))
+
+
+def leading_text(prompt: Prompt) -> str:
+    """The text a prompt begins with, before its first variable."""
+    return prompt[0] if prompt and isinstance(prompt[0], str) else ""
+
+
+def shared_prefix_lengths(heads: Sequence[str], others: Sequence[str] = ()) -> list[int]:
+    """For each of `heads` (the leading texts of calls), where to cut it: the length L of a prefix it shares with
+    other calls (of `heads`, or `others`: calls sent earlier) that saves the most, L times the calls that share it
+    (0: none shares). Map calls of one instruction are cut at the end of the instruction, not where two of their
+    parts happen to begin alike too, nor where an unrelated call happens to begin alike."""
+    texts = [*heads, *others]
+    order = sorted(range(len(texts)), key=texts.__getitem__)
+    rank = {index: position for position, index in enumerate(order)}
+    adjacent = [len(os.path.commonprefix([texts[a], texts[b]])) for a, b in zip(order, order[1:])]
+    lengths = []
+    for index in range(len(heads)):
+        # The prefixes it shares with the others, longest first: in sorted order they shrink with the distance.
+        shared = sorted((*_running_min(reversed(adjacent[:rank[index]])), *_running_min(adjacent[rank[index]:])),
+                        reverse=True)
+        best = max(((length * count, length) for count, length in enumerate(shared, 1)), default=(0, 0))
+        lengths.append(best[1])
+    return lengths
+
+
+def _running_min(values: Sequence[int] | Any) -> list[int]:
+    """The running minimum of `values` up to its first 0 (the LCPs of a text with its neighbours, one way)."""
+    result: list[int] = []
+    smallest = None
+    for value in values:
+        smallest = value if smallest is None else min(smallest, value)
+        if smallest == 0:
+            break
+        result.append(smallest)
+    return result

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
@@ -22,6 +23,7 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 
 from parrot_lc.frontend import Completion, MessageDict
 from parrot_lc.integrations.langchain._base import ParrotParams, StreamEnd
+from parrot_lc.integrations.langchain._trace import current_trace
 
 _ROLES = {"system", "developer", "user", "assistant", "tool"}
 _NON_TEXT_PARTS = {"image", "image_url", "input_image", "audio", "input_audio", "file", "video", "document"}
@@ -36,6 +38,11 @@ class ChatParrot(ParrotParams, BaseChatModel):
     OpenAI-compatible `/v1/chat/completions`, which renders them with the model's chat template; chats that share
     their system messages share that prefix's KV cache on the server. Text only: no tool calling, structured
     output or images (a message with an image, audio or file part raises ValueError).
+
+    Inside `deferred(chain)`, every call (of any method) is recorded in the run's graph instead: its messages are
+    rendered with the model's chat template around the values not known yet (see `_chat_layout`), so chats that
+    share their system prompt share it on the server. `get_num_tokens_from_messages` counts the prompt the server
+    makes of the messages (its `input_tokens`), `get_num_tokens` a text, with the served model's tokenizer.
 
     Each reply carries `usage_metadata` (`input_tokens`, `output_tokens`, `total_tokens`) and
     `response_metadata` (`finish_reason`: `"stop"` or `"length"`, `model_name`); streamed, they come with the
@@ -59,6 +66,29 @@ class ChatParrot(ParrotParams, BaseChatModel):
     def _llm_type(self) -> str:
         return "parrot-chat"
 
+    def get_num_tokens_from_messages(self, messages: list[BaseMessage], tools: Sequence[Any] | None = None) -> int:
+        """The tokens of the prompt the server makes of `messages` (rendered with the chat template, ending with
+        the start of the assistant's turn): a reply's `input_tokens`. ChatParrot takes no tools: `tools` is
+        ignored."""
+        messages = self._known(messages, "ChatParrot.get_num_tokens_from_messages")
+        return len(self.parrot_client().tokenize(messages=_chat_messages(messages), model=self._requested_model()))
+
+    # ---- inside `deferred(chain)`: record the call in the run's graph --------------------------------------
+
+    def _record(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]) -> str | None:
+        """Inside a deferred run: records the chat's call in its graph and returns its reply (a value not known
+        yet); None outside one, or where the call must run now (see `Trace.can_record`, and a chat template that
+        does not insert contents as they are)."""
+        trace = current_trace()
+        if trace is None or not trace.can_record(self, kwargs):
+            return None
+        prompt = trace.chat_prompt(self, _chat_messages(messages))
+        return trace.record([prompt], self._sampling(stop, kwargs))[0] if prompt is not None else None
+
+    def _recorded_result(self, text: str, kwargs: dict[str, Any]) -> ChatResult:
+        metadata = {"model_name": self._model_name(kwargs.get("model")), "model_provider": "parrot"}
+        return ChatResult(generations=[ChatGeneration(message=AIMessage(content=text, response_metadata=metadata))])
+
     # ---- whole replies ------------------------------------------------------------------------------
 
     def _generate(
@@ -68,6 +98,10 @@ class ChatParrot(ParrotParams, BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
+        recorded = self._record(messages, stop, kwargs)
+        if recorded is not None:
+            return self._recorded_result(recorded, kwargs)
+        messages = self._known(messages, "ChatParrot.generate")
         client = self.parrot_client(kwargs.get("model"))
         return _chat_result(client.chat(_chat_messages(messages), **self._request_options(stop, kwargs)))
 
@@ -78,6 +112,11 @@ class ChatParrot(ParrotParams, BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
+        if current_trace() is not None:  # recording asks the server for the chat template's layout
+            recorded = await asyncio.to_thread(self._record, messages, stop, kwargs)
+            if recorded is not None:
+                return self._recorded_result(recorded, kwargs)
+            messages = await asyncio.to_thread(self._known, messages, "ChatParrot.agenerate")
         async with await self._async_client(kwargs.get("model")) as client:
             return _chat_result(await client.chat(_chat_messages(messages), **self._request_options(stop, kwargs)))
 
@@ -90,6 +129,14 @@ class ChatParrot(ParrotParams, BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
+        recorded = self._record(messages, stop, kwargs)
+        if recorded is not None:
+            chunk = ChatGenerationChunk(message=AIMessageChunk(content=recorded))
+            if run_manager:
+                run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+            yield chunk
+            return
+        messages = self._known(messages, "ChatParrot.stream")
         end = StreamEnd()
         client = self.parrot_client(kwargs.get("model"))
         for piece in client.stream_chat(_chat_messages(messages), **self._request_options(stop, kwargs)):
@@ -111,6 +158,15 @@ class ChatParrot(ParrotParams, BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
+        if current_trace() is not None:
+            recorded = await asyncio.to_thread(self._record, messages, stop, kwargs)
+            if recorded is not None:
+                chunk = ChatGenerationChunk(message=AIMessageChunk(content=recorded))
+                if run_manager:
+                    await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+                yield chunk
+                return
+            messages = await asyncio.to_thread(self._known, messages, "ChatParrot.astream")
         end = StreamEnd()
         async with await self._async_client(kwargs.get("model")) as client:
             pieces = client.stream_chat(_chat_messages(messages), **self._request_options(stop, kwargs))

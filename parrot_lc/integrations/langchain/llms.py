@@ -13,7 +13,7 @@ from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 from parrot_lc.frontend import Completion
 from parrot_lc.integrations.langchain._base import ParrotParams, StreamEnd
 from parrot_lc.integrations.langchain._graph import add_calls
-from parrot_lc.integrations.langchain.deferred import current_trace
+from parrot_lc.integrations.langchain._trace import current_trace
 
 __all__ = ["ParrotLLM"]
 
@@ -23,10 +23,12 @@ class ParrotLLM(ParrotParams, BaseLLM):
 
     Requests go through the frontend's clients (`parrot_client()`). A single prompt is a completion of the server's
     OpenAI-compatible API (`complete`, `stream_complete`). A batch of several prompts (`batch`, `abatch`,
-    `generate`) is one graph of semantic-function calls in a frontend session: the prompts' longest common prefix
-    is the first piece of every call's template, so the server fills it once and forks every call from it. Greedy
+    `generate`) is one graph of semantic-function calls in a frontend session: the text the prompts begin with alike
+    is a piece of its own in their templates, so the server fills it once and forks the calls from it. Greedy
     results (temperature 0) are the same as invoking each prompt alone. Batched results carry no token usage and
-    no finish reason, and are not streamed (`streaming=True` applies to single prompts).
+    no finish reason, and are not streamed (`streaming=True` applies to single prompts). Inside
+    `deferred(chain)`, every call (of any method) is recorded in the run's graph instead. `get_num_tokens` counts
+    with the served model's tokenizer.
 
     Token usage of a single prompt is in `LLMResult.llm_output["token_usage"]` (`prompt_tokens`,
     `completion_tokens`, `total_tokens`); its finish reason (`"stop"` or `"length"`) in
@@ -53,21 +55,15 @@ class ParrotLLM(ParrotParams, BaseLLM):
     def _llm_type(self) -> str:
         return "parrot-llm"
 
-    # ---- inside `deferred(chain)`: record the call, return its placeholder ---------------------------
+    # ---- inside `deferred(chain)`: record the calls in the run's graph ------------------------------------
 
-    def invoke(self, input: Any, config: Any = None, *, stop: list[str] | None = None, **kwargs: Any) -> str:
+    def _record(self, prompts: list[str], stop: list[str] | None, kwargs: dict[str, Any]) -> list[str] | None:
+        """Inside a deferred run: records the prompts' calls in its graph and returns their outputs (values not known
+        yet); None outside one, or where the calls must run now (see `Trace.can_record`)."""
         trace = current_trace()
-        if trace is None:
-            return super().invoke(input, config, stop=stop, **kwargs)
-        return trace.add(self, [self._convert_input(input).to_string()], self._sampling(stop, kwargs))[0]
-
-    def batch(self, inputs: list[Any], config: Any = None, *, return_exceptions: bool = False,
-              **kwargs: Any) -> list[str]:
-        trace = current_trace()
-        if trace is None:
-            return super().batch(inputs, config, return_exceptions=return_exceptions, **kwargs)
-        prompts = [self._convert_input(i).to_string() for i in inputs]
-        return trace.add(self, prompts, self._sampling(kwargs.pop("stop", None), kwargs))
+        if trace is None or not trace.can_record(self, kwargs):
+            return None
+        return trace.record(prompts, self._sampling(stop, kwargs))
 
     # ---- one prompt: a completion ----------------------------------------------------------------------
 
@@ -100,6 +96,14 @@ class ParrotLLM(ParrotParams, BaseLLM):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[GenerationChunk]:
+        recorded = self._record([prompt], stop, kwargs)
+        if recorded is not None:
+            chunk = GenerationChunk(text=recorded[0])
+            if run_manager:
+                run_manager.on_llm_new_token(chunk.text, chunk=chunk, verbose=self.verbose)
+            yield chunk
+            return
+        prompt = self._known(prompt, "ParrotLLM.stream")
         end = StreamEnd()
         client = self.parrot_client(kwargs.get("model"))
         for piece in client.stream_complete(prompt, **self._request_options(stop, kwargs)):
@@ -121,6 +125,15 @@ class ParrotLLM(ParrotParams, BaseLLM):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[GenerationChunk]:
+        if current_trace() is not None:  # recording may start the in-process server: not on the event loop
+            recorded = await asyncio.to_thread(self._record, [prompt], stop, kwargs)
+            if recorded is not None:
+                chunk = GenerationChunk(text=recorded[0])
+                if run_manager:
+                    await run_manager.on_llm_new_token(chunk.text, chunk=chunk, verbose=self.verbose)
+                yield chunk
+                return
+            prompt = await asyncio.to_thread(self._known, prompt, "ParrotLLM.astream")
         end = StreamEnd()
         async with await self._async_client(kwargs.get("model")) as client:
             async for piece in client.stream_complete(prompt, **self._request_options(stop, kwargs)):
@@ -142,6 +155,10 @@ class ParrotLLM(ParrotParams, BaseLLM):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> LLMResult:
+        recorded = self._record(prompts, stop, kwargs)
+        if recorded is not None:
+            return self._graph_result(recorded, kwargs)
+        prompts = self._known(prompts, "ParrotLLM.generate")
         if len(prompts) > 1:
             return self._generate_graph(prompts, stop, kwargs)
         if self.streaming:
@@ -159,6 +176,11 @@ class ParrotLLM(ParrotParams, BaseLLM):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> LLMResult:
+        if current_trace() is not None:
+            recorded = await asyncio.to_thread(self._record, prompts, stop, kwargs)
+            if recorded is not None:
+                return self._graph_result(recorded, kwargs)
+            prompts = await asyncio.to_thread(self._known, prompts, "ParrotLLM.agenerate")
         if len(prompts) > 1:
             return await self._agenerate_graph(prompts, stop, kwargs)
         if self.streaming:

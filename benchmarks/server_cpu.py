@@ -26,7 +26,7 @@ from pathlib import Path
 
 import aiohttp
 
-from e2e import WORDS
+from workloads import WORDS
 from load import percentile
 from served import ServeProcess, cpu_seconds
 

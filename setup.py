@@ -5,6 +5,8 @@ import sys
 
 from setuptools import find_packages, setup
 
+XGRAMMAR = "xgrammar>=0.2.9,<0.3"  # scripts/install.sh installs the same, without its dependencies
+
 
 def cuda_extension() -> dict:
     """The CUDA decode-attention kernels as parrot_lc._cuda, built only where torch has CUDA and nvcc is found,
@@ -58,23 +60,28 @@ setup(
         "pydantic>=2.7,<3",
         "pydantic-settings>=2.3,<3",
         "pyyaml>=6",  # YAML config files (TOML and JSON need nothing beyond the standard library)
-        "triton>=3.6; platform_system == 'Linux'",
         "tqdm>=4.60",
         "fastapi>=0.110",
         "uvicorn>=0.29",
         "httpx>=0.27",
         "prometheus-client>=0.20",
         "langchain-core>=1.0,<2",
+        # Constrained decoding (engine/constraints.py) needs xgrammar (chosen over llguidance by measurement:
+        # benchmarks/RESULTS.md), which declares Triton for its GPU kernel alone: 1 GB that a CPU install never
+        # loads. scripts/install.sh installs it without (--no-deps); the `constraints` extra is the plain way.
     ],
     extras_require={
+        # Triton: the GPU's attention kernels; the tests run them in its CPU interpreter, too.
+        "cuda": ["triton>=3.6", XGRAMMAR],
+        "constraints": [XGRAMMAR],
         # accelerate: transformers reads GGUF files only with it installed (the tests compare against that);
         # matplotlib and aiohttp: the benchmarks (their smoke runs are tests)
-        "test": ["pytest>=8", "matplotlib>=3.8", "aiohttp>=3.9", "hypothesis>=6.100", "accelerate>=1.0",
-                 "openai>=1.40", "langchain-tests>=1.1.9,<2", "pytest-asyncio>=0.23", "langchain-text-splitters>=1.0",
-                 "schemathesis>=4.0,<5",
+        "test": ["triton>=3.6; platform_system == 'Linux'", XGRAMMAR, "pytest>=8", "matplotlib>=3.8", "aiohttp>=3.9",
+                 "hypothesis>=6.100", "accelerate>=1.0", "openai>=1.40", "langchain-tests>=1.1.9,<2", "pytest-asyncio>=0.23", "langchain-text-splitters>=1.0",
+                 "schemathesis>=4.0,<5", "jsonschema>=4.20",
                  # deferred runs of langchain-classic chains and LangGraph graphs (both on langchain-core 1.x)
                  "langchain-classic>=1.0,<2", "langgraph>=1.0,<2"],
-        "examples": ["langchain-text-splitters>=1.0"],
+        "examples": ["langchain-text-splitters>=1.0", "langgraph>=1.0,<2"],
     },
     entry_points={"console_scripts": ["parrot-lc=parrot_lc.cli:main"]},
     **cuda_extension(),

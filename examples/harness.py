@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 from langchain_core.runnables import Runnable
 
-from parrot_lc import ParrotLLM
+from parrot_lc import ChatParrot, ParrotLLM
 from parrot_lc.integrations.langchain import deferred
 
 DOCUMENT = (Path(__file__).parent / "data" / "harbour_report.txt").read_text()
@@ -26,18 +26,42 @@ def parse_args(description: str, max_tokens: int) -> argparse.Namespace:
     return parser.parse_args()
 
 
-def make_llm(args: argparse.Namespace) -> ParrotLLM:
+def _model_options(args: argparse.Namespace) -> dict:
     """Greedy, so that the eager and the deferred run give the same text; without --base-url, on the in-process
     server of --model."""
-    return ParrotLLM(base_url=args.base_url, model=None if args.base_url else args.model, api_key=args.api_key,
-                     max_tokens=args.max_tokens, temperature=0)
+    return {"base_url": args.base_url, "model": None if args.base_url else args.model, "api_key": args.api_key,
+            "max_tokens": args.max_tokens, "temperature": 0}
 
 
-def reused_tokens(llm: ParrotLLM) -> float:
-    """The server's parrot_prefix_reused_tokens_total counter."""
-    headers = {"Authorization": f"Bearer {llm.api_key.get_secret_value()}"} if llm.api_key else {}
-    text = httpx.get(f"{llm.parrot_client().base_url}/metrics", headers=headers).text
-    return float(re.search(r"^parrot_prefix_reused_tokens_total (\S+)$", text, re.M).group(1))
+def make_llm(args: argparse.Namespace) -> ParrotLLM:
+    return ParrotLLM(**_model_options(args))
+
+
+def make_chat(args: argparse.Namespace) -> ChatParrot:
+    return ChatParrot(**_model_options(args))
+
+
+COUNTERS = ("prefill", "prefix_reused", "prefix_cached")
+
+
+def token_counters(model: ParrotLLM | ChatParrot) -> dict[str, float]:
+    """The server's counters of prompt tokens: computed, taken from a parent context, taken from the block cache."""
+    headers = {"Authorization": f"Bearer {model.api_key.get_secret_value()}"} if model.api_key else {}
+    text = httpx.get(f"{model.parrot_client().base_url}/metrics", headers=headers).text
+    return {name: float(re.search(rf"^parrot_{name}_tokens_total (\S+)$", text, re.M).group(1)) for name in COUNTERS}
+
+
+def _timed(runnable: Runnable, chain_input, model) -> tuple[object, float, dict[str, float]]:
+    before = token_counters(model)
+    started = time.perf_counter()
+    result = runnable.invoke(chain_input)
+    seconds = time.perf_counter() - started
+    return result, seconds, {name: value - before[name] for name, value in token_counters(model).items()}
+
+
+def _tokens(counted: dict[str, float]) -> str:
+    return (f"{counted['prefill']:.0f} prompt tokens computed, {counted['prefix_reused']:.0f} forked from a shared "
+            f"prefix, {counted['prefix_cached']:.0f} from the block cache")
 
 
 def describe_graph(graph: list[dict]) -> str:
@@ -55,22 +79,23 @@ def describe_graph(graph: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def compare(build_chain: Callable[[ParrotLLM], Runnable], llm: ParrotLLM, chain_input) -> tuple[str, str]:
-    """Runs the chain eagerly (each LLM call a request) and deferred (one graph); prints both and returns them."""
-    started = time.perf_counter()
-    eager = build_chain(llm).invoke(chain_input)
-    eager_s = time.perf_counter() - started
-
-    runnable = deferred(build_chain(llm))
-    before = reused_tokens(llm)
-    started = time.perf_counter()
-    lazy = runnable.invoke(chain_input)
-    deferred_s = time.perf_counter() - started
-    print(f"Result (deferred):\n{lazy}\n")
+def compare(build: Callable[[ParrotLLM | ChatParrot], Runnable], model: ParrotLLM | ChatParrot, chain_input,
+            output: Callable[[object], str] = str) -> tuple[str, str]:
+    """Runs the application deferred (its calls as graphs of Semantic Variables), then eagerly (each LLM call a
+    request, as LangChain runs it); prints what each did and returns both outputs (`output` picks the text). The
+    eager run comes second: the block cache then holds the prompts the deferred run computed, as a server that
+    caches prefixes (vLLM, SGLang, this one) would for a repeated application; so its time is, if anything, low."""
+    model.invoke("Hello", max_tokens=1)  # starts the in-process server, outside both times
+    runnable = deferred(build(model))
+    lazy, deferred_s, deferred_tokens = _timed(runnable, chain_input, model)
+    eager, eager_s, eager_tokens = _timed(build(model), chain_input, model)
+    eager, lazy = output(eager), output(lazy)
+    print(f"Result:\n{lazy}\n")
     run = runnable.last_run
     print(f"Graph submitted, in {run.submissions} request(s):\n{describe_graph(run.graph)}")
     if run.waits:
         print("Waits:\n" + "\n".join(f"  {wait}" for wait in run.waits))
-    print(f"Prefix tokens reused by the deferred run: {reused_tokens(llm) - before:.0f}")
-    print(f"Time: eager {eager_s:.2f} s, deferred {deferred_s:.2f} s; same text: {eager == lazy}")
+    print(f"Deferred: {deferred_s:.2f} s; {_tokens(deferred_tokens)}")
+    print(f"Eager:    {eager_s:.2f} s; {_tokens(eager_tokens)}")
+    print(f"Same text: {eager == lazy}")
     return eager, lazy

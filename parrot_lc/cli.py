@@ -46,7 +46,7 @@ def _add_flags(parser: argparse.ArgumentParser, cls) -> None:
     """One flag per setting of `cls`; an unset flag leaves the setting to its PARROT_* variable, the config file or
     its default."""
     for name, field in cls.model_fields.items():
-        default = "" if field.default is None else f" (default: {field.default})"
+        default = f" (default: {'unset' if field.default is None else field.default})"
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=_flag_type(field.annotation),
                             help=f"{field.description}{default}".replace("%", "%%"))
 
@@ -69,8 +69,9 @@ def serve(args: argparse.Namespace) -> None:
     # a service manager expects of a clean stop. (The first SIGTERM drains without reaching uvicorn at all.)
     signal.signal(signal.SIGTERM, lambda *_: None)
     # log_config=None: uvicorn's records go through the handler configured above; the app logs each request
-    # itself, with its id, instead of uvicorn's access log.
-    config = uvicorn.Config(app, host=server_settings.host, port=server_settings.port, log_level="info",
+    # itself, with its id, instead of uvicorn's access log, and its start (what it serves, where) once it listens,
+    # instead of uvicorn's start-up lines.
+    config = uvicorn.Config(app, host=server_settings.host, port=server_settings.port, log_level="warning",
                             log_config=None, access_log=False, timeout_graceful_shutdown=process.shutdown_timeout,
                             **uvicorn_options(server_settings.header_timeout))
     try:
@@ -158,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
         for settings_class in (*settings_classes, ConfigFileSettings):
             _add_flags(parsers[name], settings_class)
         parsers[name].set_defaults(func=func)
-    parsers["demo"].add_argument("--max-tokens", type=int, default=48)
+    parsers["demo"].add_argument("--max-tokens", type=int, default=48, help="tokens each answer may have (default: 48)")
     table_parser = sub.add_parser("settings", help="print the table of settings (as in the README)")
     table_parser.set_defaults(func=lambda args: print(settings_table()))
     return parser

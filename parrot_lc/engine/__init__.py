@@ -11,6 +11,7 @@ _EXPORTS = {
     "LLMEngine": "parrot_lc.engine.engine",
     "RequestOutput": "parrot_lc.engine.request",
     "SamplingParams": "parrot_lc.engine.sampling",
+    "Constraint": "parrot_lc.engine.constraints",
     **{name: "parrot_lc.engine.errors" for name in (
         "ContextBusyError", "ContextNotFoundError", "EngineError", "EngineStepError", "InvalidRequestError",
         "ModelLoadError", "OutOfMemoryError", "RequestCancelledError")},

@@ -16,7 +16,7 @@ from typing import AsyncIterator, Callable, TypeVar
 from transformers import PreTrainedTokenizerBase
 
 from parrot_lc.engine.context import ContextId
-from parrot_lc.engine.engine import EngineStats, LLMEngine
+from parrot_lc.engine.engine import EngineInfo, EngineStats, LLMEngine
 from parrot_lc.engine.engine_client import EngineClient
 from parrot_lc.engine.request import RequestOutput
 from parrot_lc.engine.sampling import SamplingParams
@@ -32,6 +32,7 @@ class EngineDriver(EngineClient, ABC):
     tokenizer: PreTrainedTokenizerBase | None
     vocab_size: int
     max_context: int
+    info: EngineInfo  # what the engine runs (its start-up log)
     _listeners: Listeners
     _stats: EngineStats
 
@@ -102,6 +103,7 @@ class AsyncEngine(EngineDriver):
         self.tokenizer = engine.tokenizer
         self.vocab_size = engine.config.vocab_size
         self.max_context = engine.config.max_position_embeddings
+        self.info = engine.info
         self._commands: queue.SimpleQueue[tuple[Callable[[], object], Future]] = queue.SimpleQueue()
         self._listeners = {}
         self._stats = engine.stats()

@@ -61,10 +61,12 @@ def unsupported(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -
 
 class CudaBackend(TritonBackend):
     """The Triton backend with decode steps that share prefixes in the CUDA kernel (csrc/), where the model's
-    shapes allow it: each kernel where it measured faster. Over benchmarks/kernel_shared_prefix.py's cases (H200)
-    the two were within about 10% of each other, the CUDA one ahead in 11 of 18 (all those of 256 sequences); in
-    decode steps without groups (benchmarks/engine_decode.py, H100) the Triton one was faster at batch 1 and 64.
-    `auto` takes this backend where the extension is built (attention.select_backend)."""
+    shapes allow it. Over benchmarks/kernel_shared_prefix.py's 18 cases (H100, 2026-12-06, RESULTS.md) it was the
+    fastest of the two, or within 1%, in 16, the Triton kernel (two launches) ahead only at N=256, P=16,384
+    (6-8%); a graph's grid is sized by its table width, not the step's prefix, so no rule on prefix length
+    routes those to Triton. In decode steps without groups (benchmarks/engine_decode.py, H100) the Triton kernel
+    was faster at batch 1 and 64. `auto` takes this backend where the extension is built
+    (attention.select_backend)."""
 
     name = "cuda"
 

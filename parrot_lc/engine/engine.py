@@ -13,6 +13,7 @@ import torch
 from parrot_lc.engine.attention import select_backend
 from parrot_lc.engine.block_allocator import BlockAllocator
 from parrot_lc.engine.block_cache import BlockCache
+from parrot_lc.engine.constraints import ConstraintCompiler, token_masks
 from parrot_lc.engine.context import Context, ContextId, ContextTree, in_flight_token
 from parrot_lc.engine.errors import (
     ContextBusyError,
@@ -54,6 +55,22 @@ class EngineStats:
     num_preemptions: int
     num_steps: int = 0  # batches run (prefill chunks and decode rows together)
     kv_capacity_tokens: int = 0  # tokens the whole KV cache holds (0: not known)
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What a replica runs, as its start-up log names it."""
+
+    model: str
+    device: str
+    dtype: str  # of its activations and KV cache
+    weights: str  # how its linear layers hold their weights (engine/cpu_weights.py), or its dtype
+    attention_backend: str
+    kv_capacity_tokens: int
+
+    def __str__(self) -> str:
+        return (f"{self.device}, {self.dtype}, weights {self.weights}, attention {self.attention_backend}, "
+                f"KV cache {self.kv_capacity_tokens} tokens")
 
 
 @dataclass
@@ -112,13 +129,16 @@ class LLMEngine:
         self.backend = select_backend(settings.attention_backend, self.device)
         loaded = load_model(
             settings.model, self.backend, self.dtype, self.device, settings.cache_dir, settings.seed,
-            random_weights=settings.load_format == "dummy",
+            random_weights=settings.load_format == "dummy", cpu_weight_format=settings.cpu_weight_format,
         )
         self.model, self.config, self.tokenizer = loaded.model, loaded.config, loaded.tokenizer
+        self.weight_format = loaded.weight_format
         self.eos_token_ids = self.config.eos_token_ids
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_token_ids = tuple(sorted({*self.eos_token_ids, self.tokenizer.eos_token_id}))
         self._decode = text_decoder(self.tokenizer) if self.tokenizer is not None else None
+        self._constraints = (ConstraintCompiler(self.tokenizer, self.config.vocab_size, self.eos_token_ids)
+                             if self.tokenizer is not None else None)
 
         self.runner = ModelRunner.create(self.model, self.config, self.backend, settings, self.device, self.dtype)
         self.allocator = BlockAllocator(self.runner.num_blocks, BlockCache() if settings.prefix_caching else None)
@@ -134,6 +154,11 @@ class LLMEngine:
         self.decode_tokens = 0
         self.num_steps = 0
         self._step_log = StepLog(settings.step_log) if settings.step_log is not None else None
+
+    @property
+    def info(self) -> EngineInfo:
+        return EngineInfo(self.settings.model, str(self.device), str(self.dtype).removeprefix("torch."),
+                          self.weight_format, self.backend.name, self.capacity_tokens)
 
     @property
     def capacity_tokens(self) -> int:
@@ -175,7 +200,6 @@ class LLMEngine:
         self._check_fill(token_ids, existing or parent)
         if self._length(existing or parent) + len(token_ids) == 0:
             raise InvalidRequestError(f"context {context_id!r} is empty: fill a prompt before generating")
-        context = existing or self.tree.create(context_id, parent)
         generator = None
         if sampling.seed is not None:
             generator = self.sampler.generator(sampling.seed)
@@ -183,9 +207,15 @@ class LLMEngine:
         prompt_logprobs = None
         if sampling.prompt_logprobs is not None and token_ids:
             prompt_logprobs = PromptLogprobs(list(token_ids), sampling.prompt_logprobs)
+        grammar = None
+        if sampling.constraint is not None:
+            if self._constraints is None:
+                raise InvalidRequestError("sampling.constraint needs a model with a tokenizer")
+            grammar = self._constraints.start(sampling.constraint, sampling.constraint_prefix)
+        context = existing or self.tree.create(context_id, parent)
         return self._add(Request(next(self._ids), RequestKind.GENERATE, context, priority, 0,
                                  fill_token_ids=list(token_ids), sampling=sampling, generator=generator, text=text,
-                                 prompt_logprobs=prompt_logprobs,
+                                 prompt_logprobs=prompt_logprobs, grammar=grammar,
                                  cached_from=existing.num_cached if existing else 0))
 
     def _check_fill(self, token_ids: list[int], context: Context | None) -> None:
@@ -321,7 +351,14 @@ class LLMEngine:
             chunks = [c for c in chunks if not c.request.finished]  # ended by a token just read back
             in_flight = None  # its placeholders are tokens now
         in_flight_tokens = in_flight.tokens if in_flight is not None else None
-        launched = self._launch(chunks, in_flight_tokens, outputs) if chunks else None  # None: nothing sampled
+        requests = self._launch(chunks, in_flight_tokens, outputs) if chunks else []
+        if in_flight is not None and any(r.grammar is not None for r in requests):
+            # A grammar's mask needs the token before: the step before is read back (while the device computes
+            # this step's model run) and its tokens advance the grammars before this step samples.
+            outputs.extend(self._complete(in_flight))
+            requests = [r for r in requests if not r.finished]
+            in_flight = None
+        launched = self._sample(requests) if requests else None  # None: nothing sampled
         if in_flight is not None:
             outputs.extend(self._complete(in_flight))
         if launched is not None:
@@ -332,10 +369,10 @@ class LLMEngine:
 
     def _launch(
         self, chunks: list[ScheduledChunk], in_flight_tokens: torch.Tensor | None, outputs: list[RequestOutput]
-    ) -> InFlightStep | None:
-        """Queues the chunks' model run and the sampling of their ready requests on the device (None: no request
-        samples); appends the events of fills that end here to `outputs` (their KV is computed before any later
-        step reads it). `in_flight_tokens`: the step before's sampled tokens, which placeholders stand for."""
+    ) -> list[Request]:
+        """Queues the chunks' model run on the device; returns the requests that sample in this step. Appends the
+        events of fills that end here to `outputs` (their KV is computed before any later step reads it).
+        `in_flight_tokens`: the step before's sampled tokens, which placeholders stand for."""
         for chunk in chunks:
             # A generated token fed back is a chunk of one; a longer chunk of a request that has generated is the
             # recomputation of a preempted one (prompt and tokens): prefill.
@@ -352,12 +389,14 @@ class LLMEngine:
         # A request for its prompt's log-probabilities alone (max_tokens 0) ends with its prompt.
         outputs.extend(self._finish_prompt(r) for r in ready if r.kind is RequestKind.GENERATE
                        and r.sampling.max_tokens == 0)
-        requests = [r for r in ready if r.kind is RequestKind.GENERATE and not r.finished]
-        if not requests:
-            return None
+        return [r for r in ready if r.kind is RequestKind.GENERATE and not r.finished]
+
+    def _sample(self, requests: list[Request]) -> InFlightStep:
+        """Queues the sampling of the requests' next tokens (and their log-probabilities) on the device."""
         logits = torch.stack([r.context.last_logits for r in requests])  # (B, V)
         params, generators = [r.sampling for r in requests], [r.generator for r in requests]
-        tokens = self.sampler.sample(logits, params, generators)  # (B,) on the device
+        masks = token_masks([r.grammar for r in requests], self.config.vocab_size, self.device)
+        tokens = self.sampler.sample(logits, params, generators, masks)  # (B,) on the device
         logprob_rows = [(row, r.sampling.logprobs) for row, r in enumerate(requests) if r.sampling.logprobs is not None]
         logprobs = None
         if logprob_rows:

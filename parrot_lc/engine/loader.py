@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,9 +12,11 @@ from safetensors import safe_open
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from parrot_lc.engine.attention import AttentionBackend
+from parrot_lc.engine.cpu_weights import resolve_weight_format, use_weight_format
 from parrot_lc.engine.errors import ModelLoadError
-from parrot_lc.engine.model_config import ModelConfig
+from parrot_lc.engine.model_config import DUMMY_MODELS, ModelConfig
 from parrot_lc.engine.models.llama import LlamaForCausalLM
+from parrot_lc.settings import CpuWeightFormat
 
 TINY_DIR = Path(__file__).parent / "tiny"
 
@@ -23,12 +26,16 @@ class LoadedModel:
     model: LlamaForCausalLM
     config: ModelConfig
     tokenizer: PreTrainedTokenizerBase | None
+    weight_format: str  # how its linear layers hold their weights (engine/cpu_weights.py), or their dtype
 
 
 def resolve_checkpoint(name: str, cache_dir: Path) -> tuple[Path, bool]:
-    """Maps a model name to a checkpoint directory; the flag says whether its weights are random (tiny)."""
+    """Maps a model name to a checkpoint directory; the flag says whether its weights are random (tiny and the
+    named dummy models, whose directory is written under cache_dir: their config and the tiny tokenizer)."""
     if name == "tiny":
         return TINY_DIR, True
+    if name in DUMMY_MODELS:
+        return _dummy_checkpoint(name, Path(cache_dir)), True
     if name == "smollm2" or name.endswith(".gguf"):
         from parrot_lc.engine.gguf_checkpoint import gguf_to_checkpoint, smollm2_gguf_path
 
@@ -37,9 +44,20 @@ def resolve_checkpoint(name: str, cache_dir: Path) -> tuple[Path, bool]:
     path = Path(name)
     if not (path / "config.json").is_file():
         raise ModelLoadError(
-            f"model {name!r} is neither `smollm2`, `tiny`, a .gguf file nor a checkpoint directory with config.json"
+            f"model {name!r} is neither `smollm2`, `tiny`, {', '.join(f'`{m}`' for m in DUMMY_MODELS)}, a .gguf "
+            "file nor a checkpoint directory with config.json"
         )
     return path, False
+
+
+def _dummy_checkpoint(name: str, cache_dir: Path) -> Path:
+    path = cache_dir / name
+    path.mkdir(parents=True, exist_ok=True)
+    for file in TINY_DIR.iterdir():
+        if file.name != "config.json":
+            shutil.copyfile(file, path / file.name)
+    (path / "config.json").write_text(json.dumps(DUMMY_MODELS[name], indent=2))
+    return path
 
 
 def load_model(
@@ -50,8 +68,11 @@ def load_model(
     cache_dir: Path,
     seed: int = 0,
     random_weights: bool = False,
+    cpu_weight_format: CpuWeightFormat = "float32",
 ) -> LoadedModel:
-    """Builds the model on `device`; with `random_weights` only config.json (and a tokenizer, if any) is read."""
+    """Builds the model on `device`; with `random_weights` only config.json (and a tokenizer, if any) is read. A
+    float32 model on a CPU then holds its linear layers' weights in `cpu_weight_format` (`auto`: by the CPU's
+    features)."""
     path, always_random = resolve_checkpoint(name, cache_dir)
     random_weights = random_weights or always_random
     config = ModelConfig.from_pretrained(path)
@@ -71,8 +92,11 @@ def load_model(
         init_random_weights(model, seed)
     else:
         _load_safetensors(model, path)
+    weight_format = resolve_weight_format(cpu_weight_format, device, dtype)
+    if device.type == "cpu" and dtype == torch.float32:
+        use_weight_format(model, weight_format)
     model.eval().requires_grad_(False)
-    return LoadedModel(model, config, tokenizer)
+    return LoadedModel(model, config, tokenizer, weight_format)
 
 
 def load_model_info(name: str, cache_dir: Path) -> tuple[ModelConfig, PreTrainedTokenizerBase | None]:

@@ -12,6 +12,17 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from parrot_lc.engine.errors import ModelLoadError
 
 SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2"}
+# Named models of a real checkpoint's shapes with random weights, for benchmarks: their config.json, used with
+# the tiny model's byte-level tokenizer (ids past its 1,024 decode to no text). Llama-3-8B: grouped-query
+# attention (8 KV heads of 32), a 128,256-token vocabulary; room for 16,384-token contexts.
+DUMMY_MODELS = {
+    "llama3-8b-dummy": {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+        "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+        "max_position_embeddings": 16384, "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "vocab_size": 128256,
+        "tie_word_embeddings": False, "bos_token_id": 0, "eos_token_id": 2,
+    },
+}
 # RoPE types whose frequencies do not depend on the sequence length, so they can be computed once.
 STATIC_ROPE_TYPES = {"default", "linear", "llama3", "yarn", "proportional"}
 

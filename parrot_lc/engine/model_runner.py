@@ -6,18 +6,21 @@ from __future__ import annotations
 import itertools
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from parrot_lc.engine.attention import AttentionBackend, AttentionMetadata, SharedPrefix
 from parrot_lc.engine.context import in_flight_row
-from parrot_lc.engine.cuda_graphs import DecodeGraphs, SharedGroup
 from parrot_lc.engine.host_to_device import to_device
 from parrot_lc.engine.model_config import ModelConfig
 from parrot_lc.engine.models.llama import LlamaForCausalLM
 from parrot_lc.engine.scheduler import ScheduledChunk
-from parrot_lc.settings import EngineSettings
+from parrot_lc.settings import EngineSettings, SharedPrefixRule
+
+if TYPE_CHECKING:  # cuda_graphs imports Triton: only an engine that captures graphs loads it
+    from parrot_lc.engine.cuda_graphs import DecodeGraphs, SharedGroup
 
 
 @dataclass
@@ -50,10 +53,10 @@ def kv_cache_bytes(settings: EngineSettings, device: torch.device) -> int:
 class ModelRunner:
     def __init__(
         self, model: LlamaForCausalLM, kv_cache: torch.Tensor, block_size: int, graphs: DecodeGraphs | None = None,
-        min_shared_elements: tuple[int, int] = (0, 0),
+        min_shared_elements: tuple[int, int] = (0, 0), shared_prefix_rule: SharedPrefixRule = "groups",
     ) -> None:
         """`min_shared_elements`: the attention backend's thresholds for reading a shared prefix once, in decode
-        steps and in steps with prefill chunks."""
+        steps and in steps with prefill chunks; `shared_prefix_rule`: which sequences may (`shared_groups`)."""
         self.model = model
         self.kv_cache = kv_cache  # (L, 2, num_blocks, block_size, Hkv, D)
         self.block_size = block_size
@@ -62,6 +65,7 @@ class ModelRunner:
         self.kv_elements_per_token = kv_cache.shape[-2] * kv_cache.shape[-1]  # Hkv x D, in one layer's K
         self._block_copies: dict[int, int] = {}  # destination block -> source block, for copies not made yet
         self.min_shared_elements_decode, self.min_shared_elements = min_shared_elements
+        self.shared_prefix_rule = shared_prefix_rule
 
     @classmethod
     def create(cls, model: LlamaForCausalLM, config: ModelConfig, backend: AttentionBackend, settings: EngineSettings,
@@ -78,13 +82,16 @@ class ModelRunner:
         backend.warm_up(cfg.num_heads, kv_cache[0, 0], kv_cache[0, 1], cfg.sliding_window)
         graphs = None
         if settings.cuda_graphs and device.type == "cuda" and backend.decodes_in_graphs:
+            from parrot_lc.engine.cuda_graphs import DecodeGraphs
+
             graphs = DecodeGraphs(model, kv_cache, bs, settings.max_num_seqs, dummy_slot=num_blocks * bs)
             graphs.capture_all()
         # A sliding-window model's decode steps read shared prefixes in the prefill path's second pass, so they
         # take the threshold of steps with prefill chunks.
         decode_threshold = (backend.min_shared_elements_decode if cfg.sliding_window is None
                             else backend.min_shared_elements)
-        return cls(model, kv_cache, bs, graphs, (decode_threshold, backend.min_shared_elements))
+        return cls(model, kv_cache, bs, graphs, (decode_threshold, backend.min_shared_elements),
+                   settings.shared_prefix_attention)
 
     @property
     def num_blocks(self) -> int:
@@ -219,29 +226,13 @@ class ModelRunner:
     def _shared_groups(
         self, chunks: list[ScheduledChunk], tables: list[list[int]], min_shared_elements: int
     ) -> list[SharedGroup]:
-        """(members, number of blocks) of each group of sequences whose block tables start with the same blocks;
-        a block appears in two tables only when one context inherited it from an ancestor or both took it from the
-        block cache (whose keys cover every token before a block), and always at the same index, so those blocks
-        are one shared prefix. Prefixes too small for the backend's shared pass to pay are left out: each sequence
-        reads them as part of its own KV."""
-        by_first_block: dict[int, list[int]] = defaultdict(list)
-        for i, chunk in enumerate(chunks):
-            if chunk.request.context.num_computed >= self.block_size:
-                by_first_block[tables[i][0]].append(i)
-        groups = []
-        for members in by_first_block.values():
-            if len(members) < 2:
-                continue
-            # Only blocks computed before this step can be shared: this step's tokens are each sequence's own.
-            num_blocks = min(chunks[i].request.context.num_computed // self.block_size for i in members)
-            first = tables[members[0]]
-            for i in members[1:]:  # list slices compare in C; forks of one parent agree at once
-                if tables[i][:num_blocks] != first[:num_blocks]:
-                    num_blocks = next(k for k, (a, b) in enumerate(zip(first, tables[i])) if a != b)
-            saved = (len(members) - 1) * num_blocks * self.block_size * self.kv_elements_per_token
-            if num_blocks > 0 and saved >= min_shared_elements:
-                groups.append((members, num_blocks))
-        return groups
+        """The step's shared groups (`shared_groups`) but those too small for the backend's shared pass to pay:
+        each sequence reads those as part of its own KV."""
+        computed = [chunk.request.context.num_computed for chunk in chunks]
+        groups = shared_groups(tables, computed, self.block_size, self.shared_prefix_rule)
+        per_block = self.block_size * self.kv_elements_per_token
+        return [(members, num_blocks) for members, num_blocks in groups
+                if (len(members) - 1) * num_blocks * per_block >= min_shared_elements]
 
     def _shared_prefixes(
         self, groups: list[SharedGroup], block_tables: torch.Tensor, query_start: torch.Tensor
@@ -261,3 +252,38 @@ class ModelRunner:
             )
             shared_lens[members] = num_blocks * self.block_size
         return shared, shared_lens
+
+
+def shared_groups(
+    tables: list[list[int]], num_computed: list[int], block_size: int, rule: SharedPrefixRule = "groups"
+) -> list[SharedGroup]:
+    """(members, number of blocks) of each group of a step's sequences whose block tables start with the same
+    blocks, which the attention backend reads once for all of them. A block appears in two tables only when one
+    context inherited it from an ancestor or both took it from the block cache (whose keys cover every token
+    before a block), and always at the same index, so those blocks are one shared prefix. Only blocks computed
+    before this step (`num_computed`: each sequence's tokens computed before it) can be shared: this step's tokens
+    are each sequence's own.
+
+    `rule` (the `shared_prefix_attention` setting): `groups`, every such group (several prefixes in one step);
+    `whole_batch`, one group only where every sequence of the step shares a prefix, else none (vLLM's cascade
+    attention: a prefix common to the whole batch); `off`, none."""
+    if rule == "off":
+        return []
+    by_first_block: dict[int, list[int]] = defaultdict(list)
+    for i, (table, computed) in enumerate(zip(tables, num_computed)):
+        if computed >= block_size:
+            by_first_block[table[0]].append(i)
+    if rule == "whole_batch" and [len(m) for m in by_first_block.values()] != [len(tables)]:
+        return []
+    groups = []
+    for members in by_first_block.values():
+        if len(members) < 2:
+            continue
+        num_blocks = min(num_computed[i] for i in members) // block_size
+        first = tables[members[0]]
+        for i in members[1:]:  # list slices compare in C; forks of one parent agree at once
+            if tables[i][:num_blocks] != first[:num_blocks]:
+                num_blocks = next(k for k, (a, b) in enumerate(zip(first, tables[i])) if a != b)
+        if num_blocks > 0:
+            groups.append((members, num_blocks))
+    return groups

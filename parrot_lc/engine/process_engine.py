@@ -47,7 +47,7 @@ class ProcessEngine(EngineDriver):
         if kind == "failed":
             self._process.join()
             raise payload
-        self._stats = payload
+        self._stats, self.info = payload
         self._keys = itertools.count()
         self._listeners = {}
         self._gone_lock = threading.Lock()  # a caller registers before the reader's last sweep, or learns it is gone
@@ -140,7 +140,7 @@ def serve_engine(settings: EngineSettings, pipe: Connection) -> None:
         # wide as the machine only adds wake-up latency to it (a step of 128 sequences spent 3.8 ms comparing
         # their block tables with 16 threads on the H100's host).
         torch.set_num_threads(1)
-    pipe.send(("ready", engine.stats()))
+    pipe.send(("ready", (engine.stats(), engine.info)))
     keys: dict[int, int] = {}  # request id -> the caller's key
     requests: dict[int, int] = {}  # the caller's key -> request id
 

@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from parrot_lc.engine.constraints import GrammarState
 from parrot_lc.engine.context import Context, ContextId
 from parrot_lc.engine.logprobs import PromptLogprobs, TokenLogprob
 from parrot_lc.engine.sampling import SamplingParams
@@ -53,6 +54,7 @@ class Request:
     cached_from: int = 0  # its context's num_cached when it was submitted: what it adds to that is its own
     fill_start: int = 0  # where its fill's tokens begin in its context (set when it starts)
     prompt_logprobs: PromptLogprobs | None = None  # gathered while its prompt is computed, until its first event
+    grammar: GrammarState | None = None  # where its output is in its sampling's constraint, if it has one
 
     @property
     def cached_tokens(self) -> int:
@@ -86,6 +88,11 @@ class Request:
         reason = None
         if (token in eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
             reason = "stop"
+        if self.grammar is not None:
+            accepted = self.grammar.accept(token)
+            assert accepted, f"token {token} sampled against its request's grammar"
+            if self.grammar.terminated:  # its end accepted (end-of-sequence): nothing may follow, ignore_eos or not
+                reason = "stop"
         if reason is None and len(self.output_token_ids) >= params.max_tokens:
             reason = "length"
         delta = ""
@@ -129,7 +136,7 @@ class StreamedText:
         if stopped:
             self.text = self.text[:cut]
         final = final or stopped
-        visible = len(self.text) if final else len(self.text) - _held_back(self.text, self.stops)
+        visible = len(self.text) if final else len(self.text) - held_back(self.text, self.stops)
         delta = self.text[self._emitted : visible]
         self._emitted = max(self._emitted, visible)
         return delta, stopped
@@ -144,7 +151,7 @@ def text_decoder(tokenizer: PreTrainedTokenizerBase) -> Callable[[list[int]], st
     return lambda ids: backend.decode(ids, skip_special_tokens=True)
 
 
-def _held_back(text: str, stops: tuple[str, ...]) -> int:
+def held_back(text: str, stops: tuple[str, ...]) -> int:
     """Characters at the end of `text` not to stream yet: a possible start of a stop string. (A partial UTF-8
     character never reaches `text` before the output ends: `StreamedText.add` waits for its other bytes.)"""
     hold = 0

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from parrot_lc.engine.constraints import Constraint, TokenMasks, apply_token_masks
 from parrot_lc.engine.errors import InvalidRequestError
 from parrot_lc.engine.host_to_device import to_device
 from parrot_lc.engine.logprobs import MAX_LOGPROBS
@@ -30,6 +31,12 @@ class SamplingParams:
     # The same for the tokens the request fills (its prompt), computed in its prefill only when asked (None: not).
     # With them, `max_tokens` may be 0: the request ends once its prompt is computed.
     prompt_logprobs: int | None = None
+    # What the output must match (engine/constraints.py): the sampler draws only tokens its grammar allows, and the
+    # request ends when the grammar is complete.
+    constraint: Constraint | None = None
+    # Tokens of this output that an earlier attempt generated (a call resumed after a failover or a wait for
+    # memory): the constraint's grammar takes them before the first token sampled here.
+    constraint_prefix: tuple[int, ...] = ()
 
     def validate(self, vocab_size: int) -> None:
         """Raises InvalidRequestError naming the first field that is out of range."""
@@ -46,12 +53,21 @@ class SamplingParams:
                 all(isinstance(t, int) and 0 <= t < vocab_size for t in self.stop_token_ids),
                 f"must hold token ids in [0, {vocab_size})",
             ),
+            (
+                "constraint_prefix",
+                all(isinstance(t, int) and 0 <= t < vocab_size for t in self.constraint_prefix),
+                f"must hold token ids in [0, {vocab_size})",
+            ),
             *((name, k is None or 0 <= k <= min(MAX_LOGPROBS, vocab_size), f"must be unset or in [0, {MAX_LOGPROBS}]")
               for name, k in (("logprobs", self.logprobs), ("prompt_logprobs", self.prompt_logprobs))),
         ]
         for name, ok, why in checks:
             if not ok:
                 raise InvalidRequestError(f"sampling.{name} {why} (got {getattr(self, name)!r})")
+        if self.constraint is not None:
+            if not isinstance(self.constraint, Constraint):
+                raise InvalidRequestError(f"sampling.constraint must be a Constraint (got {self.constraint!r})")
+            self.constraint.validate()
 
     @property
     def greedy(self) -> bool:
@@ -73,9 +89,14 @@ class Sampler:
         return torch.Generator(device=self.device).manual_seed(seed)
 
     def sample(
-        self, logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+        self, logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+        masks: TokenMasks | None = None,
     ) -> torch.Tensor:
-        """logits: (B, V) float32 on the sampler's device; returns B token ids (B,) int64 there."""
+        """logits: (B, V) float32 on the sampler's device; returns B token ids (B,) int64 there. `masks`: the
+        tokens that constrained rows may take; their other logits are set to -inf here, in place, before greedy and
+        sampled rows alike pick."""
+        if masks is not None:
+            apply_token_masks(logits, masks)
         tokens = logits.argmax(dim=-1)  # (B,)
         rows = [i for i, p in enumerate(params) if not p.greedy]
         if not rows:

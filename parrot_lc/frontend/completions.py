@@ -13,9 +13,9 @@ from typing import Any
 
 from parrot_lc.frontend.api import ApiRequest, Steps
 
-MessageDict = dict[str, str]
+MessageDict = dict[str, Any]
 """A chat message as the OpenAI API writes it: `{"role": "system" | "developer" | "user" | "assistant" | "tool",
-"content": text}`."""
+"content": text}`, with an assistant's `tool_calls` and a tool message's `tool_call_id`."""
 
 
 @dataclass(frozen=True)
@@ -23,12 +23,14 @@ class Completion:
     """A completion or a chat reply, or one piece of its stream (then `text` is what the piece adds). Where the
     reply or the piece tells them: why generation stopped (`"stop"`: a stop sequence or the end of the text;
     `"length"`: `max_tokens`), the model's name, and the token usage (`prompt_tokens`, `completion_tokens`,
-    `total_tokens`), which a stream gives in its last piece."""
+    `total_tokens`), which a stream gives in its last piece. A chat reply's `tool_calls` are OpenAI's (`id`,
+    `function.name`, `function.arguments`); a stream piece's are deltas of them (with their `index`)."""
 
     text: str
     finish_reason: str | None = None
     model: str | None = None
     usage: dict[str, int] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 def completion_request(prompt: str, model: str | None, options: dict[str, Any], *, stream: bool = False) -> ApiRequest:
@@ -58,22 +60,23 @@ def reply_steps(request: ApiRequest, read: Callable[[dict[str, Any]], Completion
 
 def completion_of(body: dict[str, Any]) -> Completion:
     """A completion, or a piece of its stream."""
-    return _completion(body, lambda choice: choice.get("text"))
+    return _completion(body, lambda choice: {"content": choice.get("text")})
 
 
 def chat_reply_of(body: dict[str, Any]) -> Completion:
-    return _completion(body, lambda choice: (choice.get("message") or {}).get("content"))
+    return _completion(body, lambda choice: choice.get("message") or {})
 
 
 def chat_piece_of(event: dict[str, Any]) -> Completion:
     """A piece of a chat reply's stream."""
-    return _completion(event, lambda choice: (choice.get("delta") or {}).get("content"))
+    return _completion(event, lambda choice: choice.get("delta") or {})
 
 
-def _completion(body: dict[str, Any], text: Callable[[dict[str, Any]], str | None]) -> Completion:
+def _completion(body: dict[str, Any], message: Callable[[dict[str, Any]], dict[str, Any]]) -> Completion:
     choices = body.get("choices") or [{}]  # a stream's usage piece has none
-    return Completion(text=text(choices[0]) or "", finish_reason=choices[0].get("finish_reason"),
-                      model=body.get("model"), usage=_usage(body))
+    fields = message(choices[0])
+    return Completion(text=fields.get("content") or "", finish_reason=choices[0].get("finish_reason"),
+                      model=body.get("model"), usage=_usage(body), tool_calls=fields.get("tool_calls"))
 
 
 def _usage(body: dict[str, Any]) -> dict[str, int] | None:

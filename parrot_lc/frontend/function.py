@@ -17,6 +17,7 @@ Calling one with variables or plain strings submits one call and returns its out
 them, in template order, when there are several). Sampling settings given as keywords apply to every output;
 a keyword naming an output with a dict (`fix={"max_tokens": 200}`) or an `Output(...)` annotation sets that
 output's own settings; settings not given take the server's defaults (those of the engine's SamplingParams).
+A `constraint` setting holds an output to a grammar: `verdict: Output(constraint={"choice": ["yes", "no"]})`.
 """
 
 from __future__ import annotations
@@ -30,7 +31,10 @@ from parrot_lc.frontend.session import BaseSession, GraphCall, current_session
 from parrot_lc.frontend.template import Template, TemplateError, parse_template
 from parrot_lc.frontend.variable import SemanticVariable
 
-SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos")
+# `constraint`: what the output must match, exactly one of {"regex": pattern}, {"choice": [strings]},
+# {"json_schema": schema}, {"json_object": True} (the server's SamplingConstraint).
+SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos",
+                   "constraint")
 
 
 def _sampling(settings: Mapping[str, Any], where: str) -> dict[str, Any]:

@@ -3,14 +3,18 @@ thread. For notebooks, tests and the in-process mode of the clients."""
 
 from __future__ import annotations
 
+import logging
+import os
 import socket
 import threading
 import time
+from collections import Counter
+from dataclasses import asdict
 
 import torch
 import uvicorn
 
-from parrot_lc.engine.async_engine import AsyncEngine
+from parrot_lc.engine.async_engine import AsyncEngine, EngineDriver
 from parrot_lc.engine.engine import LLMEngine
 from parrot_lc.engine.process_engine import ProcessEngine
 from parrot_lc.server.app import create_app
@@ -19,6 +23,8 @@ from parrot_lc.engine.loader import load_model_info
 from parrot_lc.server.manager import ModelInfo, ParrotManager
 from parrot_lc.server.openai_engine import OpenAIEngine
 from parrot_lc.settings import EngineSettings, ServerSettings
+
+log = logging.getLogger("parrot_lc.server")
 
 
 def build_manager(engine_settings: EngineSettings, server_settings: ServerSettings) -> ParrotManager:
@@ -41,6 +47,20 @@ def build_manager(engine_settings: EngineSettings, server_settings: ServerSettin
         engines.append(OpenAIEngine(server_settings.openai_engine, server_settings.openai_engine_model or info.name,
                                     info.tokenizer, server_settings.openai_engine_api_key))
     return ParrotManager(info, engines, server_settings)
+
+
+def log_serving(manager: ParrotManager, url: str) -> None:
+    """The server's start-up line, once it listens: the model, its engines (each local one's device, dtype,
+    weight format, attention backend and KV cache capacity in tokens) and the address."""
+    local = [slot.engine.info for slot in manager.engines if isinstance(slot.engine, EngineDriver)]
+    parts = [f"{count} local engine{'s' * (count > 1)} ({info})" for info, count in Counter(map(str, local)).items()]
+    if any(isinstance(slot.engine, OpenAIEngine) for slot in manager.engines):
+        parts.append(f"an OpenAI-compatible engine ({manager.settings.openai_engine})")
+    if manager.settings.engine_key:
+        parts.append("remote engines when they register")
+    log.info("serving %s at %s (pid %d): %s", manager.model.name, url, os.getpid(),
+             "; ".join(parts) or "no engine yet", extra={"model": manager.model.name, "url": url,
+                                                         "engines": [asdict(info) for info in local]})
 
 
 class LocalServer:
@@ -69,6 +89,7 @@ class LocalServer:
             if time.monotonic() > deadline or not self._thread.is_alive():
                 raise RuntimeError("the local Parrot server did not start")
             time.sleep(0.01)
+        log_serving(self.manager, self.base_url)
         return self
 
     def stop(self) -> None:

@@ -449,16 +449,20 @@ class ParrotManager:
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)  # each frees its context as it stops
+        freed = 0
         for slot in list(self.engines):
             try:
-                await slot.prefixes.evict()
+                # Fills still running too: a call cancelled (or whose session was deleted) while its prefix was
+                # being filled leaves the fill going, and a prefix is idle only once filled.
+                freed += await slot.prefixes.free_unused()
             except EngineError as exc:  # an engine that went away meanwhile: nothing of it to free
                 log.warning("could not free the prefixes of %s: %s", slot.name, exc)
         # Engines in other processes report through heartbeats, too late to count here.
         left = sum(s.engine.stats().num_contexts for s in self.engines if s.registration is None)
-        log.info("drained: %d calls finished, %d cancelled at the deadline, %d contexts left on local engines",
-                 len(done), len(pending), left,
-                 extra={"calls_finished": len(done), "calls_cancelled": len(pending), "contexts_left": left})
+        log.info("drained: calls finished %d, cancelled at the deadline %d; prefix contexts freed %d; contexts "
+                 "still held by local engines %d", len(done), len(pending), freed, left,
+                 extra={"calls_finished": len(done), "calls_cancelled": len(pending), "prefixes_freed": freed,
+                        "contexts_left": left})
 
     def close(self) -> None:
         for slot in self.engines:

@@ -1,5 +1,6 @@
 """The choices of OpenAI's responses, whole or streamed, in the shape of each endpoint: a chat's message and
-deltas, a completion's text (after its echoed prompt); and their log-probabilities, from the engine's
+deltas (with the tool calls read out of its text, server/tool_calls.py), a completion's text (after its echoed
+prompt); and their log-probabilities, from the engine's
 TokenLogprobs: a chat's `content` list (each token with its bytes and its most likely alternatives) and the
 completions' parallel lists (`tokens`, `token_logprobs`, `top_logprobs`, `text_offset`), as vLLM gives them."""
 
@@ -11,6 +12,7 @@ from transformers import PreTrainedTokenizerBase
 
 from parrot_lc.engine.logprobs import TokenLogprob
 from parrot_lc.server.graph import Call
+from parrot_lc.server.tool_calls import ToolCallStream, ToolReader
 
 # What OpenAI gives for a log-probability of minus infinity (JSON has no infinity).
 MIN_LOGPROB = -9999.0
@@ -75,28 +77,67 @@ def top_logprobs(entry: TokenLogprob, text: str, texts: TokenTexts) -> dict[str,
 
 @dataclass
 class ChatChoices:
-    """The choices of /v1/chat/completions: an assistant message each; streamed, deltas whose first names the
-    role."""
+    """The choices of /v1/chat/completions: an assistant message each, with the tool calls that `tools` reads
+    out of its text where the request offers tools (finish reason `tool_calls`); streamed, deltas whose first
+    names the role."""
 
     texts: TokenTexts
     logprobs: bool  # asked for
+    tools: ToolReader | None = None
+    streams: dict[int, ToolCallStream] = field(default_factory=dict)  # streamed: each choice's calls so far
+    called: set[int] = field(default_factory=set)  # the choices that call tools
     kind = "chat.completion"
     chunk_kind = "chat.completion.chunk"
     id_prefix = "chatcmpl"
 
+    @property
+    def plain(self) -> bool:
+        """Whether a delta's fields are its text alone (see `openai_routes.DeltaEvents`)."""
+        return not self.logprobs and self.tools is None
+
     def whole(self, choice: int, call: Call, text: str) -> dict:
         """A choice's fields but its index and finish reason."""
-        return {"message": {"role": "assistant", "content": text},
-                "logprobs": chat_logprobs(call.logprobs, self.texts) if self.logprobs else None}
+        message: dict = {"role": "assistant", "content": text}
+        if self.tools is not None:
+            content, calls = self.tools.whole(text)
+            if calls:
+                message = {"role": "assistant", "content": content, "tool_calls": [c.openai() for c in calls]}
+                self.called.add(choice)
+        return {"message": message, "logprobs": chat_logprobs(call.logprobs, self.texts) if self.logprobs else None}
+
+    def finish_reason(self, choice: int, call: Call) -> str | None:
+        """`tool_calls` where the choice calls tools and was not cut short."""
+        return "tool_calls" if choice in self.called and call.finish_reason == "stop" else call.finish_reason
 
     def opening(self, choice: int, call: Call) -> dict | None:
         """The fields of a chunk before the choice's first delta: none (the first delta names the role)."""
         return None
 
-    def delta(self, choice: int, text: str, first: bool, entries: list[TokenLogprob]) -> dict:
-        """A chunk's fields for the choice's next `text` and the log-probabilities of its tokens (`entries`)."""
-        return {"delta": {"role": "assistant", "content": text} if first else {"content": text},
-                "logprobs": chat_logprobs(entries, self.texts) if self.logprobs else None}
+    def delta(self, choice: int, text: str, first: bool, entries: list[TokenLogprob]) -> dict | None:
+        """A chunk's fields for the choice's next `text` and the log-probabilities of its tokens (`entries`);
+        None where there is nothing to send (text held back: it may begin a tool call)."""
+        return self._chunk(choice, self._read(choice, text, final=False), first, entries)
+
+    def last(self, choice: int, entries: list[TokenLogprob]) -> dict:
+        """The fields of the choice's last chunk (with its finish reason): what was held back, if anything."""
+        return self._chunk(choice, self._read(choice, "", final=True), False, entries) or {"delta": {},
+                                                                                           "logprobs": None}
+
+    def _read(self, choice: int, text: str, final: bool) -> dict:
+        if self.tools is None:
+            return {"content": text}
+        stream = self.streams.setdefault(choice, ToolCallStream(self.tools))
+        fields = stream.feed(text, final)
+        if stream.calls:
+            self.called.add(choice)
+        return fields
+
+    def _chunk(self, choice: int, delta: dict, first: bool, entries: list[TokenLogprob]) -> dict | None:
+        if first:
+            delta = {"role": "assistant", **({"content": ""} if not delta else delta)}
+        elif not delta and not (self.logprobs and entries):
+            return None
+        return {"delta": delta, "logprobs": chat_logprobs(entries, self.texts) if self.logprobs else None}
 
 
 @dataclass
@@ -111,6 +152,14 @@ class TextChoices:
     kind = "text_completion"
     chunk_kind = "text_completion"
     id_prefix = "cmpl"
+
+    @property
+    def plain(self) -> bool:
+        """Whether a delta's fields are its text alone (see `openai_routes.DeltaEvents`)."""
+        return not self.logprobs
+
+    def finish_reason(self, choice: int, call: Call) -> str | None:
+        return call.finish_reason
 
     def whole(self, choice: int, call: Call, text: str) -> dict:
         """A choice's fields but its index and finish reason."""
@@ -133,3 +182,7 @@ class TextChoices:
         logprobs = completion_logprobs(entries, self.texts, offset)
         self.offsets[choice] = offset + sum(len(token) for token in logprobs["tokens"])
         return {"text": text, "logprobs": logprobs}
+
+    def last(self, choice: int, entries: list[TokenLogprob]) -> dict:
+        """The fields of the choice's last chunk (with its finish reason)."""
+        return self.delta(choice, "", False, entries)

@@ -43,6 +43,8 @@ class OpenAIEngine:
     ) -> AsyncIterator[RequestOutput]:
         if sampling.logprobs is not None or sampling.prompt_logprobs is not None:
             raise InvalidRequestError("an OpenAI-compatible engine gives no log-probabilities here")
+        if sampling.constraint is not None:
+            raise InvalidRequestError("an OpenAI-compatible engine takes no sampling.constraint here")
         if token_ids:
             await self.fill(token_ids, context_id, parent_context_id, priority)
         elif parent_context_id is not None and context_id not in self._contexts:

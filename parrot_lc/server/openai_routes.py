@@ -1,11 +1,13 @@
 """OpenAI-compatible endpoints, so unmodified clients (the `openai` package, LangChain's ChatOpenAI, evaluation
 harnesses) use the server too, and vLLM's /tokenize and /detokenize. Each request is a graph of one call per
 choice (n per prompt): a prompt's choices share it, filled once and forked; its constant prefix (a chat's system
-part) is shared with every other request that starts the same way."""
+part) is shared with every other request that starts the same way. A chat's tools are rendered, constrained and
+read by server/tool_calls.py."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 import uuid
@@ -14,10 +16,9 @@ from typing import AsyncIterator, Callable
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import StreamingResponse
-from jinja2 import TemplateError
 from starlette.types import Receive, Scope, Send
-from transformers import PreTrainedTokenizerBase
 
+from parrot_lc.engine.constraints import Constraint
 from parrot_lc.engine.logprobs import TokenLogprob
 from parrot_lc.engine.sampling import SamplingParams
 from parrot_lc.server.errors import CallFailedError, NotFoundError, ServerError
@@ -26,14 +27,15 @@ from parrot_lc.server.manager import Completion, CompletionPrompt, ParrotManager
 from parrot_lc.server.openai_choices import ChatChoices, TextChoices, TokenTexts
 from parrot_lc.server.schemas import (
     ChatCompletionRequest,
-    ChatMessage,
     CompletionRequest,
     DetokenizeRequest,
     DetokenizeResponse,
     OpenAISampling,
     TokenizeRequest,
     TokenizeResponse,
+    TokenizerInfo,
 )
+from parrot_lc.server.tool_calls import ChatTemplate
 
 Choices = ChatChoices | TextChoices
 
@@ -44,6 +46,7 @@ def openai_router(manager: ParrotManager, model_name: str, client_of: Callable[.
     router = APIRouter(prefix="/v1")
     served = served_names(model_name)
     texts = TokenTexts(manager.tokenizer)
+    template = ChatTemplate.of(manager.tokenizer)
 
     @router.get("/models")
     async def models() -> dict:
@@ -73,15 +76,24 @@ def openai_router(manager: ParrotManager, model_name: str, client_of: Callable[.
     @router.post("/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, client: str | None = Depends(client_of)):
         check_model(served, body.model)
-        prompt, head = chat_prompt(manager.tokenizer, body.messages)
+        tools = body.tool_request()
+        prompt, head = template.render(body.template_messages(), tools)
         token_ids = manager.prompts.tokenize(prompt, head)  # once: the length check and the call share the ids
         max_tokens = manager.prompts.check(token_ids, body.max_completion_tokens or body.max_tokens, "messages")
         pieces = [Piece("text", head), Piece("text", prompt[len(head):])] if head else [Piece("text", prompt)]
-        choice = CompletionPrompt(pieces, token_ids, checked_sampling(body, max_tokens))
-        return await respond(body, client, [choice], ChatChoices(texts, bool(body.logprobs)))
+        sampling = checked_sampling(body, max_tokens, tools.constraint() if tools is not None else None)
+        reader = tools.reader(template) if tools is not None else None
+        return await respond(body, client, [CompletionPrompt(pieces, token_ids, sampling)],
+                             ChatChoices(texts, bool(body.logprobs), reader))
 
-    def checked_sampling(body: OpenAISampling, max_tokens: int) -> SamplingParams:
+    def checked_sampling(body: OpenAISampling, max_tokens: int, forced: Constraint | None = None) -> SamplingParams:
+        """The request's sampling; `forced`: the constraint of a forced tool call."""
         sampling = body.to_params(max_tokens)
+        if forced is not None:
+            if sampling.constraint is not None:
+                raise ServerError("response_format and a forced tool_choice both constrain the output: send one",
+                                  "tool_choice")
+            sampling = dataclasses.replace(sampling, constraint=forced)
         sampling.validate(manager.vocab_size)
         return sampling
 
@@ -90,7 +102,8 @@ def openai_router(manager: ParrotManager, model_name: str, client_of: Callable[.
         if not body.stream:
             async with manager.completion(prompts, body.n, client) as completion:
                 outputs = await completion.texts()
-            choices = [{"index": index, **shape.whole(index, call, text), "finish_reason": call.finish_reason}
+            choices = [{"index": index, **shape.whole(index, call, text),
+                        "finish_reason": shape.finish_reason(index, call)}
                        for index, (call, text) in enumerate(zip(completion.calls, outputs))]
             return {**head, "object": shape.kind, "choices": choices, "usage": usage(completion)}
         include_usage = body.stream_options is not None and body.stream_options.include_usage
@@ -102,20 +115,21 @@ def openai_router(manager: ParrotManager, model_name: str, client_of: Callable[.
 
 
 def tokenizer_router(manager: ParrotManager, model_name: str) -> APIRouter:
-    """/tokenize and /detokenize (as vLLM serves them): the model's tokenizer as the completion routes use it, for
-    clients that count tokens or send token ids."""
+    """/tokenize, /detokenize and /tokenizer_info (as vLLM serves them): the model's tokenizer as the completion
+    routes use it, for clients that count tokens or send token ids (lm-evaluation-harness's remote tokenizer)."""
     router = APIRouter()
     served = served_names(model_name)
+    template = ChatTemplate.of(manager.tokenizer)
 
     @router.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
-        """The token ids of a prompt, or of chat messages rendered with the model's chat template, as
+        """The token ids of a prompt, or of chat messages (and tools) rendered with the model's chat template, as
         /v1/completions and /v1/chat/completions tokenize them (with the tokenizer's special tokens, unless
         `add_special_tokens` is false)."""
         check_model(served, body.model)
         text = body.prompt
         if body.messages is not None:
-            text = chat_prompt(manager.tokenizer, body.messages, body.add_generation_prompt)[0]
+            text = template.render(body.template_messages(), body.tool_request(), body.add_generation_prompt)[0]
         tokens = manager.prompts.tokenize(text) if body.add_special_tokens else manager.prompts.continuation(text)
         return TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=manager.max_context)
 
@@ -125,6 +139,14 @@ def tokenizer_router(manager: ParrotManager, model_name: str) -> APIRouter:
         check_model(served, body.model)
         manager.prompts.check_token_ids(body.tokens, "tokens")
         return DetokenizeResponse(prompt=manager.prompts.detokenize(body.tokens))
+
+    @router.get("/tokenizer_info")
+    async def tokenizer_info() -> TokenizerInfo:
+        """The tokenizer's special tokens and the model's context."""
+        tokenizer = manager.tokenizer
+        return TokenizerInfo(tokenizer_class=type(tokenizer).__name__, bos_token=tokenizer.bos_token,
+                             eos_token=tokenizer.eos_token, pad_token=tokenizer.pad_token,
+                             model_max_length=manager.max_context)
 
     return router
 
@@ -142,22 +164,6 @@ def check_model(served: list[str], name: str | None) -> None:
                             f"{' or '.join(map(repr, served))} (GET /v1/models)", field="model")
 
 
-def chat_prompt(
-    tokenizer: PreTrainedTokenizerBase, messages: list[ChatMessage], add_generation_prompt: bool = True
-) -> tuple[str, str]:
-    """The messages rendered with the chat template, and the head of that prompt that the system messages
-    rendered alone make: the part that many chats share (a long system prompt), or "" if none. A template that
-    refuses the messages (roles out of its order) is a 400 naming them."""
-    rendered = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
-    system = [m for m in rendered if m["role"] == "system"]
-    try:
-        prompt = tokenizer.apply_chat_template(rendered, tokenize=False, add_generation_prompt=add_generation_prompt)
-        head = tokenizer.apply_chat_template(system, tokenize=False) if system else ""
-    except TemplateError as exc:
-        raise ServerError(f"the model's chat template refuses these messages: {exc}", "messages") from exc
-    return prompt, head if prompt.startswith(head) else ""
-
-
 async def stream_events(
     completion: Completion, head: dict, shape: Choices, include_usage: bool
 ) -> AsyncIterator[str]:
@@ -172,8 +178,9 @@ async def stream_events(
     def chunk(choices: list[dict]) -> dict:
         return {**head, "object": shape.chunk_kind, "choices": choices}
 
-    def event(index: int, fields: dict, finish_reason: str | None = None) -> str:
-        return sse(chunk([{"index": index, **fields, "finish_reason": finish_reason}]))
+    def event(index: int, fields: dict | None, finish_reason: str | None = None) -> str:
+        """The event of a choice's chunk; none where it has nothing to send (`fields` None)."""
+        return "" if fields is None else sse(chunk([{"index": index, **fields, "finish_reason": finish_reason}]))
 
     def new_logprobs(index: int) -> list[TokenLogprob]:
         call = completion.calls[index]
@@ -187,7 +194,7 @@ async def stream_events(
             index, shape.delta(index, text, opening is None, new_logprobs(index)))
 
     def next_delta(index: int, text: str) -> str:
-        if shape.logprobs:
+        if not shape.plain:
             return event(index, shape.delta(index, text, False, new_logprobs(index)))
         if index not in plain:
             plain[index] = DeltaEvents(lambda text: chunk([{"index": index, **shape.delta(index, text, False, []),
@@ -198,7 +205,7 @@ async def stream_events(
         async for index, text in completion.deltas():
             yield next_delta(index, text) if started[index] else first(index, text)
         last = [first(index, "") if not started[index] else "" for index in range(count)]
-        last += [event(index, shape.delta(index, "", False, new_logprobs(index)), call.finish_reason)
+        last += [event(index, shape.last(index, new_logprobs(index)), shape.finish_reason(index, call))
                  for index, call in enumerate(completion.calls)]
         if include_usage:
             last.append(sse({**chunk([]), "usage": usage(completion)}))

@@ -66,6 +66,16 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def keys(self) -> set[str]:
+        """The keys of the prefixes held now."""
+        return set(self._entries)
+
+    @property
+    def num_filling(self) -> int:
+        """Prefixes whose fill has not ended yet. A fill goes on when every call that waited for it went away
+        (cancelled, its session deleted): the prefix is then warm for later calls, idle once filled."""
+        return sum(not entry.filled for entry in self._entries.values())
+
     async def acquire(self, prefix: PromptPrefix, priority: int) -> PrefixEntry:
         """The context of the prefix, to fork from: filled now if new, at the priority of the call that waits for
         it (the fill is the first part of that call, and a less important fill would be prefilled in the
@@ -126,6 +136,11 @@ class PrefixCache:
     async def discard(self, keys: Iterable[str]) -> None:
         """Frees the prefixes' contexts, but not one that a call is forking from (or that is being filled)."""
         await self._free([entry for key in keys if (entry := self._entries.get(key)) is not None and _idle(entry)])
+
+    async def free_unused(self) -> int:
+        """Frees every prefix that no call uses, a fill still running or not (its request is cancelled): a
+        drain's, when no call will fork from them any more. Returns how many."""
+        return await self._free([entry for entry in self._entries.values() if entry.users == 0])
 
     async def _free(self, victims: list[PrefixEntry]) -> int:
         for entry in victims:  # out of the map first: the frees below await, and others may look meanwhile

@@ -15,6 +15,7 @@ from parrot_lc.engine.errors import EngineUnavailableError
 from parrot_lc.engine.logprobs import TokenLogprob
 from parrot_lc.engine.request import RequestOutput
 from parrot_lc.engine.sampling import SamplingParams
+from parrot_lc.server.structured_output import constraint_fields
 
 
 def _raise_typed(error: dict) -> None:
@@ -78,7 +79,8 @@ class RemoteEngine:
         self, sampling: SamplingParams, context_id, parent_context_id=None, priority=0, token_ids=None
     ) -> AsyncIterator[RequestOutput]:
         body = {"sampling": {**sampling.__dict__, "stop": list(sampling.stop),
-                             "stop_token_ids": list(sampling.stop_token_ids)},
+                             "stop_token_ids": list(sampling.stop_token_ids),
+                             "constraint": sampling.constraint and constraint_fields(sampling.constraint)},
                 "context_id": context_id, "parent_context_id": parent_context_id, "priority": priority,
                 "token_ids": token_ids or []}
         self._check_open()

@@ -10,12 +10,13 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 
-from parrot_lc.server.schemas import INVALID_TEXT, NOT_SUPPORTED
+from parrot_lc.server.schemas import INVALID_CONSTRAINT, INVALID_TEXT, NOT_SUPPORTED
 
 # Validation errors of a malformed request (not Unicode text, asking for what the server does not implement), by
 # the type they are answered with: 400, where a value that the schema refuses is 422. (JSON that does not parse
 # is 400 too.)
-BAD_REQUEST_ERRORS = {INVALID_TEXT: "MalformedText", "string_unicode": "MalformedText", NOT_SUPPORTED: "NotSupported"}
+BAD_REQUEST_ERRORS = {INVALID_TEXT: "MalformedText", "string_unicode": "MalformedText", NOT_SUPPORTED: "NotSupported",
+                      INVALID_CONSTRAINT: "InvalidConstraint"}
 # The part of a request that an error's location begins with: a field is named without it.
 REQUEST_PARTS = {"body", "query", "path", "header", "cookie"}
 # Where the fault lies in Starlette's own errors: a body it could not parse, a path or a method it does not route.

@@ -15,6 +15,7 @@ from pydantic import (
     NonNegativeInt,
     StrictInt,
     TypeAdapter,
+    ValidationError,
     field_validator,
     model_validator,
 )
@@ -22,10 +23,13 @@ from pydantic_core import PydanticCustomError
 
 from parrot_lc.engine.logprobs import MAX_LOGPROBS
 from parrot_lc.engine.sampling import SamplingParams
+from parrot_lc.server.structured_output import FieldError, response_format_constraint, sampling_constraint
+from parrot_lc.server.tool_calls import ToolRequest
 
 # Error types of the validators here that the HTTP layer answers with 400, not 422 (parrot_lc/server/responses.py):
-# text that is no Unicode, and a field or a value that the server does not implement.
-INVALID_TEXT, NOT_SUPPORTED = "invalid_text", "not_supported"
+# text that is no Unicode, a field or a value that the server does not implement, and a constraint of an output
+# (a response format, a schema, a regex) that is no grammar.
+INVALID_TEXT, NOT_SUPPORTED, INVALID_CONSTRAINT = "invalid_text", "not_supported", "invalid_constraint"
 
 
 def check_text(value: Any) -> None:
@@ -64,6 +68,25 @@ class StrictModel(RequestModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def constraint_error(error: FieldError | ValidationError) -> PydanticCustomError:
+    """The 400 of a bad constraint, naming its part (`field`, after the field that holds it)."""
+    if isinstance(error, ValidationError):
+        first = error.errors()[0]
+        error = FieldError(".".join(str(part) for part in first["loc"]), first["msg"])
+    return PydanticCustomError(INVALID_CONSTRAINT, "{message}", {"message": error.message, "field": error.field})
+
+
+class SamplingConstraint(StrictModel):
+    """What an output must match: exactly one of these (server/structured_output.py). The engine masks the tokens
+    that would break it, and the output ends when it is complete."""
+
+    regex: str | None = Field(None, description="a regular expression that the whole output matches")
+    choice: list[str] | None = Field(None, description="the output is one of these strings")
+    json_schema: dict[str, Any] | None = Field(None, description="the output is JSON valid against this schema "
+                                               "(strict: no properties it does not name)")
+    json_object: bool = Field(False, description="the output is a JSON object")
+
+
 class Sampling(StrictModel):
     """Sampling settings of one output (defaults as the engine's SamplingParams)."""
 
@@ -75,9 +98,21 @@ class Sampling(StrictModel):
     stop: list[str] = Field(default_factory=list)
     stop_token_ids: list[int] = Field(default_factory=list)
     ignore_eos: bool = False
+    constraint: SamplingConstraint | None = None
+
+    @field_validator("constraint")
+    @classmethod
+    def grammar(cls, constraint: SamplingConstraint | None) -> SamplingConstraint | None:
+        try:
+            sampling_constraint(constraint)
+        except FieldError as exc:
+            raise constraint_error(exc) from None
+        return constraint
 
     def to_params(self) -> SamplingParams:
-        return SamplingParams(**{**self.model_dump(), "stop": tuple(self.stop), "stop_token_ids": tuple(self.stop_token_ids)})
+        fields = {name: tuple(value) if isinstance(value, list) else value
+                  for name, value in self.model_dump(exclude={"constraint"}).items()}
+        return SamplingParams(**fields, constraint=sampling_constraint(self.constraint))
 
 
 class EngineSampling(Sampling):
@@ -87,6 +122,7 @@ class EngineSampling(Sampling):
     max_tokens: int = Field(128, ge=0)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    constraint_prefix: list[int] = Field(default_factory=list)
 
 
 class TemplatePiece(StrictModel):
@@ -244,16 +280,18 @@ class EngineRef(BaseModel):
 # Fields of OpenAI's API that this server does not implement, with the values that ask for nothing (which clients
 # send anyway: LangChain's ChatOpenAI, for one, may send `n: 1` or `presence_penalty: 0`). Any other value is
 # refused (400) rather than silently ignored. Other fields that the server does not know (`user`, `metadata`,
-# `store`, `service_tier`, `parallel_tool_calls`...) change nothing of the answer: ignored, as vLLM does.
+# `store`, `service_tier`...) change nothing of the answer: ignored, as vLLM does.
 UNIMPLEMENTED: dict[str, tuple[Any, ...]] = {
     "suffix": (None, ""), "logit_bias": (None, {}), "presence_penalty": (None, 0, 0.0),
     "frequency_penalty": (None, 0, 0.0), "repetition_penalty": (None, 1, 1.0), "min_p": (None, 0, 0.0),
-    "response_format": (None, {"type": "text"}), "tools": (None, []), "tool_choice": (None, "none"),
+    "tools": (None, []), "tool_choice": (None, "none"),
     "functions": (None, []), "function_call": (None, "none"), "modalities": (None, ["text"]), "audio": (None,),
     "prediction": (None,), "reasoning_effort": (None,), "web_search_options": (None,),
 }
-# A chat has no `echo` (a completion's field; vLLM's chat echo of the last message is not implemented).
-CHAT_UNIMPLEMENTED = {**UNIMPLEMENTED, "echo": (None, False)}
+# A chat has no `echo` (a completion's field; vLLM's chat echo of the last message is not implemented); its tools
+# are implemented (a completion's are not).
+CHAT_UNIMPLEMENTED = {**{k: v for k, v in UNIMPLEMENTED.items() if k not in ("tools", "tool_choice")},
+                      "echo": (None, False)}
 MAX_CHOICES = 128  # choices one request may ask for (`n`; OpenAI's limit)
 
 
@@ -269,6 +307,22 @@ def not_supported(field: str, message: str) -> PydanticCustomError:
 
 class StreamOptions(RequestModel):
     include_usage: bool = False
+
+
+class JSONSchemaFormat(RequestModel):
+    """The `json_schema` of a response format."""
+
+    model_config = ConfigDict(populate_by_name=True)
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema", description="the JSON schema that the output is valid against")
+    strict: bool | None = Field(None, description="accepted: the output always follows the schema, strictly "
+                                "(no properties it does not name)")
+
+
+class ResponseFormat(RequestModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
 
 
 class OpenAISampling(RequestModel):
@@ -288,8 +342,21 @@ class OpenAISampling(RequestModel):
     n: int = Field(1, ge=1, description=f"choices of each prompt, at most {MAX_CHOICES}: the prompt is filled once "
                    "and forked; with a seed, choice i samples with seed + i")
     best_of: int | None = Field(None, ge=1, description="only as many as `n` (no choice is generated to be dropped)")
+    response_format: ResponseFormat | None = Field(None, description="text (the default), json_object or json_schema: "
+                                                   "the output is constrained to match")
 
     unimplemented: ClassVar[dict[str, tuple[Any, ...]]] = UNIMPLEMENTED
+
+    @field_validator("response_format", mode="plain", json_schema_input_type=ResponseFormat | None)
+    @classmethod
+    def response_grammar(cls, value: Any) -> ResponseFormat | None:
+        """A response format whose schema is a grammar; a bad one is a 400 naming its part."""
+        try:
+            response_format = None if value is None else ResponseFormat.model_validate(value)
+            response_format_constraint(response_format)
+        except (ValidationError, FieldError) as exc:
+            raise constraint_error(exc) from None
+        return response_format
 
     @model_validator(mode="before")
     @classmethod
@@ -315,7 +382,7 @@ class OpenAISampling(RequestModel):
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
                               top_k=max(self.top_k, 0), seed=self.seed, stop=tuple(stop), ignore_eos=self.ignore_eos,
-                              **self.logprob_params())
+                              constraint=response_format_constraint(self.response_format), **self.logprob_params())
 
     @abstractmethod
     def logprob_params(self) -> dict[str, int | None]:
@@ -374,9 +441,25 @@ class TextPart(RequestModel):
 TEXT_PARTS = TypeAdapter(list[TextPart])
 
 
+class FunctionCall(RequestModel):
+    name: str
+    arguments: str = Field(description="the arguments as JSON text")
+
+
+class MessageToolCall(RequestModel):
+    """A call an assistant's message made (sent back with the chat's next turn)."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(RequestModel):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[TextPart] | None = None
+    tool_calls: list[MessageToolCall] | None = Field(None, description="an assistant's calls")
+    tool_call_id: str | None = Field(None, description="a tool message's: the call it answers")
+    name: str | None = None
 
     @field_validator("content", mode="plain", json_schema_input_type=str | list[TextPart] | None)
     @classmethod
@@ -400,8 +483,75 @@ class ChatMessage(RequestModel):
             return "".join(part.text for part in self.content)
         return self.content or ""
 
+    def template_message(self) -> dict[str, Any]:
+        """The message as chat templates take it (OpenAI's shape; a developer message is a system one)."""
+        message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.tool_calls:
+            message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+        if self.role == "tool":
+            message.update({key: value for key, value in (("tool_call_id", self.tool_call_id), ("name", self.name))
+                            if value is not None})
+        return message
 
-class ChatCompletionRequest(OpenAISampling):
+
+class FunctionDefinition(RequestModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="the arguments' JSON schema (an object's)")
+    strict: bool | None = Field(None, description="accepted; a forced call always follows the schema")
+
+
+class ToolDefinition(RequestModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(RequestModel):
+    name: str
+
+
+class NamedToolChoice(RequestModel):
+    type: Literal["function"]
+    function: FunctionName
+
+
+TOOL_CHOICES = ("none", "auto", "required")
+
+
+class ChatWithTools(RequestModel):
+    """Chat messages and the tools they may call, as the chat template renders them (server/tool_calls.py)."""
+
+    messages: list[ChatMessage] | None = None
+    tools: list[ToolDefinition] | None = Field(None, description="functions the model may call")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="auto (the default with tools), none, required or a named function: the last two are "
+        "constrained to a valid call")
+    parallel_tool_calls: bool = Field(True, description="false: at most one call a reply")
+
+    @field_validator("tool_choice", mode="plain",
+                     json_schema_input_type=Literal["none", "auto", "required"] | NamedToolChoice | None)
+    @classmethod
+    def one_choice(cls, choice: Any) -> str | NamedToolChoice | None:
+        """A mode or a named function; anything else is named as `tool_choice` itself (a plain union would name it
+        by the type it failed to be)."""
+        if choice is None or choice in TOOL_CHOICES:
+            return choice
+        if isinstance(choice, dict):
+            return NamedToolChoice.model_validate(choice)
+        raise PydanticCustomError("tool_choice", 'one of {choices}, or {"type": "function", "function": {"name": ...}}',
+                                  {"choices": ", ".join(TOOL_CHOICES)})
+
+    def template_messages(self) -> list[dict[str, Any]]:
+        return [message.template_message() for message in self.messages or []]
+
+    def tool_request(self) -> ToolRequest | None:
+        """The tools and how they may be called, checked; None without tools."""
+        choice = self.tool_choice.model_dump() if isinstance(self.tool_choice, BaseModel) else self.tool_choice
+        return ToolRequest.of([tool.model_dump(exclude_none=True) for tool in self.tools or []], choice,
+                              self.parallel_tool_calls)
+
+
+class ChatCompletionRequest(OpenAISampling, ChatWithTools):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = Field(None, description="each generated token's log-probability")
@@ -421,7 +571,7 @@ class ChatCompletionRequest(OpenAISampling):
         return {"logprobs": (self.top_logprobs or 0) if self.logprobs else None, "prompt_logprobs": None}
 
 
-class TokenizeRequest(RequestModel):
+class TokenizeRequest(ChatWithTools):
     """A prompt, or chat messages, to tokenize as the completion routes do (vLLM's /tokenize)."""
 
     model: str | None = Field(None, description="the served model, as GET /v1/models names it; unset: that one")
@@ -442,6 +592,16 @@ class TokenizeResponse(BaseModel):
     tokens: list[int]
     count: int
     max_model_len: int  # the model's context, in tokens
+
+
+class TokenizerInfo(BaseModel):
+    """The tokenizer as clients that tokenize through /tokenize need to know it (vLLM's /tokenizer_info)."""
+
+    tokenizer_class: str
+    bos_token: str | None
+    eos_token: str | None
+    pad_token: str | None
+    model_max_length: int  # the model's context, in tokens
 
 
 class DetokenizeRequest(RequestModel):

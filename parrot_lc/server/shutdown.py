@@ -12,6 +12,7 @@ from types import FrameType
 
 import uvicorn
 
+from parrot_lc.server.local import log_serving
 from parrot_lc.server.manager import ParrotManager
 
 log = logging.getLogger("parrot_lc.server")
@@ -31,6 +32,9 @@ class DrainingServer(uvicorn.Server):
     async def startup(self, sockets=None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().startup(sockets)
+        if self.started:
+            host, port = self.servers[0].sockets[0].getsockname()[:2]
+            log_serving(self.manager, f"http://{f'[{host}]' if ':' in host else host}:{port}")
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if sig == signal.SIGTERM and self.started and self._drain is None and self._loop is not None:

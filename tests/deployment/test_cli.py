@@ -1,6 +1,8 @@
 """The `parrot-lc` console script."""
 
 import signal
+import subprocess
+import sys
 
 import httpx
 import pytest
@@ -43,3 +45,36 @@ def test_a_model_that_cannot_be_loaded_is_a_one_line_error(tmp_path, capsys):
     assert stop.value.code == 2
     [line] = capsys.readouterr().err.splitlines()
     assert line.startswith("parrot-lc: error: model ") and "nonexistent" in line
+
+
+def test_serve_logs_what_it_serves_once_and_exits_without_third_party_warnings(tmp_path):
+    served = Served(tmp_path / "serve.log")
+    served.process.send_signal(signal.SIGTERM)
+    assert served.process.wait(timeout=30) == 0
+    records = served.records()
+    [start] = [r for r in records if served.url in r["message"]]  # the address, once
+    assert start["message"].startswith("serving tiny at ") and start["model"] == "tiny"
+    [engine] = start["engines"]
+    assert {key: engine[key] for key in ("model", "device", "dtype", "attention_backend")} == \
+        {"model": "tiny", "device": "cpu", "dtype": "float32", "attention_backend": "torch"}
+    assert engine["weights"] in ("float32", "float16", "bfloat16") and engine["kv_capacity_tokens"] > 0
+    assert str(engine["kv_capacity_tokens"]) in start["message"] and engine["weights"] in start["message"]
+    # Every line is one of ours: no warnings of other packages, at start or at exit (nanobind's "leaked").
+    assert [line for line in served.log.read_text().splitlines() if not line.startswith("{")] == []
+
+
+@pytest.mark.parametrize("command", ["serve", "engine", "demo"])
+def test_every_flag_of_a_command_names_its_default(command):
+    from parrot_lc.cli import build_parser
+
+    [commands] = [action for action in build_parser()._actions if action.choices]
+    flags = [action for action in commands.choices[command]._actions if action.dest != "help"]
+    assert flags and [action.dest for action in flags if "(default: " not in action.help] == []
+
+
+def test_help_loads_no_model_code():
+    # What made `parrot-lc --help` take 3.5 s: torch and the engine, imported by the command line itself.
+    code = ("import sys\nfrom parrot_lc.cli import main\ntry:\n    main(['serve', '--help'])\nexcept SystemExit:\n"
+            "    pass\nassert not {'torch', 'parrot_lc.engine.engine'} & set(sys.modules), 'imported'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr

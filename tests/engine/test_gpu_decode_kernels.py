@@ -7,16 +7,21 @@ Runs only on a GPU; the CUDA kernel only where the extension is built.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 from conftest import GPU
 from decode_cases import make_batch, reference
 from parrot_lc.engine import cuda_attention
-from parrot_lc.engine.triton_decode import decode_attention
+from parrot_lc.engine.triton_decode import CONFIGS, decode_attention
 
 pytestmark = GPU
-KERNELS = {"cuda": cuda_attention.cuda_decode_attention, "triton": decode_attention}
+# The Triton kernel in the config it picks, and in its 128-row config (the one for large GQA groups, picked only
+# where a group has more than 64 query rows a KV head).
+KERNELS = {"cuda": cuda_attention.cuda_decode_attention, "triton": decode_attention,
+           "triton_rows128": functools.partial(decode_attention, config=CONFIGS["rows128"])}
 
 
 @pytest.fixture(params=KERNELS)
@@ -66,6 +71,22 @@ def test_gqa_ratios_head_dims_and_dtypes(kernel, num_heads, num_kv_heads, head_d
     groups, loose, padding = TREES["three_groups"]
     check(kernel, *cuda_batch(groups, loose, padding, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
                       dtype=dtype))
+
+
+@pytest.mark.parametrize("group_size", [1, 2, 3, 4, 5, 6, 7, 8, 16])
+def test_gqa_group_sizes(kernel, group_size):
+    if kernel is cuda_attention.cuda_decode_attention and group_size > cuda_attention.MAX_GQA_RATIO:
+        pytest.skip(f"the CUDA kernel takes up to {cuda_attention.MAX_GQA_RATIO} query heads per KV head")
+    groups, loose, padding = TREES["three_groups"]
+    check(kernel, *cuda_batch(groups, loose, padding, num_heads=4 * group_size, num_kv_heads=4))
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_triton_configs_on_a_large_gqa_group(config):
+    # 200 forks x 4 query heads: 800 rows a KV head, many tiles of either size, several prefix splits.
+    gen = torch.Generator().manual_seed(2)
+    owns = torch.randint(1, 300, (200,), generator=gen).tolist()
+    check(functools.partial(decode_attention, config=CONFIGS[config]), *cuda_batch([(2048, owns)], [700], 1))
 
 
 @pytest.mark.parametrize("num_kv_heads", [32, 8])

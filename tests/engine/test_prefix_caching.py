@@ -85,6 +85,64 @@ def test_requests_that_arrive_together_compute_their_common_blocks_once(make_eng
     assert engine.stats().prefill_tokens == 104 + 7 * 8
 
 
+@pytest.mark.parametrize("budget", [24, 64, 100])
+def test_a_common_prompt_longer_than_a_steps_budget_is_computed_once(make_engine, budget):
+    shared = random_tokens(200, 0)  # 12 full blocks and half of one, over 2 to 9 steps' token budget
+    prompts = [shared + random_tokens(5, 10 + i) for i in range(4)]
+    engine = make_engine(max_num_batched_tokens=budget)
+    requests = [engine.submit_generate(GREEDY, i, token_ids=p) for i, p in enumerate(prompts)]
+    events = engine.run_until_done(requests)
+    # The first computes its 205 tokens; each other waits while the first fills the blocks it would compute, then
+    # takes the 12 common blocks and computes its last 13 tokens.
+    assert engine.stats().prefill_tokens == 205 + 3 * 13
+    assert [events[r.request_id][0].cached_tokens for r in requests] == [0, 192, 192, 192]
+    uncached = make_engine(prefix_caching=False)
+    for i, prompt in enumerate(prompts):
+        uncached.fill(prompt, i)
+    assert [generated(events[r.request_id]) for r in requests] == [greedy_text_ids(uncached, i, 8) for i in range(4)]
+
+
+def test_requests_waiting_for_a_filler_that_is_cancelled_compute_the_rest_themselves(make_engine):
+    shared = random_tokens(200, 0)
+    prompts = [shared + random_tokens(5, 10 + i) for i in range(3)]
+    engine = make_engine(max_num_batched_tokens=64)
+    filler, *waiting = [engine.submit_generate(GREEDY, i, token_ids=p) for i, p in enumerate(prompts)]
+    engine.step()  # the filler computes blocks 0-3; the others wait for them
+    engine.cancel(filler.request_id)
+    events = engine.run_until_done(waiting)
+    # The first of the others takes the filler's 4 blocks and computes the rest; the last takes all 12.
+    assert engine.stats().prefill_tokens == 64 + (205 - 64) + 13
+    assert [events[r.request_id][0].cached_tokens for r in waiting] == [64, 192]
+    uncached = make_engine(prefix_caching=False)
+    for i, prompt in enumerate(prompts[1:]):
+        uncached.fill(prompt, i)
+    assert [generated(events[r.request_id]) for r in waiting] == [greedy_text_ids(uncached, i, 8) for i in range(2)]
+
+
+def test_requests_waiting_for_a_filler_that_is_preempted_finish_unchanged(make_engine):
+    shared = random_tokens(200, 0)
+    prompts = [shared + random_tokens(5, 10 + i) for i in range(2)]
+    urgent_prompt = random_tokens(250, 7)
+    engine = make_engine(kv_cache_bytes=20 * BLOCK_BYTES, max_num_batched_tokens=64)
+    requests = [engine.submit_generate(GREEDY, i, token_ids=p) for i, p in enumerate(prompts)]
+    engine.step()
+    engine.step()  # the filler has computed 8 blocks, the other taken 4 and waits for the next
+    # 16 blocks of 20 for a more important request: the two are preempted, the filler among them.
+    requests.append(engine.submit_generate(GREEDY, "urgent", token_ids=urgent_prompt, priority=5))
+    tokens = {r.request_id: [] for r in requests}
+    while engine.has_work():
+        for output in engine.step():
+            assert output.error is None
+            tokens[output.request_id] += output.token_ids
+            if output.finished:  # as the server frees a call's context
+                engine.free_context(output.context_id)
+    assert engine.stats().num_preemptions > 0
+    uncached = make_engine(prefix_caching=False)
+    for name, prompt in [*enumerate(prompts), ("urgent", urgent_prompt)]:
+        uncached.fill(prompt, name)
+    assert [tokens[r.request_id] for r in requests] == [greedy_text_ids(uncached, name, 8) for name in (0, 1, "urgent")]
+
+
 def test_a_block_is_taken_only_once_its_kv_is_computed(make_engine):
     engine = make_engine(max_num_batched_tokens=24)  # the 60-token prompt takes three steps
     cache = engine.allocator.cache
@@ -170,6 +228,7 @@ def test_forgetting_kv_inside_a_shared_block_lets_the_block_go_instead_of_writin
 
 def test_requests_that_share_cached_blocks_read_them_as_one_shared_prefix(make_engine, monkeypatch):
     engine, uncached = make_engine(), make_engine(prefix_caching=False)
+    engine.runner.min_shared_elements = engine.runner.min_shared_elements_decode = 0  # however small the prefix
     prompts = [random_tokens(40, 0) + [6 + i] for i in range(3)]
     engine.fill(prompts[0][:40] + [5], "warm")
     steps = []

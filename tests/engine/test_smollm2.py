@@ -14,7 +14,8 @@ def smollm2_engine(smollm2_cache_dir):
     from parrot_lc.engine import LLMEngine
     from parrot_lc.settings import EngineSettings
 
-    return LLMEngine(EngineSettings(model="smollm2", device="cpu", dtype="float32",
+    # float32 weights too: the comparison with transformers is exact (test_cpu_weights.py tests the other formats)
+    return LLMEngine(EngineSettings(model="smollm2", device="cpu", dtype="float32", cpu_weight_format="float32",
                                     cache_dir=smollm2_cache_dir))
 
 

@@ -3,6 +3,7 @@ sequences, usage and metadata, batches, message conversion and errors."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from typing import Any
@@ -110,7 +111,9 @@ def test_messages_become_openai_messages_with_the_key():
     assert chat.invoke(messages).content == "ok"
     assert seen[0]["auth"] == "Bearer k3y" and seen[0]["max_tokens"] == 256 and "temperature" not in seen[0]
     assert seen[0]["messages"] == [{"role": "system", "content": "sys"}, {"role": "user", "content": "ab"},
-                                   {"role": "assistant", "content": "c"}, {"role": "tool", "content": "d"}]
+                                   {"role": "assistant", "content": "c", "tool_calls": [
+                                       {"type": "function", "id": "1", "function": {"name": "f", "arguments": "{}"}}]},
+                                   {"role": "tool", "content": "d", "tool_call_id": "1"}]
 
 
 def test_images_are_refused_before_any_request():
@@ -123,3 +126,24 @@ def test_images_are_refused_before_any_request():
 def test_server_errors_raise_with_the_servers_message(chat):
     with pytest.raises(InvalidRequestError, match="context is"):
         chat.invoke("word " * 9000)
+
+
+def test_async_calls_of_one_event_loop_share_one_connection_pool(parrot_server):
+    """At hundreds of concurrent `astream`s a client made per call costs each a TLS context and a connection;
+    the calls of one event loop share a client, and another loop (whose connections the first cannot use) gets
+    its own."""
+    chat = ChatParrot(base_url=parrot_server, max_tokens=2, temperature=0)
+
+    async def clients_of_two_calls() -> list:
+        seen = []
+        for _ in range(2):
+            await chat.ainvoke("Hi")
+            async for _ in chat.astream("Hi"):
+                pass
+            seen.append(await chat._async_client())
+        return seen
+
+    first_loop = asyncio.run(clients_of_two_calls())
+    second_loop = asyncio.run(clients_of_two_calls())
+    assert first_loop[0] is first_loop[1] and second_loop[0] is second_loop[1]
+    assert second_loop[0] is not first_loop[0]

@@ -109,8 +109,7 @@ CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_t
 
 
 @pytest.mark.parametrize("field, value", [
-    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
-    ("tool_choice", "required"), ("response_format", {"type": "json_object"}), ("echo", True),
+    ("echo", True),
     ("presence_penalty", 0.5), ("frequency_penalty", -1), ("logit_bias", {"42": 100}),
     ("audio", {"voice": "alloy", "format": "wav"}),
 ])

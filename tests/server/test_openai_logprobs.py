@@ -256,6 +256,14 @@ def test_tokenize_and_detokenize_round_trip_with_the_models_tokenizer(client, ti
         == tiny.tokenizer(rendered).input_ids
 
 
+def test_tokenizer_info_names_the_special_tokens_and_the_context(client, tiny):
+    """What lm-evaluation-harness's remote tokenizer (`tokenizer_backend=remote`) reads, as vLLM serves it."""
+    assert client.get("/tokenizer_info").json() == {
+        "tokenizer_class": type(tiny.tokenizer).__name__, "bos_token": tiny.tokenizer.bos_token,
+        "eos_token": tiny.tokenizer.eos_token, "pad_token": tiny.tokenizer.pad_token,
+        "model_max_length": tiny.config.max_position_embeddings}
+
+
 @pytest.mark.parametrize("path, body, status, field", [
     ("/detokenize", {"tokens": [5, 99999]}, 400, "tokens.1"), ("/detokenize", {"tokens": [-1]}, 400, "tokens.0"),
     ("/tokenize", {"prompt": "x", "messages": [{"role": "user", "content": "x"}]}, 422, "prompt"),

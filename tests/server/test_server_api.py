@@ -125,10 +125,10 @@ def test_calls_sharing_a_variable_share_one_prefix_whatever_text_follows_it(clie
     calls = [[{"text": "You are an engineer.\nDesign: "}, {"input": design}, {"text": tail},
               {"output": out, "sampling": GREEDY}] for tail, out in zip(["s of harbours", "s of ships", ", then", ", and"], outputs)]
     prefixes = local_server.manager.engines[0].prefixes
-    before = len(prefixes)
+    before = prefixes.keys()  # the server is shared: others' idle prefixes may be evicted meanwhile
     assert session.submit(*calls).status_code == 201
     assert all(session.get(out).status_code == 200 for out in outputs)
-    assert len(prefixes) - before == 1
+    assert len(prefixes.keys() - before) == 1
 
 
 def test_a_prefix_made_of_a_sessions_variables_is_freed_with_the_session(client, local_server):
@@ -138,12 +138,13 @@ def test_a_prefix_made_of_a_sessions_variables_is_freed_with_the_session(client,
     calls = [[{"text": "You are a reviewer.\nDesign: "}, {"input": design}, {"text": f"\nReview part {i}:"},
               {"output": out, "sampling": GREEDY}] for i, out in enumerate(outputs)]
     prefixes = local_server.manager.engines[0].prefixes
-    before = len(prefixes)
+    before = prefixes.keys()  # the server is shared: others' idle prefixes may be evicted meanwhile
     assert session.submit(*calls).status_code == 201
     assert all(session.get(out).status_code == 200 for out in outputs)
-    assert len(prefixes) == before + 1  # the role and the design, filled once for the three calls
+    new = prefixes.keys() - before
+    assert len(new) == 1  # the role and the design, filled once for the three calls
     assert client.delete(f"/api/sessions/{session.id}", headers=session.headers).status_code == 204
-    assert len(prefixes) == before
+    assert not new & prefixes.keys()
 
 
 def test_a_chain_of_4_calls_runs_with_one_submission_and_one_fetch(client, reference_engine):

@@ -238,6 +238,9 @@ def test_any_sequence_of_submissions_cancels_and_deletions_leaves_no_queued_call
     for session in sessions:
         session.delete()
     wait_until(lambda: manager.queued_calls == 0, 30, "every call to leave the queue")
+    # A prefix fill outlives the calls that waited for it, when they are cancelled: until it ends, the engine
+    # holds its context (with no block yet, before its step) and the prefix is not idle, so no eviction frees it.
+    wait_until(lambda: engine.prefixes.num_filling == 0, 30, "the prefixes' fills to end")
     wait_until(lambda: engine.engine.stats().num_contexts == len(engine.prefixes), 30, "the calls' contexts to go")
     wait_until(lambda: (engine.engine.stats().num_running, engine.engine.stats().num_waiting) == (0, 0), 30,
                "the engine to idle")

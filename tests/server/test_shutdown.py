@@ -1,11 +1,14 @@
 """Graceful shutdown of `parrot-lc serve` (a real process): on SIGTERM new work gets 503, the work in flight
 finishes (or is cancelled at the deadline), contexts are freed, and the process exits 0."""
 
+import re
 import signal
 import threading
 import time
 
 import httpx
+
+from conftest import wait_until
 
 
 def graph_waiting_for_input(client: httpx.Client) -> tuple[str, dict, str, str]:
@@ -83,3 +86,24 @@ def test_a_second_sigterm_while_draining_stops_at_once(serve):
         served.process.wait(timeout=20)
         fetch.join(timeout=5)
     assert time.monotonic() - started < 5
+
+
+def test_sigterm_frees_a_prefix_whose_fill_outlived_its_calls(serve):
+    # 16 prompt tokens a step: the shared prefix's fill takes a few hundred steps, and the session goes before it ends.
+    served = serve("--max-num-batched-tokens", "16")
+    with httpx.Client(base_url=served.url, timeout=30) as client:
+        session = client.post("/api/sessions").json()
+        headers, base = {"X-Session-Token": session["session_token"]}, f"/api/sessions/{session['session_id']}"
+        outs = [client.post(f"{base}/variables", json={}, headers=headers).json()["var_id"] for _ in range(2)]
+        prefix = " ".join(["hello world"] * 700)  # 1,400 tokens: within the tiny model's context
+        calls = [{"template": [{"text": prefix}, {"text": f" question {i}"},
+                               {"output": out, "sampling": {"max_tokens": 8, "temperature": 0}}]}
+                 for i, out in enumerate(outs)]
+        assert client.post(f"{base}/calls", json={"calls": calls}, headers=headers).status_code == 201
+        wait_until(lambda: re.search(r"^parrot_prefill_tokens_total [1-9]", client.get("/metrics").text, re.M), 30,
+                   "the prefix's fill to begin")
+        assert client.delete(base, headers=headers).status_code == 204  # its calls are cancelled; the fill goes on
+        served.process.send_signal(signal.SIGTERM)
+        assert served.process.wait(timeout=30) == 0
+    [drained] = [r for r in served.records() if r["message"].startswith("drained")]
+    assert (drained["prefixes_freed"], drained["contexts_left"]) == (1, 0)

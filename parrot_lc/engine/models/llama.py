@@ -33,13 +33,10 @@ class RMSNorm(nn.Module):
             return _fused_ops().add_rms_norm(x, self.weight, self.eps, residual)
         if residual is not None:
             x = x + residual
+        if x.dtype == torch.float32:  # the weight multiplied in the same op
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps), x
         normed = F.rms_norm(x.float(), self.weight.shape, eps=self.eps)  # (T, C) float32, one fused op
         return self.weight * normed.to(x.dtype), x
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
 
 
 class Rope:
@@ -49,15 +46,18 @@ class Rope:
         self.positions, self.inv_freq, self.scaling = positions, inv_freq, scaling
         if not positions.is_cuda:  # on the GPU a fused kernel computes them in place
             freqs = positions[:, None].float() * inv_freq[None, :]  # (T, D/2)
-            emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # (T, 1, D)
-            self.cos = (emb.cos() * scaling).to(dtype)
-            self.sin = (emb.sin() * scaling).to(dtype)
+            cos, sin = freqs.cos() * scaling, freqs.sin() * scaling
+            self.cos = torch.cat((cos, cos), dim=-1)[:, None, :].to(dtype)  # (T, 1, D)
+            # rotate_half(x) * sin, with rotate_half(x) = (-x2, x1), is x's halves swapped (a roll) times (-sin, sin)
+            self.sin = torch.cat((-sin, sin), dim=-1)[:, None, :].to(dtype)
 
     def apply(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if q.is_cuda:  # in place, through the strides of the fused q/k/v output
             _fused_ops().rotary_(q, k, self.positions, self.inv_freq, self.scaling)
             return q, k
-        return q * self.cos + rotate_half(q) * self.sin, k * self.cos + rotate_half(k) * self.sin
+        half = q.shape[-1] // 2
+        return (torch.addcmul(q * self.cos, q.roll(half, -1), self.sin),
+                torch.addcmul(k * self.cos, k.roll(half, -1), self.sin))
 
 
 class Attention(nn.Module):

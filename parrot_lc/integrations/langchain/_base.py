@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,6 +70,10 @@ class ParrotParams(BaseModel):
     seed: int | None = Field(default=None, ge=0)
     """Seed of the sampler, for reproducible sampling at a temperature above 0."""
 
+    ignore_eos: bool = False
+    """Keep generating past the end-of-sequence token until `max_tokens` (vLLM's sampling option of that name):
+    every call then generates exactly `max_tokens` tokens, as benchmarks need."""
+
     timeout: float | None = 120.0
     """Seconds to wait for the server on each request (None: no limit)."""
 
@@ -90,6 +95,8 @@ class ParrotParams(BaseModel):
     """Options of the async clients only (over `client_kwargs`), e.g. `transport` or async `event_hooks`."""
 
     _clients: dict[str, ParrotClient] = PrivateAttr(default_factory=dict)
+    # Async clients by event loop (an httpx.AsyncClient's connections belong to the loop that made them), then URL.
+    _async_clients: weakref.WeakKeyDictionary = PrivateAttr(default_factory=weakref.WeakKeyDictionary)
     _clients_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
 
     # ---- where the server is -----------------------------------------------------------------------
@@ -124,9 +131,16 @@ class ParrotParams(BaseModel):
             return self._clients[url]
 
     async def _async_client(self, model: str | None = None) -> AsyncParrotClient:
-        """A new async client, to be used in `async with` (a kept one would be tied to one event loop)."""
+        """The async client of this event loop to the server of `model`: made on first use and kept, for its
+        connection pool (a client made per call costs a TLS context and a connection: at hundreds of concurrent
+        streams, most of a first token's wait)."""
         url = self.base_url or await asyncio.to_thread(self._server_url, model)  # loading a model blocks
-        return AsyncParrotClient(url, **self._client_options(self.async_client_kwargs))
+        loop = asyncio.get_running_loop()
+        with self._clients_lock:
+            clients = self._async_clients.setdefault(loop, {})
+            if url not in clients:
+                clients[url] = AsyncParrotClient(url, **self._client_options(self.async_client_kwargs))
+            return clients[url]
 
     def _client_options(self, specific: dict[str, Any]) -> dict[str, Any]:
         options = {"timeout": self.timeout, **self.client_kwargs, **specific}
@@ -146,6 +160,8 @@ class ParrotParams(BaseModel):
             value = kwargs.get(name, getattr(self, name))
             if value is not None:
                 sampling[name] = value
+        if kwargs.get("ignore_eos", self.ignore_eos):
+            sampling["ignore_eos"] = True
         stops = self._stops(stop)
         if stops:
             sampling["stop"] = stops

@@ -46,7 +46,7 @@ from typing import Any, Literal
 from langchain_core.chat_history import BaseChatMessageHistory
 from langchain_core.output_parsers import BaseLLMOutputParser, StrOutputParser
 from langchain_core.prompts import string as prompt_strings
-from langchain_core.runnables import Runnable, RunnableGenerator, RunnableLambda, RunnablePassthrough
+from langchain_core.runnables import Runnable, RunnableBinding, RunnableGenerator, RunnableLambda, RunnablePassthrough
 from pydantic import BaseModel
 
 from parrot_lc.integrations.langchain._base import ParrotParams
@@ -180,7 +180,9 @@ def _role(runnable: Runnable) -> Literal["application", "carries", "reads"]:
         return "carries" if _langgraph_function(runnable.func or runnable.afunc) else "application"
     if getattr(runnable, "example_selector", None) is not None:  # a few-shot prompt picks examples by the input
         return "reads"
-    if isinstance(runnable, ParrotParams) or type(runnable).__module__.startswith(_CARRYING_MODULES):
+    # A binding (a chat model's `bind_tools`, `bind`: a class of langchain_core.language_models) passes its input to
+    # the runnable it binds, whose own entry converts it.
+    if isinstance(runnable, (ParrotParams, RunnableBinding)) or type(runnable).__module__.startswith(_CARRYING_MODULES):
         return "carries"
     return "reads"
 

@@ -44,7 +44,8 @@ def add_call(session: BaseSession, prompt: Prompt, shared: int, sampling: dict[s
     if shared and isinstance(pieces[0], Text):
         first = pieces[0].text
         pieces[:1] = [Text(first[:shared]), Text(first[shared:])]
-    function = SemanticFunction.from_template(Template.of([*pieces, Placeholder("output", "text")]), **sampling)
+    # The output's own settings: a shared keyword whose value is a dict (a `constraint`) would name an output.
+    function = SemanticFunction.from_template(Template.of([*pieces, Placeholder("output", "text")]), text=sampling)
     return function(**inputs, text=output if output is not None else session.variable("text"))
 
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from operator import itemgetter
+from typing import Any, Literal
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
-from langchain_core.language_models import BaseChatModel
+from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.messages import (
     AIMessage,
     AIMessageChunk,
@@ -17,9 +18,22 @@ from langchain_core.messages import (
     HumanMessage,
     SystemMessage,
     ToolMessage,
+    convert_to_openai_messages,
 )
 from langchain_core.messages.ai import UsageMetadata
+from langchain_core.messages.tool import tool_call_chunk
+from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
+from langchain_core.output_parsers.openai_tools import (
+    JsonOutputKeyToolsParser,
+    PydanticToolsParser,
+    make_invalid_tool_call,
+    parse_tool_call,
+)
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
+from langchain_core.tools import BaseTool
+from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
+from langchain_core.utils.pydantic import is_basemodel_subclass
 
 from parrot_lc.frontend import Completion, MessageDict
 from parrot_lc.integrations.langchain._base import ParrotParams, StreamEnd
@@ -27,6 +41,8 @@ from parrot_lc.integrations.langchain._trace import current_trace
 
 _ROLES = {"system", "developer", "user", "assistant", "tool"}
 _NON_TEXT_PARTS = {"image", "image_url", "input_image", "audio", "input_audio", "file", "video", "document"}
+_TOOL_OPTIONS = ("tools", "tool_choice", "parallel_tool_calls", "response_format")
+"""Keyword arguments of a call (bound by `bind_tools` and `with_structured_output`) sent as the request's fields."""
 
 __all__ = ["ChatParrot"]
 
@@ -36,17 +52,28 @@ class ChatParrot(ParrotParams, BaseChatModel):
 
     Messages go through the frontend's clients (`parrot_client()`: `chat`, `stream_chat`) to the server's
     OpenAI-compatible `/v1/chat/completions`, which renders them with the model's chat template; chats that share
-    their system messages share that prefix's KV cache on the server. Text only: no tool calling, structured
-    output or images (a message with an image, audio or file part raises ValueError).
+    their system messages share that prefix's KV cache on the server. Text only: no images (a message with an
+    image, audio or file part raises ValueError).
 
-    Inside `deferred(chain)`, every call (of any method) is recorded in the run's graph instead: its messages are
-    rendered with the model's chat template around the values not known yet (see `_chat_layout`), so chats that
-    share their system prompt share it on the server. `get_num_tokens_from_messages` counts the prompt the server
-    makes of the messages (its `input_tokens`), `get_num_tokens` a text, with the served model's tokenizer.
+    Inside `deferred(chain)`, every call (of any method) without tools is recorded in the run's graph instead: its
+    messages are rendered with the model's chat template around the values not known yet (see `_chat_layout`), so
+    chats that share their system prompt share it on the server. `get_num_tokens_from_messages` counts the prompt
+    the server makes of the messages (its `input_tokens`), `get_num_tokens` a text, with the served model's
+    tokenizer.
 
     Each reply carries `usage_metadata` (`input_tokens`, `output_tokens`, `total_tokens`) and
-    `response_metadata` (`finish_reason`: `"stop"` or `"length"`, `model_name`); streamed, they come with the
-    last chunk. Server errors raise `parrot_lc.frontend.ParrotError` subclasses with the server's message.
+    `response_metadata` (`finish_reason`: `"stop"`, `"length"` or `"tool_calls"`, `model_name`); streamed, they
+    come with the last chunk. Server errors raise `parrot_lc.frontend.ParrotError` subclasses with the server's
+    message.
+
+    Tools: `bind_tools` (LangChain tools, functions, Pydantic classes, TypedDicts or OpenAI tool dicts) sends them
+    with the chat; the server renders them with the model's chat template and reads its calls into
+    `AIMessage.tool_calls` (streamed: `tool_call_chunks`). `tool_choice="any"` (or `"required"`, `True`) or a
+    tool's name forces a call, constrained to the tools' schemas: a valid call always comes back.
+    `with_structured_output` (`method="json_schema"`, the default, `"function_calling"` or `"json_mode"`) gives
+    Pydantic objects or dicts, its output constrained to the schema (to JSON in JSON mode). Inside `deferred`, a
+    call with a response format is recorded with its output so constrained; a call with tools runs at once, on
+    real text (its reply's calls are read on the server).
 
     Example:
         ```python
@@ -68,22 +95,101 @@ class ChatParrot(ParrotParams, BaseChatModel):
 
     def get_num_tokens_from_messages(self, messages: list[BaseMessage], tools: Sequence[Any] | None = None) -> int:
         """The tokens of the prompt the server makes of `messages` (rendered with the chat template, ending with
-        the start of the assistant's turn): a reply's `input_tokens`. ChatParrot takes no tools: `tools` is
-        ignored."""
+        the start of the assistant's turn): a reply's `input_tokens` without tools (`tools` are not counted)."""
         messages = self._known(messages, "ChatParrot.get_num_tokens_from_messages")
         return len(self.parrot_client().tokenize(messages=_chat_messages(messages), model=self._requested_model()))
+
+    # ---- tools and structured output -------------------------------------------------------------------
+
+    def bind_tools(
+        self,
+        tools: Sequence[dict[str, Any] | type | Callable[..., Any] | BaseTool],
+        *,
+        tool_choice: str | bool | dict[str, Any] | None = None,
+        parallel_tool_calls: bool | None = None,
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, AIMessage]:
+        """The model with `tools` (anything `convert_to_openai_tool` takes) sent with each chat. `tool_choice`:
+        `"auto"` (the default), `"none"`, `"any"` / `"required"` / `True` (some call), a tool's name or OpenAI's
+        `{"type": "function", "function": {"name": ...}}`; forced calls are constrained to valid ones.
+        `parallel_tool_calls=False`: at most one call a reply. `strict`: marks the tools strict (OpenAI's flag;
+        a forced call follows its schema either way)."""
+        formatted = [convert_to_openai_tool(tool, strict=strict) for tool in tools]
+        if tool_choice is not None and tool_choice is not False:
+            kwargs["tool_choice"] = _openai_tool_choice(tool_choice)
+        if parallel_tool_calls is not None:
+            kwargs["parallel_tool_calls"] = parallel_tool_calls
+        return super().bind(tools=formatted, **kwargs)
+
+    def with_structured_output(
+        self,
+        schema: dict[str, Any] | type,
+        *,
+        method: Literal["json_schema", "function_calling", "json_mode"] = "json_schema",
+        include_raw: bool = False,
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, dict[str, Any] | Any]:
+        """The model's replies as `schema` (a Pydantic class, which gives its instances; a TypedDict or a JSON
+        schema, which give dicts), by `method`: `"json_schema"` constrains the reply to the schema,
+        `"function_calling"` forces a call of a tool of that schema, `"json_mode"` constrains the reply to a JSON
+        object (the prompt should ask for the fields). `include_raw`: `{"raw", "parsed", "parsing_error"}`.
+        `strict` is accepted for LangChain's sake: the server holds a schema's output to it either way."""
+        if kwargs:
+            raise ValueError(f"ChatParrot.with_structured_output: unsupported arguments {sorted(kwargs)}")
+        pydantic = isinstance(schema, type) and is_basemodel_subclass(schema)
+        traced = {"ls_structured_output_format": {"kwargs": {"method": method}, "schema": schema}}
+        if method == "function_calling":
+            name = convert_to_openai_tool(schema)["function"]["name"]
+            model = self.bind_tools([schema], tool_choice=name, parallel_tool_calls=False, strict=strict, **traced)
+            parser: Runnable = (PydanticToolsParser(tools=[schema], first_tool_only=True) if pydantic
+                                else JsonOutputKeyToolsParser(key_name=name, first_tool_only=True))
+        elif method in ("json_schema", "json_mode"):
+            json_schema = convert_to_json_schema(schema)
+            named = {"name": json_schema.get("title") or "output", "schema": json_schema, "strict": True}
+            response_format = ({"type": "json_object"} if method == "json_mode"
+                               else {"type": "json_schema", "json_schema": named})
+            model = self.bind(response_format=response_format, **traced)
+            parser = PydanticOutputParser(pydantic_object=schema) if pydantic else JsonOutputParser()
+        else:
+            raise ValueError(f"ChatParrot.with_structured_output: unknown method {method!r} (json_schema, "
+                             "function_calling or json_mode)")
+        if not include_raw:
+            return model | parser
+        parsed = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
+        failed = RunnablePassthrough.assign(parsed=lambda _: None)
+        return RunnableMap(raw=model) | parsed.with_fallbacks([failed], exception_key="parsing_error")
 
     # ---- inside `deferred(chain)`: record the call in the run's graph --------------------------------------
 
     def _record(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]) -> str | None:
         """Inside a deferred run: records the chat's call in its graph and returns its reply (a value not known
-        yet); None outside one, or where the call must run now (see `Trace.can_record`, and a chat template that
-        does not insert contents as they are)."""
+        yet); None outside one, or where the call must run now (see `Trace.can_record`, a chat template that
+        does not insert contents as they are, and a call with tools or tool messages: its reply's calls are read
+        on the server, and its prompt holds more than the messages' contents). A response format is recorded as
+        the output's constraint, as the chat route applies it."""
         trace = current_trace()
-        if trace is None or not trace.can_record(self, kwargs):
+        if trace is None:
             return None
-        prompt = trace.chat_prompt(self, _chat_messages(messages))
-        return trace.record([prompt], self._sampling(stop, kwargs))[0] if prompt is not None else None
+        chat = _chat_messages(messages)
+        constraint = _output_constraint(kwargs.get("response_format"))
+        if (any(kwargs.get(name) for name in ("tools", "tool_choice")) or constraint is False
+                or any(m["role"] == "tool" or "tool_calls" in m for m in chat)):
+            trace.note(type(self).__name__, "calls with tools run at once, on real text")
+            return None
+        if not trace.can_record(self, kwargs):
+            return None
+        prompt = trace.chat_prompt(self, chat)
+        if prompt is None:
+            return None
+        sampling = self._sampling(stop, kwargs)
+        return trace.record([prompt], {**sampling, "constraint": constraint} if constraint else sampling)[0]
+
+    def _chat_options(self, stop: list[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The chat request's options: the model, sampling, and the tools and response format bound."""
+        tools = {name: kwargs[name] for name in _TOOL_OPTIONS if kwargs.get(name) is not None}
+        return {**self._request_options(stop, kwargs), **tools}
 
     def _recorded_result(self, text: str, kwargs: dict[str, Any]) -> ChatResult:
         metadata = {"model_name": self._model_name(kwargs.get("model")), "model_provider": "parrot"}
@@ -103,7 +209,7 @@ class ChatParrot(ParrotParams, BaseChatModel):
             return self._recorded_result(recorded, kwargs)
         messages = self._known(messages, "ChatParrot.generate")
         client = self.parrot_client(kwargs.get("model"))
-        return _chat_result(client.chat(_chat_messages(messages), **self._request_options(stop, kwargs)))
+        return _chat_result(client.chat(_chat_messages(messages), **self._chat_options(stop, kwargs)))
 
     async def _agenerate(
         self,
@@ -117,8 +223,8 @@ class ChatParrot(ParrotParams, BaseChatModel):
             if recorded is not None:
                 return self._recorded_result(recorded, kwargs)
             messages = await asyncio.to_thread(self._known, messages, "ChatParrot.agenerate")
-        async with await self._async_client(kwargs.get("model")) as client:
-            return _chat_result(await client.chat(_chat_messages(messages), **self._request_options(stop, kwargs)))
+        client = await self._async_client(kwargs.get("model"))
+        return _chat_result(await client.chat(_chat_messages(messages), **self._chat_options(stop, kwargs)))
 
     # ---- streamed replies ---------------------------------------------------------------------------
 
@@ -139,10 +245,10 @@ class ChatParrot(ParrotParams, BaseChatModel):
         messages = self._known(messages, "ChatParrot.stream")
         end = StreamEnd()
         client = self.parrot_client(kwargs.get("model"))
-        for piece in client.stream_chat(_chat_messages(messages), **self._request_options(stop, kwargs)):
+        for piece in client.stream_chat(_chat_messages(messages), **self._chat_options(stop, kwargs)):
             end.note(piece)
-            if piece.text:
-                chunk = ChatGenerationChunk(message=AIMessageChunk(content=piece.text))
+            if piece.text or piece.tool_calls:
+                chunk = _chunk(piece)
                 if run_manager:
                     run_manager.on_llm_new_token(chunk.text, chunk=chunk)
                 yield chunk
@@ -168,15 +274,14 @@ class ChatParrot(ParrotParams, BaseChatModel):
                 return
             messages = await asyncio.to_thread(self._known, messages, "ChatParrot.astream")
         end = StreamEnd()
-        async with await self._async_client(kwargs.get("model")) as client:
-            pieces = client.stream_chat(_chat_messages(messages), **self._request_options(stop, kwargs))
-            async for piece in pieces:
-                end.note(piece)
-                if piece.text:
-                    chunk = ChatGenerationChunk(message=AIMessageChunk(content=piece.text))
-                    if run_manager:
-                        await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
-                    yield chunk
+        client = await self._async_client(kwargs.get("model"))
+        async for piece in client.stream_chat(_chat_messages(messages), **self._chat_options(stop, kwargs)):
+            end.note(piece)
+            if piece.text or piece.tool_calls:
+                chunk = _chunk(piece)
+                if run_manager:
+                    await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+                yield chunk
         chunk = _last_chunk(end)
         if run_manager:
             await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
@@ -222,8 +327,58 @@ def _text(content: str | Sequence[Any]) -> str:
 
 
 def _chat_messages(messages: list[BaseMessage]) -> list[MessageDict]:
-    """LangChain's messages as the frontend's chat takes them."""
-    return [{"role": _role(message), "content": _text(message.content)} for message in messages]
+    """LangChain's messages as the frontend's chat takes them: an AI message's tool calls and a tool message's
+    call id with them (OpenAI's shape)."""
+    return [_chat_message(message) for message in messages]
+
+
+def _chat_message(message: BaseMessage) -> MessageDict:
+    chat: MessageDict = {"role": _role(message), "content": _text(message.content)}
+    if isinstance(message, AIMessage) and message.tool_calls:
+        calls = convert_to_openai_messages(AIMessage("", tool_calls=message.tool_calls))["tool_calls"]
+        chat["tool_calls"] = [{**call, "id": call["id"] or ""} for call in calls]  # OpenAI's ids are strings
+    if isinstance(message, ToolMessage):
+        chat["tool_call_id"] = message.tool_call_id
+    return chat
+
+
+def _output_constraint(response_format: dict[str, Any] | None) -> dict[str, Any] | None | Literal[False]:
+    """OpenAI's `response_format` as the constraint of a graph call's output (the Parrot API's); None for plain
+    text, False for a format that has none."""
+    kind = (response_format or {}).get("type", "text")
+    if kind == "json_object":
+        return {"json_object": True}
+    if kind == "json_schema" and "schema" in response_format.get("json_schema", {}):
+        return {"json_schema": response_format["json_schema"]["schema"]}
+    return None if kind == "text" else False
+
+
+def _openai_tool_choice(choice: str | bool | dict[str, Any]) -> str | dict[str, Any]:
+    """LangChain's tool choice as OpenAI's: `"any"` and `True` are `"required"`, another name a function's."""
+    if choice is True or choice == "any":
+        return "required"
+    if isinstance(choice, str) and choice not in ("auto", "none", "required"):
+        return {"type": "function", "function": {"name": choice}}
+    return choice
+
+
+def _tool_calls(raw: list[dict[str, Any]] | None) -> dict[str, list]:
+    """A reply's calls (OpenAI's) as an AIMessage's `tool_calls`, and those whose arguments are no JSON object as
+    its `invalid_tool_calls`."""
+    valid, invalid = [], []
+    for call in raw or []:
+        try:
+            valid.append(parse_tool_call(call, return_id=True))
+        except Exception as exc:  # an OutputParserException, or arguments JSON but no object
+            invalid.append(make_invalid_tool_call(call, str(exc)))
+    return {"tool_calls": valid, "invalid_tool_calls": invalid}
+
+
+def _chunk(piece: Completion) -> ChatGenerationChunk:
+    """A stream piece: its text and its calls' deltas (`tool_call_chunks`, which LangChain joins by index)."""
+    chunks = [tool_call_chunk(name=call.get("function", {}).get("name"), args=call.get("function", {}).get("arguments"),
+                              id=call.get("id"), index=call.get("index")) for call in piece.tool_calls or []]
+    return ChatGenerationChunk(message=AIMessageChunk(content=piece.text, tool_call_chunks=chunks))
 
 
 def _usage_metadata(usage: dict[str, int] | None) -> UsageMetadata | None:
@@ -236,7 +391,8 @@ def _usage_metadata(usage: dict[str, int] | None) -> UsageMetadata | None:
 
 def _chat_result(reply: Completion) -> ChatResult:
     metadata = {"finish_reason": reply.finish_reason, "model_name": reply.model, "model_provider": "parrot"}
-    message = AIMessage(content=reply.text, usage_metadata=_usage_metadata(reply.usage), response_metadata=metadata)
+    message = AIMessage(content=reply.text, usage_metadata=_usage_metadata(reply.usage), response_metadata=metadata,
+                        **_tool_calls(reply.tool_calls))
     generation = ChatGeneration(message=message, generation_info={"finish_reason": reply.finish_reason})
     return ChatResult(generations=[generation], llm_output={"token_usage": reply.usage, "model_name": reply.model})
 

@@ -135,14 +135,14 @@ class ParrotLLM(ParrotParams, BaseLLM):
                 return
             prompt = await asyncio.to_thread(self._known, prompt, "ParrotLLM.astream")
         end = StreamEnd()
-        async with await self._async_client(kwargs.get("model")) as client:
-            async for piece in client.stream_complete(prompt, **self._request_options(stop, kwargs)):
-                end.note(piece)
-                if piece.text:
-                    chunk = GenerationChunk(text=piece.text)
-                    if run_manager:
-                        await run_manager.on_llm_new_token(chunk.text, chunk=chunk, verbose=self.verbose)
-                    yield chunk
+        client = await self._async_client(kwargs.get("model"))
+        async for piece in client.stream_complete(prompt, **self._request_options(stop, kwargs)):
+            end.note(piece)
+            if piece.text:
+                chunk = GenerationChunk(text=piece.text)
+                if run_manager:
+                    await run_manager.on_llm_new_token(chunk.text, chunk=chunk, verbose=self.verbose)
+                yield chunk
         chunk = self._last_chunk(end)
         if run_manager:
             await run_manager.on_llm_new_token(chunk.text, chunk=chunk, verbose=self.verbose)
@@ -188,8 +188,8 @@ class ParrotLLM(ParrotParams, BaseLLM):
             async for chunk in self._astream(prompts[0], stop, run_manager, **kwargs):
                 aggregate = chunk if aggregate is None else aggregate + chunk
             return self._streamed_result(aggregate)
-        async with await self._async_client(kwargs.get("model")) as client:
-            return self._result(await client.complete(prompts[0], **self._request_options(stop, kwargs)))
+        client = await self._async_client(kwargs.get("model"))
+        return self._result(await client.complete(prompts[0], **self._request_options(stop, kwargs)))
 
     # ---- several prompts: one graph in a frontend session ---------------------------------------------
 
@@ -202,7 +202,8 @@ class ParrotLLM(ParrotParams, BaseLLM):
 
     async def _agenerate_graph(self, prompts: list[str], stop: list[str] | None,
                                kwargs: dict[str, Any]) -> LLMResult:
-        async with await self._async_client(kwargs.get("model")) as client, client.session() as session:
+        client = await self._async_client(kwargs.get("model"))
+        async with client.session() as session:
             async with session.graph():
                 outputs = add_calls(session, [[prompt] for prompt in prompts], self._sampling(stop, kwargs))
             return self._graph_result(await asyncio.gather(*(output.aget() for output in outputs)), kwargs)

@@ -28,7 +28,7 @@ def build_chain(llm, chunk_size: int = 1200, steps: int | None = None) -> Runnab
     for i in range(count):
         step = RunnableLambda(lambda state, i=i: {"summary": state["summary"], "chunk": state["chunks"][i]}) | refine
         chain = chain | RunnablePassthrough.assign(summary=step)
-    return chain | RunnableLambda(lambda state: state["summary"])
+    return chain | RunnableLambda(lambda state: state["summary"].strip())
 
 
 if __name__ == "__main__":

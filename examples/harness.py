@@ -44,14 +44,30 @@ def make_chat(args: argparse.Namespace) -> ChatParrot:
 COUNTERS = ("prefill", "prefix_reused", "prefix_cached")
 
 
+def _server(model: ParrotLLM | ChatParrot) -> tuple[str, dict[str, str]]:
+    """The model's server: its base URL and the headers that carry the API key."""
+    headers = {"Authorization": f"Bearer {model.api_key.get_secret_value()}"} if model.api_key else {}
+    return model.parrot_client().base_url, headers
+
+
 def token_counters(model: ParrotLLM | ChatParrot) -> dict[str, float]:
     """The server's counters of prompt tokens: computed, taken from a parent context, taken from the block cache."""
-    headers = {"Authorization": f"Bearer {model.api_key.get_secret_value()}"} if model.api_key else {}
-    text = httpx.get(f"{model.parrot_client().base_url}/metrics", headers=headers).text
+    base_url, headers = _server(model)
+    text = httpx.get(f"{base_url}/metrics", headers=headers).text
     return {name: float(re.search(rf"^parrot_{name}_tokens_total (\S+)$", text, re.M).group(1)) for name in COUNTERS}
 
 
+def reset_prefix_cache(model: ParrotLLM | ChatParrot) -> int:
+    """Empties the server's cache of prompts: its idle warm prefix contexts and the cached KV blocks that no context
+    holds (`POST /reset_prefix_cache`); returns the blocks it freed."""
+    base_url, headers = _server(model)
+    response = httpx.post(f"{base_url}/reset_prefix_cache", headers=headers)
+    response.raise_for_status()
+    return response.json()["freed_blocks"]
+
+
 def _timed(runnable: Runnable, chain_input, model) -> tuple[object, float, dict[str, float]]:
+    reset_prefix_cache(model)  # outside the time: each run starts with an empty cache
     before = token_counters(model)
     started = time.perf_counter()
     result = runnable.invoke(chain_input)
@@ -82,9 +98,10 @@ def describe_graph(graph: list[dict]) -> str:
 def compare(build: Callable[[ParrotLLM | ChatParrot], Runnable], model: ParrotLLM | ChatParrot, chain_input,
             output: Callable[[object], str] = str) -> tuple[str, str]:
     """Runs the application deferred (its calls as graphs of Semantic Variables), then eagerly (each LLM call a
-    request, as LangChain runs it); prints what each did and returns both outputs (`output` picks the text). The
-    eager run comes second: the block cache then holds the prompts the deferred run computed, as a server that
-    caches prefixes (vLLM, SGLang, this one) would for a repeated application; so its time is, if anything, low."""
+    request, as LangChain runs it); prints what each did and returns both outputs (`output` picks the text). Both
+    runs start with an empty cache, neither warm prefix contexts nor cached blocks (the server's
+    /reset_prefix_cache before each): the eager run, second, takes none of the prompts that the deferred run
+    computed, so neither time gains from the other run."""
     model.invoke("Hello", max_tokens=1)  # starts the in-process server, outside both times
     runnable = deferred(build(model))
     lazy, deferred_s, deferred_tokens = _timed(runnable, chain_input, model)

@@ -2,7 +2,7 @@
 report to a map node (`Send`), each summarised by `ChatPromptTemplate | ChatParrot`, and a reduce node that writes
 the summary from the parts' notes.
 
-    python examples/map_reduce_summary.py [--base-url URL] [--model smollm2] [--max-tokens 40]
+    python examples/map_reduce_summary.py [--base-url URL] [--model smollm2] [--max-tokens 60]
 """
 
 from __future__ import annotations
@@ -19,18 +19,14 @@ from langgraph.types import Send
 
 from harness import DOCUMENT, compare, make_chat, parse_args
 
-# An example of the task before the real one: a small model follows an example far better than an instruction.
-# The map calls all begin with these messages, so the server fills them once and forks them for every part.
-MAP_PROMPT = ChatPromptTemplate.from_messages([
-    ("system", "Summarize the paragraph in one short sentence. Keep its place names and its most important number."),
-    ("human", "Dalby is the busiest of the region's three airports. Last year it handled 52,000 flights, four "
-              "percent more than the year before, most of them short flights to the capital. The old terminal is "
-              "too small."),
-    ("ai", "Dalby, the busiest airport, handled 52,000 flights, four percent more than the year before."),
-    ("human", "{part}"),
-])
+# Prompts for a small model (the default has 135M parameters): each part is short and gets one sentence, and the
+# reduce call writes only the summary's opening sentence, the notes following it as its points. Asked to rewrite all
+# the notes as one paragraph, such a model mixes up the ports' figures or repeats itself; asked to copy an example's
+# form (few-shot), it copies the example's content into parts that do not match it.
+# The map calls all begin with the same instruction, so the server fills it once and forks it for every part.
+MAP_PROMPT = ChatPromptTemplate.from_messages([("human", "Summarize this text in one sentence.\n\n{part}")])
 REDUCE_PROMPT = ChatPromptTemplate.from_messages([
-    ("human", "Rewrite these notes on an annual report as one short paragraph:\n{notes}"),
+    ("human", "Notes on a report:\n{notes}\n\nWrite one sentence that says what the report is about."),
 ])
 
 
@@ -40,9 +36,9 @@ class SummaryState(TypedDict):
     summary: str
 
 
-def build_graph(chat, reduce_tokens: int = 120) -> CompiledStateGraph:
+def build_graph(chat) -> CompiledStateGraph:
     summarize = MAP_PROMPT | chat.bind(stop=["\n"]) | StrOutputParser()
-    reduce = REDUCE_PROMPT | chat.bind(max_tokens=reduce_tokens) | StrOutputParser()
+    introduce = REDUCE_PROMPT | chat.bind(stop=["\n"]) | StrOutputParser()
 
     def split(state: SummaryState) -> list[Send]:
         return [Send("map", {"part": part}) for part in state["parts"]]
@@ -52,7 +48,7 @@ def build_graph(chat, reduce_tokens: int = 120) -> CompiledStateGraph:
 
     def reduce_notes(state: SummaryState) -> dict:
         notes = "\n".join(f"- {note.strip()}" for note in state["notes"])
-        return {"summary": reduce.invoke({"notes": notes}).strip()}
+        return {"summary": f"{introduce.invoke({'notes': notes}).strip()}\n{notes}"}
 
     graph = StateGraph(SummaryState)
     graph.add_node("map", map_part)
@@ -63,10 +59,10 @@ def build_graph(chat, reduce_tokens: int = 120) -> CompiledStateGraph:
     return graph.compile()
 
 
-def report_parts(document: str, chunk_size: int = 1000) -> dict:
+def report_parts(document: str, chunk_size: int = 400) -> dict:
     return {"parts": RecursiveCharacterTextSplitter(chunk_size=chunk_size, chunk_overlap=0).split_text(document)}
 
 
 if __name__ == "__main__":
-    args = parse_args(__doc__.splitlines()[0], max_tokens=40)
+    args = parse_args(__doc__.splitlines()[0], max_tokens=60)
     compare(build_graph, make_chat(args), report_parts(DOCUMENT), output=lambda state: state["summary"])

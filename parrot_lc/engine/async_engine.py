@@ -66,6 +66,9 @@ class EngineDriver(EngineClient, ABC):
     async def free_context(self, context_id: ContextId) -> None: ...
 
     @abstractmethod
+    async def reset_prefix_cache(self) -> int: ...
+
+    @abstractmethod
     def close(self) -> None: ...
 
     @abstractmethod
@@ -118,6 +121,9 @@ class AsyncEngine(EngineDriver):
 
     async def free_context(self, context_id: ContextId) -> None:
         await self._call(lambda: self.engine.free_context(context_id))
+
+    async def reset_prefix_cache(self) -> int:
+        return await self._call(self.engine.reset_prefix_cache)
 
     def close(self) -> None:
         self._stopped.set()

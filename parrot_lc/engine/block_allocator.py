@@ -40,6 +40,15 @@ class BlockAllocator:
         self._refs[block] = 1
         return block
 
+    def drop_cached(self) -> int:
+        """Empties the unused blocks of the block cache (their KV is forgotten, no hit finds them any more);
+        returns how many. They counted as free already: only what they hold changes."""
+        if self.cache is None:
+            return 0
+        blocks = self.cache.evict_unused()
+        self._free.extend(blocks)
+        return len(blocks)
+
     def incref(self, block: int) -> None:
         """One more holder of an allocated block, or of an unused cached one (a lookup found it)."""
         if self._refs[block] == 0:

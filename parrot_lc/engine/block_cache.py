@@ -58,3 +58,12 @@ class BlockCache:
         block, _ = self._unused.popitem(last=False)
         del self._blocks[self._keys.pop(block)]
         return block
+
+    def evict_unused(self) -> list[int]:
+        """Unindexes every unused block and returns them, empty (a reset: the next prompts start cold). Blocks
+        that contexts hold stay indexed: their KV is still written there and read."""
+        blocks = list(self._unused)
+        self._unused.clear()
+        for block in blocks:
+            del self._blocks[self._keys.pop(block)]
+        return blocks

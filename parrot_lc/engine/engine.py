@@ -292,6 +292,12 @@ class LLMEngine:
             self.tree.free(context_id)
         return output
 
+    def reset_prefix_cache(self) -> int:
+        """Drops the block cache's blocks that no context holds (`--prefix-caching`), so that the next prompts
+        compute what they do not inherit; returns how many. Contexts, forks and running requests keep their blocks
+        (no step reads an unused block, so this may run between any two steps)."""
+        return self.allocator.drop_cached()
+
     def has_work(self) -> bool:
         return bool(self._requests) or self._in_flight is not None
 

@@ -16,7 +16,7 @@ from parrot_lc.engine.sampling import SamplingParams
 
 
 class EngineClient(Protocol):
-    """fill / generate / free_context as coroutines, and the engine's counters."""
+    """fill / generate / free_context / reset_prefix_cache as coroutines, and the engine's counters."""
 
     async def fill(
         self, token_ids: list[int], context_id: ContextId, parent_context_id: ContextId | None = None, priority: int = 0,
@@ -33,6 +33,11 @@ class EngineClient(Protocol):
         """Fills `token_ids` (if any) into the context, then decodes, in one request."""
 
     async def free_context(self, context_id: ContextId) -> None: ...
+
+    async def reset_prefix_cache(self) -> int:
+        """Drops the cached KV blocks that no context holds, between two steps of the engine, so that the next
+        prompts compute what they do not inherit; returns how many blocks it freed. Contexts and the requests
+        running in them keep theirs."""
 
     def stats(self) -> EngineStats: ...
 

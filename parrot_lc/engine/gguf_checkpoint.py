@@ -27,6 +27,7 @@ import gguf
 import numpy as np
 import torch
 from safetensors.torch import save_file
+from tqdm import tqdm
 
 from parrot_lc.engine.errors import ModelLoadError
 
@@ -202,7 +203,8 @@ def _state_dict(reader: gguf.GGUFReader, path: Path, config: dict[str, Any]) -> 
     """Every tensor of the file, dequantized to float32, under its Hugging Face name."""
     arch = config["model_type"]
     tensors = {}
-    for tensor in reader.tensors:
+    # The first start's longest wait (seconds on a small CPU): a bar on stderr says what it is and that it is once.
+    for tensor in tqdm(reader.tensors, desc=f"converting {path.name} once (cached for later starts)", unit="tensor"):
         name = _hf_name(tensor.name, arch)
         if name is None:
             raise ModelLoadError(f"{path}: tensor {tensor.name} has no counterpart in {_ARCHITECTURES[arch]}")

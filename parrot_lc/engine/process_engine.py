@@ -15,6 +15,7 @@ import multiprocessing
 import queue
 import signal
 import threading
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import ForkingPickler
 
@@ -28,6 +29,13 @@ from parrot_lc.engine.loader import load_model_info
 from parrot_lc.engine.request import RequestOutput
 from parrot_lc.settings import EngineSettings
 from parrot_lc.startup import freeze_startup_objects
+
+
+@dataclass
+class Answer(RequestOutput):
+    """The engine process's answer to a command that returns a value rather than starting a request."""
+
+    value: object = None
 
 
 class ProcessEngine(EngineDriver):
@@ -64,6 +72,10 @@ class ProcessEngine(EngineDriver):
     async def free_context(self, context_id: ContextId) -> None:
         async for _ in self._stream("free", context_id):
             pass
+
+    async def reset_prefix_cache(self) -> int:
+        [answer] = [output async for output in self._stream("reset_prefix_cache")]
+        return answer.value
 
     def close(self) -> None:
         self._outbox.put(("stop",))
@@ -166,6 +178,10 @@ def serve_engine(settings: EngineSettings, pipe: Connection) -> None:
                         output = engine.cancel(requests[key])
                         if output is not None and output.request_id in keys:
                             _keyed(output, keys, requests)  # forgets it: its caller went away
+                    continue
+                elif command == "reset_prefix_cache":
+                    send([Answer(key, "", [], "", finished=True, finish_reason="reset",
+                                 value=engine.reset_prefix_cache())])
                     continue
                 else:  # free: it also ends the context's request, if one runs
                     output = engine.free_context(args[1])

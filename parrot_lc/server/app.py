@@ -42,6 +42,7 @@ from parrot_lc.server.schemas import (
     NewSession,
     NewVariable,
     NewVariables,
+    PrefixCacheReset,
     SessionStatus,
     SetValue,
     SubmitCalls,
@@ -117,6 +118,13 @@ def create_app(manager: ParrotManager, settings: ServerSettings) -> FastAPI:
     @app.get("/metrics", dependencies=guarded if settings.metrics_need_api_key else [])
     async def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/reset_prefix_cache", dependencies=guarded, responses={s: ERRORS[s] for s in (401, 503)})
+    async def reset_prefix_cache() -> PrefixCacheReset:
+        """Frees the engines' idle warm prefix contexts and the KV blocks that their block caches keep for prompts
+        no context holds any more, so that the next requests start cold (vLLM's route of that name, SGLang's
+        /flush_cache). Sessions, the prefix contexts that calls use and the requests in flight keep theirs."""
+        return PrefixCacheReset(freed_blocks=await manager.reset_prefix_cache())
 
     app.include_router(parrot_router(manager, check_api_key), dependencies=guarded)
     engine_keys = [settings.engine_key.encode()] if settings.engine_key else []

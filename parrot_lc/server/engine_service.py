@@ -1,5 +1,5 @@
-"""An engine process's HTTP face (`parrot-lc engine`): the manager calls fill / generate / free_context on
-it. Generation streams one JSON event per line. Engine errors come back typed, by name."""
+"""An engine process's HTTP face (`parrot-lc engine`): the manager calls fill / generate / free_context /
+reset_prefix_cache on it. Generation streams one JSON event per line. Engine errors come back typed, by name."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from parrot_lc.engine.async_engine import AsyncEngine
 from parrot_lc.engine.errors import EngineError
 from parrot_lc.server.auth import bearer_key_ok
 from parrot_lc.server.responses import add_error_handlers, error_response
-from parrot_lc.server.schemas import EngineSampling
+from parrot_lc.server.schemas import EngineSampling, PrefixCacheReset
 from parrot_lc.settings import EngineProcessSettings
 
 log = logging.getLogger("parrot_lc.engine_service")
@@ -80,6 +80,10 @@ def create_engine_app(engine: AsyncEngine, api_key: str | None = None) -> FastAP
     async def free(body: FreeBody) -> dict:
         await engine.free_context(body.context_id)
         return {"ok": True}
+
+    @app.post("/reset_prefix_cache")
+    async def reset_prefix_cache() -> PrefixCacheReset:
+        return PrefixCacheReset(freed_blocks=await engine.reset_prefix_cache())
 
     @app.post("/generate")
     async def generate(body: GenerateBody) -> StreamingResponse:

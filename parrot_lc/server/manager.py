@@ -20,7 +20,7 @@ from typing import AsyncIterator
 
 from transformers import PreTrainedTokenizerBase
 
-from parrot_lc.engine.errors import EngineError
+from parrot_lc.engine.errors import EngineError, EngineUnavailableError
 from parrot_lc.engine.sampling import SamplingParams
 from parrot_lc.engine.engine_client import EngineClient
 from parrot_lc.server.engine_pool import EnginePool, EngineSlot
@@ -418,6 +418,31 @@ class ParrotManager:
     async def end_completion(self, completion: Completion) -> None:
         """Cancels the completion's call if it still runs (its client went away) and forgets its session."""
         await self.delete_session(completion.session)
+
+    # ---- the engines' block caches ----------------------------------------------------------------------
+
+    async def reset_prefix_cache(self) -> int:
+        """Makes the next requests compute their prompts (a benchmark's runs each start cold): frees every engine's
+        idle warm prefix contexts, then drops the cached KV blocks that no context holds; returns how many blocks,
+        summed over the engines. Sessions, the prefix contexts that calls use and the calls in flight keep theirs.
+        An engine that cannot be reached is skipped: its calls move to the others."""
+        self._check_accepting()
+
+        async def reset(slot: EngineSlot) -> int:
+            await slot.prefixes.evict()  # their blocks join the cache's unused ones, dropped next
+            return await slot.engine.reset_prefix_cache()
+
+        slots = list(self.engines)
+        freed = await asyncio.gather(*(reset(slot) for slot in slots), return_exceptions=True)
+        total = 0
+        for slot, result in zip(slots, freed):
+            if isinstance(result, EngineUnavailableError):
+                log.warning("could not reset the prefix cache of %s: %s", slot.name, result)
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                total += result
+        return total
 
     # ---- observability ------------------------------------------------------------------------------
 

@@ -78,6 +78,21 @@ class OpenAIEngine:
     async def free_context(self, context_id) -> None:
         self._contexts.pop(context_id, None)
 
+    async def reset_prefix_cache(self) -> int:
+        """Asks the server to reset its prefix cache (`POST /reset_prefix_cache`, as vLLM and parrot_lc serve it).
+        A server that answers anything but 200 has no such route (or refuses it): nothing to reset here, 0. A 200
+        counts the blocks that a parrot_lc server names (`freed_blocks`); vLLM's names none: 0."""
+        try:
+            response = await self._client.post("/reset_prefix_cache")
+        except httpx.TransportError as exc:
+            raise EngineUnavailableError(f"OpenAI-compatible engine {self._client.base_url} lost: {exc!r}") from exc
+        if response.status_code != 200:
+            return 0
+        try:
+            return int(response.json()["freed_blocks"])
+        except (ValueError, KeyError, TypeError):
+            return 0
+
     def stats(self) -> EngineStats:
         """What this side can count; the remote server's KV cache is its own business."""
         return EngineStats(prefill_tokens=self._prompt_tokens, decode_tokens=self._completion_tokens, reused_tokens=0,

@@ -58,7 +58,7 @@ class RemoteEngine:
         if self._client.is_closed:
             raise EngineUnavailableError(f"engine {self.url} was dropped")
 
-    async def _post(self, path: str, body: dict) -> None:
+    async def _post(self, path: str, body: dict | None = None) -> dict:
         self._check_open()
         try:
             response = await self._client.post(path, json=body)
@@ -66,6 +66,7 @@ class RemoteEngine:
             raise EngineUnavailableError(f"engine {self.url} unreachable: {exc!r}") from exc
         if response.status_code != 200:
             _raise_typed(response.json().get("error", {}))
+        return response.json()
 
     async def fill(self, token_ids, context_id, parent_context_id=None, priority=0, issued=None) -> None:
         # `issued` stays unset: HTTP requests keep no order, so a fork is safe once this returns.
@@ -74,6 +75,9 @@ class RemoteEngine:
 
     async def free_context(self, context_id) -> None:
         await self._post("/free", {"context_id": context_id})
+
+    async def reset_prefix_cache(self) -> int:
+        return (await self._post("/reset_prefix_cache"))["freed_blocks"]
 
     async def generate(
         self, sampling: SamplingParams, context_id, parent_context_id=None, priority=0, token_ids=None

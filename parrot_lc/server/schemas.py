@@ -221,6 +221,12 @@ class SessionStatus(BaseModel):
     graph: list[CallNode]
 
 
+class PrefixCacheReset(BaseModel):
+    """What POST /reset_prefix_cache freed (on a server, summed over its engines)."""
+
+    freed_blocks: int = Field(description="cached KV blocks that no context held, now empty")
+
+
 class ErrorDetail(BaseModel):
     message: str
     type: str

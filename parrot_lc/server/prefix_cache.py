@@ -73,7 +73,8 @@ class PrefixCache:
     @property
     def num_filling(self) -> int:
         """Prefixes whose fill has not ended yet. A fill goes on when every call that waited for it went away
-        (cancelled, its session deleted): the prefix is then warm for later calls, idle once filled."""
+        (cancelled, its session deleted): the prefix is then warm for later calls, idle once filled. (One whose
+        calls all went away while room was made for it is dropped unfilled.)"""
         return sum(not entry.filled for entry in self._entries.values())
 
     async def acquire(self, prefix: PromptPrefix, priority: int) -> PrefixEntry:
@@ -93,14 +94,10 @@ class PrefixCache:
         entry.users += 1
         entry.last_used = next(self._clock)
         if entry_is_new:
-            try:
-                await self.evict(self.max_entries, self._max_tokens())  # the new entry is in use: never a victim
-            except BaseException as exc:  # the waiters of this entry must not hang; its fill never left
-                self._entries.pop(key, None)
-                entry.ready.set_exception(exc if isinstance(exc, Exception) else asyncio.CancelledError())
-                self.release(entry)
-                raise
-            start_now(self._fill(entry, token_ids, priority))  # the fill's command leaves in this turn
+            # Made in a task of its own, not in this caller's: a caller cancelled (its client went away) must not
+            # cancel the making that others wait for too, nor an eviction's frees halfway (their contexts would
+            # leak). With nothing to evict, the fill's command still leaves in this turn.
+            start_now(self._make(entry, token_ids, priority))
         try:
             await asyncio.shield(entry.ready)
             if entry.error is not None:  # failed after its command left, before this caller woke: no fork now
@@ -151,12 +148,27 @@ class PrefixCache:
             raise errors[0]
         return len(victims)
 
+    async def _make(self, entry: PrefixEntry, token_ids: list[int], priority: int) -> None:
+        try:
+            await self.evict(self.max_entries, self._max_tokens())  # the new entry is in use: never a victim
+        except Exception as exc:  # its fill never left: nothing to free, but its waiters must not hang
+            self._forget(entry)
+            entry.ready.set_exception(exc)
+            return
+        if entry.users == 0:  # every caller went away (or a drain freed it) before its fill left: none is sent
+            self._forget(entry)
+            return
+        await self._fill(entry, token_ids, priority)
+
+    def _forget(self, entry: PrefixEntry) -> None:
+        if self._entries.get(entry.key) is entry:  # not a newer entry of the same key
+            del self._entries[entry.key]
+
     async def _fill(self, entry: PrefixEntry, token_ids: list[int], priority: int) -> None:
         try:
             await self.engine.fill(token_ids, entry.context_id, priority=priority, issued=entry.ready)
         except Exception as exc:  # the entry is dropped; callers that wait for it see the error
-            if self._entries.get(entry.key) is entry:
-                del self._entries[entry.key]
+            self._forget(entry)
             entry.error = exc
             if not entry.ready.done():
                 entry.ready.set_exception(exc)

@@ -29,7 +29,7 @@ from parrot_lc.engine.loader import load_model
 from parrot_lc.engine.logprobs import LogprobRows, PromptLogprobs, TokenLogprob, read_rows, token_logprobs
 from parrot_lc.engine.model_runner import ModelRunner
 from parrot_lc.engine.request import Request, RequestKind, RequestOutput, StreamedText, text_decoder
-from parrot_lc.engine.sampling import Sampler, SamplingParams
+from parrot_lc.engine.sampling import Sampler, SamplingParams, TokenHistory
 from parrot_lc.engine.scheduler import ScheduledChunk, Scheduler
 from parrot_lc.engine.step_log import StepLog
 from parrot_lc.settings import EngineSettings
@@ -358,9 +358,9 @@ class LLMEngine:
             in_flight = None  # its placeholders are tokens now
         in_flight_tokens = in_flight.tokens if in_flight is not None else None
         requests = self._launch(chunks, in_flight_tokens, outputs) if chunks else []
-        if in_flight is not None and any(r.grammar is not None for r in requests):
-            # A grammar's mask needs the token before: the step before is read back (while the device computes
-            # this step's model run) and its tokens advance the grammars before this step samples.
+        if in_flight is not None and any(r.grammar is not None or r.sampling.penalized for r in requests):
+            # A grammar's mask and a penalty need the token before: the step before is read back (while the device
+            # computes this step's model run) and its tokens advance the grammars before this step samples.
             outputs.extend(self._complete(in_flight))
             requests = [r for r in requests if not r.finished]
             in_flight = None
@@ -402,7 +402,9 @@ class LLMEngine:
         logits = torch.stack([r.context.last_logits for r in requests])  # (B, V)
         params, generators = [r.sampling for r in requests], [r.generator for r in requests]
         masks = token_masks([r.grammar for r in requests], self.config.vocab_size, self.device)
-        tokens = self.sampler.sample(logits, params, generators, masks)  # (B,) on the device
+        histories = [TokenHistory(r.context.token_ids, r.output_token_ids) if r.sampling.penalized else None
+                     for r in requests]
+        tokens = self.sampler.sample(logits, params, generators, masks, histories)  # (B,) on the device
         logprob_rows = [(row, r.sampling.logprobs) for row, r in enumerate(requests) if r.sampling.logprobs is not None]
         logprobs = None
         if logprob_rows:

@@ -22,6 +22,13 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0: no top-k cut
+    min_p: float = 0.0  # cut tokens less likely than min_p times the most likely one (0: no cut)
+    # OpenAI's penalties on the output so far: logits minus presence (once a token occurs) and minus frequency times
+    # its count; vLLM's repetition penalty on every token of the prompt and output: a positive logit divided by it, a
+    # negative one multiplied. Neutral: 0, 0 and 1.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
     seed: int | None = None  # the same seed gives the same tokens, whatever else runs in the batch
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
@@ -46,6 +53,10 @@ class SamplingParams:
             ("temperature", 0.0 <= self.temperature <= 100.0, "must be in [0, 100]"),
             ("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]"),
             ("top_k", self.top_k >= 0, "must be 0 (off) or positive"),
+            ("min_p", 0.0 <= self.min_p <= 1.0, "must be in [0, 1]"),
+            ("presence_penalty", -2.0 <= self.presence_penalty <= 2.0, "must be in [-2, 2]"),
+            ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "must be in [-2, 2]"),
+            ("repetition_penalty", 0.0 < self.repetition_penalty <= 10.0, "must be in (0, 10]"),
             ("seed", self.seed is None or 0 <= self.seed < 2**63, "must be a non-negative 64-bit integer"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "must hold non-empty strings"),
             (
@@ -70,6 +81,11 @@ class SamplingParams:
             self.constraint.validate()
 
     @property
+    def penalized(self) -> bool:
+        """Whether its logits depend on the tokens so far (a penalty other than neutral)."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
+    @property
     def greedy(self) -> bool:
         # Below this, logits / temperature overflow to inf (NaN probabilities): it is greedy in all but name.
         return self.temperature < GREEDY_BELOW_TEMPERATURE
@@ -90,11 +106,14 @@ class Sampler:
 
     def sample(
         self, logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
-        masks: TokenMasks | None = None,
+        masks: TokenMasks | None = None, histories: list[TokenHistory | None] | None = None,
     ) -> torch.Tensor:
-        """logits: (B, V) float32 on the sampler's device; returns B token ids (B,) int64 there. `masks`: the
-        tokens that constrained rows may take; their other logits are set to -inf here, in place, before greedy and
-        sampled rows alike pick."""
+        """logits: (B, V) float32 on the sampler's device; returns B token ids (B,) int64 there. `histories`: the
+        tokens so far of each penalized row (None for the others); their penalties change their logits here, in
+        place. `masks`: the tokens that constrained rows may take; their other logits are set to -inf, after the
+        penalties, before greedy and sampled rows alike pick."""
+        if histories is not None and any(h is not None for h in histories):
+            apply_penalties(logits, params, histories)
         if masks is not None:
             apply_token_masks(logits, masks)
         tokens = logits.argmax(dim=-1)  # (B,)
@@ -130,6 +149,46 @@ class Sampler:
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
         cut |= mass_before >= top_p[:, None]
         cut[:, 0] = False  # even where top_p is too small for float32 (it rounds to 0, which would cut them all)
+        min_p = to_device([p.min_p for p in params], logits.device, torch.float32)  # (R,)
+        cut |= sorted_probs < min_p[:, None] * sorted_probs[:, :1]  # the first token is never below min_p times itself
         sorted_logits = sorted_logits.masked_fill(cut, float("-inf"))
         probs = torch.empty_like(scaled).scatter_(-1, order, sorted_logits.softmax(dim=-1))
         return probs
+
+
+@dataclass(frozen=True)
+class TokenHistory:
+    """A penalized row's tokens so far: `seen`, every token of its context (prompt and output, for the repetition
+    penalty), and `output`, those it generated (for presence and frequency)."""
+
+    seen: list[int]
+    output: list[int]
+
+
+def _counts(rows: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    """(R, V) float32: how many times each token occurs in each row."""
+    width = max((len(r) for r in rows), default=0)
+    ids = torch.full((len(rows), width + 1), vocab, dtype=torch.int64)  # padded with an id past the vocabulary
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r, dtype=torch.int64)
+    counts = torch.zeros(len(rows), vocab + 1, dtype=torch.float32, device=device)  # (R, V + 1)
+    counts.scatter_add_(1, ids.to(device), torch.ones(ids.shape, dtype=torch.float32, device=device))
+    return counts[:, :vocab]
+
+
+def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], histories: list[TokenHistory | None]) -> None:
+    """The penalties of the rows with a history, in place on logits (B, V): the repetition penalty first, then
+    presence and frequency, as vLLM applies them."""
+    rows = [i for i, h in enumerate(histories) if h is not None]
+    on_device = to_device(rows, logits.device)
+    vocab = logits.shape[-1]
+    selected = logits[on_device].float()  # (R, V)
+    seen = _counts([histories[i].seen for i in rows], vocab, logits.device) > 0  # (R, V)
+    repetition = to_device([params[i].repetition_penalty for i in rows], logits.device, torch.float32)[:, None]
+    penalized = torch.where(selected > 0, selected / repetition, selected * repetition)
+    selected = torch.where(seen, penalized, selected)
+    output = _counts([histories[i].output for i in rows], vocab, logits.device)  # (R, V)
+    presence = to_device([params[i].presence_penalty for i in rows], logits.device, torch.float32)[:, None]
+    frequency = to_device([params[i].frequency_penalty for i in rows], logits.device, torch.float32)[:, None]
+    selected -= presence * (output > 0) + frequency * output
+    logits[on_device] = selected.to(logits.dtype)

@@ -94,6 +94,10 @@ class Sampling(StrictModel):
     temperature: float = Field(1.0, ge=0.0, le=100.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
     seed: int | None = Field(None, ge=0, lt=2**63)
     stop: list[str] = Field(default_factory=list)
     stop_token_ids: list[int] = Field(default_factory=list)
@@ -284,13 +288,11 @@ class EngineRef(BaseModel):
 # ---- OpenAI-compatible ---------------------------------------------------------------------------------
 
 # Fields of OpenAI's API that this server does not implement, with the values that ask for nothing (which clients
-# send anyway: LangChain's ChatOpenAI, for one, may send `n: 1` or `presence_penalty: 0`). Any other value is
+# send anyway: LangChain's ChatOpenAI, for one, may send `n: 1` or `logit_bias: {}`). Any other value is
 # refused (400) rather than silently ignored. Other fields that the server does not know (`user`, `metadata`,
 # `store`, `service_tier`...) change nothing of the answer: ignored, as vLLM does.
 UNIMPLEMENTED: dict[str, tuple[Any, ...]] = {
-    "suffix": (None, ""), "logit_bias": (None, {}), "presence_penalty": (None, 0, 0.0),
-    "frequency_penalty": (None, 0, 0.0), "repetition_penalty": (None, 1, 1.0), "min_p": (None, 0, 0.0),
-    "tools": (None, []), "tool_choice": (None, "none"),
+    "suffix": (None, ""), "logit_bias": (None, {}), "tools": (None, []), "tool_choice": (None, "none"),
     "functions": (None, []), "function_call": (None, "none"), "modalities": (None, ["text"]), "audio": (None,),
     "prediction": (None,), "reasoning_effort": (None,), "web_search_options": (None,),
 }
@@ -339,6 +341,15 @@ class OpenAISampling(RequestModel):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=-1, description="sample from the k most likely tokens (vLLM's extension); 0 or -1: all")
+    min_p: float | None = Field(None, ge=0.0, le=1.0, description="drop tokens less likely than min_p times the "
+                                "most likely one (vLLM's extension)")
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="subtracted from the logit of every "
+                                           "token the output holds already")
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="times a token's count in the "
+                                            "output so far, subtracted from its logit")
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0, description="a positive logit of a token of "
+                                             "the prompt or output is divided by it, a negative one multiplied "
+                                             "(vLLM's extension)")
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, lt=2**63)
     stream: bool = False
@@ -387,7 +398,11 @@ class OpenAISampling(RequestModel):
         """The engine's sampling settings; `max_tokens` as the server settled it (see ParrotManager.check_prompt)."""
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
-                              top_k=max(self.top_k, 0), seed=self.seed, stop=tuple(stop), ignore_eos=self.ignore_eos,
+                              top_k=max(self.top_k, 0), min_p=self.min_p or 0.0,
+                              presence_penalty=self.presence_penalty or 0.0,
+                              frequency_penalty=self.frequency_penalty or 0.0,
+                              repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+                              seed=self.seed, stop=tuple(stop), ignore_eos=self.ignore_eos,
                               constraint=response_format_constraint(self.response_format), **self.logprob_params())
 
     @abstractmethod

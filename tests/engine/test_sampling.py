@@ -119,3 +119,87 @@ def test_a_top_p_too_small_for_float32_keeps_the_most_likely_token(tiny):
     tiny.fill(list(range(3, 30)), "p")
     greedy = generated(tiny, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))[0]
     assert generated(tiny, SamplingParams(max_tokens=8, top_p=5e-324, seed=1, ignore_eos=True))[0] == greedy
+
+
+def penalized_reference(logits: torch.Tensor, seen: list[int], output: list[int], params: SamplingParams):
+    """vLLM's penalties in float64, token by token: repetition on the prompt's and output's tokens, then presence
+    and frequency on the output's."""
+    result = logits.double().clone()
+    for token in set(seen):
+        value = result[token]
+        result[token] = value / params.repetition_penalty if value > 0 else value * params.repetition_penalty
+    for token in set(output):
+        result[token] -= params.presence_penalty + params.frequency_penalty * output.count(token)
+    return result
+
+
+def test_penalties_change_the_logits_of_the_tokens_so_far_as_vllm_does():
+    from parrot_lc.engine.sampling import TokenHistory, apply_penalties
+
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))  # (B, V)
+    params = [SamplingParams(repetition_penalty=1.3), SamplingParams(),
+              SamplingParams(presence_penalty=0.5, frequency_penalty=0.7, repetition_penalty=0.8)]
+    histories = [TokenHistory([1, 2, 3, 2], [3, 2]), None, TokenHistory([4, 5, 6, 6, 6, 7], [6, 6, 7])]
+    expected = [penalized_reference(logits[0], [1, 2, 3, 2], [3, 2], params[0]), logits[1].double(),
+                penalized_reference(logits[2], [4, 5, 6, 6, 6, 7], [6, 6, 7], params[2])]
+    apply_penalties(logits, params, histories)
+    assert torch.allclose(logits.double(), torch.stack(expected), atol=1e-6)
+
+
+def test_min_p_drops_tokens_less_likely_than_its_share_of_the_most_likely():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    probs = Sampler._probabilities(logits, [SamplingParams(min_p=0.5)])
+    assert torch.allclose(probs, torch.tensor([[0.625, 0.375, 0.0, 0.0]]))
+
+
+# A prompt after which the random model repeats itself (415, 47 twice in its first six greedy tokens), so that the
+# penalties change what it generates.
+REPEATING = [5, 9, 9, 14, 3, 9, 22, 14, 356, 212, 10, 260, 238, 99, 96, 480, 415, 47, 312, 331]
+
+
+def test_greedy_generation_with_a_repetition_penalty_is_transformers_own(hf_checkpoint, make_engine):
+    path, hf_model = hf_checkpoint("llama")
+    engine = make_engine(model=str(path), block_size=8)
+    prompt = REPEATING
+    engine.fill(prompt, "p")
+    unpenalized = generated(engine, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))[0]
+    ours = generated(engine, SamplingParams(max_tokens=12, temperature=0.0, repetition_penalty=1.5,
+                                            ignore_eos=True))[0]
+    with torch.no_grad():
+        theirs = hf_model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                                   repetition_penalty=1.5, min_new_tokens=12, pad_token_id=0)[0, len(prompt):]
+    assert ours == theirs.tolist() and ours != unpenalized
+
+
+def test_greedy_generation_with_presence_and_frequency_penalties_follows_the_reference(hf_checkpoint, make_engine):
+    path, hf_model = hf_checkpoint("llama")
+    engine = make_engine(model=str(path), block_size=8)
+    prompt = REPEATING
+    params = SamplingParams(max_tokens=12, temperature=0.0, presence_penalty=0.6, frequency_penalty=1.1,
+                            ignore_eos=True)
+    engine.fill(prompt, "p")
+    unpenalized = generated(engine, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))[0]
+    ours = generated(engine, params)[0]
+    tokens, output = list(prompt), []
+    with torch.no_grad():
+        for _ in range(12):
+            logits = hf_model(torch.tensor([tokens])).logits[0, -1]
+            output.append(int(penalized_reference(logits, tokens, output, params).argmax()))
+            tokens.append(output[-1])
+    assert ours == output and ours != unpenalized
+
+
+def test_a_penalized_request_gives_the_same_tokens_with_overlapped_steps(hf_checkpoint, make_engine):
+    path, _ = hf_checkpoint("llama")
+    params = SamplingParams(max_tokens=16, temperature=0.0, frequency_penalty=1.5, repetition_penalty=1.2,
+                            ignore_eos=True)
+    outputs = []
+    for overlap in (False, True):
+        engine = make_engine(model=str(path), block_size=8, overlap_steps=overlap)
+        engine.fill(REPEATING, "p")
+        requests = [engine.submit_generate(params, "g1", "p"),
+                    engine.submit_generate(SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True), "g2", "p")]
+        events = engine.run_until_done(requests)
+        outputs.append([[t for e in events[r.request_id] for t in e.token_ids] for r in requests])
+    penalized, unpenalized = outputs[0]
+    assert outputs[0] == outputs[1] and penalized != unpenalized

@@ -62,6 +62,17 @@ def test_a_refine_chain_deferred_equals_eager(llm):
     assert deferred(refine_chain(llm)).invoke(DOCUMENT) == refine_chain(llm).invoke(DOCUMENT)
 
 
+def test_a_call_with_penalties_deferred_equals_eager(parrot_server):
+    """The penalties are sampling settings of the recorded call, as of the eager request; the prompt repeats itself
+    so that they change the answer."""
+    llm = ParrotLLM(base_url=parrot_server, max_tokens=12, temperature=0, frequency_penalty=2.0,
+                    repetition_penalty=1.5)
+    prompt = PromptTemplate.from_template("{text} {text} {text}")
+    eager = (prompt | llm).invoke("the cat")
+    assert deferred(prompt | llm).invoke("the cat") == eager
+    assert eager != (prompt | llm.bind(frequency_penalty=0.0, repetition_penalty=1.0)).invoke("the cat")
+
+
 def test_parallel_branches_deferred_equal_eager(llm):
     prompt = PromptTemplate.from_template("{style} take on: {topic}")
     chain = RunnableParallel(

@@ -221,12 +221,15 @@ def test_requests_carry_the_key_and_the_sampling_fields():
                                          "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
 
     llm = ParrotLLM(base_url="http://parrot.test/v1/", api_key="k3y", model="m", max_tokens=3, temperature=0.5,
-                    top_p=0.9, seed=1, stop=["a"], sync_client_kwargs={"transport": httpx.MockTransport(server)})
+                    top_p=0.9, seed=1, presence_penalty=0.5, frequency_penalty=0.25, repetition_penalty=1.1,
+                    min_p=0.05, stop=["a"], sync_client_kwargs={"transport": httpx.MockTransport(server)})
     assert llm.invoke("p", stop=["b"]) == "ok"
     assert str(seen[0].url) == "http://parrot.test/v1/completions"
     assert seen[0].headers["authorization"] == "Bearer k3y"
     assert json.loads(seen[0].content) == {"prompt": "p", "model": "m", "max_tokens": 3, "temperature": 0.5,
-                                           "top_p": 0.9, "seed": 1, "stop": ["a", "b"]}
+                                           "top_p": 0.9, "seed": 1, "presence_penalty": 0.5,
+                                           "frequency_penalty": 0.25, "repetition_penalty": 1.1, "min_p": 0.05,
+                                           "stop": ["a", "b"]}
     with pytest.raises(InvalidRequestError, match="too hot") as caught:
         llm.invoke("bad")
     assert (caught.value.status, caught.value.field) == (422, "temperature")

@@ -110,7 +110,7 @@ CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_t
 
 @pytest.mark.parametrize("field, value", [
     ("echo", True),
-    ("presence_penalty", 0.5), ("frequency_penalty", -1), ("logit_bias", {"42": 100}),
+    ("logit_bias", {"42": 100}),
     ("audio", {"voice": "alloy", "format": "wav"}),
 ])
 def test_an_unimplemented_openai_field_gets_400_naming_it(oai, field, value):
@@ -248,3 +248,20 @@ def test_a_stream_consumer_that_runs_behind_gets_the_pieces_joined():
         return received
 
     assert asyncio.run(run()) == ["a", "bc"]
+
+
+@pytest.mark.parametrize("options", [{"frequency_penalty": 2.0, "presence_penalty": 1.0},
+                                     {"extra_body": {"repetition_penalty": 2.0}}], ids=["openai", "vllm"])
+def test_penalties_reach_the_engine_and_change_a_repeating_greedy_answer(oai, options):
+    def answer(**penalties) -> str:
+        return oai.completions.create(model="tiny", prompt="the cat the cat the cat the cat", max_tokens=16,
+                                      temperature=0, **penalties).choices[0].text
+
+    assert answer(**options) != answer()
+
+
+@pytest.mark.parametrize("field, value", [("presence_penalty", 2.5), ("frequency_penalty", -3), ("min_p", 1.5),
+                                          ("repetition_penalty", 0)])
+def test_a_penalty_out_of_range_gets_422_naming_it(client, field, value):
+    response = client.post("/v1/chat/completions", json={**CHAT, field: value})
+    assert_refused(response, 422, field)

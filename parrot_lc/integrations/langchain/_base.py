@@ -63,6 +63,22 @@ class ParrotParams(BaseModel):
     """Nucleus sampling: sample from the smallest set of tokens whose probability reaches `top_p`.
     Default: the server's (1.0)."""
 
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    """Subtracted from the logit of each token that the output holds already (OpenAI's option): above 0, new
+    tokens are likelier. Default: the server's (0)."""
+
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    """Times a token's count in the output so far, subtracted from its logit (OpenAI's option): above 0, repeats
+    are less likely. Default: the server's (0)."""
+
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
+    """vLLM's repetition penalty: a positive logit of a token of the prompt or the output is divided by it, a
+    negative one multiplied; above 1, repeats are less likely. Default: the server's (1)."""
+
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    """Sample only tokens at least `min_p` times as likely as the most likely one (vLLM's option). Default: the
+    server's (0: no cut)."""
+
     stop: list[str] | None = None
     """Stop sequences: generation ends before the first of them (it is not part of the text). A call's own
     `stop` sequences are used together with these."""
@@ -156,7 +172,8 @@ class ParrotParams(BaseModel):
     def _sampling(self, stop: list[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
         """The sampling settings of a call: per-call keyword arguments over the fields."""
         sampling: dict[str, Any] = {"max_tokens": kwargs.get("max_tokens") or self.max_tokens or DEFAULT_MAX_TOKENS}
-        for name in ("temperature", "top_p", "seed"):
+        for name in ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", "repetition_penalty",
+                     "min_p"):
             value = kwargs.get(name, getattr(self, name))
             if value is not None:
                 sampling[name] = value

@@ -54,6 +54,12 @@ class OpenAIEngine:
                 "max_tokens": sampling.max_tokens, "temperature": sampling.temperature, "top_p": sampling.top_p,
                 "seed": sampling.seed, "stop": list(sampling.stop) or None,
                 "stream_options": {"include_usage": True}}
+        # The other sampling options, only where they ask for something: vLLM's extensions, which another
+        # OpenAI-compatible server may refuse, go only to a request that needs them.
+        neutral = SamplingParams()
+        body.update({name: getattr(sampling, name) for name in ("presence_penalty", "frequency_penalty",
+                     "repetition_penalty", "min_p", "top_k", "ignore_eos")
+                     if getattr(sampling, name) != getattr(neutral, name)})
         self._prompt_tokens += len(tokens)
         try:
             async with self._client.stream("POST", "/v1/completions", json=body) as response:

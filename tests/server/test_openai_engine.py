@@ -28,3 +28,16 @@ def test_a_chain_runs_on_an_openai_compatible_engine(parrot_server):
             return client.post(f"{parrot_server}/v1/completions", json=body).json()["choices"][0]["text"]
 
         assert value == direct("Now shorter: " + direct("Describe a lighthouse"))
+
+
+def test_an_openai_compatible_engine_gets_the_penalties_of_a_request(parrot_server):
+    settings = EngineSettings(model="tiny", device="cpu", dtype="float32")
+    front_settings = ServerSettings(port=0, engines=0, openai_engine=parrot_server)
+    body = {"model": "tiny", "prompt": "the cat the cat the cat the cat", "max_tokens": 12, "temperature": 0}
+    penalties = {"frequency_penalty": 2.0, "repetition_penalty": 1.5}
+    with LocalServer(settings, front_settings) as front, httpx.Client(timeout=60) as client:
+        def text(url: str, **fields) -> str:
+            return client.post(f"{url}/v1/completions", json={**body, **fields}).json()["choices"][0]["text"]
+
+        through_front = text(front.base_url, **penalties)
+        assert through_front == text(parrot_server, **penalties) != text(parrot_server)

@@ -23,14 +23,17 @@ class Completion:
     """A completion or a chat reply, or one piece of its stream (then `text` is what the piece adds). Where the
     reply or the piece tells them: why generation stopped (`"stop"`: a stop sequence or the end of the text;
     `"length"`: `max_tokens`), the model's name, and the token usage (`prompt_tokens`, `completion_tokens`,
-    `total_tokens`), which a stream gives in its last piece. A chat reply's `tool_calls` are OpenAI's (`id`,
-    `function.name`, `function.arguments`); a stream piece's are deltas of them (with their `index`)."""
+    `total_tokens`, and `cached_tokens`: the prompt tokens whose KV the engine had), which a stream gives in its
+    last piece. A chat reply's `tool_calls` are OpenAI's (`id`, `function.name`, `function.arguments`); a stream
+    piece's are deltas of them (with their `index`). `logprobs`: the choice's log-probabilities as the server sends
+    them (a request that asks for them: `logprobs=True` for a chat, `logprobs=k` for a completion)."""
 
     text: str
     finish_reason: str | None = None
     model: str | None = None
     usage: dict[str, int] | None = None
     tool_calls: list[dict[str, Any]] | None = None
+    logprobs: dict[str, Any] | None = None
 
 
 def completion_request(prompt: str, model: str | None, options: dict[str, Any], *, stream: bool = False) -> ApiRequest:
@@ -76,11 +79,16 @@ def _completion(body: dict[str, Any], message: Callable[[dict[str, Any]], dict[s
     choices = body.get("choices") or [{}]  # a stream's usage piece has none
     fields = message(choices[0])
     return Completion(text=fields.get("content") or "", finish_reason=choices[0].get("finish_reason"),
-                      model=body.get("model"), usage=_usage(body), tool_calls=fields.get("tool_calls"))
+                      model=body.get("model"), usage=_usage(body), tool_calls=fields.get("tool_calls"),
+                      logprobs=choices[0].get("logprobs"))
 
 
 def _usage(body: dict[str, Any]) -> dict[str, int] | None:
     usage = body.get("usage")
     if not isinstance(usage, dict):
         return None
-    return {k: int(usage[k]) for k in ("prompt_tokens", "completion_tokens", "total_tokens") if k in usage}
+    counts = {k: int(usage[k]) for k in ("prompt_tokens", "completion_tokens", "total_tokens") if k in usage}
+    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+    if cached is not None:
+        counts["cached_tokens"] = int(cached)
+    return counts

@@ -93,7 +93,7 @@ def create_app(manager: ParrotManager, settings: ServerSettings) -> FastAPI:
     @app.exception_handler(ServerError)
     async def server_error(request: Request, exc: ServerError) -> JSONResponse:
         headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, QueueFullError) else None
-        return error_response(exc.status, exc.message, type(exc).__name__, exc.field, headers)
+        return error_response(exc.status, exc.message, exc.kind, exc.field, headers)
 
     @app.exception_handler(EngineError)
     async def engine_error(request: Request, exc: EngineError) -> JSONResponse:

@@ -11,6 +11,12 @@ class ServerError(Exception):
         self.message = message
         self.field = field
 
+    @property
+    def kind(self) -> str:
+        """The error's `type` in an answer: its class's name, and `BadRequestError` (vLLM's) for a request refused
+        as it is, so that a 400 never reads as a fault of the server."""
+        return "BadRequestError" if type(self) is ServerError else type(self).__name__
+
 
 class UnauthorizedError(ServerError):
     """A missing or wrong key (a client's API key, or an engine's key)."""

@@ -48,9 +48,17 @@ def openai_router(manager: ParrotManager, model_name: str, client_of: Callable[.
     texts = TokenTexts(manager.tokenizer)
     template = ChatTemplate.of(manager.tokenizer)
 
+    card = {"id": model_name, "object": "model", "created": 0, "owned_by": "parrot_lc"}
+
     @router.get("/models")
     async def models() -> dict:
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "parrot_lc"}]}
+        return {"object": "list", "data": [card]}
+
+    @router.get("/models/{name:path}")
+    async def model(name: str) -> dict:
+        """The served model's card (the `openai` package's `models.retrieve`); another name gets 404."""
+        check_model(served, name)
+        return card
 
     @router.post("/completions")
     async def completions(body: CompletionRequest, client: str | None = Depends(client_of)):
@@ -210,7 +218,7 @@ async def stream_events(
         if include_usage:
             last.append(sse({**chunk([]), "usage": usage(completion)}))
     except CallFailedError as exc:  # the status (200) is sent: the error goes as the stream's last event
-        last = [sse({"error": {"message": exc.message, "type": type(exc).__name__, "field": exc.field}})]
+        last = [sse({"error": {"message": exc.message, "type": exc.kind, "field": exc.field}})]
     yield "".join(last) + "data: [DONE]\n\n"  # the stream's last events in one write
 
 

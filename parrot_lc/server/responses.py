@@ -3,6 +3,7 @@ read, `{"error": {"message", "type", "field"}}`, where `field` names the offendi
 
 from __future__ import annotations
 
+import re
 from http import HTTPStatus
 
 from fastapi import FastAPI, Request
@@ -19,6 +20,9 @@ BAD_REQUEST_ERRORS = {INVALID_TEXT: "MalformedText", "string_unicode": "Malforme
                       INVALID_CONSTRAINT: "InvalidConstraint"}
 # The part of a request that an error's location begins with: a field is named without it.
 REQUEST_PARTS = {"body", "query", "path", "header", "cookie"}
+# The member of a union that a value failed, which pydantic writes into the error's location (`stop.str` for a `stop`
+# that is neither a string nor a list of them): a type, no part of the request.
+UNION_MEMBER = re.compile(r"str|int|float|bool|[a-z-]+\[.*\]")
 # Where the fault lies in Starlette's own errors: a body it could not parse, a path or a method it does not route.
 HTTP_ERROR_FIELDS = {400: "body", 404: "path", 405: "method"}
 
@@ -48,7 +52,8 @@ async def invalid_request(request: Request, exc: RequestValidationError) -> JSON
     if first["type"] == "json_invalid":
         return error_response(400, f"malformed JSON: {first['msg']}", "MalformedJSON", "body")
     loc, named = first["loc"], first.get("ctx", {}).get("field")
-    path = [str(p) for p in (loc[1:] if loc and loc[0] in REQUEST_PARTS else loc)] + ([named] if named else [])
+    path = [str(p) for p in (loc[1:] if loc and loc[0] in REQUEST_PARTS else loc)
+            if not (isinstance(p, str) and UNION_MEMBER.fullmatch(p))] + ([named] if named else [])
     field = ".".join(path) or "body"
     kind = BAD_REQUEST_ERRORS.get(first["type"])
     return error_response(400 if kind else 422, f"{field}: {first['msg']}", kind or "ValidationError", field)

@@ -193,7 +193,9 @@ def test_completions_and_chat_replies_whole_and_streamed_sync_and_async(client, 
     assert whole.text == complete(parrot_server, prompt) and whole.model == "tiny"
     assert whole.finish_reason == "length" and whole.usage["completion_tokens"] == 6
     pieces = list(client.stream_complete(prompt, **GREEDY))
-    assert "".join(p.text for p in pieces) == whole.text and pieces[-1].usage == whole.usage
+    counted = ("prompt_tokens", "completion_tokens", "total_tokens")  # not cached_tokens: the prompt is cached now
+    assert "".join(p.text for p in pieces) == whole.text
+    assert [pieces[-1].usage[k] for k in counted] == [whole.usage[k] for k in counted]
     assert [p.finish_reason for p in pieces if p.finish_reason] == ["length"]
     reply = client.chat(messages, **GREEDY)
     assert reply.text and reply.usage["completion_tokens"] == 6
@@ -207,6 +209,14 @@ def test_completions_and_chat_replies_whole_and_streamed_sync_and_async(client, 
             return completed.text, replied.text, "".join(streamed)
 
     assert asyncio.run(run()) == (whole.text, reply.text, whole.text)
+
+
+def test_a_replys_usage_counts_the_prompt_tokens_whose_kv_the_server_had(client):
+    messages = [{"role": "system", "content": "You answer questions about parrots, briefly. " * 4},
+                {"role": "user", "content": "Hi"}]
+    first = client.chat(messages, **GREEDY).usage
+    again = [p.usage for p in client.stream_chat(messages, **GREEDY)][-1]
+    assert 16 <= again["cached_tokens"] < again["prompt_tokens"] == first["prompt_tokens"]
 
 
 def test_completion_errors_are_typed_whole_streamed_or_unreachable(client):

@@ -12,9 +12,10 @@ import httpx
 import pytest
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
+from pydantic import ValidationError
 
 from parrot_lc.frontend.errors import InvalidRequestError
-from parrot_lc.integrations.langchain import ChatParrot
+from parrot_lc.integrations.langchain import ChatParrot, deferred
 
 
 class TokenRecorder(BaseCallbackHandler):
@@ -45,6 +46,16 @@ def test_invoke_reports_usage_finish_reason_and_model(chat):
     assert reply.usage_metadata["total_tokens"] == reply.usage_metadata["input_tokens"] + 6
     assert reply.response_metadata["finish_reason"] == "length"
     assert reply.response_metadata["model_name"] == "tiny"
+
+
+def test_usage_counts_the_prompt_tokens_read_from_the_servers_cache(chat):
+    """As ChatOpenAI reports OpenAI's cached tokens: `input_token_details.cache_read`, whole and streamed."""
+    messages = [SystemMessage("You answer questions about parrots, briefly. " * 4), HumanMessage("Hi")]
+    chat.invoke(messages)
+    usage = chat.invoke(messages).usage_metadata
+    assert 16 <= usage["input_token_details"]["cache_read"] < usage["input_tokens"]
+    streamed = [c.usage_metadata for c in chat.stream(messages) if c.usage_metadata]
+    assert streamed[-1]["input_token_details"] == usage["input_token_details"]
 
 
 def test_without_a_model_name_the_server_answers_with_the_one_it_serves(parrot_server):
@@ -94,6 +105,38 @@ def test_stop_sequences_from_the_call_and_the_field(parrot_server):
     assert ChatParrot(**sampled, stop=[stop]).invoke("Hi").content == expected
     both = ChatParrot(**sampled, stop=["never generated"])  # the call's stop sequences join the field's
     assert "".join(c.content for c in both.stream("Hi", stop=[stop])) == expected
+
+
+def test_max_completion_tokens_is_max_tokens_by_openais_newer_name(parrot_server, chat):
+    newer = ChatParrot(base_url=parrot_server, model="tiny", max_completion_tokens=3, temperature=0)
+    assert newer.max_tokens == 3 and newer.invoke("Hi").usage_metadata["output_tokens"] == 3
+    assert chat.invoke("Hi", max_completion_tokens=2).usage_metadata["output_tokens"] == 2
+
+
+def test_arguments_and_call_options_it_does_not_take_are_refused_naming_them():
+    """Not dropped without a word (ChatOpenAI sends a call's options to the server, which answers all of them)."""
+    with pytest.raises(ValidationError, match="model_kwargs"):
+        ChatParrot(base_url="http://127.0.0.1:9", model_kwargs={"top_k": 5})
+    chat = ChatParrot(base_url="http://127.0.0.1:9", max_retries=0)  # refused before any request
+    with pytest.raises(ValueError, match=r"\['n', 'user'\]"):
+        chat.invoke("Hi", n=2, user="me")
+    with pytest.raises(ValueError, match=r"\['n'\]"):
+        list(chat.bind(n=2).stream("Hi"))
+
+
+def test_log_probabilities_come_back_in_the_response_metadata_as_chatopenais_do(chat):
+    """LangChain's how-to: `.bind(logprobs=True)`, then `response_metadata["logprobs"]["content"]`."""
+    model = chat.bind(logprobs=True, top_logprobs=2)
+    reply = model.invoke("Hi")
+    content = reply.response_metadata["logprobs"]["content"]
+    assert "".join(t["token"] for t in content) == reply.content and len(content) == 6
+    assert all(len(t["top_logprobs"]) == 2 and t["logprob"] <= 0 for t in content)
+    chunks = list(model.stream("Hi"))
+    streamed = chunks[0]
+    for chunk in chunks[1:]:
+        streamed = streamed + chunk
+    assert streamed.response_metadata["logprobs"] == reply.response_metadata["logprobs"]
+    assert deferred(model).invoke("Hi").response_metadata["logprobs"] == reply.response_metadata["logprobs"]
 
 
 def test_messages_become_openai_messages_with_the_key():

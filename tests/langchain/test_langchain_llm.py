@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 from langchain_core.callbacks import BaseCallbackHandler
+from pydantic import ValidationError
 
 from parrot_lc.frontend.errors import CallFailedError, InvalidRequestError, ParrotConnectionError
 from parrot_lc.integrations import langchain as langchain_integration
@@ -207,6 +208,16 @@ def test_the_classes_reach_the_server_only_through_the_frontend():
 def test_unreachable_server_raises_a_connection_error():
     with pytest.raises(ParrotConnectionError, match="cannot reach the Parrot server at http://127.0.0.1:9"):
         ParrotLLM(base_url="http://127.0.0.1:9", max_retries=0).invoke(PROMPT)
+
+
+def test_arguments_and_call_options_it_does_not_take_are_refused_naming_them():
+    with pytest.raises(ValidationError, match="best_of"):
+        ParrotLLM(base_url="http://127.0.0.1:9", best_of=2)
+    llm = ParrotLLM(base_url="http://127.0.0.1:9", max_retries=0)  # refused before any request
+    with pytest.raises(ValueError, match=r"\['logprobs'\]"):
+        llm.invoke(PROMPT, logprobs=1)
+    with pytest.raises(ValueError, match=r"\['logprobs'\]"):
+        llm.batch([PROMPT, PROMPT + "!"], logprobs=1)  # a batch is one graph
 
 
 def test_requests_carry_the_key_and_the_sampling_fields():

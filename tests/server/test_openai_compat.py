@@ -24,6 +24,11 @@ def test_models_lists_the_served_model(oai):
     assert [m.id for m in oai.models.list().data] == ["tiny"]
 
 
+def test_the_served_model_is_retrieved_by_name_and_another_is_not_found(oai, client):
+    assert oai.models.retrieve("tiny").id == "tiny"
+    assert_refused(client.get("/v1/models/gpt-4o"), 404, "model")
+
+
 def test_completion_returns_text_and_usage(oai):
     response = oai.completions.create(model="tiny", prompt="The quick brown fox", max_tokens=5, temperature=0)
     assert response.choices[0].finish_reason == "length"

@@ -11,18 +11,18 @@ import asyncio
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from langchain_core.language_models import LangSmithParams
 from langchain_core.utils import from_env, secret_from_env
-from pydantic import BaseModel, Field, PrivateAttr, SecretStr
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr, SecretStr
 
 from parrot_lc.frontend import AsyncParrotClient, Completion, ParrotClient
 from parrot_lc.frontend.client import DEFAULT_MAX_RETRIES
 from parrot_lc.frontend.inprocess import DEFAULT_MODEL, local_server
 from parrot_lc.integrations.langchain._trace import current_trace
 
-__all__ = ["DEFAULT_MAX_TOKENS", "ParrotParams", "StreamEnd"]
+__all__ = ["CALL_OPTIONS", "DEFAULT_MAX_TOKENS", "PARAMS_CONFIG", "ParrotParams", "StreamEnd"]
 
 DEFAULT_MAX_TOKENS = 256
 """Tokens generated when `max_tokens` is not set (always sent explicitly, so that every path of a class
@@ -31,9 +31,19 @@ generates the same number of tokens whatever the server's own default)."""
 REMOTE_MODEL_NAME = "parrot"
 """The model name reported for a server reached by `base_url` when `model` is not set."""
 
+PARAMS_CONFIG = ConfigDict(extra="forbid")
+"""A class's config: an argument it does not know is refused, naming it, rather than dropped."""
+
+SAMPLING_OPTIONS = ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", "repetition_penalty",
+                    "min_p")
+"""Sampling fields that a call's keyword argument of the same name overrides."""
+CALL_OPTIONS = frozenset({"model", "max_tokens", "max_completion_tokens", "ignore_eos", *SAMPLING_OPTIONS})
+"""The keyword arguments that a call of either class takes (`invoke(..., temperature=0)`, `bind(...)`)."""
+
 
 class ParrotParams(BaseModel):
-    """The fields of ParrotLLM and ChatParrot (a mixin: listed before the LangChain base class)."""
+    """The fields of ParrotLLM and ChatParrot (a mixin: listed before the LangChain base class, whose config
+    ignores unknown arguments: each class sets `model_config = PARAMS_CONFIG` to refuse them, naming them)."""
 
     base_url: str | None = Field(default_factory=from_env("PARROT_BASE_URL", default=None))
     """Root URL of a running Parrot server (`parrot-lc serve`), e.g. `"http://127.0.0.1:9000"`; requests go
@@ -53,8 +63,9 @@ class ParrotParams(BaseModel):
     answers 404 to another name); unset, requests name none and get the served one. A per-call `model=` keyword
     argument does the same for one call."""
 
-    max_tokens: int | None = Field(default=None, ge=1)
-    """Most tokens to generate (default 256)."""
+    max_tokens: int | None = Field(default=None, ge=1,
+                                   validation_alias=AliasChoices("max_tokens", "max_completion_tokens"))
+    """Most tokens to generate (default 256); also set as `max_completion_tokens`, OpenAI's newer name."""
 
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     """Sampling temperature; 0 is greedy decoding (deterministic). Default: the server's (1.0)."""
@@ -109,6 +120,9 @@ class ParrotParams(BaseModel):
 
     async_client_kwargs: dict[str, Any] = Field(default_factory=dict)
     """Options of the async clients only (over `client_kwargs`), e.g. `transport` or async `event_hooks`."""
+
+    _call_options: ClassVar[frozenset[str]] = CALL_OPTIONS
+    """The keyword arguments a call takes; others are refused (ValueError) before any request."""
 
     _clients: dict[str, ParrotClient] = PrivateAttr(default_factory=dict)
     # Async clients by event loop (an httpx.AsyncClient's connections belong to the loop that made them), then URL.
@@ -171,9 +185,12 @@ class ParrotParams(BaseModel):
 
     def _sampling(self, stop: list[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
         """The sampling settings of a call: per-call keyword arguments over the fields."""
-        sampling: dict[str, Any] = {"max_tokens": kwargs.get("max_tokens") or self.max_tokens or DEFAULT_MAX_TOKENS}
-        for name in ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", "repetition_penalty",
-                     "min_p"):
+        unknown = sorted(set(kwargs) - self._call_options)
+        if unknown:
+            raise ValueError(f"{type(self).__name__}: unsupported call options {unknown}; a call takes "
+                             f"{sorted(self._call_options)}")
+        sampling: dict[str, Any] = {"max_tokens": self._max_tokens(kwargs) or DEFAULT_MAX_TOKENS}
+        for name in SAMPLING_OPTIONS:
             value = kwargs.get(name, getattr(self, name))
             if value is not None:
                 sampling[name] = value
@@ -183,6 +200,10 @@ class ParrotParams(BaseModel):
         if stops:
             sampling["stop"] = stops
         return sampling
+
+    def _max_tokens(self, kwargs: dict[str, Any]) -> int | None:
+        """The call's `max_tokens` (or OpenAI's newer `max_completion_tokens`), else the field's."""
+        return kwargs.get("max_tokens") or kwargs.get("max_completion_tokens") or self.max_tokens
 
     def _request_options(self, stop: list[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
         """The keyword arguments of a completion or chat request of the frontend: the model and sampling."""
@@ -220,7 +241,7 @@ class ParrotParams(BaseModel):
         params = super()._get_ls_params(stop=stop, **kwargs)  # type: ignore[misc]
         params["ls_provider"] = "parrot"
         params["ls_model_name"] = self._model_name(kwargs.get("model"))
-        max_tokens = kwargs.get("max_tokens") or self.max_tokens
+        max_tokens = self._max_tokens(kwargs)
         if max_tokens:
             params["ls_max_tokens"] = max_tokens
         stops = self._stops(stop)

@@ -20,7 +20,7 @@ from langchain_core.messages import (
     ToolMessage,
     convert_to_openai_messages,
 )
-from langchain_core.messages.ai import UsageMetadata
+from langchain_core.messages.ai import InputTokenDetails, UsageMetadata
 from langchain_core.messages.tool import tool_call_chunk
 from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
 from langchain_core.output_parsers.openai_tools import (
@@ -36,13 +36,14 @@ from langchain_core.utils.function_calling import convert_to_json_schema, conver
 from langchain_core.utils.pydantic import is_basemodel_subclass
 
 from parrot_lc.frontend import Completion, MessageDict
-from parrot_lc.integrations.langchain._base import ParrotParams, StreamEnd
+from parrot_lc.integrations.langchain._base import CALL_OPTIONS, PARAMS_CONFIG, ParrotParams, StreamEnd
 from parrot_lc.integrations.langchain._trace import current_trace
 
 _ROLES = {"system", "developer", "user", "assistant", "tool"}
 _NON_TEXT_PARTS = {"image", "image_url", "input_image", "audio", "input_audio", "file", "video", "document"}
-_TOOL_OPTIONS = ("tools", "tool_choice", "parallel_tool_calls", "response_format")
-"""Keyword arguments of a call (bound by `bind_tools` and `with_structured_output`) sent as the request's fields."""
+_REQUEST_OPTIONS = ("tools", "tool_choice", "parallel_tool_calls", "response_format", "logprobs", "top_logprobs")
+"""Keyword arguments of a call sent as the request's fields: tools and a response format (bound by `bind_tools` and
+`with_structured_output`), and log-probabilities (`bind(logprobs=True, top_logprobs=k)`)."""
 
 __all__ = ["ChatParrot"]
 
@@ -61,10 +62,13 @@ class ChatParrot(ParrotParams, BaseChatModel):
     the server makes of the messages (its `input_tokens`), `get_num_tokens` a text, with the served model's
     tokenizer.
 
-    Each reply carries `usage_metadata` (`input_tokens`, `output_tokens`, `total_tokens`) and
+    Each reply carries `usage_metadata` (`input_tokens`, `output_tokens`, `total_tokens`, and in
+    `input_token_details.cache_read` the prompt tokens whose KV the server had already) and
     `response_metadata` (`finish_reason`: `"stop"`, `"length"` or `"tool_calls"`, `model_name`); streamed, they
-    come with the last chunk. Server errors raise `parrot_lc.frontend.ParrotError` subclasses with the server's
-    message.
+    come with the last chunk. A call bound with `logprobs=True` (and `top_logprobs`) has OpenAI's
+    `response_metadata["logprobs"]` (`content`: each token's `logprob` and `top_logprobs`), chunk by chunk when
+    streamed. Server errors raise `parrot_lc.frontend.ParrotError` subclasses with the server's message; a
+    constructor argument or a call option that ChatParrot does not take raises before any request.
 
     Tools: `bind_tools` (LangChain tools, functions, Pydantic classes, TypedDicts or OpenAI tool dicts) sends them
     with the chat; the server renders them with the model's chat template and reads its calls into
@@ -88,6 +92,9 @@ class ChatParrot(ParrotParams, BaseChatModel):
         local = ChatParrot()  # SmolLM2-135M-Instruct, in this process (started on first use)
         ```
     """
+
+    model_config = PARAMS_CONFIG
+    _call_options = CALL_OPTIONS | set(_REQUEST_OPTIONS)
 
     @property
     def _llm_type(self) -> str:
@@ -167,7 +174,8 @@ class ChatParrot(ParrotParams, BaseChatModel):
         """Inside a deferred run: records the chat's call in its graph and returns its reply (a value not known
         yet); None outside one, or where the call must run now (see `Trace.can_record`, a chat template that
         does not insert contents as they are, and a call with tools or tool messages: its reply's calls are read
-        on the server, and its prompt holds more than the messages' contents). A response format is recorded as
+        on the server, and its prompt holds more than the messages' contents; a call that asks for
+        log-probabilities, which a graph's outputs do not carry). A response format is recorded as
         the output's constraint, as the chat route applies it."""
         trace = current_trace()
         if trace is None:
@@ -178,6 +186,9 @@ class ChatParrot(ParrotParams, BaseChatModel):
                 or any(m["role"] == "tool" or "tool_calls" in m for m in chat)):
             trace.note(type(self).__name__, "calls with tools run at once, on real text")
             return None
+        if kwargs.get("logprobs"):  # a graph call's output is text only
+            trace.note(type(self).__name__, "calls with log-probabilities run at once, on real text")
+            return None
         if not trace.can_record(self, kwargs):
             return None
         prompt = trace.chat_prompt(self, chat)
@@ -187,9 +198,10 @@ class ChatParrot(ParrotParams, BaseChatModel):
         return trace.record([prompt], {**sampling, "constraint": constraint} if constraint else sampling)[0]
 
     def _chat_options(self, stop: list[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """The chat request's options: the model, sampling, and the tools and response format bound."""
-        tools = {name: kwargs[name] for name in _TOOL_OPTIONS if kwargs.get(name) is not None}
-        return {**self._request_options(stop, kwargs), **tools}
+        """The chat request's options: the model, sampling, and the tools, response format and log-probabilities
+        bound."""
+        fields = {name: kwargs[name] for name in _REQUEST_OPTIONS if kwargs.get(name) is not None}
+        return {**self._request_options(stop, kwargs), **fields}
 
     def _recorded_result(self, text: str, kwargs: dict[str, Any]) -> ChatResult:
         metadata = {"model_name": self._model_name(kwargs.get("model")), "model_provider": "parrot"}
@@ -378,19 +390,26 @@ def _chunk(piece: Completion) -> ChatGenerationChunk:
     """A stream piece: its text and its calls' deltas (`tool_call_chunks`, which LangChain joins by index)."""
     chunks = [tool_call_chunk(name=call.get("function", {}).get("name"), args=call.get("function", {}).get("arguments"),
                               id=call.get("id"), index=call.get("index")) for call in piece.tool_calls or []]
-    return ChatGenerationChunk(message=AIMessageChunk(content=piece.text, tool_call_chunks=chunks))
+    metadata = {"logprobs": piece.logprobs} if piece.logprobs else {}  # LangChain joins chunks' `content` lists
+    return ChatGenerationChunk(message=AIMessageChunk(content=piece.text, tool_call_chunks=chunks,
+                                                      response_metadata=metadata))
 
 
 def _usage_metadata(usage: dict[str, int] | None) -> UsageMetadata | None:
     if usage is None:
         return None
     input_tokens, output_tokens = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
-    return UsageMetadata(input_tokens=input_tokens, output_tokens=output_tokens,
-                         total_tokens=usage.get("total_tokens", input_tokens + output_tokens))
+    metadata = UsageMetadata(input_tokens=input_tokens, output_tokens=output_tokens,
+                             total_tokens=usage.get("total_tokens", input_tokens + output_tokens))
+    if "cached_tokens" in usage:  # the prompt tokens the server did not compute (a shared prefix, cached blocks)
+        metadata["input_token_details"] = InputTokenDetails(cache_read=usage["cached_tokens"])
+    return metadata
 
 
 def _chat_result(reply: Completion) -> ChatResult:
     metadata = {"finish_reason": reply.finish_reason, "model_name": reply.model, "model_provider": "parrot"}
+    if reply.logprobs:
+        metadata["logprobs"] = reply.logprobs
     message = AIMessage(content=reply.text, usage_metadata=_usage_metadata(reply.usage), response_metadata=metadata,
                         **_tool_calls(reply.tool_calls))
     generation = ChatGeneration(message=message, generation_info={"finish_reason": reply.finish_reason})

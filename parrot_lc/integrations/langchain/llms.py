@@ -11,7 +11,7 @@ from langchain_core.language_models import BaseLLM
 from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 
 from parrot_lc.frontend import Completion
-from parrot_lc.integrations.langchain._base import ParrotParams, StreamEnd
+from parrot_lc.integrations.langchain._base import PARAMS_CONFIG, ParrotParams, StreamEnd
 from parrot_lc.integrations.langchain._graph import add_calls
 from parrot_lc.integrations.langchain._trace import current_trace
 
@@ -31,7 +31,7 @@ class ParrotLLM(ParrotParams, BaseLLM):
     with the served model's tokenizer.
 
     Token usage of a single prompt is in `LLMResult.llm_output["token_usage"]` (`prompt_tokens`,
-    `completion_tokens`, `total_tokens`); its finish reason (`"stop"` or `"length"`) in
+    `completion_tokens`, `total_tokens`, `cached_tokens`); its finish reason (`"stop"` or `"length"`) in
     `generation_info["finish_reason"]`; a stream ends with an empty chunk whose `generation_info` holds both
     (`finish_reason`, `model_name`, `token_usage`). Server errors raise `parrot_lc.frontend.ParrotError` subclasses with
     the server's message.
@@ -50,6 +50,8 @@ class ParrotLLM(ParrotParams, BaseLLM):
         local = ParrotLLM(model="tiny")  # no server to run: one starts in this process on first use
         ```
     """
+
+    model_config = PARAMS_CONFIG
 
     @property
     def _llm_type(self) -> str:
@@ -194,18 +196,20 @@ class ParrotLLM(ParrotParams, BaseLLM):
     # ---- several prompts: one graph in a frontend session ---------------------------------------------
 
     def _generate_graph(self, prompts: list[str], stop: list[str] | None, kwargs: dict[str, Any]) -> LLMResult:
+        sampling = self._sampling(stop, kwargs)  # checked before a session is opened
         with self.parrot_client(kwargs.get("model")).session() as session:
             with session.graph():
-                outputs = add_calls(session, [[prompt] for prompt in prompts], self._sampling(stop, kwargs))
+                outputs = add_calls(session, [[prompt] for prompt in prompts], sampling)
             # Every call runs on the server from the submission on; the fetches only wait for the values.
             return self._graph_result([output.get() for output in outputs], kwargs)
 
     async def _agenerate_graph(self, prompts: list[str], stop: list[str] | None,
                                kwargs: dict[str, Any]) -> LLMResult:
+        sampling = self._sampling(stop, kwargs)
         client = await self._async_client(kwargs.get("model"))
         async with client.session() as session:
             async with session.graph():
-                outputs = add_calls(session, [[prompt] for prompt in prompts], self._sampling(stop, kwargs))
+                outputs = add_calls(session, [[prompt] for prompt in prompts], sampling)
             return self._graph_result(await asyncio.gather(*(output.aget() for output in outputs)), kwargs)
 
     def _graph_result(self, texts: list[str], kwargs: dict[str, Any]) -> LLMResult:

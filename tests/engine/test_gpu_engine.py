@@ -116,6 +116,21 @@ def test_seeded_sampling_on_the_gpu_is_the_same_overlapped_or_not_alone_or_in_a_
     assert len(set(map(tuple, runs))) == 1, runs
 
 
+def test_penalized_greedy_generation_on_the_gpu_is_the_cpus_overlapped_or_not(hf_checkpoint, make_engine):
+    path, _ = hf_checkpoint("llama")
+    # After this prompt the random model repeats itself, so that the penalties change what it generates.
+    prompt = [5, 9, 9, 14, 3, 9, 22, 14, 356, 212, 10, 260, 238, 99, 96, 480, 415, 47, 312, 331]
+    sampling = SamplingParams(max_tokens=12, temperature=0.0, presence_penalty=0.6, frequency_penalty=1.1,
+                              repetition_penalty=1.3, ignore_eos=True)
+    runs = []
+    for device, overlap in (("cpu", False), ("cuda", False), ("cuda", True)):
+        engine = make_engine(model=str(path), block_size=8, device=device, dtype="float32", overlap_steps=overlap)
+        engine.fill(prompt, "p")
+        request = engine.submit_generate(sampling, "g", "p")
+        runs.append([t for e in engine.run_until_done([request])[request.request_id] for t in e.token_ids])
+    assert runs[0] == runs[1] == runs[2], runs
+
+
 def test_a_decode_step_returns_without_waiting_for_the_device(make_engine, gpu_backend):
     """With the device busy for a second, an overlapped decode step launches and returns at once: nothing in
     scheduling, the graph's inputs or sampling waits for the device; without overlap the step waits."""

@@ -203,3 +203,4 @@ def test_a_penalized_request_gives_the_same_tokens_with_overlapped_steps(hf_chec
         outputs.append([[t for e in events[r.request_id] for t in e.token_ids] for r in requests])
     penalized, unpenalized = outputs[0]
     assert outputs[0] == outputs[1] and penalized != unpenalized
+

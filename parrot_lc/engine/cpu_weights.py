@@ -4,15 +4,18 @@ from the CPU's features (`--cpu-weight-format auto`) or named.
 A decode step of one sequence reads every weight once for one row of arithmetic, so its cost is the weights'
 bytes; prefill and batched decode are arithmetic, which only matrix units (AMX, AVX512-BF16) do faster in fewer
 bits. Measured on the AMD EPYC of these machines (AVX2, no AVX-512; benchmarks/RESULTS.md): SmolLM2-135M's
-products of one decode step, 2 threads, float32 31 + 8 ms (layers + head), float16 13 + 3, bfloat16 14 + 4, int8
-20 + 8 at one row; at 8 rows float32 49 + 18, float16 86 + 22, bfloat16 165 + 77, int8 164 + 26 (torch's
-float16 and bfloat16 products of several rows have no fast kernel without AVX512-FP16 / AVX512-BF16). On the Intel
-Xeon with AMX (../shared/REFERENCE.md): bfloat16 28 / 21 ms at 1 / 8 rows against float32's 28 / 57.
+products of one decode step, 2 threads, float32 31 + 8 ms (layers + head), float16 12 + 2, bfloat16 14 + 4, int8
+20 + 8 at one row; at 8 rows float32 49 + 18 (oneDNN's packed layout: 33 + 7), float16 20 + 5, bfloat16 165 + 77,
+int8 164 + 26 (torch's bfloat16 products of several rows have no fast kernel without AVX512-BF16). float16's
+products are FBGEMM's (in torch's x86 builds: float16 weights in a blocked layout, converted to float32 as they are
+read): at one row they read the weights at 19 GB/s (the layers' matrices) to 30 (the head's), where torch's own
+float16 product reads 13 to 15, and at 180 to 1,440 rows (prefill) they keep pace with oneDNN's float32. On the
+Intel Xeon with AMX (../shared/REFERENCE.md): bfloat16 28 / 21 ms at 1 / 8 rows against float32's 28 / 57.
 
 | format | how products run | weight memory (float32 = 1) |
 |---|---|---|
 | `float32` | as loaded (MKL) | 1 |
-| `float16` | weights, and each product's input and output, rounded to float16; one row reads the float16 weights (float32 sums), several rows a float32 copy of the same values in oneDNN's packed layout | 1.5 |
+| `float16` | float16 weights, float32 inputs and sums (FBGEMM; without it, torch's float16 product of inputs rounded to float16) | 0.5 |
 | `bfloat16` | bfloat16 weights and inputs (oneDNN: AMX / AVX512-BF16) | 0.5 |
 | `int8` | int8 weights per output channel, weight only (`torch._weight_int8pack_mm`), bfloat16 inputs | 0.25 |
 
@@ -89,9 +92,9 @@ def resolve_weight_format(setting: CpuWeightFormat, device: torch.device, dtype:
 
 
 @functools.cache
-def _onednn() -> bool:
-    """Whether torch has oneDNN's packed float32 linear (its CPU builds do)."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+def _fbgemm() -> bool:
+    """Whether torch has FBGEMM's float16-weight product (its x86 builds do)."""
+    return "fbgemm" in torch.backends.quantized.supported_engines
 
 
 class FormatLinear(nn.Module):
@@ -111,21 +114,19 @@ class FormatLinear(nn.Module):
 
 
 class Float16Linear(FormatLinear):
+    """float16 weights. Products by FBGEMM where torch has it: the weights packed in its blocked layout, each
+    converted to float32 as it is read, inputs and sums in float32; elsewhere torch's float16 product."""
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__(bias)
-        self.register_buffer("weight", weight.detach().to(torch.float16).contiguous())  # (N, K)
-        rows = self.weight.float()  # the same values, for products of several rows
-        # oneDNN's packed layout: twice MKL's float32 speed at 8 rows on the AMD EPYC, 1.1-1.3x at 180-1440.
-        self.register_buffer("rows_weight", torch.ops.mkldnn._reorder_linear_weight(rows) if _onednn() else rows)
+        weight = weight.detach().to(torch.float16)  # (N, K)
+        self.packed = torch.ops.quantized.linear_prepack_fp16(weight.float(), None) if _fbgemm() else None
+        self.register_buffer("weight", None if self.packed is not None else weight.contiguous())
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] == 1:
-            return F.linear(x.to(torch.float16), self.weight).float()
-        # Rounded as the one-row product rounds its input and its output: the same values.
-        x = x.to(torch.float16).float()
-        out = (torch.ops.mkldnn._linear_pointwise(x, self.rows_weight, None, "none", [], "") if _onednn()
-               else F.linear(x, self.rows_weight))
-        return out.to(torch.float16).float()
+        if self.packed is not None:
+            return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
+        return F.linear(x.to(torch.float16), self.weight).float()
 
 
 class BFloat16Linear(FormatLinear):

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from parrot_lc.cli import DEMO_QUESTIONS, DEMO_SYSTEM
+from parrot_lc.engine import cpu_weights
 from parrot_lc.engine.cpu_weights import LINEARS, CpuFeatures, Float16Linear, choose_weight_format, cpu_features
 
 AMX = CpuFeatures("Intel Xeon", "AVX512", frozenset({"avx2", "f16c", "avx512f", "avx512_bf16", "amx_bf16"}))
@@ -50,6 +51,16 @@ def test_float16_computes_one_row_as_it_computes_it_among_several():
     x = torch.randn(5, 64)
     together, alone = linear(x), torch.cat([linear(row[None]) for row in x])
     assert (together - alone).abs().max() <= 1e-5 * together.abs().max()
+
+
+def test_float16_without_fbgemm_uses_torchs_float16_product(monkeypatch):
+    monkeypatch.setattr(cpu_weights, "_fbgemm", lambda: False)
+    torch.manual_seed(0)
+    weight, x = torch.randn(96, 64) * 0.05, torch.randn(5, 64)
+    linear = Float16Linear(weight, None)
+    assert linear.packed is None and linear.weight.dtype == torch.float16
+    expected = x @ weight.t()
+    assert (linear(x) - expected).abs().max() <= TOLERANCE["float16"] * expected.abs().max()
 
 
 def test_a_model_that_is_not_float32_keeps_its_weights_as_they_are(make_engine):

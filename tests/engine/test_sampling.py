@@ -3,7 +3,7 @@
 import torch
 
 from parrot_lc.engine import SamplingParams
-from parrot_lc.engine.sampling import Sampler
+from parrot_lc.engine.sampling import Sampler, TokenHistory, apply_penalties
 
 
 def generated(engine, sampling, parent="p"):
@@ -134,8 +134,6 @@ def penalized_reference(logits: torch.Tensor, seen: list[int], output: list[int]
 
 
 def test_penalties_change_the_logits_of_the_tokens_so_far_as_vllm_does():
-    from parrot_lc.engine.sampling import TokenHistory, apply_penalties
-
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))  # (B, V)
     params = [SamplingParams(repetition_penalty=1.3), SamplingParams(),
               SamplingParams(presence_penalty=0.5, frequency_penalty=0.7, repetition_penalty=0.8)]

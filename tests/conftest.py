@@ -268,11 +268,16 @@ def wait_until(condition: Callable[[], bool], seconds: float, what: str) -> None
         time.sleep(0.02)
 
 
+ERROR_KEYS = {"message", "type", "field", "param", "code"}
+"""The keys of every error answer's `error`: ours (`field`) and OpenAI's (`param`, `code`)."""
+
+
 def assert_refused(response: httpx.Response, status: int, field: str) -> dict:
-    """The response is an error of `status` in the documented shape, naming `field`; returns the error."""
+    """The response is an error of `status` in the documented shape, naming `field` (and, by OpenAI's key, `param`);
+    returns the error."""
     assert response.status_code == status, response.text
     error = response.json()["error"]
-    assert set(error) == {"message", "type", "field"} and error["field"] == field, error
+    assert set(error) == ERROR_KEYS and error["field"] == error["param"] == field, error
     return error
 
 

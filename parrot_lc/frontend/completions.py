@@ -8,7 +8,7 @@ A request's options are fields of its body as the OpenAI API names them (`max_to
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from parrot_lc.frontend.api import ApiRequest, Steps
@@ -34,6 +34,9 @@ class Completion:
     usage: dict[str, int] | None = None
     tool_calls: list[dict[str, Any]] | None = None
     logprobs: dict[str, Any] | None = None
+    others: tuple[Completion, ...] = ()
+    """A whole reply's choices after the first (whose fields are the reply's), for a request of `n` choices:
+    each with its text, finish reason, calls and log-probabilities."""
 
 
 def completion_request(prompt: str, model: str | None, options: dict[str, Any], *, stream: bool = False) -> ApiRequest:
@@ -76,11 +79,15 @@ def chat_piece_of(event: dict[str, Any]) -> Completion:
 
 
 def _completion(body: dict[str, Any], message: Callable[[dict[str, Any]], dict[str, Any]]) -> Completion:
-    choices = body.get("choices") or [{}]  # a stream's usage piece has none
-    fields = message(choices[0])
-    return Completion(text=fields.get("content") or "", finish_reason=choices[0].get("finish_reason"),
-                      model=body.get("model"), usage=_usage(body), tool_calls=fields.get("tool_calls"),
-                      logprobs=choices[0].get("logprobs"))
+    first, *others = body.get("choices") or [{}]  # a stream's usage piece has none
+    return replace(_choice(first, message), model=body.get("model"), usage=_usage(body),
+                   others=tuple(_choice(choice, message) for choice in others))
+
+
+def _choice(choice: dict[str, Any], message: Callable[[dict[str, Any]], dict[str, Any]]) -> Completion:
+    fields = message(choice)
+    return Completion(text=fields.get("content") or "", finish_reason=choice.get("finish_reason"),
+                      tool_calls=fields.get("tool_calls"), logprobs=choice.get("logprobs"))
 
 
 def _usage(body: dict[str, Any]) -> dict[str, int] | None:

@@ -1,7 +1,7 @@
 """The HTTP API: thin FastAPI routes over the manager (which knows nothing of HTTP).
 
-Errors always come back as JSON `{"error": {"message", "type", "field"}}` with a 4xx status (5xx only for a
-bug, never with a stack trace)."""
+Errors always come back as JSON `{"error": {"message", "type", "field", "param", "code"}}` with a 4xx status (5xx
+only for a bug, never with a stack trace)."""
 
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ def create_app(manager: ParrotManager, settings: ServerSettings) -> FastAPI:
     @app.exception_handler(ServerError)
     async def server_error(request: Request, exc: ServerError) -> JSONResponse:
         headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, QueueFullError) else None
-        return error_response(exc.status, exc.message, exc.kind, exc.field, headers)
+        return error_response(exc.status, exc.message, exc.kind, exc.field, headers, exc.code)
 
     @app.exception_handler(EngineError)
     async def engine_error(request: Request, exc: EngineError) -> JSONResponse:

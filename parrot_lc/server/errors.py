@@ -1,15 +1,23 @@
 """Errors of the server core; the HTTP layer maps each to a status code and a JSON body."""
 
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
+"""OpenAI's code of a request whose prompt and `max_tokens` do not fit in the model's context."""
+
 
 class ServerError(Exception):
-    """Base class; `field` names the offending part of the request, when there is one."""
+    """Base class; `field` names the offending part of the request, when there is one. `code` is OpenAI's error
+    code where one applies (an answer's `code`, which clients such as LangChain's ChatOpenAI act on): the class's,
+    unless the error names its own."""
 
     status = 400
+    code: str | None = None
 
-    def __init__(self, message: str, field: str | None = None) -> None:
+    def __init__(self, message: str, field: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.field = field
+        if code is not None:
+            self.code = code
 
     @property
     def kind(self) -> str:
@@ -22,6 +30,7 @@ class UnauthorizedError(ServerError):
     """A missing or wrong key (a client's API key, or an engine's key)."""
 
     status = 401
+    code = "invalid_api_key"
 
     def __init__(self, message: str) -> None:
         super().__init__(message, field="authorization")
@@ -49,6 +58,7 @@ class QueueFullError(ServerError):
     """The server holds as much work as it may queue; the client should retry after `retry_after` seconds."""
 
     status = 429
+    code = "rate_limit_exceeded"
     retry_after = 1
 
 

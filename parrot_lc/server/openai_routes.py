@@ -25,6 +25,7 @@ from parrot_lc.server.errors import CallFailedError, NotFoundError, ServerError
 from parrot_lc.server.graph import Piece
 from parrot_lc.server.manager import Completion, CompletionPrompt, ParrotManager
 from parrot_lc.server.openai_choices import ChatChoices, TextChoices, TokenTexts
+from parrot_lc.server.responses import error_body
 from parrot_lc.server.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -169,7 +170,8 @@ def check_model(served: list[str], name: str | None) -> None:
     with another model's text under the name asked for. A request that names none gets the served one."""
     if name is not None and name not in served:
         raise NotFoundError(f"model {name!r} is not served here; this server serves "
-                            f"{' or '.join(map(repr, served))} (GET /v1/models)", field="model")
+                            f"{' or '.join(map(repr, served))} (GET /v1/models)", field="model",
+                            code="model_not_found")
 
 
 async def stream_events(
@@ -218,7 +220,7 @@ async def stream_events(
         if include_usage:
             last.append(sse({**chunk([]), "usage": usage(completion)}))
     except CallFailedError as exc:  # the status (200) is sent: the error goes as the stream's last event
-        last = [sse({"error": {"message": exc.message, "type": exc.kind, "field": exc.field}})]
+        last = [sse(error_body(exc.message, exc.kind, exc.field, exc.code))]
     yield "".join(last) + "data: [DONE]\n\n"  # the stream's last events in one write
 
 

@@ -9,7 +9,7 @@ from typing import Callable
 from transformers import PreTrainedTokenizerBase
 
 from parrot_lc.engine.request import text_decoder
-from parrot_lc.server.errors import ServerError
+from parrot_lc.server.errors import CONTEXT_LENGTH_EXCEEDED, ServerError
 from parrot_lc.server.graph import Call, Piece, Session
 from parrot_lc.server.prefix_cache import PromptPrefix
 
@@ -110,11 +110,12 @@ class Prompts:
         if count == 0:
             raise ServerError("the prompt is empty: it needs at least one token", field)
         if count >= self.max_context:
-            raise ServerError(f"the prompt has {count} tokens; the model's context is {self.max_context}", field)
+            raise ServerError(f"the prompt is too long: it has {count} tokens; the model's context is "
+                              f"{self.max_context}", field, CONTEXT_LENGTH_EXCEEDED)
         room = self.max_context - count
         if max_tokens is not None and max_tokens > room:
             raise ServerError(f"max_tokens is {max_tokens}, but the prompt ({count} tokens) leaves room for {room} "
-                              f"in the model's context of {self.max_context}", "max_tokens")
+                              f"in the model's context of {self.max_context}", "max_tokens", CONTEXT_LENGTH_EXCEEDED)
         return min(DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens, room)
 
     @staticmethod

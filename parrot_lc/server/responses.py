@@ -1,5 +1,8 @@
 """The JSON body of every error answer, of the manager's HTTP layer and of an engine's: one shape that clients
-read, `{"error": {"message", "type", "field"}}`, where `field` names the offending part of the request."""
+read, `{"error": {"message", "type", "field", "param", "code"}}`, where `field` names the offending part of the
+request and `param` is the same name under OpenAI's key; `code` is a short string saying which error it is (OpenAI's
+code where one applies, pydantic's error type for a value that fails validation) or null. OpenAI's clients read
+`param` and `code` (the `openai` package's `APIError.param` and `.code`)."""
 
 from __future__ import annotations
 
@@ -28,9 +31,14 @@ HTTP_ERROR_FIELDS = {400: "body", 404: "path", 405: "method"}
 
 
 def error_response(status: int, message: str, kind: str, field: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
-    detail = {"message": printable(message), "type": kind, "field": None if field is None else printable(field)}
-    return JSONResponse({"error": detail}, status_code=status, headers=headers)
+                   headers: dict[str, str] | None = None, code: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, kind, field, code), status_code=status, headers=headers)
+
+
+def error_body(message: str, kind: str, field: str | None = None, code: str | None = None) -> dict:
+    """`{"error": ...}` in the documented shape: also the last event of a stream whose call fails."""
+    field = None if field is None else printable(field)
+    return {"error": {"message": printable(message), "type": kind, "field": field, "param": field, "code": code}}
 
 
 def printable(text: str) -> str:
@@ -50,13 +58,14 @@ async def invalid_request(request: Request, exc: RequestValidationError) -> JSON
     that refuses one of a body's fields itself names it in the error's context)."""
     first = exc.errors()[0]
     if first["type"] == "json_invalid":
-        return error_response(400, f"malformed JSON: {first['msg']}", "MalformedJSON", "body")
+        return error_response(400, f"malformed JSON: {first['msg']}", "MalformedJSON", "body", code=first["type"])
     loc, named = first["loc"], first.get("ctx", {}).get("field")
     path = [str(p) for p in (loc[1:] if loc and loc[0] in REQUEST_PARTS else loc)
             if not (isinstance(p, str) and UNION_MEMBER.fullmatch(p))] + ([named] if named else [])
     field = ".".join(path) or "body"
     kind = BAD_REQUEST_ERRORS.get(first["type"])
-    return error_response(400 if kind else 422, f"{field}: {first['msg']}", kind or "ValidationError", field)
+    return error_response(400 if kind else 422, f"{field}: {first['msg']}", kind or "ValidationError", field,
+                          code=first["type"])
 
 
 async def http_error(request: Request, exc: HTTPException) -> JSONResponse:

@@ -234,7 +234,12 @@ class PrefixCacheReset(BaseModel):
 class ErrorDetail(BaseModel):
     message: str
     type: str
-    field: str | None = None
+    field: str | None = Field(default=None, description="the offending part of the request, e.g. `max_tokens`")
+    param: str | None = Field(default=None, description="the same as `field`, under OpenAI's name")
+    code: str | None = Field(default=None, description="which error it is, in a short string (OpenAI's code where "
+                             "one applies: `invalid_api_key`, `model_not_found`, `context_length_exceeded`, "
+                             "`rate_limit_exceeded`; pydantic's error type for a value that fails validation), "
+                             "or null")
 
 
 class ErrorBody(BaseModel):

@@ -118,10 +118,10 @@ def test_arguments_and_call_options_it_does_not_take_are_refused_naming_them():
     with pytest.raises(ValidationError, match="model_kwargs"):
         ChatParrot(base_url="http://127.0.0.1:9", model_kwargs={"top_k": 5})
     chat = ChatParrot(base_url="http://127.0.0.1:9", max_retries=0)  # refused before any request
-    with pytest.raises(ValueError, match=r"\['n', 'user'\]"):
-        chat.invoke("Hi", n=2, user="me")
-    with pytest.raises(ValueError, match=r"\['n'\]"):
-        list(chat.bind(n=2).stream("Hi"))
+    with pytest.raises(ValueError, match=r"\['logit_bias', 'user'\]"):
+        chat.invoke("Hi", logit_bias={}, user="me")
+    with pytest.raises(ValueError, match=r"\['user'\]"):
+        list(chat.bind(user="me").stream("Hi"))
 
 
 def test_log_probabilities_come_back_in_the_response_metadata_as_chatopenais_do(chat):

@@ -1,15 +1,17 @@
 """ChatParrot's tools and structured output: `bind_tools` for every kind of tool LangChain has, forced calls that
 come back as `AIMessage.tool_calls` (streamed as `tool_call_chunks`), tool results sent with the next turn,
 `with_structured_output` by each method and schema kind, and the same inside a deferred run (run at once, on real
-text: its output is what an eager run gives). Against the tiny model on loopback, at temperature 1 where a
-constraint makes any sample valid."""
+text: its output is what an eager run gives); a structured reply cut by `max_tokens` raises, as ChatOpenAI's
+does. Against the tiny model on loopback, at temperature 1 where a constraint makes any sample valid."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Literal
 
 import pytest
+from langchain_core.exceptions import OutputParserException
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
@@ -20,7 +22,7 @@ from pydantic import BaseModel, Field
 from typing_extensions import TypedDict
 
 from parrot_lc import ChatParrot
-from parrot_lc.integrations.langchain import deferred
+from parrot_lc.integrations.langchain import LengthFinishReasonError, deferred
 
 
 @tool
@@ -154,6 +156,9 @@ def test_structured_output_follows_the_schema(chat, method, schema, check):
 
 
 def test_json_mode_gives_a_json_object(chat):
+    """With a seed whose sample closes its object within max_tokens (JSON mode allows any whitespace: most samples
+    of the random model ramble on until they are cut, which raises)."""
+    chat = chat.model_copy(update={"seed": 6})
     out = chat.with_structured_output(FORECAST_SCHEMA, method="json_mode").invoke("A forecast as JSON.")
     assert isinstance(out, dict)
 
@@ -196,3 +201,75 @@ def test_a_deferred_structured_output_chain_equals_the_eager_one(chat, graphs, m
             "json_schema": convert_to_json_schema(Forecast)}
     else:
         assert len(calls) == 1 and "ChatParrot calls with tools run at once, on real text" in runnable.last_run.waits
+
+
+# ---- a structured reply cut by max_tokens ----------------------------------------------------------------------
+
+CUT = "Could not parse response content as the length limit was reached"  # ChatOpenAI's message (the openai package's)
+
+
+@pytest.fixture
+def cut(chat) -> ChatParrot:
+    """`chat` with room for 3 tokens: no structured reply fits."""
+    return chat.model_copy(update={"max_tokens": 3})
+
+
+def run(runnable, how: str):
+    if how == "invoke":
+        return runnable.invoke("A forecast, please.")
+    if how == "stream":
+        return list(runnable.stream("A forecast, please."))
+
+    async def collect():
+        if how == "ainvoke":
+            return await runnable.ainvoke("A forecast, please.")
+        return [chunk async for chunk in runnable.astream("A forecast, please.")]
+
+    return asyncio.run(collect())
+
+
+@pytest.mark.parametrize("how", ["invoke", "stream", "ainvoke", "astream"])
+@pytest.mark.parametrize("method", ["json_schema", "json_mode", "function_calling"])
+def test_a_structured_reply_cut_by_max_tokens_raises_rather_than_being_parsed_in_part(cut, method, how):
+    """LangChain's JSON parsers would complete the cut JSON text into an object without a word."""
+    with pytest.raises(LengthFinishReasonError, match=CUT) as raised:
+        run(cut.with_structured_output(Forecast, method=method), how)
+    assert isinstance(raised.value, OutputParserException)  # what code that catches a failed parse catches
+    if method != "function_calling":
+        assert raised.value.llm_output.startswith("{") and not complete_json(raised.value.llm_output)
+
+
+def test_a_json_response_format_cut_raises_at_the_model_so_include_raw_raises_too_as_with_chatopenai(cut):
+    with pytest.raises(LengthFinishReasonError, match=CUT):
+        cut.with_structured_output(Forecast, method="json_schema", include_raw=True).invoke("A forecast, please.")
+    with pytest.raises(LengthFinishReasonError, match=CUT):
+        cut.bind(response_format={"type": "json_object"}).invoke("A forecast as JSON.")
+
+
+def test_a_reply_without_a_json_response_format_cut_by_max_tokens_is_no_error(cut):
+    for model in (cut, cut.bind(response_format={"type": "text"})):
+        assert model.invoke("Hi").response_metadata["finish_reason"] == "length"
+
+
+def test_a_forced_call_cut_by_max_tokens_is_include_raws_parsing_error(cut):
+    """Where ChatOpenAI gives `parsed` None and no error."""
+    out = cut.with_structured_output(Forecast, method="function_calling", include_raw=True).invoke("Forecast?")
+    assert out["raw"].response_metadata["finish_reason"] == "length" and out["parsed"] is None
+    assert isinstance(out["parsing_error"], LengthFinishReasonError)
+
+
+def test_a_deferred_structured_call_cut_by_max_tokens_raises_as_the_eager_one(cut, graphs):
+    """The deferred call's reply carries no finish reason: its constrained JSON, which does not end, tells."""
+    runnable = deferred(cut.with_structured_output(Forecast, method="json_schema"))
+    with pytest.raises(LengthFinishReasonError, match=f"{CUT}: the reply ends before its JSON does"):
+        runnable.invoke("A forecast, please.")
+    [[call]] = graphs  # recorded, with its output constrained, not made at once
+    assert call["template"][-1]["sampling"]["constraint"] == {"json_schema": convert_to_json_schema(Forecast)}
+
+
+def complete_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return True

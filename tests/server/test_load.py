@@ -86,8 +86,9 @@ def test_openai_requests_to_a_full_queue_get_429_streamed_or_not(full_queue):
 
 def test_the_openai_client_sees_a_full_queue_as_rate_limit_error(full_queue, small_queue):
     client = openai.OpenAI(base_url=f"{small_queue.base_url}/v1", api_key="unused", max_retries=0)
-    with pytest.raises(openai.RateLimitError):
+    with pytest.raises(openai.RateLimitError) as refused:
         client.completions.create(model="tiny", prompt="Hello", max_tokens=2)
+    assert (refused.value.param, refused.value.code) == ("calls", "rate_limit_exceeded")
 
 
 def test_a_graph_larger_than_the_whole_queue_is_400_naming_calls(small_queue):

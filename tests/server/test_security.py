@@ -7,9 +7,10 @@ import socket
 import time
 
 import httpx
+import openai
 import pytest
 
-from conftest import assert_refused, free_port
+from conftest import ERROR_KEYS, assert_refused, free_port
 from parrot_lc.server.local import LocalServer
 from parrot_lc.server.remote_engine import RemoteEngine
 from parrot_lc.settings import EngineProcessSettings, EngineSettings, ServerSettings
@@ -41,6 +42,13 @@ def test_every_key_of_the_flag_and_the_keys_file_opens_the_api(keyed, key):
 def test_comments_blank_lines_and_near_misses_are_not_keys(keyed, key):
     response = httpx.get(f"{keyed.base_url}/v1/models", headers={"Authorization": f"Bearer {key}"})
     assert response.status_code == 401 and response.json()["error"]["field"] == "authorization"
+
+
+def test_the_openai_client_sees_a_wrong_key_as_openais_invalid_api_key(keyed):
+    client = openai.OpenAI(base_url=f"{keyed.base_url}/v1", api_key="wrong-key", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as refused:
+        client.models.list()
+    assert (refused.value.param, refused.value.code) == ("authorization", "invalid_api_key")
 
 
 def test_metrics_can_be_opened_to_scrapers_without_the_key(keyed):
@@ -229,7 +237,7 @@ def test_a_server_without_an_engine_key_takes_no_remote_engines(local_server, en
         refused = httpx.post(f"{local_server.base_url}/api/engines", json={"url": url}, headers=headers)
         assert refused.status_code == 403
         error = refused.json()["error"]
-        assert set(error) == {"message", "type", "field"} and "--engine-key" in error["message"]
+        assert set(error) == ERROR_KEYS and "--engine-key" in error["message"]
     heartbeat = httpx.post(f"{local_server.base_url}/api/engines/engine-0/heartbeat", json={}, headers=AS_ENGINE)
     assert heartbeat.status_code == 403
     assert remote_urls(local_server) == []

@@ -4,12 +4,12 @@ classes served by a Parrot server at `base_url=`, or by one started in this proc
 Variables, with the result of an eager run.
 
 Server errors raise the frontend's typed errors (`parrot_lc.frontend.ParrotError` and its subclasses),
-re-exported here.
+re-exported here; a structured reply cut by `max_tokens` raises `LengthFinishReasonError`.
 """
 
 from parrot_lc.frontend.errors import ParrotConnectionError, ParrotError
-from parrot_lc.integrations.langchain.chat_models import ChatParrot
+from parrot_lc.integrations.langchain.chat_models import ChatParrot, LengthFinishReasonError
 from parrot_lc.integrations.langchain.deferred import deferred
 from parrot_lc.integrations.langchain.llms import ParrotLLM
 
-__all__ = ["ChatParrot", "ParrotConnectionError", "ParrotError", "ParrotLLM", "deferred"]
+__all__ = ["ChatParrot", "LengthFinishReasonError", "ParrotConnectionError", "ParrotError", "ParrotLLM", "deferred"]

@@ -10,12 +10,12 @@ from __future__ import annotations
 import asyncio
 import threading
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from langchain_core.language_models import LangSmithParams
 from langchain_core.utils import from_env, secret_from_env
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr, SecretStr
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, field_validator
 
 from parrot_lc.frontend import AsyncParrotClient, Completion, ParrotClient
 from parrot_lc.frontend.client import DEFAULT_MAX_RETRIES
@@ -54,14 +54,14 @@ class ParrotParams(BaseModel):
     """API key of a server started with `--api-key`, sent as `Authorization: Bearer <key>`. Default: the
     `PARROT_API_KEY` environment variable (which an in-process server also reads)."""
 
-    model: str | None = None
+    model: str | None = Field(default=None, validation_alias=AliasChoices("model", "model_name"))
     """Without `base_url`: the model to run in this process: `"smollm2"` (the default, SmolLM2-135M-Instruct),
     `"tiny"` (random weights, for tests), a Hugging Face checkpoint directory or a .gguf file. One in-process
     server per model is started on first use and shared by every instance (and by `parrot_lc.connect`); its
     other settings come from `PARROT_*` environment variables (e.g. `PARROT_DEVICE`). With `base_url`: the name
     of the model the server serves, as its `GET /v1/models` lists it (a Parrot server serves one model and
     answers 404 to another name); unset, requests name none and get the served one. A per-call `model=` keyword
-    argument does the same for one call."""
+    argument does the same for one call. Also set as `model_name` (ChatOpenAI's name of the field)."""
 
     max_tokens: int | None = Field(default=None, ge=1,
                                    validation_alias=AliasChoices("max_tokens", "max_completion_tokens"))
@@ -91,8 +91,8 @@ class ParrotParams(BaseModel):
     server's (0: no cut)."""
 
     stop: list[str] | None = None
-    """Stop sequences: generation ends before the first of them (it is not part of the text). A call's own
-    `stop` sequences are used together with these."""
+    """Stop sequences (or one, as a string): generation ends before the first of them (it is not part of the
+    text). A call's own `stop` sequences are used together with these."""
 
     seed: int | None = Field(default=None, ge=0)
     """Seed of the sampler, for reproducible sampling at a temperature above 0."""
@@ -120,6 +120,11 @@ class ParrotParams(BaseModel):
 
     async_client_kwargs: dict[str, Any] = Field(default_factory=dict)
     """Options of the async clients only (over `client_kwargs`), e.g. `transport` or async `event_hooks`."""
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_sequences(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
 
     _call_options: ClassVar[frozenset[str]] = CALL_OPTIONS
     """The keyword arguments a call takes; others are refused (ValueError) before any request."""
@@ -180,8 +185,8 @@ class ParrotParams(BaseModel):
     # ---- what a call asks for ------------------------------------------------------------------------
 
     def _stops(self, stop: list[str] | None) -> list[str]:
-        """The field's stop sequences and the call's, without repeats."""
-        return list(dict.fromkeys([*(self.stop or []), *(stop or [])]))
+        """The field's stop sequences and the call's (a list, or one as a string), without repeats."""
+        return list(dict.fromkeys([*(self.stop or []), *([stop] if isinstance(stop, str) else stop or [])]))
 
     def _sampling(self, stop: list[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
         """The sampling settings of a call: per-call keyword arguments over the fields."""
@@ -252,14 +257,20 @@ class ParrotParams(BaseModel):
 
 @dataclass
 class StreamEnd:
-    """What a stream tells besides its text, noted from its pieces for its last chunk: why it stopped, the
-    model's name and the token usage."""
+    """What a stream tells, noted from its pieces for its last chunk: why it stopped, the model's name, the token
+    usage, and its text (for an error that quotes it)."""
 
     finish_reason: str | None = None
     model: str | None = None
     usage: dict[str, int] | None = None
+    texts: list[str] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.texts)
 
     def note(self, piece: Completion) -> None:
+        self.texts.append(piece.text)
         self.finish_reason = piece.finish_reason or self.finish_reason
         self.model = self.model or piece.model
         self.usage = piece.usage or self.usage

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Any, Literal
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.exceptions import OutputParserException
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.messages import (
     AIMessage,
@@ -30,10 +32,12 @@ from langchain_core.output_parsers.openai_tools import (
     parse_tool_call,
 )
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
+from langchain_core.runnables import Runnable, RunnableGenerator, RunnableMap, RunnablePassthrough
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
+from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic_core import from_json
 
 from parrot_lc.frontend import Completion, MessageDict
 from parrot_lc.integrations.langchain._base import CALL_OPTIONS, PARAMS_CONFIG, ParrotParams, StreamEnd
@@ -41,11 +45,25 @@ from parrot_lc.integrations.langchain._trace import current_trace
 
 _ROLES = {"system", "developer", "user", "assistant", "tool"}
 _NON_TEXT_PARTS = {"image", "image_url", "input_image", "audio", "input_audio", "file", "video", "document"}
-_REQUEST_OPTIONS = ("tools", "tool_choice", "parallel_tool_calls", "response_format", "logprobs", "top_logprobs")
+_REQUEST_OPTIONS = ("tools", "tool_choice", "parallel_tool_calls", "response_format", "logprobs", "top_logprobs", "n")
 """Keyword arguments of a call sent as the request's fields: tools and a response format (bound by `bind_tools` and
-`with_structured_output`), and log-probabilities (`bind(logprobs=True, top_logprobs=k)`)."""
+`with_structured_output`), log-probabilities (`bind(logprobs=True, top_logprobs=k)`) and the number of replies."""
+_REQUEST_FIELDS = ("n", "logprobs", "top_logprobs")
+"""ChatParrot's fields that a call sends as they are, unless the call's keyword arguments set them."""
+_STRUCTURED_FORMATS = ("json_object", "json_schema")
+"""The response formats whose replies are parsed: one cut by `max_tokens` raises rather than being parsed in part."""
 
-__all__ = ["ChatParrot"]
+__all__ = ["ChatParrot", "LengthFinishReasonError"]
+
+
+class LengthFinishReasonError(OutputParserException):
+    """A structured reply cut short by `max_tokens` (finish reason `"length"`), raised rather than parsed in part
+    (LangChain's JSON parsers would complete a cut JSON text without a word): the error ChatOpenAI raises (the
+    `openai` package's of this name), with its message. `llm_output` holds the text that was cut."""
+
+    def __init__(self, text: str, usage: dict[str, int] | None = None, reason: str = "") -> None:
+        message = "Could not parse response content as the length limit was reached"
+        super().__init__(message + (f" - {usage}" if usage else "") + reason, llm_output=text)
 
 
 class ChatParrot(ParrotParams, BaseChatModel):
@@ -70,14 +88,21 @@ class ChatParrot(ParrotParams, BaseChatModel):
     streamed. Server errors raise `parrot_lc.frontend.ParrotError` subclasses with the server's message; a
     constructor argument or a call option that ChatParrot does not take raises before any request.
 
+    As a stand-in for LangChain's ChatOpenAI it takes ChatOpenAI's common arguments with their meaning: `model`
+    (or `model_name`), `base_url`, `api_key`, `temperature`, `max_tokens` (or `max_completion_tokens`), `top_p`,
+    `frequency_penalty`, `presence_penalty`, `seed`, `stop`, `n`, `logprobs`, `top_logprobs`, `timeout`,
+    `max_retries`, `streaming`, `stream_usage` and `model_kwargs`; and a call's `n`, `logprobs` and `stream_usage`.
+
     Tools: `bind_tools` (LangChain tools, functions, Pydantic classes, TypedDicts or OpenAI tool dicts) sends them
     with the chat; the server renders them with the model's chat template and reads its calls into
     `AIMessage.tool_calls` (streamed: `tool_call_chunks`). `tool_choice="any"` (or `"required"`, `True`) or a
     tool's name forces a call, constrained to the tools' schemas: a valid call always comes back.
     `with_structured_output` (`method="json_schema"`, the default, `"function_calling"` or `"json_mode"`) gives
-    Pydantic objects or dicts, its output constrained to the schema (to JSON in JSON mode). Inside `deferred`, a
-    call with a response format is recorded with its output so constrained; a call with tools runs at once, on
-    real text (its reply's calls are read on the server).
+    Pydantic objects or dicts, its output constrained to the schema (to JSON in JSON mode). A reply with a JSON
+    response format that `max_tokens` cuts raises `LengthFinishReasonError` (as ChatOpenAI does), and so does, at
+    its parser, a structured output's reply cut short by any method. Inside `deferred`, a call with a response
+    format is recorded with its output so constrained; a call with tools runs at once, on real text (its reply's
+    calls are read on the server).
 
     Example:
         ```python
@@ -94,7 +119,50 @@ class ChatParrot(ParrotParams, BaseChatModel):
     """
 
     model_config = PARAMS_CONFIG
-    _call_options = CALL_OPTIONS | set(_REQUEST_OPTIONS)
+    _call_options = CALL_OPTIONS | set(_REQUEST_OPTIONS) | {"stream_usage"}
+
+    n: int | None = Field(default=None, ge=1)
+    """Replies to each chat (OpenAI's `n`; default 1): `generate` / `agenerate` give them all, `invoke` the first.
+    The server fills the prompt once and forks every reply from it; with a `seed`, reply i samples with seed + i.
+    A stream has one reply: `streaming=True` with `n` above 1 is refused, as ChatOpenAI refuses it, and so is a
+    stream of a call of several."""
+
+    logprobs: bool | None = None
+    """Whether replies carry their tokens' log-probabilities (`response_metadata["logprobs"]`), as a call bound
+    with `logprobs=True` does."""
+
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    """With `logprobs`: the most likely tokens at each position, with their log-probabilities (at most 20)."""
+
+    stream_usage: bool = True
+    """Whether a stream ends with `usage_metadata` on its last chunk (ChatOpenAI's option; a call may set it too:
+    `stream(..., stream_usage=False)`). On by default, as ChatOpenAI has it against OpenAI's API: a Parrot
+    server always counts a stream's tokens."""
+
+    model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Request fields sent with every chat that no constructor argument names (ChatOpenAI's option): of those a call
+    takes as keyword arguments, e.g. `{"response_format": {"type": "json_object"}}`, `tools`, `tool_choice`; a
+    call's own keyword arguments override them. A field that has an argument of its own (`temperature`...) or that
+    the server does not take is refused, naming it."""
+
+    @field_validator("model_kwargs")
+    @classmethod
+    def _request_fields_only(cls, value: dict[str, Any]) -> dict[str, Any]:
+        arguments = _argument_names(cls)
+        explicit = sorted(set(value) & arguments)
+        if explicit:
+            raise ValueError(f"{explicit} should be given as arguments of their own, not in model_kwargs")
+        unknown = sorted(set(value) - cls._call_options)
+        if unknown:
+            raise ValueError(f"{unknown}: no request fields that ChatParrot sends; model_kwargs takes "
+                             f"{sorted(cls._call_options - arguments)}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_reply_when_streaming(self) -> ChatParrot:
+        if self.streaming and (self.n or 1) > 1:
+            raise ValueError("n must be 1 when streaming: a stream gives one reply")
+        return self
 
     @property
     def _llm_type(self) -> str:
@@ -162,6 +230,7 @@ class ChatParrot(ParrotParams, BaseChatModel):
         else:
             raise ValueError(f"ChatParrot.with_structured_output: unknown method {method!r} (json_schema, "
                              "function_calling or json_mode)")
+        parser = _whole_reply(json_output=method != "function_calling") | parser
         if not include_raw:
             return model | parser
         parsed = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
@@ -189,6 +258,9 @@ class ChatParrot(ParrotParams, BaseChatModel):
         if kwargs.get("logprobs"):  # a graph call's output is text only
             trace.note(type(self).__name__, "calls with log-probabilities run at once, on real text")
             return None
+        if (kwargs.get("n") or 1) > 1:  # a graph call has one output
+            trace.note(type(self).__name__, "calls of several replies (n) run at once, on real text")
+            return None
         if not trace.can_record(self, kwargs):
             return None
         prompt = trace.chat_prompt(self, chat)
@@ -196,6 +268,23 @@ class ChatParrot(ParrotParams, BaseChatModel):
             return None
         sampling = self._sampling(stop, kwargs)
         return trace.record([prompt], {**sampling, "constraint": constraint} if constraint else sampling)[0]
+
+    def _call_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """A call's keyword arguments over `model_kwargs` and the fields that the request sends as they are."""
+        fields = {name: getattr(self, name) for name in _REQUEST_FIELDS if getattr(self, name) is not None}
+        return {**fields, **self.model_kwargs, **kwargs}
+
+    def _streamed_call_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """A stream's keyword arguments, as `_call_kwargs`; a stream of several replies is refused."""
+        kwargs = self._call_kwargs(kwargs)
+        if (kwargs.get("n") or 1) > 1:
+            raise ValueError(f"ChatParrot: n must be 1 when streaming (got n={kwargs['n']}): a stream gives one "
+                             "reply; `generate` gives several")
+        return kwargs
+
+    def _stream_usage(self, kwargs: dict[str, Any]) -> bool:
+        usage = kwargs.get("stream_usage")
+        return usage if isinstance(usage, bool) else self.stream_usage
 
     def _chat_options(self, stop: list[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
         """The chat request's options: the model, sampling, and the tools, response format and log-probabilities
@@ -216,12 +305,14 @@ class ChatParrot(ParrotParams, BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
+        kwargs = self._call_kwargs(kwargs)
         recorded = self._record(messages, stop, kwargs)
         if recorded is not None:
             return self._recorded_result(recorded, kwargs)
         messages = self._known(messages, "ChatParrot.generate")
         client = self.parrot_client(kwargs.get("model"))
-        return _chat_result(client.chat(_chat_messages(messages), **self._chat_options(stop, kwargs)))
+        reply = client.chat(_chat_messages(messages), **self._chat_options(stop, kwargs))
+        return _chat_result(reply, _structured(kwargs))
 
     async def _agenerate(
         self,
@@ -230,13 +321,15 @@ class ChatParrot(ParrotParams, BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
+        kwargs = self._call_kwargs(kwargs)
         if current_trace() is not None:  # recording asks the server for the chat template's layout
             recorded = await asyncio.to_thread(self._record, messages, stop, kwargs)
             if recorded is not None:
                 return self._recorded_result(recorded, kwargs)
             messages = await asyncio.to_thread(self._known, messages, "ChatParrot.agenerate")
         client = await self._async_client(kwargs.get("model"))
-        return _chat_result(await client.chat(_chat_messages(messages), **self._chat_options(stop, kwargs)))
+        reply = await client.chat(_chat_messages(messages), **self._chat_options(stop, kwargs))
+        return _chat_result(reply, _structured(kwargs))
 
     # ---- streamed replies ---------------------------------------------------------------------------
 
@@ -247,6 +340,7 @@ class ChatParrot(ParrotParams, BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
+        kwargs = self._streamed_call_kwargs(kwargs)
         recorded = self._record(messages, stop, kwargs)
         if recorded is not None:
             chunk = ChatGenerationChunk(message=AIMessageChunk(content=recorded))
@@ -264,7 +358,7 @@ class ChatParrot(ParrotParams, BaseChatModel):
                 if run_manager:
                     run_manager.on_llm_new_token(chunk.text, chunk=chunk)
                 yield chunk
-        chunk = _last_chunk(end)
+        chunk = _last_chunk(end, _structured(kwargs), self._stream_usage(kwargs))
         if run_manager:
             run_manager.on_llm_new_token(chunk.text, chunk=chunk)
         yield chunk
@@ -276,6 +370,7 @@ class ChatParrot(ParrotParams, BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
+        kwargs = self._streamed_call_kwargs(kwargs)
         if current_trace() is not None:
             recorded = await asyncio.to_thread(self._record, messages, stop, kwargs)
             if recorded is not None:
@@ -294,7 +389,7 @@ class ChatParrot(ParrotParams, BaseChatModel):
                 if run_manager:
                     await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
                 yield chunk
-        chunk = _last_chunk(end)
+        chunk = _last_chunk(end, _structured(kwargs), self._stream_usage(kwargs))
         if run_manager:
             await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
         yield chunk
@@ -406,19 +501,101 @@ def _usage_metadata(usage: dict[str, int] | None) -> UsageMetadata | None:
     return metadata
 
 
-def _chat_result(reply: Completion) -> ChatResult:
-    metadata = {"finish_reason": reply.finish_reason, "model_name": reply.model, "model_provider": "parrot"}
-    if reply.logprobs:
-        metadata["logprobs"] = reply.logprobs
-    message = AIMessage(content=reply.text, usage_metadata=_usage_metadata(reply.usage), response_metadata=metadata,
-                        **_tool_calls(reply.tool_calls))
-    generation = ChatGeneration(message=message, generation_info={"finish_reason": reply.finish_reason})
-    return ChatResult(generations=[generation], llm_output={"token_usage": reply.usage, "model_name": reply.model})
+def _chat_result(reply: Completion, structured: bool) -> ChatResult:
+    """A reply as LangChain's result: a generation per choice, each message with the request's usage (as
+    ChatOpenAI gives it); a structured reply that `max_tokens` cut raises."""
+    choices = [reply, *reply.others]
+    for choice in choices:
+        if structured and choice.finish_reason == "length":
+            raise LengthFinishReasonError(choice.text, reply.usage)
+    generations = []
+    for choice in choices:
+        metadata = {"finish_reason": choice.finish_reason, "model_name": reply.model, "model_provider": "parrot"}
+        if choice.logprobs:
+            metadata["logprobs"] = choice.logprobs
+        message = AIMessage(content=choice.text, usage_metadata=_usage_metadata(reply.usage),
+                            response_metadata=metadata, **_tool_calls(choice.tool_calls))
+        generations.append(ChatGeneration(message=message, generation_info={"finish_reason": choice.finish_reason}))
+    return ChatResult(generations=generations, llm_output={"token_usage": reply.usage, "model_name": reply.model})
 
 
-def _last_chunk(end: StreamEnd) -> ChatGenerationChunk:
-    """The last chunk: no text; usage, finish reason and model name (set on this chunk only)."""
+def _last_chunk(end: StreamEnd, structured: bool, with_usage: bool) -> ChatGenerationChunk:
+    """The last chunk: no text; finish reason, model name and (`with_usage`) the usage, set on this chunk only. A
+    structured reply that `max_tokens` cut raises instead."""
+    if structured and end.finish_reason == "length":
+        raise LengthFinishReasonError(end.text, end.usage)
     metadata = {"finish_reason": end.finish_reason, "model_name": end.model, "model_provider": "parrot"}
-    message = AIMessageChunk(content="", usage_metadata=_usage_metadata(end.usage), response_metadata=metadata,
-                             chunk_position="last")
+    usage = _usage_metadata(end.usage) if with_usage else None
+    message = AIMessageChunk(content="", usage_metadata=usage, response_metadata=metadata, chunk_position="last")
     return ChatGenerationChunk(message=message, generation_info={"finish_reason": end.finish_reason})
+
+
+def _structured(kwargs: dict[str, Any]) -> bool:
+    """Whether a call's response format is one whose replies are parsed (JSON)."""
+    response_format = kwargs.get("response_format")
+    return isinstance(response_format, dict) and response_format.get("type") in _STRUCTURED_FORMATS
+
+
+def _argument_names(cls: type[ChatParrot]) -> set[str]:
+    """The constructor's arguments: the fields' names and their other names."""
+    names = set()
+    for name, info in cls.model_fields.items():
+        alias = info.validation_alias
+        names |= {name, *(alias.choices if isinstance(alias, AliasChoices) else [alias or name])}
+    return names
+
+
+@dataclass
+class _ReplySeen:
+    """What a structured output's check has seen of a reply (whole, or chunk by chunk)."""
+
+    json_output: bool
+    texts: list[str] = field(default_factory=list)
+    finish_reason: str | None = None
+    usage: dict[str, int] | None = None
+
+    def note(self, message: BaseMessage) -> None:
+        self.texts.append(str(message.content))  # a deferred run's value: its real text (str() waits for it)
+        self.finish_reason = message.response_metadata.get("finish_reason") or self.finish_reason
+        usage = getattr(message, "usage_metadata", None)
+        self.usage = dict(usage) if usage else self.usage
+
+    def check(self) -> None:
+        """Raises if the reply was cut short: its finish reason is "length", or the JSON of a constrained output
+        does not end (a deferred run's reply, which carries no finish reason; a stop sequence)."""
+        text = "".join(self.texts)
+        if self.finish_reason == "length":
+            raise LengthFinishReasonError(text, self.usage)
+        if self.json_output and not _complete_json(text):
+            raise LengthFinishReasonError(text, self.usage, ": the reply ends before its JSON does (cut by "
+                                          "max_tokens or a stop sequence)")
+
+
+def _whole_reply(json_output: bool) -> Runnable:
+    """The step before a structured output's parser: the reply goes on as it comes (a stream still streams), and
+    one cut short raises LengthFinishReasonError at its end rather than being parsed in part (`json_output`: the
+    reply's text is JSON)."""
+
+    def check(messages: Iterator[BaseMessage]) -> Iterator[BaseMessage]:
+        seen = _ReplySeen(json_output)
+        for message in messages:
+            seen.note(message)
+            yield message
+        seen.check()
+
+    async def acheck(messages: AsyncIterator[BaseMessage]) -> AsyncIterator[BaseMessage]:
+        seen = _ReplySeen(json_output)
+        async for message in messages:
+            seen.note(message)
+            yield message
+        seen.check()
+
+    return RunnableGenerator(check, acheck, name="whole_reply")
+
+
+def _complete_json(text: str) -> bool:
+    try:
+        from_json(text)  # strict: a JSON text cut short is no JSON value (LangChain's parsers would complete it)
+    except ValueError:
+        return False
+    return True

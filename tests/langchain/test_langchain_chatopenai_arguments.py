@@ -1,0 +1,143 @@
+"""ChatParrot in place of LangChain's ChatOpenAI: the constructor arguments that LangChain's documentation gives
+ChatOpenAI work with ChatOpenAI's meaning (`stream_usage`, `n`, `logprobs`, `model_kwargs`...), and what cannot be
+sent is refused, saying why, never accepted and ignored. Against the tiny model on loopback."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import httpx
+import pytest
+from langchain_core.messages import HumanMessage
+from langchain_core.output_parsers import StrOutputParser
+from pydantic import ValidationError
+
+from parrot_lc.frontend.errors import NotFoundError
+from parrot_lc.integrations.langchain import ChatParrot, deferred
+
+
+@pytest.fixture
+def sent() -> list[httpx.Request]:
+    """The chat requests that `recorded` models send."""
+    return []
+
+
+@pytest.fixture
+def recorded(parrot_server, sent):
+    """`recorded(**arguments)`: ChatParrot on the test server with these arguments, its chat requests in `sent`."""
+    def record(request: httpx.Request) -> None:
+        if request.url.path == "/v1/chat/completions":
+            sent.append(request)
+
+    def make(**arguments) -> ChatParrot:
+        return ChatParrot(base_url=parrot_server, sync_client_kwargs={"event_hooks": {"request": [record]}},
+                          **arguments)
+
+    return make
+
+
+def test_chatopenais_common_arguments_go_into_the_request_as_chatopenai_sends_them(recorded, sent):
+    """The arguments of LangChain's ChatOpenAI documentation, as a user swapping the class passes them."""
+    chat = recorded(model_name="tiny", temperature=0.7, max_completion_tokens=3, timeout=30, max_retries=1,
+                    api_key="sk-anything", n=2, stop=["\n\n"], seed=7, logprobs=True, top_logprobs=2,
+                    frequency_penalty=0.5, presence_penalty=0.25, top_p=0.9, streaming=False, stream_usage=True)
+    reply = chat.invoke("Hi")
+    [request] = sent
+    body = json.loads(request.content)
+    assert {k: v for k, v in body.items() if k != "messages"} == {
+        "model": "tiny", "max_tokens": 3, "temperature": 0.7, "top_p": 0.9, "seed": 7, "presence_penalty": 0.25,
+        "frequency_penalty": 0.5, "stop": ["\n\n"], "n": 2, "logprobs": True, "top_logprobs": 2}
+    assert request.headers["authorization"] == "Bearer sk-anything"
+    assert reply.response_metadata["model_name"] == "tiny" and reply.response_metadata["logprobs"]["content"]
+
+
+def test_model_name_is_chatopenais_name_for_model(parrot_server):
+    assert ChatParrot(base_url=parrot_server, model_name="tiny").model == "tiny"
+    with pytest.raises(NotFoundError, match="'gpt-4o' is not served here"):
+        ChatParrot(base_url=parrot_server, model_name="gpt-4o").invoke("Hi")
+
+
+def test_a_stop_given_as_one_string_is_one_stop_sequence(parrot_server):
+    sampled = dict(base_url=parrot_server, model="tiny", max_tokens=16, temperature=1.0, seed=3)
+    text = ChatParrot(**sampled).invoke("Hi").content
+    stop = re.search(r"[A-Za-z]{3}", text[2:]).group(0)
+    expected = text[: text.index(stop)]
+    assert ChatParrot(**sampled, stop=stop).stop == [stop]
+    assert ChatParrot(**sampled, stop=stop).invoke("Hi").content == expected
+    assert ChatParrot(**sampled).invoke("Hi", stop=stop).content == expected
+
+
+def test_n_gives_generate_n_replies_of_one_request_and_invoke_the_first(recorded, sent):
+    chat = recorded(model="tiny", max_tokens=4, temperature=1.0, seed=5, n=3)
+    [replies] = chat.generate([[HumanMessage("Hi")]]).generations
+    assert len(sent) == 1 and len(replies) == 3 and len({r.text for r in replies}) > 1
+    assert [r.message.usage_metadata["output_tokens"] for r in replies] == [12] * 3  # the request's, as ChatOpenAI
+    assert chat.invoke("Hi").content == replies[0].text
+    assert len(recorded(model="tiny", max_tokens=4).generate([[HumanMessage("Hi")]], n=2).generations[0]) == 2
+
+
+def test_n_above_one_is_refused_for_a_stream_which_gives_one_reply(parrot_server):
+    with pytest.raises(ValidationError, match="n must be 1 when streaming"):
+        ChatParrot(base_url=parrot_server, n=2, streaming=True)
+    chat = ChatParrot(base_url=parrot_server, model="tiny", max_tokens=2, n=2)
+    with pytest.raises(ValueError, match="n must be 1 when streaming"):
+        list(chat.stream("Hi"))
+    with pytest.raises(ValueError, match="n must be 1 when streaming"):
+        list(ChatParrot(base_url=parrot_server, model="tiny", max_tokens=2).stream("Hi", n=2))
+
+
+def test_a_deferred_call_of_several_replies_runs_at_once_with_the_eager_result(parrot_server):
+    chat = ChatParrot(base_url=parrot_server, model="tiny", max_tokens=4, temperature=1.0, seed=5, n=2)
+    chain = chat | StrOutputParser()
+    runnable = deferred(chain)
+    assert runnable.invoke("Hi") == chain.invoke("Hi")
+    assert "ChatParrot calls of several replies (n) run at once, on real text" in runnable.last_run.waits
+
+
+def test_logprobs_and_top_logprobs_arguments_give_what_a_bound_call_gives(parrot_server):
+    arguments = dict(base_url=parrot_server, model="tiny", max_tokens=3, temperature=0)
+    bound = ChatParrot(**arguments).bind(logprobs=True, top_logprobs=2).invoke("Hi")
+    reply = ChatParrot(**arguments, logprobs=True, top_logprobs=2).invoke("Hi")
+    assert reply.response_metadata["logprobs"] == bound.response_metadata["logprobs"]
+    assert all(len(token["top_logprobs"]) == 2 for token in reply.response_metadata["logprobs"]["content"])
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["stream", "astream"])
+async def test_stream_usage_false_streams_no_usage_and_a_call_may_ask_for_it(parrot_server, asynchronous):
+    """ChatOpenAI's `stream_usage`: whether a stream's chunks carry `usage_metadata` (invoke's reply always does)."""
+    arguments = dict(base_url=parrot_server, model="tiny", max_tokens=3, temperature=0)
+
+    async def usages(chat: ChatParrot, **call) -> list:
+        chunks = ([c async for c in chat.astream("Hi", **call)] if asynchronous else list(chat.stream("Hi", **call)))
+        return [c.usage_metadata for c in chunks if c.usage_metadata]
+
+    quiet = ChatParrot(**arguments, stream_usage=False)
+    assert await usages(quiet) == [] and quiet.invoke("Hi").usage_metadata["output_tokens"] == 3
+    [usage] = await usages(quiet, stream_usage=True)
+    assert usage["output_tokens"] == 3
+    assert await usages(ChatParrot(**arguments)) == [usage]  # on by default
+    assert await usages(ChatParrot(**arguments), stream_usage=False) == []
+
+
+def test_model_kwargs_are_sent_with_every_chat_under_the_calls_own_options(recorded, sent):
+    chat = recorded(model="tiny", max_tokens=2, model_kwargs={"response_format": {"type": "text"},
+                                                              "tool_choice": "none"})
+    chat.invoke("Hi")
+    chat.invoke("Hi", response_format={"type": "json_object"}, max_tokens=40)
+    first, second = (json.loads(request.content) for request in sent)
+    assert first["response_format"] == {"type": "text"} and first["tool_choice"] == "none"
+    assert second["response_format"] == {"type": "json_object"} and second["tool_choice"] == "none"
+
+
+@pytest.mark.parametrize("model_kwargs, why", [
+    ({"temperature": 0.5}, r"\['temperature'\] should be given as arguments of their own"),
+    ({"max_completion_tokens": 5}, r"\['max_completion_tokens'\] should be given as arguments of their own"),
+    ({"user": "u-1", "logit_bias": {}}, r"\['logit_bias', 'user'\]: no request fields that ChatParrot sends"),
+])
+def test_model_kwargs_refuse_arguments_of_their_own_and_fields_not_sent(model_kwargs, why):
+    """As ChatOpenAI refuses its own arguments in model_kwargs; the fields that ChatParrot does not send would be
+    dropped."""
+    with pytest.raises(ValidationError, match=why):
+        ChatParrot(base_url="http://127.0.0.1:9", model_kwargs=model_kwargs)

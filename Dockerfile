@@ -13,7 +13,9 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc \
     && rm -rf /var/lib/apt/lists/*
 
+# CPU: the C++ compiler builds the CPU engine's compiled kernels (parrot_lc._cpu); without it they are left out.
 FROM python:3.11-slim AS base-cpu
+RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
 
 FROM base-${TARGET}
 ARG TARGET

@@ -8,36 +8,47 @@ from setuptools import find_packages, setup
 XGRAMMAR = "xgrammar>=0.2.9,<0.3"  # scripts/install.sh installs the same, without its dependencies
 
 
-def cuda_extension() -> dict:
-    """The CUDA decode-attention kernels as parrot_lc._cuda, built only where torch has CUDA and nvcc is found,
-    for the GPUs torch sees (or those TORCH_CUDA_ARCH_LIST names; the kernels need sm_80 or newer). Elsewhere (a
-    CPU torch, pip's isolated build environment, which has no torch, a CUDA image without nvcc), or if the build
-    fails, the package installs without it and the engine decodes with its Triton kernel."""
+def extensions() -> dict:
+    """The compiled kernels, each built where it can be, or left out with a warning (the engine then runs its
+    torch or Triton code, which computes the same values):
+    - parrot_lc._cpu, a CPU engine's per-token work (csrc/cpu_decode.cpp), wherever torch and a C++ compiler are
+      found at build time;
+    - parrot_lc._cuda, the CUDA decode-attention kernels, where torch has CUDA and nvcc is found, for the GPUs torch
+      sees (or those TORCH_CUDA_ARCH_LIST names; the kernels need sm_80 or newer).
+    pip's isolated build environment has no torch: scripts/install.sh installs without build isolation."""
     try:
         import torch
-        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
     except ImportError:
-        return {}
-    if torch.version.cuda is None or CUDA_HOME is None or not os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
         return {}
 
     class OptionalBuildExtension(BuildExtension):
-        """A build that, if it fails (an nvcc whose version torch refuses, a compile error), says why and goes on."""
+        """A build that, if an extension fails (no compiler, an nvcc whose version torch refuses, a compile error),
+        says why and goes on with the others."""
 
-        def run(self) -> None:
+        def build_extension(self, ext) -> None:
             try:
-                super().run()
-            except Exception as error:  # noqa: BLE001 - any failure leaves the Triton kernel to serve
-                print(f"warning: parrot_lc._cuda not built ({error}); decode attention runs in Triton",
-                      file=sys.stderr)
+                super().build_extension(ext)
+            except Exception as error:  # noqa: BLE001 - any failure leaves the torch / Triton code to serve
+                print(f"warning: {ext.name} not built ({error}); the engine runs without it", file=sys.stderr)
 
-    extension = CUDAExtension(
-        name="parrot_lc._cuda",
-        sources=["csrc/bindings.cpp", "csrc/shared_prefix_decode.cu"],
-        depends=["csrc/shared_prefix_decode.h"],
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math"]},
-    )
-    return {"ext_modules": [extension], "cmdclass": {"build_ext": OptionalBuildExtension}}
+    # -fopenmp: the kernels split work through at::parallel_for, inline OpenMP in torch's builds; the library then
+    # shares torch's OpenMP runtime (the same soname, already loaded), not a second pool of threads.
+    modules = [CppExtension(name="parrot_lc._cpu", sources=["csrc/cpu_decode.cpp"],
+                            extra_compile_args=["-O3", "-fopenmp"], extra_link_args=["-fopenmp"])]
+    if torch.version.cuda is not None and CUDA_HOME is not None and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
+        # On Hopper the kernels' wgmma path needs the arch-specific sm_90a target, which torch's default (sm_90)
+        # leaves out; given a target, torch adds none of its own.
+        hopper = "TORCH_CUDA_ARCH_LIST" not in os.environ and torch.cuda.is_available() and all(
+            torch.cuda.get_device_capability(i) == (9, 0) for i in range(torch.cuda.device_count()))
+        modules.append(CUDAExtension(
+            name="parrot_lc._cuda",
+            sources=["csrc/bindings.cpp", "csrc/shared_prefix_decode.cu"],
+            depends=["csrc/shared_prefix_decode.h"],
+            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math"]
+                                + (["-gencode=arch=compute_90a,code=sm_90a"] if hopper else [])},
+        ))
+    return {"ext_modules": modules, "cmdclass": {"build_ext": OptionalBuildExtension}}
 
 
 setup(
@@ -84,5 +95,5 @@ setup(
         "examples": ["langchain-text-splitters>=1.0", "langgraph>=1.0,<2"],
     },
     entry_points={"console_scripts": ["parrot-lc=parrot_lc.cli:main"]},
-    **cuda_extension(),
+    **extensions(),
 )

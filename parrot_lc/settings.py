@@ -68,9 +68,11 @@ class EngineSettings(BaseSettings):
         "prompts in smaller pieces (not too small: each step that prefills costs a fixed part too, ~30 ms on an H100 "
         "for a 7B model, which a stream pays once per piece)"
     )
-    attention_backend: Literal["auto", "torch", "triton", "cuda"] = Field(
+    attention_backend: Literal["auto", "torch", "cpu", "triton", "cuda"] = Field(
         "auto", description="attention implementation; `auto`: cuda on a GPU where its kernel is built, else triton; "
-        "the torch reference on cpu. cuda: the CUDA kernel for decode steps that share prefixes, Triton for the rest"
+        "on a CPU the compiled decode kernel (cpu) where it is built, else the torch reference. cuda: the CUDA "
+        "kernel for decode steps that share prefixes, Triton for the rest; cpu: compiled decode steps, the torch "
+        "reference for the rest"
     )
     overlap_steps: bool | None = Field(
         None, description="launch each step before reading back the tokens of the step before, so that the engine's "

@@ -293,7 +293,17 @@ def _bias(mask: torch.Tensor) -> torch.Tensor:
 
 def select_backend(name: str, device: torch.device) -> AttentionBackend:
     """The attention backend a setting names. `auto`: on a GPU the CUDA decode kernel where the extension is
-    built (Triton for everything else), else Triton; the torch reference elsewhere."""
+    built (Triton for everything else), else Triton; on a CPU the compiled decode kernel where it is built and the
+    CPU has what it uses (cpu_kernels), else the torch reference."""
+    if name == "cpu" or (name == "auto" and device.type == "cpu"):
+        from parrot_lc.engine import cpu_kernels
+        from parrot_lc.engine.cpu_attention import CpuDecodeBackend
+
+        if device.type == "cpu" and cpu_kernels.available():
+            return CpuDecodeBackend()
+        if name == "cpu":
+            raise ValueError("attention_backend 'cpu' needs a CPU device, an x86-64 CPU with AVX2, FMA and F16C, and "
+                             "the parrot_lc._cpu extension (built by setup.py where a C++ compiler is found)")
     if name == "torch" or (name == "auto" and device.type != "cuda"):
         return TorchReferenceBackend()
     from parrot_lc.engine import cuda_attention

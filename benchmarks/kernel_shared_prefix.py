@@ -6,11 +6,16 @@ rows of a KV head's group per prefix tile, 64 or 128, each prefix tile read once
 across SMs, each row's partials merged inside the launch or by a second one), `ours` (the config the kernel
 picks by itself, triton_decode.pick_config), `engine` (what the engine's `auto` backend runs: the CUDA or the
 Triton kernel, cuda_attention.CudaBackend), the Triton kernel with sharing switched off (each sequence reads the
-prefix through its own block table), our CUDA kernel
-(csrc/, where built), FlashInfer's cascade attention (where its package is on the machine), torch SDPA on the
-expanded KV (where it fits in memory), and the floor: bytes that must move (the prefix KV once plus every own
-KV) over the copy bandwidth measured in this run. Every kernel is replayed from a CUDA graph, as in the
-engine's decode steps, where it can be captured (else timed eagerly); each case's `timed` says which.
+prefix through its own block table), our CUDA kernel (csrc/, where built) in the plan it picks (`cuda`,
+cuda_attention.plan) and in others (`cuda_previous`: its splits with the earlier sessions' shortest parts, 256 and
+64 tokens, no wgmma, the merge launched after the partials; `cuda_mma`: no wgmma; `cuda_wgmma`: every shared item
+of 64 rows on wgmma), FlashInfer's
+cascade attention (where its package is on the machine), torch SDPA on the expanded KV (where it fits in
+memory), and the floor: bytes that must move (the prefix KV once plus every own KV) over the copy bandwidth
+measured in this run. `copy_floor` is a plain copy of those bytes (half read, half written) timed as the kernels
+are: what the harness gives a kernel that moves exactly the floor's bytes (its launch, and the dirty lines that
+the L2 flush leaves, which a kernel's reads make the L2 write back). Every kernel is replayed from a CUDA graph,
+as in the engine's decode steps, where it can be captured (else timed eagerly); each case's `timed` says which.
 
     PYTHONPATH=. python3 benchmarks/kernel_shared_prefix.py --out benchmarks/results/kernel_shared_prefix.json
     python benchmarks/kernel_shared_prefix.py --plot benchmarks/results/kernel_shared_prefix.json   # the PNG
@@ -19,7 +24,9 @@ engine's decode steps, where it can be captured (else timed eagerly); each case'
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -122,6 +129,28 @@ def flashinfer_ms(q, k_cache, v_cache, blocks, kv_heads: int) -> tuple[float, st
     return time_ms(lambda: wrapper.run(q, (k_cache, v_cache)))
 
 
+def cuda_plans(q, k_cache, layout) -> dict:
+    """The CUDA kernel's plans besides the one it picks (see the module's docstring)."""
+    from parrot_lc.engine import cuda_attention
+
+    picked = cuda_attention.plan(q, k_cache, layout)
+    group = q.shape[1] // k_cache.shape[2]
+    return {
+        "previous": dataclasses.replace(picked, wgmma=False, programmatic_merge=False,
+                                        min_shared_chunk=256, min_own_chunk=64),
+        "mma": dataclasses.replace(picked, wgmma=False),
+        "wgmma": dataclasses.replace(picked, wgmma=True, row_warps=4,
+                                     shared_tiles=math.ceil(layout.max_group / (64 // group))),
+    }
+
+
+def copy_ms(num_bytes: int) -> tuple[float, str]:
+    """A copy that reads and writes num_bytes in all, timed as the kernels are."""
+    src = torch.ones(num_bytes // 2, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return time_ms(lambda: dst.copy_(src))
+
+
 def measure(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
@@ -148,6 +177,9 @@ def measure(args: argparse.Namespace) -> None:
         record("no_sharing", time_ms(lambda: decode_attention(q, k_cache, v_cache, unshared, scale)))
         if cuda_attention.available():
             record("cuda", time_ms(lambda: cuda_attention.cuda_decode_attention(q, k_cache, v_cache, layout, scale)))
+            for name, launch in cuda_plans(q, k_cache, layout).items():
+                record(f"cuda_{name}", time_ms(
+                    lambda: cuda_attention.cuda_decode_attention(q, k_cache, v_cache, layout, scale, launch=launch)))
             backend = cuda_attention.CudaBackend()
             record("engine", time_ms(lambda: backend.decode(q, k_cache, v_cache, layout, scale)))
         try:
@@ -159,8 +191,9 @@ def measure(args: argparse.Namespace) -> None:
         record("sdpa", sdpa_ms(n, prefix))
         kv_bytes_per_token = 2 * kv_heads * HEAD_DIM * 2
         row["floor_ms"] = (prefix + n * OWN) * kv_bytes_per_token / bandwidth * 1e3
+        record("copy_floor", copy_ms((prefix + n * OWN) * kv_bytes_per_token))
         row["ours_over_floor"] = row["ours_ms"] / row["floor_ms"]
-        ours = [row[k] for k in row if k.endswith("_ms") and (k.startswith("triton_") or k in ("ours", "cuda"))
+        ours = [row[k] for k in row if k.endswith("_ms") and (k.startswith(("triton_", "cuda")) or k == "ours")
                 and row[k] is not None]
         row["best_over_floor"] = min(ours) / row["floor_ms"]
         if row.get("flashinfer_ms"):

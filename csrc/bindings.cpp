@@ -36,7 +36,8 @@ void shared_prefix_decode(const torch::Tensor& q, const torch::Tensor& k_cache, 
                           const torch::Tensor& group_lens, const torch::Tensor& part_out,
                           const torch::Tensor& part_lse, const torch::Tensor& out, double scale,
                           int64_t shared_row_warps, int64_t shared_tiles, int64_t shared_splits,
-                          int64_t own_splits) {
+                          int64_t own_splits, int64_t min_shared_chunk, int64_t min_own_chunk,
+                          bool wgmma, bool programmatic_merge) {
   TORCH_CHECK(q.is_cuda() && q.dim() == 3, "q must be a CUDA tensor (B, Hq, D)");
   TORCH_CHECK(q.scalar_type() == torch::kBFloat16 || q.scalar_type() == torch::kHalf,
               "q must be bfloat16 or float16, got ", q.scalar_type());
@@ -108,6 +109,10 @@ void shared_prefix_decode(const torch::Tensor& q, const torch::Tensor& k_cache, 
   p.shared_tiles = static_cast<int>(shared_tiles);
   p.shared_splits = static_cast<int>(shared_splits);
   p.own_splits = static_cast<int>(own_splits);
+  p.min_shared_chunk = static_cast<int>(min_shared_chunk);
+  p.min_own_chunk = static_cast<int>(min_own_chunk);
+  p.wgmma = wgmma;
+  p.programmatic_merge = programmatic_merge;
   p.scale_log2 = static_cast<float>(scale * M_LOG2E);
   p.dtype = q.scalar_type() == torch::kBFloat16 ? parrot_lc::DType::kBFloat16 : parrot_lc::DType::kFloat16;
 

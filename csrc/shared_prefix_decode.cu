@@ -9,15 +9,18 @@
 //           contiguous in the cache, and an item streams 4 times as many tiles as one head would, which
 //           amortises its pipeline's fill and drain.
 // Each item writes, per query row, a normalised partial output and its log-sum-exp. The merge kernel then
-// combines each (sequence, head)'s partials by log-sum-exp. Splits cut a range into chunks of at least
-// kMinSharedChunk (kMinOwnChunk) tokens, computed in the kernel from the runtime lengths, so one launch fits
-// every step that a CUDA graph replays.
+// combines each (sequence, head)'s partials by log-sum-exp; on Hopper it is launched as a programmatic
+// dependent of the partials kernel, so that its launch overlaps the partials' last blocks. Splits cut a range
+// into whole tiles, at least min_shared_chunk (min_own_chunk) tokens, computed in the kernel from the runtime
+// lengths, so one launch fits every step that a CUDA graph replays.
 //
 // Inside an item, 4 warps stream the range through a 3-stage cp.async pipeline of tiles of kBlockN K and V
 // rows (kBlockN tokens of one head, or kBlockN / 4 tokens of 4 heads). Each warp owns 16 query rows (mma.sync
 // m16n8k16 with fp32 accumulators and an online softmax in registers, FlashAttention-2 style); a shared item
 // of fewer rows than 4 x 16 gives each warp a slice of every tile's keys instead, and the warps' results are
-// merged through shared memory at the end.
+// merged through shared memory at the end. Built for sm_90a, a shared item of 64 rows may run on wgmma instead
+// (attend_wgmma): the warpgroup's products read K and V from shared memory once for all 64 rows, where
+// mma.sync has each warp load every tile through ldmatrix.
 
 #include "shared_prefix_decode.h"
 
@@ -36,10 +39,7 @@ constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
 constexpr int kBlockN = 64;     // KV tokens per pipeline stage
 constexpr int kStages = 3;
-// The shortest part of a range that a split is given (must match the Python side). A shared split writes 64
-// rows of partials, an own one at most 4 x G: below these, partials would cost more than parallelism gains.
-constexpr int kMinSharedChunk = 256;
-constexpr int kMinOwnChunk = 64;
+constexpr int kOwnTokens = kBlockN / kWarps;  // tokens of an own item's tile (4 KV heads of each)
 
 template <typename T>
 struct Half;
@@ -104,12 +104,93 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
                : "r"(smem_addr(p)));
 }
 
-// A K or V tile in shared memory is (kBlockN, D) in 16-byte chunks, chunk c of row r stored at c ^ (r % 8):
-// ldmatrix reads one chunk column of 8 consecutive rows, which this spreads over all 32 banks.
-template <int D>
-__device__ __forceinline__ int swizzle(int row, int chunk) {
-  return row * (D / 8) + (chunk ^ (row & 7));
+// The layouts of a K or V tile in shared memory, in 16-byte chunks; chunk c of row r is stored at c ^ (r % 8)
+// within its 128 bytes, which spreads the 8 rows that ldmatrix (or wgmma) reads at once over all 32 banks.
+// kRows: (kBlockN, D), rows of D / 8 chunks (mma.sync, through ldmatrix). kWgmma: D / 64 blocks of
+// (kBlockN, 64), rows of 128 bytes: the 128-byte swizzle that wgmma reads, each block on a 1024-byte boundary.
+enum class Layout { kRows, kWgmma };
+
+template <int D, Layout L>
+__device__ __forceinline__ int tile_chunk(int row, int chunk) {
+  if constexpr (L == Layout::kRows) return row * (D / 8) + (chunk ^ (row & 7));
+  return chunk / 8 * (kBlockN * 8) + row * 8 + (chunk % 8 ^ (row & 7));
 }
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// A wgmma shared-memory matrix descriptor for the 128-byte swizzle; offsets in bytes.
+__device__ __forceinline__ uint64_t wgmma_desc(const void* p, uint32_t leading, uint32_t stride) {
+  return static_cast<uint64_t>((smem_addr(p) & 0x3FFFF) >> 4) | static_cast<uint64_t>(leading >> 4) << 16 |
+         static_cast<uint64_t>(stride >> 4) << 32 | 1ull << 62;
+}
+
+#define PARROT_ACC4(i) "+f"(d[i][0]), "+f"(d[i][1]), "+f"(d[i][2]), "+f"(d[i][3])
+#define PARROT_WGMMA_N64(TYPE)                                                                                \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                                   \
+               "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " "                              \
+               "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                    \
+               "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "          \
+               "{%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"                                               \
+               : PARROT_ACC4(0), PARROT_ACC4(1), PARROT_ACC4(2), PARROT_ACC4(3), PARROT_ACC4(4),            \
+                 PARROT_ACC4(5), PARROT_ACC4(6), PARROT_ACC4(7)                                             \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1), "n"(TRANS ? 1 : 0))
+#define PARROT_WGMMA_N128(TYPE)                                                                               \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                                   \
+               "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE " "                             \
+               "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                    \
+               "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "           \
+               "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "           \
+               "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "          \
+               "{%64, %65, %66, %67}, %68, p, 1, 1, %70;\n}\n"                                               \
+               : PARROT_ACC4(0), PARROT_ACC4(1), PARROT_ACC4(2), PARROT_ACC4(3), PARROT_ACC4(4),            \
+                 PARROT_ACC4(5), PARROT_ACC4(6), PARROT_ACC4(7), PARROT_ACC4(8), PARROT_ACC4(9),            \
+                 PARROT_ACC4(10), PARROT_ACC4(11), PARROT_ACC4(12), PARROT_ACC4(13), PARROT_ACC4(14),       \
+                 PARROT_ACC4(15)                                                                            \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1), "n"(TRANS ? 1 : 0))
+
+// Warpgroup matrix products (sm_90a), issued by all 128 threads of the block: each warp holds 16 rows of the
+// 64-row A operand in registers (mma.sync's m16n8k16 A layout) and of the accumulator (its C layout, 8 columns
+// a tile); B comes from shared memory through a descriptor.
+template <typename T>
+struct Wgmma {
+  // Orders this thread's earlier register writes (accumulators, A) before the next products.
+  __device__ static void arrive() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+  __device__ static void commit_and_wait() {
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+  }
+  // Keep the compiler from moving accumulator (A fragment) reads or writes across the asynchronous products.
+  template <int N>
+  __device__ static void fence_accumulators(float (&d)[N][4]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) asm volatile("" : "+f"(d[i][j])::"memory");
+  }
+  template <int N>
+  __device__ static void fence_fragments(uint32_t (&a)[N][4]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(a[i][j])::"memory");
+  }
+  // d (64 x 8N) += a (64 x 16) b (16 x 8N; b K-major, or MN-major if TRANS).
+  template <bool TRANS, int N>
+  __device__ static void mma(float (&d)[N][4], const uint32_t (&a)[4], uint64_t b) {
+    static_assert(N == 8 || N == 16, "m64n64k16 or m64n128k16");
+    if constexpr (N == 8 && std::is_same_v<T, __nv_bfloat16>)
+      PARROT_WGMMA_N64("bf16");
+    else if constexpr (N == 8)
+      PARROT_WGMMA_N64("f16");
+    else if constexpr (std::is_same_v<T, __nv_bfloat16>)
+      PARROT_WGMMA_N128("bf16");
+    else
+      PARROT_WGMMA_N128("f16");
+  }
+};
+#undef PARROT_WGMMA_N128
+#undef PARROT_WGMMA_N64
+#undef PARROT_ACC4
+#endif
 
 __host__ __device__ __forceinline__ int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
@@ -121,11 +202,12 @@ struct Item {
   int kv_head, lo, hi, slot;  // own: the first of the warps' KV heads
 };
 
-// Part `split` of `splits` of [lo, hi): whole pipeline tiles, at least min_chunk tokens; trailing parts of a
-// short range come out empty (lo >= hi).
-__device__ __forceinline__ void split_range(int lo, int hi, int split, int splits, int min_chunk, Item& item) {
+// Part `split` of `splits` of [lo, hi): whole tiles of `tile` tokens, at least min_chunk tokens; trailing parts
+// of a short range come out empty (lo >= hi).
+__device__ __forceinline__ void split_range(int lo, int hi, int split, int splits, int min_chunk, int tile,
+                                            Item& item) {
   int chunk = max(ceil_div(max(hi - lo, 0), splits), min_chunk);
-  chunk = ceil_div(chunk, kBlockN) * kBlockN;
+  chunk = ceil_div(chunk, tile) * tile;
   item.lo = lo + split * chunk;
   item.hi = min(hi, item.lo + chunk);
 }
@@ -157,12 +239,12 @@ __device__ __forceinline__ int64_t token_offset(const DecodeParams& p, const Ite
 
 // Issues one tile's K and V copies; `offsets` are its tokens' token_offset. Tile row r is token r of the
 // item's KV head or, for an own item, token r % 16 of KV head kv_head + r / 16 (zeros past the last head).
-template <int D, bool OWN>
+template <int D, bool OWN, Layout L>
 __device__ __forceinline__ void load_tile(const DecodeParams& p, const Item& item, const int64_t* offsets,
                                           uint4* k_tile, uint4* v_tile) {
   constexpr int kChunks = D / 8;
   constexpr int kRowsPerPass = kThreads / kChunks;
-  constexpr int kTokens = OWN ? kBlockN / kWarps : kBlockN;
+  constexpr int kTokens = OWN ? kOwnTokens : kBlockN;
   const int chunk = threadIdx.x % kChunks;
   const auto* k = static_cast<const uint16_t*>(p.k_cache);
   const auto* v = static_cast<const uint16_t*>(p.v_cache);
@@ -173,97 +255,213 @@ __device__ __forceinline__ void load_tile(const DecodeParams& p, const Item& ite
     const int64_t offset = offsets[row % kTokens];
     const bool valid = offset >= 0 && kv_head < p.num_kv_heads;
     const int64_t src = valid ? offset + kv_head * p.kv_stride_head + chunk * 8 : 0;
-    cp_async_16(k_tile + swizzle<D>(row, chunk), k + src, valid);
-    cp_async_16(v_tile + swizzle<D>(row, chunk), v + src, valid);
+    cp_async_16(k_tile + tile_chunk<D, L>(row, chunk), k + src, valid);
+    cp_async_16(v_tile + tile_chunk<D, L>(row, chunk), v + src, valid);
   }
 }
 
-// One work item. ROW_WARPS warps hold 16 query rows each; the other kWarps / ROW_WARPS of each row block's
-// warps take disjoint key slices of every tile. An OWN item has a KV head per warp (ROW_WARPS 4), each
+// The KV tiles of an item's range streamed through kStages stages of shared memory by cp.async. Tile t's token
+// offsets live in offsets[t % kStages], looked up once per token (not per 16-byte chunk) and a pipeline step
+// ahead, so that no copy waits on a block-table read.
+template <int D, bool OWN, Layout L>
+struct Pipeline {
+  static constexpr int kTokens = OWN ? kOwnTokens : kBlockN;  // tokens per tile
+  static constexpr int kStage = 2 * kBlockN * (D / 8);        // one stage's K and V, in 16-byte chunks
+
+  const DecodeParams& p;
+  const Item& item;
+  uint4* stages;
+  int64_t* offsets;  // (kStages, kTokens)
+  int num_tiles;
+  int64_t prefetched = 0;  // this thread's token offset of tile + kStages, read during tile
+
+  // Looks up the first kStages tiles' offsets and issues the first kStages - 1 tiles.
+  __device__ Pipeline(const DecodeParams& p, const Item& item, uint4* smem)
+      : p(p), item(item), stages(smem), offsets(reinterpret_cast<int64_t*>(smem + kStages * kStage)),
+        num_tiles(ceil_div(item.hi - item.lo, kTokens)) {
+    if (threadIdx.x < kTokens)
+      for (int s = 0; s < kStages; ++s) offsets[s * kTokens + threadIdx.x] = offset(s);
+    __syncthreads();
+    for (int s = 0; s < kStages - 1; ++s) {
+      if (s < num_tiles) load(s);
+      cp_async_commit();  // empty groups too, so that the wait in next() counts the same for every tile
+    }
+  }
+
+  __device__ int64_t offset(int tile) const { return token_offset(p, item, item.lo + tile * kTokens + threadIdx.x); }
+  __device__ uint4* k_tile(int tile) const { return stages + tile % kStages * kStage; }
+  __device__ uint4* v_tile(int tile) const { return k_tile(tile) + kStage / 2; }
+  __device__ void load(int tile) {
+    load_tile<D, OWN, L>(p, item, offsets + tile % kStages * kTokens, k_tile(tile), v_tile(tile));
+  }
+
+  // Waits until `tile` is in shared memory for every thread (and, for wgmma, for the async proxy) and all are
+  // done with the stage it refills: with tile + kStages - 1, issued now. Tile `tile` was issued, so its offsets
+  // slot is free for tile + kStages: looked up now, stored by done() after this tile's math.
+  __device__ void next(int tile) {
+    cp_async_wait<kStages - 2>();
+    if constexpr (L == Layout::kWgmma) asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    __syncthreads();
+    if (tile + kStages - 1 < num_tiles) load(tile + kStages - 1);
+    cp_async_commit();
+    if (threadIdx.x < kTokens && tile + kStages < num_tiles) prefetched = offset(tile + kStages);
+  }
+  __device__ void done(int tile) {
+    if (threadIdx.x < kTokens && tile + kStages < num_tiles) offsets[tile % kStages * kTokens + threadIdx.x] = prefetched;
+  }
+};
+
+// An empty split (lo >= hi) writes lse -inf for its rows, which the merge skips (it never reads out then).
+template <bool OWN, int ROWS>
+__device__ __forceinline__ bool write_empty(const DecodeParams& p, const Item& item, int group) {
+  if (item.lo < item.hi) return false;
+  const int64_t num_slots = p.shared_splits + p.own_splits;
+  for (int r = threadIdx.x; r < ROWS; r += kThreads) {
+    int seq, head;
+    if (row_target<OWN>(p, item, group, r, seq, head))
+      p.part_lse[(static_cast<int64_t>(seq) * p.num_heads + head) * num_slots + item.slot] = -INFINITY;
+  }
+  return true;
+}
+
+// This lane's A fragments of Q for query rows row_block * 16 + quad_row (+ 8), straight from global memory
+// (their latency hidden behind the pipeline's first loads); padding rows are zeros. The layout is mma.sync's
+// m16n8k16 A fragment, which is also a warp's share of wgmma's m64k16 A in registers.
+template <typename T, int D, bool OWN>
+__device__ __forceinline__ void load_q(const DecodeParams& p, const Item& item, int group, int row_block,
+                                       uint32_t (&q_frag)[D / 16][4]) {
+  const int quad_row = threadIdx.x % 32 / 4, quad_col = threadIdx.x % 4;
+  const T* q_row[2];
+  for (int i = 0; i < 2; ++i) {
+    int seq, head;
+    q_row[i] = row_target<OWN>(p, item, group, row_block * 16 + quad_row + 8 * i, seq, head)
+                   ? static_cast<const T*>(p.q) + seq * p.q_stride_b + head * p.q_stride_h
+                   : nullptr;
+  }
+#pragma unroll
+  for (int k = 0; k < D / 16; ++k)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {  // a0: (row, k 0-7), a1: (row + 8, k 0-7), a2, a3: k 8-15
+      const T* row = q_row[r % 2];
+      q_frag[k][r] = row ? *reinterpret_cast<const uint32_t*>(row + 16 * k + 8 * (r / 2) + 2 * quad_col) : 0u;
+    }
+}
+
+// Folds a warp's scores of one tile (16 rows x 8 kScoreTiles keys, the first at tile_start; mma's C layout)
+// into the online softmax in base 2: keys at or past hi are -inf, the running max and this lane's share of the
+// sum are updated, out is rescaled, and score becomes exp2(score - max). A row may see no key in this tile (a
+// key slice past the end), hence the guard against (-inf) - (-inf).
+template <int kScoreTiles, int kOutTiles>
+__device__ __forceinline__ void online_softmax(float (&score)[kScoreTiles][4], float (&out)[kOutTiles][4],
+                                               float (&row_max)[2], float (&row_sum)[2], int tile_start, int hi,
+                                               float scale_log2) {
+  const int quad_col = threadIdx.x % 4;
+  float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+  for (int j = 0; j < kScoreTiles; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const bool seen = tile_start + 8 * j + 2 * quad_col + e % 2 < hi;
+      score[j][e] = seen ? score[j][e] * scale_log2 : -INFINITY;
+      tile_max[e / 2] = fmaxf(tile_max[e / 2], score[j][e]);
+    }
+  float base[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    tile_max[i] = fmaxf(tile_max[i], __shfl_xor_sync(0xffffffff, tile_max[i], 1));
+    tile_max[i] = fmaxf(tile_max[i], __shfl_xor_sync(0xffffffff, tile_max[i], 2));
+    const float new_max = fmaxf(row_max[i], tile_max[i]);
+    base[i] = new_max == -INFINITY ? 0.f : new_max;
+    const float alpha = exp2f(row_max[i] - base[i]);
+    row_max[i] = new_max;
+    row_sum[i] *= alpha;
+#pragma unroll
+    for (int c = 0; c < kOutTiles; ++c) {
+      out[c][2 * i] *= alpha;
+      out[c][2 * i + 1] *= alpha;
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < kScoreTiles; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      score[j][e] = exp2f(score[j][e] - base[e / 2]);
+      row_sum[e / 2] += score[j][e];
+    }
+}
+
+// The A fragment of P for keys 16k .. 16k + 15: score n-tiles 2k and 2k + 1.
+template <typename T, int N>
+__device__ __forceinline__ void p_fragment(const float (&score)[N][4], int k, uint32_t (&a)[4]) {
+  a[0] = Half<T>::pack(score[2 * k][0], score[2 * k][1]);
+  a[1] = Half<T>::pack(score[2 * k][2], score[2 * k][3]);
+  a[2] = Half<T>::pack(score[2 * k + 1][0], score[2 * k + 1][1]);
+  a[3] = Half<T>::pack(score[2 * k + 1][2], score[2 * k + 1][3]);
+}
+
+// The full row sums, from the 4 lanes of each row.
+__device__ __forceinline__ void reduce_sums(float (&row_sum)[2]) {
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    row_sum[i] += __shfl_xor_sync(0xffffffff, row_sum[i], 1);
+    row_sum[i] += __shfl_xor_sync(0xffffffff, row_sum[i], 2);
+  }
+}
+
+// Writes this warp's rows (row_block * 16 + quad_row (+ 8)) as partial slot item.slot: the normalised output
+// and its log-sum-exp. Every row saw key lo, so its sum is at least 1.
+template <int D, bool OWN>
+__device__ __forceinline__ void write_rows(const DecodeParams& p, const Item& item, int group, int row_block,
+                                           const float (&out)[D / 8][4], const float (&row_max)[2],
+                                           const float (&row_sum)[2]) {
+  const int64_t num_slots = p.shared_splits + p.own_splits;
+  const int quad_row = threadIdx.x % 32 / 4, quad_col = threadIdx.x % 4;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    int seq, head;
+    if (!row_target<OWN>(p, item, group, row_block * 16 + quad_row + 8 * i, seq, head)) continue;
+    const int64_t slot = (static_cast<int64_t>(seq) * p.num_heads + head) * num_slots + item.slot;
+    const float inv = 1.f / row_sum[i];
+    float* dst = p.part_out + slot * D + 2 * quad_col;
+#pragma unroll
+    for (int c = 0; c < D / 8; ++c)
+      *reinterpret_cast<float2*>(dst + 8 * c) = make_float2(out[c][2 * i] * inv, out[c][2 * i + 1] * inv);
+    if (quad_col == 0) p.part_lse[slot] = row_max[i] + log2f(row_sum[i]);
+  }
+}
+
+// One work item on mma.sync. ROW_WARPS warps hold 16 query rows each; the other kWarps / ROW_WARPS of each row
+// block's warps take disjoint key slices of every tile. An OWN item has a KV head per warp (ROW_WARPS 4), each
 // scoring its own kBlockN / 4 rows of every tile.
 template <typename T, int D, int ROW_WARPS, bool OWN>
 __device__ void attend(const DecodeParams& p, const Item& item, uint4* smem) {
   static_assert(!OWN || ROW_WARPS == kWarps, "an own item has one KV head per warp");
+  using Tiles = Pipeline<D, OWN, Layout::kRows>;
   constexpr int kKeySplit = kWarps / ROW_WARPS;
-  constexpr int kTokens = OWN ? kBlockN / kWarps : kBlockN;  // tokens per tile
-  constexpr int kKeys = kTokens / kKeySplit;                 // keys of a tile this warp scores
-  constexpr int kScoreTiles = kKeys / 8;                     // n-tiles of its scores (16 x kKeys)
-  constexpr int kOutTiles = D / 8;                           // n-tiles of its output (16 x D)
-  constexpr int kDimSteps = D / 16;                          // k-steps over the head dimension
-  constexpr int kStage = 2 * kBlockN * (D / 8);              // one stage's K and V, in 16-byte chunks
+  constexpr int kKeys = Tiles::kTokens / kKeySplit;  // keys of a tile this warp scores
+  constexpr int kScoreTiles = kKeys / 8;             // n-tiles of its scores (16 x kKeys)
+  constexpr int kOutTiles = D / 8;                   // n-tiles of its output (16 x D)
+  constexpr int kDimSteps = D / 16;                  // k-steps over the head dimension
   const int group = p.num_heads / p.num_kv_heads;
-  const int64_t num_slots = p.shared_splits + p.own_splits;
+  if (write_empty<OWN, 16 * ROW_WARPS>(p, item, group)) return;
 
-  if (item.lo >= item.hi) {  // an empty split: lse -inf, which the merge skips (it never reads out then)
-    for (int r = threadIdx.x; r < 16 * ROW_WARPS; r += kThreads) {
-      int seq, head;
-      if (row_target<OWN>(p, item, group, r, seq, head))
-        p.part_lse[(static_cast<int64_t>(seq) * p.num_heads + head) * num_slots + item.slot] = -INFINITY;
-    }
-    return;
-  }
-
-  // Tile t's token offsets live in offsets[t % kStages], looked up once per token (not per 16-byte chunk)
-  // and a pipeline step ahead, so that no copy waits on a block-table read.
-  int64_t* offsets = reinterpret_cast<int64_t*>(smem + kStages * kStage);  // (kStages, kTokens)
-  const int num_tiles = ceil_div(item.hi - item.lo, kTokens);
-  if (threadIdx.x < kTokens)
-    for (int s = 0; s < kStages; ++s)
-      offsets[s * kTokens + threadIdx.x] = token_offset(p, item, item.lo + s * kTokens + threadIdx.x);
-  __syncthreads();
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < num_tiles)
-      load_tile<D, OWN>(p, item, offsets + s * kTokens, smem + s * kStage, smem + s * kStage + kStage / 2);
-    cp_async_commit();  // empty groups too, so that the wait below counts the same for every tile
-  }
-
+  Tiles tiles(p, item, smem);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int row_block = warp % ROW_WARPS, key_part = warp / ROW_WARPS;
-  const int quad_row = lane / 4, quad_col = lane % 4;  // the mma fragment coordinates of this lane
   // This warp's keys: tile rows row0 .. row0 + kKeys - 1, which are tokens key0 .. of the tile.
-  const int row0 = OWN ? warp * kTokens : key_part * kKeys;
+  const int row0 = OWN ? warp * Tiles::kTokens : key_part * kKeys;
   const int key0 = OWN ? 0 : key_part * kKeys;
-
-  // This lane's query rows are row_block * 16 + quad_row (+ 8). The A fragments come straight from global
-  // memory, their latency hidden behind the pipeline's first loads; padding rows are zeros.
   uint32_t q_frag[kDimSteps][4];
-  {
-    const T* q_row[2];
-    for (int i = 0; i < 2; ++i) {
-      int seq, head;
-      q_row[i] = row_target<OWN>(p, item, group, row_block * 16 + quad_row + 8 * i, seq, head)
-                     ? static_cast<const T*>(p.q) + seq * p.q_stride_b + head * p.q_stride_h
-                     : nullptr;
-    }
-#pragma unroll
-    for (int k = 0; k < kDimSteps; ++k)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) {  // a0: (row, k 0-7), a1: (row + 8, k 0-7), a2, a3: k 8-15
-        const T* row = q_row[r % 2];
-        q_frag[k][r] = row ? *reinterpret_cast<const uint32_t*>(row + 16 * k + 8 * (r / 2) + 2 * quad_col) : 0u;
-      }
-  }
+  load_q<T, D, OWN>(p, item, group, row_block, q_frag);
 
   float out[kOutTiles][4] = {};                // (16, D): c0, c1 row quad_row, c2, c3 row quad_row + 8
   float row_max[2] = {-INFINITY, -INFINITY};  // running max of scores x scale, base 2
   float row_sum[2] = {0.f, 0.f};              // this lane's share of the softmax denominator
 
-  for (int tile = 0; tile < num_tiles; ++tile) {
-    cp_async_wait<kStages - 2>();
-    __syncthreads();  // the tile is visible to all warps, and all are done with the stage refilled next
-    const int next = tile + kStages - 1;
-    if (next < num_tiles) {
-      uint4* stage = smem + (next % kStages) * kStage;
-      load_tile<D, OWN>(p, item, offsets + (next % kStages) * kTokens, stage, stage + kStage / 2);
-    }
-    cp_async_commit();
-    // Tile `tile` was issued, so its offsets slot is free for tile + kStages: read now, stored after this
-    // tile's math, issued after the next barrier.
-    const bool prefetch = threadIdx.x < kTokens && tile + kStages < num_tiles;
-    const int64_t prefetched = prefetch ? token_offset(p, item, item.lo + (tile + kStages) * kTokens + threadIdx.x) : 0;
-
-    const uint4* k_tile = smem + (tile % kStages) * kStage;
-    const uint4* v_tile = k_tile + kStage / 2;
+  for (int tile = 0; tile < tiles.num_tiles; ++tile) {
+    tiles.next(tile);
+    const uint4* k_tile = tiles.k_tile(tile);
+    const uint4* v_tile = tiles.v_tile(tile);
 
     float score[kScoreTiles][4] = {};  // (16, kKeys) = Q K^T
 #pragma unroll
@@ -272,90 +470,39 @@ __device__ void attend(const DecodeParams& p, const Item& item, uint4* smem) {
       for (int j = 0; j < kScoreTiles; ++j) {
         // Four 8x8 matrices: keys 8j .. 8j + 7, head-dim chunks 2k .. 2k + 3 (b0, b1 of k-steps k, k + 1).
         uint32_t b[4];
-        ldmatrix_x4(b, k_tile + swizzle<D>(row0 + 8 * j + lane % 8, 2 * k + lane / 8));
+        ldmatrix_x4(b, k_tile + tile_chunk<D, Layout::kRows>(row0 + 8 * j + lane % 8, 2 * k + lane / 8));
         Half<T>::mma(score[j], q_frag[k], b[0], b[1]);
         Half<T>::mma(score[j], q_frag[k + 1], b[2], b[3]);
       }
     }
+    online_softmax(score, out, row_max, row_sum, item.lo + tile * Tiles::kTokens + key0, item.hi, p.scale_log2);
 
-    // Online softmax in base 2. Keys past the range end are -inf; a row of this warp may see none in this
-    // tile (a key slice past the end), hence the guard against (-inf) - (-inf).
-    const int tile_start = item.lo + tile * kTokens + key0;
-    float tile_max[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-    for (int j = 0; j < kScoreTiles; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const bool seen = tile_start + 8 * j + 2 * quad_col + e % 2 < item.hi;
-        score[j][e] = seen ? score[j][e] * p.scale_log2 : -INFINITY;
-        tile_max[e / 2] = fmaxf(tile_max[e / 2], score[j][e]);
-      }
-    float base[2];
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      tile_max[i] = fmaxf(tile_max[i], __shfl_xor_sync(0xffffffff, tile_max[i], 1));
-      tile_max[i] = fmaxf(tile_max[i], __shfl_xor_sync(0xffffffff, tile_max[i], 2));
-      const float new_max = fmaxf(row_max[i], tile_max[i]);
-      base[i] = new_max == -INFINITY ? 0.f : new_max;
-      const float alpha = exp2f(row_max[i] - base[i]);
-      row_max[i] = new_max;
-      row_sum[i] *= alpha;
-#pragma unroll
-      for (int c = 0; c < kOutTiles; ++c) {
-        out[c][2 * i] *= alpha;
-        out[c][2 * i + 1] *= alpha;
-      }
-    }
-#pragma unroll
-    for (int j = 0; j < kScoreTiles; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        score[j][e] = exp2f(score[j][e] - base[e / 2]);
-        row_sum[e / 2] += score[j][e];
-      }
-
-    // out += P V: two score n-tiles make one A fragment (16 keys); V's B fragments come transposed.
+    // out += P V: V's B fragments come transposed.
 #pragma unroll
     for (int k = 0; k < kKeys / 16; ++k) {
-      const uint32_t a[4] = {
-          Half<T>::pack(score[2 * k][0], score[2 * k][1]), Half<T>::pack(score[2 * k][2], score[2 * k][3]),
-          Half<T>::pack(score[2 * k + 1][0], score[2 * k + 1][1]),
-          Half<T>::pack(score[2 * k + 1][2], score[2 * k + 1][3])};
+      uint32_t a[4];
+      p_fragment<T>(score, k, a);
 #pragma unroll
       for (int c = 0; c < kOutTiles; c += 2) {
         // Four 8x8 matrices: keys +0-7 and +8-15 of head-dim chunk c, then of chunk c + 1.
         uint32_t b[4];
-        ldmatrix_x4_trans(b, v_tile + swizzle<D>(row0 + 16 * k + lane % 8 + 8 * (lane / 8 % 2), c + lane / 16));
+        ldmatrix_x4_trans(
+            b, v_tile + tile_chunk<D, Layout::kRows>(row0 + 16 * k + lane % 8 + 8 * (lane / 8 % 2), c + lane / 16));
         Half<T>::mma(out[c], a, b[0], b[1]);
         Half<T>::mma(out[c + 1], a, b[2], b[3]);
       }
     }
-    if (prefetch) offsets[(tile % kStages) * kTokens + threadIdx.x] = prefetched;
+    tiles.done(tile);
   }
-
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    row_sum[i] += __shfl_xor_sync(0xffffffff, row_sum[i], 1);
-    row_sum[i] += __shfl_xor_sync(0xffffffff, row_sum[i], 2);
-  }
+  reduce_sums(row_sum);
 
   if constexpr (kKeySplit == 1) {
-    // Every row saw key `lo`, so its sum is at least 1.
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      int seq, head;
-      if (!row_target<OWN>(p, item, group, row_block * 16 + quad_row + 8 * i, seq, head)) continue;
-      const int64_t slot = (static_cast<int64_t>(seq) * p.num_heads + head) * num_slots + item.slot;
-      const float inv = 1.f / row_sum[i];
-      float* dst = p.part_out + slot * D + 2 * quad_col;
-#pragma unroll
-      for (int c = 0; c < kOutTiles; ++c)
-        *reinterpret_cast<float2*>(dst + 8 * c) = make_float2(out[c][2 * i] * inv, out[c][2 * i + 1] * inv);
-      if (quad_col == 0) p.part_lse[slot] = row_max[i] + log2f(row_sum[i]);
-    }
+    write_rows<D, OWN>(p, item, group, row_block, out, row_max, row_sum);
   } else {
     // Merge the key slices of each row block through shared memory, over the drained pipeline's buffers.
     constexpr int kStride = D + 8;  // pads rows so that a half-warp's float2 stores hit distinct banks
+    const int quad_row = lane / 4, quad_col = lane % 4;
+    const int64_t num_slots = p.shared_splits + p.own_splits;
     cp_async_wait<0>();
     __syncthreads();
     float* red_out = reinterpret_cast<float*>(smem);  // (kWarps, 16, kStride)
@@ -401,12 +548,77 @@ __device__ void attend(const DecodeParams& p, const Item& item, uint4* smem) {
   }
 }
 
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// A shared item of 64 query rows on Hopper's wgmma (sm_90a): the 4 warps are one warpgroup, each warp 16 rows
+// as in attend, but the tensor cores read K and V straight from shared memory for all 64 rows at once (no
+// ldmatrix per warp: a quarter of the shared-memory traffic) at wgmma's rate. Q and P are the A operands, in
+// registers; S = Q K^T is m64n64k16 with K as a K-major B, O += P V is m64nDk16 with V as an MN-major B.
+template <typename T, int D>
+__device__ void attend_wgmma(const DecodeParams& p, const Item& item, uint4* smem) {
+  using Tiles = Pipeline<D, false, Layout::kWgmma>;
+  constexpr int kScoreTiles = kBlockN / 8;
+  constexpr int kOutTiles = D / 8;
+  constexpr int kDimSteps = D / 16;
+  constexpr uint32_t kAtom = 8 * 128;                 // bytes of 8 rows of 128 bytes: one swizzle atom
+  constexpr uint32_t kBlockBytes = kBlockN * 128;     // one (kBlockN, 64) block of a tile
+  const int group = p.num_heads / p.num_kv_heads;
+  if (write_empty<false, 64>(p, item, group)) return;
+
+  Tiles tiles(p, item, smem);
+  const int warp = threadIdx.x / 32;
+  uint32_t q_frag[kDimSteps][4];
+  load_q<T, D, false>(p, item, group, warp, q_frag);
+
+  float out[kOutTiles][4] = {};
+  float row_max[2] = {-INFINITY, -INFINITY};
+  float row_sum[2] = {0.f, 0.f};
+
+  for (int tile = 0; tile < tiles.num_tiles; ++tile) {
+    tiles.next(tile);
+    const char* k_tile = reinterpret_cast<const char*>(tiles.k_tile(tile));
+    const char* v_tile = reinterpret_cast<const char*>(tiles.v_tile(tile));
+
+    float score[kScoreTiles][4] = {};
+    Wgmma<T>::fence_accumulators(score);
+    Wgmma<T>::arrive();
+#pragma unroll
+    for (int k = 0; k < kDimSteps; ++k)  // head dims 16k .. 16k + 15: block k / 4, bytes 32 (k % 4) of each row
+      Wgmma<T>::template mma<false>(score, q_frag[k], wgmma_desc(k_tile + k / 4 * kBlockBytes + k % 4 * 32, 16, kAtom));
+    Wgmma<T>::commit_and_wait();
+    Wgmma<T>::fence_accumulators(score);
+
+    online_softmax(score, out, row_max, row_sum, item.lo + tile * kBlockN, item.hi, p.scale_log2);
+
+    uint32_t a[kBlockN / 16][4];
+#pragma unroll
+    for (int k = 0; k < kBlockN / 16; ++k) p_fragment<T>(score, k, a[k]);
+    Wgmma<T>::fence_fragments(a);
+    Wgmma<T>::fence_accumulators(out);
+    Wgmma<T>::arrive();
+#pragma unroll
+    for (int k = 0; k < kBlockN / 16; ++k)  // keys 16k .. 16k + 15: two swizzle atoms from 16k
+      Wgmma<T>::template mma<true>(out, a[k], wgmma_desc(v_tile + k * 2 * kAtom, kBlockBytes, kAtom));
+    Wgmma<T>::commit_and_wait();
+    Wgmma<T>::fence_accumulators(out);
+    tiles.done(tile);
+  }
+  reduce_sums(row_sum);
+  write_rows<D, false>(p, item, group, warp, out, row_max, row_sum);
+}
+#endif
+
 // Own items come first (blocks [0, num_own_items)): they are the longest when many sequences share a short
 // prefix, and the shared items' shorter splits then even out the end of the grid. Shared items are ordered so
 // that the tiles of one (group, KV head, split) run side by side and share the prefix chunk through L2.
-template <typename T, int D, int SHARED_ROW_WARPS>
+// WGMMA: shared items on attend_wgmma where the kernel is built for sm_90a (elsewhere on attend).
+template <typename T, int D, int SHARED_ROW_WARPS, bool WGMMA>
 __global__ void __launch_bounds__(kThreads) partials_kernel(const DecodeParams p, int num_own_items) {
+  static_assert(!WGMMA || SHARED_ROW_WARPS == kWarps, "a wgmma item has 64 rows");
   extern __shared__ uint4 smem[];
+#if __CUDA_ARCH__ >= 900
+  // Every block is running: the merge may be launched (it waits for this grid's end before reading).
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
   int index = blockIdx.x;
   Item item;
   if (index < num_own_items) {
@@ -418,7 +630,7 @@ __global__ void __launch_bounds__(kThreads) partials_kernel(const DecodeParams p
     item.seq = b;
     item.table = p.block_tables + b * p.block_table_stride;
     item.slot = p.shared_splits + split;
-    split_range(p.shared_lens[b], p.context_lens[b], split, p.own_splits, kMinOwnChunk, item);
+    split_range(p.shared_lens[b], p.context_lens[b], split, p.own_splits, p.min_own_chunk, kOwnTokens, item);
     attend<T, D, kWarps, true>(p, item, smem);
   } else {
     index -= num_own_items;
@@ -436,7 +648,14 @@ __global__ void __launch_bounds__(kThreads) partials_kernel(const DecodeParams p
     item.num_seqs = min(members, members_per_tile);
     item.table = p.group_tables + g * p.group_table_stride;
     item.slot = split;
-    split_range(0, p.group_lens[g], split, p.shared_splits, kMinSharedChunk, item);
+    split_range(0, p.group_lens[g], split, p.shared_splits, p.min_shared_chunk, kBlockN, item);
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    if constexpr (WGMMA) {
+      // The 128-byte swizzle's atoms must lie on 1024-byte boundaries (launch() allocates the slack).
+      attend_wgmma<T, D>(p, item, smem + (1024 - smem_addr(smem) % 1024) % 1024 / 16);
+      return;
+    }
+#endif
     attend<T, D, SHARED_ROW_WARPS, false>(p, item, smem);
   }
 }
@@ -450,6 +669,9 @@ __global__ void __launch_bounds__(kThreads) merge_kernel(const DecodeParams p) {
   static_assert(D == 64 || D == 128, "a lane merges 2 or 4 columns");
   using Vec = std::conditional_t<D == 128, float4, float2>;
   constexpr int kPerLane = D / 32;
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");  // the partials kernel has finished, its writes visible
+#endif
   const int row = blockIdx.x * kWarps + threadIdx.x / 32, lane = threadIdx.x % 32;
   if (row >= p.batch * p.num_heads) return;
   const int num_slots = p.shared_splits + p.own_splits;
@@ -463,7 +685,7 @@ __global__ void __launch_bounds__(kThreads) merge_kernel(const DecodeParams p) {
   float sum = 0.f;
   if (m != -INFINITY) {
     const float* part = p.part_out + static_cast<int64_t>(row) * num_slots * D + lane * kPerLane;
-#pragma unroll 4
+#pragma unroll 16  // a step's partials loads in flight together (a short merge is latency-bound)
     for (int s = first; s < num_slots; ++s) {
       const float l = lse[s];
       const Vec v = *reinterpret_cast<const Vec*>(part + s * D);
@@ -489,30 +711,43 @@ void check(cudaError_t error, const char* what) {
   if (error != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(error));
 }
 
-template <typename T, int D, int SHARED_ROW_WARPS>
+template <typename T, int D, int SHARED_ROW_WARPS, bool WGMMA>
 void launch(const DecodeParams& p, cudaStream_t stream) {
   const int64_t own_items = static_cast<int64_t>(p.batch) * ceil_div(p.num_kv_heads, kWarps) * p.own_splits;
   const int64_t items =
       own_items + static_cast<int64_t>(p.num_groups) * p.num_kv_heads * p.shared_tiles * p.shared_splits;
   if (items > 0x7fffffff) throw std::invalid_argument("shared_prefix_decode: too many work items for one grid");
   constexpr int kStagesBytes = kStages * 2 * kBlockN * D * sizeof(T);
-  constexpr int kSmem = kStagesBytes + kStages * kBlockN * sizeof(int64_t);  // + the tiles' token offsets
+  // + the tiles' token offsets, + slack to align a wgmma item's stages
+  constexpr int kSmem = kStagesBytes + kStages * kBlockN * sizeof(int64_t) + (WGMMA ? 1024 : 0);
   static_assert(kWarps * 16 * (D + 8 + 2) * sizeof(float) <= kStagesBytes, "the key-slice merge reuses the stages");
-  auto* kernel = partials_kernel<T, D, SHARED_ROW_WARPS>;
+  auto* kernel = partials_kernel<T, D, SHARED_ROW_WARPS, WGMMA>;
   check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem),
         "shared_prefix_decode: raising the shared-memory limit");
   kernel<<<static_cast<int>(items), kThreads, kSmem, stream>>>(p, static_cast<int>(own_items));
   check(cudaGetLastError(), "shared_prefix_decode: partials kernel launch");
-  merge_kernel<T, D><<<ceil_div(p.batch * p.num_heads, kWarps), kThreads, 0, stream>>>(p);
-  check(cudaGetLastError(), "shared_prefix_decode: merge kernel launch");
+
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(ceil_div(p.batch * p.num_heads, kWarps));
+  config.blockDim = dim3(kThreads);
+  config.stream = stream;
+  cudaLaunchAttribute programmatic = {};
+  programmatic.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  programmatic.val.programmaticStreamSerializationAllowed = 1;
+  if (p.programmatic_merge) {
+    config.attrs = &programmatic;
+    config.numAttrs = 1;
+  }
+  check(cudaLaunchKernelEx(&config, merge_kernel<T, D>, p), "shared_prefix_decode: merge kernel launch");
 }
 
 template <typename T, int D>
 void launch_rows(const DecodeParams& p, cudaStream_t stream) {
+  if (p.wgmma) return launch<T, D, 4, true>(p, stream);
   switch (p.shared_row_warps) {
-    case 1: return launch<T, D, 1>(p, stream);
-    case 2: return launch<T, D, 2>(p, stream);
-    case 4: return launch<T, D, 4>(p, stream);
+    case 1: return launch<T, D, 1, false>(p, stream);
+    case 2: return launch<T, D, 2, false>(p, stream);
+    case 4: return launch<T, D, 4, false>(p, stream);
   }
   throw std::invalid_argument("shared_prefix_decode: shared_row_warps must be 1, 2 or 4");
 }
@@ -534,10 +769,13 @@ void launch_shared_prefix_decode(const DecodeParams& p, cudaStream_t stream) {
     throw std::invalid_argument("shared_prefix_decode: query heads must be 1 to 8 times the KV heads");
   if (p.page < 1) throw std::invalid_argument("shared_prefix_decode: page size must be positive");
   if (p.own_splits < 1 || p.shared_splits < 0 || p.shared_tiles < 0 ||
-      (p.num_groups > 0 && p.shared_tiles > 0 && p.shared_splits < 1))
+      (p.num_groups > 0 && p.shared_tiles > 0 && p.shared_splits < 1) || p.min_shared_chunk < 1 ||
+      p.min_own_chunk < 1)
     throw std::invalid_argument("shared_prefix_decode: bad split counts");
   if (16 * p.shared_row_warps < group)
     throw std::invalid_argument("shared_prefix_decode: a shared tile must hold a member's query heads");
+  if (p.wgmma && p.shared_row_warps != kWarps)
+    throw std::invalid_argument("shared_prefix_decode: wgmma shared items have 64 rows (shared_row_warps 4)");
   if (p.batch == 0) return;
   if (p.dtype == DType::kBFloat16)
     launch_dim<__nv_bfloat16>(p, stream);

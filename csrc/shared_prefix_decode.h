@@ -32,9 +32,14 @@ struct DecodeParams {
   int batch, num_heads, num_kv_heads, head_dim, page, num_groups;
   // The grid, chosen by the caller from shapes alone (so that it can be captured in a CUDA graph): a shared
   // work item is 16 * shared_row_warps query rows (members x query heads of one KV head); each group has
-  // shared_tiles of them per KV head, and each range is cut into shared_splits (own_splits) parts.
+  // shared_tiles of them per KV head, and each range is cut into shared_splits (own_splits) parts of at least
+  // min_shared_chunk (min_own_chunk) tokens, computed in the kernel from the step's lengths.
   // S = shared_splits + own_splits.
   int shared_row_warps, shared_tiles, shared_splits, own_splits;
+  int min_shared_chunk, min_own_chunk;
+  // Shared items of 64 rows on Hopper's wgmma, where the kernels are built for sm_90a (elsewhere on mma.sync).
+  bool wgmma;
+  bool programmatic_merge;  // launch the merge as a programmatic dependent of the partials (sm_90 and newer)
   float scale_log2;  // softmax scale x log2(e): the kernels work in base 2
   DType dtype;
 };

@@ -2,8 +2,9 @@
 
 One decode query row per sequence, KV in the paged cache, laid out by a DecodeLayout. A partials kernel reads
 each group's prefix once per tile of its members (all their query heads of a KV head against each prefix
-tile, on tensor cores) and each sequence's own KV alone, every KV range cut into splits so that the grid
-fills the GPU; a merge kernel combines each (sequence, head)'s partials by log-sum-exp.
+tile, on tensor cores: wgmma on Hopper, mma.sync elsewhere) and each sequence's own KV alone, every KV range
+cut into splits so that the grid fills the GPU; a merge kernel (on Hopper launched as a programmatic
+dependent, overlapping the partials' end) combines each (sequence, head)'s partials by log-sum-exp.
 
 Every launch decision here depends on shapes and on the layout's max_group, max_context and num_groups only,
 never on tensor values, so a call can be captured in a CUDA graph and replayed with other lengths.
@@ -11,7 +12,9 @@ never on tensor values, so a call can be captured in a CUDA graph and replayed w
 
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -26,11 +29,17 @@ except ImportError:  # built only where torch has CUDA and nvcc was found (setup
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 SUPPORTED_HEAD_DIMS = (64, 128)
 MAX_GQA_RATIO = 8
-# The kernel cuts a range into whole chunks of at least this many tokens (kMinSharedChunk, kMinOwnChunk): a
-# shorter split would cost more in partials written and merged (64 rows for a shared split, 4 x G for an own
-# one) than its parallelism gains.
+# The kernel cuts a range into whole tiles, at least this many tokens a part: a shorter split would cost more in
+# partials written and merged (64 rows for a shared split, 4 x G for an own one) than its parallelism gains.
 MIN_SHARED_CHUNK = 256
 MIN_OWN_CHUNK = 64
+# With few sequences the grid is planned as one wave, the shared splits taking what the own items leave, in
+# parts as short as this, unless that leaves a shared part longer than ONE_WAVE_MAX_CHUNK tokens. Measured on the
+# H100 (RESULTS.md, 2026-12-06 fourth session), 64 forks, 8 KV heads: one wave won with parts of at most 320, 1,088
+# tokens (1k and 4k prefixes: 44.4 against 51.6 us, 55.7 against 62.0), two waves with parts of 4,160 (16k
+# prefix: 106.8 against 139.6 us).
+MIN_SHARED_CHUNK_ONE_WAVE = 128
+ONE_WAVE_MAX_CHUNK = 2048
 # Partials-kernel blocks resident on one multiprocessor at a time, by head dim (its shared memory and registers
 # allow 2 at D=128, 3 at D=64). A range is split so that the unsplit items become at most one such wave:
 # equal items past a whole wave would leave most SMs idle while the last ones run.
@@ -61,12 +70,11 @@ def unsupported(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -
 
 class CudaBackend(TritonBackend):
     """The Triton backend with decode steps that share prefixes in the CUDA kernel (csrc/), where the model's
-    shapes allow it. Over benchmarks/kernel_shared_prefix.py's 18 cases (H100, 2026-12-06, RESULTS.md) it was the
-    fastest of the two, or within 1%, in 16, the Triton kernel (two launches) ahead only at N=256, P=16,384
-    (6-8%); a graph's grid is sized by its table width, not the step's prefix, so no rule on prefix length
-    routes those to Triton. In decode steps without groups (benchmarks/engine_decode.py, H100) the Triton kernel
-    was faster at batch 1 and 64. `auto` takes this backend where the extension is built
-    (attention.select_backend)."""
+    shapes allow it. Over benchmarks/kernel_shared_prefix.py's 18 cases (H100, 2026-12-06 fourth session,
+    RESULTS.md) it was faster than the Triton kernel's pick in 16; the Triton one was ahead by 2.6 and 4.9 us
+    with 16 forks of a 4k and a 16k prefix (8 KV heads), which no rule routes to it. In decode steps without
+    groups (benchmarks/engine_decode.py, H100) the Triton kernel was faster at batch 1 and 64. `auto` takes this
+    backend where the extension is built (attention.select_backend)."""
 
     name = "cuda"
 
@@ -76,10 +84,62 @@ class CudaBackend(TritonBackend):
         return cuda_decode_attention(q, k_cache, v_cache, layout, scale)
 
 
+@dataclass(frozen=True)
+class Plan:
+    """How one launch cuts a decode step's work, from shapes alone (so that a CUDA graph replays it with other
+    lengths): a shared item holds 16 x row_warps query rows (members x query heads of one KV head), each group
+    has shared_tiles of them per KV head, and each KV range is cut into shared_splits (own_splits) parts of whole
+    tiles, at least min_shared_chunk (min_own_chunk) tokens each, from the step's lengths. wgmma: shared items
+    (of 64 rows: row_warps 4) on Hopper's wgmma where the extension is built for sm_90a (elsewhere mma.sync).
+    programmatic_merge launches the merge as a programmatic dependent of the partials (Hopper), so that its
+    launch overlaps them."""
+
+    row_warps: int
+    shared_tiles: int
+    shared_splits: int
+    own_splits: int
+    min_shared_chunk: int = MIN_SHARED_CHUNK
+    min_own_chunk: int = MIN_OWN_CHUNK
+    wgmma: bool = False
+    programmatic_merge: bool = False
+
+
 def _splits(items: int, max_context: int, min_chunk: int, slots: int) -> int:
     """Parts per KV range so that `items` unsplit work items fill `slots` resident blocks (at most), no more
     than the longest possible range has chunks of min_chunk tokens."""
     return max(1, min(slots // items, math.ceil(max_context / min_chunk)))
+
+
+@functools.cache
+def _capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
+
+
+def plan(q: torch.Tensor, k_cache: torch.Tensor, layout: DecodeLayout) -> Plan:
+    """The launch's plan for q (B, Hq, D) over a cache of k_cache's shape and the layout's grid sizes."""
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    slots = RESIDENT_PER_SM[head_dim] * multiprocessors(q.device)
+    # A shared item holds 16, 32 or 64 query rows (members x G heads): just enough for the largest group.
+    row_warps = 1 if layout.max_group * group <= 16 else 2 if layout.max_group * group <= 32 else 4
+    members_per_tile = 16 * row_warps // group
+    shared_tiles = math.ceil(layout.max_group / members_per_tile)
+    shared_items = layout.num_groups * num_kv_heads * shared_tiles
+    own_items = max(batch * math.ceil(num_kv_heads / OWN_KV_HEADS), 1)
+    # Few sequences: their own items take at most half of one wave of blocks, the shared items the rest.
+    own_splits = _splits(own_items, layout.max_context, MIN_OWN_CHUNK, slots // 2)
+    shared_splits = _splits(shared_items, layout.max_context, MIN_SHARED_CHUNK_ONE_WAVE,
+                            slots - own_items * own_splits) if shared_items else 0
+    min_shared_chunk = MIN_SHARED_CHUNK_ONE_WAVE
+    if not shared_items or own_items >= slots // 2 or layout.max_context > shared_splits * ONE_WAVE_MAX_CHUNK:
+        # Each kind of item split to fill a wave by itself: two waves of shorter items in all.
+        own_splits = _splits(own_items, layout.max_context, MIN_OWN_CHUNK, slots)
+        min_shared_chunk = MIN_SHARED_CHUNK
+        shared_splits = _splits(shared_items, layout.max_context, min_shared_chunk, slots) if shared_items else 0
+    capability = _capability(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    return Plan(row_warps, shared_tiles, shared_splits, own_splits, min_shared_chunk=min_shared_chunk,
+                wgmma=capability == (9, 0) and row_warps == 4, programmatic_merge=capability >= (9, 0))
 
 
 def cuda_decode_attention(
@@ -88,32 +148,22 @@ def cuda_decode_attention(
     v_cache: torch.Tensor,  # (num_blocks, PAGE, Hkv, D)
     layout: DecodeLayout,
     scale: float,
+    launch: Plan | None = None,
 ) -> torch.Tensor:  # (B, Hq, D) in q's dtype
     """softmax(scale q K^T) V over each sequence's KV: its group's prefix [0, group_lens[g]) through
     group_tables[g], then its own tokens [shared_lens[b], context_lens[b]) through block_tables[b]. A row with
     no KV (context_lens 0, no group) comes out 0. The layout must be consistent: a member of group g has
     shared_lens[b] == group_lens[g] (that is how the merge knows to read its shared partials), no group holds
-    more than layout.max_group sequences, and no range is longer than layout.max_context."""
+    more than layout.max_group sequences, and no range is longer than layout.max_context. `launch` overrides
+    the plan (`plan`), for measurements."""
     if not available():
         raise RuntimeError("parrot_lc._cuda is not built or no CUDA device is present (cuda_attention.available())")
     reason = unsupported(q, k_cache, v_cache)
     if reason:
         raise ValueError(reason)
     batch, num_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[2]
-    group = num_heads // num_kv_heads
-
-    slots = RESIDENT_PER_SM[head_dim] * multiprocessors(q.device)
-    # A shared item holds 16, 32 or 64 query rows (members x G heads): just enough for the largest group.
-    row_warps = 1 if layout.max_group * group <= 16 else 2 if layout.max_group * group <= 32 else 4
-    members_per_tile = 16 * row_warps // group
-    shared_tiles = math.ceil(layout.max_group / members_per_tile)
-    shared_items = layout.num_groups * num_kv_heads * shared_tiles
-    shared_splits = _splits(shared_items, layout.max_context, MIN_SHARED_CHUNK, slots) if shared_items else 0
-    own_items = batch * math.ceil(num_kv_heads / OWN_KV_HEADS)
-    own_splits = _splits(max(own_items, 1), layout.max_context, MIN_OWN_CHUNK, slots)
-
-    parts = shared_splits + own_splits
+    launch = launch or plan(q, k_cache, layout)
+    parts = launch.shared_splits + launch.own_splits
     part_out = torch.empty(batch, num_heads, parts, head_dim, dtype=torch.float32, device=q.device)  # (B, Hq, S, D)
     part_lse = torch.empty(batch, num_heads, parts, dtype=torch.float32, device=q.device)  # (B, Hq, S)
     out = torch.empty(batch, num_heads, head_dim, dtype=q.dtype, device=q.device)  # (B, Hq, D)
@@ -122,6 +172,7 @@ def cuda_decode_attention(
         layout.block_tables, layout.context_lens, layout.shared_lens,
         layout.group_ptr, layout.group_rows, layout.group_tables, layout.group_lens,
         part_out, part_lse, out, scale,
-        row_warps, shared_tiles, shared_splits, own_splits,
+        launch.row_warps, launch.shared_tiles, launch.shared_splits, launch.own_splits,
+        launch.min_shared_chunk, launch.min_own_chunk, launch.wgmma, launch.programmatic_merge,
     )
     return out

@@ -7,7 +7,9 @@ Runs only on a GPU; the CUDA kernel only where the extension is built.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 
 import pytest
 import torch
@@ -18,15 +20,27 @@ from parrot_lc.engine import cuda_attention
 from parrot_lc.engine.triton_decode import CONFIGS, decode_attention
 
 pytestmark = GPU
-# The Triton kernel in the config it picks, and in its 128-row config (the one for large GQA groups, picked only
-# where a group has more than 64 query rows a KV head).
-KERNELS = {"cuda": cuda_attention.cuda_decode_attention, "triton": decode_attention,
+
+
+def cuda_wgmma(q, k_cache, v_cache, layout, scale):
+    """The CUDA kernel with every shared item of 64 rows on wgmma (where built for sm_90a), whatever the sizes."""
+    group = q.shape[1] // k_cache.shape[2]
+    launch = dataclasses.replace(cuda_attention.plan(q, k_cache, layout), row_warps=4, wgmma=True,
+                                 shared_tiles=math.ceil(layout.max_group / (64 // group)))
+    return cuda_attention.cuda_decode_attention(q, k_cache, v_cache, layout, scale, launch=launch)
+
+
+# The CUDA kernel in the plan it picks and with wgmma shared items; the Triton kernel in the config it picks, and
+# in its 128-row config (the one for large GQA groups, picked only where a group has more than 64 query rows a
+# KV head).
+KERNELS = {"cuda": cuda_attention.cuda_decode_attention, "cuda_wgmma": cuda_wgmma, "triton": decode_attention,
            "triton_rows128": functools.partial(decode_attention, config=CONFIGS["rows128"])}
+CUDA_KERNELS = (cuda_attention.cuda_decode_attention, cuda_wgmma)
 
 
 @pytest.fixture(params=KERNELS)
 def kernel(request):
-    if request.param == "cuda" and not cuda_attention.available():
+    if request.param.startswith("cuda") and not cuda_attention.available():
         pytest.skip("needs parrot_lc._cuda (built by setup.py where torch has CUDA and nvcc is found)")
     return KERNELS[request.param]
 
@@ -75,7 +89,7 @@ def test_gqa_ratios_head_dims_and_dtypes(kernel, num_heads, num_kv_heads, head_d
 
 @pytest.mark.parametrize("group_size", [1, 2, 3, 4, 5, 6, 7, 8, 16])
 def test_gqa_group_sizes(kernel, group_size):
-    if kernel is cuda_attention.cuda_decode_attention and group_size > cuda_attention.MAX_GQA_RATIO:
+    if kernel in CUDA_KERNELS and group_size > cuda_attention.MAX_GQA_RATIO:
         pytest.skip(f"the CUDA kernel takes up to {cuda_attention.MAX_GQA_RATIO} query heads per KV head")
     groups, loose, padding = TREES["three_groups"]
     check(kernel, *cuda_batch(groups, loose, padding, num_heads=4 * group_size, num_kv_heads=4))
@@ -133,6 +147,30 @@ def test_cuda_graph_replay_with_changed_lengths_matches_eager(kernel):
     assert not torch.equal(out, before)
     expected = reference(q, k_cache, v_cache, layout, scale)
     assert (out.double() - expected).abs().max() / expected.abs().max() < 1e-2
+
+
+# Plans the engine's `plan` may not pick for this tree: parts of a tile or two, more parts than a range has tiles
+# (empty parts), a single part, and the merge launched after the partials (not as a programmatic dependent).
+PLANS = {
+    "fine_splits": dict(shared_splits=16, own_splits=16, min_shared_chunk=1, min_own_chunk=1),
+    "one_part_each": dict(shared_splits=1, own_splits=1),
+    "merge_after_partials": dict(shared_splits=5, own_splits=7, min_shared_chunk=64, min_own_chunk=16,
+                                 programmatic_merge=False),
+    "programmatic_merge": dict(programmatic_merge=True),
+}
+
+
+@pytest.mark.parametrize("change", PLANS)
+@pytest.mark.parametrize("num_kv_heads", [8, 32])
+def test_cuda_kernel_plans_compute_the_same_attention(change, num_kv_heads):
+    if not cuda_attention.available():
+        pytest.skip("needs parrot_lc._cuda")
+    if PLANS[change].get("programmatic_merge") and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("programmatic dependent launches need sm_90 or newer")
+    groups, loose, padding = TREES["three_groups"]
+    q, k_cache, v_cache, layout = cuda_batch(groups, loose, padding, num_kv_heads=num_kv_heads)
+    launch = dataclasses.replace(cuda_attention.plan(q, k_cache, layout), **PLANS[change])
+    check(functools.partial(cuda_attention.cuda_decode_attention, launch=launch), q, k_cache, v_cache, layout)
 
 
 @pytest.mark.parametrize("change, message", [

@@ -3,6 +3,8 @@ engine with them against the engine without them."""
 
 import platform
 import shutil
+import sysconfig
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from parrot_lc.engine.cpu_weights import Float16Linear, cpu_features
 from parrot_lc.engine.models.llama import Rope
 
 HAS_WHAT_THEY_USE = platform.machine() == "x86_64" and {"avx2", "fma", "f16c"} <= cpu_features().flags
+BUILDABLE = shutil.which("c++") is not None and (Path(sysconfig.get_paths()["include"]) / "Python.h").is_file()
 needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason="parrot_lc._cpu is not built or not usable")
 
 
@@ -22,7 +25,7 @@ def relative_error(ours: torch.Tensor, expected: torch.Tensor) -> float:
     return float((ours.double() - expected).abs().max() / expected.abs().max())
 
 
-@pytest.mark.skipif(not (HAS_WHAT_THEY_USE and shutil.which("c++")), reason="no x86-64 AVX2 CPU or no C++ compiler")
+@pytest.mark.skipif(not (HAS_WHAT_THEY_USE and BUILDABLE), reason="no x86-64 AVX2 CPU, C++ compiler or Python headers")
 def test_the_kernels_are_built_and_used_where_a_compiler_and_the_cpu_allow():
     # The install (setup.py, scripts/install.sh) builds them wherever it can; a build that silently failed would
     # leave every CPU engine on the slower torch ops, and these tests skipped.

@@ -338,9 +338,13 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
   const int64_t* sp = slots.data_ptr<int64_t>();
   const int64_t* lp = context_lens.data_ptr<int64_t>();
   const int64_t num_slots = k_cache.size(0) * block_size, max_blocks = block_tables.size(1);
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b) {
     TORCH_CHECK(sp[b] >= 0 && sp[b] < num_slots, "slot ", sp[b], " is outside the cache");
     TORCH_CHECK(lp[b] >= 1 && lp[b] <= max_blocks * block_size, "context length ", lp[b], " is outside its table");
+    for (int64_t i = 0; i < (lp[b] + block_size - 1) / block_size; ++i)
+      TORCH_CHECK(tables[b * max_blocks + i] >= 0 && tables[b * max_blocks + i] < k_cache.size(0), "block ",
+                  tables[b * max_blocks + i], " is outside the cache");
   }
   float* kc = k_cache.data_ptr<float>();
   float* vc = v_cache.data_ptr<float>();
@@ -354,7 +358,6 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
   const int64_t G = Hq / Hkv;
   const float* qp = q.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  const int64_t* tables = block_tables.data_ptr<int64_t>();
   // Threads only where an item (one KV head of one sequence) is worth a fork and join: ~2^17 multiply-adds.
   const int64_t longest = *std::max_element(lp, lp + B);
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 17) / std::max<int64_t>(1, longest * G * D));
@@ -373,11 +376,15 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
 
 }  // namespace
 
+// The kernels run without the GIL, as torch's own ops do: the server's event loop and the client threads of an
+// in-process server go on while a step computes.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using released = py::call_guard<py::gil_scoped_release>;
   m.def("supported", &supported, "whether this CPU has AVX2, FMA and F16C (what the kernels use)");
-  m.def("product_f16", &product_f16, "x (T, K) float32 times w (N, K) float16, transposed: (T, N)");
-  m.def("add_rms_norm", &add_rms_norm, "(normed, residual stream) of x plus the residual");
-  m.def("rotary_", &rotary_, "rotary position embedding of q and k, in place");
-  m.def("silu_mul", &silu_mul, "silu(gate) * up of gate_up (T, 2I)");
-  m.def("decode_attention", &decode_attention, "a decode step's KV write and attention over the paged cache");
+  m.def("product_f16", &product_f16, "x (T, K) float32 times w (N, K) float16, transposed: (T, N)", released());
+  m.def("add_rms_norm", &add_rms_norm, "(normed, residual stream) of x plus the residual", released());
+  m.def("rotary_", &rotary_, "rotary position embedding of q and k, in place", released());
+  m.def("silu_mul", &silu_mul, "silu(gate) * up of gate_up (T, 2I)", released());
+  m.def("decode_attention", &decode_attention, "a decode step's KV write and attention over the paged cache",
+        released());
 }

@@ -146,6 +146,14 @@ def test_decode_attention_refuses_a_context_longer_than_its_table():
 
 
 @needs_kernels
+def test_decode_attention_refuses_a_block_outside_the_cache():
+    q, k, v, k_cache, v_cache, slots, tables, lens, _ = paged_decode_case([5, 6], 4, 2)
+    tables[1, 0] = k_cache.shape[0]
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        cpu_kernels.decode_attention(q, k, v, k_cache, v_cache, slots, tables, lens, 0.25)
+
+
+@needs_kernels
 def test_the_engine_with_the_kernels_computes_the_logits_of_the_engine_without(make_engine, monkeypatch):
     with_kernels = make_engine(cpu_weight_format="float16")
     assert isinstance(with_kernels.backend, CpuDecodeBackend)

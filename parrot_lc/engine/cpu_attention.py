@@ -17,6 +17,9 @@ from parrot_lc.engine.attention import TorchReferenceBackend
 
 class CpuDecodeBackend(TorchReferenceBackend):
     name = "cpu"
+    # Decode steps read each sequence's whole table, so the model runner need not group them (steps with prompt
+    # tokens keep the reference's threshold).
+    min_shared_elements_decode = 2**62
 
     def forward(self, q, k, v, k_cache, v_cache, meta, scale):
         decode = len(meta.query_lens) == q.shape[0]  # one query row per sequence

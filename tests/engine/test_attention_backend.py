@@ -1,4 +1,5 @@
-"""Attention backends (torch reference, Triton) against dense float64 attention over the same KV.
+"""Attention backends (torch reference, Triton, the compiled CPU decode step) against dense float64 attention over the
+same KV.
 
 Each case is a batch over a paged cache: some sequences share a prefix (read once by the shared part),
 each has KV of its own before this step's rows, and rows are decode tokens or prefill chunks. Without a GPU
@@ -12,12 +13,15 @@ from functools import partial
 import pytest
 import torch
 
+from parrot_lc.engine import cpu_kernels, triton_attention
 from parrot_lc.engine.attention import AttentionMetadata, SharedPrefix, TorchReferenceBackend
-from parrot_lc.engine import triton_attention
+from parrot_lc.engine.cpu_attention import CpuDecodeBackend
 from parrot_lc.engine.triton_attention import TritonBackend
 
-BACKENDS = {"torch": TorchReferenceBackend, "triton": TritonBackend}
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BACKENDS = {"torch": TorchReferenceBackend, "triton": TritonBackend}
+if DEVICE == "cpu" and cpu_kernels.available():
+    BACKENDS["cpu"] = CpuDecodeBackend  # decode steps compiled (their shared groups read through each table)
 
 
 @dataclass
@@ -105,6 +109,17 @@ SMALL_CASE = [Seq(True, 9, 5), Seq(True, 5, 1), Seq(False, 0, 10), Seq(True, 0, 
 @pytest.mark.parametrize("num_heads, num_kv_heads", [(4, 4), (8, 2), (6, 2)])
 def test_shared_prefix_plus_own_part_equals_dense_attention(backend, num_heads, num_kv_heads, window):
     for out, expected in run_case(backend, SMALL_CASE, 12, num_heads, num_kv_heads, 16, 4, torch.float32, window):
+        assert torch.allclose(out.double(), expected, atol=1e-5)
+
+
+DECODE_CASE = [Seq(True, 9, 1), Seq(True, 0, 1), Seq(False, 13, 1), Seq(True, 4, 1)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("window", [None, 3])
+@pytest.mark.parametrize("num_heads, num_kv_heads", [(4, 4), (8, 2), (9, 3)])
+def test_a_decode_step_with_a_shared_prefix_equals_dense_attention(backend, num_heads, num_kv_heads, window):
+    for out, expected in run_case(backend, DECODE_CASE, 12, num_heads, num_kv_heads, 16, 4, torch.float32, window):
         assert torch.allclose(out.double(), expected, atol=1e-5)
 
 

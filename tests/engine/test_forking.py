@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from parrot_lc.engine import SamplingParams
+from parrot_lc.engine import SamplingParams, cpu_kernels
 from parrot_lc.engine.errors import ContextNotFoundError
 
 from conftest import greedy_text_ids
@@ -39,8 +39,10 @@ def test_fork_shares_full_blocks_and_copies_only_the_partial_one(tiny):
     assert tiny.stats().reused_tokens == 16 * 3 + 5
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpu"])
 def test_many_forks_generate_what_unforked_contexts_generate(make_engine, backend):
+    if backend == "cpu" and not cpu_kernels.available():
+        pytest.skip("parrot_lc._cpu is not built or not usable here")
     # Triton runs on the GPU when there is one, else in its CPU interpreter.
     device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
     tiny = make_engine(attention_backend=backend, device=device)

@@ -227,7 +227,8 @@ def test_forgetting_kv_inside_a_shared_block_lets_the_block_go_instead_of_writin
 
 
 def test_requests_that_share_cached_blocks_read_them_as_one_shared_prefix(make_engine, monkeypatch):
-    engine, uncached = make_engine(), make_engine(prefix_caching=False)
+    # The torch reference: it reads a group's prefix once in decode steps too.
+    engine, uncached = make_engine(attention_backend="torch"), make_engine(prefix_caching=False)
     engine.runner.min_shared_elements = engine.runner.min_shared_elements_decode = 0  # however small the prefix
     prompts = [random_tokens(40, 0) + [6 + i] for i in range(3)]
     engine.fill(prompts[0][:40] + [5], "warm")

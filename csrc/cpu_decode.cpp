@@ -6,8 +6,9 @@
 // decode attention with its KV write), and products of a few rows with float16 weights read each weight once
 // for all of them, converted to float32 in registers (F16C), with float32 sums (FMA).
 //
-// Every output element's sum runs in one fixed order (8-wide lanes over k, then the lanes, then the tail),
-// whatever the number of rows or threads, so a row's result does not depend on what it is batched with.
+// Every output element's sum runs in one fixed order (four 8-lane accumulators over k, added, then the lanes,
+// then the tail), whatever the number of rows or threads, so a row's result does not depend on what it is
+// batched with.
 //
 // The kernels use AVX2, FMA and F16C through function attributes, so the library loads on any x86-64 CPU;
 // `supported()` says whether this one has them (the Python side uses the kernels only then). Elsewhere the

@@ -26,6 +26,7 @@ from parrot_lc.frontend.completions import (
     completion_of,
     completion_request,
     reply_steps,
+    served_models_steps,
 )
 from parrot_lc.frontend.errors import ParrotConnectionError, ParrotError, RequestTimeoutError, response_body
 from parrot_lc.frontend.events import EventParser
@@ -137,6 +138,10 @@ class ParrotClient(_ClientBase):
     def detokenize(self, tokens: list[int], *, model: str | None = None) -> str:
         """The text of token ids, special tokens written out (`POST /detokenize`)."""
         return self._drive(detokenize_steps(tokens, model))
+
+    def served_models(self) -> list[str]:
+        """The names of the models the server serves, as its replies name them (`GET /v1/models`)."""
+        return self._drive(served_models_steps())
 
     def close(self) -> None:
         self._http.close()

@@ -64,6 +64,12 @@ def reply_steps(request: ApiRequest, read: Callable[[dict[str, Any]], Completion
     return read(body)
 
 
+def served_models_steps() -> Steps[list[str]]:
+    """The names of the models the server serves (`GET /v1/models`), as replies name them."""
+    [body] = yield [ApiRequest("GET", "/v1/models")]
+    return [model["id"] for model in body["data"]]
+
+
 def completion_of(body: dict[str, Any]) -> Completion:
     """A completion, or a piece of its stream."""
     return _completion(body, lambda choice: {"content": choice.get("text")})

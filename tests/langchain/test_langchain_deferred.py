@@ -8,7 +8,7 @@ from langchain_core.prompts import PromptTemplate
 from langchain_core.runnables import RunnableLambda, RunnableParallel
 from langchain_text_splitters import RecursiveCharacterTextSplitter
 
-from parrot_lc import ParrotLLM
+from parrot_lc import ChatParrot, ParrotLLM
 from parrot_lc.integrations.langchain import deferred
 
 DOCUMENT = " ".join(
@@ -71,6 +71,16 @@ def test_a_call_with_penalties_deferred_equals_eager(parrot_server):
     eager = (prompt | llm).invoke("the cat")
     assert deferred(prompt | llm).invoke("the cat") == eager
     assert eager != (prompt | llm.bind(frequency_penalty=0.0, repetition_penalty=1.0)).invoke("the cat")
+
+
+def test_a_deferred_chat_reply_names_the_served_model_as_the_eager_one_does(parrot_server):
+    """A server at base_url, no model named: its replies name the model it serves, and so do deferred ones."""
+    chat = ChatParrot(base_url=parrot_server, max_tokens=4, temperature=0)
+    prompt = PromptTemplate.from_template("Say {word}.")
+    eager = (prompt | chat).invoke({"word": "hi"})
+    recorded = deferred(prompt | chat).invoke({"word": "hi"})
+    assert recorded.response_metadata["model_name"] == eager.response_metadata["model_name"] == "tiny"
+    assert recorded.content == eager.content
 
 
 def test_parallel_branches_deferred_equal_eager(llm):

@@ -155,6 +155,34 @@ def test_structured_output_follows_the_schema(chat, method, schema, check):
     assert check(list(structured.stream("A forecast, please."))[-1])
 
 
+def test_a_pydantic_class_as_response_format_sends_its_schema_and_gives_the_parsed_object(chat, sent):
+    """ChatOpenAI's `invoke(..., response_format=Person)`: the parsed object in `additional_kwargs["parsed"]`."""
+    reply = chat.bind(response_format=Forecast).invoke("A forecast, please.")
+    assert sent[-1]["response_format"] == {"type": "json_schema", "json_schema": {
+        "name": "Forecast", "schema": convert_to_json_schema(Forecast), "strict": True}}
+    assert reply.additional_kwargs["parsed"] == Forecast.model_validate_json(reply.content)
+
+
+@pytest.mark.asyncio
+async def test_a_pydantic_response_format_is_parsed_in_async_calls_too(chat):
+    reply = await chat.ainvoke("A forecast, please.", response_format=Forecast)
+    assert isinstance(reply.additional_kwargs["parsed"], Forecast)
+
+
+def test_a_pydantic_response_format_cut_by_max_tokens_raises(chat):
+    with pytest.raises(LengthFinishReasonError):
+        chat.invoke("A forecast, please.", response_format=Forecast, max_tokens=3)
+
+
+def test_a_deferred_call_with_a_pydantic_response_format_runs_at_once_and_parses(chat, graphs):
+    ask = ChatPromptTemplate.from_messages([("human", "A forecast for {city}, please.")])
+    chain = ask | chat.model_copy(update={"temperature": 0}).bind(response_format=Forecast)
+    eager = chain.invoke({"city": "Oslo"})
+    runnable = deferred(chain)
+    reply = runnable.invoke({"city": "Oslo"})
+    assert reply.additional_kwargs["parsed"] == eager.additional_kwargs["parsed"] and not graphs
+
+
 def test_json_mode_gives_a_json_object(chat):
     """With a seed whose sample closes its object within max_tokens (JSON mode allows any whitespace: most samples
     of the random model ramble on until they are cut, which raises)."""

@@ -45,14 +45,18 @@ class ParrotParams(BaseModel):
     """The fields of ParrotLLM and ChatParrot (a mixin: listed before the LangChain base class, whose config
     ignores unknown arguments: each class sets `model_config = PARAMS_CONFIG` to refuse them, naming them)."""
 
-    base_url: str | None = Field(default_factory=from_env("PARROT_BASE_URL", default=None))
+    base_url: str | None = Field(default_factory=from_env("PARROT_BASE_URL", default=None),
+                                 validation_alias=AliasChoices("base_url", "openai_api_base"))
     """Root URL of a running Parrot server (`parrot-lc serve`), e.g. `"http://127.0.0.1:9000"`; requests go
     to its OpenAI-compatible `/v1/...` endpoints and its Parrot API `/api/...`. A trailing `/v1` is dropped.
-    Default: the `PARROT_BASE_URL` environment variable. If neither is set, `model` runs in this process."""
+    Default: the `PARROT_BASE_URL` environment variable. If neither is set, `model` runs in this process. Also
+    set as `openai_api_base` (ChatOpenAI's other name)."""
 
-    api_key: SecretStr | None = Field(default_factory=secret_from_env("PARROT_API_KEY", default=None))
+    api_key: SecretStr | None = Field(default_factory=secret_from_env("PARROT_API_KEY", default=None),
+                                      validation_alias=AliasChoices("api_key", "openai_api_key"))
     """API key of a server started with `--api-key`, sent as `Authorization: Bearer <key>`. Default: the
-    `PARROT_API_KEY` environment variable (which an in-process server also reads)."""
+    `PARROT_API_KEY` environment variable (which an in-process server also reads). Also set as `openai_api_key`
+    (ChatOpenAI's other name)."""
 
     model: str | None = Field(default=None, validation_alias=AliasChoices("model", "model_name"))
     """Without `base_url`: the model to run in this process: `"smollm2"` (the default, SmolLM2-135M-Instruct),
@@ -101,8 +105,9 @@ class ParrotParams(BaseModel):
     """Keep generating past the end-of-sequence token until `max_tokens` (vLLM's sampling option of that name):
     every call then generates exactly `max_tokens` tokens, as benchmarks need."""
 
-    timeout: float | None = 120.0
-    """Seconds to wait for the server on each request (None: no limit)."""
+    timeout: float | None = Field(default=120.0, validation_alias=AliasChoices("timeout", "request_timeout"))
+    """Seconds to wait for the server on each request (None: no limit). Also set as `request_timeout`
+    (ChatOpenAI's other name)."""
 
     max_retries: int = Field(default=DEFAULT_MAX_RETRIES, ge=0)
     """Times a request is retried when the connection to the server cannot be made."""
@@ -133,12 +138,23 @@ class ParrotParams(BaseModel):
     # Async clients by event loop (an httpx.AsyncClient's connections belong to the loop that made them), then URL.
     _async_clients: weakref.WeakKeyDictionary = PrivateAttr(default_factory=weakref.WeakKeyDictionary)
     _clients_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+    _served_model: str | None = PrivateAttr(default=None)  # the model a server at base_url serves, once asked
 
     # ---- where the server is -----------------------------------------------------------------------
 
     def _model_name(self, model: str | None = None) -> str:
         """The name of the model a call runs on (per-call override, field, or the default), for metadata."""
         return self._requested_model(model) or REMOTE_MODEL_NAME
+
+    def _reply_model_name(self, model: str | None = None) -> str:
+        """The model name a reply reports (as the server's replies do): the requested model, else the one the
+        server at `base_url` serves (asked once). For a deferred call's reply, which no server reply names."""
+        requested = self._requested_model(model)
+        if requested:
+            return requested
+        if self._served_model is None:
+            self._served_model = next(iter(self.parrot_client().served_models()), REMOTE_MODEL_NAME)
+        return self._served_model
 
     def _requested_model(self, model: str | None = None) -> str | None:
         """The model a call names in its request: per-call override, field, the in-process default; None for a

@@ -36,7 +36,7 @@ from langchain_core.runnables import Runnable, RunnableGenerator, RunnableMap, R
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
-from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, Field, field_validator, model_validator
 from pydantic_core import from_json
 
 from parrot_lc.frontend import Completion, MessageDict
@@ -221,10 +221,7 @@ class ChatParrot(ParrotParams, BaseChatModel):
             parser: Runnable = (PydanticToolsParser(tools=[schema], first_tool_only=True) if pydantic
                                 else JsonOutputKeyToolsParser(key_name=name, first_tool_only=True))
         elif method in ("json_schema", "json_mode"):
-            json_schema = convert_to_json_schema(schema)
-            named = {"name": json_schema.get("title") or "output", "schema": json_schema, "strict": True}
-            response_format = ({"type": "json_object"} if method == "json_mode"
-                               else {"type": "json_schema", "json_schema": named})
+            response_format = {"type": "json_object"} if method == "json_mode" else _json_schema_format(schema)
             model = self.bind(response_format=response_format, **traced)
             parser = PydanticOutputParser(pydantic_object=schema) if pydantic else JsonOutputParser()
         else:
@@ -248,6 +245,9 @@ class ChatParrot(ParrotParams, BaseChatModel):
         the output's constraint, as the chat route applies it."""
         trace = current_trace()
         if trace is None:
+            return None
+        if _parsed_class(kwargs) is not None:  # the reply carries the object parsed from its real text
+            trace.note(type(self).__name__, "calls with a pydantic class as response_format run at once")
             return None
         chat = _chat_messages(messages)
         constraint = _output_constraint(kwargs.get("response_format"))
@@ -290,10 +290,13 @@ class ChatParrot(ParrotParams, BaseChatModel):
         """The chat request's options: the model, sampling, and the tools, response format and log-probabilities
         bound."""
         fields = {name: kwargs[name] for name in _REQUEST_OPTIONS if kwargs.get(name) is not None}
+        schema = _parsed_class(kwargs)
+        if schema is not None:
+            fields["response_format"] = _json_schema_format(schema)
         return {**self._request_options(stop, kwargs), **fields}
 
     def _recorded_result(self, text: str, kwargs: dict[str, Any]) -> ChatResult:
-        metadata = {"model_name": self._model_name(kwargs.get("model")), "model_provider": "parrot"}
+        metadata = {"model_name": self._reply_model_name(kwargs.get("model")), "model_provider": "parrot"}
         return ChatResult(generations=[ChatGeneration(message=AIMessage(content=text, response_metadata=metadata))])
 
     # ---- whole replies ------------------------------------------------------------------------------
@@ -312,7 +315,7 @@ class ChatParrot(ParrotParams, BaseChatModel):
         messages = self._known(messages, "ChatParrot.generate")
         client = self.parrot_client(kwargs.get("model"))
         reply = client.chat(_chat_messages(messages), **self._chat_options(stop, kwargs))
-        return _chat_result(reply, _structured(kwargs))
+        return _chat_result(reply, _structured(kwargs), _parsed_class(kwargs))
 
     async def _agenerate(
         self,
@@ -324,12 +327,12 @@ class ChatParrot(ParrotParams, BaseChatModel):
         kwargs = self._call_kwargs(kwargs)
         if current_trace() is not None:  # recording asks the server for the chat template's layout
             recorded = await asyncio.to_thread(self._record, messages, stop, kwargs)
-            if recorded is not None:
-                return self._recorded_result(recorded, kwargs)
+            if recorded is not None:  # its metadata may ask the server which model it serves
+                return await asyncio.to_thread(self._recorded_result, recorded, kwargs)
             messages = await asyncio.to_thread(self._known, messages, "ChatParrot.agenerate")
         client = await self._async_client(kwargs.get("model"))
         reply = await client.chat(_chat_messages(messages), **self._chat_options(stop, kwargs))
-        return _chat_result(reply, _structured(kwargs))
+        return _chat_result(reply, _structured(kwargs), _parsed_class(kwargs))
 
     # ---- streamed replies ---------------------------------------------------------------------------
 
@@ -501,9 +504,10 @@ def _usage_metadata(usage: dict[str, int] | None) -> UsageMetadata | None:
     return metadata
 
 
-def _chat_result(reply: Completion, structured: bool) -> ChatResult:
+def _chat_result(reply: Completion, structured: bool, parse_as: type[BaseModel] | None = None) -> ChatResult:
     """A reply as LangChain's result: a generation per choice, each message with the request's usage (as
-    ChatOpenAI gives it); a structured reply that `max_tokens` cut raises."""
+    ChatOpenAI gives it) and, asked with a pydantic class as `response_format`, the object parsed from it in
+    `additional_kwargs["parsed"]` (as ChatOpenAI's); a structured reply that `max_tokens` cut raises."""
     choices = [reply, *reply.others]
     for choice in choices:
         if structured and choice.finish_reason == "length":
@@ -515,6 +519,8 @@ def _chat_result(reply: Completion, structured: bool) -> ChatResult:
             metadata["logprobs"] = choice.logprobs
         message = AIMessage(content=choice.text, usage_metadata=_usage_metadata(reply.usage),
                             response_metadata=metadata, **_tool_calls(choice.tool_calls))
+        if parse_as is not None:
+            message.additional_kwargs["parsed"] = parse_as.model_validate_json(choice.text)
         generations.append(ChatGeneration(message=message, generation_info={"finish_reason": choice.finish_reason}))
     return ChatResult(generations=generations, llm_output={"token_usage": reply.usage, "model_name": reply.model})
 
@@ -533,7 +539,22 @@ def _last_chunk(end: StreamEnd, structured: bool, with_usage: bool) -> ChatGener
 def _structured(kwargs: dict[str, Any]) -> bool:
     """Whether a call's response format is one whose replies are parsed (JSON)."""
     response_format = kwargs.get("response_format")
-    return isinstance(response_format, dict) and response_format.get("type") in _STRUCTURED_FORMATS
+    return _parsed_class(kwargs) is not None or (isinstance(response_format, dict)
+                                                  and response_format.get("type") in _STRUCTURED_FORMATS)
+
+
+def _parsed_class(kwargs: dict[str, Any]) -> type[BaseModel] | None:
+    """The pydantic class given as a call's `response_format` (ChatOpenAI's `invoke(..., response_format=Person)`),
+    if it is one: the request asks for its JSON schema, and the reply carries the parsed object."""
+    response_format = kwargs.get("response_format")
+    return response_format if isinstance(response_format, type) and is_basemodel_subclass(response_format) else None
+
+
+def _json_schema_format(schema: Any) -> dict[str, Any]:
+    """OpenAI's `json_schema` response format of a schema (a pydantic class, a TypedDict, a JSON schema dict)."""
+    json_schema = convert_to_json_schema(schema)
+    named = {"name": json_schema.get("title") or "output", "schema": json_schema, "strict": True}
+    return {"type": "json_schema", "json_schema": named}
 
 
 def _argument_names(cls: type[ChatParrot]) -> set[str]:

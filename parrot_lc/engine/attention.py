@@ -16,6 +16,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from parrot_lc.settings import SettingsError
+
 
 @dataclass
 class SharedPrefix:
@@ -294,7 +296,8 @@ def _bias(mask: torch.Tensor) -> torch.Tensor:
 def select_backend(name: str, device: torch.device) -> AttentionBackend:
     """The attention backend a setting names. `auto`: on a GPU the CUDA decode kernel where the extension is
     built (Triton for everything else), else Triton; on a CPU the compiled decode kernel where it is built and the
-    CPU has what it uses (cpu_kernels), else the torch reference."""
+    CPU has what it uses (cpu_kernels), else the torch reference. A backend that cannot run on the device is
+    refused here, at start-up (SettingsError), not at the first request."""
     if name == "cpu" or (name == "auto" and device.type == "cpu"):
         from parrot_lc.engine import cpu_kernels
         from parrot_lc.engine.cpu_attention import CpuDecodeBackend
@@ -302,16 +305,30 @@ def select_backend(name: str, device: torch.device) -> AttentionBackend:
         if device.type == "cpu" and cpu_kernels.available():
             return CpuDecodeBackend()
         if name == "cpu":
-            raise ValueError("attention_backend 'cpu' needs a CPU device, an x86-64 CPU with AVX2, FMA and F16C, and "
-                             "the parrot_lc._cpu extension (built by setup.py where a C++ compiler is found)")
+            raise SettingsError("attention_backend 'cpu' needs a CPU device, an x86-64 CPU with AVX2, FMA and F16C, "
+                                "and the parrot_lc._cpu extension (built by scripts/install.sh where a C++ compiler "
+                                "is found)")
     if name == "torch" or (name == "auto" and device.type != "cuda"):
         return TorchReferenceBackend()
+    if device.type != "cuda" and not _triton_interprets():
+        raise SettingsError(f"attention_backend {name!r} needs a CUDA device (this engine's is {device.type}); "
+                            "on a CPU use auto, cpu or torch")
     from parrot_lc.engine import cuda_attention
     from parrot_lc.engine.triton_attention import TritonBackend
 
     if name == "cuda" and (device.type != "cuda" or not cuda_attention.available()):
-        raise ValueError("attention_backend 'cuda' needs a CUDA device of sm_80 or newer and the parrot_lc._cuda "
-                         "extension (built by setup.py where torch has CUDA and nvcc is found)")
+        raise SettingsError("attention_backend 'cuda' needs a CUDA device of sm_80 or newer and the parrot_lc._cuda "
+                            "extension (built by setup.py where torch has CUDA and nvcc is found)")
     if name == "cuda" or (name == "auto" and cuda_attention.available()):
         return cuda_attention.CudaBackend()
     return TritonBackend()
+
+
+def _triton_interprets() -> bool:
+    """Whether Triton is installed and runs its kernels in its CPU interpreter (TRITON_INTERPRET=1, as the tests
+    set): then its backend runs on a CPU device too."""
+    try:
+        import triton
+    except ImportError:
+        return False
+    return bool(triton.knobs.runtime.interpret)

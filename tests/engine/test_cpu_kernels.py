@@ -15,6 +15,7 @@ from parrot_lc.engine.attention import select_backend
 from parrot_lc.engine.cpu_attention import CpuDecodeBackend
 from parrot_lc.engine.cpu_weights import Float16Linear, cpu_features
 from parrot_lc.engine.models.llama import Rope
+from parrot_lc.settings import SettingsError
 
 HAS_WHAT_THEY_USE = platform.machine() == "x86_64" and {"avx2", "fma", "f16c"} <= cpu_features().flags
 BUILDABLE = shutil.which("c++") is not None and (Path(sysconfig.get_paths()["include"]) / "Python.h").is_file()
@@ -34,7 +35,7 @@ def test_the_kernels_are_built_and_used_where_a_compiler_and_the_cpu_allow():
 
 
 def test_the_cpu_backend_is_refused_on_a_gpu_device():
-    with pytest.raises(ValueError, match="attention_backend 'cpu'"):
+    with pytest.raises(SettingsError, match="attention_backend 'cpu'"):
         select_backend("cpu", torch.device("cuda"))
 
 

@@ -13,7 +13,9 @@ from parrot_lc.engine import (
     OutOfMemoryError,
     SamplingParams,
 )
+from parrot_lc.engine import attention
 from parrot_lc.engine.errors import ModelLoadError
+from parrot_lc.settings import SettingsError
 
 GREEDY = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
 
@@ -157,3 +159,12 @@ def test_a_step_that_raises_fails_its_requests_and_the_engine_thread_serves_on(t
 def test_the_cuda_backend_on_a_cpu_device_is_refused(make_engine):
     with pytest.raises(ValueError, match="attention_backend 'cuda' needs a CUDA device"):
         make_engine(attention_backend="cuda")
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_a_gpu_backend_on_a_cpu_device_is_refused_at_start_up_where_triton_does_not_interpret(
+        make_engine, monkeypatch, backend):
+    # Outside the tests (which run Triton in its CPU interpreter) such an engine would fail every request instead.
+    monkeypatch.setattr(attention, "_triton_interprets", lambda: False)
+    with pytest.raises(SettingsError, match=f"attention_backend '{backend}' needs a CUDA device"):
+        make_engine(attention_backend=backend)

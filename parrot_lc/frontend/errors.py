@@ -23,7 +23,7 @@ class ParrotError(Exception):
 
 
 class InvalidRequestError(ParrotError):
-    """A request the server refused as malformed or out of range (400, 413, 422 validation errors)."""
+    """A request the server refused as malformed or out of range (400, 413)."""
 
 
 class AuthError(ParrotError):

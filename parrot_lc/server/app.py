@@ -58,7 +58,12 @@ from parrot_lc.settings import ServerSettings
 PROBE_TIMEOUT_S = 2.0
 
 log = logging.getLogger("parrot_lc.server")
-ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 403, 404, 408, 413, 422, 424)}
+ERRORS = {status: {"model": ErrorBody} for status in (401, 403, 404, 408, 413, 424)}
+ERRORS[400] = {"model": ErrorBody, "description": "a request refused as it is: a value that fails validation (named "
+               "by `field` and `param`), JSON that does not parse, what the server does not implement"}
+# Listed on every route, so that FastAPI does not list its own 422 (a validation error in its `detail` shape).
+ERRORS[422] = {"model": ErrorBody, "description": "a graph of calls that cannot run, or an engine's registration "
+               "refused; never a request that fails validation (400)"}
 ERRORS[429] = {"model": ErrorBody, "description": "the server's queue is full: retry after `Retry-After` seconds",
                "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds to wait"}}}
 ERRORS[503] = {"model": ErrorBody, "description": "the server is shutting down: it takes no new work"}

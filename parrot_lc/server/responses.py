@@ -16,9 +16,10 @@ from starlette.responses import JSONResponse
 
 from parrot_lc.server.schemas import INVALID_CONSTRAINT, INVALID_TEXT, NOT_SUPPORTED
 
-# Validation errors of a malformed request (not Unicode text, asking for what the server does not implement), by
-# the type they are answered with: 400, where a value that the schema refuses is 422. (JSON that does not parse
-# is 400 too.)
+# Every request that fails validation is answered with 400, as OpenAI's API, vLLM and SGLang answer it (the `openai`
+# package raises its BadRequestError for it; FastAPI's own 422 would raise UnprocessableEntityError). The `type` of
+# a malformed request (not Unicode text, asking for what the server does not implement, a constraint that is no
+# grammar), by its validator's error type; a value that the schema refuses is a ValidationError.
 BAD_REQUEST_ERRORS = {INVALID_TEXT: "MalformedText", "string_unicode": "MalformedText", NOT_SUPPORTED: "NotSupported",
                       INVALID_CONSTRAINT: "InvalidConstraint"}
 # The part of a request that an error's location begins with: a field is named without it.
@@ -64,8 +65,7 @@ async def invalid_request(request: Request, exc: RequestValidationError) -> JSON
             if not (isinstance(p, str) and UNION_MEMBER.fullmatch(p))] + ([named] if named else [])
     field = ".".join(path) or "body"
     kind = BAD_REQUEST_ERRORS.get(first["type"])
-    return error_response(400 if kind else 422, f"{field}: {first['msg']}", kind or "ValidationError", field,
-                          code=first["type"])
+    return error_response(400, f"{field}: {first['msg']}", kind or "ValidationError", field, code=first["type"])
 
 
 async def http_error(request: Request, exc: HTTPException) -> JSONResponse:

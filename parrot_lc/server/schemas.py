@@ -26,9 +26,10 @@ from parrot_lc.engine.sampling import SamplingParams
 from parrot_lc.server.structured_output import FieldError, response_format_constraint, sampling_constraint
 from parrot_lc.server.tool_calls import ToolRequest
 
-# Error types of the validators here that the HTTP layer answers with 400, not 422 (parrot_lc/server/responses.py):
-# text that is no Unicode, a field or a value that the server does not implement, and a constraint of an output
-# (a response format, a schema, a regex) that is no grammar.
+# Error types of the validators here that the HTTP layer answers (with 400, as every refused request) under a `type`
+# of their own, not ValidationError (parrot_lc/server/responses.py): text that is no Unicode, a field or a value that
+# the server does not implement, and a constraint of an output (a response format, a schema, a regex) that is no
+# grammar.
 INVALID_TEXT, NOT_SUPPORTED, INVALID_CONSTRAINT = "invalid_text", "not_supported", "invalid_constraint"
 
 

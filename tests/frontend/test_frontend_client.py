@@ -219,6 +219,12 @@ def test_a_replys_usage_counts_the_prompt_tokens_whose_kv_the_server_had(client)
     assert 16 <= again["cached_tokens"] < again["prompt_tokens"] == first["prompt_tokens"]
 
 
+def test_a_value_the_schema_refuses_is_an_invalid_request_error_naming_the_field(client):
+    with pytest.raises(InvalidRequestError) as info:
+        client.complete("Hi", temperature=5)
+    assert (info.value.status, info.value.type, info.value.field) == (400, "ValidationError", "temperature")
+
+
 def test_completion_errors_are_typed_whole_streamed_or_unreachable(client):
     with pytest.raises(InvalidRequestError, match="non-empty") as info:
         client.complete("Hi", stop=[""])

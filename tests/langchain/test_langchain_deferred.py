@@ -1,8 +1,12 @@
 """The Runnable adapter: unchanged chains run as one graph on the server and return what eager runs return."""
 
+import asyncio
 import logging
+from typing import Any
 
 import pytest
+from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.outputs import LLMResult
 from langchain_core.output_parsers import CommaSeparatedListOutputParser, StrOutputParser
 from langchain_core.prompts import PromptTemplate
 from langchain_core.runnables import RunnableLambda, RunnableParallel
@@ -81,6 +85,33 @@ def test_a_deferred_chat_reply_names_the_served_model_as_the_eager_one_does(parr
     recorded = deferred(prompt | chat).invoke({"word": "hi"})
     assert recorded.response_metadata["model_name"] == eager.response_metadata["model_name"] == "tiny"
     assert recorded.content == eager.content
+
+
+class ModelNames(BaseCallbackHandler):
+    """The model name each LLM result names: in its `llm_output`, and in each of its generations' info."""
+
+    def __init__(self) -> None:
+        self.names: list[tuple[str, list[str]]] = []
+
+    def on_llm_end(self, response: LLMResult, **kwargs: Any) -> None:
+        infos = [generation.generation_info for generations in response.generations for generation in generations]
+        self.names.append((response.llm_output["model_name"], [info["model_name"] for info in infos]))
+
+
+@pytest.mark.parametrize("method", ["invoke", "ainvoke"])
+def test_a_deferred_completion_names_the_served_model_as_the_eager_one_does(parrot_server, method):
+    """A server at base_url, no model named: a completion's reply names the model it serves, and so does the
+    result of a deferred call, in its llm_output and its generation's info."""
+    chain = PromptTemplate.from_template("Say {word}.") | ParrotLLM(base_url=parrot_server, max_tokens=4,
+                                                                     temperature=0)
+
+    def run(runnable: Any, names: ModelNames) -> Any:
+        result = getattr(runnable, method)({"word": "hi"}, {"callbacks": [names]})
+        return asyncio.run(result) if method == "ainvoke" else result
+
+    eager, recorded = ModelNames(), ModelNames()
+    assert run(chain, eager) == run(deferred(chain), recorded)
+    assert recorded.names == eager.names == [("tiny", ["tiny"])]
 
 
 def test_parallel_branches_deferred_equal_eager(llm):

@@ -81,7 +81,7 @@ def test_a_chats_new_system_prompt_is_filled_at_the_chats_priority(oai, prefix_f
 
 
 def test_bad_sampling_is_a_4xx_the_client_raises(oai):
-    with pytest.raises(openai.UnprocessableEntityError):
+    with pytest.raises(openai.BadRequestError):
         oai.completions.create(model="tiny", prompt="x", temperature=-1)
 
 
@@ -151,9 +151,9 @@ def test_an_image_content_part_gets_400_naming_it(oai):
 
 
 @pytest.mark.parametrize("text", [5, None, ["a"]])
-def test_a_text_content_part_whose_text_is_no_string_is_422_naming_it(client, text):
+def test_a_text_content_part_whose_text_is_no_string_is_400_naming_it(client, text):
     body = {**CHAT, "messages": [{"role": "user", "content": [{"type": "text", "text": text}]}]}
-    assert_refused(client.post("/v1/chat/completions", json=body), 422, "messages.0.content.0.text")
+    assert_refused(client.post("/v1/chat/completions", json=body), 400, "messages.0.content.0.text")
 
 
 def test_text_content_parts_are_the_text_they_hold(oai):
@@ -267,6 +267,6 @@ def test_penalties_reach_the_engine_and_change_a_repeating_greedy_answer(oai, op
 
 @pytest.mark.parametrize("field, value", [("presence_penalty", 2.5), ("frequency_penalty", -3), ("min_p", 1.5),
                                           ("repetition_penalty", 0)])
-def test_a_penalty_out_of_range_gets_422_naming_it(client, field, value):
+def test_a_penalty_out_of_range_gets_400_naming_it(client, field, value):
     response = client.post("/v1/chat/completions", json={**CHAT, field: value})
-    assert_refused(response, 422, field)
+    assert_refused(response, 400, field)

@@ -34,16 +34,24 @@ def test_an_empty_list_of_prompts_is_a_bad_request_naming_the_prompt(client):
 ])
 def test_a_value_of_no_type_that_a_field_takes_names_the_field_not_a_type(client, route, body, field):
     """pydantic's location of such an error holds the member of the field's union it tried ("stop.str")."""
-    error = assert_refused(client.post(route, json={"max_tokens": 1, **body}), 422, field)
+    error = assert_refused(client.post(route, json={"max_tokens": 1, **body}), 400, field)
     assert error["message"].startswith(f"{field}: ")
 
 
 def test_a_refused_value_reaches_the_openai_exception_as_its_param_and_code(oai):
     """`param` is the field, `code` the kind of fault (pydantic's error type for a value out of its range)."""
-    with pytest.raises(openai.UnprocessableEntityError) as refused:
+    with pytest.raises(openai.BadRequestError) as refused:
         oai.chat.completions.create(model="tiny", messages=HI, max_tokens=0)
     assert (refused.value.param, refused.value.code) == ("max_tokens", "greater_than_equal")
     assert refused.value.body["field"] == "max_tokens"  # kept for the clients that read ours
+
+
+def test_a_value_out_of_range_raises_openais_bad_request_error_naming_the_param(oai):
+    """OpenAI's API, vLLM and SGLang answer a request that fails validation with 400: code written for them catches
+    `openai.BadRequestError` (a 422 would raise UnprocessableEntityError)."""
+    with pytest.raises(openai.BadRequestError) as refused:
+        oai.chat.completions.create(model="tiny", messages=HI, max_tokens=1, temperature=5)
+    assert refused.value.status_code == 400 and refused.value.param == "temperature"
 
 
 def test_a_part_the_server_does_not_implement_is_named_by_param_with_code_not_supported(oai):

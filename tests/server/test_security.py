@@ -262,7 +262,7 @@ def test_engine_registration_without_the_engine_key_is_refused_even_from_loopbac
 ])
 def test_registered_engine_urls_must_be_http_with_a_host(engine_keyed, url):
     refused = httpx.post(f"{engine_keyed.base_url}/api/engines", json={"url": url}, headers=AS_ENGINE)
-    assert refused.status_code == 422 and refused.json()["error"]["field"] == "url"
+    assert refused.status_code == 400 and refused.json()["error"]["field"] == "url"
     assert remote_urls(engine_keyed) == []
 
 
@@ -299,5 +299,5 @@ def test_a_heartbeat_for_an_engine_inside_the_server_is_404(engine_keyed):
 def test_an_engines_own_errors_have_the_documented_shape(engine_app_urls):
     [url] = engine_app_urls(ENGINE_KEY, 1)
     bad_fill = httpx.post(f"{url}/fill", json={"token_ids": "many", "context_id": "c"}, headers=AS_ENGINE)
-    assert_refused(bad_fill, 422, "token_ids")
+    assert_refused(bad_fill, 400, "token_ids")
     assert_refused(httpx.get(f"{url}/no-such-route", headers=AS_ENGINE), 404, "path")

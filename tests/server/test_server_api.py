@@ -203,11 +203,11 @@ def test_variables_made_in_one_request_come_back_in_order_with_their_values(clie
     assert session.get(made[1]["var_id"], timeout=0.1).status_code == 408  # made without a value
 
 
-def test_an_empty_batch_of_variables_is_422_naming_the_field(client):
+def test_an_empty_batch_of_variables_is_400_naming_the_field(client):
     session = Session(client)
     response = client.post(f"/api/sessions/{session.id}/variables:batchCreate", json={"variables": []},
                            headers=session.headers)
-    assert response.status_code == 422 and "variables" in response.text
+    assert response.status_code == 400 and "variables" in response.text
 
 
 def test_malformed_json_is_400(client):
@@ -260,11 +260,11 @@ def test_an_oversized_body_is_413(client):
     assert_error(client.post("/v1/completions", json={"model": "tiny", "prompt": "x" * (3 * 2**20)}), 413, "bytes")
 
 
-def test_invalid_sampling_values_are_422_naming_the_field(client):
+def test_invalid_sampling_values_are_400_naming_the_field(client):
     session = Session(client)
     out = session.var()
     response = session.submit([{"text": "x"}, {"output": out, "sampling": {"top_p": 0}}])
-    assert_error(response, 422, "calls.0.template.1.sampling.top_p")
+    assert_error(response, 400, "calls.0.template.1.sampling.top_p")
 
 
 def test_stop_token_ids_outside_the_vocabulary_are_400(client):
@@ -294,7 +294,7 @@ def post_raw(client: httpx.Client, path: str, body: bytes, headers: dict | None 
 @pytest.mark.parametrize("timeout", ["nan", "inf", "-inf", "-1"])
 def test_a_nan_timeout_is_refused_naming_the_field(client, timeout):
     session = Session(client)
-    assert_refused(session.get(session.var("a value"), timeout=timeout), 422, "timeout")
+    assert_refused(session.get(session.var("a value"), timeout=timeout), 400, "timeout")
 
 
 def test_nan_and_infinite_numbers_in_a_body_are_refused_naming_the_field(client):
@@ -303,9 +303,9 @@ def test_nan_and_infinite_numbers_in_a_body_are_refused_naming_the_field(client)
     out = session.var()
     calls = b'{"calls": [{"template": [{"text": "x"}, {"output": "%s", "sampling": {"temperature": NaN}}]}]}'
     response = post_raw(client, f"/api/sessions/{session.id}/calls", calls % out.encode(), session.headers)
-    assert_refused(response, 422, "calls.0.template.1.sampling.temperature")
+    assert_refused(response, 400, "calls.0.template.1.sampling.temperature")
     completion = b'{"model": "tiny", "prompt": "x", "max_tokens": 2, "top_p": Infinity}'
-    assert_refused(post_raw(client, "/v1/completions", completion), 422, "top_p")
+    assert_refused(post_raw(client, "/v1/completions", completion), 400, "top_p")
 
 
 def test_a_lone_surrogate_in_a_variable_name_gets_400_naming_the_field(client):
@@ -348,11 +348,11 @@ def test_unknown_routes_and_methods_get_the_documented_error_shape(client):
 
 @pytest.mark.parametrize("head", [[], [{"text": ""}], [{"text": ""}, {"text": ""}]],
                          ids=["only-an-output", "empty-text", "two-empty-texts"])
-def test_a_template_with_nothing_before_its_first_output_is_422_naming_it(client, head):
+def test_a_template_with_nothing_before_its_first_output_is_400_naming_it(client, head):
     """Such a call has no prompt to generate from: refused at submission, not failed later by the engine."""
     session = Session(client)
     response = session.submit([*head, {"output": session.var()}, {"text": "after"}])
-    assert_refused(response, 422, "calls.0.template")
+    assert_refused(response, 400, "calls.0.template")
 
 
 # ---- observability ---------------------------------------------------------------------------------------

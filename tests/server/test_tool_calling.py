@@ -275,6 +275,6 @@ def test_bad_tool_fields_get_400_naming_them(client, fields, field):
     ({"tools": [{"type": "function", "function": {"name": "no spaces"}}]}, "tools.0.function.name"),
     ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice"),
 ])
-def test_malformed_tool_fields_get_422_naming_them(client, fields, field):
+def test_malformed_tool_fields_get_400_naming_them(client, fields, field):
     body = {"model": "tiny", "messages": ASK, "max_tokens": 2, **fields}
-    assert_refused(client.post("/v1/chat/completions", json=body), 422, field)
+    assert_refused(client.post("/v1/chat/completions", json=body), 400, field)

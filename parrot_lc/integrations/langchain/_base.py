@@ -148,7 +148,8 @@ class ParrotParams(BaseModel):
 
     def _reply_model_name(self, model: str | None = None) -> str:
         """The model name a reply reports (as the server's replies do): the requested model, else the one the
-        server at `base_url` serves (asked once). For a deferred call's reply, which no server reply names."""
+        server at `base_url` serves (asked once). For a deferred call's reply or a batch run as a graph, which no
+        server reply names."""
         requested = self._requested_model(model)
         if requested:
             return requested

@@ -180,8 +180,8 @@ class ParrotLLM(ParrotParams, BaseLLM):
     ) -> LLMResult:
         if current_trace() is not None:
             recorded = await asyncio.to_thread(self._record, prompts, stop, kwargs)
-            if recorded is not None:
-                return self._graph_result(recorded, kwargs)
+            if recorded is not None:  # its metadata may ask the server which model it serves
+                return await asyncio.to_thread(self._graph_result, recorded, kwargs)
             prompts = await asyncio.to_thread(self._known, prompts, "ParrotLLM.agenerate")
         if len(prompts) > 1:
             return await self._agenerate_graph(prompts, stop, kwargs)
@@ -201,7 +201,8 @@ class ParrotLLM(ParrotParams, BaseLLM):
             with session.graph():
                 outputs = add_calls(session, [[prompt] for prompt in prompts], sampling)
             # Every call runs on the server from the submission on; the fetches only wait for the values.
-            return self._graph_result([output.get() for output in outputs], kwargs)
+            texts = [output.get() for output in outputs]
+        return self._graph_result(texts, kwargs)
 
     async def _agenerate_graph(self, prompts: list[str], stop: list[str] | None,
                                kwargs: dict[str, Any]) -> LLMResult:
@@ -210,8 +211,12 @@ class ParrotLLM(ParrotParams, BaseLLM):
         async with client.session() as session:
             async with session.graph():
                 outputs = add_calls(session, [[prompt] for prompt in prompts], sampling)
-            return self._graph_result(await asyncio.gather(*(output.aget() for output in outputs)), kwargs)
+            texts = await asyncio.gather(*(output.aget() for output in outputs))
+        return await asyncio.to_thread(self._graph_result, texts, kwargs)
 
     def _graph_result(self, texts: list[str], kwargs: dict[str, Any]) -> LLMResult:
-        return LLMResult(generations=[[Generation(text=text)] for text in texts],
-                         llm_output={"model_name": self._model_name(kwargs.get("model"))})
+        """The result of calls run as a graph, whose values no server reply names the model of: named as a
+        completion's reply names it (may ask the server which model it serves, once)."""
+        model = self._reply_model_name(kwargs.get("model"))
+        return LLMResult(generations=[[Generation(text=text, generation_info={"model_name": model})] for text in texts],
+                         llm_output={"model_name": model})

@@ -14,7 +14,7 @@ from langchain_core.messages import HumanMessage
 from langchain_core.output_parsers import StrOutputParser
 from pydantic import ValidationError
 
-from parrot_lc.frontend.errors import NotFoundError
+from parrot_lc.frontend.errors import InvalidRequestError, NotFoundError
 from parrot_lc.integrations.langchain import ChatParrot, LengthFinishReasonError, deferred
 
 
@@ -149,3 +149,114 @@ def test_model_kwargs_refuse_arguments_of_their_own_and_fields_not_sent(model_kw
     dropped."""
     with pytest.raises(ValidationError, match=why):
         ChatParrot(base_url="http://127.0.0.1:9", model_kwargs=model_kwargs)
+
+
+
+# ---- ChatOpenAI's connection arguments, extra_body and the arguments it cannot honour ---------------------------
+
+
+@pytest.fixture
+def exchanges() -> list[httpx.Response]:
+    """Every response that `on_the_wire` models get (each with its request), sync and async alike."""
+    return []
+
+
+@pytest.fixture
+def on_the_wire(parrot_server, exchanges):
+    """`on_the_wire(**arguments)`: ChatParrot on the test server (tiny, greedy, 3 tokens unless the arguments say
+    otherwise), every exchange in `exchanges`."""
+    async def anote(response: httpx.Response) -> None:
+        exchanges.append(response)
+
+    def make(**arguments) -> ChatParrot:
+        defaults = dict(base_url=parrot_server, model="tiny", max_tokens=3, temperature=0)
+        return ChatParrot(**{**defaults, **arguments},
+                          sync_client_kwargs={"event_hooks": {"response": [exchanges.append]}},
+                          async_client_kwargs={"event_hooks": {"response": [anote]}})
+
+    return make
+
+
+def _chat_bodies(exchanges: list[httpx.Response]) -> list[dict]:
+    return [json.loads(r.request.content) for r in exchanges if r.request.url.path == "/v1/chat/completions"]
+
+
+def _graph_samplings(exchanges: list[httpx.Response]) -> list[dict]:
+    """The sampling of every output of the graph calls submitted."""
+    calls = [call for r in exchanges if r.request.method == "POST" and r.request.url.path.endswith("/calls")
+             for call in json.loads(r.request.content)["calls"]]
+    return [piece["sampling"] for call in calls for piece in call["template"] if piece.get("output")]
+
+
+@pytest.mark.asyncio
+async def test_default_headers_reach_the_server_with_every_request_eager_deferred_and_async(on_the_wire, exchanges):
+    chain = on_the_wire(default_headers={"X-Request-Id": "trial-7", "X-Gateway-Route": "parrot"}) | StrOutputParser()
+    chain.invoke("Hi")
+    deferred(chain).invoke("Hi")
+    await chain.ainvoke("Hi")
+    assert len(_chat_bodies(exchanges)) == 2 and _graph_samplings(exchanges)  # eager, async, and a graph call
+    assert all(response.request.headers["x-gateway-route"] == "parrot" for response in exchanges)
+    # The server answers with the request id it received (a fresh one for a request without).
+    assert {response.headers["x-request-id"] for response in exchanges} == {"trial-7"}
+
+
+def test_default_query_is_added_to_every_request_url_eager_and_deferred(on_the_wire, exchanges):
+    chain = on_the_wire(default_query={"api-version": "2024-06-01"}) | StrOutputParser()
+    assert deferred(chain).invoke("Hi") == chain.invoke("Hi")
+    assert _chat_bodies(exchanges) and _graph_samplings(exchanges)
+    assert all(response.request.url.params["api-version"] == "2024-06-01" for response in exchanges)
+
+
+@pytest.mark.parametrize("name", ["organization", "openai_organization"])
+def test_organization_is_sent_as_the_openai_organization_header(on_the_wire, exchanges, name):
+    on_the_wire(**{name: "org-42"}).invoke("Hi")
+    assert exchanges and all(r.request.headers["openai-organization"] == "org-42" for r in exchanges)
+
+
+def test_extra_body_sampling_fields_reach_the_request_and_the_deferred_call_alike(on_the_wire, exchanges):
+    """vLLM's sampling fields in `extra_body`: top_k=1 at temperature 1 gives the greedy reply, eager and deferred
+    (the same seed without it does not)."""
+    sampled = dict(max_tokens=8, temperature=1.0, seed=3)
+    greedy = on_the_wire(max_tokens=8, repetition_penalty=1.1).invoke("Hi").content
+    assert on_the_wire(**sampled, repetition_penalty=1.1).invoke("Hi").content != greedy
+    chain = on_the_wire(**sampled, extra_body={"top_k": 1, "repetition_penalty": 1.1}) | StrOutputParser()
+    runnable = deferred(chain)
+    assert runnable.invoke("Hi") == chain.invoke("Hi") == greedy
+    assert not runnable.last_run.waits  # recorded, not run at once
+    assert {k: _chat_bodies(exchanges)[-1][k] for k in ("top_k", "repetition_penalty")} == {
+        "top_k": 1, "repetition_penalty": 1.1}
+    [sampling] = _graph_samplings(exchanges)
+    assert (sampling["top_k"], sampling["repetition_penalty"]) == (1, 1.1)
+
+
+@pytest.mark.parametrize("mode", ["eager", "deferred"])
+def test_an_extra_body_field_that_cannot_be_sent_fails_naming_it(on_the_wire, mode):
+    """The server refuses a field that it does not implement (`logit_bias`) naming it; a deferred call, which
+    could only drop it, raises the same error before sending anything."""
+    chain = on_the_wire(extra_body={"logit_bias": {"42": 5}}) | StrOutputParser()
+    with pytest.raises(InvalidRequestError) as refused:
+        (deferred(chain) if mode == "deferred" else chain).invoke("Hi")
+    assert refused.value.field == "logit_bias" and "logit_bias" in str(refused.value)
+
+
+@pytest.mark.parametrize("arguments, why", [
+    (dict(temperature=0.5, extra_body={"temperature": 0.7}), r"extra_body: \['temperature'\] set by other arguments"),
+    (dict(model_kwargs={"tool_choice": "none"}, extra_body={"tool_choice": "auto"}), r"\['tool_choice'\] set by other"),
+    (dict(extra_body={"messages": []}), r"extra_body cannot set \['messages'\]"),
+])
+def test_an_extra_body_field_given_another_way_too_is_refused(arguments, why):
+    with pytest.raises(ValidationError, match=why):
+        ChatParrot(base_url="http://127.0.0.1:9", **arguments)
+
+
+def test_a_call_option_that_extra_body_sets_too_is_refused(on_the_wire):
+    with pytest.raises(ValueError, match=r"\['top_p'\] set both in extra_body and by the call"):
+        on_the_wire(extra_body={"top_p": 0.5}).invoke("Hi", top_p=0.9)
+
+
+@pytest.mark.parametrize("name, value", [
+    ("reasoning_effort", "low"), ("http_client", httpx.Client()), ("http_async_client", httpx.AsyncClient())])
+def test_arguments_that_chatparrot_cannot_honour_are_refused_naming_them_and_none_is_taken(name, value):
+    with pytest.raises(ValidationError, match=rf"{name}\n  Value error, {name}\b.* is not taken"):
+        ChatParrot(base_url="http://127.0.0.1:9", **{name: value})
+    assert getattr(ChatParrot(base_url="http://127.0.0.1:9", **{name: None}), name) is None

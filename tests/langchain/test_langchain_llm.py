@@ -164,6 +164,20 @@ async def test_abatch_is_one_graph_that_shares_the_prefix_and_equals_invoking_ea
     alone = await asyncio.gather(*(llm.ainvoke(p) for p in prompts))
     assert batched == list(alone) and len(set(alone)) > 1
 
+def test_extra_body_sampling_fields_reach_a_batch_graph_as_a_single_completion(parrot_server):
+    """vLLM's top_k in `extra_body`: top_k=1 at temperature 1 is greedy, alone and in a batch (a graph); a field a
+    graph call cannot carry raises naming it, never dropped."""
+    sampled = dict(base_url=parrot_server, max_tokens=6, temperature=1.0, seed=3)
+    prompts = [PROMPT, PROMPT + " loudly"]
+    greedy = [ParrotLLM(base_url=parrot_server, max_tokens=6, temperature=0).invoke(p) for p in prompts]
+    assert [ParrotLLM(**sampled).invoke(p) for p in prompts] != greedy
+    top_1 = ParrotLLM(**sampled, extra_body={"top_k": 1})
+    assert top_1.batch(prompts) == [top_1.invoke(p) for p in prompts] == greedy
+    with pytest.raises(InvalidRequestError, match="'suffix'") as refused:
+        ParrotLLM(**sampled, extra_body={"suffix": "!"}).batch(prompts)
+    assert refused.value.field == "suffix"
+
+
 
 # ---- in-process mode ----------------------------------------------------------------------------------
 

@@ -15,9 +15,19 @@ from typing import Any, ClassVar
 
 from langchain_core.language_models import LangSmithParams
 from langchain_core.utils import from_env, secret_from_env
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, field_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-from parrot_lc.frontend import AsyncParrotClient, Completion, ParrotClient
+from parrot_lc.frontend import AsyncParrotClient, Completion, InvalidRequestError, ParrotClient
 from parrot_lc.frontend.client import DEFAULT_MAX_RETRIES
 from parrot_lc.frontend.inprocess import DEFAULT_MODEL, local_server
 from parrot_lc.integrations.langchain._trace import current_trace
@@ -39,6 +49,12 @@ SAMPLING_OPTIONS = ("temperature", "top_p", "seed", "presence_penalty", "frequen
 """Sampling fields that a call's keyword argument of the same name overrides."""
 CALL_OPTIONS = frozenset({"model", "max_tokens", "max_completion_tokens", "ignore_eos", *SAMPLING_OPTIONS})
 """The keyword arguments that a call of either class takes (`invoke(..., temperature=0)`, `bind(...)`)."""
+GRAPH_BODY_FIELDS = frozenset({"max_tokens", "temperature", "top_p", "top_k", "min_p", "presence_penalty",
+                               "frequency_penalty", "repetition_penalty", "seed", "stop", "ignore_eos"})
+"""The fields of an OpenAI request body that a graph call's sampling carries with the same meaning: those of
+`extra_body` that a deferred or batched call can send."""
+SET_BY_EACH_REQUEST = frozenset({"model", "prompt", "messages", "stream", "stream_options"})
+"""Request fields that every request sets itself: `extra_body` cannot set them."""
 
 
 class ParrotParams(BaseModel):
@@ -126,10 +142,69 @@ class ParrotParams(BaseModel):
     async_client_kwargs: dict[str, Any] = Field(default_factory=dict)
     """Options of the async clients only (over `client_kwargs`), e.g. `transport` or async `event_hooks`."""
 
+    default_headers: dict[str, str] | None = None
+    """HTTP headers sent with every request to the server (ChatOpenAI's option), those of deferred runs and
+    batches too, e.g. a gateway's routing or tracing header. A `headers` option of the clients' kwargs overrides one
+    of the same name."""
+
+    default_query: dict[str, Any] | None = None
+    """Query parameters added to the URL of every request to the server (ChatOpenAI's option), those of deferred
+    runs and batches too, e.g. a gateway's `api-version`."""
+
+    organization: str | None = Field(default=None,
+                                     validation_alias=AliasChoices("organization", "openai_organization"))
+    """Sent as the `OpenAI-Organization` header, as the `openai` package sends it (a Parrot server ignores it; a
+    gateway before it may read it); `default_headers` may override it. Also set as `openai_organization`
+    (ChatOpenAI's name of the field)."""
+
+    extra_body: dict[str, Any] | None = None
+    """Further fields of every completion or chat request body, merged over what the class sends (the `openai`
+    package's `extra_body`), e.g. vLLM's sampling fields `{"top_k": 20, "repetition_penalty": 1.1}`; the server
+    checks them (an unimplemented field, or a value out of range, is its 400 naming the field). A field that an
+    argument, `model_kwargs` or the call's keyword arguments (or `stop`) also set is refused, naming it. A deferred
+    or batched call (a graph call) carries those of them that a graph call's sampling has with the same meaning
+    (`top_k`, `min_p`, `repetition_penalty`, ..., see `GRAPH_BODY_FIELDS`); another raises InvalidRequestError
+    naming it, never dropped."""
+
+    http_client: Any = None
+    """ChatOpenAI's own httpx.Client: not taken (any value but None is refused, naming the field). The frontend's
+    clients make their httpx clients themselves, one per server (and per event loop, async), with the server's URL,
+    the API key and a transport that retries a connection that cannot be made; give httpx's options in
+    `client_kwargs` / `sync_client_kwargs` instead (`transport`, `verify`, `proxy`, `limits`, `event_hooks`...)."""
+
+    http_async_client: Any = None
+    """ChatOpenAI's own httpx.AsyncClient: not taken, as `http_client`; give httpx's options in
+    `client_kwargs` / `async_client_kwargs` instead."""
+
     @field_validator("stop", mode="before")
     @classmethod
     def _stop_sequences(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
+
+    @field_validator("http_client", "http_async_client")
+    @classmethod
+    def _own_http_clients(cls, value: Any, info: ValidationInfo) -> None:
+        if value is not None:
+            kwargs = "sync_client_kwargs" if info.field_name == "http_client" else "async_client_kwargs"
+            raise ValueError(f"{info.field_name} is not taken: the frontend's clients make their own httpx clients "
+                             f"(per server and event loop, with a retrying transport); give httpx's options in "
+                             f"client_kwargs or {kwargs} instead (transport, verify, proxy, limits, event_hooks...)")
+        return None
+
+    @model_validator(mode="after")
+    def _extra_body_fields_once(self) -> ParrotParams:
+        extra = set(self.extra_body or ())
+        reserved = sorted(extra & SET_BY_EACH_REQUEST)
+        if reserved:
+            raise ValueError(f"extra_body cannot set {reserved}: every request sets them")
+        twice = sorted(extra & self._fields_given())
+        if twice:
+            raise ValueError(f"extra_body: {twice} set by other arguments too (or model_kwargs): give each once")
+        return self
+
+    def _fields_given(self) -> set[str]:
+        """The request fields that this model's arguments set (not left to their defaults)."""
+        return self.model_fields_set & (self._call_options | {"stop"})
 
     _call_options: ClassVar[frozenset[str]] = CALL_OPTIONS
     """The keyword arguments a call takes; others are refused (ValueError) before any request."""
@@ -196,6 +271,13 @@ class ParrotParams(BaseModel):
 
     def _client_options(self, specific: dict[str, Any]) -> dict[str, Any]:
         options = {"timeout": self.timeout, **self.client_kwargs, **specific}
+        organization = {"OpenAI-Organization": self.organization} if self.organization else {}
+        headers = {**organization, **(self.default_headers or {}), **(options.get("headers") or {})}
+        params = {**(self.default_query or {}), **(options.get("params") or {})}  # httpx adds a request's own
+        if headers:
+            options["headers"] = headers
+        if params:
+            options["params"] = params
         api_key = self.api_key.get_secret_value() if self.api_key is not None else None
         return {"api_key": api_key, "max_retries": self.max_retries, **options}
 
@@ -227,9 +309,35 @@ class ParrotParams(BaseModel):
         """The call's `max_tokens` (or OpenAI's newer `max_completion_tokens`), else the field's."""
         return kwargs.get("max_tokens") or kwargs.get("max_completion_tokens") or self.max_tokens
 
-    def _request_options(self, stop: list[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """The keyword arguments of a completion or chat request of the frontend: the model and sampling."""
-        return {"model": self._requested_model(kwargs.get("model")), **self._sampling(stop, kwargs)}
+    def _request_options(self, stop: list[str] | None, kwargs: dict[str, Any], **fields: Any) -> dict[str, Any]:
+        """The keyword arguments of a completion or chat request of the frontend: the model, sampling, the request's
+        other `fields` (a chat's tools...), and `extra_body`'s fields over them (as the `openai` package merges
+        them)."""
+        options = {"model": self._requested_model(kwargs.get("model")), **self._sampling(stop, kwargs), **fields}
+        return {**options, **self._extra_body(stop, kwargs)}
+
+    def _graph_sampling(self, stop: list[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The sampling of a graph call (deferred or batched): a call's, with `extra_body`'s fields that a graph
+        call carries; one that it cannot carry raises InvalidRequestError naming it, never dropped (the call would
+        differ from the request that an eager call sends)."""
+        sampling = self._sampling(stop, kwargs)
+        for name, value in self._extra_body(stop, kwargs).items():
+            if name not in GRAPH_BODY_FIELDS:
+                raise InvalidRequestError(f"{type(self).__name__}: extra_body's {name!r} cannot be sent with a "
+                                          f"deferred or batched call (a graph call), which carries "
+                                          f"{sorted(GRAPH_BODY_FIELDS)}", field=name)
+            if name == "stop" and isinstance(value, str):
+                value = [value]
+            sampling[name] = 0 if name == "top_k" and value == -1 else value  # vLLM's -1 is a graph call's 0: no cut
+        return sampling
+
+    def _extra_body(self, stop: list[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """`extra_body`'s fields for a call; one that the call sets too is refused, naming it."""
+        extra = self.extra_body or {}
+        twice = sorted(set(extra) & {*kwargs, *(["stop"] if stop else [])})
+        if twice:
+            raise ValueError(f"{type(self).__name__}: {twice} set both in extra_body and by the call")
+        return extra
 
     # ---- tokens, and text of a deferred run -----------------------------------------------------------------
 

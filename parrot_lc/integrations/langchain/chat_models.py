@@ -91,7 +91,9 @@ class ChatParrot(ParrotParams, BaseChatModel):
     As a stand-in for LangChain's ChatOpenAI it takes ChatOpenAI's common arguments with their meaning: `model`
     (or `model_name`), `base_url`, `api_key`, `temperature`, `max_tokens` (or `max_completion_tokens`), `top_p`,
     `frequency_penalty`, `presence_penalty`, `seed`, `stop`, `n`, `logprobs`, `top_logprobs`, `timeout`,
-    `max_retries`, `streaming`, `stream_usage` and `model_kwargs`; and a call's `n`, `logprobs` and `stream_usage`.
+    `max_retries`, `streaming`, `stream_usage`, `model_kwargs`, `extra_body`, `default_headers`, `default_query` and
+    `organization`; and a call's `n`, `logprobs` and `stream_usage`. `reasoning_effort`, `http_client` and
+    `http_async_client` are taken as None only (see their fields).
 
     Tools: `bind_tools` (LangChain tools, functions, Pydantic classes, TypedDicts or OpenAI tool dicts) sends them
     with the chat; the server renders them with the model's chat template and reads its calls into
@@ -145,6 +147,18 @@ class ChatParrot(ParrotParams, BaseChatModel):
     call's own keyword arguments override them. A field that has an argument of its own (`temperature`...) or that
     the server does not take is refused, naming it."""
 
+    reasoning_effort: str | None = None
+    """ChatOpenAI's option for reasoning models: the served models have no reasoning mode, so only None is taken
+    (any other value is refused, naming the field, rather than ignored)."""
+
+    @field_validator("reasoning_effort")
+    @classmethod
+    def _no_reasoning_mode(cls, value: str | None) -> None:
+        if value is not None:
+            raise ValueError(f"reasoning_effort={value!r} is not taken: the served models have no reasoning mode "
+                             "(leave it unset)")
+        return None
+
     @field_validator("model_kwargs")
     @classmethod
     def _request_fields_only(cls, value: dict[str, Any]) -> dict[str, Any]:
@@ -157,6 +171,10 @@ class ChatParrot(ParrotParams, BaseChatModel):
             raise ValueError(f"{unknown}: no request fields that ChatParrot sends; model_kwargs takes "
                              f"{sorted(cls._call_options - arguments)}")
         return value
+
+    def _fields_given(self) -> set[str]:
+        """The request fields that the arguments set, `model_kwargs`' among them."""
+        return super()._fields_given() | set(self.model_kwargs)
 
     @model_validator(mode="after")
     def _one_reply_when_streaming(self) -> ChatParrot:
@@ -266,7 +284,7 @@ class ChatParrot(ParrotParams, BaseChatModel):
         prompt = trace.chat_prompt(self, chat)
         if prompt is None:
             return None
-        sampling = self._sampling(stop, kwargs)
+        sampling = self._graph_sampling(stop, kwargs)
         return trace.record([prompt], {**sampling, "constraint": constraint} if constraint else sampling)[0]
 
     def _call_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -287,13 +305,13 @@ class ChatParrot(ParrotParams, BaseChatModel):
         return usage if isinstance(usage, bool) else self.stream_usage
 
     def _chat_options(self, stop: list[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """The chat request's options: the model, sampling, and the tools, response format and log-probabilities
-        bound."""
+        """The chat request's options: the model, sampling, the tools, response format and log-probabilities
+        bound, and `extra_body`'s fields."""
         fields = {name: kwargs[name] for name in _REQUEST_OPTIONS if kwargs.get(name) is not None}
         schema = _parsed_class(kwargs)
         if schema is not None:
             fields["response_format"] = _json_schema_format(schema)
-        return {**self._request_options(stop, kwargs), **fields}
+        return self._request_options(stop, kwargs, **fields)
 
     def _recorded_result(self, text: str, kwargs: dict[str, Any]) -> ChatResult:
         metadata = {"model_name": self._reply_model_name(kwargs.get("model")), "model_provider": "parrot"}

@@ -34,7 +34,8 @@ class ParrotLLM(ParrotParams, BaseLLM):
     `completion_tokens`, `total_tokens`, `cached_tokens`); its finish reason (`"stop"` or `"length"`) in
     `generation_info["finish_reason"]`; a stream ends with an empty chunk whose `generation_info` holds both
     (`finish_reason`, `model_name`, `token_usage`). Server errors raise `parrot_lc.frontend.ParrotError` subclasses with
-    the server's message.
+    the server's message. As a stand-in for LangChain's `OpenAI` it also takes `extra_body`, `default_headers`,
+    `default_query` and `organization` with their meaning (see the fields).
 
     Example:
         ```python
@@ -65,7 +66,7 @@ class ParrotLLM(ParrotParams, BaseLLM):
         trace = current_trace()
         if trace is None or not trace.can_record(self, kwargs):
             return None
-        return trace.record(prompts, self._sampling(stop, kwargs))
+        return trace.record(prompts, self._graph_sampling(stop, kwargs))
 
     # ---- one prompt: a completion ----------------------------------------------------------------------
 
@@ -196,7 +197,7 @@ class ParrotLLM(ParrotParams, BaseLLM):
     # ---- several prompts: one graph in a frontend session ---------------------------------------------
 
     def _generate_graph(self, prompts: list[str], stop: list[str] | None, kwargs: dict[str, Any]) -> LLMResult:
-        sampling = self._sampling(stop, kwargs)  # checked before a session is opened
+        sampling = self._graph_sampling(stop, kwargs)  # checked before a session is opened
         with self.parrot_client(kwargs.get("model")).session() as session:
             with session.graph():
                 outputs = add_calls(session, [[prompt] for prompt in prompts], sampling)
@@ -206,7 +207,7 @@ class ParrotLLM(ParrotParams, BaseLLM):
 
     async def _agenerate_graph(self, prompts: list[str], stop: list[str] | None,
                                kwargs: dict[str, Any]) -> LLMResult:
-        sampling = self._sampling(stop, kwargs)
+        sampling = self._graph_sampling(stop, kwargs)
         client = await self._async_client(kwargs.get("model"))
         async with client.session() as session:
             async with session.graph():

@@ -404,7 +404,8 @@ class LLMEngine:
         masks = token_masks([r.grammar for r in requests], self.config.vocab_size, self.device)
         histories = [TokenHistory(r.context.token_ids, r.output_token_ids) if r.sampling.penalized else None
                      for r in requests]
-        tokens = self.sampler.sample(logits, params, generators, masks, histories)  # (B,) on the device
+        banned = [r.sampling.banned_tokens(r.num_generated, self.eos_token_ids) for r in requests]
+        tokens = self.sampler.sample(logits, params, generators, masks, histories, banned)  # (B,) on the device
         logprob_rows = [(row, r.sampling.logprobs) for row, r in enumerate(requests) if r.sampling.logprobs is not None]
         logprobs = None
         if logprob_rows:

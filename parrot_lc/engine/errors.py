@@ -18,7 +18,12 @@ class ContextBusyError(EngineError):
 
 
 class InvalidRequestError(EngineError, ValueError):
-    """Bad arguments: empty fills, token ids outside the vocabulary, invalid sampling values."""
+    """Bad arguments: empty fills, token ids outside the vocabulary, invalid sampling values; `field` names the
+    sampling field at fault, where one is."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class OutOfMemoryError(EngineError):

@@ -85,9 +85,8 @@ class Request:
         assert self.sampling is not None
         params = self.sampling
         self.output_token_ids.append(token)
-        reason = None
-        if (token in eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
-            reason = "stop"
+        stop_token = (token in eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids
+        reason = "stop" if stop_token else None
         if self.grammar is not None:
             accepted = self.grammar.accept(token)
             assert accepted, f"token {token} sampled against its request's grammar"
@@ -97,7 +96,11 @@ class Request:
             reason = "length"
         delta = ""
         if self.text is not None:
-            delta, stopped = self.text.add(self.output_token_ids, final=reason is not None)
+            # The token that ends it is no part of its text (as vLLM's without include_stop_str_in_output), and
+            # stop strings count only in the text after its first min_tokens tokens (as vLLM's).
+            delta, stopped = self.text.add(self.output_token_ids[:-1] if stop_token else self.output_token_ids,
+                                           final=reason is not None,
+                                           find_stops=len(self.output_token_ids) > params.min_tokens)
             reason = "stop" if stopped else reason
         return RequestOutput(self.request_id, self.context.context_id, [token], delta, finished=reason is not None,
                              finish_reason=reason, cached_tokens=self.cached_tokens,
@@ -119,10 +122,10 @@ class StreamedText:
     _decoded: int = 0  # tokens whose text is in `text`
     _emitted: int = 0  # characters of `text` streamed
 
-    def add(self, token_ids: list[int], final: bool) -> tuple[str, bool]:
+    def add(self, token_ids: list[int], final: bool, find_stops: bool = True) -> tuple[str, bool]:
         """The text to stream now that `token_ids` (all of the output) has a new token, and whether a stop
-        string ended it. A possible start of a stop string, or a character whose bytes are not all there yet
-        (U+FFFD), is held back until the next token, unless the output ends here."""
+        string ended it (looked for only with `find_stops`). A possible start of a stop string, or a character whose
+        bytes are not all there yet (U+FFFD), is held back until the next token, unless the output ends here."""
         before = self.decode(token_ids[self._window_start : self._decoded])
         window = self.decode(token_ids[self._window_start :])
         searched = len(self.text)
@@ -130,7 +133,7 @@ class StreamedText:
             self.text += window[len(before) :]
             self._window_start, self._decoded = self._decoded, len(token_ids)
         longest = max((len(stop) for stop in self.stops), default=0)
-        found = [self.text.find(stop, max(0, searched - longest + 1)) for stop in self.stops]
+        found = [self.text.find(stop, max(0, searched - longest + 1)) for stop in self.stops if find_stops]
         cut = min((at for at in found if at >= 0), default=-1)  # the stop string that the text has first
         stopped = cut >= 0
         if stopped:

@@ -33,6 +33,9 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    # Tokens generated before the output may end (vLLM's min_tokens): until then EOS (unless ignored) and
+    # `stop_token_ids` are never sampled, and no stop string is looked for.
+    min_tokens: int = 0
     # Each sampled token's log-probability and the k most likely tokens' (None: none); see engine/logprobs.py.
     logprobs: int | None = None
     # The same for the tokens the request fills (its prompt), computed in its prefill only when asked (None: not).
@@ -57,6 +60,7 @@ class SamplingParams:
             ("presence_penalty", -2.0 <= self.presence_penalty <= 2.0, "must be in [-2, 2]"),
             ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "must be in [-2, 2]"),
             ("repetition_penalty", 0.0 < self.repetition_penalty <= 10.0, "must be in (0, 10]"),
+            ("min_tokens", 0 <= self.min_tokens <= self.max_tokens, "must be in [0, max_tokens]"),
             ("seed", self.seed is None or 0 <= self.seed < 2**63, "must be a non-negative 64-bit integer"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "must hold non-empty strings"),
             (
@@ -74,11 +78,22 @@ class SamplingParams:
         ]
         for name, ok, why in checks:
             if not ok:
-                raise InvalidRequestError(f"sampling.{name} {why} (got {getattr(self, name)!r})")
+                raise InvalidRequestError(f"sampling.{name} {why} (got {getattr(self, name)!r})", name)
         if self.constraint is not None:
             if not isinstance(self.constraint, Constraint):
                 raise InvalidRequestError(f"sampling.constraint must be a Constraint (got {self.constraint!r})")
             self.constraint.validate()
+            if self.min_tokens:
+                # A complete grammar allows only its end, which min_tokens would forbid: nothing left to sample.
+                raise InvalidRequestError("sampling.min_tokens cannot go with a constraint, whose grammar may be "
+                                          "complete sooner", "min_tokens")
+
+    def banned_tokens(self, num_generated: int, eos_token_ids: tuple[int, ...]) -> tuple[int, ...]:
+        """The tokens that its next token may not be, after `num_generated`: those that would end it, before
+        `min_tokens`."""
+        if num_generated >= self.min_tokens:
+            return ()
+        return self.stop_token_ids + (() if self.ignore_eos else eos_token_ids)
 
     @property
     def penalized(self) -> bool:
@@ -107,13 +122,17 @@ class Sampler:
     def sample(
         self, logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
         masks: TokenMasks | None = None, histories: list[TokenHistory | None] | None = None,
+        banned: list[tuple[int, ...]] | None = None,
     ) -> torch.Tensor:
         """logits: (B, V) float32 on the sampler's device; returns B token ids (B,) int64 there. `histories`: the
         tokens so far of each penalized row (None for the others); their penalties change their logits here, in
-        place. `masks`: the tokens that constrained rows may take; their other logits are set to -inf, after the
-        penalties, before greedy and sampled rows alike pick."""
+        place. `banned`: each row's tokens that it may not take (`SamplingParams.banned_tokens`). `masks`: the
+        tokens that constrained rows may take; their other logits are set to -inf, after the penalties and bans,
+        before greedy and sampled rows alike pick."""
         if histories is not None and any(h is not None for h in histories):
             apply_penalties(logits, params, histories)
+        if banned is not None and any(banned):
+            ban_tokens(logits, banned)
         if masks is not None:
             apply_token_masks(logits, masks)
         tokens = logits.argmax(dim=-1)  # (B,)
@@ -192,3 +211,10 @@ def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], historie
     frequency = to_device([params[i].frequency_penalty for i in rows], logits.device, torch.float32)[:, None]
     selected -= presence * (output > 0) + frequency * output
     logits[on_device] = selected.to(logits.dtype)
+
+
+def ban_tokens(logits: torch.Tensor, banned: list[tuple[int, ...]]) -> None:
+    """Sets each row's banned tokens' logits to -inf, in place on logits (B, V)."""
+    rows = [row for row, tokens in enumerate(banned) for _ in tokens]
+    columns = [token for tokens in banned for token in tokens]
+    logits[to_device(rows, logits.device), to_device(columns, logits.device)] = float("-inf")

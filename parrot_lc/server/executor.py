@@ -187,7 +187,8 @@ def attempt_sampling(sampling: SamplingParams, call: Call) -> SamplingParams | N
     nothing is left to ask."""
     done = call.progress.tokens
     if done or call.prompt_logprobs is not None:
-        sampling = dataclasses.replace(sampling, max_tokens=sampling.max_tokens - done, prompt_logprobs=None)
+        sampling = dataclasses.replace(sampling, max_tokens=sampling.max_tokens - done,
+                                       min_tokens=max(sampling.min_tokens - done, 0), prompt_logprobs=None)
     if done and sampling.constraint is not None:  # its grammar goes on after the tokens generated before
         sampling = dataclasses.replace(sampling, constraint_prefix=tuple(call.progress.output_ids))
     return sampling if sampling.max_tokens > 0 or sampling.prompt_logprobs is not None else None

@@ -58,7 +58,7 @@ class OpenAIEngine:
         # OpenAI-compatible server may refuse, go only to a request that needs them.
         neutral = SamplingParams()
         body.update({name: getattr(sampling, name) for name in ("presence_penalty", "frequency_penalty",
-                     "repetition_penalty", "min_p", "top_k", "ignore_eos")
+                     "repetition_penalty", "min_p", "top_k", "ignore_eos", "stop_token_ids", "min_tokens")
                      if getattr(sampling, name) != getattr(neutral, name)})
         self._prompt_tokens += len(tokens)
         try:

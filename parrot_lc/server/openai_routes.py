@@ -19,6 +19,7 @@ from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from parrot_lc.engine.constraints import Constraint
+from parrot_lc.engine.errors import InvalidRequestError
 from parrot_lc.engine.logprobs import TokenLogprob
 from parrot_lc.engine.sampling import SamplingParams
 from parrot_lc.server.errors import CallFailedError, NotFoundError, ServerError
@@ -100,10 +101,13 @@ def openai_router(manager: ParrotManager, model_name: str, client_of: Callable[.
         sampling = body.to_params(max_tokens)
         if forced is not None:
             if sampling.constraint is not None:
-                raise ServerError("response_format and a forced tool_choice both constrain the output: send one",
-                                  "tool_choice")
+                raise ServerError("response_format (or a guided_* field) and a forced tool_choice both constrain the "
+                                  "output: send one", "tool_choice")
             sampling = dataclasses.replace(sampling, constraint=forced)
-        sampling.validate(manager.vocab_size)
+        try:
+            sampling.validate(manager.vocab_size)
+        except InvalidRequestError as exc:  # named as the request names it (max_tokens as the server settled it)
+            raise ServerError(str(exc).removeprefix("sampling."), exc.field) from None
         return sampling
 
     async def respond(body: OpenAISampling, client: str | None, prompts: list[CompletionPrompt], shape: Choices):

@@ -13,6 +13,7 @@ from pydantic import (
     Field,
     HttpUrl,
     NonNegativeInt,
+    PrivateAttr,
     StrictInt,
     TypeAdapter,
     ValidationError,
@@ -21,9 +22,10 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from parrot_lc.engine.constraints import Constraint
 from parrot_lc.engine.logprobs import MAX_LOGPROBS
 from parrot_lc.engine.sampling import SamplingParams
-from parrot_lc.server.structured_output import FieldError, response_format_constraint, sampling_constraint
+from parrot_lc.server.structured_output import GUIDED_KINDS, FieldError, openai_constraint, sampling_constraint
 from parrot_lc.server.tool_calls import ToolRequest
 
 # Error types of the validators here that the HTTP layer answers (with 400, as every refused request) under a `type`
@@ -103,6 +105,8 @@ class Sampling(StrictModel):
     stop: list[str] = Field(default_factory=list)
     stop_token_ids: list[int] = Field(default_factory=list)
     ignore_eos: bool = False
+    min_tokens: int = Field(0, ge=0, description="tokens generated before EOS, a stop token or a stop string may "
+                            "end the output (no more than max_tokens; not with a constraint)")
     constraint: SamplingConstraint | None = None
 
     @field_validator("constraint")
@@ -295,17 +299,30 @@ class EngineRef(BaseModel):
 
 # Fields of OpenAI's API that this server does not implement, with the values that ask for nothing (which clients
 # send anyway: LangChain's ChatOpenAI, for one, may send `n: 1` or `logit_bias: {}`). Any other value is
-# refused (400) rather than silently ignored. Other fields that the server does not know (`user`, `metadata`,
-# `store`, `service_tier`...) change nothing of the answer: ignored, as vLLM does.
+# refused (400) rather than silently ignored; so are vLLM's extension fields (its "extra parameters", which clients
+# send through the openai package's `extra_body`) that would change the answer, with their neutral values (vLLM's
+# defaults; `skip_special_tokens` and `include_stop_str_in_output` as this server decodes). Other fields that the
+# server does not know (`user`, `metadata`, `store`, `service_tier`, vLLM's `priority` or `request_id`...) change
+# nothing of the answer: ignored, as vLLM does.
 UNIMPLEMENTED: dict[str, tuple[Any, ...]] = {
     "suffix": (None, ""), "logit_bias": (None, {}), "tools": (None, []), "tool_choice": (None, "none"),
     "functions": (None, []), "function_call": (None, "none"), "modalities": (None, ["text"]), "audio": (None,),
     "prediction": (None,), "reasoning_effort": (None,), "web_search_options": (None,),
+    # vLLM's
+    "guided_grammar": (None,), "guided_decoding_backend": (None, "xgrammar"), "guided_whitespace_pattern": (None,),
+    "structured_outputs": (None,), "structural_tag": (None,), "use_beam_search": (None, False),
+    "length_penalty": (None, 1.0, 1), "prompt_logprobs": (None,), "truncate_prompt_tokens": (None,),
+    "allowed_token_ids": (None,), "bad_words": (None, []), "logits_processors": (None, []),
+    "skip_special_tokens": (None, True), "spaces_between_special_tokens": (None, True),
+    "include_stop_str_in_output": (None, False), "add_special_tokens": (None, True),
+    "return_tokens_as_token_ids": (None, False),
 }
 # A chat has no `echo` (a completion's field; vLLM's chat echo of the last message is not implemented); its tools
-# are implemented (a completion's are not).
+# are implemented (a completion's are not). vLLM's fields of a chat's template are not implemented either.
 CHAT_UNIMPLEMENTED = {**{k: v for k, v in UNIMPLEMENTED.items() if k not in ("tools", "tool_choice")},
-                      "echo": (None, False)}
+                      "echo": (None, False), "add_generation_prompt": (None, True),
+                      "continue_final_message": (None, False), "chat_template": (None,),
+                      "chat_template_kwargs": (None, {}), "documents": (None, [])}
 MAX_CHOICES = 128  # choices one request may ask for (`n`; OpenAI's limit)
 
 
@@ -367,19 +384,37 @@ class OpenAISampling(RequestModel):
     best_of: int | None = Field(None, ge=1, description="only as many as `n` (no choice is generated to be dropped)")
     response_format: ResponseFormat | None = Field(None, description="text (the default), json_object or json_schema: "
                                                    "the output is constrained to match")
+    stop_token_ids: list[int] | None = Field(None, description="token ids that end the output, their text left out "
+                                             "(vLLM's extension)")
+    min_tokens: int = Field(0, ge=0, description="tokens generated before EOS, a stop token or a stop string may end "
+                            "the output (vLLM's extension; not with a constraint)")
+    guided_json: dict[str, Any] | str | None = Field(None, description="the output is JSON valid against this schema, "
+                                                     "an object or its JSON text (vLLM's extension)")
+    guided_regex: str | None = Field(None, description="the output matches this regular expression (vLLM's extension)")
+    guided_choice: list[str] | None = Field(None, description="the output is one of these strings (vLLM's extension)")
 
     unimplemented: ClassVar[dict[str, tuple[Any, ...]]] = UNIMPLEMENTED
+    _constraint: Constraint | None = PrivateAttr(None)  # of response_format or a guided field, once checked
 
     @field_validator("response_format", mode="plain", json_schema_input_type=ResponseFormat | None)
     @classmethod
-    def response_grammar(cls, value: Any) -> ResponseFormat | None:
-        """A response format whose schema is a grammar; a bad one is a 400 naming its part."""
+    def response_format_parts(cls, value: Any) -> ResponseFormat | None:
+        """A response format; a bad one is a 400 naming its part (its grammar is checked in `one_constraint`)."""
         try:
-            response_format = None if value is None else ResponseFormat.model_validate(value)
-            response_format_constraint(response_format)
-        except (ValidationError, FieldError) as exc:
+            return None if value is None else ResponseFormat.model_validate(value)
+        except ValidationError as exc:
             raise constraint_error(exc) from None
-        return response_format
+
+    @model_validator(mode="after")
+    def one_constraint(self) -> "OpenAISampling":
+        """What the output must match: response_format's or a guided field's grammar, at most one; a bad one, or a
+        second one, is a 400 naming it."""
+        try:
+            self._constraint = openai_constraint(self.response_format,
+                                                 {field: getattr(self, field) for field in GUIDED_KINDS})
+        except FieldError as exc:
+            raise constraint_error(exc) from None
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -408,8 +443,9 @@ class OpenAISampling(RequestModel):
                               presence_penalty=self.presence_penalty or 0.0,
                               frequency_penalty=self.frequency_penalty or 0.0,
                               repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
-                              seed=self.seed, stop=tuple(stop), ignore_eos=self.ignore_eos,
-                              constraint=response_format_constraint(self.response_format), **self.logprob_params())
+                              seed=self.seed, stop=tuple(stop), stop_token_ids=tuple(self.stop_token_ids or ()),
+                              ignore_eos=self.ignore_eos, min_tokens=self.min_tokens, constraint=self._constraint,
+                              **self.logprob_params())
 
     @abstractmethod
     def logprob_params(self) -> dict[str, int | None]:

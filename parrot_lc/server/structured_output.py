@@ -1,5 +1,6 @@
 """Structured output: what a request asks its output to match, as the engine's Constraint (engine/constraints.py),
-in one place for every route: OpenAI's `response_format` (`text`, `json_object`, `json_schema`) and the Parrot
+in one place for every route: OpenAI's `response_format` (`text`, `json_object`, `json_schema`), vLLM's guided
+decoding fields of its OpenAI-compatible routes (`guided_json`, `guided_regex`, `guided_choice`) and the Parrot
 API's sampling `constraint` (`regex`, `choice`, `json_schema`, `json_object`), which is also how the manager sends
 a constraint to an engine in another process. A bad one is a `FieldError` naming the part of the body at fault."""
 
@@ -7,7 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from parrot_lc.engine.constraints import Constraint
 from parrot_lc.engine.errors import InvalidRequestError
@@ -16,6 +17,8 @@ if TYPE_CHECKING:
     from parrot_lc.server.schemas import ResponseFormat, SamplingConstraint
 
 CONSTRAINT_KINDS = ("regex", "choice", "json_schema", "json_object")
+# vLLM's guided decoding fields (extra parameters of its OpenAI-compatible server), by the kind of constraint each is.
+GUIDED_KINDS = {"guided_json": "json_schema", "guided_regex": "regex", "guided_choice": "choice"}
 
 
 @dataclass
@@ -35,7 +38,7 @@ def response_format_constraint(response_format: ResponseFormat | None) -> Constr
     schema = response_format.json_schema
     if schema is None:
         raise FieldError("json_schema", "a json_schema response format needs `json_schema` (its name and schema)")
-    return checked(Constraint("json_schema", json.dumps(schema.schema_)), "json_schema.schema")
+    return kind_constraint("json_schema", schema.schema_, "json_schema.schema")
 
 
 def sampling_constraint(spec: SamplingConstraint | None) -> Constraint | None:
@@ -45,11 +48,49 @@ def sampling_constraint(spec: SamplingConstraint | None) -> Constraint | None:
     given = [kind for kind in CONSTRAINT_KINDS if getattr(spec, kind) not in (None, False)]
     if len(given) != 1:
         raise FieldError("", f"give exactly one of {', '.join(CONSTRAINT_KINDS)} (got {', '.join(given) or 'none'})")
-    kind = given[0]
+    return kind_constraint(given[0], getattr(spec, given[0]), given[0])
+
+
+def guided_constraint(field: str, value: Any) -> Constraint | None:
+    """The constraint of one of vLLM's guided decoding fields (None: not given); `guided_json` is a schema or its
+    JSON text."""
+    if value is None:
+        return None
+    if field == "guided_json" and isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise FieldError("", f"not JSON text: {exc}") from None
+        if not isinstance(value, dict):
+            raise FieldError("", f"a JSON schema is an object, or its JSON text (got {type(value).__name__})")
+    return kind_constraint(GUIDED_KINDS[field], value, "")
+
+
+def openai_constraint(response_format: ResponseFormat | None, guided: dict[str, Any]) -> Constraint | None:
+    """The one constraint of an OpenAI-compatible request: its `response_format`'s or one of vLLM's guided fields'
+    (`guided`: their values by name). A bad one, or a second one, is a FieldError naming it in full."""
+    constraints = {"response_format": named(response_format_constraint, "response_format", response_format),
+                   **{field: named(guided_constraint, field, field, value) for field, value in guided.items()}}
+    given = [field for field, constraint in constraints.items() if constraint is not None]
+    if len(given) > 1:
+        raise FieldError(given[1], f"{given[0]} and {given[1]} both constrain the output: send one")
+    return constraints[given[0]] if given else None
+
+
+def named(make: Callable[..., Constraint | None], field: str, *args: Any) -> Constraint | None:
+    """make(*args), whose FieldError is named in full: under `field`."""
+    try:
+        return make(*args)
+    except FieldError as exc:
+        raise FieldError(".".join(part for part in (field, exc.field) if part), exc.message) from None
+
+
+def kind_constraint(kind: str, value: Any, field: str) -> Constraint:
+    """The checked constraint of a kind of CONSTRAINT_KINDS, from its value (a regex, a list of choices, a schema;
+    any for json_object); a FieldError at `field` if it is no grammar."""
     if kind == "json_object":
         return Constraint("json_object")
-    value = getattr(spec, kind)
-    return checked(Constraint(kind, value if kind == "regex" else json.dumps(value)), kind)
+    return checked(Constraint(kind, value if kind == "regex" else json.dumps(value)), field)
 
 
 def constraint_fields(constraint: Constraint) -> dict[str, Any]:

@@ -6,6 +6,7 @@ import pytest
 
 from conftest import generate_from_all
 from parrot_lc.engine import (
+    Constraint,
     ContextBusyError,
     ContextNotFoundError,
     EngineStepError,
@@ -65,12 +66,19 @@ def test_generate_from_an_empty_context_is_rejected(tiny):
 @pytest.mark.parametrize(
     "field, value",
     [("max_tokens", 0), ("temperature", -1.0), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -2), ("seed", -1),
-     ("stop", ("",)), ("stop_token_ids", (99999,))],
+     ("stop", ("",)), ("stop_token_ids", (99999,)), ("min_tokens", 129)],
 )
 def test_invalid_sampling_values_name_the_field(tiny, field, value):
     tiny.fill([5], "c")
     with pytest.raises(InvalidRequestError, match=f"sampling.{field}"):
         tiny.submit_generate(SamplingParams(**{field: value}), "c")
+
+
+def test_min_tokens_with_a_constraint_is_refused(tiny):
+    """A complete grammar allows only its end, which min_tokens would forbid."""
+    tiny.fill([5], "c")
+    with pytest.raises(InvalidRequestError, match="sampling.min_tokens"):
+        tiny.submit_generate(SamplingParams(min_tokens=2, constraint=Constraint("regex", "a+")), "c")
 
 
 def test_the_engine_keeps_serving_after_bad_requests(tiny):

@@ -1,5 +1,7 @@
 """Sampling: greedy, temperature, top-k, top-p, seeds, and every way a generation stops."""
 
+import dataclasses
+
 import torch
 
 from parrot_lc.engine import SamplingParams
@@ -101,6 +103,32 @@ def test_stop_strings_end_generation_and_are_cut_from_the_text(tiny):
     assert stop
     _, cut_text, reason = generated(tiny, SamplingParams(max_tokens=12, temperature=0.0, stop=(stop,)))
     assert cut_text == text[: text.index(stop)] and reason == "stop"
+
+
+def test_the_token_that_stops_generation_is_left_out_of_the_text(tiny):
+    tiny.fill(list(range(3, 30)), "p")
+    free_run = generated(tiny, SamplingParams(max_tokens=8, seed=1, ignore_eos=True))[0]
+    tokens, text, _ = generated(tiny, SamplingParams(max_tokens=8, seed=1, stop_token_ids=(free_run[2],)))
+    assert tokens == free_run[: free_run.index(free_run[2]) + 1]
+    assert tiny.tokenizer.decode(tokens[-1:], skip_special_tokens=True)  # the stop token has text to leave out
+    assert text == tiny.tokenizer.decode(tokens[:-1], skip_special_tokens=True)
+
+
+def test_min_tokens_bans_eos_and_stop_token_ids_until_that_many_tokens(tiny):
+    tiny.fill(list(range(3, 30)), "p")
+    free_run = generated(tiny, SamplingParams(max_tokens=8, seed=1, ignore_eos=True))[0]
+    tiny.eos_token_ids = (free_run[0],)
+    sampling = SamplingParams(max_tokens=8, seed=1, stop_token_ids=(free_run[1],))
+    assert generated(tiny, sampling)[0] == free_run[:1]
+    tokens = generated(tiny, dataclasses.replace(sampling, min_tokens=5))[0]
+    assert len(tokens) > 5 and not {free_run[0], free_run[1]} & set(tokens[:5])
+
+
+def test_stop_strings_count_only_after_min_tokens(tiny):
+    tiny.fill(tiny.tokenizer("def main(self): return").input_ids, "p")
+    _, text, _ = generated(tiny, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
+    sampling = SamplingParams(max_tokens=12, temperature=0.0, stop=(text[3:6],), ignore_eos=True, min_tokens=12)
+    assert generated(tiny, sampling)[1:] == (text, "length")
 
 
 def test_streamed_text_deltas_join_to_the_full_text(tiny):

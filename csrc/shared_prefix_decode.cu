@@ -132,7 +132,7 @@ __device__ __forceinline__ uint64_t wgmma_desc(const void* p, uint32_t leading, 
                "{%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"                                               \
                : PARROT_ACC4(0), PARROT_ACC4(1), PARROT_ACC4(2), PARROT_ACC4(3), PARROT_ACC4(4),            \
                  PARROT_ACC4(5), PARROT_ACC4(6), PARROT_ACC4(7)                                             \
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1), "n"(TRANS ? 1 : 0))
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate ? 1 : 0), "n"(TRANS ? 1 : 0))
 #define PARROT_WGMMA_N128(TYPE)                                                                               \
   asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                                   \
                "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE " "                             \
@@ -145,7 +145,7 @@ __device__ __forceinline__ uint64_t wgmma_desc(const void* p, uint32_t leading, 
                  PARROT_ACC4(5), PARROT_ACC4(6), PARROT_ACC4(7), PARROT_ACC4(8), PARROT_ACC4(9),            \
                  PARROT_ACC4(10), PARROT_ACC4(11), PARROT_ACC4(12), PARROT_ACC4(13), PARROT_ACC4(14),       \
                  PARROT_ACC4(15)                                                                            \
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1), "n"(TRANS ? 1 : 0))
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate ? 1 : 0), "n"(TRANS ? 1 : 0))
 
 // Warpgroup matrix products (sm_90a), issued by all 128 threads of the block: each warp holds 16 rows of the
 // 64-row A operand in registers (mma.sync's m16n8k16 A layout) and of the accumulator (its C layout, 8 columns
@@ -173,9 +173,10 @@ struct Wgmma {
 #pragma unroll
       for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(a[i][j])::"memory");
   }
-  // d (64 x 8N) += a (64 x 16) b (16 x 8N; b K-major, or MN-major if TRANS).
+  // d (64 x 8N) += a (64 x 16) b (16 x 8N; b K-major, or MN-major if TRANS); d = a b if not accumulate (d's
+  // registers then need no zeroing).
   template <bool TRANS, int N>
-  __device__ static void mma(float (&d)[N][4], const uint32_t (&a)[4], uint64_t b) {
+  __device__ static void mma(float (&d)[N][4], const uint32_t (&a)[4], uint64_t b, bool accumulate = true) {
     static_assert(N == 8 || N == 16, "m64n64k16 or m64n128k16");
     if constexpr (N == 8 && std::is_same_v<T, __nv_bfloat16>)
       PARROT_WGMMA_N64("bf16");
@@ -348,12 +349,14 @@ __device__ __forceinline__ void load_q(const DecodeParams& p, const Item& item, 
 }
 
 // Folds a warp's scores of one tile (16 rows x 8 kScoreTiles keys, the first at tile_start; mma's C layout)
-// into the online softmax in base 2: keys at or past hi are -inf, the running max and this lane's share of the
-// sum are updated, out is rescaled, and score becomes exp2(score - max). A row may see no key in this tile (a
-// key slice past the end), hence the guard against (-inf) - (-inf).
-template <int kScoreTiles, int kOutTiles>
-__device__ __forceinline__ void online_softmax(float (&score)[kScoreTiles][4], float (&out)[kOutTiles][4],
-                                               float (&row_max)[2], float (&row_sum)[2], int tile_start, int hi,
+// into the online softmax in base 2: unless the tile is FULL (every key before hi), keys at or past hi are -inf;
+// the running max (of scores x scale, base 2) and this lane's share of the sum are updated, score becomes
+// exp2(score x scale - max) (one FFMA a score: the scale is applied with the max's subtraction), and the factor
+// by which the output must be rescaled is returned in alpha. A row may see no key in this tile (a key slice past
+// the end), hence the guard against (-inf) - (-inf).
+template <bool FULL, int kScoreTiles>
+__device__ __forceinline__ void softmax_scores(float (&score)[kScoreTiles][4], float (&row_max)[2],
+                                               float (&row_sum)[2], float (&alpha)[2], int tile_start, int hi,
                                                float scale_log2) {
   const int quad_col = threadIdx.x % 4;
   float tile_max[2] = {-INFINITY, -INFINITY};
@@ -361,8 +364,7 @@ __device__ __forceinline__ void online_softmax(float (&score)[kScoreTiles][4], f
   for (int j = 0; j < kScoreTiles; ++j)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const bool seen = tile_start + 8 * j + 2 * quad_col + e % 2 < hi;
-      score[j][e] = seen ? score[j][e] * scale_log2 : -INFINITY;
+      if (!FULL && tile_start + 8 * j + 2 * quad_col + e % 2 >= hi) score[j][e] = -INFINITY;
       tile_max[e / 2] = fmaxf(tile_max[e / 2], score[j][e]);
     }
   float base[2];
@@ -370,24 +372,37 @@ __device__ __forceinline__ void online_softmax(float (&score)[kScoreTiles][4], f
   for (int i = 0; i < 2; ++i) {
     tile_max[i] = fmaxf(tile_max[i], __shfl_xor_sync(0xffffffff, tile_max[i], 1));
     tile_max[i] = fmaxf(tile_max[i], __shfl_xor_sync(0xffffffff, tile_max[i], 2));
-    const float new_max = fmaxf(row_max[i], tile_max[i]);
+    const float new_max = fmaxf(row_max[i], tile_max[i] * scale_log2);
     base[i] = new_max == -INFINITY ? 0.f : new_max;
-    const float alpha = exp2f(row_max[i] - base[i]);
+    alpha[i] = exp2f(row_max[i] - base[i]);
     row_max[i] = new_max;
-    row_sum[i] *= alpha;
-#pragma unroll
-    for (int c = 0; c < kOutTiles; ++c) {
-      out[c][2 * i] *= alpha;
-      out[c][2 * i + 1] *= alpha;
-    }
+    row_sum[i] *= alpha[i];
   }
 #pragma unroll
   for (int j = 0; j < kScoreTiles; ++j)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      score[j][e] = exp2f(score[j][e] - base[e / 2]);
+      score[j][e] = exp2f(fmaf(score[j][e], scale_log2, -base[e / 2]));
       row_sum[e / 2] += score[j][e];
     }
+}
+
+template <int kOutTiles>
+__device__ __forceinline__ void rescale(float (&out)[kOutTiles][4], const float (&alpha)[2]) {
+#pragma unroll
+  for (int c = 0; c < kOutTiles; ++c)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) out[c][e] *= alpha[e / 2];
+}
+
+// softmax_scores, then the output rescaled: mma.sync's items, every tile masked.
+template <int kScoreTiles, int kOutTiles>
+__device__ __forceinline__ void online_softmax(float (&score)[kScoreTiles][4], float (&out)[kOutTiles][4],
+                                               float (&row_max)[2], float (&row_sum)[2], int tile_start, int hi,
+                                               float scale_log2) {
+  float alpha[2];
+  softmax_scores<false>(score, row_max, row_sum, alpha, tile_start, hi, scale_log2);
+  rescale(out, alpha);
 }
 
 // The A fragment of P for keys 16k .. 16k + 15: score n-tiles 2k and 2k + 1.
@@ -578,16 +593,23 @@ __device__ void attend_wgmma(const DecodeParams& p, const Item& item, uint4* sme
     const char* k_tile = reinterpret_cast<const char*>(tiles.k_tile(tile));
     const char* v_tile = reinterpret_cast<const char*>(tiles.v_tile(tile));
 
-    float score[kScoreTiles][4] = {};
+    float score[kScoreTiles][4];  // (64, kBlockN) = Q K^T: the first product overwrites it
     Wgmma<T>::fence_accumulators(score);
     Wgmma<T>::arrive();
 #pragma unroll
     for (int k = 0; k < kDimSteps; ++k)  // head dims 16k .. 16k + 15: block k / 4, bytes 32 (k % 4) of each row
-      Wgmma<T>::template mma<false>(score, q_frag[k], wgmma_desc(k_tile + k / 4 * kBlockBytes + k % 4 * 32, 16, kAtom));
+      Wgmma<T>::template mma<false>(score, q_frag[k], wgmma_desc(k_tile + k / 4 * kBlockBytes + k % 4 * 32, 16, kAtom),
+                                    k > 0);
     Wgmma<T>::commit_and_wait();
     Wgmma<T>::fence_accumulators(score);
 
-    online_softmax(score, out, row_max, row_sum, item.lo + tile * kBlockN, item.hi, p.scale_log2);
+    float alpha[2];  // every tile but a range's last is full: no key to mask
+    const int tile_start = item.lo + tile * kBlockN;
+    if (tile_start + kBlockN <= item.hi)
+      softmax_scores<true>(score, row_max, row_sum, alpha, tile_start, item.hi, p.scale_log2);
+    else
+      softmax_scores<false>(score, row_max, row_sum, alpha, tile_start, item.hi, p.scale_log2);
+    rescale(out, alpha);
 
     uint32_t a[kBlockN / 16][4];
 #pragma unroll

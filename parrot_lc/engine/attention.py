@@ -100,12 +100,17 @@ class DecodeLayout:
 
 def multiprocessors(device: torch.device) -> int:
     """The GPU's streaming multiprocessors: what the kernels size their grids by."""
-    return _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+    return device_properties(device).multi_processor_count
+
+
+def device_properties(device: torch.device):  # noqa: ANN201 - torch's property class exists only in CUDA builds
+    """torch.cuda.get_device_properties of the device, asked once a device (plans read it at every step)."""
+    return _device_properties(device.index if device.index is not None else torch.cuda.current_device())
 
 
 @functools.cache
-def _multiprocessors(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def _device_properties(device_index: int):
+    return torch.cuda.get_device_properties(device_index)
 
 
 class AttentionBackend(ABC):

@@ -12,13 +12,12 @@ never on tensor values, so a call can be captured in a CUDA graph and replayed w
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
 import torch
 
-from parrot_lc.engine.attention import DecodeLayout, multiprocessors
+from parrot_lc.engine.attention import DecodeLayout, device_properties, multiprocessors
 from parrot_lc.engine.triton_attention import TritonBackend
 
 try:
@@ -70,9 +69,11 @@ def unsupported(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -
 
 class CudaBackend(TritonBackend):
     """The Triton backend with decode steps that share prefixes in the CUDA kernel (csrc/), where the model's
-    shapes allow it. Over benchmarks/kernel_shared_prefix.py's 18 cases (H100, 2026-12-06 fourth session,
-    RESULTS.md) it was faster than the Triton kernel's pick in 16; the Triton one was ahead by 2.6 and 4.9 us
-    with 16 forks of a 4k and a 16k prefix (8 KV heads), which no rule routes to it. In decode steps without
+    shapes allow it. Over benchmarks/kernel_shared_prefix.py's 18 cases (H100, 2026-12-06 fifth session,
+    RESULTS.md) it was faster than the Triton kernel's pick in 15; the Triton one was ahead by 2.5 and 4.6 us
+    with 16 forks of a 4k and a 16k prefix (8 KV heads; 2.6 and 4.9 in the fourth session) and by 0.4 us with 64
+    forks of a 1k prefix (32 KV heads), which no rule routes to it (a step's layout knows its graph's longest
+    context, not its prefix's length). In decode steps without
     groups (benchmarks/engine_decode.py, H100) the Triton kernel was faster at batch 1 and 64. `auto` takes this
     backend where the extension is built (attention.select_backend)."""
 
@@ -110,11 +111,6 @@ def _splits(items: int, max_context: int, min_chunk: int, slots: int) -> int:
     return max(1, min(slots // items, math.ceil(max_context / min_chunk)))
 
 
-@functools.cache
-def _capability(device_index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device_index)
-
-
 def plan(q: torch.Tensor, k_cache: torch.Tensor, layout: DecodeLayout) -> Plan:
     """The launch's plan for q (B, Hq, D) over a cache of k_cache's shape and the layout's grid sizes."""
     batch, num_heads, head_dim = q.shape
@@ -137,7 +133,8 @@ def plan(q: torch.Tensor, k_cache: torch.Tensor, layout: DecodeLayout) -> Plan:
         own_splits = _splits(own_items, layout.max_context, MIN_OWN_CHUNK, slots)
         min_shared_chunk = MIN_SHARED_CHUNK
         shared_splits = _splits(shared_items, layout.max_context, min_shared_chunk, slots) if shared_items else 0
-    capability = _capability(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    properties = device_properties(q.device)
+    capability = properties.major, properties.minor
     return Plan(row_warps, shared_tiles, shared_splits, own_splits, min_shared_chunk=min_shared_chunk,
                 wgmma=capability == (9, 0) and row_warps == 4, programmatic_merge=capability >= (9, 0))
 

@@ -132,8 +132,9 @@ class StreamedText:
         if len(window) > len(before) and (final or not window.endswith("\ufffd")):
             self.text += window[len(before) :]
             self._window_start, self._decoded = self._decoded, len(token_ids)
-        longest = max((len(stop) for stop in self.stops), default=0)
-        found = [self.text.find(stop, max(0, searched - longest + 1)) for stop in self.stops if find_stops]
+        # Each stop string only where it ends in the new text: one in the text before may not end it now (it came
+        # before min_tokens, else it had ended it).
+        found = [self.text.find(stop, max(0, searched - len(stop) + 1)) for stop in self.stops if find_stops]
         cut = min((at for at in found if at >= 0), default=-1)  # the stop string that the text has first
         stopped = cut >= 0
         if stopped:

@@ -101,6 +101,12 @@ class ParrotClient(_ClientBase):
         super().__init__(base_url, timeout)
         self._http = httpx.Client(**self._http_options(api_key, max_retries, http_options, httpx.HTTPTransport))
 
+    def sends_as(self, other: ParrotClient) -> bool:
+        """Whether `other`'s requests reach the server as this client's do: the same server, headers (the API key's
+        among them) and query parameters."""
+        return (self.base_url == other.base_url and self._http.headers == other._http.headers
+                and self._http.params == other._http.params)
+
     def session(self, session_id: str | None = None, session_token: str | None = None) -> Session:
         """A new session; use it in a `with` block (or call `open()` / `close()`). With `session_id` and
         `session_token`, a handle to a session that exists on the server (opened by another client)."""

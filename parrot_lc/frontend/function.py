@@ -34,7 +34,7 @@ from parrot_lc.frontend.variable import SemanticVariable
 # `constraint`: what the output must match, exactly one of {"regex": pattern}, {"choice": [strings]},
 # {"json_schema": schema}, {"json_object": True} (the server's SamplingConstraint).
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
-                   "repetition_penalty", "seed", "stop", "stop_token_ids", "ignore_eos", "constraint")
+                   "repetition_penalty", "seed", "stop", "stop_token_ids", "ignore_eos", "min_tokens", "constraint")
 
 
 def _sampling(settings: Mapping[str, Any], where: str) -> dict[str, Any]:

@@ -75,6 +75,22 @@ def test_a_request_stopped_by_a_token_leaves_its_context_as_without_overlap(make
     assert min(contexts[0]) >= 0
 
 
+def test_min_tokens_ends_its_ban_after_the_same_token_as_without_overlap(make_engine):
+    """A token still on the device counts towards min_tokens: the fourth token of a seeded run, a stop token
+    banned for the first three, ends the output there, overlapped or not."""
+    outputs = []
+    for overlap in (True, False):
+        engine = make_engine(overlap_steps=overlap)
+        engine.fill(list(range(3, 30)), "c")
+        free_run = [t for e in engine.generate(SamplingParams(max_tokens=8, seed=1, ignore_eos=True), "c")
+                    for t in e.token_ids]
+        engine.free_context("c")
+        engine.fill(list(range(3, 30)), "c")
+        held = SamplingParams(max_tokens=8, seed=1, ignore_eos=True, stop_token_ids=(free_run[3],), min_tokens=3)
+        outputs.append([t for e in engine.generate(held, "c") for t in e.token_ids])
+    assert outputs[0] == outputs[1] == free_run[:4]
+
+
 def test_a_request_cancelled_while_its_token_is_on_the_device_leaves_no_placeholder(make_engine):
     engine = make_engine(overlap_steps=True)
     engine.fill(list(range(3, 30)), "c")

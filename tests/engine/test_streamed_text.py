@@ -19,12 +19,13 @@ def tokenizer(request, tmp_path_factory):
     return load_model_info(request.param, tmp_path_factory.mktemp("cache"))[1]
 
 
-def stream(tokenizer, token_ids: list[int], stops: tuple[str, ...] = ()) -> tuple[str, bool]:
-    """The deltas of `token_ids` added one at a time, joined; and whether a stop string ended them."""
+def stream(tokenizer, token_ids: list[int], stops: tuple[str, ...] = (), min_tokens: int = 0) -> tuple[str, bool]:
+    """The deltas of `token_ids` added one at a time, joined; and whether a stop string ended them (looked for
+    after the first `min_tokens` tokens)."""
     text = StreamedText(text_decoder(tokenizer), stops)
     deltas = []
     for n in range(1, len(token_ids) + 1):
-        delta, stopped = text.add(token_ids[:n], final=n == len(token_ids))
+        delta, stopped = text.add(token_ids[:n], final=n == len(token_ids), find_stops=n > min_tokens)
         deltas.append(delta)
         if stopped:
             return "".join(deltas), True
@@ -58,3 +59,11 @@ def test_of_two_stop_strings_the_one_the_text_has_first_cuts_it(tokenizer):
     ids = tokenizer("say ABC now", add_special_tokens=False).input_ids
     whole = tokenizer.decode(ids, skip_special_tokens=True)
     assert stream(tokenizer, ids, ("B", "AB")) == (whole[: whole.index("AB")], True)  # "B" is found, but later
+
+
+def test_a_stop_string_that_ended_before_min_tokens_never_cuts_the_text(tokenizer):
+    """Whatever the other stop strings' lengths (a longer one widens no other's search back)."""
+    ids = tokenizer("say AB then more words", add_special_tokens=False).input_ids
+    whole = tokenizer.decode(ids, skip_special_tokens=True)
+    held = next(n for n in range(1, len(ids)) if "AB" in tokenizer.decode(ids[:n], skip_special_tokens=True))
+    assert stream(tokenizer, ids, ("AB", "a much longer stop"), min_tokens=held) == (whole, False)

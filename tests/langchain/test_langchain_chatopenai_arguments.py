@@ -13,7 +13,9 @@ import pytest
 from langchain_core.messages import HumanMessage
 from langchain_core.output_parsers import StrOutputParser
 from pydantic import ValidationError
+from transformers import AutoTokenizer
 
+from parrot_lc.engine.loader import TINY_DIR
 from parrot_lc.frontend.errors import InvalidRequestError, NotFoundError
 from parrot_lc.integrations.langchain import ChatParrot, LengthFinishReasonError, deferred
 
@@ -200,6 +202,20 @@ async def test_default_headers_reach_the_server_with_every_request_eager_deferre
     assert {response.headers["x-request-id"] for response in exchanges} == {"trial-7"}
 
 
+def test_a_model_with_other_headers_than_the_deferred_runs_first_sends_its_own(on_the_wire, exchanges):
+    """A deferred run's graph calls go out with its first model's headers, so a second model that sends other
+    headers runs its calls at once, with its own, and the run gives the eager result."""
+    first = on_the_wire(default_headers={"X-Tenant": "a"})
+    second = on_the_wire(default_headers={"X-Tenant": "b"})
+    chain = first | StrOutputParser() | (lambda text: f"Go on: {text}") | second | StrOutputParser()
+    eager = chain.invoke("Hi")
+    exchanges.clear()
+    assert deferred(chain).invoke("Hi") == eager
+    tenants = {(r.request.url.path, r.request.headers["x-tenant"]) for r in exchanges}
+    assert ("/v1/chat/completions", "b") in tenants  # the second model's call, at once with its own header
+    assert all(tenant == "a" for path, tenant in tenants if path != "/v1/chat/completions")
+
+
 def test_default_query_is_added_to_every_request_url_eager_and_deferred(on_the_wire, exchanges):
     chain = on_the_wire(default_query={"api-version": "2024-06-01"}) | StrOutputParser()
     assert deferred(chain).invoke("Hi") == chain.invoke("Hi")
@@ -227,6 +243,20 @@ def test_extra_body_sampling_fields_reach_the_request_and_the_deferred_call_alik
         "top_k": 1, "repetition_penalty": 1.1}
     [sampling] = _graph_samplings(exchanges)
     assert (sampling["top_k"], sampling["repetition_penalty"]) == (1, 1.1)
+
+
+def test_extra_body_min_tokens_and_stop_token_ids_reach_the_deferred_call_as_the_eager_request(on_the_wire, exchanges):
+    """vLLM's min_tokens and stop_token_ids, which a graph call's sampling has too: the greedy reply's first token
+    as a stop token ends it at once, unless min_tokens holds it off; deferred and eager alike."""
+    first = on_the_wire(max_tokens=1).invoke("Hi").content
+    (stop,) = AutoTokenizer.from_pretrained(TINY_DIR)(first, add_special_tokens=False).input_ids
+    assert on_the_wire(max_tokens=6, extra_body={"stop_token_ids": [stop]}).invoke("Hi").content == ""
+    chain = on_the_wire(max_tokens=6, extra_body={"stop_token_ids": [stop], "min_tokens": 2}) | StrOutputParser()
+    runnable = deferred(chain)
+    assert runnable.invoke("Hi") == chain.invoke("Hi") != ""
+    assert not runnable.last_run.waits  # recorded, not run at once
+    [sampling] = _graph_samplings(exchanges)
+    assert (sampling["stop_token_ids"], sampling["min_tokens"]) == ([stop], 2)
 
 
 @pytest.mark.parametrize("mode", ["eager", "deferred"])

@@ -29,6 +29,7 @@ from pydantic import (
 
 from parrot_lc.frontend import AsyncParrotClient, Completion, InvalidRequestError, ParrotClient
 from parrot_lc.frontend.client import DEFAULT_MAX_RETRIES
+from parrot_lc.frontend.function import SAMPLING_FIELDS
 from parrot_lc.frontend.inprocess import DEFAULT_MODEL, local_server
 from parrot_lc.integrations.langchain._trace import current_trace
 
@@ -49,10 +50,9 @@ SAMPLING_OPTIONS = ("temperature", "top_p", "seed", "presence_penalty", "frequen
 """Sampling fields that a call's keyword argument of the same name overrides."""
 CALL_OPTIONS = frozenset({"model", "max_tokens", "max_completion_tokens", "ignore_eos", *SAMPLING_OPTIONS})
 """The keyword arguments that a call of either class takes (`invoke(..., temperature=0)`, `bind(...)`)."""
-GRAPH_BODY_FIELDS = frozenset({"max_tokens", "temperature", "top_p", "top_k", "min_p", "presence_penalty",
-                               "frequency_penalty", "repetition_penalty", "seed", "stop", "ignore_eos"})
-"""The fields of an OpenAI request body that a graph call's sampling carries with the same meaning: those of
-`extra_body` that a deferred or batched call can send."""
+GRAPH_BODY_FIELDS = frozenset(SAMPLING_FIELDS) - {"constraint"}
+"""The fields of an OpenAI request body that a graph call's sampling carries with the same meaning (all of its
+settings but the Parrot API's `constraint`): those of `extra_body` that a deferred or batched call can send."""
 SET_BY_EACH_REQUEST = frozenset({"model", "prompt", "messages", "stream", "stream_options"})
 """Request fields that every request sets itself: `extra_body` cannot set them."""
 

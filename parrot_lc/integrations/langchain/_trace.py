@@ -110,7 +110,8 @@ class Trace:
         """Whether a call of `model` (with the call's keyword arguments) can join the graph: no stream that the
         application reads is in progress (it gets the tokens as they come), the call names no model of its own
         (a graph call runs on the served one), no LLM cache is in play (it would keep marked text as the model's
-        answer), and the model is served by the server of the run's session."""
+        answer), and the model's requests reach the server of the run's session as its first model's do (the same
+        headers, API key and query: the graph's calls are sent with the first's)."""
         if IMMEDIATE.get():
             return False
         name = type(model).__name__
@@ -124,9 +125,14 @@ class Trace:
         with self._lock:
             if self._client is None:
                 self._client, self._session = client, client.session()
-            if self._client.base_url == client.base_url:
+            if self._client.sends_as(client):
                 return True
-        self.note(name, f"at {client.base_url} is not on the run's server: its calls run at once, on real text")
+            other_server = self._client.base_url != client.base_url
+        if other_server:
+            self.note(name, f"at {client.base_url} is not on the run's server: its calls run at once, on real text")
+        else:
+            self.note(name, "sends other headers, API key or query parameters than the run's first model: its calls "
+                            "run at once, on real text")
         return False
 
     def record(self, prompts: list[str], sampling: dict[str, Any]) -> list[str]:

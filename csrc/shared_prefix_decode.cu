@@ -568,6 +568,9 @@ __device__ void attend(const DecodeParams& p, const Item& item, uint4* smem) {
 // as in attend, but the tensor cores read K and V straight from shared memory for all 64 rows at once (no
 // ldmatrix per warp: a quarter of the shared-memory traffic) at wgmma's rate. Q and P are the A operands, in
 // registers; S = Q K^T is m64n64k16 with K as a K-major B, O += P V is m64nDk16 with V as an MN-major B.
+// Each product is waited for before what reads it: running P V under the next tile's softmax inside the
+// warpgroup (FlashAttention-3's overlap) and 128-row items on two warpgroups measured no faster on the H100,
+// whose two resident blocks already overlap each other (benchmarks/RESULTS.md, fifth session).
 template <typename T, int D>
 __device__ void attend_wgmma(const DecodeParams& p, const Item& item, uint4* smem) {
   using Tiles = Pipeline<D, false, Layout::kWgmma>;

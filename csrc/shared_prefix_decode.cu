@@ -158,20 +158,20 @@ struct Wgmma {
     asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
     asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
   }
-  // Keep the compiler from moving accumulator (A fragment) reads or writes across the asynchronous products.
-  template <int N>
-  __device__ static void fence_accumulators(float (&d)[N][4]) {
+  // Keep the compiler from moving reads or writes of accumulators (float) or A fragments (uint32_t) across the
+  // asynchronous products.
+  template <typename R, int N>
+  __device__ static void fence(R (&x)[N][4]) {
+    static_assert(std::is_same_v<R, float> || std::is_same_v<R, uint32_t>, "accumulators or A fragments");
 #pragma unroll
     for (int i = 0; i < N; ++i)
 #pragma unroll
-      for (int j = 0; j < 4; ++j) asm volatile("" : "+f"(d[i][j])::"memory");
-  }
-  template <int N>
-  __device__ static void fence_fragments(uint32_t (&a)[N][4]) {
-#pragma unroll
-    for (int i = 0; i < N; ++i)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(a[i][j])::"memory");
+      for (int j = 0; j < 4; ++j) {
+        if constexpr (std::is_same_v<R, float>)
+          asm volatile("" : "+f"(x[i][j])::"memory");
+        else
+          asm volatile("" : "+r"(x[i][j])::"memory");
+      }
   }
   // d (64 x 8N) += a (64 x 16) b (16 x 8N; b K-major, or MN-major if TRANS); d = a b if not accumulate (d's
   // registers then need no zeroing).
@@ -597,14 +597,14 @@ __device__ void attend_wgmma(const DecodeParams& p, const Item& item, uint4* sme
     const char* v_tile = reinterpret_cast<const char*>(tiles.v_tile(tile));
 
     float score[kScoreTiles][4];  // (64, kBlockN) = Q K^T: the first product overwrites it
-    Wgmma<T>::fence_accumulators(score);
+    Wgmma<T>::fence(score);
     Wgmma<T>::arrive();
 #pragma unroll
     for (int k = 0; k < kDimSteps; ++k)  // head dims 16k .. 16k + 15: block k / 4, bytes 32 (k % 4) of each row
       Wgmma<T>::template mma<false>(score, q_frag[k], wgmma_desc(k_tile + k / 4 * kBlockBytes + k % 4 * 32, 16, kAtom),
                                     k > 0);
     Wgmma<T>::commit_and_wait();
-    Wgmma<T>::fence_accumulators(score);
+    Wgmma<T>::fence(score);
 
     float alpha[2];  // every tile but a range's last is full: no key to mask
     const int tile_start = item.lo + tile * kBlockN;
@@ -617,14 +617,14 @@ __device__ void attend_wgmma(const DecodeParams& p, const Item& item, uint4* sme
     uint32_t a[kBlockN / 16][4];
 #pragma unroll
     for (int k = 0; k < kBlockN / 16; ++k) p_fragment<T>(score, k, a[k]);
-    Wgmma<T>::fence_fragments(a);
-    Wgmma<T>::fence_accumulators(out);
+    Wgmma<T>::fence(a);
+    Wgmma<T>::fence(out);
     Wgmma<T>::arrive();
 #pragma unroll
     for (int k = 0; k < kBlockN / 16; ++k)  // keys 16k .. 16k + 15: two swizzle atoms from 16k
       Wgmma<T>::template mma<true>(out, a[k], wgmma_desc(v_tile + k * 2 * kAtom, kBlockBytes, kAtom));
     Wgmma<T>::commit_and_wait();
-    Wgmma<T>::fence_accumulators(out);
+    Wgmma<T>::fence(out);
     tiles.done(tile);
   }
   reduce_sums(row_sum);

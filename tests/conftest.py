@@ -178,7 +178,7 @@ def prefix_fill_priorities(local_server, monkeypatch) -> list[int]:
     async def recording_fill(token_ids, context_id, parent_context_id=None, priority=0, **kwargs):
         if str(context_id).startswith("prefix/"):
             priorities.append(priority)
-        await fill(token_ids, context_id, parent_context_id, priority, **kwargs)
+        return await fill(token_ids, context_id, parent_context_id, priority, **kwargs)
 
     monkeypatch.setattr(engine, "fill", recording_fill)
     return priorities

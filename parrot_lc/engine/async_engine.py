@@ -39,12 +39,15 @@ class EngineDriver(EngineClient, ABC):
     async def fill(
         self, token_ids: list[int], context_id: ContextId, parent_context_id: ContextId | None = None, priority: int = 0,
         issued: asyncio.Future | None = None,
-    ) -> None:
-        """Prefills the tokens into the context; raises the engine's typed error if the request fails. `issued`
-        (if given) gets its result once the command is on its way: the engine takes commands in the order they
-        are sent, so a fork of the context sent from then on waits there for the fill, no round trip between."""
-        async for _ in self._stream("fill", token_ids, context_id, parent_context_id, priority, issued=issued):
-            pass
+    ) -> int:
+        """Prefills the tokens into the context and returns how many it took from the block cache; raises the
+        engine's typed error if the request fails. `issued` (if given) gets its result once the command is on its
+        way: the engine takes commands in the order they are sent, so a fork of the context sent from then on waits
+        there for the fill, no round trip between."""
+        cached = 0
+        async for output in self._stream("fill", token_ids, context_id, parent_context_id, priority, issued=issued):
+            cached = output.cached_tokens
+        return cached
 
     def generate(
         self,

@@ -21,10 +21,11 @@ class EngineClient(Protocol):
     async def fill(
         self, token_ids: list[int], context_id: ContextId, parent_context_id: ContextId | None = None, priority: int = 0,
         issued: asyncio.Future | None = None,
-    ) -> None:
-        """Prefills the tokens into the context. `issued` (if given) gets its result once the command is on its way
-        to an engine that takes commands in order, where a fork of the context sent from then on waits for the
-        fill; an engine that keeps no order leaves it unset, and a fork is safe once the fill has returned."""
+    ) -> int:
+        """Prefills the tokens into the context; returns how many of them it took from the block cache instead of
+        computing them. `issued` (if given) gets its result once the command is on its way to an engine that takes
+        commands in order, where a fork of the context sent from then on waits for the fill; an engine that keeps
+        no order leaves it unset, and a fork is safe once the fill has returned."""
 
     def generate(
         self, sampling: SamplingParams, context_id: ContextId, parent_context_id: ContextId | None = None,

@@ -73,8 +73,8 @@ def create_engine_app(engine: AsyncEngine, api_key: str | None = None) -> FastAP
 
     @app.post("/fill")
     async def fill(body: FillBody) -> dict:
-        await engine.fill(body.token_ids, body.context_id, body.parent_context_id, body.priority)
-        return {"ok": True}
+        cached = await engine.fill(body.token_ids, body.context_id, body.parent_context_id, body.priority)
+        return {"ok": True, "cached_tokens": cached}
 
     @app.post("/free")
     async def free(body: FreeBody) -> dict:

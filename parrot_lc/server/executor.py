@@ -123,10 +123,8 @@ class CallExecutor:
                     events = (self._start_context(slot, run, run.token_ids + progress.token_ids + ids, sampling,
                                                   priority) if first_request else
                               slot.engine.generate(sampling, run.context_id, priority=priority, token_ids=ids))
-                    prompt_request, first_request = first_request, False
+                    first_request = False
                     async for event in events:
-                        if prompt_request:  # a rerun's prompt holds tokens generated before: not the call's prompt
-                            call.cached_tokens = min(event.cached_tokens, call.prompt_tokens)
                         delta = progress.took(ids, event, self.prompts.decode)
                         call.completion_tokens += len(event.token_ids)
                         call.logprobs += event.logprobs
@@ -146,14 +144,15 @@ class CallExecutor:
         self, slot: EngineSlot, run: CallRun, token_ids: list[int], sampling: SamplingParams, priority: int,
     ) -> AsyncIterator[RequestOutput]:
         """Forks the call's context from the warm prefix context, fills the rest of `token_ids` and generates its
-        first output: one engine request, whose events this yields."""
+        first output: one engine request, whose events this yields. It sets the call's cached tokens."""
         prefix = run.prefix
         # Never empty: Prompts.shared_prefix leaves the call a token of its own.
         rest = token_ids[len(prefix.token_ids):] if prefix is not None else token_ids
         for attempt in range(2):
             # Filled at this call's priority, but never below a task group's: a throughput call's fill may be
             # what a latency-critical call that comes next waits for.
-            entry = await slot.prefixes.acquire(prefix, max(priority, GROUP_PRIORITY)) if prefix is not None else None
+            entry = (await slot.prefixes.acquire(prefix, max(priority, GROUP_PRIORITY), run.session.session_id)
+                     if prefix is not None else None)
             events = slot.engine.generate(sampling, run.context_id, entry.context_id if entry else None, priority,
                                           rest)
             try:
@@ -173,6 +172,11 @@ class CallExecutor:
                 if entry is not None:
                     slot.prefixes.release(entry)
             try:
+                # The engine counts the prefix that the fork inherits as cached; what its fill computed for this
+                # session is not (PrefixEntry.computed_for). A rerun's prompt holds tokens generated before: not
+                # the call's prompt.
+                computed = await entry.computed_for(run.session.session_id) if entry is not None else 0
+                run.call.cached_tokens = min(max(first.cached_tokens - computed, 0), run.call.prompt_tokens)
                 yield first
                 async for event in events:
                     yield event

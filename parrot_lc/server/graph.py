@@ -179,7 +179,7 @@ class Call:
     task_group: str | None = None  # calls of one group are scheduled for the group's completion
     task: asyncio.Task | None = None
     prompt_tokens: int = 0
-    cached_tokens: int = 0  # of prompt_tokens, those whose KV the engine had (RequestOutput.cached_tokens)
+    cached_tokens: int = 0  # of prompt_tokens, those whose KV its session did not compute (PrefixEntry.computed_for)
     completion_tokens: int = 0
     finish_reason: str | None = None  # of the last output
     progress: "CallProgress" = field(default_factory=lambda: CallProgress())

@@ -30,13 +30,15 @@ class OpenAIEngine:
         self._prompt_tokens = 0
         self._completion_tokens = 0
 
-    async def fill(self, token_ids, context_id, parent_context_id=None, priority=0, issued=None) -> None:
-        # `issued` stays unset: a fork is safe once this returns.
+    async def fill(self, token_ids, context_id, parent_context_id=None, priority=0, issued=None) -> int:
+        # `issued` stays unset: a fork is safe once this returns. The tokens are only kept here (the upstream
+        # computes them with the generate that reads them): none is taken from a cache.
         if not token_ids:
             raise InvalidRequestError("token_ids is empty: a fill needs at least one token")
         if context_id not in self._contexts:
             self._contexts[context_id] = list(self._context(parent_context_id)) if parent_context_id else []
         self._contexts[context_id].extend(token_ids)
+        return 0
 
     async def generate(
         self, sampling: SamplingParams, context_id, parent_context_id=None, priority=0, token_ids=None

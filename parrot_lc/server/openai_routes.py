@@ -12,10 +12,10 @@ import json
 import time
 import uuid
 from pathlib import PurePath
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Awaitable, Callable
 
-from fastapi import APIRouter, Depends
-from fastapi.responses import StreamingResponse
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from parrot_lc.engine.constraints import Constraint
@@ -50,7 +50,8 @@ def openai_router(manager: ParrotManager, model_name: str, client_of: Callable[.
     texts = TokenTexts(manager.tokenizer)
     template = ChatTemplate.of(manager.tokenizer)
 
-    card = {"id": model_name, "object": "model", "created": 0, "owned_by": "parrot_lc"}
+    card = {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "parrot_lc",
+            "root": model_name, "parent": None, "max_model_len": manager.max_context}  # vLLM's card
 
     @router.get("/models")
     async def models() -> dict:
@@ -63,7 +64,7 @@ def openai_router(manager: ParrotManager, model_name: str, client_of: Callable[.
         return card
 
     @router.post("/completions")
-    async def completions(body: CompletionRequest, client: str | None = Depends(client_of)):
+    async def completions(body: CompletionRequest, request: Request, client: str | None = Depends(client_of)):
         check_model(served, body.model)
         given = body.prompts()
         if not given:
@@ -71,7 +72,7 @@ def openai_router(manager: ParrotManager, model_name: str, client_of: Callable[.
         fields = ["prompt"] if len(given) == 1 else [f"prompt.{index}" for index in range(len(given))]
         prompts = [completion_prompt(body, prompt, field) for prompt, field in zip(given, fields)]
         echoes = [prompt.pieces[0].text for prompt in prompts for _ in range(body.n)] if body.echo else None
-        return await respond(body, client, prompts, TextChoices(texts, body.logprobs is not None, echoes))
+        return await respond(body, request, client, prompts, TextChoices(texts, body.logprobs is not None, echoes))
 
     def completion_prompt(body: CompletionRequest, prompt: str | list[int], field: str) -> CompletionPrompt:
         """A prompt of the request, given as text or as token ids (`field` names it in errors)."""
@@ -84,7 +85,8 @@ def openai_router(manager: ParrotManager, model_name: str, client_of: Callable[.
         return CompletionPrompt([Piece("text", text)], token_ids, checked_sampling(body, max_tokens))
 
     @router.post("/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, client: str | None = Depends(client_of)):
+    async def chat_completions(body: ChatCompletionRequest, request: Request,
+                               client: str | None = Depends(client_of)):
         check_model(served, body.model)
         tools = body.tool_request()
         prompt, head = template.render(body.template_messages(), tools)
@@ -93,7 +95,7 @@ def openai_router(manager: ParrotManager, model_name: str, client_of: Callable[.
         pieces = [Piece("text", head), Piece("text", prompt[len(head):])] if head else [Piece("text", prompt)]
         sampling = checked_sampling(body, max_tokens, tools.constraint() if tools is not None else None)
         reader = tools.reader(template) if tools is not None else None
-        return await respond(body, client, [CompletionPrompt(pieces, token_ids, sampling)],
+        return await respond(body, request, client, [CompletionPrompt(pieces, token_ids, sampling)],
                              ChatChoices(texts, bool(body.logprobs), reader))
 
     def checked_sampling(body: OpenAISampling, max_tokens: int, forced: Constraint | None = None) -> SamplingParams:
@@ -110,15 +112,19 @@ def openai_router(manager: ParrotManager, model_name: str, client_of: Callable[.
             raise ServerError(str(exc).removeprefix("sampling."), exc.field) from None
         return sampling
 
-    async def respond(body: OpenAISampling, client: str | None, prompts: list[CompletionPrompt], shape: Choices):
+    async def respond(body: OpenAISampling, request: Request, client: str | None, prompts: list[CompletionPrompt],
+                      shape: Choices):
         head = {"id": f"{shape.id_prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
         if not body.stream:
-            async with manager.completion(prompts, body.n, client) as completion:
-                outputs = await completion.texts()
-            choices = [{"index": index, **shape.whole(index, call, text),
-                        "finish_reason": shape.finish_reason(index, call)}
-                       for index, (call, text) in enumerate(zip(completion.calls, outputs))]
-            return {**head, "object": shape.kind, "choices": choices, "usage": usage(completion)}
+            async def whole() -> dict:
+                async with manager.completion(prompts, body.n, client) as completion:
+                    outputs = await completion.texts()
+                choices = [{"index": index, **shape.whole(index, call, text),
+                            "finish_reason": shape.finish_reason(index, call)}
+                           for index, (call, text) in enumerate(zip(completion.calls, outputs))]
+                return {**head, "object": shape.kind, "choices": choices, "usage": usage(completion)}
+
+            return await unless_disconnected(request, whole())
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         # Submitted before the response starts, so that a refusal (429) is still an HTTP status.
         completion = manager.start_completion(prompts, body.n, client)
@@ -164,6 +170,28 @@ def tokenizer_router(manager: ParrotManager, model_name: str) -> APIRouter:
     return router
 
 
+async def unless_disconnected(request: Request, work: Awaitable[dict]) -> dict | Response:
+    """The response of `work`, or, if the client goes first, `work` cancelled (its calls end, their KV freed, as
+    vLLM's handlers are): a client that gave up (the `openai` package retries on a timeout) leaves no generation
+    behind. The 499 (nginx's "client closed request") is for the logs: nobody reads it."""
+    answer = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(disconnected(request))
+    try:
+        await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not answer.done():
+            answer.cancel()
+            await asyncio.gather(answer, return_exceptions=True)
+    return Response(status_code=499) if answer.cancelled() else answer.result()
+
+
+async def disconnected(request: Request) -> None:
+    """Returns when the client disconnects (its body already read, the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def served_names(model_name: str) -> list[str]:
     """The names a request may give the model: the one /v1/models lists and, for a path, its last part."""
     return list(dict.fromkeys([model_name, PurePath(model_name).name]))
@@ -190,7 +218,8 @@ async def stream_events(
     plain: dict[int, DeltaEvents] = {}  # a choice's next delta without log-probabilities, encoded once
 
     def chunk(choices: list[dict]) -> dict:
-        return {**head, "object": shape.chunk_kind, "choices": choices}
+        # with include_usage, every chunk has a usage: null but the last (OpenAI's stream)
+        return {**head, "object": shape.chunk_kind, "choices": choices, **({"usage": None} if include_usage else {})}
 
     def event(index: int, fields: dict | None, finish_reason: str | None = None) -> str:
         """The event of a choice's chunk; none where it has nothing to send (`fields` None)."""

@@ -48,6 +48,19 @@ class PrefixEntry:
     error: Exception | None = None  # why the fill failed: the context is freed once no caller may still fork from it
     users: int = 0
     last_used: int = 0
+    owner: str | None = None  # the session whose call it was filled for (None: no session's)
+    # Done once the fill ends: how many of its tokens it took from the block cache (0 if it failed).
+    fill_cached: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+    async def computed_for(self, owner: str) -> int:
+        """Of the prefix's tokens, those whose KV its fill computed for `owner`'s calls: a fork's engine request
+        counts all that it inherits as cached, but a fill made for the session (for one of its calls, or shared by
+        its own choices) is its own work. A prefix filled for another session is cached for this one, warm or
+        still filling (a fork that waits for another's fill counts what the engine reports, as vLLM and SGLang
+        count a hit on blocks that another request computed). Await it once a fork has begun: the fill has ended."""
+        if owner != self.owner:
+            return 0
+        return self.num_tokens - await asyncio.shield(self.fill_cached)
 
 
 class PrefixCache:
@@ -77,19 +90,20 @@ class PrefixCache:
         calls all went away while room was made for it is dropped unfilled.)"""
         return sum(not entry.filled for entry in self._entries.values())
 
-    async def acquire(self, prefix: PromptPrefix, priority: int) -> PrefixEntry:
+    async def acquire(self, prefix: PromptPrefix, priority: int, owner: str | None = None) -> PrefixEntry:
         """The context of the prefix, to fork from: filled now if new, at the priority of the call that waits for
         it (the fill is the first part of that call, and a less important fill would be prefilled in the
         background of the steps that decode other calls). It returns once a fork may be sent, which on an engine
         that takes commands in order is before the fill ends: the fork waits in the engine, and starts in the
         step after the fill's, not a round trip through this server later. Release it once the fork has begun
-        (its first event) or failed."""
+        (its first event) or failed. `owner`: the session of the calling call, whose work a new prefix's fill is
+        (`PrefixEntry.computed_for`)."""
         key, token_ids = prefix.key, prefix.token_ids
         entry = self._entries.get(key)
         entry_is_new = entry is None
         if entry_is_new:  # registered before any await, so that concurrent callers share it
             # a fresh context id: an evicted entry of the same key may still be being freed
-            entry = PrefixEntry(key, f"prefix/{key}/{next(self._clock)}", len(token_ids))
+            entry = PrefixEntry(key, f"prefix/{key}/{next(self._clock)}", len(token_ids), owner=owner)
             self._entries[key] = entry
         entry.users += 1
         entry.last_used = next(self._clock)
@@ -166,10 +180,11 @@ class PrefixCache:
 
     async def _fill(self, entry: PrefixEntry, token_ids: list[int], priority: int) -> None:
         try:
-            await self.engine.fill(token_ids, entry.context_id, priority=priority, issued=entry.ready)
+            cached = await self.engine.fill(token_ids, entry.context_id, priority=priority, issued=entry.ready)
         except Exception as exc:  # the entry is dropped; callers that wait for it see the error
             self._forget(entry)
             entry.error = exc
+            entry.fill_cached.set_result(0)
             if not entry.ready.done():
                 entry.ready.set_exception(exc)
             # Forks already sent start from what the fill computed and compute the rest themselves (or fail, if
@@ -178,6 +193,7 @@ class PrefixCache:
                 await self._free_failed(entry)
         else:
             entry.filled = True
+            entry.fill_cached.set_result(cached)
             if not entry.ready.done():
                 entry.ready.set_result(None)
 

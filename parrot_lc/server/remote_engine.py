@@ -68,10 +68,11 @@ class RemoteEngine:
             _raise_typed(response.json().get("error", {}))
         return response.json()
 
-    async def fill(self, token_ids, context_id, parent_context_id=None, priority=0, issued=None) -> None:
+    async def fill(self, token_ids, context_id, parent_context_id=None, priority=0, issued=None) -> int:
         # `issued` stays unset: HTTP requests keep no order, so a fork is safe once this returns.
-        await self._post("/fill", {"token_ids": token_ids, "context_id": context_id,
-                                   "parent_context_id": parent_context_id, "priority": priority})
+        body = {"token_ids": token_ids, "context_id": context_id, "parent_context_id": parent_context_id,
+                "priority": priority}
+        return (await self._post("/fill", body))["cached_tokens"]
 
     async def free_context(self, context_id) -> None:
         await self._post("/free", {"context_id": context_id})

@@ -67,6 +67,20 @@ class RequestModel(BaseModel):
         return value
 
 
+class OpenAIBody(RequestModel):
+    """A body of the OpenAI routes, whose optional fields are nullable: a JSON null stands for the field's
+    default (the `openai` package sends null for an argument given as None), as OpenAI and vLLM take it."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def null_means_default(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        defaulted = {name for name, field in cls.model_fields.items()
+                     if not field.is_required() and field.default is not None}
+        return {key: value for key, value in data.items() if value is not None or key not in defaulted}
+
+
 class StrictModel(RequestModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -356,7 +370,7 @@ class ResponseFormat(RequestModel):
     json_schema: JSONSchemaFormat | None = None
 
 
-class OpenAISampling(RequestModel):
+class OpenAISampling(OpenAIBody):
     """The sampling fields shared by /v1/completions and /v1/chat/completions."""
 
     model: str | None = Field(None, description="the served model, as GET /v1/models names it; unset: that one")
@@ -426,6 +440,13 @@ class OpenAISampling(RequestModel):
                 raise not_supported(name, "not supported by this server yet: leave it out"
                                     + (f", or send {values}" if values else ""))
         return data
+
+    @model_validator(mode="after")
+    def stream_options_with_stream(self) -> "OpenAISampling":
+        if self.stream_options is not None and not self.stream:
+            raise PydanticCustomError("needs_stream", "stream_options needs stream: true (as OpenAI and vLLM answer)",
+                                      {"field": "stream_options"})
+        return self
 
     @model_validator(mode="after")
     def choices_within_limits(self) -> "OpenAISampling":
@@ -543,7 +564,7 @@ class ChatMessage(RequestModel):
 
     def text(self) -> str:
         if isinstance(self.content, list):
-            return "".join(part.text for part in self.content)
+            return "\n".join(part.text for part in self.content)  # as vLLM joins them
         return self.content or ""
 
     def template_message(self) -> dict[str, Any]:
@@ -581,7 +602,7 @@ class NamedToolChoice(RequestModel):
 TOOL_CHOICES = ("none", "auto", "required")
 
 
-class ChatWithTools(RequestModel):
+class ChatWithTools(OpenAIBody):
     """Chat messages and the tools they may call, as the chat template renders them (server/tool_calls.py)."""
 
     messages: list[ChatMessage] | None = None

@@ -402,10 +402,17 @@ class ToolReader:
         return calls
 
     def whole(self, text: str) -> tuple[str | None, list[ToolCall]]:
-        """A whole reply's content (None if it only calls) and calls."""
+        """A whole reply's content (None if it only calls) and calls. Unless the reply was constrained to calls, a
+        call whose arguments are no JSON object (a small model's slip, or a reply cut off by max_tokens) is not
+        returned as one, which the next turn would refuse: with no call left, the reply is all content (as
+        vLLM's tool parsers answer). A streamed reply has sent such a call already."""
         reading = self.read(text, final=True)
-        calls = [ToolCall(call_id(), name, arguments) for name, arguments in reading.calls]
-        return (reading.content or None) if calls else reading.content, calls
+        constrained = self.function is not None or self.format is FORCED
+        calls = [ToolCall(call_id(), name, arguments) for name, arguments in reading.calls
+                 if constrained or isinstance(loads(arguments), dict)]
+        if not calls:
+            return text, []
+        return reading.content or None, calls
 
 
 @dataclass

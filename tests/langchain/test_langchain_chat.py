@@ -58,6 +58,13 @@ def test_usage_counts_the_prompt_tokens_read_from_the_servers_cache(chat):
     assert streamed[-1]["input_token_details"] == usage["input_token_details"]
 
 
+def test_a_new_system_prompt_reads_nothing_from_the_cache(chat):
+    """Its prefix context is filled for this call: computed, not read from a cache."""
+    usage = chat.invoke([SystemMessage("You name the stars over the harbour, one a line. " * 8),
+                         HumanMessage("Hi")]).usage_metadata
+    assert usage["input_tokens"] > 64 and usage["input_token_details"]["cache_read"] == 0
+
+
 def test_without_a_model_name_the_server_answers_with_the_one_it_serves(parrot_server):
     """The server refuses names of models it does not serve: a class given no `model` names none."""
     reply = ChatParrot(base_url=parrot_server, max_tokens=2, temperature=0).invoke("Hi")

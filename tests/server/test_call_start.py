@@ -45,7 +45,7 @@ def test_a_chats_prefix_fill_reaches_the_engine_before_start_completion_returns(
 
         async def recording_fill(token_ids, context_id, *args, **kwargs):
             fills.append(context_id)
-            await fill(token_ids, context_id, *args, **kwargs)
+            return await fill(token_ids, context_id, *args, **kwargs)
 
         engine.fill = recording_fill
         head = "You keep the tide tables of a small harbour and answer its pilots. " * 3
@@ -74,8 +74,9 @@ def test_a_fork_of_a_new_prefix_is_sent_before_the_prefix_is_filled():
         fill, generate = engine.fill, engine.generate
 
         async def recording_fill(token_ids, context_id, *args, **kwargs):
-            await fill(token_ids, context_id, *args, **kwargs)
+            cached = await fill(token_ids, context_id, *args, **kwargs)
             order.append("prefix filled")
+            return cached
 
         def recording_generate(sampling, context_id, parent_context_id=None, *args, **kwargs):
             order.append("fork sent" if parent_context_id else "generate sent")

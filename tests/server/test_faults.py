@@ -51,6 +51,24 @@ def test_a_client_that_disconnects_mid_stream_has_its_call_cancelled_and_its_kv_
     assert stats().decode_tokens == decoded  # nothing decodes any more
 
 
+def test_a_client_that_gives_up_on_a_whole_response_has_its_call_cancelled_and_its_kv_freed(local_server):
+    # The `openai` package times out and retries: the abandoned request must not go on generating.
+    wait_until(lambda: local_server.manager.queued_calls == 0, 10, "the work of earlier tests to end")
+    before, stats = settled_kv_blocks_used(local_server), local_server.manager.engines[0].engine.stats
+    decoded = stats().decode_tokens
+    body = {"model": "tiny", "prompt": "A story that goes on and on:", **LONG}
+    with httpx.Client(base_url=local_server.base_url, timeout=0.5) as impatient:
+        try:
+            impatient.post("/v1/completions", json=body)
+            raise AssertionError("3,000 tokens came back within the client's timeout")
+        except httpx.ReadTimeout:
+            pass
+    wait_until(lambda: local_server.manager.queued_calls == 0 and kv_blocks_used(local_server) == before, 30,
+               "the call to end and its blocks to be freed")
+    # stopped before its end: a whole run decodes all its tokens but the first (the prefill samples that one)
+    assert stats().decode_tokens - decoded < LONG["max_tokens"] - 1
+
+
 def test_a_call_cancelled_through_the_api_frees_its_kv_and_fails_its_consumers(client, local_server):
     session = client.post("/api/sessions").json()
     headers, base = {"X-Session-Token": session["session_token"]}, f"/api/sessions/{session['session_id']}"

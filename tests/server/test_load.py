@@ -61,11 +61,12 @@ def full_queue(small_queue):
     client.close()
 
 
-def assert_429(response: httpx.Response) -> None:
+def assert_429(response: httpx.Response, field: str | None = "calls") -> None:
+    """A full queue's answer: on the Parrot API naming the graph's calls, on /v1 no field (as OpenAI's)."""
     assert response.status_code == 429, response.text
     assert int(response.headers["retry-after"]) >= 1
     error = response.json()["error"]
-    assert error["field"] == "calls" and "max_queued_calls" in error["message"]
+    assert error["field"] == field and "max_queued_calls" in error["message"]
 
 
 def test_a_graph_submitted_to_a_full_queue_gets_429_with_retry_after(full_queue):
@@ -78,17 +79,17 @@ def test_a_graph_submitted_to_a_full_queue_gets_429_with_retry_after(full_queue)
 
 def test_openai_requests_to_a_full_queue_get_429_streamed_or_not(full_queue):
     body = {"model": "tiny", "prompt": "Hello", "max_tokens": 2}
-    assert_429(full_queue.post("/v1/completions", json=body))
-    assert_429(full_queue.post("/v1/completions", json={**body, "stream": True}))
+    assert_429(full_queue.post("/v1/completions", json=body), None)
+    assert_429(full_queue.post("/v1/completions", json={**body, "stream": True}), None)
     chat = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
-    assert_429(full_queue.post("/v1/chat/completions", json=chat))
+    assert_429(full_queue.post("/v1/chat/completions", json=chat), None)
 
 
 def test_the_openai_client_sees_a_full_queue_as_rate_limit_error(full_queue, small_queue):
     client = openai.OpenAI(base_url=f"{small_queue.base_url}/v1", api_key="unused", max_retries=0)
     with pytest.raises(openai.RateLimitError) as refused:
         client.completions.create(model="tiny", prompt="Hello", max_tokens=2)
-    assert (refused.value.param, refused.value.code) == ("calls", "rate_limit_exceeded")
+    assert (refused.value.param, refused.value.code) == (None, "rate_limit_exceeded")
 
 
 def test_a_graph_larger_than_the_whole_queue_is_400_naming_calls(small_queue):
@@ -99,3 +100,12 @@ def test_a_graph_larger_than_the_whole_queue_is_400_naming_calls(small_queue):
         calls = [{"template": [{"text": "x"}, {"output": o}]} for o in outputs]
         response = client.post(f"{base}/calls", json={"calls": calls}, headers=headers)
     assert response.status_code == 400 and response.json()["error"]["field"] == "calls"
+
+
+@pytest.mark.parametrize("request_size, field", [({"prompt": ["x"] * (QUEUE + 1)}, "prompt"),
+                                                 ({"prompt": "x", "n": QUEUE + 1}, "n")])
+def test_an_openai_request_of_more_choices_than_the_queue_holds_is_400_naming_its_field(small_queue, request_size,
+                                                                                          field):
+    with httpx.Client(base_url=small_queue.base_url, timeout=30) as client:
+        response = client.post("/v1/completions", json={"model": "tiny", "max_tokens": 1, **request_size})
+    assert response.status_code == 400 and response.json()["error"]["field"] == field

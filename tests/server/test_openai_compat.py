@@ -2,6 +2,7 @@
 not, with usage; requests that share a system prompt share its prefix context."""
 
 import asyncio
+import json
 
 import openai
 import pytest
@@ -12,7 +13,7 @@ from parrot_lc.server.graph import TextStream
 from parrot_lc.server.local import LocalServer
 from parrot_lc.server.executor import LATENCY_PRIORITY
 from parrot_lc.server.openai_routes import DeltaEvents, sse
-from parrot_lc.settings import EngineSettings
+from parrot_lc.settings import EngineSettings, ServerSettings
 
 
 @pytest.fixture
@@ -80,6 +81,56 @@ def test_a_chats_new_system_prompt_is_filled_at_the_chats_priority(oai, prefix_f
     assert prefix_fill_priorities == [LATENCY_PRIORITY]
 
 
+def chat_usage_and_prefill(oai, server: LocalServer, system: str) -> tuple[openai.types.CompletionUsage, int]:
+    """A one-token chat's usage, and the prompt tokens that the engine computed (prefilled) for it."""
+    stats = server.manager.engines[0].engine.stats
+    before = stats().prefill_tokens
+    usage = oai.chat.completions.create(model="tiny", max_tokens=1, temperature=0, messages=[
+        {"role": "system", "content": system},
+        {"role": "user", "content": "Which of these rules apply to the guests who arrive after midnight?"}]).usage
+    return usage, stats().prefill_tokens - before
+
+
+def test_a_new_system_prompt_reports_no_cached_tokens(oai, local_server):
+    """OpenAI's cached tokens are those served from a cache: a prefix context filled for this very request is
+    computed, not cached."""
+    usage, prefilled = chat_usage_and_prefill(oai, local_server, "You count the gulls on the pier at dawn. " * 8)
+    assert usage.prompt_tokens_details.cached_tokens == 0 and prefilled == usage.prompt_tokens
+
+
+def test_a_repeated_prompt_reports_the_full_blocks_an_earlier_request_computed_as_cached(oai, local_server):
+    system = "You mend the nets of the fishing fleet and answer the skippers. " * 8
+    first, _ = chat_usage_and_prefill(oai, local_server, system)
+    again, prefilled = chat_usage_and_prefill(oai, local_server, system)
+    assert first.prompt_tokens_details.cached_tokens == 0
+    cached = again.prompt_tokens_details.cached_tokens
+    assert cached == again.prompt_tokens - prefilled == (again.prompt_tokens - 1) // 16 * 16  # all but its last token's
+
+
+def test_a_prompt_whose_prefix_context_was_evicted_counts_what_its_fill_read_from_the_block_cache():
+    """A new prefix context filled for the request computes only what the block cache lacks (and the block of
+    its last token, whose logits a fill computes): the rest is cached."""
+    settings = EngineSettings(model="tiny", device="cpu", dtype="float32", kv_cache_bytes=16 * 2**20)
+    with LocalServer(settings, ServerSettings(port=0, max_prefixes_per_engine=1)) as server:
+        oai = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
+        lighthouse = "You keep the lighthouse log and answer the keeper's questions. " * 4
+        counts = [chat_usage_and_prefill(oai, server, system)  # the ferry's prefix context evicts the lighthouse's
+                  for system in (lighthouse, "You sort the timetable of the island's three ferries. " * 4, lighthouse)]
+    assert [usage.prompt_tokens_details.cached_tokens for usage, prefilled in counts] == [
+        usage.prompt_tokens - prefilled for usage, prefilled in counts]
+    assert counts[0][0].prompt_tokens_details.cached_tokens == 0 < counts[2][0].prompt_tokens_details.cached_tokens
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_the_choices_of_a_new_prompt_report_no_cached_tokens(oai, stream):
+    """The n choices fork one prompt filled for this request: computed once, cached for none."""
+    options = {"stream": True, "stream_options": {"include_usage": True}} if stream else {}
+    response = oai.chat.completions.create(model="tiny", max_tokens=2, temperature=0, n=3, **options, messages=[
+        {"role": "user", "content": f"Count the {'streamed' if stream else 'whole'} boats in the bay, twice over."}])
+    usage = list(response)[-1].usage if stream else response.usage
+    assert usage.prompt_tokens > 16 and usage.prompt_tokens_details.cached_tokens == 0
+
+
 def test_bad_sampling_is_a_4xx_the_client_raises(oai):
     with pytest.raises(openai.BadRequestError):
         oai.completions.create(model="tiny", prompt="x", temperature=-1)
@@ -142,6 +193,40 @@ def test_the_neutral_values_that_clients_send_anyway_and_harmless_extra_fields_a
     assert response.usage.completion_tokens == 2
 
 
+@pytest.mark.parametrize("route, body", [
+    ("/v1/chat/completions", {**CHAT, "temperature": None, "top_p": None, "n": None, "stream": None,
+                              "parallel_tool_calls": None, "presence_penalty": None}),
+    ("/v1/completions", {"model": "tiny", "prompt": "Hi", "max_tokens": 2, "temperature": None, "n": None,
+                         "echo": None, "stream": None}),
+])
+def test_null_for_a_nullable_field_is_its_default(client, route, body):
+    # the `openai` package sends null for an argument passed as None; OpenAI's spec marks these fields nullable
+    left_out = {key: value for key, value in body.items() if value is not None}
+    answer, expected = (client.post(route, json={**b, "seed": 7}) for b in (body, left_out))
+    assert answer.status_code == 200, answer.text
+    assert [c.get("text", c.get("message")) for c in answer.json()["choices"]] == [
+        c.get("text", c.get("message")) for c in expected.json()["choices"]]
+
+
+def test_stream_options_without_stream_gets_400_naming_it(client):
+    body = {**CHAT, "stream_options": {"include_usage": True}}
+    assert_refused(client.post("/v1/chat/completions", json=body), 400, "stream_options")
+
+
+def test_with_include_usage_every_chunk_has_a_null_usage_but_the_last(client):
+    body = {**CHAT, "max_tokens": 3, "stream": True, "stream_options": {"include_usage": True}}
+    with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        chunks = [json.loads(line[6:]) for line in response.iter_lines()
+                  if line.startswith("data: ") and line != "data: [DONE]"]
+    assert all("usage" in chunk and chunk["usage"] is None for chunk in chunks[:-1])
+    assert chunks[-1]["usage"]["completion_tokens"] == 3
+
+
+def test_the_model_card_has_vllms_fields(client):
+    card = client.get("/v1/models").json()["data"][0]
+    assert card["root"] == "tiny" and card["parent"] is None and card["max_model_len"] > 0 and card["created"] > 0
+
+
 def test_an_image_content_part_gets_400_naming_it(oai):
     image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
     with pytest.raises(openai.BadRequestError) as refused:
@@ -156,11 +241,11 @@ def test_a_text_content_part_whose_text_is_no_string_is_400_naming_it(client, te
     assert_refused(client.post("/v1/chat/completions", json=body), 400, "messages.0.content.0.text")
 
 
-def test_text_content_parts_are_the_text_they_hold(oai):
-    parts = [{"type": "text", "text": "Tell me "}, {"type": "text", "text": "a story"}]
+def test_text_content_parts_are_their_texts_a_line_apart_as_vllm_joins_them(oai):
+    parts = [{"type": "text", "text": "Tell me"}, {"type": "text", "text": "a story"}]
     joined = oai.chat.completions.create(**{**CHAT, "temperature": 0, "messages": [{"role": "user", "content": parts}]})
     whole = oai.chat.completions.create(**{**CHAT, "temperature": 0, "messages": [
-        {"role": "user", "content": "Tell me a story"}]})
+        {"role": "user", "content": "Tell me\na story"}]})
     assert joined.choices[0].message.content == whole.choices[0].message.content
 
 

@@ -113,9 +113,9 @@ class HeldEngine:
         await self._gate(self.frees)
         await self.engine.free_context(context_id)
 
-    async def fill(self, token_ids, context_id, parent_context_id=None, priority=0, issued=None) -> None:
+    async def fill(self, token_ids, context_id, parent_context_id=None, priority=0, issued=None) -> int:
         await self._gate(self.fills)
-        await self.engine.fill(token_ids, context_id, parent_context_id, priority, issued)
+        return await self.engine.fill(token_ids, context_id, parent_context_id, priority, issued)
 
     def generate(self, *args, **kwargs):
         return self.engine.generate(*args, **kwargs)

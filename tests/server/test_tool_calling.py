@@ -120,6 +120,15 @@ def test_streamed_deltas_join_into_the_whole_reply(fmt, text):
     assert read_streamed(reader, list(text)) == read_whole(reader, text)  # a character a delta
 
 
+@pytest.mark.parametrize("text", [
+    '<tool_call>{"name": "get_time", "arguments": {"zone": </tool_call>',  # a small model's slip
+    '<tool_call>{"name": "get_time", "arguments": {"zone": "UT',  # cut off by max_tokens
+])
+def test_a_whole_reply_whose_call_has_no_json_arguments_is_all_content(text):
+    # returned as a call, it would be refused when the client sends it back in the next turn
+    assert read_whole(ToolReader(NAMES, True, HERMES), text) == (text, [])
+
+
 def test_a_named_choice_reads_the_reply_as_the_functions_arguments():
     reader = ToolReader(NAMES, True, HERMES, function="get_weather")
     text = '{"unit": "celsius",\n "rain": true}'

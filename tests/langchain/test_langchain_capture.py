@@ -353,6 +353,68 @@ def test_langgraph_chat_turns(chat_parrot):
          graphs=1, same=lambda state: [m.content for m in state["messages"]])
 
 
+def two_step_graph(chat_parrot) -> Any:
+    def respond(state: ChatState) -> dict:
+        return {"messages": [chat_parrot.invoke(state["messages"])]}
+
+    graph = StateGraph(ChatState)
+    graph.add_node("respond", respond)
+    graph.add_node("again", respond)
+    graph.add_edge(START, "respond")
+    graph.add_edge("respond", "again")
+    graph.add_edge("again", END)
+    return graph.compile()
+
+
+def texts(value: Any) -> Any:
+    """`value` with each message as its text."""
+    if isinstance(value, dict):
+        return {key: texts(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [texts(item) for item in value]
+    return getattr(value, "content", value)
+
+
+def streamed(chunks: list[Any]) -> list[Any]:
+    """A graph's stream as texts: its updates and states, or each node's messages joined (a deferred call's
+    message comes whole, an eager one's token by token)."""
+    if all(isinstance(chunk, tuple) for chunk in chunks):
+        nodes = [metadata["langgraph_node"] for _, metadata in chunks]
+        return [(node, "".join(m.content for m, meta in chunks if meta["langgraph_node"] == node))
+                for node in dict.fromkeys(nodes)]
+    return [texts(chunk) for chunk in chunks]
+
+
+@pytest.mark.parametrize("mode", ["updates", "values", "messages"])
+def test_a_deferred_graphs_stream_has_the_eager_streams_chunks(chat_parrot, mode):
+    # a loop over `node, update` (or `message, metadata`) of the stream works deferred as it does eagerly
+    graph, state = two_step_graph(chat_parrot), {"messages": [HumanMessage("What is a crane?")]}
+    eager = list(graph.stream(state, stream_mode=mode))
+    late = list(deferred(graph).stream(state, stream_mode=mode))
+    assert streamed(late) == streamed(eager) and len(eager) > 1
+
+
+def test_a_deferred_chains_events_hold_the_real_text(chat_parrot):
+    chain = ChatPromptTemplate.from_messages([("human", "{x}")]) | chat_parrot | StrOutputParser()
+
+    async def events(runnable: Any) -> list[tuple[str, str, Any]]:
+        kept = ("on_chat_model_end", "on_parser_end", "on_chain_end")
+        return [(event["event"], event["name"], getattr(event["data"]["output"], "content", event["data"]["output"]))
+                async for event in runnable.astream_events({"x": "a crane"}, version="v2") if event["event"] in kept]
+
+    eager, late = asyncio.run(events(chain)), asyncio.run(events(deferred(chain)))
+    assert late == eager and not any(MARK in str(output) for *_, output in late)
+
+
+def test_a_deferred_batch_with_return_exceptions_fails_only_the_input_whose_call_failed(chat_parrot):
+    chain = ChatPromptTemplate.from_messages([("human", "{x}")]) | chat_parrot | StrOutputParser()
+    inputs = [{"x": "harbour " * 9000}, {"x": "a crane"}]  # the first is longer than the model's context
+    eager = chain.batch(inputs, return_exceptions=True)
+    late = deferred(chain).batch(inputs, return_exceptions=True)
+    assert isinstance(eager[0], Exception) and isinstance(late[0], Exception)
+    assert late[1] == eager[1]
+
+
 # ---- functions that call chains -----------------------------------------------------------------------------------
 
 

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from parrot_lc.frontend.errors import CallFailedError, InvalidRequestError, ParrotConnectionError
 from parrot_lc.integrations import langchain as langchain_integration
-from parrot_lc.integrations.langchain import ChatParrot, ParrotLLM
+from parrot_lc.integrations.langchain import ChatParrot, ParrotLLM, deferred
 
 PROMPT = "The parrot said"
 PREFIX = "You are a careful assistant. Summarize the following report in one sentence, keeping the numbers. " * 3
@@ -233,6 +233,18 @@ def test_arguments_and_call_options_it_does_not_take_are_refused_naming_them():
         llm.invoke(PROMPT, logprobs=1)
     with pytest.raises(ValueError, match=r"\['logprobs'\]"):
         llm.batch([PROMPT, PROMPT + "!"], logprobs=1)  # a batch is one graph
+
+
+@pytest.mark.parametrize("option", [{"temperature": 9}, {"max_tokens": 0}, {"top_p": 0}, {"seed": -1}])
+def test_a_call_option_the_field_would_refuse_is_refused_alike_invoked_batched_and_deferred(option):
+    # a graph call's own bounds are wider (temperature up to 100): a batch or a deferred run must not take more
+    llm = ParrotLLM(base_url="http://127.0.0.1:9", max_retries=0)  # refused before any request
+    [name] = option
+    for run in (lambda: llm.invoke(PROMPT, **option), lambda: llm.batch([PROMPT, PROMPT + "!"], **option),
+                lambda: deferred(llm.bind(**option)).invoke(PROMPT)):
+        with pytest.raises(InvalidRequestError, match=name) as refused:
+            run()
+        assert refused.value.field == name
 
 
 def test_requests_carry_the_key_and_the_sampling_fields():

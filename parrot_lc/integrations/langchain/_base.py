@@ -8,10 +8,11 @@ of its model, started on its first request, never when a class is constructed.
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 from langchain_core.language_models import LangSmithParams
 from langchain_core.utils import from_env, secret_from_env
@@ -22,6 +23,8 @@ from pydantic import (
     Field,
     PrivateAttr,
     SecretStr,
+    TypeAdapter,
+    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -55,6 +58,13 @@ GRAPH_BODY_FIELDS = frozenset(SAMPLING_FIELDS) - {"constraint"}
 settings but the Parrot API's `constraint`): those of `extra_body` that a deferred or batched call can send."""
 SET_BY_EACH_REQUEST = frozenset({"model", "prompt", "messages", "stream", "stream_options"})
 """Request fields that every request sets itself: `extra_body` cannot set them."""
+
+
+@functools.cache
+def _field_adapter(cls: type[BaseModel], name: str) -> TypeAdapter:
+    """Validates a value as the field `name` of `cls` does (its type and bounds)."""
+    field_info = cls.model_fields[name]
+    return TypeAdapter(Annotated[field_info.annotation, *field_info.metadata])
 
 
 class ParrotParams(BaseModel):
@@ -293,7 +303,11 @@ class ParrotParams(BaseModel):
         if unknown:
             raise ValueError(f"{type(self).__name__}: unsupported call options {unknown}; a call takes "
                              f"{sorted(self._call_options)}")
-        sampling: dict[str, Any] = {"max_tokens": self._max_tokens(kwargs) or DEFAULT_MAX_TOKENS}
+        for name in ("max_tokens", "max_completion_tokens", *SAMPLING_OPTIONS):
+            if kwargs.get(name) is not None:
+                self._check_option(name, kwargs[name])
+        max_tokens = self._max_tokens(kwargs)
+        sampling: dict[str, Any] = {"max_tokens": DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens}
         for name in SAMPLING_OPTIONS:
             value = kwargs.get(name, getattr(self, name))
             if value is not None:
@@ -307,7 +321,19 @@ class ParrotParams(BaseModel):
 
     def _max_tokens(self, kwargs: dict[str, Any]) -> int | None:
         """The call's `max_tokens` (or OpenAI's newer `max_completion_tokens`), else the field's."""
-        return kwargs.get("max_tokens") or kwargs.get("max_completion_tokens") or self.max_tokens
+        for value in (kwargs.get("max_tokens"), kwargs.get("max_completion_tokens"), self.max_tokens):
+            if value is not None:
+                return value
+        return None
+
+    def _check_option(self, name: str, value: Any) -> None:
+        """Refuses a call's option that the field of its name would refuse (InvalidRequestError naming it), so that
+        eager, batched and deferred calls refuse the same values (a graph call's own bounds are wider)."""
+        try:
+            _field_adapter(type(self), "max_tokens" if name == "max_completion_tokens" else name).validate_python(value)
+        except ValidationError as exc:
+            raise InvalidRequestError(f"{type(self).__name__}: {name}={value!r}: {exc.errors()[0]['msg']}",
+                                      field=name) from None
 
     def _request_options(self, stop: list[str] | None, kwargs: dict[str, Any], **fields: Any) -> dict[str, Any]:
         """The keyword arguments of a completion or chat request of the frontend: the model, sampling, the request's

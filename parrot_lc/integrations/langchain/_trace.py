@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from langchain_core.caches import BaseCache
 from langchain_core.globals import get_llm_cache
 
-from parrot_lc.frontend import MessageDict, ParrotClient, SemanticVariable, Session
+from parrot_lc.frontend import MessageDict, ParrotClient, ParrotError, SemanticVariable, Session
 from parrot_lc.integrations.langchain._chat_layout import ChatLayout, chat_layout
 from parrot_lc.integrations.langchain._graph import Prompt, add_call, leading_text, shared_prefix_lengths
 from parrot_lc.integrations.langchain._markers import MARK, DeferredText, Part, convert
@@ -92,17 +92,32 @@ class Trace:
         if self._session is not None:
             self._session.close()
 
-    def finish(self, output: Any) -> Any:
+    def finish(self, output: Any, each: bool = False) -> Any:
         """The run's output with its real values. Every call's value is fetched (an error of any call is raised, as
-        an eager run raises it), so that DeferredText the application kept can still be read after the run."""
+        an eager run raises it), so that DeferredText the application kept can still be read after the run.
+        `each`: the output is a batch's list, run with return_exceptions: an item whose values failed becomes the
+        error, and no call's error is raised."""
         self._ending = True
         self.submit()
-        result = self.resolve(output)
+        if each:
+            result = [self._resolved_or_error(item) for item in output]
+        else:
+            result = self.resolve(output)
         for index in range(len(self._outputs)):
-            self.value(index)
+            try:
+                self.value(index)
+            except ParrotError:
+                if not each:
+                    raise
         if self._session is not None:
             self.run.graph = self._session.status()["graph"]
         return result
+
+    def _resolved_or_error(self, item: Any) -> Any:
+        try:
+            return self.resolve(item)
+        except ParrotError as exc:
+            return exc
 
     # ---- recording ----------------------------------------------------------------------------------------
 

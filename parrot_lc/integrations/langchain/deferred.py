@@ -18,7 +18,7 @@ real text. A run's waits and eager steps are logged (the first at INFO) and list
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 from langchain_core.runnables import Runnable, RunnableConfig
@@ -44,8 +44,10 @@ class DeferredRunnable(Runnable):
 
     def batch(self, inputs: list[Any], config: RunnableConfig | list[RunnableConfig] | None = None, *,
               return_exceptions: bool = False, **kwargs: Any) -> list[Any]:
-        """The inputs' runs as one: their calls go to the server together."""
-        return self._run(lambda: self.runnable.batch(inputs, config, return_exceptions=return_exceptions, **kwargs))
+        """The inputs' runs as one: their calls go to the server together. With `return_exceptions`, an input
+        whose run failed (one of its calls, on the server too) gets its error, the others their outputs."""
+        return self._run(lambda: self.runnable.batch(inputs, config, return_exceptions=return_exceptions, **kwargs),
+                         each=return_exceptions)
 
     async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
         return await self._arun(lambda: self.runnable.ainvoke(input, config, **kwargs))
@@ -53,24 +55,46 @@ class DeferredRunnable(Runnable):
     async def abatch(self, inputs: list[Any], config: RunnableConfig | list[RunnableConfig] | None = None, *,
                      return_exceptions: bool = False, **kwargs: Any) -> list[Any]:
         return await self._arun(lambda: self.runnable.abatch(inputs, config, return_exceptions=return_exceptions,
-                                                             **kwargs))
+                                                             **kwargs), each=return_exceptions)
 
-    def _run(self, run: Callable[[], Any]) -> Any:
+    # The streams are the chain's own (a LangGraph graph's per-node updates, its messages as (chunk, metadata)...),
+    # with real text: they come once the run ends, when the values they hold are known.
+    def stream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Iterator[Any]:
+        yield from self._run(lambda: list(self.runnable.stream(input, config, **kwargs)))
+
+    async def astream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> AsyncIterator[Any]:
+        async def chunks() -> list[Any]:
+            return [chunk async for chunk in self.runnable.astream(input, config, **kwargs)]
+
+        for chunk in await self._arun(chunks):
+            yield chunk
+
+    async def astream_events(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
+                             ) -> AsyncIterator[Any]:
+        """The chain's events (its models' tokens, each step's start and end) with real text."""
+        async def events() -> list[Any]:
+            return [event async for event in self.runnable.astream_events(input, config, **kwargs)]
+
+        for event in await self._arun(events):
+            yield event
+
+    def _run(self, run: Callable[[], Any], each: bool = False) -> Any:
+        """`run`'s output with real text (`each`: a batch's, each output on its own, see Trace.finish)."""
         if current_trace() is not None:
             return run()
         with installed(), Trace() as trace:
             try:
-                return trace.finish(run())
+                return trace.finish(run(), each)
             finally:
                 self.last_run = trace.run
 
-    async def _arun(self, run: Callable[[], Awaitable[Any]]) -> Any:
+    async def _arun(self, run: Callable[[], Awaitable[Any]], each: bool = False) -> Any:
         if current_trace() is not None:
             return await run()
         with installed(), Trace() as trace:
             try:
                 output = await run()
-                return await asyncio.to_thread(trace.finish, output)
+                return await asyncio.to_thread(trace.finish, output, each)
             finally:
                 self.last_run = trace.run
 

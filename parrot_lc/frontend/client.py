@@ -11,6 +11,8 @@ server in this process, see `parrot_lc.frontend.inprocess.connect`.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, TypeVar
 
@@ -28,7 +30,13 @@ from parrot_lc.frontend.completions import (
     reply_steps,
     served_models_steps,
 )
-from parrot_lc.frontend.errors import ParrotConnectionError, ParrotError, RequestTimeoutError, response_body
+from parrot_lc.frontend.errors import (
+    ParrotConnectionError,
+    ParrotError,
+    RateLimitError,
+    RequestTimeoutError,
+    response_body,
+)
 from parrot_lc.frontend.events import EventParser
 from parrot_lc.frontend.session import AsyncSession, Session
 from parrot_lc.frontend.tokens import detokenize_steps, tokenize_steps
@@ -47,9 +55,20 @@ def server_root(base_url: str) -> str:
 
 
 class _ClientBase:
-    def __init__(self, base_url: str, timeout: float | None) -> None:
+    def __init__(self, base_url: str, timeout: float | None, max_retries: int) -> None:
         self.base_url = server_root(base_url)
         self.timeout = timeout
+        self.max_retries = max_retries
+
+    def _retry_delay(self, exc: RateLimitError, attempt: int) -> float:
+        """Seconds before retry `attempt` (0, 1...) of a request the server's full queue refused; raises `exc` once
+        the retries are spent. The server's Retry-After where it gives one (up to a minute, as the `openai`
+        package takes it), else 0.5 s doubled each time, up to 8 s."""
+        if attempt >= self.max_retries:
+            raise exc
+        if exc.retry_after is not None and 0 < exc.retry_after <= 60:
+            return exc.retry_after
+        return min(0.5 * 2**attempt, 8.0)
 
     def _http_options(self, api_key: str | None, max_retries: int, options: dict[str, Any],
                       transport: Callable[..., Any]) -> dict[str, Any]:
@@ -86,7 +105,8 @@ class _ClientBase:
 
 class ParrotClient(_ClientBase):
     """A synchronous client. `timeout` (seconds; None: no limit) bounds each request; fetches wait longer (their
-    own timeout, or without limit). `max_retries`: times a connection that cannot be made is tried again.
+    own timeout, or without limit). `max_retries`: times a connection that cannot be made is tried again, and a
+    request that the server's full queue refused (429, after its Retry-After; then RateLimitError).
     `api_key` is for servers started with one; `http_options` go to httpx.Client (e.g. `headers`, `event_hooks`,
     `verify`, `transport`). A trailing `/v1` of `base_url` is dropped.
 
@@ -98,7 +118,7 @@ class ParrotClient(_ClientBase):
 
     def __init__(self, base_url: str, api_key: str | None = None, timeout: float | None = DEFAULT_TIMEOUT,
                  max_retries: int = DEFAULT_MAX_RETRIES, **http_options: Any) -> None:
-        super().__init__(base_url, timeout)
+        super().__init__(base_url, timeout, max_retries)
         self._http = httpx.Client(**self._http_options(api_key, max_retries, http_options, httpx.HTTPTransport))
 
     def sends_as(self, other: ParrotClient) -> bool:
@@ -159,11 +179,15 @@ class ParrotClient(_ClientBase):
         self.close()
 
     def _send(self, request: ApiRequest) -> Any:
-        try:
-            response = self._http.request(request.method, request.path, **self._options(request))
-        except httpx.TransportError as exc:
-            raise self._transport_error(exc) from exc
-        return response_body(response)
+        for attempt in itertools.count():
+            try:
+                response = self._http.request(request.method, request.path, **self._options(request))
+            except httpx.TransportError as exc:
+                raise self._transport_error(exc) from exc
+            try:
+                return response_body(response)
+            except RateLimitError as exc:
+                time.sleep(self._retry_delay(exc, attempt))
 
     def _drive(self, steps: Steps[T]) -> T:
         """Runs request steps, one request at a time; a request's error is raised inside the steps."""
@@ -180,21 +204,25 @@ class ParrotClient(_ClientBase):
             return stop.value
 
     def _events(self, request: ApiRequest) -> Iterator[dict[str, Any]]:
-        """The server-sent events of a streamed response."""
+        """The server-sent events of a streamed response (a full queue's refusal, before any event, is retried)."""
         started = False
-        try:
-            with self._http.stream(request.method, request.path, **self._options(request)) as response:
-                if response.is_error:
-                    response.read()
-                    response_body(response)  # raises the typed error
-                started, parser = True, EventParser()
-                for line in response.iter_lines():
-                    yield from parser.feed(line)
-                    if parser.done:
-                        break
-                parser.end()
-        except httpx.TransportError as exc:
-            raise self._transport_error(exc, started) from exc
+        for attempt in itertools.count():
+            try:
+                with self._http.stream(request.method, request.path, **self._options(request)) as response:
+                    if response.is_error:
+                        response.read()
+                        response_body(response)  # raises the typed error
+                    started, parser = True, EventParser()
+                    for line in response.iter_lines():
+                        yield from parser.feed(line)
+                        if parser.done:
+                            break
+                    parser.end()
+                return
+            except httpx.TransportError as exc:
+                raise self._transport_error(exc, started) from exc
+            except RateLimitError as exc:
+                time.sleep(self._retry_delay(exc, attempt))
 
 
 class AsyncParrotClient(_ClientBase):
@@ -203,7 +231,7 @@ class AsyncParrotClient(_ClientBase):
 
     def __init__(self, base_url: str, api_key: str | None = None, timeout: float | None = DEFAULT_TIMEOUT,
                  max_retries: int = DEFAULT_MAX_RETRIES, **http_options: Any) -> None:
-        super().__init__(base_url, timeout)
+        super().__init__(base_url, timeout, max_retries)
         self._http = httpx.AsyncClient(**self._http_options(api_key, max_retries, http_options,
                                                             httpx.AsyncHTTPTransport))
 
@@ -249,11 +277,15 @@ class AsyncParrotClient(_ClientBase):
         await self.aclose()
 
     async def _send(self, request: ApiRequest) -> Any:
-        try:
-            response = await self._http.request(request.method, request.path, **self._options(request))
-        except httpx.TransportError as exc:
-            raise self._transport_error(exc) from exc
-        return response_body(response)
+        for attempt in itertools.count():
+            try:
+                response = await self._http.request(request.method, request.path, **self._options(request))
+            except httpx.TransportError as exc:
+                raise self._transport_error(exc) from exc
+            try:
+                return response_body(response)
+            except RateLimitError as exc:
+                await asyncio.sleep(self._retry_delay(exc, attempt))
 
     async def _drive(self, steps: Steps[T]) -> T:
         """Runs request steps, the requests of a batch concurrently."""
@@ -270,22 +302,26 @@ class AsyncParrotClient(_ClientBase):
             return stop.value
 
     async def _events(self, request: ApiRequest) -> AsyncIterator[dict[str, Any]]:
-        """The server-sent events of a streamed response."""
+        """The server-sent events of a streamed response (a full queue's refusal, before any event, is retried)."""
         started = False
-        try:
-            async with self._http.stream(request.method, request.path, **self._options(request)) as response:
-                if response.is_error:
-                    await response.aread()
-                    response_body(response)  # raises the typed error
-                started, parser = True, EventParser()
-                async for line in response.aiter_lines():
-                    for event in parser.feed(line):
-                        yield event
-                    if parser.done:
-                        break
-                parser.end()
-        except httpx.TransportError as exc:
-            raise self._transport_error(exc, started) from exc
+        for attempt in itertools.count():
+            try:
+                async with self._http.stream(request.method, request.path, **self._options(request)) as response:
+                    if response.is_error:
+                        await response.aread()
+                        response_body(response)  # raises the typed error
+                    started, parser = True, EventParser()
+                    async for line in response.aiter_lines():
+                        for event in parser.feed(line):
+                            yield event
+                        if parser.done:
+                            break
+                    parser.end()
+                return
+            except httpx.TransportError as exc:
+                raise self._transport_error(exc, started) from exc
+            except RateLimitError as exc:
+                await asyncio.sleep(self._retry_delay(exc, attempt))
 
 
 async def _read(read: Callable[[dict[str, Any]], Completion],

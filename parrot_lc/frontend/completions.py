@@ -23,7 +23,7 @@ class Completion:
     """A completion or a chat reply, or one piece of its stream (then `text` is what the piece adds). Where the
     reply or the piece tells them: why generation stopped (`"stop"`: a stop sequence or the end of the text;
     `"length"`: `max_tokens`), the model's name, and the token usage (`prompt_tokens`, `completion_tokens`,
-    `total_tokens`, and `cached_tokens`: the prompt tokens whose KV the engine had), which a stream gives in its
+    `total_tokens`, and `cached_tokens`: the prompt tokens whose KV an earlier request computed), which a stream gives in its
     last piece. A chat reply's `tool_calls` are OpenAI's (`id`, `function.name`, `function.arguments`); a stream
     piece's are deltas of them (with their `index`). `logprobs`: the choice's log-probabilities as the server sends
     them (a request that asks for them: `logprobs=True` for a chat, `logprobs=k` for a completion)."""

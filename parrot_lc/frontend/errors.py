@@ -54,6 +54,13 @@ class ParrotConnectionError(ParrotError, ConnectionError):
     """The server could not be reached."""
 
 
+class RateLimitError(ParrotError):
+    """The server's queue was full (429): nothing of the request ran. The clients retry it (`max_retries`) after
+    `retry_after` seconds, the server's Retry-After, as the `openai` package does."""
+
+    retry_after: float | None = None
+
+
 class ServerFailure(ParrotError):
     """The server failed on its side, or is shutting down (5xx). (Not the server's own `ServerError`, the base of
     the errors it answers with 4xx.)"""
@@ -65,6 +72,7 @@ _BY_STATUS: dict[int, type[ParrotError]] = {
     404: NotFoundError,
     408: VariableTimeoutError,
     424: CallFailedError,
+    429: RateLimitError,
 }
 
 
@@ -94,4 +102,10 @@ def response_body(response: "httpx.Response") -> Any:
         body = response.json()
     except ValueError:
         body = None
-    raise error_from_response(response.status_code, body, response.text)
+    error = error_from_response(response.status_code, body, response.text)
+    if isinstance(error, RateLimitError):
+        try:
+            error.retry_after = float(response.headers.get("retry-after", ""))
+        except ValueError:
+            pass
+    raise error

@@ -4,12 +4,16 @@ functions of benchmarks/load.py, all complete and none is lost; a full queue ans
 import asyncio
 import importlib.util
 import sys
+import threading
+import time
+from collections.abc import Callable
 
 import httpx
 import openai
 import pytest
 
 from conftest import ROOT
+from parrot_lc.frontend import ParrotClient, RateLimitError
 from parrot_lc.server.local import LocalServer
 from parrot_lc.settings import EngineSettings, ServerSettings
 
@@ -46,18 +50,24 @@ def test_percentiles_are_nearest_rank():
 # ---- backpressure ----------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def full_queue(small_queue):
-    """The queue filled with calls that wait for an input never set; emptied again afterwards."""
-    client = httpx.Client(base_url=small_queue.base_url, timeout=30)
+def fill_queue(client: httpx.Client) -> Callable[[], None]:
+    """Fills the server's queue with calls that wait for an input never set; returns what empties it again."""
     session = client.post("/api/sessions").json()
     headers, base = {"X-Session-Token": session["session_token"]}, f"/api/sessions/{session['session_id']}"
     never = client.post(f"{base}/variables", json={}, headers=headers).json()["var_id"]
     outputs = [client.post(f"{base}/variables", json={}, headers=headers).json()["var_id"] for _ in range(QUEUE)]
     calls = [{"template": [{"text": "Wait for "}, {"input": never}, {"output": o}]} for o in outputs]
     assert client.post(f"{base}/calls", json={"calls": calls}, headers=headers).status_code == 201
+    return lambda: client.delete(base, headers=headers)
+
+
+@pytest.fixture
+def full_queue(small_queue):
+    """The queue filled with calls that wait for an input never set; emptied again afterwards."""
+    client = httpx.Client(base_url=small_queue.base_url, timeout=30)
+    empty = fill_queue(client)
     yield client
-    client.delete(base, headers=headers)
+    empty()
     client.close()
 
 
@@ -90,6 +100,29 @@ def test_the_openai_client_sees_a_full_queue_as_rate_limit_error(full_queue, sma
     with pytest.raises(openai.RateLimitError) as refused:
         client.completions.create(model="tiny", prompt="Hello", max_tokens=2)
     assert (refused.value.param, refused.value.code) == (None, "rate_limit_exceeded")
+
+
+def test_the_frontend_retries_a_full_queue_after_retry_after_then_raises_rate_limit_error(full_queue, small_queue):
+    with ParrotClient(small_queue.base_url, max_retries=1) as client:
+        start = time.monotonic()
+        with pytest.raises(RateLimitError) as refused:
+            client.complete("Hello", max_tokens=2)
+        assert time.monotonic() - start >= 1.0  # retried once, after the server's Retry-After of 1 s
+    assert refused.value.status == 429 and refused.value.retry_after == 1
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_frontend_request_refused_by_a_full_queue_goes_through_once_the_queue_has_room(small_queue, streamed):
+    rejected = small_queue.manager.rejected_calls
+    with httpx.Client(base_url=small_queue.base_url, timeout=30) as holder:
+        threading.Timer(0.5, fill_queue(holder)).start()  # full now, emptied in 0.5 s
+        with ParrotClient(small_queue.base_url, max_retries=3) as client:
+            if streamed:
+                pieces = list(client.stream_complete("Hello", max_tokens=2, temperature=0))
+                assert pieces[-1].usage["completion_tokens"] == 2
+            else:
+                assert client.complete("Hello", max_tokens=2, temperature=0).usage["completion_tokens"] == 2
+    assert small_queue.manager.rejected_calls > rejected  # it was refused first
 
 
 def test_a_graph_larger_than_the_whole_queue_is_400_naming_calls(small_queue):

@@ -136,7 +136,8 @@ class ParrotParams(BaseModel):
     (ChatOpenAI's other name)."""
 
     max_retries: int = Field(default=DEFAULT_MAX_RETRIES, ge=0)
-    """Times a request is retried when the connection to the server cannot be made."""
+    """Times a request is retried when the connection to the server cannot be made, or the server's full queue
+    refused it (429, after its Retry-After)."""
 
     streaming: bool = False
     """Whether `invoke` / `generate` stream the response internally, so that callbacks get each token

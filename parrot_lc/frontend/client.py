@@ -28,6 +28,7 @@ from parrot_lc.frontend.completions import (
     completion_of,
     completion_request,
     reply_steps,
+    model_card_steps,
     served_models_steps,
 )
 from parrot_lc.frontend.errors import (
@@ -168,6 +169,11 @@ class ParrotClient(_ClientBase):
     def served_models(self) -> list[str]:
         """The names of the models the server serves, as its replies name them (`GET /v1/models`)."""
         return self._drive(served_models_steps())
+
+    def model_card(self, name: str) -> dict[str, Any]:
+        """The card of the served model `name` (`GET /v1/models/{name}`: a name that requests may give it); a
+        model the server does not serve raises NotFoundError."""
+        return self._drive(model_card_steps(name))
 
     def close(self) -> None:
         self._http.close()

@@ -70,6 +70,13 @@ def served_models_steps() -> Steps[list[str]]:
     return [model["id"] for model in body["data"]]
 
 
+def model_card_steps(name: str) -> Steps[dict[str, Any]]:
+    """The card of the served model `name` (`GET /v1/models/{name}`); a name it does not serve raises
+    NotFoundError."""
+    [body] = yield [ApiRequest("GET", f"/v1/models/{name}")]
+    return body
+
+
 def completion_of(body: dict[str, Any]) -> Completion:
     """A completion, or a piece of its stream."""
     return _completion(body, lambda choice: {"content": choice.get("text")})

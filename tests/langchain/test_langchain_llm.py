@@ -16,7 +16,7 @@ import pytest
 from langchain_core.callbacks import BaseCallbackHandler
 from pydantic import ValidationError
 
-from parrot_lc.frontend.errors import CallFailedError, InvalidRequestError, ParrotConnectionError
+from parrot_lc.frontend.errors import CallFailedError, InvalidRequestError, NotFoundError, ParrotConnectionError
 from parrot_lc.integrations import langchain as langchain_integration
 from parrot_lc.integrations.langchain import ChatParrot, ParrotLLM, deferred
 
@@ -233,6 +233,19 @@ def test_arguments_and_call_options_it_does_not_take_are_refused_naming_them():
         llm.invoke(PROMPT, logprobs=1)
     with pytest.raises(ValueError, match=r"\['logprobs'\]"):
         llm.batch([PROMPT, PROMPT + "!"], logprobs=1)  # a batch is one graph
+
+
+def test_a_model_the_server_does_not_serve_is_refused_alike_invoked_batched_and_deferred(parrot_server):
+    # a graph call runs on the served model whatever it names: it must not answer under another model's name
+    llm = ParrotLLM(base_url=parrot_server, model="gpt-4o", max_tokens=2)
+    served = ParrotLLM(base_url=parrot_server, max_tokens=2)
+    for run in (lambda: llm.invoke(PROMPT), lambda: llm.batch([PROMPT, PROMPT + "!"]),
+                lambda: asyncio.run(llm.abatch([PROMPT, PROMPT + "!"])),
+                lambda: served.batch([PROMPT, PROMPT + "!"], model="gpt-4o"),
+                lambda: deferred(llm).invoke(PROMPT)):
+        with pytest.raises(NotFoundError, match="gpt-4o") as refused:
+            run()
+        assert refused.value.field == "model"
 
 
 @pytest.mark.parametrize("option", [{"temperature": 9}, {"max_tokens": 0}, {"top_p": 0}, {"seed": -1}])

@@ -225,6 +225,7 @@ class ParrotParams(BaseModel):
     _async_clients: weakref.WeakKeyDictionary = PrivateAttr(default_factory=weakref.WeakKeyDictionary)
     _clients_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
     _served_model: str | None = PrivateAttr(default=None)  # the model a server at base_url serves, once asked
+    _served_names: set[str] = PrivateAttr(default_factory=set)  # requested names the server at base_url answers to
 
     # ---- where the server is -----------------------------------------------------------------------
 
@@ -242,6 +243,16 @@ class ParrotParams(BaseModel):
         if self._served_model is None:
             self._served_model = next(iter(self.parrot_client().served_models()), REMOTE_MODEL_NAME)
         return self._served_model
+
+    def _check_served(self, model: str | None = None) -> None:
+        """Refuses a batched or deferred call (a graph call, which runs on the served model whatever it names) for a
+        model that the server at `base_url` does not serve, as the server refuses an eager call's request:
+        NotFoundError naming `model` (the server is asked once a name)."""
+        requested = self._requested_model(model)
+        if not self.base_url or requested is None or requested in self._served_names:
+            return
+        self.parrot_client().model_card(requested)
+        self._served_names.add(requested)
 
     def _requested_model(self, model: str | None = None) -> str | None:
         """The model a call names in its request: per-call override, field, the in-process default; None for a

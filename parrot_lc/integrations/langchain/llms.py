@@ -66,6 +66,7 @@ class ParrotLLM(ParrotParams, BaseLLM):
         trace = current_trace()
         if trace is None or not trace.can_record(self, kwargs):
             return None
+        self._check_served()
         return trace.record(prompts, self._graph_sampling(stop, kwargs))
 
     # ---- one prompt: a completion ----------------------------------------------------------------------
@@ -198,6 +199,7 @@ class ParrotLLM(ParrotParams, BaseLLM):
 
     def _generate_graph(self, prompts: list[str], stop: list[str] | None, kwargs: dict[str, Any]) -> LLMResult:
         sampling = self._graph_sampling(stop, kwargs)  # checked before a session is opened
+        self._check_served(kwargs.get("model"))
         with self.parrot_client(kwargs.get("model")).session() as session:
             with session.graph():
                 outputs = add_calls(session, [[prompt] for prompt in prompts], sampling)
@@ -208,6 +210,7 @@ class ParrotLLM(ParrotParams, BaseLLM):
     async def _agenerate_graph(self, prompts: list[str], stop: list[str] | None,
                                kwargs: dict[str, Any]) -> LLMResult:
         sampling = self._graph_sampling(stop, kwargs)
+        await asyncio.to_thread(self._check_served, kwargs.get("model"))
         client = await self._async_client(kwargs.get("model"))
         async with client.session() as session:
             async with session.graph():

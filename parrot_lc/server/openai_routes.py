@@ -26,6 +26,7 @@ from parrot_lc.server.errors import CallFailedError, NotFoundError, ServerError
 from parrot_lc.server.graph import Piece
 from parrot_lc.server.manager import Completion, CompletionPrompt, ParrotManager
 from parrot_lc.server.openai_choices import ChatChoices, TextChoices, TokenTexts
+from parrot_lc.server.prompts import COMPLETION_MAX_TOKENS
 from parrot_lc.server.responses import error_body
 from parrot_lc.server.schemas import (
     ChatCompletionRequest,
@@ -81,7 +82,7 @@ def openai_router(manager: ParrotManager, model_name: str, client_of: Callable[.
         else:
             manager.prompts.check_token_ids(prompt, field)
             text, token_ids = manager.prompts.detokenize(prompt), prompt
-        max_tokens = manager.prompts.check(token_ids, body.max_tokens, field)
+        max_tokens = manager.prompts.check(token_ids, body.max_tokens, field, COMPLETION_MAX_TOKENS)
         return CompletionPrompt([Piece("text", text)], token_ids, checked_sampling(body, max_tokens))
 
     @router.post("/chat/completions")

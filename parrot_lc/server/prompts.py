@@ -13,7 +13,7 @@ from parrot_lc.server.errors import CONTEXT_LENGTH_EXCEEDED, ServerError
 from parrot_lc.server.graph import Call, Piece, Session
 from parrot_lc.server.prefix_cache import PromptPrefix
 
-DEFAULT_MAX_TOKENS = 256  # of a completion that does not say (the OpenAI-compatible endpoints)
+COMPLETION_MAX_TOKENS = 16  # of a /v1/completions request that does not say (OpenAI's and vLLM's default)
 
 
 class PrefixTokens:
@@ -102,9 +102,10 @@ class Prompts:
         """The token ids of text that goes on a prompt (no special tokens of the start)."""
         return self.tokenizer(text, add_special_tokens=False).input_ids if text else []
 
-    def check(self, token_ids: list[int], max_tokens: int | None, field: str = "prompt") -> int:
-        """How many tokens the completion may generate: `max_tokens`, or without it what the context leaves (up
-        to a default). A prompt (its `tokenize`d ids) that fills the model's context, or leaves less room than
+    def check(self, token_ids: list[int], max_tokens: int | None, field: str = "prompt",
+              default: int | None = None) -> int:
+        """How many tokens the completion may generate: `max_tokens`, or without it `default`, or without that what
+        the context leaves (as OpenAI and vLLM answer a chat that does not say). A prompt (its `tokenize`d ids) that fills the model's context, or leaves less room than
         `max_tokens`, is rejected before it runs (naming `field`, or `max_tokens`)."""
         count = len(token_ids)
         if count == 0:
@@ -116,7 +117,8 @@ class Prompts:
         if max_tokens is not None and max_tokens > room:
             raise ServerError(f"max_tokens is {max_tokens}, but the prompt ({count} tokens) leaves room for {room} "
                               f"in the model's context of {self.max_context}", "max_tokens", CONTEXT_LENGTH_EXCEEDED)
-        return min(DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens, room)
+        given = max_tokens if max_tokens is not None else default
+        return room if given is None else min(given, room)
 
     @staticmethod
     def segments(session: Session, call: Call) -> list[Segment]:

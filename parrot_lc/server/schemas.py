@@ -374,7 +374,7 @@ class OpenAISampling(OpenAIBody):
     """The sampling fields shared by /v1/completions and /v1/chat/completions."""
 
     model: str | None = Field(None, description="the served model, as GET /v1/models names it; unset: that one")
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, description="unset: a chat's reply may take what the context leaves")
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=-1, description="sample from the k most likely tokens (vLLM's extension); 0 or -1: all")
@@ -482,7 +482,8 @@ def check_top_logprobs(field: str, value: int | None) -> None:
 class CompletionRequest(OpenAISampling):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
         description="a text or token ids, or a list of either: one choice per prompt (n each), in order")
-    max_tokens: int | None = Field(None, ge=0, description="0 only with `echo`: the prompt (and its logprobs) alone")
+    max_tokens: int | None = Field(None, ge=0, description="unset: 16 (OpenAI's default); 0 only with `echo`: the "
+                                   "prompt (and its logprobs) alone")
     echo: bool = Field(False, description="the prompt before each choice's text (and its tokens' logprobs)")
     logprobs: StrictInt | None = Field(None, ge=0, description=f"each token's log-probability and the k most likely "
                                        f"tokens' (at most {MAX_LOGPROBS}); with `echo`, the prompt's tokens' too")

@@ -208,6 +208,26 @@ def test_null_for_a_nullable_field_is_its_default(client, route, body):
         c.get("text", c.get("message")) for c in expected.json()["choices"]]
 
 
+def test_a_completion_that_does_not_say_generates_16_tokens_as_openais_default(client):
+    body = {"model": "tiny", "prompt": "Once upon a time", "ignore_eos": True}
+    assert client.post("/v1/completions", json=body).json()["usage"]["completion_tokens"] == 16
+
+
+def test_a_chat_that_does_not_say_may_take_what_the_context_leaves(client, local_server):
+    # as OpenAI and vLLM answer: no server-chosen cap (a prompt 300 tokens short of the context gets all 300)
+    def count(messages: list[dict]) -> int:
+        return client.post("/tokenize", json={"model": "tiny", "messages": messages}).json()["count"]
+
+    template = count([{"role": "user", "content": ""}])
+    tokens = [1000] * (local_server.manager.max_context - template - 300)
+    text = client.post("/detokenize", json={"tokens": tokens}).json()["prompt"]
+    body = {"model": "tiny", "messages": [{"role": "user", "content": text}], "ignore_eos": True}
+    prompt = count(body["messages"])
+    room = local_server.manager.max_context - prompt
+    answer = client.post("/v1/chat/completions", json=body).json()
+    assert answer["usage"]["completion_tokens"] == room > 0
+
+
 def test_stream_options_without_stream_gets_400_naming_it(client):
     body = {**CHAT, "stream_options": {"include_usage": True}}
     assert_refused(client.post("/v1/chat/completions", json=body), 400, "stream_options")

@@ -410,17 +410,14 @@ class ParrotManager:
             graph = [prompt.pieces + [Piece("output", var_id=output.var_id, sampling=sampling)]
                      for (prompt, sampling), output in zip(choices, outputs)]
             calls = self.submit(session, graph, [prompt.token_ids for prompt, _ in choices])
-        except ServerError as exc:  # refused: nothing runs, and the session must not stay behind
+        except Exception as exc:  # refused: nothing runs, and the session must not stay behind
             self.sessions.pop(session.session_id)
-            if exc.field != "calls":
+            if not isinstance(exc, ServerError) or exc.field != "calls":
                 raise
             # The graph is the request's choices, which are named as the request gives them; a full queue (429)
             # names no field, as OpenAI's rate limits do.
             field = None if isinstance(exc, QueueFullError) else "n" if n > 1 else "prompt"
             raise type(exc)(f"{len(choices)} choices ({len(prompts)} prompts x n={n}): {exc.message}", field) from None
-        except Exception:
-            self.sessions.pop(session.session_id)
-            raise
         return Completion(calls, outputs, session, n)
 
     async def end_completion(self, completion: Completion) -> None:

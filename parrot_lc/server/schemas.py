@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 from abc import abstractmethod
@@ -76,9 +77,15 @@ class OpenAIBody(RequestModel):
     def null_means_default(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
-        defaulted = {name for name, field in cls.model_fields.items()
-                     if not field.is_required() and field.default is not None}
+        defaulted = defaulted_fields(cls)
         return {key: value for key, value in data.items() if value is not None or key not in defaulted}
+
+
+@functools.cache
+def defaulted_fields(cls: type[BaseModel]) -> frozenset[str]:
+    """The fields of `cls` with a default other than None (looked up once a class, not once a request)."""
+    return frozenset(name for name, field in cls.model_fields.items()
+                     if not field.is_required() and field.default is not None)
 
 
 class StrictModel(RequestModel):

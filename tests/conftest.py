@@ -170,6 +170,12 @@ def parrot_server(local_server) -> str:
 
 
 @pytest.fixture
+def call_limit_of_4(local_server, monkeypatch):
+    """The shared test server lets a session hold 4 unfinished calls during the test."""
+    monkeypatch.setattr(local_server.manager.settings, "max_queued_calls_per_session", 4)
+
+
+@pytest.fixture
 def prefix_fill_priorities(local_server, monkeypatch) -> list[int]:
     """The priority of every prefix context that the shared test server's engine is asked to fill during the test."""
     engine = local_server.manager.engines[0].engine

@@ -5,7 +5,9 @@ their JSON bodies); the sync client runs a batch one request after the other, th
 So `Session` and `AsyncSession` differ only in how they wait.
 
 Calls are submitted in batches: every call made inside a `graph()` block goes to the server in one request
-when the block ends, so the server sees the whole DAG at once. Outside a block a sync session submits each
+when the block ends, so the server sees the whole DAG at once (a graph of more calls than the session may hold
+unfinished goes in parts, in dependency order, each when the earlier calls have left room: the block's end then
+waits until the last part is in). Outside a block a sync session submits each
 call at once (raising the server's error there); an async session submits the calls made since its last
 await, as one request, in a task (an error is raised by `aget()` of the calls' outputs).
 """
@@ -28,11 +30,15 @@ from parrot_lc.frontend.template import Template, Text
 from parrot_lc.frontend.variable import SemanticVariable
 
 if TYPE_CHECKING:
-    from parrot_lc.frontend.client import AsyncParrotClient, ParrotClient
+    from parrot_lc.frontend.client import AsyncParrotClient, ParrotClient, _ClientBase
 
 T = TypeVar("T")
 # Variables made by one request (the server takes up to 4,096): a graph's inputs and outputs in a round trip or few.
 NEW_VARIABLES_PER_REQUEST = 1024
+# A graph larger than the session's call limit goes in parts of at least this share of the limit (each part waits
+# for that much room), so that few requests keep the session's queue nearly full.
+PART_OF_LIMIT = 8
+ROOM_WAIT_SECONDS = 30.0  # how long one room request is held open (asked again until there is room)
 
 
 @dataclass(eq=False)
@@ -80,6 +86,8 @@ def current_session() -> BaseSession | None:
 class BaseSession:
     """What sync and async sessions share: the pending graph and the request steps of every operation."""
 
+    _client: _ClientBase
+
     def __init__(self, session_id: str | None, session_token: str | None) -> None:
         if (session_id is None) != (session_token is None):
             raise TypeError("a handle to an existing session needs both its session_id and its session_token")
@@ -88,6 +96,7 @@ class BaseSession:
         self._closed = False
         self._pending: list[GraphCall] = []
         self._graph_depth = 0
+        self._call_limit: int | None = None  # unfinished calls the server lets the session hold
         self._context_tokens: list[Token] = []
 
     @property
@@ -153,6 +162,7 @@ class BaseSession:
         if self.session_id is None:
             [body] = yield [ApiRequest("POST", "/api/sessions")]
             self.session_id, self._token = body["session_id"], body["session_token"]
+            self._call_limit = body["call_limit"]
 
     def _create_steps(self, variables: Iterable[SemanticVariable]) -> Steps[None]:
         new = list(dict.fromkeys(v for v in variables if v._var_id is None))
@@ -174,18 +184,47 @@ class BaseSession:
             variable._var_id = var_id
 
     def _flush_steps(self) -> Steps[None]:
+        """Submits the pending calls: in one request, or, for a graph larger than the session may hold unfinished,
+        in parts, each when the earlier calls have left it room (so this waits until the last part is in)."""
         calls, self._pending = self._pending, []
         if not calls:
             return
+        submitted = 0
         try:
             yield from self._open_steps()
             yield from self._create_steps(v for call in calls for v in call.variables)
-            [body] = yield [self._request("POST", "calls", json={"calls": [c.payload() for c in calls]})]
+            limit = yield from self._call_limit_steps()
+            if len(calls) <= limit:
+                yield from self._submit_steps(calls)
+                return
+            calls = _in_dependency_order(calls)  # no part waits for a later part's values
+            while submitted < len(calls):
+                left = len(calls) - submitted
+                room, limit = yield from self._room_steps(min(left, max(1, limit // PART_OF_LIMIT)))
+                part = calls[submitted:submitted + min(left, room)]
+                if part:
+                    yield from self._submit_steps(part)
+                    submitted += len(part)
         except ParrotError as exc:
-            _fail_outputs(calls, exc)
+            _fail_outputs(calls[submitted:], exc)
             raise
+
+    def _submit_steps(self, calls: list[GraphCall]) -> Steps[None]:
+        [body] = yield [self._request("POST", "calls", json={"calls": [c.payload() for c in calls]})]
         for call, call_id in zip(calls, body["call_ids"]):
             call.call_id = call_id
+
+    def _call_limit_steps(self) -> Steps[int]:
+        if self._call_limit is None:  # a handle to a session another client opened
+            _, self._call_limit = yield from self._room_steps(0)
+        return self._call_limit
+
+    def _room_steps(self, calls: int) -> Steps[tuple[int, int]]:
+        """(room, limit): waits up to ROOM_WAIT_SECONDS until `calls` more calls fit in the session."""
+        wait = ROOM_WAIT_SECONDS if calls else 0.0
+        [body] = yield [self._request("GET", "room", params={"calls": calls, "timeout": wait},
+                                      timeout=self._client._long_poll_timeout(wait))]
+        return body["room"], body["limit"]
 
     def _set_steps(self, variable: SemanticVariable, value: str) -> Steps[None]:
         if variable._producer is not None:
@@ -266,7 +305,7 @@ class Session(BaseSession):
         self._run(self._close_steps())
 
     def flush(self) -> None:
-        """Submits the calls not yet submitted (those of an unfinished graph block), as one request."""
+        """Submits the calls not yet submitted (those of an unfinished graph block), as one request (or in parts)."""
         self._run(self._flush_steps())
 
     def status(self) -> dict[str, Any]:
@@ -347,7 +386,7 @@ class AsyncSession(BaseSession):
         await self._run(self._close_steps())
 
     async def flush(self) -> None:
-        """Submits the calls not yet submitted, as one request."""
+        """Submits the calls not yet submitted, as one request (or in parts)."""
         await self._run(self._flush_steps())
 
     async def status(self) -> dict[str, Any]:
@@ -430,3 +469,26 @@ def _fail_outputs(calls: list[GraphCall], error: ParrotError) -> None:
     for call in calls:
         for variable in call.outputs:
             variable._error = error
+
+
+def _in_dependency_order(calls: list[GraphCall]) -> list[GraphCall]:
+    """The calls, each after those of the list that produce its inputs, otherwise in the order they were made."""
+    pending = set(calls)
+    ordered: list[GraphCall] = []
+    placed: set[GraphCall] = set()
+    visiting: set[GraphCall] = set()  # a cycle (which the server refuses) must not loop here
+    for root in calls:
+        stack = [(root, False)]
+        while stack:
+            call, inputs_placed = stack.pop()
+            if call in placed or (not inputs_placed and call in visiting):
+                continue
+            if inputs_placed:
+                placed.add(call)
+                ordered.append(call)
+                continue
+            visiting.add(call)
+            stack.append((call, True))
+            producers = [v._producer for v in call.variables if v._producer is not call]
+            stack.extend((p, False) for p in reversed(producers) if p in pending and p not in placed)
+    return ordered

@@ -35,6 +35,7 @@ from parrot_lc.server.remote_engine import RemoteEngine
 from parrot_lc.server.request_ids import RequestIds, id_header
 from parrot_lc.server.responses import add_error_handlers, error_response
 from parrot_lc.server.schemas import (
+    CallRoom,
     EngineRef,
     EngineStatsBody,
     RegisterEngine,
@@ -56,6 +57,8 @@ from parrot_lc.settings import ServerSettings
 # A registering engine must answer GET /stats with the engine key within this long: a URL of a host that is no
 # engine is refused at once, before any call goes there.
 PROBE_TIMEOUT_S = 2.0
+# The longest a room request is held open (a client waiting longer asks again, as a long poll does).
+ROOM_WAIT_SECONDS = 60.0
 
 log = logging.getLogger("parrot_lc.server")
 ERRORS = {status: {"model": ErrorBody} for status in (401, 403, 404, 408, 413, 424)}
@@ -213,7 +216,8 @@ def parrot_router(manager: ParrotManager, client_of: Callable[..., str | None]) 
     @router.post("/sessions", status_code=201)
     async def create_session(client: str | None = Depends(client_of)) -> NewSession:
         session = manager.create_session(client)
-        return NewSession(session_id=session.session_id, session_token=session.token)
+        _, limit = manager.call_room(session)
+        return NewSession(session_id=session.session_id, session_token=session.token, call_limit=limit)
 
     @router.delete("/sessions/{session_id}", status_code=204)
     async def delete_session(session: Session = Depends(session_of)) -> Response:
@@ -256,6 +260,18 @@ def parrot_router(manager: ParrotManager, client_of: Callable[..., str | None]) 
         """Submits one call or a whole graph of calls; each runs as soon as its inputs have values."""
         graph = [[to_piece(p) for p in call.template] for call in body.calls]
         return SubmittedCalls(call_ids=[c.call_id for c in manager.submit(session, graph)])
+
+    @router.get("/sessions/{session_id}/room")
+    async def call_room(
+        calls: int = Query(1, ge=0, description="wait until this many calls fit (at most the session's limit)"),
+        timeout: float = Query(ROOM_WAIT_SECONDS, ge=0, le=ROOM_WAIT_SECONDS, allow_inf_nan=False,
+                               description="seconds to wait at most: the room may be less then"),
+        session: Session = Depends(session_of),
+    ) -> CallRoom:
+        """Long-polls until the session may submit `calls` more calls (its earlier calls end, or other sessions'
+        do): how a client submits a graph larger than `call_limit` in parts."""
+        room, limit = await manager.wait_for_room(session, calls, timeout)
+        return CallRoom(room=room, limit=limit)
 
     @router.delete("/sessions/{session_id}/calls/{call_id}", status_code=204)
     async def cancel_call(call_id: str, session: Session = Depends(session_of)) -> Response:

@@ -14,7 +14,7 @@ import logging
 import math
 import secrets
 import time
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from typing import AsyncIterator
 
@@ -158,6 +158,7 @@ class ParrotManager:
         self._ids = itertools.count()
         self.calls_finished = {CallState.DONE: 0, CallState.FAILED: 0}
         self.draining = False  # set by drain(): new sessions and calls are refused
+        self._room_freed = asyncio.Event()  # set (and replaced) whenever a call leaves the queues
 
     @property
     def engines(self) -> list[EngineSlot]:
@@ -315,6 +316,30 @@ class ParrotManager:
                 raise QueueFullError(f"{whose} {queued} unfinished calls ({setting}={limit}): retry later",
                                      field="calls")
 
+    def call_room(self, session: Session) -> tuple[int, int]:
+        """(room, limit): how many more calls `session` may submit now, and how many it may hold unfinished at
+        most (the least of the limits of the queues its calls join). A larger graph goes in parts."""
+        limits = self._queue_limits(session)
+        room = min(limit - queued for queued, limit, _, _ in limits)
+        return max(room, 0), min(limit for _, limit, _, _ in limits)
+
+    async def wait_for_room(self, session: Session, calls: int, timeout: float) -> tuple[int, int]:
+        """Waits until `session` may submit `calls` more calls (no more than its limit), or `timeout` seconds have
+        passed; returns `call_room` then. How a client submits a graph larger than its limit in parts."""
+        deadline = time.monotonic() + timeout
+        session.waiting += 1  # a session that waits is not idle
+        try:
+            while True:
+                room, limit = self.call_room(session)
+                left = deadline - time.monotonic()
+                if room >= min(calls, limit) or left <= 0:
+                    return room, limit
+                with suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._room_freed.wait(), left)
+        finally:
+            session.waiting -= 1
+            session.last_used = time.monotonic()
+
     def _queue(self, session: Session, count: int) -> None:
         self.queued_calls += count
         session.queued += count
@@ -322,6 +347,8 @@ class ParrotManager:
             self.queued_by_client[session.client] = self.queued_by_client.get(session.client, 0) + count
 
     def _unqueue(self, session: Session) -> None:
+        self._room_freed.set()
+        self._room_freed = asyncio.Event()
         self.queued_calls -= 1
         session.queued -= 1
         session.last_used = time.monotonic()

@@ -198,6 +198,15 @@ class SubmittedCalls(BaseModel):
 class NewSession(BaseModel):
     session_id: str
     session_token: str
+    call_limit: int = Field(description="unfinished calls the session may hold at once (the least limit of the queues "
+                            "its calls join): a client submits a larger graph in parts, each when room frees")
+
+
+class CallRoom(BaseModel):
+    """How many more calls a session may submit now (`room`), and may hold unfinished at most (`limit`)."""
+
+    room: int
+    limit: int
 
 
 # Variables one batchCreate request may make: a body of empty ones is small, their objects are not.

@@ -137,6 +137,35 @@ def test_a_fetch_past_its_timeout_raises_variable_timeout_error(client):
         assert isinstance(info.value, TimeoutError)
 
 
+def map_reduce_expected(base_url: str, parts: list[str]) -> str:
+    summaries = [complete(base_url, MAP_PREFIX + p + "\nSummary:") for p in parts]
+    return complete(base_url, "Combine these summaries into one:\n" + "".join(s + "\n" for s in summaries))
+
+
+def test_a_graph_larger_than_the_sessions_call_limit_is_submitted_in_parts(client, sent, parrot_server,
+                                                                           call_limit_of_4):
+    parts = [f"Section {i} reports that sales in region {i} grew by {i * 3} percent." for i in range(8)]
+    with client.session() as session:
+        with session.graph():
+            final = combine(*[summarize(p) for p in parts])  # 9 calls
+        value = final.get()
+        assert session.status()["calls"]["done"] == 9
+    assert sum(m == "POST" and p.endswith("/calls") for m, p in sent) >= 3  # at most 4 calls a part
+    assert value == map_reduce_expected(parrot_server, parts)
+
+
+def test_an_async_graph_larger_than_the_sessions_call_limit_is_submitted_in_parts(parrot_server, call_limit_of_4):
+    parts = [f"Part {i}: the parrot population grew by {i} birds." for i in range(8)]
+
+    async def run() -> str:
+        async with AsyncParrotClient(parrot_server, timeout=60) as aclient, aclient.session() as session:
+            async with session.graph():
+                final = combine(*[summarize(p) for p in parts])
+            return await final.aget()
+
+    assert asyncio.run(run()) == map_reduce_expected(parrot_server, parts)
+
+
 def test_a_graph_makes_all_its_variables_in_one_request(client, sent):
     with client.session() as session:
         with session.graph():

@@ -175,6 +175,14 @@ def test_deferred_batch_is_one_run(parrot_llm):
     assert (len(runnable.last_run.graph), runnable.last_run.submissions) == (3, 1)
 
 
+def test_a_deferred_run_of_more_calls_than_the_session_may_hold_goes_in_parts(model, call_limit_of_4):
+    chain = SAY | model | StrOutputParser()
+    topics = [{"topic": topic} for topic in ("ships", "cranes", "piers", "gulls", "tides", "ropes", "masts")]
+    runnable = deferred(chain)
+    assert runnable.batch(topics) == chain.batch(topics)
+    assert len(runnable.last_run.graph) == 7
+
+
 # ---- async -------------------------------------------------------------------------------------------------------
 
 

@@ -149,6 +149,41 @@ def test_one_api_key_gets_429_past_max_queued_calls_per_key_while_another_key_ge
             session.delete()
 
 
+def test_a_new_session_is_told_the_least_limit_of_the_queues_its_calls_join(server):
+    with limit(server, max_queued_calls_per_session=40, max_queued_calls_per_key=30):
+        reply = httpx.post(f"{server.base_url}/api/sessions", headers={"Authorization": f"Bearer {KEYS[0]}"})
+    assert reply.status_code == 201 and reply.json()["call_limit"] == 30
+
+
+def test_a_room_request_waits_until_the_sessions_earlier_calls_end(server, idle):
+    with limit(server, max_queued_calls_per_session=2):
+        session = Session(server)
+        held, *outputs = session.variables(4)
+        assert session.submit([call([held], outputs[0]), call([held], outputs[1])]).status_code == 201
+        room = f"{session.base}/room"
+        now = session.client.get(room, params={"calls": 1, "timeout": 0}, headers=session.headers)
+        assert now.status_code == 200 and now.json() == {"room": 0, "limit": 2}
+        replies = []
+        waiter = threading.Thread(target=lambda: replies.append(session.client.get(
+            room, params={"calls": 2, "timeout": 30}, headers=session.headers)))
+        waiter.start()
+        state = server.manager.sessions[session.base.rsplit("/", 1)[1]]
+        wait_until(lambda: state.waiting == 1, 10, "the room request to wait")
+        assert not replies  # still waiting: both calls wait for `held`
+        reply = session.client.put(f"{session.base}/variables/{held}", json={"value": "x"}, headers=session.headers)
+        assert reply.status_code == 204
+        waiter.join(30)
+        assert replies[0].status_code == 200 and replies[0].json() == {"room": 2, "limit": 2}
+        session.delete()
+
+
+def test_a_room_request_longer_than_the_servers_longest_wait_is_refused_naming_timeout(server):
+    session = Session(server)
+    reply = session.client.get(f"{session.base}/room", params={"timeout": 3600}, headers=session.headers)
+    assert reply.status_code == 400 and reply.json()["error"]["field"] == "timeout"
+    session.delete()
+
+
 def test_variables_past_max_variables_per_session_are_refused_naming_the_limit(server):
     session = Session(server)
     with limit(server, max_variables_per_session=64):

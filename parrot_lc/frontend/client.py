@@ -133,10 +133,11 @@ class ParrotClient(_ClientBase):
         `session_token`, a handle to a session that exists on the server (opened by another client)."""
         return Session(self, session_id, session_token)
 
-    def complete(self, prompt: str, *, model: str | None = None, **options: Any) -> Completion:
-        """The completion of `prompt` (`/v1/completions`). `model`: the served model's name (None: whichever
-        the server serves; another name gets NotFoundError); `options`: sampling fields of the request, as the
-        OpenAI API names them (`max_tokens`, `temperature`, `top_p`, `seed`, `stop`...)."""
+    def complete(self, prompt: str | list[str], *, model: str | None = None, **options: Any) -> Completion:
+        """The completion of `prompt` (`/v1/completions`; a list of prompts: their choices in order, `n` each).
+        `model`: the served model's name (None: whichever the server serves; another name gets NotFoundError);
+        `options`: sampling fields of the request, as the OpenAI API names them (`max_tokens`, `temperature`,
+        `top_p`, `seed`, `stop`...)."""
         return self._drive(reply_steps(completion_request(prompt, model, options), completion_of))
 
     def stream_complete(self, prompt: str, *, model: str | None = None, **options: Any) -> Iterator[Completion]:
@@ -246,7 +247,7 @@ class AsyncParrotClient(_ClientBase):
         `session_id` and `session_token`, a handle to a session that exists on the server."""
         return AsyncSession(self, session_id, session_token)
 
-    async def complete(self, prompt: str, *, model: str | None = None, **options: Any) -> Completion:
+    async def complete(self, prompt: str | list[str], *, model: str | None = None, **options: Any) -> Completion:
         """See `ParrotClient.complete`."""
         return await self._drive(reply_steps(completion_request(prompt, model, options), completion_of))
 

@@ -39,7 +39,8 @@ class Completion:
     each with its text, finish reason, calls and log-probabilities."""
 
 
-def completion_request(prompt: str, model: str | None, options: dict[str, Any], *, stream: bool = False) -> ApiRequest:
+def completion_request(prompt: str | list[str], model: str | None, options: dict[str, Any], *,
+                       stream: bool = False) -> ApiRequest:
     return _request("/v1/completions", {"prompt": prompt}, model, options, stream)
 
 

@@ -166,16 +166,18 @@ async def test_abatch_is_one_graph_that_shares_the_prefix_and_equals_invoking_ea
 
 def test_extra_body_sampling_fields_reach_a_batch_graph_as_a_single_completion(parrot_server):
     """vLLM's top_k in `extra_body`: top_k=1 at temperature 1 is greedy, alone and in a batch (a graph); a field a
-    graph call cannot carry raises naming it, never dropped."""
+    graph call cannot carry is never dropped: a batch goes as a completion request, whose server refuses a field it
+    does not implement, naming it, and a deferred call raises naming it."""
     sampled = dict(base_url=parrot_server, max_tokens=6, temperature=1.0, seed=3)
     prompts = [PROMPT, PROMPT + " loudly"]
     greedy = [ParrotLLM(base_url=parrot_server, max_tokens=6, temperature=0).invoke(p) for p in prompts]
     assert [ParrotLLM(**sampled).invoke(p) for p in prompts] != greedy
     top_1 = ParrotLLM(**sampled, extra_body={"top_k": 1})
     assert top_1.batch(prompts) == [top_1.invoke(p) for p in prompts] == greedy
-    with pytest.raises(InvalidRequestError, match="'suffix'") as refused:
-        ParrotLLM(**sampled, extra_body={"suffix": "!"}).batch(prompts)
-    assert refused.value.field == "suffix"
+    for run in (lambda llm: llm.batch(prompts), lambda llm: deferred(llm).invoke(PROMPT)):
+        with pytest.raises(InvalidRequestError, match="suffix") as refused:
+            run(ParrotLLM(**sampled, extra_body={"suffix": "!"}))
+        assert refused.value.field == "suffix"
 
 
 
@@ -226,13 +228,13 @@ def test_unreachable_server_raises_a_connection_error():
 
 
 def test_arguments_and_call_options_it_does_not_take_are_refused_naming_them():
-    with pytest.raises(ValidationError, match="best_of"):
-        ParrotLLM(base_url="http://127.0.0.1:9", best_of=2)
+    with pytest.raises(ValidationError, match="tiktoken_model_name"):
+        ParrotLLM(base_url="http://127.0.0.1:9", tiktoken_model_name="gpt2")
     llm = ParrotLLM(base_url="http://127.0.0.1:9", max_retries=0)  # refused before any request
-    with pytest.raises(ValueError, match=r"\['logprobs'\]"):
-        llm.invoke(PROMPT, logprobs=1)
-    with pytest.raises(ValueError, match=r"\['logprobs'\]"):
-        llm.batch([PROMPT, PROMPT + "!"], logprobs=1)  # a batch is one graph
+    with pytest.raises(ValueError, match=r"\['top_logprobs'\]"):
+        llm.invoke(PROMPT, top_logprobs=1)
+    with pytest.raises(ValueError, match=r"\['top_logprobs'\]"):
+        llm.batch([PROMPT, PROMPT + "!"], top_logprobs=1)  # a batch is one graph
 
 
 def test_a_model_the_server_does_not_serve_is_refused_alike_invoked_batched_and_deferred(parrot_server):

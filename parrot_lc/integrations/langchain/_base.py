@@ -64,6 +64,8 @@ SET_BY_EACH_REQUEST = frozenset({"model", "prompt", "messages", "stream", "strea
 def _field_adapter(cls: type[BaseModel], name: str) -> TypeAdapter:
     """Validates a value as the field `name` of `cls` does (its type and bounds)."""
     field_info = cls.model_fields[name]
+    if not field_info.metadata:  # Annotated takes at least one
+        return TypeAdapter(field_info.annotation)
     return TypeAdapter(Annotated[field_info.annotation, *field_info.metadata])
 
 
@@ -120,6 +122,21 @@ class ParrotParams(BaseModel):
     """Sample only tokens at least `min_p` times as likely as the most likely one (vLLM's option). Default: the
     server's (0: no cut)."""
 
+    n: int | None = Field(default=None, ge=1)
+    """Replies to each prompt or chat (OpenAI's `n`; default 1): `generate` / `agenerate` give them all (a prompt's
+    list of generations), `invoke` the first. The server fills the prompt once and forks every reply from it; with a
+    `seed`, reply i samples with seed + i. A stream has one reply: `streaming=True` with `n` above 1 is refused, as
+    LangChain's OpenAI classes refuse it, and so is a stream of a call of several. Inside `deferred`, a call of
+    several replies runs at once, on real text (a graph call has one output)."""
+
+    model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Request fields sent with every request that no argument of the class names (the option of LangChain's OpenAI
+    classes). ChatParrot's are keyword arguments of every call, which a call's own override: those a call takes
+    (`response_format`, `tools`, `tool_choice`, `parallel_tool_calls`); another is refused, naming it. ParrotLLM's
+    are fields of every completion request body, checked by the server as `extra_body`'s are (e.g. vLLM's
+    `{"top_k": 20}`, `min_tokens`, `echo`). A field that has an argument of its own (`temperature`...), or that
+    every request sets itself (`prompt`, `messages`, `stream`), is refused, naming it."""
+
     stop: list[str] | None = None
     """Stop sequences (or one, as a string): generation ends before the first of them (it is not part of the
     text). A call's own `stop` sequences are used together with these."""
@@ -173,9 +190,9 @@ class ParrotParams(BaseModel):
     package's `extra_body`), e.g. vLLM's sampling fields `{"top_k": 20, "repetition_penalty": 1.1}`; the server
     checks them (an unimplemented field, or a value out of range, is its 400 naming the field). A field that an
     argument, `model_kwargs` or the call's keyword arguments (or `stop`) also set is refused, naming it. A deferred
-    or batched call (a graph call) carries those of them that a graph call's sampling has with the same meaning
-    (`top_k`, `min_p`, `repetition_penalty`, ..., see `GRAPH_BODY_FIELDS`); another raises InvalidRequestError
-    naming it, never dropped."""
+    call (a graph call) carries those of them that a graph call's sampling has with the same meaning (`top_k`,
+    `min_p`, `repetition_penalty`, ..., see `GRAPH_BODY_FIELDS`); another raises InvalidRequestError naming it,
+    never dropped (ParrotLLM's batch of several prompts goes as completion requests instead)."""
 
     http_client: Any = None
     """ChatOpenAI's own httpx.Client: not taken (any value but None is refused, naming the field). The frontend's
@@ -202,6 +219,32 @@ class ParrotParams(BaseModel):
                              f"client_kwargs or {kwargs} instead (transport, verify, proxy, limits, event_hooks...)")
         return None
 
+    @field_validator("model_kwargs")
+    @classmethod
+    def _no_arguments_in_model_kwargs(cls, value: dict[str, Any]) -> dict[str, Any]:
+        explicit = sorted(set(value) & cls._argument_names())
+        if explicit:
+            raise ValueError(f"{explicit} should be given as arguments of their own, not in model_kwargs")
+        reserved = sorted(set(value) & SET_BY_EACH_REQUEST)
+        if reserved:
+            raise ValueError(f"model_kwargs cannot set {reserved}: every request sets them")
+        return value
+
+    @classmethod
+    def _argument_names(cls) -> set[str]:
+        """The constructor's arguments: the fields' names and their other names."""
+        names = set()
+        for name, info in cls.model_fields.items():
+            alias = info.validation_alias
+            names |= {name, *(alias.choices if isinstance(alias, AliasChoices) else [alias or name])}
+        return names
+
+    @model_validator(mode="after")
+    def _one_reply_when_streaming(self) -> ParrotParams:
+        if self.streaming and (self.n or 1) > 1:
+            raise ValueError("n must be 1 when streaming: a stream gives one reply")
+        return self
+
     @model_validator(mode="after")
     def _extra_body_fields_once(self) -> ParrotParams:
         extra = set(self.extra_body or ())
@@ -214,11 +257,16 @@ class ParrotParams(BaseModel):
         return self
 
     def _fields_given(self) -> set[str]:
-        """The request fields that this model's arguments set (not left to their defaults)."""
-        return self.model_fields_set & (self._call_options | {"stop"})
+        """The request fields that this model's arguments set (not left to their defaults), `model_kwargs`' among
+        them."""
+        return (self.model_fields_set & (self._call_options | {"stop"})) | set(self.model_kwargs)
 
     _call_options: ClassVar[frozenset[str]] = CALL_OPTIONS
     """The keyword arguments a call takes; others are refused (ValueError) before any request."""
+
+    _request_fields: ClassVar[tuple[str, ...]] = ("n",)
+    """The fields that a request sends as they are, unless the call's keyword arguments set them (each a call
+    option too)."""
 
     _clients: dict[str, ParrotClient] = PrivateAttr(default_factory=dict)
     # Async clients by event loop (an httpx.AsyncClient's connections belong to the loop that made them), then URL.
@@ -315,7 +363,7 @@ class ParrotParams(BaseModel):
         if unknown:
             raise ValueError(f"{type(self).__name__}: unsupported call options {unknown}; a call takes "
                              f"{sorted(self._call_options)}")
-        for name in ("max_tokens", "max_completion_tokens", *SAMPLING_OPTIONS):
+        for name in ("max_tokens", "max_completion_tokens", *SAMPLING_OPTIONS, *self._request_fields):
             if kwargs.get(name) is not None:
                 self._check_option(name, kwargs[name])
         max_tokens = self._max_tokens(kwargs)
@@ -347,23 +395,64 @@ class ParrotParams(BaseModel):
             raise InvalidRequestError(f"{type(self).__name__}: {name}={value!r}: {exc.errors()[0]['msg']}",
                                       field=name) from None
 
+    def _call_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """A call's keyword arguments over the fields that the request sends as they are (`_request_fields`)."""
+        fields = {name: getattr(self, name) for name in self._request_fields if getattr(self, name) is not None}
+        return {**fields, **kwargs}
+
+    def _streamed_call_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """A stream's keyword arguments, as `_call_kwargs`; a stream of several replies is refused."""
+        kwargs = self._call_kwargs(kwargs)
+        if (kwargs.get("n") or 1) > 1:
+            raise ValueError(f"{type(self).__name__}: n must be 1 when streaming (got n={kwargs['n']}): a stream "
+                             "gives one reply; `generate` gives several")
+        return kwargs
+
     def _request_options(self, stop: list[str] | None, kwargs: dict[str, Any], **fields: Any) -> dict[str, Any]:
         """The keyword arguments of a completion or chat request of the frontend: the model, sampling, the request's
-        other `fields` (a chat's tools...), and `extra_body`'s fields over them (as the `openai` package merges
-        them)."""
+        other `fields` (a chat's tools...), and the body fields of the arguments over them (`extra_body`'s, as the
+        `openai` package merges them)."""
         options = {"model": self._requested_model(kwargs.get("model")), **self._sampling(stop, kwargs), **fields}
-        return {**options, **self._extra_body(stop, kwargs)}
+        return {**options, **self._body_fields(stop, kwargs)}
+
+    def _body_fields(self, stop: list[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The fields that the arguments add to every request body as they are: `extra_body`'s."""
+        return self._extra_body(stop, kwargs)
+
+    def _uncarried_fields(self, stop: list[str] | None, kwargs: dict[str, Any]) -> list[str]:
+        """The body fields of the arguments (`_body_fields`) that a graph call's sampling does not carry."""
+        return [name for name in self._body_fields(stop, kwargs) if name not in GRAPH_BODY_FIELDS]
+
+    def _needs_a_request(self, trace: Any, kwargs: dict[str, Any]) -> bool:
+        """Whether a call must run at once, as a request of its own, rather than be recorded in the deferred run
+        of `trace`: it asks for what a graph call's output (one text) does not hold, log-probabilities or several
+        replies (noted in the run's waits)."""
+        if self._asks_for_logprobs(kwargs):
+            trace.note(type(self).__name__, "calls with log-probabilities run at once, on real text")
+            return True
+        if (kwargs.get("n") or 1) > 1:
+            trace.note(type(self).__name__, "calls of several replies (n) run at once, on real text")
+            return True
+        return False
+
+    @staticmethod
+    def _asks_for_logprobs(kwargs: dict[str, Any]) -> bool:
+        """Whether a call asks for log-probabilities: a chat's `logprobs=True`, a completion's `logprobs=k` (0 too:
+        the sampled token's alone)."""
+        logprobs = kwargs.get("logprobs")
+        return logprobs is not None and logprobs is not False
 
     def _graph_sampling(self, stop: list[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """The sampling of a graph call (deferred or batched): a call's, with `extra_body`'s fields that a graph
-        call carries; one that it cannot carry raises InvalidRequestError naming it, never dropped (the call would
-        differ from the request that an eager call sends)."""
+        """The sampling of a graph call (deferred or batched): a call's, with the body fields of the arguments that a
+        graph call carries; one that it cannot carry raises InvalidRequestError naming it, never dropped (the call
+        would differ from the request that an eager call sends)."""
         sampling = self._sampling(stop, kwargs)
-        for name, value in self._extra_body(stop, kwargs).items():
-            if name not in GRAPH_BODY_FIELDS:
-                raise InvalidRequestError(f"{type(self).__name__}: extra_body's {name!r} cannot be sent with a "
-                                          f"deferred or batched call (a graph call), which carries "
-                                          f"{sorted(GRAPH_BODY_FIELDS)}", field=name)
+        uncarried = self._uncarried_fields(stop, kwargs)
+        if uncarried:
+            raise InvalidRequestError(f"{type(self).__name__}: the request field {uncarried[0]!r} cannot be sent with "
+                                      f"a deferred or batched call (a graph call), which carries "
+                                      f"{sorted(GRAPH_BODY_FIELDS)}", field=uncarried[0])
+        for name, value in self._body_fields(stop, kwargs).items():
             if name == "stop" and isinstance(value, str):
                 value = [value]
             sampling[name] = 0 if name == "top_k" and value == -1 else value  # vLLM's -1 is a graph call's 0: no cut

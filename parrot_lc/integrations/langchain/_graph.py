@@ -20,11 +20,13 @@ Prompt = Sequence[str | SemanticVariable]
 """A prompt's parts in order: text, and variables whose values stand there (other calls' outputs)."""
 
 
-def add_calls(session: BaseSession, prompts: Sequence[Prompt], sampling: dict[str, Any]) -> list[SemanticVariable]:
+def add_calls(session: BaseSession, prompts: Sequence[Prompt],
+              sampling: dict[str, Any] | Sequence[dict[str, Any]]) -> list[SemanticVariable]:
     """Adds one call per prompt to the session (submitted now, or with the enclosing graph block) and returns their
-    outputs."""
+    outputs; `sampling`: the calls', or each call's."""
     shared = shared_prefix_lengths([leading_text(prompt) for prompt in prompts])
-    return [add_call(session, prompt, length, sampling) for prompt, length in zip(prompts, shared)]
+    samplings = [sampling] * len(prompts) if isinstance(sampling, dict) else sampling
+    return [add_call(session, prompt, length, each) for prompt, length, each in zip(prompts, shared, samplings)]
 
 
 def add_call(session: BaseSession, prompt: Prompt, shared: int, sampling: dict[str, Any],

@@ -36,7 +36,7 @@ from langchain_core.runnables import Runnable, RunnableGenerator, RunnableMap, R
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
-from pydantic import AliasChoices, BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator
 from pydantic_core import from_json
 
 from parrot_lc.frontend import Completion, MessageDict
@@ -48,8 +48,6 @@ _NON_TEXT_PARTS = {"image", "image_url", "input_image", "audio", "input_audio", 
 _REQUEST_OPTIONS = ("tools", "tool_choice", "parallel_tool_calls", "response_format", "logprobs", "top_logprobs", "n")
 """Keyword arguments of a call sent as the request's fields: tools and a response format (bound by `bind_tools` and
 `with_structured_output`), log-probabilities (`bind(logprobs=True, top_logprobs=k)`) and the number of replies."""
-_REQUEST_FIELDS = ("n", "logprobs", "top_logprobs")
-"""ChatParrot's fields that a call sends as they are, unless the call's keyword arguments set them."""
 _STRUCTURED_FORMATS = ("json_object", "json_schema")
 """The response formats whose replies are parsed: one cut by `max_tokens` raises rather than being parsed in part."""
 
@@ -122,12 +120,7 @@ class ChatParrot(ParrotParams, BaseChatModel):
 
     model_config = PARAMS_CONFIG
     _call_options = CALL_OPTIONS | set(_REQUEST_OPTIONS) | {"stream_usage"}
-
-    n: int | None = Field(default=None, ge=1)
-    """Replies to each chat (OpenAI's `n`; default 1): `generate` / `agenerate` give them all, `invoke` the first.
-    The server fills the prompt once and forks every reply from it; with a `seed`, reply i samples with seed + i.
-    A stream has one reply: `streaming=True` with `n` above 1 is refused, as ChatOpenAI refuses it, and so is a
-    stream of a call of several."""
+    _request_fields = ("n", "logprobs", "top_logprobs")
 
     logprobs: bool | None = None
     """Whether replies carry their tokens' log-probabilities (`response_metadata["logprobs"]`), as a call bound
@@ -140,12 +133,6 @@ class ChatParrot(ParrotParams, BaseChatModel):
     """Whether a stream ends with `usage_metadata` on its last chunk (ChatOpenAI's option; a call may set it too:
     `stream(..., stream_usage=False)`). On by default, as ChatOpenAI has it against OpenAI's API: a Parrot
     server always counts a stream's tokens."""
-
-    model_kwargs: dict[str, Any] = Field(default_factory=dict)
-    """Request fields sent with every chat that no constructor argument names (ChatOpenAI's option): of those a call
-    takes as keyword arguments, e.g. `{"response_format": {"type": "json_object"}}`, `tools`, `tool_choice`; a
-    call's own keyword arguments override them. A field that has an argument of its own (`temperature`...) or that
-    the server does not take is refused, naming it."""
 
     reasoning_effort: str | None = None
     """ChatOpenAI's option for reasoning models: the served models have no reasoning mode, so only None is taken
@@ -161,26 +148,15 @@ class ChatParrot(ParrotParams, BaseChatModel):
 
     @field_validator("model_kwargs")
     @classmethod
-    def _request_fields_only(cls, value: dict[str, Any]) -> dict[str, Any]:
-        arguments = _argument_names(cls)
-        explicit = sorted(set(value) & arguments)
-        if explicit:
-            raise ValueError(f"{explicit} should be given as arguments of their own, not in model_kwargs")
-        unknown = sorted(set(value) - cls._call_options)
+    def _call_options_only(cls, value: dict[str, Any]) -> dict[str, Any]:
+        """ChatParrot's `model_kwargs` are keyword arguments of every call (`_call_kwargs`): a field it would not
+        send is refused, naming it, rather than dropped (arguments of their own are refused by ParrotParams)."""
+        arguments = cls._argument_names()
+        unknown = sorted(set(value) - cls._call_options - arguments)
         if unknown:
             raise ValueError(f"{unknown}: no request fields that ChatParrot sends; model_kwargs takes "
                              f"{sorted(cls._call_options - arguments)}")
         return value
-
-    def _fields_given(self) -> set[str]:
-        """The request fields that the arguments set, `model_kwargs`' among them."""
-        return super()._fields_given() | set(self.model_kwargs)
-
-    @model_validator(mode="after")
-    def _one_reply_when_streaming(self) -> ChatParrot:
-        if self.streaming and (self.n or 1) > 1:
-            raise ValueError("n must be 1 when streaming: a stream gives one reply")
-        return self
 
     @property
     def _llm_type(self) -> str:
@@ -273,13 +249,7 @@ class ChatParrot(ParrotParams, BaseChatModel):
                 or any(m["role"] == "tool" or "tool_calls" in m for m in chat)):
             trace.note(type(self).__name__, "calls with tools run at once, on real text")
             return None
-        if kwargs.get("logprobs"):  # a graph call's output is text only
-            trace.note(type(self).__name__, "calls with log-probabilities run at once, on real text")
-            return None
-        if (kwargs.get("n") or 1) > 1:  # a graph call has one output
-            trace.note(type(self).__name__, "calls of several replies (n) run at once, on real text")
-            return None
-        if not trace.can_record(self, kwargs):
+        if self._needs_a_request(trace, kwargs) or not trace.can_record(self, kwargs):
             return None
         prompt = trace.chat_prompt(self, chat)
         if prompt is None:
@@ -289,16 +259,7 @@ class ChatParrot(ParrotParams, BaseChatModel):
 
     def _call_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """A call's keyword arguments over `model_kwargs` and the fields that the request sends as they are."""
-        fields = {name: getattr(self, name) for name in _REQUEST_FIELDS if getattr(self, name) is not None}
-        return {**fields, **self.model_kwargs, **kwargs}
-
-    def _streamed_call_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """A stream's keyword arguments, as `_call_kwargs`; a stream of several replies is refused."""
-        kwargs = self._call_kwargs(kwargs)
-        if (kwargs.get("n") or 1) > 1:
-            raise ValueError(f"ChatParrot: n must be 1 when streaming (got n={kwargs['n']}): a stream gives one "
-                             "reply; `generate` gives several")
-        return kwargs
+        return super()._call_kwargs({**self.model_kwargs, **kwargs})
 
     def _stream_usage(self, kwargs: dict[str, Any]) -> bool:
         usage = kwargs.get("stream_usage")
@@ -573,15 +534,6 @@ def _json_schema_format(schema: Any) -> dict[str, Any]:
     json_schema = convert_to_json_schema(schema)
     named = {"name": json_schema.get("title") or "output", "schema": json_schema, "strict": True}
     return {"type": "json_schema", "json_schema": named}
-
-
-def _argument_names(cls: type[ChatParrot]) -> set[str]:
-    """The constructor's arguments: the fields' names and their other names."""
-    names = set()
-    for name, info in cls.model_fields.items():
-        alias = info.validation_alias
-        names |= {name, *(alias.choices if isinstance(alias, AliasChoices) else [alias or name])}
-    return names
 
 
 @dataclass

@@ -9,13 +9,17 @@ from typing import Any
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseLLM
 from langchain_core.outputs import Generation, GenerationChunk, LLMResult
+from pydantic import Field, field_validator, model_validator
 
-from parrot_lc.frontend import Completion
-from parrot_lc.integrations.langchain._base import PARAMS_CONFIG, ParrotParams, StreamEnd
+from parrot_lc.frontend import Completion, InvalidRequestError
+from parrot_lc.integrations.langchain._base import CALL_OPTIONS, PARAMS_CONFIG, ParrotParams, StreamEnd
 from parrot_lc.integrations.langchain._graph import add_calls
 from parrot_lc.integrations.langchain._trace import current_trace
 
 __all__ = ["ParrotLLM"]
+
+_NOT_SERVED = {"suffix": "the served models have no fill-in-the-middle: a completion cannot end before a suffix"}
+"""Request fields of LangChain's OpenAI that `model_kwargs` cannot hold, and why."""
 
 
 class ParrotLLM(ParrotParams, BaseLLM):
@@ -24,18 +28,33 @@ class ParrotLLM(ParrotParams, BaseLLM):
     Requests go through the frontend's clients (`parrot_client()`). A single prompt is a completion of the server's
     OpenAI-compatible API (`complete`, `stream_complete`). A batch of several prompts (`batch`, `abatch`,
     `generate`) is one graph of semantic-function calls in a frontend session: the text the prompts begin with alike
-    is a piece of its own in their templates, so the server fills it once and forks the calls from it. Greedy
-    results (temperature 0) are the same as invoking each prompt alone. Batched results carry no token usage and
-    no finish reason, and are not streamed (`streaming=True` applies to single prompts). Inside
-    `deferred(chain)`, every call (of any method) is recorded in the run's graph instead. `get_num_tokens` counts
-    with the served model's tokenizer.
+    is a piece of its own in their templates, so the server fills it once and forks the calls from it; with `n`,
+    each prompt has n calls (the i-th sampling with seed + i, as the server samples a request's choices). Greedy
+    results (temperature 0) are the same as invoking each prompt alone. Batched results carry no token usage, no
+    finish reason and no log-probabilities, and are not streamed (`streaming=True` applies to single prompts). A
+    batch that asks for what a graph call's output (one text) does not hold, `logprobs` or a request field of
+    `model_kwargs` / `extra_body` that a graph call does not carry (`echo`...), goes as completion requests of
+    `batch_size` prompts each instead, as LangChain's `OpenAI` sends every batch. Inside `deferred(chain)`, every
+    call (of any method) is recorded in the run's graph instead, but for a call with `logprobs` or `n` above 1,
+    which runs at once, on real text (a request field that a graph call does not carry raises InvalidRequestError
+    naming it there, never dropped). `get_num_tokens` counts with the served model's tokenizer.
 
-    Token usage of a single prompt is in `LLMResult.llm_output["token_usage"]` (`prompt_tokens`,
-    `completion_tokens`, `total_tokens`, `cached_tokens`); its finish reason (`"stop"` or `"length"`) in
-    `generation_info["finish_reason"]`; a stream ends with an empty chunk whose `generation_info` holds both
-    (`finish_reason`, `model_name`, `token_usage`). Server errors raise `parrot_lc.frontend.ParrotError` subclasses with
-    the server's message. As a stand-in for LangChain's `OpenAI` it also takes `extra_body`, `default_headers`,
-    `default_query` and `organization` with their meaning (see the fields).
+    Token usage of a completion request is in `LLMResult.llm_output["token_usage"]` (`prompt_tokens`,
+    `completion_tokens`, `total_tokens`, `cached_tokens`; summed over a batch's requests); each generation's finish
+    reason (`"stop"` or `"length"`) in `generation_info["finish_reason"]`, and with `logprobs` OpenAI's
+    log-probabilities of a completion in `generation_info["logprobs"]` (`tokens`, `token_logprobs`, `top_logprobs`,
+    `text_offset`), as LangChain's `OpenAI` gives them. A stream's chunks carry their tokens' log-probabilities the
+    same way (LangChain joins them), and it ends with an empty chunk whose `generation_info` holds `finish_reason`,
+    `model_name` and `token_usage`. Server errors raise `parrot_lc.frontend.ParrotError` subclasses with the
+    server's message.
+
+    As a stand-in for LangChain's `OpenAI` it takes the arguments of its completions with their meaning: `model`
+    (or `model_name`), `base_url`, `api_key`, `temperature`, `max_tokens`, `top_p`, `frequency_penalty`,
+    `presence_penalty`, `seed`, `stop`, `n`, `best_of` (no more than `n`), `logprobs`, `batch_size`, `timeout`,
+    `max_retries`, `streaming`, `model_kwargs`, `extra_body`, `default_headers`, `default_query` and
+    `organization`; and a call's `n`, `best_of` and `logprobs`. `logit_bias`, `http_client` and `http_async_client`
+    are taken as None only (see their fields); another argument of `OpenAI` (`openai_proxy`, `tiktoken_model_name`,
+    `allowed_special`...) is refused, naming it.
 
     Example:
         ```python
@@ -53,29 +72,115 @@ class ParrotLLM(ParrotParams, BaseLLM):
     """
 
     model_config = PARAMS_CONFIG
+    _call_options = CALL_OPTIONS | {"n", "best_of", "logprobs"}
+    _request_fields = ("n", "best_of", "logprobs")
+
+    best_of: int | None = Field(default=None, ge=1)
+    """OpenAI's `best_of`: choices generated per prompt, of which the best `n` are returned. The server returns
+    every choice it generates, so only what asks for nothing more is taken: None, 1 or `n` (another value is refused,
+    naming it, rather than ignored)."""
+
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+    """The log-probabilities of each generated token and of the `logprobs` most likely tokens at its position (at
+    most 20; 0: the generated token's alone), in each generation's `generation_info["logprobs"]`."""
+
+    batch_size: int = Field(default=20, ge=1)
+    """LangChain's `OpenAI` sends a batch as completion requests of `batch_size` prompts each; ParrotLLM sends a
+    batch as one graph, whatever its size (the server queues its calls and shares their prefixes), and uses
+    `batch_size` only for a batch that goes as completion requests (one that asks for `logprobs`, or for a request
+    field that a graph call does not carry): the prompts of one request."""
+
+    logit_bias: dict[str, float] | None = None
+    """OpenAI's per-token logit bias: the server does not bias tokens' logits (its `/v1/completions` refuses
+    `logit_bias`), so only None or `{}` is taken (another value is refused, naming the field, rather than ignored)."""
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_logit_bias(cls, value: dict[str, float] | None) -> None:
+        if value:
+            raise ValueError("logit_bias is not taken: the server does not bias tokens' logits (its /v1/completions "
+                             "refuses logit_bias); leave it unset")
+        return None
+
+    @field_validator("model_kwargs")
+    @classmethod
+    def _fields_the_server_serves(cls, value: dict[str, Any]) -> dict[str, Any]:
+        refused = sorted(set(value) & set(_NOT_SERVED))
+        if refused:
+            raise ValueError("; ".join(f"model_kwargs: {name} is not taken: {_NOT_SERVED[name]}" for name in refused))
+        return value
+
+    @model_validator(mode="after")
+    def _best_of_no_more_than_n(self) -> ParrotLLM:
+        refusal = _best_of_refusal(self.best_of, self.n)
+        if refusal:
+            raise ValueError(refusal)
+        return self
 
     @property
     def _llm_type(self) -> str:
         return "parrot-llm"
 
+    def _body_fields(self, stop: list[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """`model_kwargs`' and `extra_body`'s fields (the arguments refuse a field given in both)."""
+        return {**self.model_kwargs, **super()._body_fields(stop, kwargs)}
+
+    def _choices(self, kwargs: dict[str, Any]) -> int:
+        """The choices of each prompt (`n`); a call's `best_of` that asks for more is refused, naming it."""
+        n = kwargs.get("n") or 1
+        refusal = _best_of_refusal(kwargs.get("best_of"), n)
+        if refusal:
+            raise InvalidRequestError(f"ParrotLLM: {refusal}", field="best_of")
+        return n
+
+    def _completion_options(self, stop: list[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """A completion request's options: the model, sampling, `n` and `logprobs`, and the body fields of
+        `model_kwargs` and `extra_body` (`best_of` asks for nothing more than `n`: not sent)."""
+        self._choices(kwargs)
+        fields = {name: kwargs[name] for name in ("n", "logprobs") if kwargs.get(name) is not None}
+        return self._request_options(stop, kwargs, **fields)
+
+    def _as_graph(self, prompts: list[str], stop: list[str] | None, kwargs: dict[str, Any]) -> bool:
+        """Whether prompts run as one graph: several, asking for nothing that a graph call's output does not hold
+        (log-probabilities) or its sampling does not carry (a body field such as `echo`)."""
+        return (len(prompts) > 1 and not self._asks_for_logprobs(kwargs)
+                and not self._uncarried_fields(stop, kwargs))
+
+    def _request_prompts(self, prompts: list[str]) -> list[str | list[str]]:
+        """The `prompt` of each completion request of a batch: `batch_size` prompts (one alone, as itself)."""
+        chunks = [prompts[i:i + self.batch_size] for i in range(0, len(prompts), self.batch_size)]
+        return [chunk[0] if len(chunk) == 1 else chunk for chunk in chunks]
+
     # ---- inside `deferred(chain)`: record the calls in the run's graph ------------------------------------
 
     def _record(self, prompts: list[str], stop: list[str] | None, kwargs: dict[str, Any]) -> list[str] | None:
         """Inside a deferred run: records the prompts' calls in its graph and returns their outputs (values not known
-        yet); None outside one, or where the calls must run now (see `Trace.can_record`)."""
+        yet); None outside one, or where the calls must run now (see `_needs_a_request`, `Trace.can_record`)."""
         trace = current_trace()
-        if trace is None or not trace.can_record(self, kwargs):
+        if trace is None or self._needs_a_request(trace, kwargs) or not trace.can_record(self, kwargs):
             return None
         self._check_served()
         return trace.record(prompts, self._graph_sampling(stop, kwargs))
 
-    # ---- one prompt: a completion ----------------------------------------------------------------------
+    # ---- completion requests ---------------------------------------------------------------------------
+
+    def _result(self, replies: list[Completion], kwargs: dict[str, Any]) -> LLMResult:
+        """The replies of a batch's completion requests (in the order of its prompts) as LangChain's result: each
+        prompt's `n` choices, and the requests' token usage summed."""
+        n, model = self._choices(kwargs), replies[0].model
+        choices = [choice for reply in replies for choice in (reply, *reply.others)]
+        generations = [[_generation(choice, model) for choice in choices[i:i + n]] for i in range(0, len(choices), n)]
+        usage: dict[str, int] = {}
+        for reply in replies:
+            for key, count in (reply.usage or {}).items():
+                usage[key] = usage.get(key, 0) + count
+        return LLMResult(generations=generations, llm_output={"token_usage": usage or None, "model_name": model})
 
     @staticmethod
-    def _result(completion: Completion) -> LLMResult:
-        info = {"finish_reason": completion.finish_reason, "model_name": completion.model}
-        return LLMResult(generations=[[Generation(text=completion.text, generation_info=info)]],
-                         llm_output={"token_usage": completion.usage, "model_name": completion.model})
+    def _piece_chunk(piece: Completion) -> GenerationChunk:
+        """A stream piece: its text and, asked for, its tokens' log-probabilities (LangChain joins the chunks')."""
+        info = {"logprobs": piece.logprobs} if _holds_tokens(piece) else None
+        return GenerationChunk(text=piece.text, generation_info=info)
 
     @staticmethod
     def _last_chunk(end: StreamEnd) -> GenerationChunk:
@@ -100,6 +205,7 @@ class ParrotLLM(ParrotParams, BaseLLM):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[GenerationChunk]:
+        kwargs = self._streamed_call_kwargs(kwargs)
         recorded = self._record([prompt], stop, kwargs)
         if recorded is not None:
             chunk = GenerationChunk(text=recorded[0])
@@ -110,10 +216,10 @@ class ParrotLLM(ParrotParams, BaseLLM):
         prompt = self._known(prompt, "ParrotLLM.stream")
         end = StreamEnd()
         client = self.parrot_client(kwargs.get("model"))
-        for piece in client.stream_complete(prompt, **self._request_options(stop, kwargs)):
+        for piece in client.stream_complete(prompt, **self._completion_options(stop, kwargs)):
             end.note(piece)
-            if piece.text:
-                chunk = GenerationChunk(text=piece.text)
+            if piece.text or _holds_tokens(piece):
+                chunk = self._piece_chunk(piece)
                 if run_manager:
                     run_manager.on_llm_new_token(chunk.text, chunk=chunk, verbose=self.verbose)
                 yield chunk
@@ -129,6 +235,7 @@ class ParrotLLM(ParrotParams, BaseLLM):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[GenerationChunk]:
+        kwargs = self._streamed_call_kwargs(kwargs)
         if current_trace() is not None:  # recording may start the in-process server: not on the event loop
             recorded = await asyncio.to_thread(self._record, [prompt], stop, kwargs)
             if recorded is not None:
@@ -140,10 +247,10 @@ class ParrotLLM(ParrotParams, BaseLLM):
             prompt = await asyncio.to_thread(self._known, prompt, "ParrotLLM.astream")
         end = StreamEnd()
         client = await self._async_client(kwargs.get("model"))
-        async for piece in client.stream_complete(prompt, **self._request_options(stop, kwargs)):
+        async for piece in client.stream_complete(prompt, **self._completion_options(stop, kwargs)):
             end.note(piece)
-            if piece.text:
-                chunk = GenerationChunk(text=piece.text)
+            if piece.text or _holds_tokens(piece):
+                chunk = self._piece_chunk(piece)
                 if run_manager:
                     await run_manager.on_llm_new_token(chunk.text, chunk=chunk, verbose=self.verbose)
                 yield chunk
@@ -159,19 +266,20 @@ class ParrotLLM(ParrotParams, BaseLLM):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> LLMResult:
+        kwargs = self._call_kwargs(kwargs)
         recorded = self._record(prompts, stop, kwargs)
         if recorded is not None:
             return self._graph_result(recorded, kwargs)
         prompts = self._known(prompts, "ParrotLLM.generate")
-        if len(prompts) > 1:
+        if self._as_graph(prompts, stop, kwargs):
             return self._generate_graph(prompts, stop, kwargs)
-        if self.streaming:
+        if self.streaming and len(prompts) == 1:
             aggregate: GenerationChunk | None = None
             for chunk in self._stream(prompts[0], stop, run_manager, **kwargs):
                 aggregate = chunk if aggregate is None else aggregate + chunk
             return self._streamed_result(aggregate)
-        client = self.parrot_client(kwargs.get("model"))
-        return self._result(client.complete(prompts[0], **self._request_options(stop, kwargs)))
+        client, options = self.parrot_client(kwargs.get("model")), self._completion_options(stop, kwargs)
+        return self._result([client.complete(prompt, **options) for prompt in self._request_prompts(prompts)], kwargs)
 
     async def _agenerate(
         self,
@@ -180,47 +288,83 @@ class ParrotLLM(ParrotParams, BaseLLM):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> LLMResult:
+        kwargs = self._call_kwargs(kwargs)
         if current_trace() is not None:
             recorded = await asyncio.to_thread(self._record, prompts, stop, kwargs)
             if recorded is not None:  # its metadata may ask the server which model it serves
                 return await asyncio.to_thread(self._graph_result, recorded, kwargs)
             prompts = await asyncio.to_thread(self._known, prompts, "ParrotLLM.agenerate")
-        if len(prompts) > 1:
+        if self._as_graph(prompts, stop, kwargs):
             return await self._agenerate_graph(prompts, stop, kwargs)
-        if self.streaming:
+        if self.streaming and len(prompts) == 1:
             aggregate: GenerationChunk | None = None
             async for chunk in self._astream(prompts[0], stop, run_manager, **kwargs):
                 aggregate = chunk if aggregate is None else aggregate + chunk
             return self._streamed_result(aggregate)
-        client = await self._async_client(kwargs.get("model"))
-        return self._result(await client.complete(prompts[0], **self._request_options(stop, kwargs)))
+        client, options = await self._async_client(kwargs.get("model")), self._completion_options(stop, kwargs)
+        requests = (client.complete(prompt, **options) for prompt in self._request_prompts(prompts))
+        return self._result(list(await asyncio.gather(*requests)), kwargs)
 
     # ---- several prompts: one graph in a frontend session ---------------------------------------------
 
+    def _graph_calls(self, prompts: list[str], stop: list[str] | None,
+                     kwargs: dict[str, Any]) -> tuple[list[list[str]], list[dict[str, Any]]]:
+        """A batch's graph calls, `n` per prompt, and each call's sampling: a prompt's i-th call samples with
+        seed + i, as the server samples a request's i-th choice (checked before a session is opened)."""
+        sampling, n = self._graph_sampling(stop, kwargs), self._choices(kwargs)
+        seed = sampling.get("seed")
+        samplings = [sampling if i == 0 or seed is None else {**sampling, "seed": (seed + i) % 2**63}
+                     for _ in prompts for i in range(n)]
+        return [[prompt] for prompt in prompts for _ in range(n)], samplings
+
     def _generate_graph(self, prompts: list[str], stop: list[str] | None, kwargs: dict[str, Any]) -> LLMResult:
-        sampling = self._graph_sampling(stop, kwargs)  # checked before a session is opened
+        calls, samplings = self._graph_calls(prompts, stop, kwargs)
         self._check_served(kwargs.get("model"))
         with self.parrot_client(kwargs.get("model")).session() as session:
             with session.graph():
-                outputs = add_calls(session, [[prompt] for prompt in prompts], sampling)
+                outputs = add_calls(session, calls, samplings)
             # Every call runs on the server from the submission on; the fetches only wait for the values.
             texts = [output.get() for output in outputs]
         return self._graph_result(texts, kwargs)
 
     async def _agenerate_graph(self, prompts: list[str], stop: list[str] | None,
                                kwargs: dict[str, Any]) -> LLMResult:
-        sampling = self._graph_sampling(stop, kwargs)
+        calls, samplings = self._graph_calls(prompts, stop, kwargs)
         await asyncio.to_thread(self._check_served, kwargs.get("model"))
         client = await self._async_client(kwargs.get("model"))
         async with client.session() as session:
             async with session.graph():
-                outputs = add_calls(session, [[prompt] for prompt in prompts], sampling)
+                outputs = add_calls(session, calls, samplings)
             texts = await asyncio.gather(*(output.aget() for output in outputs))
         return await asyncio.to_thread(self._graph_result, texts, kwargs)
 
     def _graph_result(self, texts: list[str], kwargs: dict[str, Any]) -> LLMResult:
-        """The result of calls run as a graph, whose values no server reply names the model of: named as a
-        completion's reply names it (may ask the server which model it serves, once)."""
-        model = self._reply_model_name(kwargs.get("model"))
-        return LLMResult(generations=[[Generation(text=text, generation_info={"model_name": model})] for text in texts],
+        """The result of calls run as a graph (`n` a prompt, in order), whose values no server reply names the model
+        of: named as a completion's reply names it (may ask the server which model it serves, once)."""
+        n, model = self._choices(kwargs), self._reply_model_name(kwargs.get("model"))
+        generations = [Generation(text=text, generation_info={"model_name": model}) for text in texts]
+        return LLMResult(generations=[generations[i:i + n] for i in range(0, len(generations), n)],
                          llm_output={"model_name": model})
+
+
+def _generation(choice: Completion, model: str | None) -> Generation:
+    """A completion's choice: its text, finish reason, the reply's model and, asked for, its log-probabilities."""
+    info = {"finish_reason": choice.finish_reason, "model_name": model}
+    if choice.logprobs is not None:
+        info["logprobs"] = choice.logprobs
+    return Generation(text=choice.text, generation_info=info)
+
+
+def _holds_tokens(piece: Completion) -> bool:
+    """Whether a stream piece holds log-probabilities of tokens (its text may be empty: a token of part of a
+    character; the last piece's lists may be)."""
+    return bool((piece.logprobs or {}).get("tokens"))
+
+
+def _best_of_refusal(best_of: int | None, n: int | None) -> str | None:
+    """Why `best_of` is refused with `n` choices a prompt, or None: the server returns every choice it generates,
+    so `best_of` may ask for no more than `n` (1 asks for nothing)."""
+    if best_of in (None, 1, n or 1):
+        return None
+    return (f"best_of={best_of} is not taken with n={n or 1}: the server returns every choice it generates (it "
+            f"picks no best ones), so best_of may be 1 or n")

@@ -30,6 +30,9 @@ class RequestOutput:
     text: str
     finished: bool = False
     finish_reason: str | None = None  # "stop", "length", "filled", "cancelled", "error"
+    # What ended a "stop" (vLLM's stop_reason): the stop string, or the token of `stop_token_ids`; None for EOS (or
+    # the end of a constraint's grammar) and for any other finish reason.
+    stop_reason: str | int | None = None
     error: Exception | None = None
     cached_tokens: int = 0  # the request's `Request.cached_tokens` so far (final from its first token on)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # of `token_ids`, when its sampling asks
@@ -85,8 +88,10 @@ class Request:
         assert self.sampling is not None
         params = self.sampling
         self.output_token_ids.append(token)
-        stop_token = (token in eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids
+        eos = token in eos_token_ids and not params.ignore_eos
+        stop_token = eos or token in params.stop_token_ids
         reason = "stop" if stop_token else None
+        stop_reason: str | int | None = token if stop_token and not eos else None  # EOS counts first, as vLLM's
         if self.grammar is not None:
             accepted = self.grammar.accept(token)
             assert accepted, f"token {token} sampled against its request's grammar"
@@ -98,12 +103,14 @@ class Request:
         if self.text is not None:
             # The token that ends it is no part of its text (as vLLM's without include_stop_str_in_output), and
             # stop strings count only in the text after its first min_tokens tokens (as vLLM's).
-            delta, stopped = self.text.add(self.output_token_ids[:-1] if stop_token else self.output_token_ids,
-                                           final=reason is not None,
-                                           find_stops=len(self.output_token_ids) > params.min_tokens)
-            reason = "stop" if stopped else reason
+            # A stop string in the text before a stop token is what ended it (as vLLM's stop_reason says).
+            delta, stop = self.text.add(self.output_token_ids[:-1] if stop_token else self.output_token_ids,
+                                        final=reason is not None,
+                                        find_stops=len(self.output_token_ids) > params.min_tokens)
+            if stop is not None:
+                reason, stop_reason = "stop", stop
         return RequestOutput(self.request_id, self.context.context_id, [token], delta, finished=reason is not None,
-                             finish_reason=reason, cached_tokens=self.cached_tokens,
+                             finish_reason=reason, stop_reason=stop_reason, cached_tokens=self.cached_tokens,
                              logprobs=[logprob] if logprob is not None else [],
                              prompt_logprobs=self.take_prompt_logprobs())
 
@@ -122,10 +129,10 @@ class StreamedText:
     _decoded: int = 0  # tokens whose text is in `text`
     _emitted: int = 0  # characters of `text` streamed
 
-    def add(self, token_ids: list[int], final: bool, find_stops: bool = True) -> tuple[str, bool]:
-        """The text to stream now that `token_ids` (all of the output) has a new token, and whether a stop
-        string ended it (looked for only with `find_stops`). A possible start of a stop string, or a character whose
-        bytes are not all there yet (U+FFFD), is held back until the next token, unless the output ends here."""
+    def add(self, token_ids: list[int], final: bool, find_stops: bool = True) -> tuple[str, str | None]:
+        """The text to stream now that `token_ids` (all of the output) has a new token, and the stop string that
+        ended it, if one did (looked for only with `find_stops`). A possible start of a stop string, or a character
+        whose bytes are not all there yet (U+FFFD), is held back until the next token, unless the output ends here."""
         before = self.decode(token_ids[self._window_start : self._decoded])
         window = self.decode(token_ids[self._window_start :])
         searched = len(self.text)
@@ -134,16 +141,16 @@ class StreamedText:
             self._window_start, self._decoded = self._decoded, len(token_ids)
         # Each stop string only where it ends in the new text: one in the text before may not end it now (it came
         # before min_tokens, else it had ended it).
-        found = [self.text.find(stop, max(0, searched - len(stop) + 1)) for stop in self.stops if find_stops]
-        cut = min((at for at in found if at >= 0), default=-1)  # the stop string that the text has first
-        stopped = cut >= 0
-        if stopped:
+        found = [(at, stop) for stop in self.stops if find_stops
+                 if (at := self.text.find(stop, max(0, searched - len(stop) + 1))) >= 0]
+        cut, stop = min(found, default=(-1, None), key=lambda hit: hit[0])  # the stop string that the text has first
+        if stop is not None:
             self.text = self.text[:cut]
-        final = final or stopped
+        final = final or stop is not None
         visible = len(self.text) if final else len(self.text) - held_back(self.text, self.stops)
         delta = self.text[self._emitted : visible]
         self._emitted = max(self._emitted, visible)
-        return delta, stopped
+        return delta, stop
 
 
 def text_decoder(tokenizer: PreTrainedTokenizerBase) -> Callable[[list[int]], str]:

@@ -97,6 +97,7 @@ def create_engine_app(engine: AsyncEngine, api_key: str | None = None) -> FastAP
                 while True:
                     yield json.dumps({"token_ids": output.token_ids, "text": output.text,
                                       "finished": output.finished, "finish_reason": output.finish_reason,
+                                      "stop_reason": output.stop_reason,
                                       "cached_tokens": output.cached_tokens,
                                       "logprobs": [entry.to_wire() for entry in output.logprobs],
                                       "prompt_logprobs": None if output.prompt_logprobs is None else

@@ -130,7 +130,7 @@ class CallExecutor:
                         call.logprobs += event.logprobs
                         if event.prompt_logprobs is not None:  # in the first event, before any token
                             call.prompt_logprobs = event.prompt_logprobs
-                        call.finish_reason = event.finish_reason
+                        call.finish_reason, call.stop_reason = event.finish_reason, event.stop_reason
                         if variable.deltas is not None and delta:
                             variable.deltas.push(delta)
                 variable.set(progress.output_done())

@@ -182,6 +182,7 @@ class Call:
     cached_tokens: int = 0  # of prompt_tokens, those whose KV its session did not compute (PrefixEntry.computed_for)
     completion_tokens: int = 0
     finish_reason: str | None = None  # of the last output
+    stop_reason: str | int | None = None  # of the last output: the stop string or token that ended it (vLLM's)
     progress: "CallProgress" = field(default_factory=lambda: CallProgress())
     # The prompt's token ids (the text before the first output), when the submitter has tokenized it already (an
     # OpenAI-compatible request, for its length check): a long prompt is tokenized once, not again here.

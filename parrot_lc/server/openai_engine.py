@@ -79,7 +79,9 @@ class OpenAIEngine:
                     tokens.extend(ids)
                     self._completion_tokens += len(ids)
                     reason = choice.get("finish_reason")
-                    yield RequestOutput(0, context_id, ids, choice["text"], reason is not None, reason)
+                    # vLLM's stop_reason where the upstream gives one (OpenAI's API has none)
+                    yield RequestOutput(0, context_id, ids, choice["text"], reason is not None, reason,
+                                        choice.get("stop_reason"))
         except httpx.TransportError as exc:
             raise EngineUnavailableError(f"OpenAI-compatible engine {self._client.base_url} lost: {exc!r}") from exc
 

@@ -121,7 +121,7 @@ def openai_router(manager: ParrotManager, model_name: str, client_of: Callable[.
                 async with manager.completion(prompts, body.n, client) as completion:
                     outputs = await completion.texts()
                 choices = [{"index": index, **shape.whole(index, call, text),
-                            "finish_reason": shape.finish_reason(index, call)}
+                            "finish_reason": shape.finish_reason(index, call), "stop_reason": call.stop_reason}
                            for index, (call, text) in enumerate(zip(completion.calls, outputs))]
                 return {**head, "object": shape.kind, "choices": choices, "usage": usage(completion)}
 
@@ -211,8 +211,8 @@ async def stream_events(
     completion: Completion, head: dict, shape: Choices, include_usage: bool
 ) -> AsyncIterator[str]:
     """The server-sent events of a streamed completion: each choice's deltas as they come (with the
-    log-probabilities of the tokens generated since its last chunk), then each choice's finish reason, then usage
-    if asked; a call that fails ends the stream with an error event (the status, 200, is sent)."""
+    log-probabilities of the tokens generated since its last chunk), then each choice's finish and stop reasons,
+    then usage if asked; a call that fails ends the stream with an error event (the status, 200, is sent)."""
     count = len(completion.calls)
     started = [False] * count  # a choice's first chunk (or its echoed prompt) is sent
     sent = [0] * count  # log-probabilities of a choice's tokens sent so far
@@ -222,9 +222,12 @@ async def stream_events(
         # with include_usage, every chunk has a usage: null but the last (OpenAI's stream)
         return {**head, "object": shape.chunk_kind, "choices": choices, **({"usage": None} if include_usage else {})}
 
-    def event(index: int, fields: dict | None, finish_reason: str | None = None) -> str:
-        """The event of a choice's chunk; none where it has nothing to send (`fields` None)."""
-        return "" if fields is None else sse(chunk([{"index": index, **fields, "finish_reason": finish_reason}]))
+    def event(index: int, fields: dict | None, finish_reason: str | None = None,
+              stop_reason: str | int | None = None) -> str:
+        """The event of a choice's chunk; none where it has nothing to send (`fields` None). Its last chunk has
+        its finish reason and (vLLM's) stop reason; the others have them null."""
+        return "" if fields is None else sse(chunk([{"index": index, **fields, "finish_reason": finish_reason,
+                                                     "stop_reason": stop_reason}]))
 
     def new_logprobs(index: int) -> list[TokenLogprob]:
         call = completion.calls[index]
@@ -242,15 +245,15 @@ async def stream_events(
             return event(index, shape.delta(index, text, False, new_logprobs(index)))
         if index not in plain:
             plain[index] = DeltaEvents(lambda text: chunk([{"index": index, **shape.delta(index, text, False, []),
-                                                            "finish_reason": None}]))
+                                                            "finish_reason": None, "stop_reason": None}]))
         return plain[index](text)
 
     try:
         async for index, text in completion.deltas():
             yield next_delta(index, text) if started[index] else first(index, text)
         last = [first(index, "") if not started[index] else "" for index in range(count)]
-        last += [event(index, shape.last(index, new_logprobs(index)), shape.finish_reason(index, call))
-                 for index, call in enumerate(completion.calls)]
+        last += [event(index, shape.last(index, new_logprobs(index)), shape.finish_reason(index, call),
+                       call.stop_reason) for index, call in enumerate(completion.calls)]
         if include_usage:
             last.append(sse({**chunk([]), "usage": usage(completion)}))
     except CallFailedError as exc:  # the status (200) is sent: the error goes as the stream's last event

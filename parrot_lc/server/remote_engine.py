@@ -99,7 +99,8 @@ class RemoteEngine:
                         _raise_typed(event["error"])
                     prompt_logprobs = event["prompt_logprobs"]
                     yield RequestOutput(0, context_id, event["token_ids"], event["text"], event["finished"],
-                                        event["finish_reason"], cached_tokens=event["cached_tokens"],
+                                        event["finish_reason"], event["stop_reason"],
+                                        cached_tokens=event["cached_tokens"],
                                         logprobs=[TokenLogprob.from_wire(entry) for entry in event["logprobs"]],
                                         prompt_logprobs=None if prompt_logprobs is None else
                                         [TokenLogprob.from_wire(entry) for entry in prompt_logprobs])

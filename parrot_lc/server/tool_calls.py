@@ -17,9 +17,13 @@ marker. A forced call is constrained, as vLLM does: a named function's output is
 `required`'s a call `{"name", "arguments"}` over the tools' schemas or (with parallel calls) a JSON array of them.
 
 A call counts once its name is complete and names one of the request's tools; its `arguments` are the model's
-JSON text as written. A reply with no such call is all content. Streamed, a call's first delta carries its id and
-name (and the arguments written so far), the next ones the rest of its arguments' text as it comes, so the deltas
-join into the whole reply's calls; text before the calls streams as content.
+JSON text as written. Unless the reply is constrained to calls, a call whose arguments are no JSON object is
+dropped, and a reply with no call left is all content. Streamed, the deltas join into the whole reply's message:
+text before the calls streams as content; a constrained reply's call streams as it comes (its first delta carries
+its id and name and the arguments written so far, the next ones the rest of its arguments' text), any other call
+is held back until its arguments are written to their end and goes out whole if they are a JSON object (a call
+sent before its arguments are known good could not be taken back); a stream that ends with no call sent sends
+what it held back as content.
 """
 
 from __future__ import annotations
@@ -339,10 +343,12 @@ FORCED = ToolFormat("required", opening="[{")  # the constrained output of tool_
 
 @dataclass(frozen=True)
 class Reading:
-    """What a reply's text holds: content (streamed: what may be sent) and calls, (name, arguments text)."""
+    """What a reply's text holds: content (streamed: what may be sent) and calls, (name, arguments text), the last
+    of which is `open` while its arguments are not written to their end."""
 
     content: str
     calls: list[tuple[str, str]]
+    open: bool = False
 
 
 @dataclass(frozen=True)
@@ -377,7 +383,9 @@ class ToolReader:
         start = self.format.start(text)
         calls = self.calls(text, start) if start is not None else []
         if calls:
-            return Reading(text[:start].rstrip(), calls if self.parallel else calls[:1])
+            calls = calls if self.parallel else calls[:1]
+            return Reading(text[:start].rstrip(), [(name, arguments) for name, arguments, _ in calls],
+                           open=not calls[-1][2])
         if final:
             return Reading(text, [])
         return Reading(text[:self.format.content_so_far(text) if start is None else start].rstrip(), [])
@@ -387,9 +395,10 @@ class ToolReader:
         if text[first:first + 1] != "{":
             return Reading(text if final else "", [])
         _, end = object_fields(text, first)
-        return Reading("", [(self.function, value_text(text, (first, end)))])
+        return Reading("", [(self.function, value_text(text, (first, end)))], open=end is None)
 
-    def calls(self, text: str, start: int) -> list[tuple[str, str]]:
+    def calls(self, text: str, start: int) -> list[tuple[str, str, bool]]:
+        """The calls from `start` on: name, arguments' text, and whether the arguments are written to their end."""
         calls = []
         for fields, end in call_objects(text, start):
             name = fields.get("name")
@@ -397,19 +406,29 @@ class ToolReader:
             if not isinstance(name, str) or name not in self.names:
                 continue
             spans = [fields[key] for key in ARGUMENT_KEYS if key in fields]
-            arguments = value_text(text, min(spans)) if spans else "{}" if end is not None else ""
-            calls.append((name, arguments))
+            if spans:
+                calls.append((name, value_text(text, min(spans)), min(spans)[1] is not None))
+            else:
+                calls.append((name, "{}" if end is not None else "", end is not None))
         return calls
 
+    @property
+    def constrained(self) -> bool:
+        """Whether the reply is constrained to calls (a forced call): its calls are kept as written."""
+        return self.function is not None or self.format is FORCED
+
+    def keeps(self, arguments: str) -> bool:
+        """Whether a call with these arguments (all of them) is returned as one. Unless the reply was constrained
+        to calls, only with a JSON object: a small model's slip, or a reply cut off by max_tokens, returned as a
+        call would be refused when the client sends it back in the next turn (vLLM's tool parsers answer such a
+        reply as content too)."""
+        return self.constrained or isinstance(loads(arguments), dict)
+
     def whole(self, text: str) -> tuple[str | None, list[ToolCall]]:
-        """A whole reply's content (None if it only calls) and calls. Unless the reply was constrained to calls, a
-        call whose arguments are no JSON object (a small model's slip, or a reply cut off by max_tokens) is not
-        returned as one, which the next turn would refuse: with no call left, the reply is all content (as
-        vLLM's tool parsers answer). A streamed reply has sent such a call already."""
+        """A whole reply's content (None if it only calls) and the calls it `keeps`: with none left, the reply is
+        all content."""
         reading = self.read(text, final=True)
-        constrained = self.function is not None or self.format is FORCED
-        calls = [ToolCall(call_id(), name, arguments) for name, arguments in reading.calls
-                 if constrained or isinstance(loads(arguments), dict)]
+        calls = [ToolCall(call_id(), name, arguments) for name, arguments in reading.calls if self.keeps(arguments)]
         if not calls:
             return text, []
         return reading.content or None, calls
@@ -424,7 +443,7 @@ class StreamedCall:
 @dataclass
 class ToolCallStream:
     """One choice's streamed reply read for calls: each text delta in, the delta's fields out (OpenAI's
-    `content` and `tool_calls`)."""
+    `content` and `tool_calls`), which join into the message that `ToolReader.whole` makes of the whole text."""
 
     reader: ToolReader
     text: str = ""
@@ -436,11 +455,20 @@ class ToolCallStream:
         can be sent yet."""
         self.text += text
         reading = self.reader.read(self.text, final)
+        if self.reader.constrained:  # its calls are kept whatever their arguments: they stream as they come
+            return self._fields(reading.content, reading.calls)
+        # Any other call is known good or bad once its arguments end (calls end in order: only the last may be open).
+        known = reading.calls[:-1] if reading.open and not final else reading.calls
+        kept = [(name, arguments) for name, arguments in known if self.reader.keeps(arguments)]
+        return self._fields(self.text if final and not kept else reading.content, kept)
+
+    def _fields(self, content: str, calls: list[tuple[str, str]]) -> dict[str, Any]:
+        """The fields that send what `content` and `calls` hold beyond what was sent."""
         delta: dict[str, Any] = {}
-        if len(reading.content) > self.sent:
-            delta["content"], self.sent = reading.content[self.sent:], len(reading.content)
+        if len(content) > self.sent:
+            delta["content"], self.sent = content[self.sent:], len(content)
         deltas = []
-        for index, (name, arguments) in enumerate(reading.calls):
+        for index, (name, arguments) in enumerate(calls):
             if index == len(self.calls):
                 self.calls.append(StreamedCall(call_id(), len(arguments)))
                 deltas.append({"index": index, **ToolCall(self.calls[index].id, name, arguments).openai()})

@@ -120,13 +120,47 @@ def test_streamed_deltas_join_into_the_whole_reply(fmt, text):
     assert read_streamed(reader, list(text)) == read_whole(reader, text)  # a character a delta
 
 
-@pytest.mark.parametrize("text", [
+SLIPS = [
     '<tool_call>{"name": "get_time", "arguments": {"zone": </tool_call>',  # a small model's slip
     '<tool_call>{"name": "get_time", "arguments": {"zone": "UT',  # cut off by max_tokens
-])
+    '<tool_call>{"name": "get_time", "arguments": {"zone": "UTC"} "x"}</tool_call>',  # an object, then more
+    '{"name": "get_time", "parameters": [1, 2]}',  # JSON, but no object
+]
+
+
+@pytest.mark.parametrize("text", SLIPS)
 def test_a_whole_reply_whose_call_has_no_json_arguments_is_all_content(text):
     # returned as a call, it would be refused when the client sends it back in the next turn
-    assert read_whole(ToolReader(NAMES, True, HERMES), text) == (text, [])
+    fmt = LLAMA3_JSON if text.startswith("{") else HERMES
+    assert read_whole(ToolReader(NAMES, True, fmt), text) == (text, [])
+
+
+@pytest.mark.parametrize("text", SLIPS)
+def test_a_streamed_reply_whose_call_has_no_json_arguments_is_all_content_too(text):
+    reader = ToolReader(NAMES, True, LLAMA3_JSON if text.startswith("{") else HERMES)
+    for pieces in [pieces_of(text, 0), pieces_of(text, 1), list(text)]:
+        assert read_streamed(reader, pieces) == (text, [])
+
+
+@pytest.mark.parametrize("parallel", [True, False], ids=["parallel", "one-call"])
+def test_a_streamed_reply_drops_the_calls_that_the_whole_reply_drops(parallel):
+    text = ('Let me look.\n<tool_call>{"name": "get_time", "arguments": {"zone": UTC}}</tool_call>\n'
+            '<tool_call>{"name": "get_weather", "arguments": {"unit": "celsius", "rain": true}}</tool_call>')
+    reader = ToolReader(NAMES, parallel, HERMES)
+    whole = read_whole(reader, text)
+    assert whole == (("Let me look.", [("get_weather", '{"unit": "celsius", "rain": true}')]) if parallel else
+                     (text, []))
+    for pieces in [pieces_of(text, 0), list(text)]:
+        assert read_streamed(reader, pieces) == whole
+
+
+def test_a_call_is_held_back_until_its_arguments_end():
+    stream = ToolCallStream(ToolReader(NAMES, True, HERMES))
+    text = '<tool_call>{"name": "get_weather", "arguments": {"unit": "celsius", "rain": true}'
+    assert [stream.feed(c) for c in text] == [{}] * len(text)  # the arguments may still go on: not an object
+    [call] = stream.feed("}")["tool_calls"]
+    assert call["function"] == {"name": "get_weather", "arguments": '{"unit": "celsius", "rain": true}'}
+    assert stream.feed("</tool_call>") == {} and stream.feed("", final=True) == {}
 
 
 def test_a_named_choice_reads_the_reply_as_the_functions_arguments():
@@ -241,6 +275,18 @@ def test_a_streamed_call_joins_into_the_whole_replys_call(oai):
     assert all(d.index == 0 and d.id is None and d.function.name is None for d in rest) and len(rest) > 1
     assert "".join(d.function.arguments for d in [first, *rest]) == call.function.arguments
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_a_streamed_reply_whose_call_has_no_json_arguments_comes_as_content_as_the_whole_one(oai):
+    slip = '<tool_call>{"name": "get_time", "arguments": {"zone": UTC}}</tool_call>'
+    # The model made to write the slip (vLLM's guided_choice); the tools are offered, not forced.
+    request = dict(model="tiny", messages=ASK, tools=TOOLS, max_tokens=200, extra_body={"guided_choice": [slip]})
+    [answer] = oai.chat.completions.create(**request).choices
+    assert (answer.message.content, answer.message.tool_calls, answer.finish_reason) == (slip, None, "stop")
+    chunks = list(oai.chat.completions.create(**request, stream=True))
+    assert all(chunk.choices[0].delta.tool_calls is None for chunk in chunks)
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks) == slip
+    assert chunks[-1].choices[0].finish_reason == "stop"
 
 
 def test_tool_results_in_the_next_turn_are_rendered_into_the_prompt(oai, client):

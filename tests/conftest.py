@@ -3,14 +3,16 @@ this process, or `parrot-lc serve` processes) with clients."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import httpx
 import pytest
@@ -191,6 +193,34 @@ def prefix_fill_priorities(local_server, monkeypatch) -> list[int]:
 
 
 @pytest.fixture
+def generation_delays(local_server, monkeypatch) -> Iterator[Callable[[list[float | None]], None]]:
+    """`delay(seconds)`: the k-th generation that the shared test server's engine is asked for during the test begins
+    `seconds[k]` after it is asked for (later ones at once); None: never, as on a server that hangs (it waits until
+    its call is cancelled, with its session)."""
+    engine = local_server.manager.engines[0].engine
+    generate, delays = engine.generate, iter(())
+
+    def delayed_generate(*args, **kwargs):
+        delay = next(delays, 0.0)
+
+        async def events():
+            await (asyncio.Event().wait() if delay is None else asyncio.sleep(delay))
+            async for event in generate(*args, **kwargs):
+                yield event
+
+        return events()
+
+    def delay(seconds: list[float | None]) -> None:
+        nonlocal delays
+        delays = iter(seconds)
+
+    monkeypatch.setattr(engine, "generate", delayed_generate)
+    yield delay
+    # A call that never began went with its session: none is left to hold the queue.
+    wait_until(lambda: local_server.manager.queued_calls == 0, 10, "the delayed calls to leave the queue")
+
+
+@pytest.fixture
 def client(parrot_server):
     """An HTTP client of the shared test server."""
     with httpx.Client(base_url=parrot_server, timeout=60) as c:
@@ -272,6 +302,27 @@ def wait_until(condition: Callable[[], bool], seconds: float, what: str) -> None
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.02)
+
+
+def raised_within(seconds: float, run: Callable[[], object]) -> tuple[BaseException | None, float]:
+    """What `run()` raised (None if nothing) and how long it took; it runs in a thread of its own, so that a wait that
+    never ends fails the test after `seconds` rather than hang the suite."""
+    outcome: list[BaseException | None] = []
+
+    def target() -> None:
+        try:
+            run()
+        except BaseException as exc:
+            outcome.append(exc)
+        else:
+            outcome.append(None)
+
+    start = time.monotonic()
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert outcome, f"still waiting after {seconds} s"
+    return outcome[0], time.monotonic() - start
 
 
 ERROR_KEYS = {"message", "type", "field", "param", "code"}

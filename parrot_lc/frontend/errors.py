@@ -46,6 +46,17 @@ class VariableTimeoutError(ParrotError, TimeoutError):
     """A variable had no value within the fetch's timeout (408)."""
 
 
+class IdleTimeoutError(VariableTimeoutError):
+    """A wait for many values (`Session.get_values`) saw none arrive for its idle timeout: no call of the session
+    ended for that long, as on a server that stopped answering. `waited` is how long (seconds), `missing` how many
+    of the session's call outputs still had no value."""
+
+    def __init__(self, message: str, *, waited: float, missing: int) -> None:
+        super().__init__(message, field="idle_timeout")
+        self.waited = waited
+        self.missing = missing
+
+
 class RequestTimeoutError(ParrotError, TimeoutError):
     """The server did not answer an HTTP request within the client's timeout."""
 

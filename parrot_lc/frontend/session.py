@@ -15,7 +15,9 @@ await, as one request, in a task (an error is raised by `aget()` of the calls' o
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
+import time
 from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar, Token
@@ -25,9 +27,15 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import httpx
 
 from parrot_lc.frontend.api import ApiRequest, Steps
-from parrot_lc.frontend.errors import GraphError, InvalidRequestError, ParrotError
+from parrot_lc.frontend.errors import (
+    GraphError,
+    IdleTimeoutError,
+    InvalidRequestError,
+    ParrotError,
+    VariableTimeoutError,
+)
 from parrot_lc.frontend.template import Template, Text
-from parrot_lc.frontend.variable import SemanticVariable
+from parrot_lc.frontend.variable import Criterion, SemanticVariable, check_criterion
 
 if TYPE_CHECKING:
     from parrot_lc.frontend.client import AsyncParrotClient, ParrotClient, _ClientBase
@@ -97,6 +105,7 @@ class BaseSession:
         self._pending: list[GraphCall] = []
         self._graph_depth = 0
         self._call_limit: int | None = None  # unfinished calls the server lets the session hold
+        self._ended_calls = 0  # calls of the session seen ended (done or failed) by the last status a wait asked
         self._context_tokens: list[Token] = []
 
     @property
@@ -259,6 +268,48 @@ class BaseSession:
         variable._value = body["value"]
         return variable._value
 
+    def _checked_fetches(self, variables: Iterable[SemanticVariable], criterion: str,
+                         idle_timeout: float | None) -> list[SemanticVariable]:
+        variables = list(variables)
+        for variable in variables:
+            if variable.session is not self:
+                raise ValueError(f"{variable!r} belongs to another session")
+        check_criterion(criterion)
+        if idle_timeout is not None and not 0 < idle_timeout < math.inf:
+            raise ValueError(f"idle_timeout must be a positive number of seconds, or None; got {idle_timeout}")
+        return variables
+
+    def _prepare_fetches_steps(self, variables: list[SemanticVariable]) -> Steps[None]:
+        for variable in variables:
+            if variable._value is None:
+                yield from self._prepare_fetch_steps(variable)
+
+    def _values_steps(self, variables: list[SemanticVariable], criterion: str,
+                      idle_timeout: float | None) -> Steps[list[str]]:
+        """Fetches the variables in turn, each fetch waiting up to `idle_timeout`. One that ends without its value
+        asks the session's status whether any call ended meanwhile (a later variable's, say): if one did, the wait
+        goes on; if none did since the wait's last look (or since it began), none of the session's values arrived
+        for `idle_timeout` seconds: IdleTimeoutError. So it never fails while values arrive, and fails between one
+        and two idle timeouts after the last one."""
+        http_timeout = self._client._long_poll_timeout(idle_timeout)
+        ended = self._ended_calls  # as of this wait's start or before: a call ended later is progress
+        since = time.monotonic()
+        for variable in variables:
+            while variable._value is None:
+                try:
+                    yield from self._fetch_steps(variable, criterion, idle_timeout, http_timeout)
+                except VariableTimeoutError:
+                    if idle_timeout is None:
+                        raise
+                    status = yield from self._status_steps()
+                    calls = status["calls"]
+                    if calls["done"] + calls["failed"] <= ended:
+                        raise _idle_timeout_error(status, idle_timeout, time.monotonic() - since) from None
+                    ended = calls["done"] + calls["failed"]
+                    self._ended_calls = max(self._ended_calls, ended)
+                since = time.monotonic()
+        return [variable._value for variable in variables]
+
     def _status_steps(self) -> Steps[dict[str, Any]]:
         yield from self._open_steps()
         [body] = yield [self._request("GET")]
@@ -339,6 +390,18 @@ class Session(BaseSession):
 
     async def _aget_value(self, variable: SemanticVariable, criterion: str, timeout: float | None) -> str:
         return await asyncio.to_thread(self._get_value, variable, criterion, timeout)
+
+    def get_values(self, variables: Iterable[SemanticVariable], criterion: Criterion = "latency",
+                   idle_timeout: float | None = None) -> list[str]:
+        """The values of `variables` (in order), waiting for them: the outputs of a run of many calls, whose last
+        values may come long after its first (its calls queue on the server). With `idle_timeout` (seconds), raises
+        IdleTimeoutError (a VariableTimeoutError) once no value arrived for that long: no call of the session ended,
+        as on a server that stopped answering; None waits without limit. `criterion` as for `get()`; a failed call
+        raises CallFailedError."""
+        variables = self._checked_fetches(variables, criterion, idle_timeout)
+        self._run(self._prepare_fetches_steps(variables))
+        # The long polls hold no lock, as a single fetch's.
+        return self._client._drive(self._values_steps(variables, criterion, idle_timeout))
 
     def _set_value(self, variable: SemanticVariable, value: str) -> None:
         self._run(self._set_steps(variable, value))
@@ -437,6 +500,13 @@ class AsyncSession(BaseSession):
         return await self._client._drive(self._fetch_steps(variable, criterion, timeout,
                                                            self._client._long_poll_timeout(timeout)))
 
+    async def get_values(self, variables: Iterable[SemanticVariable], criterion: Criterion = "latency",
+                         idle_timeout: float | None = None) -> list[str]:
+        """See `Session.get_values`."""
+        variables = self._checked_fetches(variables, criterion, idle_timeout)
+        await self._run(self._prepare_fetches_steps(variables))
+        return await self._client._drive(self._values_steps(variables, criterion, idle_timeout))
+
     def _set_value(self, variable: SemanticVariable, value: str) -> None:
         raise TypeError(f"{variable!r} belongs to an async session: use `await variable.aset(value)`")
 
@@ -463,6 +533,14 @@ def _creation(variable: SemanticVariable) -> dict[str, Any]:
     if variable._value is not None:
         body["value"] = variable._value
     return body
+
+
+def _idle_timeout_error(status: dict[str, Any], idle_timeout: float, waited: float) -> IdleTimeoutError:
+    outputs = [(node["state"], len(node["outputs"])) for node in status["graph"]]
+    missing = sum(count for state, count in outputs if state in ("waiting", "running"))
+    total = sum(count for _, count in outputs)
+    return IdleTimeoutError(f"no value arrived for {waited:.1f} s, the idle timeout ({idle_timeout:g} s): {missing} "
+                            f"of the session's {total} call outputs are still missing", waited=waited, missing=missing)
 
 
 def _fail_outputs(calls: list[GraphCall], error: ParrotError) -> None:

@@ -50,17 +50,18 @@ class SemanticVariable:
         """The value, waiting for it to be produced. `criterion` tells the server what the wait is for:
         `latency` (run its producers as fast as possible) or `throughput` (a batch job: group them).
         Raises CallFailedError if the producing call failed, VariableTimeoutError after `timeout` seconds."""
-        return self.session._get_value(self, _criterion(criterion), timeout)
+        return self.session._get_value(self, check_criterion(criterion), timeout)
 
     async def aget(self, criterion: Criterion = "latency", timeout: float | None = None) -> str:
         """`get()` for async code."""
-        return await self.session._aget_value(self, _criterion(criterion), timeout)
+        return await self.session._aget_value(self, check_criterion(criterion), timeout)
 
     def __repr__(self) -> str:
         return f"SemanticVariable(name={self.name!r}, var_id={self._var_id!r})"
 
 
-def _criterion(criterion: str) -> str:
+def check_criterion(criterion: str) -> str:
+    """`criterion` if it is one of CRITERIA, else ValueError."""
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}, not {criterion!r}")
     return criterion

@@ -241,7 +241,8 @@ class ParrotManager:
         fetch_objective(session, variable, criterion)
         session.waiting += 1
         try:
-            await asyncio.wait_for(variable.ready.wait(), timeout)
+            if not variable.ready.is_set():  # wait_for(..., 0) times out even on a set event (Python 3.11)
+                await asyncio.wait_for(variable.ready.wait(), timeout)
         except asyncio.TimeoutError:
             raise VariableTimeoutError(f"variable {var_id!r} has no value after {timeout} s", field="timeout") from None
         finally:

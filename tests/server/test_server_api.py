@@ -274,6 +274,12 @@ def test_stop_token_ids_outside_the_vocabulary_are_400(client):
                  400, "stop_token_ids")
 
 
+def test_a_fetch_with_a_zero_timeout_returns_a_value_that_is_there(client):
+    session = Session(client)
+    reply = session.get(session.var("a value"), timeout=0)
+    assert reply.status_code == 200 and reply.json()["value"] == "a value"
+
+
 def test_the_server_answers_good_requests_after_bad_ones(client):
     client.post("/v1/completions", content=b"{", headers={"content-type": "application/json"})
     client.get("/api/sessions/nope")

@@ -70,6 +70,7 @@ class Trace:
         self._lock = threading.RLock()
         self._client: ParrotClient | None = None
         self._session: Session | None = None
+        self._timeout: float | None = None  # the first model's: how long the run may go without a value arriving
         self._outputs: list[SemanticVariable] = []
         self._pending: list[_Call] = []
         self._sent_heads: list[str] = []  # leading texts of the calls submitted, which later calls may share
@@ -139,7 +140,7 @@ class Trace:
         client = model.parrot_client()
         with self._lock:
             if self._client is None:
-                self._client, self._session = client, client.session()
+                self._client, self._session, self._timeout = client, client.session(), model.timeout
             if self._client.sends_as(client):
                 return True
             other_server = self._client.base_url != client.base_url
@@ -220,14 +221,16 @@ class Trace:
     # ---- values -------------------------------------------------------------------------------------------
 
     def value(self, index: int) -> str:
-        """The output of call `index`, waiting for it (the calls recorded so far are submitted first)."""
+        """The output of call `index`, waiting for it (the calls recorded so far are submitted first) as long as the
+        run's values keep arriving: IdleTimeoutError once none of them arrived for the first model's `timeout`."""
         with self._lock:
             if index in self._values:
                 return self._values[index]
             self.submit()
             if not self._ending:
                 self.note(STEP.get(), "reads a value: it waits for it, and the run goes on")
-        text = self._outputs[index].get()
+            assert self._session is not None, "can_record() opened it"
+        [text] = self._session.get_values([self._outputs[index]], idle_timeout=self._timeout)
         with self._lock:
             self._values[index] = text
         return text

@@ -324,7 +324,7 @@ class ParrotLLM(ParrotParams, BaseLLM):
             with session.graph():
                 outputs = add_calls(session, calls, samplings)
             # Every call runs on the server from the submission on; the fetches only wait for the values.
-            texts = [output.get() for output in outputs]
+            texts = session.get_values(outputs, idle_timeout=self.timeout)
         return self._graph_result(texts, kwargs)
 
     async def _agenerate_graph(self, prompts: list[str], stop: list[str] | None,
@@ -335,7 +335,7 @@ class ParrotLLM(ParrotParams, BaseLLM):
         async with client.session() as session:
             async with session.graph():
                 outputs = add_calls(session, calls, samplings)
-            texts = await asyncio.gather(*(output.aget() for output in outputs))
+            texts = await session.get_values(outputs, idle_timeout=self.timeout)
         return await asyncio.to_thread(self._graph_result, texts, kwargs)
 
     def _graph_result(self, texts: list[str], kwargs: dict[str, Any]) -> LLMResult:

@@ -214,8 +214,9 @@ class BaseSession:
                 if part:
                     yield from self._submit_steps(part)
                     submitted += len(part)
-        except ParrotError as exc:
-            _fail_outputs(calls[submitted:], exc)
+        except BaseException as exc:  # an interrupted wait for room too: no unsubmitted output may wait forever
+            _fail_outputs(calls[submitted:], exc if isinstance(exc, ParrotError) else
+                          ParrotError(f"the graph's submission stopped before the call was submitted: {exc!r}"))
             raise
 
     def _submit_steps(self, calls: list[GraphCall]) -> Steps[None]:

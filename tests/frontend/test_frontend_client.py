@@ -17,6 +17,7 @@ from parrot_lc.frontend import (
     Output,
     ParrotClient,
     ParrotConnectionError,
+    ParrotError,
     SemanticFunction,
     ServerFailure,
     VariableTimeoutError,
@@ -164,6 +165,27 @@ def test_an_async_graph_larger_than_the_sessions_call_limit_is_submitted_in_part
             return await final.aget()
 
     assert asyncio.run(run()) == map_reduce_expected(parrot_server, parts)
+
+
+def test_a_graph_whose_submission_in_parts_is_cancelled_fails_its_unsubmitted_calls(parrot_server, call_limit_of_4):
+    async def run() -> None:
+        async with AsyncParrotClient(parrot_server, timeout=60) as aclient, aclient.session() as session:
+            held = session.variable("held")  # never set: the first part's calls never end, so no room comes
+            made: dict[str, list] = {}
+
+            async def submit() -> None:
+                async with session.graph():
+                    made["first"] = [summarize(held) for _ in range(4)]
+                    made["later"] = [summarize(f"Part {i}.") for i in range(4)]
+
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(submit(), 1.0)  # cancels the wait for room
+            for value in made["later"]:  # not submitted: they fail at once rather than wait forever
+                with pytest.raises(ParrotError, match="submission stopped"):
+                    await asyncio.wait_for(value.aget(), 5)
+            assert all(value._producer.call_id is not None for value in made["first"])
+
+    asyncio.run(run())
 
 
 def test_a_graph_makes_all_its_variables_in_one_request(client, sent):

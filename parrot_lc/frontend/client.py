@@ -128,10 +128,13 @@ class ParrotClient(_ClientBase):
         return (self.base_url == other.base_url and self._http.headers == other._http.headers
                 and self._http.params == other._http.params)
 
-    def session(self, session_id: str | None = None, session_token: str | None = None) -> Session:
+    def session(self, session_id: str | None = None, session_token: str | None = None, *,
+                idle_timeout: float | None = None) -> Session:
         """A new session; use it in a `with` block (or call `open()` / `close()`). With `session_id` and
-        `session_token`, a handle to a session that exists on the server (opened by another client)."""
-        return Session(self, session_id, session_token)
+        `session_token`, a handle to a session that exists on the server (opened by another client). With
+        `idle_timeout` (seconds), a graph submitted in parts raises IdleTimeoutError once no room came for its next
+        part for that long (none of the session's calls ended)."""
+        return Session(self, session_id, session_token, idle_timeout=idle_timeout)
 
     def complete(self, prompt: str | list[str], *, model: str | None = None, **options: Any) -> Completion:
         """The completion of `prompt` (`/v1/completions`; a list of prompts: their choices in order, `n` each).
@@ -242,10 +245,12 @@ class AsyncParrotClient(_ClientBase):
         self._http = httpx.AsyncClient(**self._http_options(api_key, max_retries, http_options,
                                                             httpx.AsyncHTTPTransport))
 
-    def session(self, session_id: str | None = None, session_token: str | None = None) -> AsyncSession:
+    def session(self, session_id: str | None = None, session_token: str | None = None, *,
+                idle_timeout: float | None = None) -> AsyncSession:
         """A new session; use it in an `async with` block (or `await open()` / `await aclose()`). With
-        `session_id` and `session_token`, a handle to a session that exists on the server."""
-        return AsyncSession(self, session_id, session_token)
+        `session_id` and `session_token`, a handle to a session that exists on the server; `idle_timeout` as for
+        `ParrotClient.session`."""
+        return AsyncSession(self, session_id, session_token, idle_timeout=idle_timeout)
 
     async def complete(self, prompt: str | list[str], *, model: str | None = None, **options: Any) -> Completion:
         """See `ParrotClient.complete`."""

@@ -96,9 +96,11 @@ class BaseSession:
 
     _client: _ClientBase
 
-    def __init__(self, session_id: str | None, session_token: str | None) -> None:
+    def __init__(self, session_id: str | None, session_token: str | None, idle_timeout: float | None = None) -> None:
         if (session_id is None) != (session_token is None):
             raise TypeError("a handle to an existing session needs both its session_id and its session_token")
+        _check_idle_timeout(idle_timeout)
+        self.idle_timeout = idle_timeout  # how long a graph submitted in parts may wait for room
         self.session_id = session_id
         self._token = session_token or ""
         self._closed = False
@@ -207,13 +209,22 @@ class BaseSession:
                 yield from self._submit_steps(calls)
                 return
             calls = _in_dependency_order(calls)  # no part waits for a later part's values
+            wait = ROOM_WAIT_SECONDS if self.idle_timeout is None else min(ROOM_WAIT_SECONDS, self.idle_timeout)
+            since = time.monotonic()  # the last part's submission: room comes as the session's calls end
             while submitted < len(calls):
                 left = len(calls) - submitted
-                room, limit = yield from self._room_steps(min(left, max(1, limit // PART_OF_LIMIT)))
+                room, limit = yield from self._room_steps(min(left, max(1, limit // PART_OF_LIMIT)), wait)
                 part = calls[submitted:submitted + min(left, room)]
                 if part:
                     yield from self._submit_steps(part)
                     submitted += len(part)
+                    since = time.monotonic()
+                elif self.idle_timeout is not None and time.monotonic() - since >= self.idle_timeout:
+                    waited = time.monotonic() - since
+                    raise IdleTimeoutError(
+                        f"no room came for the graph's next part for {waited:.1f} s, the idle timeout "
+                        f"({self.idle_timeout:g} s): none of the session's calls ended; {left} of its {len(calls)} "
+                        "calls were not submitted", waited=waited, missing=left)
         except BaseException as exc:  # an interrupted wait for room too: no unsubmitted output may wait forever
             _fail_outputs(calls[submitted:], exc if isinstance(exc, ParrotError) else
                           ParrotError(f"the graph's submission stopped before the call was submitted: {exc!r}"))
@@ -229,9 +240,8 @@ class BaseSession:
             _, self._call_limit = yield from self._room_steps(0)
         return self._call_limit
 
-    def _room_steps(self, calls: int) -> Steps[tuple[int, int]]:
-        """(room, limit): waits up to ROOM_WAIT_SECONDS until `calls` more calls fit in the session."""
-        wait = ROOM_WAIT_SECONDS if calls else 0.0
+    def _room_steps(self, calls: int, wait: float = 0.0) -> Steps[tuple[int, int]]:
+        """(room, limit): waits up to `wait` seconds until `calls` more calls fit in the session."""
         [body] = yield [self._request("GET", "room", params={"calls": calls, "timeout": wait},
                                       timeout=self._client._long_poll_timeout(wait))]
         return body["room"], body["limit"]
@@ -276,8 +286,7 @@ class BaseSession:
             if variable.session is not self:
                 raise ValueError(f"{variable!r} belongs to another session")
         check_criterion(criterion)
-        if idle_timeout is not None and not 0 < idle_timeout < math.inf:
-            raise ValueError(f"idle_timeout must be a positive number of seconds, or None; got {idle_timeout}")
+        _check_idle_timeout(idle_timeout)
         return variables
 
     def _prepare_fetches_steps(self, variables: list[SemanticVariable]) -> Steps[None]:
@@ -338,8 +347,9 @@ class Session(BaseSession):
     it (cancelling its calls) at the end. Inside the block, semantic functions called with plain strings
     create their variables in it. Fetches may wait in several threads at once (`aget()` waits in one)."""
 
-    def __init__(self, client: ParrotClient, session_id: str | None = None, session_token: str | None = None) -> None:
-        super().__init__(session_id, session_token)
+    def __init__(self, client: ParrotClient, session_id: str | None = None, session_token: str | None = None,
+                 idle_timeout: float | None = None) -> None:
+        super().__init__(session_id, session_token, idle_timeout)
         self._client = client
         self._lock = threading.Lock()
 
@@ -430,8 +440,8 @@ class AsyncSession(BaseSession):
     `Session`, with `await` on what talks to the server (`aclose`, `flush`, `status`, `graph`)."""
 
     def __init__(self, client: AsyncParrotClient, session_id: str | None = None,
-                 session_token: str | None = None) -> None:
-        super().__init__(session_id, session_token)
+                 session_token: str | None = None, idle_timeout: float | None = None) -> None:
+        super().__init__(session_id, session_token, idle_timeout)
         self._client = client
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -542,6 +552,11 @@ def _idle_timeout_error(status: dict[str, Any], idle_timeout: float, waited: flo
     total = sum(count for _, count in outputs)
     return IdleTimeoutError(f"no value arrived for {waited:.1f} s, the idle timeout ({idle_timeout:g} s): {missing} "
                             f"of the session's {total} call outputs are still missing", waited=waited, missing=missing)
+
+
+def _check_idle_timeout(idle_timeout: float | None) -> None:
+    if idle_timeout is not None and not 0 < idle_timeout < math.inf:
+        raise ValueError(f"idle_timeout must be a positive number of seconds, or None; got {idle_timeout}")
 
 
 def _fail_outputs(calls: list[GraphCall], error: ParrotError) -> None:

@@ -8,6 +8,7 @@ import time
 
 import pytest
 from conftest import raised_within
+from pydantic import ValidationError
 
 from parrot_lc import ParrotLLM
 from parrot_lc.frontend import IdleTimeoutError, ParrotError
@@ -85,3 +86,32 @@ def test_an_async_deferred_run_on_a_server_that_ends_no_call_raises_idle_timeout
 def test_an_async_deferred_run_whose_values_keep_arriving_outlasts_its_timeout(llm, eager, generation_delays):
     generation_delays(LAST_FIRST)
     assert outlasts_its_timeout(lambda: asyncio.run(deferred(llm).abatch(PROMPTS))) == eager
+
+
+# ---- a run of more calls than a session may hold: its parts wait for room -------------------------------------
+
+MORE_PROMPTS = PROMPTS + ["Gulls follow", "The tide turns at"]  # 6 calls, a session of 4 (call_limit_of_4)
+NO_ROOM = r"no room came for the graph's next part for 1\.\d s, the idle timeout \(1 s\): .*2 of its 6 calls were not submitted"
+
+
+@pytest.mark.parametrize("run", [lambda llm: llm.batch(MORE_PROMPTS), lambda llm: deferred(llm).batch(MORE_PROMPTS),
+                                 lambda llm: asyncio.run(llm.abatch(MORE_PROMPTS))], ids=["batch", "deferred", "abatch"])
+def test_a_run_larger_than_its_session_on_a_server_that_ends_no_call_raises_idle_timeout_error_waiting_for_room(
+        llm, generation_delays, call_limit_of_4, run):
+    generation_delays([None] * len(MORE_PROMPTS))
+    error, took = raised_within(10, lambda: run(llm))
+    assert isinstance(error, IdleTimeoutError) and re.fullmatch(NO_ROOM, str(error)), error
+    assert 1.0 <= took < 6
+
+
+def test_a_batch_larger_than_its_session_whose_calls_keep_ending_outlasts_its_timeout(llm, generation_delays,
+                                                                                      call_limit_of_4):
+    expected = [llm.invoke(prompt) for prompt in MORE_PROMPTS]
+    generation_delays([0.7] * len(MORE_PROMPTS))  # two parts: the second's room comes after 0.7 s, its values 0.7 later
+    assert outlasts_its_timeout(lambda: llm.batch(MORE_PROMPTS)) == expected
+
+
+@pytest.mark.parametrize("timeout", [0, -1, float("inf")])
+def test_a_timeout_that_is_no_positive_number_of_seconds_is_refused_naming_it(timeout):
+    with pytest.raises(ValidationError, match="timeout"):
+        ParrotLLM(base_url="http://127.0.0.1:9", timeout=timeout)

@@ -148,13 +148,15 @@ class ParrotParams(BaseModel):
     """Keep generating past the end-of-sequence token until `max_tokens` (vLLM's sampling option of that name):
     every call then generates exactly `max_tokens` tokens, as benchmarks need."""
 
-    timeout: float | None = Field(default=120.0, validation_alias=AliasChoices("timeout", "request_timeout"))
+    timeout: float | None = Field(default=120.0, gt=0, allow_inf_nan=False,
+                                  validation_alias=AliasChoices("timeout", "request_timeout"))
     """Seconds to wait for the server on each request (None: no limit); past it a request raises
     `parrot_lc.frontend.RequestTimeoutError`. A run that waits for many values, a batch run as one graph or a
     deferred run (whose first model's `timeout` counts), is not bounded as a whole, since its calls queue on the
     server and its last values come long after its first: it raises `IdleTimeoutError` once none of its values arrived
     for `timeout` seconds (no call of its graph ended), as a request's timeout fires on a server that stopped
-    answering. Both are `TimeoutError`s. Also set as `request_timeout` (ChatOpenAI's other name)."""
+    answering; so does one of more calls than a session may hold, while it waits for room for its next part. Both
+    are `TimeoutError`s. A positive number of seconds. Also set as `request_timeout` (ChatOpenAI's other name)."""
 
     max_retries: int = Field(default=DEFAULT_MAX_RETRIES, ge=0)
     """Times a request is retried when the connection to the server cannot be made, or the server's full queue

@@ -140,7 +140,8 @@ class Trace:
         client = model.parrot_client()
         with self._lock:
             if self._client is None:
-                self._client, self._session, self._timeout = client, client.session(), model.timeout
+                self._client, self._timeout = client, model.timeout
+                self._session = client.session(idle_timeout=model.timeout)
             if self._client.sends_as(client):
                 return True
             other_server = self._client.base_url != client.base_url

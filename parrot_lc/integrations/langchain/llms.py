@@ -320,7 +320,7 @@ class ParrotLLM(ParrotParams, BaseLLM):
     def _generate_graph(self, prompts: list[str], stop: list[str] | None, kwargs: dict[str, Any]) -> LLMResult:
         calls, samplings = self._graph_calls(prompts, stop, kwargs)
         self._check_served(kwargs.get("model"))
-        with self.parrot_client(kwargs.get("model")).session() as session:
+        with self.parrot_client(kwargs.get("model")).session(idle_timeout=self.timeout) as session:
             with session.graph():
                 outputs = add_calls(session, calls, samplings)
             # Every call runs on the server from the submission on; the fetches only wait for the values.
@@ -332,7 +332,7 @@ class ParrotLLM(ParrotParams, BaseLLM):
         calls, samplings = self._graph_calls(prompts, stop, kwargs)
         await asyncio.to_thread(self._check_served, kwargs.get("model"))
         client = await self._async_client(kwargs.get("model"))
-        async with client.session() as session:
+        async with client.session(idle_timeout=self.timeout) as session:
             async with session.graph():
                 outputs = add_calls(session, calls, samplings)
             texts = await session.get_values(outputs, idle_timeout=self.timeout)

@@ -262,6 +262,14 @@ def test_a_call_option_the_field_would_refuse_is_refused_alike_invoked_batched_a
         assert refused.value.field == name
 
 
+def test_an_empty_prompt_is_refused_alike_invoked_batched_and_deferred_naming_the_prompt(parrot_server):
+    llm = ParrotLLM(base_url=parrot_server, max_tokens=2, temperature=0)
+    for run in (lambda: llm.invoke(""), lambda: llm.batch(["", PROMPT]), lambda: deferred(llm).invoke("")):
+        with pytest.raises(InvalidRequestError, match="the prompt is empty") as refused:
+            run()
+        assert refused.value.field == "prompt"
+
+
 def test_requests_carry_the_key_and_the_sampling_fields():
     seen: list[httpx.Request] = []
 

@@ -159,6 +159,7 @@ class ParrotLLM(ParrotParams, BaseLLM):
         trace = current_trace()
         if trace is None or self._needs_a_request(trace, kwargs) or not trace.can_record(self, kwargs):
             return None
+        _check_not_empty(prompts)
         self._check_served()
         return trace.record(prompts, self._graph_sampling(stop, kwargs))
 
@@ -311,6 +312,7 @@ class ParrotLLM(ParrotParams, BaseLLM):
                      kwargs: dict[str, Any]) -> tuple[list[list[str]], list[dict[str, Any]]]:
         """A batch's graph calls, `n` per prompt, and each call's sampling: a prompt's i-th call samples with
         seed + i, as the server samples a request's i-th choice (checked before a session is opened)."""
+        _check_not_empty(prompts)
         sampling, n = self._graph_sampling(stop, kwargs), self._choices(kwargs)
         seed = sampling.get("seed")
         samplings = [sampling if i == 0 or seed is None else {**sampling, "seed": (seed + i) % 2**63}
@@ -353,6 +355,13 @@ def _generation(choice: Completion, model: str | None) -> Generation:
     if choice.logprobs is not None:
         info["logprobs"] = choice.logprobs
     return Generation(text=choice.text, generation_info=info)
+
+
+def _check_not_empty(prompts: list[str]) -> None:
+    """Refuses an empty prompt of a graph as its completion request is refused (naming `prompt`), before any call is
+    made: a graph call of none would fail its whole graph, naming the graph's fields."""
+    if "" in prompts:
+        raise InvalidRequestError("ParrotLLM: the prompt is empty: it needs at least one token", field="prompt")
 
 
 def _holds_tokens(piece: Completion) -> bool:

@@ -315,7 +315,7 @@ async def test_event_streams_are_parsed_and_a_cut_stream_raises():
     assert [chunk async for chunk in llm.astream("p")] == ["a", ""]
     result = llm.generate(["p"])
     assert result.llm_output["token_usage"] == {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}
-    assert result.generations[0][0].generation_info == {"finish_reason": "stop", "model_name": "m"}
+    assert result.generations[0][0].generation_info == {"finish_reason": "stop", "logprobs": None, "model_name": "m"}
     complete = False
     with pytest.raises(ParrotConnectionError, match="ended before"):
         llm.invoke("p")

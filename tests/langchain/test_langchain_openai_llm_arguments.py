@@ -143,6 +143,13 @@ def test_logprobs_give_each_generation_openais_completion_logprobs(recorded, sen
     assert logprobs["text_offset"][0] == 0
 
 
+def test_a_generation_not_asked_for_logprobs_has_them_none_whole_or_streamed(recorded):
+    """As LangChain's OpenAI gives them: the key is there, its value None."""
+    for llm in (recorded(temperature=0), recorded(temperature=0, streaming=True)):
+        [[generation]] = llm.generate([PROMPTS[0]]).generations
+        assert "logprobs" in generation.generation_info and generation.generation_info["logprobs"] is None
+
+
 @pytest.mark.asyncio
 async def test_streamed_chunks_carry_their_logprobs_which_join_to_the_whole_completions(recorded):
     eager = recorded(temperature=0, logprobs=1).generate([PROMPTS[0]]).generations[0][0].generation_info["logprobs"]

@@ -195,6 +195,7 @@ class ParrotLLM(ParrotParams, BaseLLM):
             raise ValueError("the server streamed no response")
         info = dict(chunk.generation_info or {})
         usage = info.pop("token_usage", None)
+        info.setdefault("logprobs", None)  # as a whole completion's generation has it
         generation = Generation(text=chunk.text, generation_info=info)
         return LLMResult(generations=[[generation]],
                          llm_output={"token_usage": usage, "model_name": info.get("model_name")})
@@ -350,10 +351,9 @@ class ParrotLLM(ParrotParams, BaseLLM):
 
 
 def _generation(choice: Completion, model: str | None) -> Generation:
-    """A completion's choice: its text, finish reason, the reply's model and, asked for, its log-probabilities."""
-    info = {"finish_reason": choice.finish_reason, "model_name": model}
-    if choice.logprobs is not None:
-        info["logprobs"] = choice.logprobs
+    """A completion's choice: its text, finish reason, log-probabilities (None unless asked for, as LangChain's
+    `OpenAI` gives them) and the reply's model."""
+    info = {"finish_reason": choice.finish_reason, "logprobs": choice.logprobs, "model_name": model}
     return Generation(text=choice.text, generation_info=info)
 
 

@@ -70,7 +70,6 @@ class Trace:
         self._lock = threading.RLock()
         self._client: ParrotClient | None = None
         self._session: Session | None = None
-        self._timeout: float | None = None  # the first model's: how long the run may go without a value arriving
         self._outputs: list[SemanticVariable] = []
         self._pending: list[_Call] = []
         self._sent_heads: list[str] = []  # leading texts of the calls submitted, which later calls may share
@@ -140,8 +139,8 @@ class Trace:
         client = model.parrot_client()
         with self._lock:
             if self._client is None:
-                self._client, self._timeout = client, model.timeout
-                self._session = client.session(idle_timeout=model.timeout)
+                # the first model's timeout: how long the run may go without a value arriving
+                self._client, self._session = client, client.session(idle_timeout=model.timeout)
             if self._client.sends_as(client):
                 return True
             other_server = self._client.base_url != client.base_url
@@ -231,7 +230,7 @@ class Trace:
             if not self._ending:
                 self.note(STEP.get(), "reads a value: it waits for it, and the run goes on")
             assert self._session is not None, "can_record() opened it"
-        [text] = self._session.get_values([self._outputs[index]], idle_timeout=self._timeout)
+        [text] = self._session.get_values([self._outputs[index]], idle_timeout=self._session.idle_timeout)
         with self._lock:
             self._values[index] = text
         return text

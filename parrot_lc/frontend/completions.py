@@ -94,7 +94,7 @@ def chat_piece_of(event: dict[str, Any]) -> Completion:
 
 def _completion(body: dict[str, Any], message: Callable[[dict[str, Any]], dict[str, Any]]) -> Completion:
     first, *others = body.get("choices") or [{}]  # a stream's usage piece has none
-    return replace(_choice(first, message), model=body.get("model"), usage=_usage(body),
+    return replace(_choice(first, message), model=body.get("model"), usage=usage_of(body),
                    others=tuple(_choice(choice, message) for choice in others))
 
 
@@ -104,7 +104,8 @@ def _choice(choice: dict[str, Any], message: Callable[[dict[str, Any]], dict[str
                       tool_calls=fields.get("tool_calls"), logprobs=choice.get("logprobs"))
 
 
-def _usage(body: dict[str, Any]) -> dict[str, int] | None:
+def usage_of(body: dict[str, Any]) -> dict[str, int] | None:
+    """The `usage` of a reply (or a variable's fetch), its cached tokens as `cached_tokens`."""
     usage = body.get("usage")
     if not isinstance(usage, dict):
         return None

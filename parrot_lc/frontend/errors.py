@@ -9,17 +9,23 @@ if TYPE_CHECKING:
     import httpx
 
 
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
+"""OpenAI's error code of a prompt longer than the model's context (and of a failed call's fetch, whose prompt was)."""
+
+
 class ParrotError(Exception):
     """Base class. `status` is the HTTP status (None for errors raised on the client side), `type` the
-    server's error type and `field` the part of the request the server blames, when it names one."""
+    server's error type, `field` the part of the request the server blames, when it names one, and `code` OpenAI's
+    error code, where one applies (`context_length_exceeded`...)."""
 
     def __init__(self, message: str, *, status: int | None = None, type: str | None = None,
-                 field: str | None = None) -> None:
+                 field: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
         self.type = type
         self.field = field
+        self.code = code
 
 
 class InvalidRequestError(ParrotError):
@@ -39,7 +45,8 @@ class GraphError(ParrotError):
 
 
 class CallFailedError(ParrotError):
-    """The call producing a variable failed; the message says why (424)."""
+    """The call producing a variable failed; the message says why (424), and `code` where OpenAI has one for it (a
+    prompt longer than the model's context: `context_length_exceeded`)."""
 
 
 class VariableTimeoutError(ParrotError, TimeoutError):
@@ -91,8 +98,9 @@ def error_from_response(status: int, body: Any, text: str) -> ParrotError:
     """The typed error for an HTTP error response. `body` is its parsed JSON (None if it was not JSON),
     `text` its raw text, used when the body is not the server's `{"error": {...}}` shape (e.g. a proxy)."""
     detail = body.get("error") if isinstance(body, dict) else None
+    code = None
     if isinstance(detail, dict) and isinstance(detail.get("message"), str):
-        message, kind, field = detail["message"], detail.get("type"), detail.get("field")
+        message, kind, field, code = detail["message"], detail.get("type"), detail.get("field"), detail.get("code")
     else:
         message, kind, field = f"HTTP {status}: {text[:500]}", None, None
     if status == 422 and kind == "GraphError":
@@ -101,7 +109,7 @@ def error_from_response(status: int, body: Any, text: str) -> ParrotError:
         cls = ServerFailure
     else:
         cls = _BY_STATUS.get(status, InvalidRequestError)
-    return cls(message, status=status, type=kind, field=field)
+    return cls(message, status=status, type=kind, field=field, code=code if isinstance(code, str) else None)
 
 
 def response_body(response: "httpx.Response") -> Any:

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import httpx
 
 from parrot_lc.frontend.api import ApiRequest, Steps
+from parrot_lc.frontend.completions import usage_of
 from parrot_lc.frontend.errors import (
     GraphError,
     IdleTimeoutError,
@@ -277,6 +278,8 @@ class BaseSession:
             params["timeout"] = timeout
         [body] = yield [self._request("GET", "variables", variable.var_id, params=params, timeout=http_timeout)]
         variable._value = body["value"]
+        variable._generated = {"finish_reason": body.get("finish_reason"), "stop_reason": body.get("stop_reason"),
+                               "usage": usage_of(body)}
         return variable._value
 
     def _checked_fetches(self, variables: Iterable[SemanticVariable], criterion: str,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from parrot_lc.frontend.errors import ParrotError
 
@@ -27,6 +27,7 @@ class SemanticVariable:
         self._value = value
         self._producer: GraphCall | None = None
         self._error: ParrotError | None = None  # the submission of the producing call failed
+        self._generated: dict[str, Any] = {}  # how its call generated it, as its fetch told
 
     @property
     def var_id(self) -> str | None:
@@ -37,6 +38,25 @@ class SemanticVariable:
     def value(self) -> str | None:
         """The value if this client knows it (it set or fetched it), without asking the server."""
         return self._value
+
+    @property
+    def finish_reason(self) -> str | None:
+        """Once fetched, why its call's generation of it ended, as an OpenAI choice's: `"stop"` (the end of the text,
+        a stop string or token) or `"length"` (`max_tokens`, or the end of the model's context); None for a value
+        set by a client, or not fetched yet."""
+        return self._generated.get("finish_reason")
+
+    @property
+    def stop_reason(self) -> str | int | None:
+        """Once fetched, the stop string or stop token id that ended it (vLLM's `stop_reason`), if one did."""
+        return self._generated.get("stop_reason")
+
+    @property
+    def usage(self) -> dict[str, int] | None:
+        """Once fetched, its tokens as a completion's usage counts them: `prompt_tokens` (the call's context before
+        it: its prompt, for its first output), `completion_tokens` (its own), `total_tokens`, and `cached_tokens`
+        (of the prompt tokens, those whose KV the call did not compute); None for a value set by a client."""
+        return self._generated.get("usage")
 
     def set(self, value: str) -> None:
         """Gives the variable its value (once; a variable that a call produces cannot be set)."""

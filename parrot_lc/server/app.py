@@ -251,9 +251,10 @@ def parrot_router(manager: ParrotManager, client_of: Callable[..., str | None]) 
         timeout: float | None = Query(None, ge=0, allow_inf_nan=False, description="seconds to wait (unset: no limit)"),
         session: Session = Depends(session_of),
     ) -> VariableValue:
-        """Long-polls until the variable has a value; the criterion steers the scheduling of its producers."""
-        value = await manager.get_variable(session, var_id, criterion, timeout)
-        return VariableValue(var_id=var_id, value=value)
+        """Long-polls until the variable has a value (a call's output with its finish reason, stop reason and token
+        usage); the criterion steers the scheduling of its producers. A failed producer gets 424, with its failure's
+        code (`context_length_exceeded`: its prompt is longer than the model's context)."""
+        return VariableValue.of(await manager.get_variable(session, var_id, criterion, timeout))
 
     @router.post("/sessions/{session_id}/calls", status_code=201)
     async def submit_calls(body: SubmitCalls, session: Session = Depends(session_of)) -> SubmittedCalls:

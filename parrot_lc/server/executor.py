@@ -16,7 +16,7 @@ from parrot_lc.engine.request import RequestOutput
 from parrot_lc.engine.sampling import SamplingParams
 from parrot_lc.server.engine_pool import EnginePool, EngineSlot
 from parrot_lc.server.errors import ServerError
-from parrot_lc.server.graph import Call, CallState, Session
+from parrot_lc.server.graph import Call, CallState, Generated, Session
 from parrot_lc.server.prefix_cache import PromptPrefix
 from parrot_lc.server.prompts import Prompts, Segment
 
@@ -56,6 +56,8 @@ class CallExecutor:
             token_ids = self.prompts.tokenize(segments[0][0])
         if not token_ids:  # its inputs' values were empty: an engine has nothing to compute its first token from
             raise ServerError("the prompt before the call's first output is empty", field="template")
+        # Refused as an OpenAI request's prompt is (its message and code), not failed by the engine's fill.
+        self.prompts.check(token_ids, None, "template")
         call.prompt_tokens = len(token_ids)
         shares = self.app_centric and not call.wants_prompt_logprobs
         prefix = self.prompts.shared_prefix(session, call, token_ids) if shares else None
@@ -133,7 +135,11 @@ class CallExecutor:
                         call.finish_reason, call.stop_reason = event.finish_reason, event.stop_reason
                         if variable.deltas is not None and delta:
                             variable.deltas.push(delta)
-                variable.set(progress.output_done())
+                # The context before the output: the prompt, and what was filled or generated before its tokens.
+                before = len(run.token_ids) + len(progress.token_ids) - progress.tokens
+                generated = Generated(call.finish_reason, call.stop_reason, before, progress.tokens,
+                                      call.cached_tokens)
+                variable.set(progress.output_done(), generated)
             call.state = CallState.DONE  # its outputs are set: a client that reads one finds the call done
         finally:
             slot.running -= 1

@@ -77,6 +77,20 @@ class TextStream:
                     self._waiter = None
 
 
+@dataclass(frozen=True)
+class Generated:
+    """How a call generated an output: why it ended (`finish_reason`: "stop" or "length"; `stop_reason`, vLLM's: the
+    stop string or token that ended it, if one did), the tokens of the call's context before it (`prompt_tokens`: the
+    call's prompt, for its first output; of those, `cached_tokens` whose KV the call did not compute) and its own
+    (`completion_tokens`)."""
+
+    finish_reason: str | None
+    stop_reason: str | int | None
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+
 @dataclass(eq=False)
 class Variable:
     var_id: str
@@ -84,6 +98,8 @@ class Variable:
     name: str = ""
     value: str | None = None
     error: str | None = None
+    error_code: str | None = None  # OpenAI's code of why its producer failed, where one applies
+    generated: Generated | None = None  # None for a value the client set
     producer: "Call | None" = None
     consumers: list["Call"] = field(default_factory=list)
     criterion: Criterion | None = None  # deduced: its own fetch's, a consumer's, or latency (a sink at submission)
@@ -91,12 +107,12 @@ class Variable:
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     deltas: TextStream | None = None  # when set, the producer streams text pieces here as they come
 
-    def set(self, value: str) -> None:
-        self.value = value
+    def set(self, value: str, generated: Generated | None = None) -> None:
+        self.value, self.generated = value, generated
         self._end()
 
-    def fail(self, error: str) -> None:
-        self.error = error
+    def fail(self, error: str, code: str | None = None) -> None:
+        self.error, self.error_code = error, code
         self._end()
 
     def _end(self) -> None:

@@ -233,8 +233,9 @@ class ParrotManager:
 
     async def get_variable(
         self, session: Session, var_id: str, criterion: Criterion = Criterion.LATENCY, timeout: float | None = None
-    ) -> str:
-        """Waits for the variable's value; the criterion steers how its producers are scheduled."""
+    ) -> Variable:
+        """Waits for the variable's value (and, for a call's output, how the call generated it); the criterion steers
+        how its producers are scheduled. A failed producer raises CallFailedError with its failure's code."""
         if timeout is not None and not 0 <= timeout < math.inf:  # NaN fails both comparisons
             raise ServerError(f"timeout must be a finite number of seconds, at least 0; got {timeout}", field="timeout")
         variable = self.variable(session, var_id)
@@ -249,8 +250,8 @@ class ParrotManager:
             session.waiting -= 1
             session.last_used = time.monotonic()
         if variable.error is not None:
-            raise CallFailedError(variable.error, field="var_id")
-        return variable.value
+            raise CallFailedError(variable.error, field="var_id", code=variable.error_code)
+        return variable
 
     # ---- calls ------------------------------------------------------------------------------------
 
@@ -385,7 +386,7 @@ class ParrotManager:
             await asyncio.gather(*(v.ready.wait() for v in inputs))
             failed = [v for v in inputs if v.error is not None]
             if failed:
-                raise CallFailedError(f"input {failed[0].var_id} failed: {failed[0].error}")
+                raise CallFailedError(f"input {failed[0].var_id} failed: {failed[0].error}", code=failed[0].error_code)
             call.state = CallState.RUNNING
             await self.executor.execute(session, call)  # DONE once its outputs are set, before its context is freed
         except asyncio.CancelledError:
@@ -396,7 +397,8 @@ class ParrotManager:
         except (EngineError, ServerError) as exc:
             log.info("call %s failed: %s", call.call_id, exc)
             call.state, call.error = CallState.FAILED, str(exc)
-            self._fail_outputs(session, call, f"call {call.call_id} failed: {exc}")
+            code = exc.code if isinstance(exc, ServerError) else None  # context_length_exceeded, say
+            self._fail_outputs(session, call, f"call {call.call_id} failed: {exc}", code)
         except Exception:  # a bug: the call fails visibly instead of leaving its consumers waiting forever
             log.exception("call %s failed unexpectedly", call.call_id)
             call.state, call.error = CallState.FAILED, "internal error (logged on the server)"
@@ -405,11 +407,11 @@ class ParrotManager:
             if call.state in self.calls_finished:
                 self.calls_finished[call.state] += 1
 
-    def _fail_outputs(self, session: Session, call: Call, error: str) -> None:
+    def _fail_outputs(self, session: Session, call: Call, error: str, code: str | None = None) -> None:
         for var_id in call.outputs:
             variable = session.variables[var_id]
             if not variable.ready.is_set():
-                variable.fail(error)
+                variable.fail(error, code)
 
     @asynccontextmanager
     async def completion(

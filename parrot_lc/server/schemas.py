@@ -26,6 +26,7 @@ from pydantic_core import PydanticCustomError
 from parrot_lc.engine.constraints import Constraint
 from parrot_lc.engine.logprobs import MAX_LOGPROBS
 from parrot_lc.engine.sampling import SamplingParams
+from parrot_lc.server.graph import Variable
 from parrot_lc.server.structured_output import GUIDED_KINDS, FieldError, openai_constraint, sampling_constraint
 from parrot_lc.server.tool_calls import ToolRequest
 
@@ -237,9 +238,43 @@ class SetValue(StrictModel):
     value: str
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(description="prompt tokens whose KV the call did not compute (a shared prefix, cached "
+                               "blocks)")
+
+
+class OutputUsage(BaseModel):
+    """The tokens of a call's output, in OpenAI's `usage` shape: `prompt_tokens`, those of the call's context before
+    it (its prompt, for its first output); `completion_tokens`, its own."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+
 class VariableValue(BaseModel):
+    """A variable's value; for a call's output, how the call generated it, as an OpenAI choice tells it (null for a
+    value the client set)."""
+
     var_id: str
     value: str
+    finish_reason: str | None = Field(None, description="`stop` (EOS, a stop string or stop token) or `length` "
+                                      "(max_tokens, or the end of the model's context)")
+    stop_reason: str | int | None = Field(None, description="vLLM's: the stop string or stop token id that ended it")
+    usage: OutputUsage | None = None
+
+    @classmethod
+    def of(cls, variable: Variable) -> VariableValue:
+        """The answer of a fetch of `variable`, which has its value."""
+        generated = variable.generated
+        if generated is None:
+            return cls(var_id=variable.var_id, value=variable.value)
+        prompt, completion = generated.prompt_tokens, generated.completion_tokens
+        usage = OutputUsage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                            prompt_tokens_details=PromptTokensDetails(cached_tokens=generated.cached_tokens))
+        return cls(var_id=variable.var_id, value=variable.value, finish_reason=generated.finish_reason,
+                   stop_reason=generated.stop_reason, usage=usage)
 
 
 class CallNode(BaseModel):

@@ -3,6 +3,7 @@ AsyncParrotClient, against a real server (uvicorn on a loopback port, the `tiny`
 OpenAI-compatible endpoint."""
 
 import asyncio
+import re
 
 import httpx
 import pytest
@@ -119,15 +120,46 @@ def test_sync_and_async_clients_give_the_same_results(client, parrot_server):
     assert expected[2] == complete(parrot_server, "Continue the story: " + expected[1])
 
 
+def test_a_fetched_output_tells_how_its_call_generated_it_as_a_completion_choice_does(client, parrot_server):
+    """Its finish reason, stop reason and token usage, as the choice of the same prompt's completion tells them; a
+    value the client set tells none."""
+    prompt, sampled = "Question: What do parrots eat?\nAnswer:", {"max_tokens": 16, "temperature": 1.0, "seed": 3}
+
+    def completion(**fields) -> dict:
+        body = {"model": "tiny", "prompt": prompt, **sampled, **fields}
+        return httpx.post(f"{parrot_server}/v1/completions", json=body, timeout=60).json()
+
+    text = completion()["choices"][0]["text"]
+    stop = re.search(r"[A-Za-z]{3}", text[2:]).group(0)  # inside the text: it ends there
+    cases = [{"stop": [stop]}, {"max_tokens": 4}]
+    asks = [SemanticFunction.from_template("Question: {{input:question}}\nAnswer:{{output:answer}}",
+                                           **{**sampled, **case}) for case in cases]
+    with client.session() as session:
+        question = session.variable(value="What do parrots eat?")
+        with session.graph():
+            outputs = [ask(question) for ask in asks]
+        session.get_values(outputs)
+    for output, case in zip(outputs, cases):
+        reply = completion(**case)
+        [choice] = reply["choices"]
+        assert (output.value, output.finish_reason, output.stop_reason) == (
+            choice["text"], choice["finish_reason"], choice["stop_reason"])
+        usage = {key: reply["usage"][key] for key in ("prompt_tokens", "completion_tokens", "total_tokens")}
+        assert {key: output.usage[key] for key in usage} == usage
+    assert [output.finish_reason for output in outputs] == ["stop", "length"]
+    assert (question.finish_reason, question.stop_reason, question.usage) == (None, None, None)
+
+
 def test_a_failed_producing_call_raises_call_failed_error_with_the_servers_message(client):
     with client.session():
         first = answer("word " * 9000)  # longer than the model's context
         second = continue_story(first)
         with pytest.raises(CallFailedError, match="model's context") as info:
             first.get(timeout=30)
-        assert info.value.status == 424
-        with pytest.raises(CallFailedError, match="failed"):
+        assert (info.value.status, info.value.code) == (424, "context_length_exceeded")
+        with pytest.raises(CallFailedError, match="failed") as info:
             second.get(timeout=30)
+        assert info.value.code == "context_length_exceeded"  # its input's failure's
 
 
 def test_a_fetch_past_its_timeout_raises_variable_timeout_error(client):

@@ -29,6 +29,7 @@ from langgraph.graph.message import add_messages
 from langgraph.types import Command, Send
 from pydantic import BaseModel
 
+from parrot_lc.frontend import InvalidRequestError
 from parrot_lc.integrations.langchain import deferred
 from parrot_lc.integrations.langchain._graph import shared_prefix_lengths
 from parrot_lc.integrations.langchain._markers import MARK, DeferredText
@@ -420,6 +421,7 @@ def test_a_deferred_batch_with_return_exceptions_fails_only_the_input_whose_call
     eager = chain.batch(inputs, return_exceptions=True)
     late = deferred(chain).batch(inputs, return_exceptions=True)
     assert isinstance(eager[0], Exception) and isinstance(late[0], Exception)
+    assert (type(late[0]), late[0].field) == (type(eager[0]), eager[0].field) == (InvalidRequestError, "messages")
     assert late[1] == eager[1]
 
 

@@ -1,7 +1,10 @@
 """The Runnable adapter: unchanged chains run as one graph on the server and return what eager runs return."""
 
 import asyncio
+import functools
 import logging
+import operator
+import re
 from typing import Any
 
 import pytest
@@ -112,6 +115,42 @@ def test_a_deferred_completion_names_the_served_model_as_the_eager_one_does(parr
     eager, recorded = ModelNames(), ModelNames()
     assert run(chain, eager) == run(deferred(chain), recorded)
     assert recorded.names == eager.names == [("tiny", ["tiny"])]
+
+
+def test_deferred_results_carry_the_finish_reasons_of_eager_ones(parrot_server):
+    """A recorded call's finish reason is a value not known yet, as its text is: the run's output holds the real
+    one, in a chat reply's (or its stream's) response_metadata and in a completion's generation_info."""
+    chat = ChatParrot(base_url=parrot_server, max_tokens=16, temperature=1.0, seed=3)
+    llm = ParrotLLM(base_url=parrot_server, max_tokens=16, temperature=1.0, seed=3)
+    say = PromptTemplate.from_template("Say {word}.")
+    text = (say | chat).invoke({"word": "hi"}).content
+    stop = re.search(r"[A-Za-z]{3}", text[2:]).group(0)  # inside the reply: it ends there
+
+    def streamed(chain: Any) -> Any:
+        return functools.reduce(operator.add, chain.stream({"word": "hi"}))
+
+    reasons = []
+    for model in (chat, chat.bind(stop=[stop])):
+        chain = say | model
+        eager = chain.invoke({"word": "hi"}).response_metadata["finish_reason"]
+        assert deferred(chain).invoke({"word": "hi"}).response_metadata["finish_reason"] == eager
+        assert streamed(deferred(chain)).response_metadata["finish_reason"] == eager
+        reasons.append(eager)
+    assert reasons == ["length", "stop"]
+    generate = RunnableLambda(lambda prompt: llm.generate([prompt], stop=[stop]).generations[0][0].generation_info)
+    assert deferred(generate).invoke("Say hi.") == generate.invoke("Say hi.")
+
+
+def test_a_finish_reason_carried_into_a_later_prompt_is_its_text_there(llm):
+    """A call's prompt holds text and other calls' outputs only: a finish reason in it is waited for, and the call
+    gets its text."""
+    chat = ChatParrot(base_url=llm.base_url, max_tokens=4, temperature=0)
+    chain = (PromptTemplate.from_template("Say {word}.") | chat
+             | RunnableLambda(lambda reply: {"reason": reply.response_metadata["finish_reason"]})
+             | PromptTemplate.from_template("It ended by {reason}, so") | llm)
+    run = deferred(chain)
+    assert run.invoke({"word": "hi"}) == chain.invoke({"word": "hi"})
+    assert run.last_run.submissions == 2  # the second call's prompt waited for the first's end
 
 
 def test_parallel_branches_deferred_equal_eager(llm):

@@ -16,7 +16,7 @@ import pytest
 from langchain_core.callbacks import BaseCallbackHandler
 from pydantic import ValidationError
 
-from parrot_lc.frontend.errors import CallFailedError, InvalidRequestError, NotFoundError, ParrotConnectionError
+from parrot_lc.frontend.errors import InvalidRequestError, NotFoundError, ParrotConnectionError
 from parrot_lc.integrations import langchain as langchain_integration
 from parrot_lc.integrations.langchain import ChatParrot, ParrotLLM, deferred
 
@@ -152,6 +152,25 @@ def test_batch_is_one_graph_that_shares_the_prefix_and_equals_invoking_each(parr
     assert batched == alone and len(set(alone)) > 1
 
 
+def test_a_batchs_generations_carry_the_finish_reasons_and_usage_of_invoking_each_prompt(parrot_server):
+    """A batch run as a graph gives each generation the `generation_info` that invoking its prompt alone gives
+    (finish reason, no log-probabilities, the model), and the token usage of the prompts' completions summed."""
+    sampled = ParrotLLM(base_url=parrot_server, max_tokens=16, temperature=1.0, seed=3)
+    prompts = ["Hello", PROMPT]
+    first, second = (sampled.invoke(prompt) for prompt in prompts)
+    # A stop sequence that ends the first prompt's text, not the second's.
+    stop = next(first[i:i + 3] for i in range(len(first) - 2) if first[i:i + 3] not in second)
+    alone = [sampled.generate([prompt], stop=[stop]) for prompt in prompts]
+    infos = [result.generations[0][0].generation_info for result in alone]
+    assert [info["finish_reason"] for info in infos] == ["stop", "length"]
+    usages = [result.llm_output["token_usage"] for result in alone]
+    for batched in (sampled.generate(prompts, stop=[stop]), asyncio.run(sampled.agenerate(prompts, stop=[stop]))):
+        assert [generations[0].generation_info for generations in batched.generations] == infos
+        usage = batched.llm_output["token_usage"]
+        for key in ("prompt_tokens", "completion_tokens", "total_tokens"):
+            assert usage[key] == sum(each[key] for each in usages), key
+
+
 @pytest.mark.asyncio
 async def test_abatch_is_one_graph_that_shares_the_prefix_and_equals_invoking_each(parrot_server, local_server):
     llm = ParrotLLM(base_url=parrot_server, max_tokens=6, temperature=0)
@@ -205,8 +224,6 @@ def test_server_errors_raise_with_the_servers_message(llm):
         llm.invoke(too_long)
     with pytest.raises(InvalidRequestError, match="context is"):
         list(llm.stream(too_long))
-    with pytest.raises(CallFailedError, match="context is"):
-        llm.batch([too_long, too_long + "!"])
     with pytest.raises(InvalidRequestError, match="non-empty") as caught:
         llm.invoke(PROMPT, stop=[""])
     assert caught.value.status == 400
@@ -268,6 +285,16 @@ def test_an_empty_prompt_is_refused_alike_invoked_batched_and_deferred_naming_th
         with pytest.raises(InvalidRequestError, match="the prompt is empty") as refused:
             run()
         assert refused.value.field == "prompt"
+
+
+def test_a_prompt_longer_than_the_context_is_refused_alike_invoked_batched_and_deferred(llm):
+    """A graph call's prompt is counted when it runs: its failure is raised as the eager request's refusal."""
+    too_long = "word " * 9000
+    for run in (lambda: llm.invoke(too_long), lambda: llm.batch([PROMPT, too_long]),
+                lambda: asyncio.run(llm.abatch([PROMPT, too_long])), lambda: deferred(llm).invoke(too_long)):
+        with pytest.raises(InvalidRequestError, match="the model's context is") as refused:
+            run()
+        assert (refused.value.field, refused.value.code) == ("prompt", "context_length_exceeded")
 
 
 def test_requests_carry_the_key_and_the_sampling_fields():

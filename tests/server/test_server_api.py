@@ -160,6 +160,28 @@ def test_a_chain_of_4_calls_runs_with_one_submission_and_one_fetch(client, refer
     assert value == text
 
 
+def test_a_fetch_tells_how_each_output_ended_and_its_tokens_counted_after_what_came_before(client, local_server):
+    """Each output of a call comes with its finish reason, stop reason and usage, whose `prompt_tokens` are the
+    call's context before it: the prompt; for the second, the prompt, the first output and the text between. A value
+    the client set has none."""
+    tokenizer = local_server.manager.tokenizer
+    session = Session(client)
+    first, second, given = session.var(), session.var(), session.var("given")
+    prompt, between = "Topic: parrots\nTitle:", "\nFirst line:"
+    cut = {"max_tokens": 3, "temperature": 0.0, "ignore_eos": True}
+    session.submit([{"text": prompt}, {"output": first, "sampling": cut}, {"text": between},
+                    {"output": second, "sampling": cut}])
+    one, two = session.get(first).json(), session.get(second).json()
+    before_one = len(tokenizer(prompt).input_ids)
+    before_two = before_one + 3 + len(tokenizer(between, add_special_tokens=False).input_ids)
+    for fetched, before in ((one, before_one), (two, before_two)):
+        assert (fetched["finish_reason"], fetched["stop_reason"]) == ("length", None)
+        usage = fetched["usage"]
+        assert (usage["prompt_tokens"], usage["completion_tokens"], usage["total_tokens"]) == (before, 3, before + 3)
+    assert session.get(given).json() == {"var_id": given, "value": "given", "finish_reason": None,
+                                         "stop_reason": None, "usage": None}
+
+
 def test_session_status_counts_calls_by_state(client):
     session = Session(client)
     a, b = session.var("x"), session.var()

@@ -10,10 +10,20 @@ server fills it once and forks the calls from it): each call's leading text is c
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
-from parrot_lc.frontend import Placeholder, SemanticFunction, SemanticVariable, Template, Text
+from parrot_lc.frontend import (
+    CallFailedError,
+    InvalidRequestError,
+    Placeholder,
+    SemanticFunction,
+    SemanticVariable,
+    Template,
+    Text,
+)
+from parrot_lc.frontend.errors import CONTEXT_LENGTH_EXCEEDED
 from parrot_lc.frontend.session import BaseSession
 
 Prompt = Sequence[str | SemanticVariable]
@@ -49,6 +59,21 @@ def add_call(session: BaseSession, prompt: Prompt, shared: int, sampling: dict[s
     # The output's own settings: a shared keyword whose value is a dict (a `constraint`) would name an output.
     function = SemanticFunction.from_template(Template.of([*pieces, Placeholder("output", "text")]), text=sampling)
     return function(**inputs, text=output if output is not None else session.variable("text"))
+
+
+@contextmanager
+def refused_as_requests(field: str) -> Iterator[None]:
+    """Raises the failure of a graph call whose values the block fetches as the call's eager request is refused,
+    where it would be: a prompt longer than the model's context, which a graph call's fetch finds once it ran (its
+    prompt's tokens are counted then: it may hold other calls' outputs), is InvalidRequestError naming `field` (the
+    request's `prompt` or `messages`), with the server's message and code."""
+    try:
+        yield
+    except CallFailedError as exc:
+        if exc.code != CONTEXT_LENGTH_EXCEEDED:
+            raise
+        raise InvalidRequestError(exc.message, status=400, type="BadRequestError", field=field,
+                                  code=exc.code) from exc
 
 
 def leading_text(prompt: Prompt) -> str:

@@ -21,7 +21,13 @@ from langchain_core.globals import get_llm_cache
 
 from parrot_lc.frontend import MessageDict, ParrotClient, ParrotError, SemanticVariable, Session
 from parrot_lc.integrations.langchain._chat_layout import ChatLayout, chat_layout
-from parrot_lc.integrations.langchain._graph import Prompt, add_call, leading_text, shared_prefix_lengths
+from parrot_lc.integrations.langchain._graph import (
+    Prompt,
+    add_call,
+    leading_text,
+    refused_as_requests,
+    shared_prefix_lengths,
+)
 from parrot_lc.integrations.langchain._markers import MARK, DeferredText, Part, convert
 
 if TYPE_CHECKING:
@@ -60,6 +66,21 @@ class _Call:
     output: SemanticVariable
 
 
+@dataclass(frozen=True)
+class _Output:
+    """The output of a call recorded; `field`: the request field that an eager call's refusal of its prompt names."""
+
+    variable: SemanticVariable
+    field: str
+
+
+@dataclass(frozen=True)
+class _FinishReason:
+    """The finish reason of the call whose output has index `output`: known once that output is fetched."""
+
+    output: int
+
+
 class Trace:
     """The calls of one deferred run, in a frontend session on the server of the first model that records one."""
 
@@ -70,7 +91,8 @@ class Trace:
         self._lock = threading.RLock()
         self._client: ParrotClient | None = None
         self._session: Session | None = None
-        self._outputs: list[SemanticVariable] = []
+        self._outputs: list[_Output | _FinishReason] = []  # what each index of a marker stands for
+        self._finish_reasons: dict[int, int] = {}  # the index of an output's finish reason, by the output's
         self._pending: list[_Call] = []
         self._sent_heads: list[str] = []  # leading texts of the calls submitted, which later calls may share
         self._greedy: dict[tuple[Any, ...], int] = {}  # a greedy call repeated is the same call
@@ -151,25 +173,49 @@ class Trace:
                             "run at once, on real text")
         return False
 
-    def record(self, prompts: list[str], sampling: dict[str, Any]) -> list[str]:
+    def record(self, prompts: list[str], sampling: dict[str, Any], field: str = "prompt") -> list[str]:
         """Records one call per prompt (marked text: other calls' outputs stand where their markers are); returns
-        their outputs as marked text."""
+        their outputs as marked text. `field`: the request field that an eager call's refusal of its prompt names
+        (a prompt longer than the model's context raises InvalidRequestError naming it, see `refused_as_requests`)."""
+        prompts_parts = [self._reasons_read(self.parts(prompt)) for prompt in prompts]  # may wait: not in the lock
         with self._lock:
             assert self._session is not None, "can_record() opened it"
             greedy = sampling.get("temperature") == 0
             markers = []
-            for prompt in prompts:
-                parts = self.parts(prompt)
+            for parts in prompts_parts:
                 key = (parts, tuple(sorted((k, str(v)) for k, v in sampling.items())))
                 index = self._greedy.get(key) if greedy else None
                 if index is None:
                     index = len(self._outputs)
-                    self._outputs.append(self._session.variable("text"))
-                    self._pending.append(_Call(parts, sampling, self._outputs[index]))
+                    variable = self._session.variable("text")
+                    self._outputs.append(_Output(variable, field))
+                    self._pending.append(_Call(parts, sampling, variable))
                     if greedy:
                         self._greedy[key] = index
                 markers.append(self.marker(index))
             return markers
+
+    def finish_reason(self, output: str) -> str:
+        """Marked text that stands for the finish reason of the call whose output is `output` (as `record` returned
+        it): a value not known yet, as the output is, known once the output is fetched."""
+        [index] = self.parts(output)
+        with self._lock:
+            reason = self._finish_reasons.get(index)
+            if reason is None:
+                reason = self._finish_reasons[index] = len(self._outputs)
+                self._outputs.append(_FinishReason(index))
+        return self.marker(reason)
+
+    def _reasons_read(self, parts: tuple[Part, ...]) -> tuple[Part, ...]:
+        """A prompt's parts with the finish reasons in them read (waiting for them): a call's prompt holds text and
+        other calls' outputs only."""
+        if not any(self._is_finish_reason(p) for p in parts):
+            return parts
+        return self.parts("".join(p if isinstance(p, str) else self.value(p) if self._is_finish_reason(p)
+                                  else self.marker(p) for p in parts))
+
+    def _is_finish_reason(self, part: Part) -> bool:
+        return isinstance(part, int) and isinstance(self._outputs[part], _FinishReason)
 
     def chat_prompt(self, model: ParrotParams, messages: list[MessageDict]) -> str | None:
         """The prompt of a chat (marked text) as the model's chat template renders it; None if its template does not
@@ -201,7 +247,7 @@ class Trace:
             self.run.submissions += 1
 
     def _prompt(self, parts: tuple[Part, ...]) -> Prompt:
-        return [p if isinstance(p, str) else self._outputs[p] for p in parts]
+        return [p if isinstance(p, str) else self._outputs[p].variable for p in parts]
 
     # ---- markers ------------------------------------------------------------------------------------------
 
@@ -221,8 +267,10 @@ class Trace:
     # ---- values -------------------------------------------------------------------------------------------
 
     def value(self, index: int) -> str:
-        """The output of call `index`, waiting for it (the calls recorded so far are submitted first) as long as the
-        run's values keep arriving: IdleTimeoutError once none of them arrived for the first model's `timeout`."""
+        """The output of call `index` (or its finish reason), waiting for it (the calls recorded so far are submitted
+        first) as long as the run's values keep arriving: IdleTimeoutError once none of them arrived for the first
+        model's `timeout`. A call whose prompt is longer than the model's context raises InvalidRequestError, as its
+        eager request does."""
         with self._lock:
             if index in self._values:
                 return self._values[index]
@@ -230,7 +278,15 @@ class Trace:
             if not self._ending:
                 self.note(STEP.get(), "reads a value: it waits for it, and the run goes on")
             assert self._session is not None, "can_record() opened it"
-        [text] = self._session.get_values([self._outputs[index]], idle_timeout=self._session.idle_timeout)
+            source = self._outputs[index]
+        if isinstance(source, _FinishReason):
+            self.value(source.output)  # the output's fetch tells how it ended
+            output = self._outputs[source.output]
+            assert isinstance(output, _Output)
+            text = output.variable.finish_reason or ""
+        else:
+            with refused_as_requests(source.field):
+                [text] = self._session.get_values([source.variable], idle_timeout=self._session.idle_timeout)
         with self._lock:
             self._values[index] = text
         return text

@@ -74,7 +74,8 @@ class ChatParrot(ParrotParams, BaseChatModel):
 
     Inside `deferred(chain)`, every call (of any method) without tools is recorded in the run's graph instead: its
     messages are rendered with the model's chat template around the values not known yet (see `_chat_layout`), so
-    chats that share their system prompt share it on the server. `get_num_tokens_from_messages` counts the prompt
+    chats that share their system prompt share it on the server; its reply's `finish_reason` is a value not known yet,
+    as its text is, and it has no usage metadata. `get_num_tokens_from_messages` counts the prompt
     the server makes of the messages (its `input_tokens`), `get_num_tokens` a text, with the served model's
     tokenizer.
 
@@ -255,7 +256,8 @@ class ChatParrot(ParrotParams, BaseChatModel):
         if prompt is None:
             return None
         sampling = self._graph_sampling(stop, kwargs)
-        return trace.record([prompt], {**sampling, "constraint": constraint} if constraint else sampling)[0]
+        return trace.record([prompt], {**sampling, "constraint": constraint} if constraint else sampling,
+                            field="messages")[0]
 
     def _call_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """A call's keyword arguments over `model_kwargs` and the fields that the request sends as they are."""
@@ -275,8 +277,19 @@ class ChatParrot(ParrotParams, BaseChatModel):
         return self._request_options(stop, kwargs, **fields)
 
     def _recorded_result(self, text: str, kwargs: dict[str, Any]) -> ChatResult:
-        metadata = {"model_name": self._reply_model_name(kwargs.get("model")), "model_provider": "parrot"}
-        return ChatResult(generations=[ChatGeneration(message=AIMessage(content=text, response_metadata=metadata))])
+        metadata = self._recorded_metadata(text, kwargs)
+        message = AIMessage(content=text, response_metadata=metadata)
+        info = {"finish_reason": metadata["finish_reason"]}
+        return ChatResult(generations=[ChatGeneration(message=message, generation_info=info)])
+
+    def _recorded_metadata(self, reply: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The `response_metadata` of a chat recorded in a deferred run, whose reply is `reply`: its finish reason is
+        a value not known yet, as its reply is (marked text, see `Trace.finish_reason`). No usage metadata: counts,
+        which LangChain adds up, cannot wait."""
+        trace = current_trace()
+        assert trace is not None, "recorded in it"
+        return {"finish_reason": trace.finish_reason(reply), "model_name": self._reply_model_name(kwargs.get("model")),
+                "model_provider": "parrot"}
 
     # ---- whole replies ------------------------------------------------------------------------------
 
@@ -325,7 +338,7 @@ class ChatParrot(ParrotParams, BaseChatModel):
         kwargs = self._streamed_call_kwargs(kwargs)
         recorded = self._record(messages, stop, kwargs)
         if recorded is not None:
-            chunk = ChatGenerationChunk(message=AIMessageChunk(content=recorded))
+            chunk = _recorded_chunk(recorded, self._recorded_metadata(recorded, kwargs))
             if run_manager:
                 run_manager.on_llm_new_token(chunk.text, chunk=chunk)
             yield chunk
@@ -356,7 +369,8 @@ class ChatParrot(ParrotParams, BaseChatModel):
         if current_trace() is not None:
             recorded = await asyncio.to_thread(self._record, messages, stop, kwargs)
             if recorded is not None:
-                chunk = ChatGenerationChunk(message=AIMessageChunk(content=recorded))
+                metadata = await asyncio.to_thread(self._recorded_metadata, recorded, kwargs)
+                chunk = _recorded_chunk(recorded, metadata)
                 if run_manager:
                     await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
                 yield chunk
@@ -504,6 +518,12 @@ def _chat_result(reply: Completion, structured: bool, parse_as: type[BaseModel] 
     return ChatResult(generations=generations, llm_output={"token_usage": reply.usage, "model_name": reply.model})
 
 
+def _recorded_chunk(reply: str, metadata: dict[str, Any]) -> ChatGenerationChunk:
+    """The one chunk of a chat recorded in a deferred run: its whole reply, with the metadata of a stream's end."""
+    message = AIMessageChunk(content=reply, response_metadata=metadata)
+    return ChatGenerationChunk(message=message, generation_info={"finish_reason": metadata["finish_reason"]})
+
+
 def _last_chunk(end: StreamEnd, structured: bool, with_usage: bool) -> ChatGenerationChunk:
     """The last chunk: no text; finish reason, model name and (`with_usage`) the usage, set on this chunk only. A
     structured reply that `max_tokens` cut raises instead."""
@@ -553,7 +573,7 @@ class _ReplySeen:
 
     def check(self) -> None:
         """Raises if the reply was cut short: its finish reason is "length", or the JSON of a constrained output
-        does not end (a deferred run's reply, which carries no finish reason; a stop sequence)."""
+        does not end (a stop sequence)."""
         text = "".join(self.texts)
         if self.finish_reason == "length":
             raise LengthFinishReasonError(text, self.usage)

@@ -11,9 +11,9 @@ from langchain_core.language_models import BaseLLM
 from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 from pydantic import Field, field_validator, model_validator
 
-from parrot_lc.frontend import Completion, InvalidRequestError
+from parrot_lc.frontend import Completion, InvalidRequestError, SemanticVariable
 from parrot_lc.integrations.langchain._base import CALL_OPTIONS, PARAMS_CONFIG, ParrotParams, StreamEnd
-from parrot_lc.integrations.langchain._graph import add_calls
+from parrot_lc.integrations.langchain._graph import add_calls, refused_as_requests
 from parrot_lc.integrations.langchain._trace import current_trace
 
 __all__ = ["ParrotLLM"]
@@ -30,14 +30,17 @@ class ParrotLLM(ParrotParams, BaseLLM):
     `generate`) is one graph of semantic-function calls in a frontend session: the text the prompts begin with alike
     is a piece of its own in their templates, so the server fills it once and forks the calls from it; with `n`,
     each prompt has n calls (the i-th sampling with seed + i, as the server samples a request's choices). Greedy
-    results (temperature 0) are the same as invoking each prompt alone. Batched results carry no token usage, no
-    finish reason and no log-probabilities, and are not streamed (`streaming=True` applies to single prompts). A
-    batch that asks for what a graph call's output (one text) does not hold, `logprobs` or a request field of
-    `model_kwargs` / `extra_body` that a graph call does not carry (`echo`...), goes as completion requests of
-    `batch_size` prompts each instead, as LangChain's `OpenAI` sends every batch. Inside `deferred(chain)`, every
-    call (of any method) is recorded in the run's graph instead, but for a call with `logprobs` or `n` above 1,
-    which runs at once, on real text (a request field that a graph call does not carry raises InvalidRequestError
-    naming it there, never dropped). `get_num_tokens` counts with the served model's tokenizer.
+    results (temperature 0) are the same as invoking each prompt alone, and so are their finish reasons and token
+    usage (but for `cached_tokens`, which counts what the server had computed before); a prompt longer than the
+    model's context raises InvalidRequestError naming `prompt`, as invoked. Batched results are not streamed
+    (`streaming=True` applies to single prompts). A batch that asks for what a graph call's output (one text) does
+    not hold, `logprobs` or a request field of `model_kwargs` / `extra_body` that a graph call does not carry
+    (`echo`...), goes as completion requests of `batch_size` prompts each instead, as LangChain's `OpenAI` sends
+    every batch. Inside `deferred(chain)`, every call (of any method) is recorded in the run's graph instead, but for
+    a call with `logprobs` or `n` above 1, which runs at once, on real text (a request field that a graph call does
+    not carry raises InvalidRequestError naming it there, never dropped); its generation's finish reason is a value
+    not known yet, as its text is, and it has no token usage. `get_num_tokens` counts with the served model's
+    tokenizer.
 
     Token usage of a completion request is in `LLMResult.llm_output["token_usage"]` (`prompt_tokens`,
     `completion_tokens`, `total_tokens`, `cached_tokens`; summed over a batch's requests); each generation's finish
@@ -210,7 +213,7 @@ class ParrotLLM(ParrotParams, BaseLLM):
         kwargs = self._streamed_call_kwargs(kwargs)
         recorded = self._record([prompt], stop, kwargs)
         if recorded is not None:
-            chunk = GenerationChunk(text=recorded[0])
+            chunk = GenerationChunk(text=recorded[0], generation_info=self._recorded_info(recorded[0], kwargs))
             if run_manager:
                 run_manager.on_llm_new_token(chunk.text, chunk=chunk, verbose=self.verbose)
             yield chunk
@@ -241,7 +244,8 @@ class ParrotLLM(ParrotParams, BaseLLM):
         if current_trace() is not None:  # recording may start the in-process server: not on the event loop
             recorded = await asyncio.to_thread(self._record, [prompt], stop, kwargs)
             if recorded is not None:
-                chunk = GenerationChunk(text=recorded[0])
+                info = await asyncio.to_thread(self._recorded_info, recorded[0], kwargs)
+                chunk = GenerationChunk(text=recorded[0], generation_info=info)
                 if run_manager:
                     await run_manager.on_llm_new_token(chunk.text, chunk=chunk, verbose=self.verbose)
                 yield chunk
@@ -271,7 +275,7 @@ class ParrotLLM(ParrotParams, BaseLLM):
         kwargs = self._call_kwargs(kwargs)
         recorded = self._record(prompts, stop, kwargs)
         if recorded is not None:
-            return self._graph_result(recorded, kwargs)
+            return self._recorded_result(recorded, kwargs)
         prompts = self._known(prompts, "ParrotLLM.generate")
         if self._as_graph(prompts, stop, kwargs):
             return self._generate_graph(prompts, stop, kwargs)
@@ -294,7 +298,7 @@ class ParrotLLM(ParrotParams, BaseLLM):
         if current_trace() is not None:
             recorded = await asyncio.to_thread(self._record, prompts, stop, kwargs)
             if recorded is not None:  # its metadata may ask the server which model it serves
-                return await asyncio.to_thread(self._graph_result, recorded, kwargs)
+                return await asyncio.to_thread(self._recorded_result, recorded, kwargs)
             prompts = await asyncio.to_thread(self._known, prompts, "ParrotLLM.agenerate")
         if self._as_graph(prompts, stop, kwargs):
             return await self._agenerate_graph(prompts, stop, kwargs)
@@ -327,8 +331,9 @@ class ParrotLLM(ParrotParams, BaseLLM):
             with session.graph():
                 outputs = add_calls(session, calls, samplings)
             # Every call runs on the server from the submission on; the fetches only wait for the values.
-            texts = session.get_values(outputs, idle_timeout=self.timeout)
-        return self._graph_result(texts, kwargs)
+            with refused_as_requests("prompt"):
+                session.get_values(outputs, idle_timeout=self.timeout)
+        return self._graph_result(outputs, kwargs)
 
     async def _agenerate_graph(self, prompts: list[str], stop: list[str] | None,
                                kwargs: dict[str, Any]) -> LLMResult:
@@ -338,16 +343,35 @@ class ParrotLLM(ParrotParams, BaseLLM):
         async with client.session(idle_timeout=self.timeout) as session:
             async with session.graph():
                 outputs = add_calls(session, calls, samplings)
-            texts = await session.get_values(outputs, idle_timeout=self.timeout)
-        return await asyncio.to_thread(self._graph_result, texts, kwargs)
+            with refused_as_requests("prompt"):
+                await session.get_values(outputs, idle_timeout=self.timeout)
+        return await asyncio.to_thread(self._graph_result, outputs, kwargs)
 
-    def _graph_result(self, texts: list[str], kwargs: dict[str, Any]) -> LLMResult:
-        """The result of calls run as a graph (`n` a prompt, in order), whose values no server reply names the model
-        of: named as a completion's reply names it (may ask the server which model it serves, once)."""
+    def _graph_result(self, outputs: list[SemanticVariable], kwargs: dict[str, Any]) -> LLMResult:
+        """The result of a batch's calls run as a graph (`n` a prompt, in order), their outputs fetched: each
+        generation's text and finish reason, and the calls' token usage, as completion requests' replies give them.
+        No server reply names the model of graph calls: named as a completion's reply names it (may ask the server
+        which model it serves, once)."""
         n, model = self._choices(kwargs), self._reply_model_name(kwargs.get("model"))
-        generations = [Generation(text=text, generation_info={"model_name": model}) for text in texts]
+        generations = [Generation(text=output.value, generation_info={
+            "finish_reason": output.finish_reason, "logprobs": None, "model_name": model}) for output in outputs]
         return LLMResult(generations=[generations[i:i + n] for i in range(0, len(generations), n)],
-                         llm_output={"model_name": model})
+                         llm_output={"token_usage": _graph_usage(outputs, n), "model_name": model})
+
+    def _recorded_result(self, recorded: list[str], kwargs: dict[str, Any]) -> LLMResult:
+        """The result of calls recorded in a deferred run (see `_recorded_info`)."""
+        generations = [[Generation(text=text, generation_info=self._recorded_info(text, kwargs))] for text in recorded]
+        model = self._reply_model_name(kwargs.get("model"))
+        return LLMResult(generations=generations, llm_output={"model_name": model})
+
+    def _recorded_info(self, output: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The `generation_info` of a call recorded in a deferred run, whose output is `output`: its finish reason is
+        a value not known yet, as its text is (marked text, see `Trace.finish_reason`). No token usage: counts, which
+        LangChain adds up, cannot wait."""
+        trace = current_trace()
+        assert trace is not None, "recorded in it"
+        return {"finish_reason": trace.finish_reason(output), "logprobs": None,
+                "model_name": self._reply_model_name(kwargs.get("model"))}
 
 
 def _generation(choice: Completion, model: str | None) -> Generation:
@@ -355,6 +379,17 @@ def _generation(choice: Completion, model: str | None) -> Generation:
     `OpenAI` gives them) and the reply's model."""
     info = {"finish_reason": choice.finish_reason, "logprobs": choice.logprobs, "model_name": model}
     return Generation(text=choice.text, generation_info=info)
+
+
+def _graph_usage(outputs: list[SemanticVariable], n: int) -> dict[str, int]:
+    """The token usage of a batch's graph calls (`n` a prompt), as a completion request's reply counts it: each
+    prompt's tokens once, however many choices fork it (its first call's), and every choice's own."""
+    def total(key: str, calls: list[SemanticVariable]) -> int:
+        return sum((call.usage or {}).get(key, 0) for call in calls)
+
+    prompt, completion = total("prompt_tokens", outputs[::n]), total("completion_tokens", outputs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "cached_tokens": total("cached_tokens", outputs[::n])}
 
 
 def _check_not_empty(prompts: list[str]) -> None:

@@ -9,7 +9,8 @@ Triton kernel, cuda_attention.CudaBackend), the Triton kernel with sharing switc
 prefix through its own block table), our CUDA kernel (csrc/, where built) in the plan it picks (`cuda`,
 cuda_attention.plan) and in others (`cuda_previous`: its splits with the earlier sessions' shortest parts, 256 and
 64 tokens, no wgmma, the merge launched after the partials; `cuda_mma`: no wgmma; `cuda_wgmma`: every shared item
-of 64 rows on wgmma), FlashInfer's
+of 64 rows on wgmma, two blocks a multiprocessor; `cuda_wgmma_3_blocks`: the same in the kernel of three, planned
+for them; `cuda_warp_specialized`: every shared item of 128 rows on the warp-specialized kernel), FlashInfer's
 cascade attention (where its package is on the machine), torch SDPA on the expanded KV (where it fits in
 memory), and the floor: bytes that must move (the prefix KV once plus every own KV) over the copy bandwidth
 measured in this run. `copy_floor` is a plain copy of those bytes (half read, half written) timed as the kernels
@@ -133,15 +134,20 @@ def cuda_plans(q, k_cache, layout) -> dict:
     """The CUDA kernel's plans besides the one it picks (see the module's docstring)."""
     from parrot_lc.engine import cuda_attention
 
-    picked = cuda_attention.plan(q, k_cache, layout)
+    def of(blocks_per_sm: int) -> cuda_attention.Plan:
+        """The plan of 64-row (or smaller) shared items for that many resident blocks."""
+        return cuda_attention.plan(q, k_cache, layout, blocks_per_sm=blocks_per_sm, warp_specialized=False)
+
     group = q.shape[1] // k_cache.shape[2]
+    wgmma = dict(wgmma=True, row_warps=4, shared_tiles=math.ceil(layout.max_group / (64 // group)))
     return {
-        "previous": dataclasses.replace(picked, wgmma=False, programmatic_merge=False,
-                                        min_shared_chunk=256, min_own_chunk=64),
-        "mma": dataclasses.replace(picked, wgmma=False),
-        "wgmma": dataclasses.replace(picked, wgmma=True, row_warps=4,
-                                     shared_tiles=math.ceil(layout.max_group / (64 // group))),
-    }
+        "previous": dataclasses.replace(of(2), wgmma=False, programmatic_merge=False, min_shared_chunk=256,
+                                        min_own_chunk=64),
+        "mma": dataclasses.replace(of(2), wgmma=False),
+        "wgmma": dataclasses.replace(of(2), **wgmma),
+        "wgmma_3_blocks": dataclasses.replace(of(3), **wgmma),
+    } | ({} if cuda_attention.warp_specialized_unsupported(q, k_cache) else
+         {"warp_specialized": cuda_attention.plan(q, k_cache, layout, warp_specialized=True)})
 
 
 def copy_ms(num_bytes: int) -> tuple[float, str]:

@@ -37,7 +37,7 @@ void shared_prefix_decode(const torch::Tensor& q, const torch::Tensor& k_cache, 
                           const torch::Tensor& part_lse, const torch::Tensor& out, double scale,
                           int64_t shared_row_warps, int64_t shared_tiles, int64_t shared_splits,
                           int64_t own_splits, int64_t min_shared_chunk, int64_t min_own_chunk,
-                          bool wgmma, bool programmatic_merge) {
+                          bool wgmma, int64_t blocks_per_sm, bool programmatic_merge) {
   TORCH_CHECK(q.is_cuda() && q.dim() == 3, "q must be a CUDA tensor (B, Hq, D)");
   TORCH_CHECK(q.scalar_type() == torch::kBFloat16 || q.scalar_type() == torch::kHalf,
               "q must be bfloat16 or float16, got ", q.scalar_type());
@@ -82,6 +82,7 @@ void shared_prefix_decode(const torch::Tensor& q, const torch::Tensor& k_cache, 
   p.q = q.data_ptr();
   p.k_cache = k_cache.data_ptr();
   p.v_cache = v_cache.data_ptr();
+  p.num_blocks = k_cache.size(0);
   p.out = out.data_ptr();
   p.part_out = part_out.data_ptr<float>();
   p.part_lse = part_lse.data_ptr<float>();
@@ -112,6 +113,7 @@ void shared_prefix_decode(const torch::Tensor& q, const torch::Tensor& k_cache, 
   p.min_shared_chunk = static_cast<int>(min_shared_chunk);
   p.min_own_chunk = static_cast<int>(min_own_chunk);
   p.wgmma = wgmma;
+  p.blocks_per_sm = static_cast<int>(blocks_per_sm);
   p.programmatic_merge = programmatic_merge;
   p.scale_log2 = static_cast<float>(scale * M_LOG2E);
   p.dtype = q.scalar_type() == torch::kBFloat16 ? parrot_lc::DType::kBFloat16 : parrot_lc::DType::kFloat16;

@@ -1,6 +1,6 @@
 // Shared-prefix ("cascade") decode attention: one query row per sequence, KV in a paged cache.
 //
-// Two kernels. The partials kernel runs two kinds of work item in one grid:
+// Two kernels (three on Hopper, below). The partials kernel runs two kinds of work item in one grid:
 //   shared: (group, KV head, tile of members, split of the prefix). The tile's query rows (members x the G
 //           query heads of the KV head) meet each prefix K/V tile once, loaded into shared memory, on tensor
 //           cores: the prefix is read once per tile of members instead of once per sequence.
@@ -14,19 +14,28 @@
 // into whole tiles, at least min_shared_chunk (min_own_chunk) tokens, computed in the kernel from the runtime
 // lengths, so one launch fits every step that a CUDA graph replays.
 //
-// Inside an item, 4 warps stream the range through a 3-stage cp.async pipeline of tiles of kBlockN K and V
+// Inside an item, 4 warps stream the range through a 3-stage cp.async pipeline (2 stages in the wgmma kernel that
+// puts three blocks on a multiprocessor instead of two, for steps of many shared rows) of tiles of kBlockN K and V
 // rows (kBlockN tokens of one head, or kBlockN / 4 tokens of 4 heads). Each warp owns 16 query rows (mma.sync
 // m16n8k16 with fp32 accumulators and an online softmax in registers, FlashAttention-2 style); a shared item
 // of fewer rows than 4 x 16 gives each warp a slice of every tile's keys instead, and the warps' results are
 // merged through shared memory at the end. Built for sm_90a, a shared item of 64 rows may run on wgmma instead
 // (attend_wgmma): the warpgroup's products read K and V from shared memory once for all 64 rows, where
 // mma.sync has each warp load every tile through ldmatrix.
+//
+// A third kernel (shared_items_kernel, sm_90a) takes shared items of 128 rows where the plan asks for them: one
+// block a multiprocessor, a producer warp copying 128-token tiles by the tensor memory accelerator and two
+// consumer warpgroups of 64 rows each (FlashAttention-3's structure); the own items then run in the partials
+// kernel before it.
 
 #include "shared_prefix_decode.h"
 
+#include <cuda.h>
+#include <cudaTypedefs.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <cmath>
 #include <stdexcept>
 #include <string>
@@ -38,7 +47,10 @@ namespace {
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
 constexpr int kBlockN = 64;     // KV tokens per pipeline stage
-constexpr int kStages = 3;
+// A partials kernel's pipeline has STAGES stages: 3 where two blocks share a multiprocessor, 2 where three do (a
+// wgmma kernel held to 168 registers; faster where a step has many shared rows, see cuda_attention.plan).
+template <int STAGES>
+constexpr int kMinBlocks = STAGES == 2 ? 3 : 0;  // 0: no minimum (the compiler's choice)
 constexpr int kOwnTokens = kBlockN / kWarps;  // tokens of an own item's tile (4 KV heads of each)
 
 template <typename T>
@@ -107,13 +119,14 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
 // The layouts of a K or V tile in shared memory, in 16-byte chunks; chunk c of row r is stored at c ^ (r % 8)
 // within its 128 bytes, which spreads the 8 rows that ldmatrix (or wgmma) reads at once over all 32 banks.
 // kRows: (kBlockN, D), rows of D / 8 chunks (mma.sync, through ldmatrix). kWgmma: D / 64 blocks of
-// (kBlockN, 64), rows of 128 bytes: the 128-byte swizzle that wgmma reads, each block on a 1024-byte boundary.
+// (ROWS, 64), rows of 128 bytes: the 128-byte swizzle that wgmma reads (and the TMA writes), each block on a
+// 1024-byte boundary.
 enum class Layout { kRows, kWgmma };
 
-template <int D, Layout L>
+template <int D, Layout L, int ROWS = kBlockN>
 __device__ __forceinline__ int tile_chunk(int row, int chunk) {
   if constexpr (L == Layout::kRows) return row * (D / 8) + (chunk ^ (row & 7));
-  return chunk / 8 * (kBlockN * 8) + row * 8 + (chunk % 8 ^ (row & 7));
+  return chunk / 8 * (ROWS * 8) + row * 8 + (chunk % 8 ^ (row & 7));
 }
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -261,10 +274,10 @@ __device__ __forceinline__ void load_tile(const DecodeParams& p, const Item& ite
   }
 }
 
-// The KV tiles of an item's range streamed through kStages stages of shared memory by cp.async. Tile t's token
-// offsets live in offsets[t % kStages], looked up once per token (not per 16-byte chunk) and a pipeline step
+// The KV tiles of an item's range streamed through STAGES stages of shared memory by cp.async. Tile t's token
+// offsets live in offsets[t % STAGES], looked up once per token (not per 16-byte chunk) and a pipeline step
 // ahead, so that no copy waits on a block-table read.
-template <int D, bool OWN, Layout L>
+template <int D, bool OWN, Layout L, int STAGES>
 struct Pipeline {
   static constexpr int kTokens = OWN ? kOwnTokens : kBlockN;  // tokens per tile
   static constexpr int kStage = 2 * kBlockN * (D / 8);        // one stage's K and V, in 16-byte chunks
@@ -272,43 +285,43 @@ struct Pipeline {
   const DecodeParams& p;
   const Item& item;
   uint4* stages;
-  int64_t* offsets;  // (kStages, kTokens)
+  int64_t* offsets;  // (STAGES, kTokens)
   int num_tiles;
-  int64_t prefetched = 0;  // this thread's token offset of tile + kStages, read during tile
+  int64_t prefetched = 0;  // this thread's token offset of tile + STAGES, read during tile
 
-  // Looks up the first kStages tiles' offsets and issues the first kStages - 1 tiles.
+  // Looks up the first STAGES tiles' offsets and issues the first STAGES - 1 tiles.
   __device__ Pipeline(const DecodeParams& p, const Item& item, uint4* smem)
-      : p(p), item(item), stages(smem), offsets(reinterpret_cast<int64_t*>(smem + kStages * kStage)),
+      : p(p), item(item), stages(smem), offsets(reinterpret_cast<int64_t*>(smem + STAGES * kStage)),
         num_tiles(ceil_div(item.hi - item.lo, kTokens)) {
     if (threadIdx.x < kTokens)
-      for (int s = 0; s < kStages; ++s) offsets[s * kTokens + threadIdx.x] = offset(s);
+      for (int s = 0; s < STAGES; ++s) offsets[s * kTokens + threadIdx.x] = offset(s);
     __syncthreads();
-    for (int s = 0; s < kStages - 1; ++s) {
+    for (int s = 0; s < STAGES - 1; ++s) {
       if (s < num_tiles) load(s);
       cp_async_commit();  // empty groups too, so that the wait in next() counts the same for every tile
     }
   }
 
   __device__ int64_t offset(int tile) const { return token_offset(p, item, item.lo + tile * kTokens + threadIdx.x); }
-  __device__ uint4* k_tile(int tile) const { return stages + tile % kStages * kStage; }
+  __device__ uint4* k_tile(int tile) const { return stages + tile % STAGES * kStage; }
   __device__ uint4* v_tile(int tile) const { return k_tile(tile) + kStage / 2; }
   __device__ void load(int tile) {
-    load_tile<D, OWN, L>(p, item, offsets + tile % kStages * kTokens, k_tile(tile), v_tile(tile));
+    load_tile<D, OWN, L>(p, item, offsets + tile % STAGES * kTokens, k_tile(tile), v_tile(tile));
   }
 
   // Waits until `tile` is in shared memory for every thread (and, for wgmma, for the async proxy) and all are
-  // done with the stage it refills: with tile + kStages - 1, issued now. Tile `tile` was issued, so its offsets
-  // slot is free for tile + kStages: looked up now, stored by done() after this tile's math.
+  // done with the stage it refills: with tile + STAGES - 1, issued now. Tile `tile` was issued, so its offsets
+  // slot is free for tile + STAGES: looked up now, stored by done() after this tile's math.
   __device__ void next(int tile) {
-    cp_async_wait<kStages - 2>();
+    cp_async_wait<STAGES - 2>();
     if constexpr (L == Layout::kWgmma) asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
     __syncthreads();
-    if (tile + kStages - 1 < num_tiles) load(tile + kStages - 1);
+    if (tile + STAGES - 1 < num_tiles) load(tile + STAGES - 1);
     cp_async_commit();
-    if (threadIdx.x < kTokens && tile + kStages < num_tiles) prefetched = offset(tile + kStages);
+    if (threadIdx.x < kTokens && tile + STAGES < num_tiles) prefetched = offset(tile + STAGES);
   }
   __device__ void done(int tile) {
-    if (threadIdx.x < kTokens && tile + kStages < num_tiles) offsets[tile % kStages * kTokens + threadIdx.x] = prefetched;
+    if (threadIdx.x < kTokens && tile + STAGES < num_tiles) offsets[tile % STAGES * kTokens + threadIdx.x] = prefetched;
   }
 };
 
@@ -448,10 +461,10 @@ __device__ __forceinline__ void write_rows(const DecodeParams& p, const Item& it
 // One work item on mma.sync. ROW_WARPS warps hold 16 query rows each; the other kWarps / ROW_WARPS of each row
 // block's warps take disjoint key slices of every tile. An OWN item has a KV head per warp (ROW_WARPS 4), each
 // scoring its own kBlockN / 4 rows of every tile.
-template <typename T, int D, int ROW_WARPS, bool OWN>
+template <typename T, int D, int ROW_WARPS, bool OWN, int STAGES>
 __device__ void attend(const DecodeParams& p, const Item& item, uint4* smem) {
   static_assert(!OWN || ROW_WARPS == kWarps, "an own item has one KV head per warp");
-  using Tiles = Pipeline<D, OWN, Layout::kRows>;
+  using Tiles = Pipeline<D, OWN, Layout::kRows, STAGES>;
   constexpr int kKeySplit = kWarps / ROW_WARPS;
   constexpr int kKeys = Tiles::kTokens / kKeySplit;  // keys of a tile this warp scores
   constexpr int kScoreTiles = kKeys / 8;             // n-tiles of its scores (16 x kKeys)
@@ -564,67 +577,73 @@ __device__ void attend(const DecodeParams& p, const Item& item, uint4* smem) {
 }
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-// A shared item of 64 query rows on Hopper's wgmma (sm_90a): the 4 warps are one warpgroup, each warp 16 rows
-// as in attend, but the tensor cores read K and V straight from shared memory for all 64 rows at once (no
-// ldmatrix per warp: a quarter of the shared-memory traffic) at wgmma's rate. Q and P are the A operands, in
-// registers; S = Q K^T is m64n64k16 with K as a K-major B, O += P V is m64nDk16 with V as an MN-major B.
-// Each product is waited for before what reads it: running P V under the next tile's softmax inside the
-// warpgroup (FlashAttention-3's overlap) and 128-row items on two warpgroups measured no faster on the H100,
-// whose two resident blocks already overlap each other (benchmarks/RESULTS.md, fifth session).
-template <typename T, int D>
+// Tile `tile` of an item's range (BLOCK_N keys) against a warpgroup's 64 query rows on Hopper's wgmma (sm_90a): each
+// warp holds 16 rows as in attend, but the tensor cores read K and V straight from shared memory (the kWgmma
+// layout of BLOCK_N rows) for all 64 rows at once, at wgmma's rate. Q and P are the A operands, in registers;
+// S = Q K^T is m64nBLOCK_Nk16 with K as a K-major B, O += P V is m64nDk16 with V as an MN-major B. Each product is
+// waited for before what reads it.
+template <typename T, int D, int BLOCK_N>
+__device__ __forceinline__ void wgmma_tile(const uint32_t (&q_frag)[D / 16][4], const char* k_tile,
+                                           const char* v_tile, float (&out)[D / 8][4], float (&row_max)[2],
+                                           float (&row_sum)[2], const Item& item, int tile, const DecodeParams& p) {
+  constexpr int kScoreTiles = BLOCK_N / 8;
+  constexpr uint32_t kAtom = 8 * 128;               // bytes of 8 rows of 128 bytes: one swizzle atom
+  constexpr uint32_t kBlockBytes = BLOCK_N * 128;   // one (BLOCK_N, 64) block of a tile
+  float score[kScoreTiles][4];  // (64, BLOCK_N) = Q K^T: the first product overwrites it
+  Wgmma<T>::fence(score);
+  Wgmma<T>::arrive();
+#pragma unroll
+  for (int k = 0; k < D / 16; ++k)  // head dims 16k .. 16k + 15: block k / 4, bytes 32 (k % 4) of each row
+    Wgmma<T>::template mma<false>(score, q_frag[k], wgmma_desc(k_tile + k / 4 * kBlockBytes + k % 4 * 32, 16, kAtom),
+                                  k > 0);
+  Wgmma<T>::commit_and_wait();
+  Wgmma<T>::fence(score);
+
+  float alpha[2];  // every tile but a range's last is full: no key to mask
+  const int tile_start = item.lo + tile * BLOCK_N;
+  if (tile_start + BLOCK_N <= item.hi)
+    softmax_scores<true>(score, row_max, row_sum, alpha, tile_start, item.hi, p.scale_log2);
+  else
+    softmax_scores<false>(score, row_max, row_sum, alpha, tile_start, item.hi, p.scale_log2);
+  rescale(out, alpha);
+
+  uint32_t a[BLOCK_N / 16][4];
+#pragma unroll
+  for (int k = 0; k < BLOCK_N / 16; ++k) p_fragment<T>(score, k, a[k]);
+  Wgmma<T>::fence(a);
+  Wgmma<T>::fence(out);
+  Wgmma<T>::arrive();
+#pragma unroll
+  for (int k = 0; k < BLOCK_N / 16; ++k)  // keys 16k .. 16k + 15: two swizzle atoms from 16k
+    Wgmma<T>::template mma<true>(out, a[k], wgmma_desc(v_tile + k * 2 * kAtom, kBlockBytes, kAtom));
+  Wgmma<T>::commit_and_wait();
+  Wgmma<T>::fence(out);
+}
+
+// A shared item of 64 query rows on wgmma, its tiles copied by the block's 4 warps (Pipeline). Running P V under
+// the next tile's softmax inside the warpgroup (FlashAttention-3's overlap) and 128-row items on two warpgroups
+// that share the copies measured no faster on the H100, whose two or three resident blocks already overlap each
+// other (benchmarks/RESULTS.md, fifth session); see shared_items_kernel for 128-row items whose copies a
+// producer warp issues.
+template <typename T, int D, int STAGES>
 __device__ void attend_wgmma(const DecodeParams& p, const Item& item, uint4* smem) {
-  using Tiles = Pipeline<D, false, Layout::kWgmma>;
-  constexpr int kScoreTiles = kBlockN / 8;
-  constexpr int kOutTiles = D / 8;
-  constexpr int kDimSteps = D / 16;
-  constexpr uint32_t kAtom = 8 * 128;                 // bytes of 8 rows of 128 bytes: one swizzle atom
-  constexpr uint32_t kBlockBytes = kBlockN * 128;     // one (kBlockN, 64) block of a tile
+  using Tiles = Pipeline<D, false, Layout::kWgmma, STAGES>;
   const int group = p.num_heads / p.num_kv_heads;
   if (write_empty<false, 64>(p, item, group)) return;
 
   Tiles tiles(p, item, smem);
   const int warp = threadIdx.x / 32;
-  uint32_t q_frag[kDimSteps][4];
+  uint32_t q_frag[D / 16][4];
   load_q<T, D, false>(p, item, group, warp, q_frag);
 
-  float out[kOutTiles][4] = {};
+  float out[D / 8][4] = {};
   float row_max[2] = {-INFINITY, -INFINITY};
   float row_sum[2] = {0.f, 0.f};
-
   for (int tile = 0; tile < tiles.num_tiles; ++tile) {
     tiles.next(tile);
-    const char* k_tile = reinterpret_cast<const char*>(tiles.k_tile(tile));
-    const char* v_tile = reinterpret_cast<const char*>(tiles.v_tile(tile));
-
-    float score[kScoreTiles][4];  // (64, kBlockN) = Q K^T: the first product overwrites it
-    Wgmma<T>::fence(score);
-    Wgmma<T>::arrive();
-#pragma unroll
-    for (int k = 0; k < kDimSteps; ++k)  // head dims 16k .. 16k + 15: block k / 4, bytes 32 (k % 4) of each row
-      Wgmma<T>::template mma<false>(score, q_frag[k], wgmma_desc(k_tile + k / 4 * kBlockBytes + k % 4 * 32, 16, kAtom),
-                                    k > 0);
-    Wgmma<T>::commit_and_wait();
-    Wgmma<T>::fence(score);
-
-    float alpha[2];  // every tile but a range's last is full: no key to mask
-    const int tile_start = item.lo + tile * kBlockN;
-    if (tile_start + kBlockN <= item.hi)
-      softmax_scores<true>(score, row_max, row_sum, alpha, tile_start, item.hi, p.scale_log2);
-    else
-      softmax_scores<false>(score, row_max, row_sum, alpha, tile_start, item.hi, p.scale_log2);
-    rescale(out, alpha);
-
-    uint32_t a[kBlockN / 16][4];
-#pragma unroll
-    for (int k = 0; k < kBlockN / 16; ++k) p_fragment<T>(score, k, a[k]);
-    Wgmma<T>::fence(a);
-    Wgmma<T>::fence(out);
-    Wgmma<T>::arrive();
-#pragma unroll
-    for (int k = 0; k < kBlockN / 16; ++k)  // keys 16k .. 16k + 15: two swizzle atoms from 16k
-      Wgmma<T>::template mma<true>(out, a[k], wgmma_desc(v_tile + k * 2 * kAtom, kBlockBytes, kAtom));
-    Wgmma<T>::commit_and_wait();
-    Wgmma<T>::fence(out);
+    wgmma_tile<T, D, kBlockN>(q_frag, reinterpret_cast<const char*>(tiles.k_tile(tile)),
+                              reinterpret_cast<const char*>(tiles.v_tile(tile)), out, row_max, row_sum,
+                              item, tile, p);
     tiles.done(tile);
   }
   reduce_sums(row_sum);
@@ -632,12 +651,34 @@ __device__ void attend_wgmma(const DecodeParams& p, const Item& item, uint4* sme
 }
 #endif
 
+// Shared work item `index` of the grid's (group, KV head, split, tile of members) of `rows` query rows, its
+// range cut into whole tiles of `tile_tokens`; false for a tile past its group's size this step (no rows).
+__device__ __forceinline__ bool shared_item(const DecodeParams& p, int index, int rows, int tile_tokens, Item& item) {
+  const int members_per_tile = rows / (p.num_heads / p.num_kv_heads);
+  const int tile = index % p.shared_tiles;
+  index /= p.shared_tiles;
+  const int split = index % p.shared_splits;
+  index /= p.shared_splits;
+  item.kv_head = index % p.num_kv_heads;
+  const int g = index / p.num_kv_heads;
+  const int first = p.group_ptr[g] + tile * members_per_tile;
+  const int members = p.group_ptr[g + 1] - first;
+  if (members <= 0) return false;
+  item.seq_ids = p.group_rows + first;
+  item.num_seqs = min(members, members_per_tile);
+  item.table = p.group_tables + g * p.group_table_stride;
+  item.slot = split;
+  split_range(0, p.group_lens[g], split, p.shared_splits, p.min_shared_chunk, tile_tokens, item);
+  return true;
+}
+
 // Own items come first (blocks [0, num_own_items)): they are the longest when many sequences share a short
 // prefix, and the shared items' shorter splits then even out the end of the grid. Shared items are ordered so
 // that the tiles of one (group, KV head, split) run side by side and share the prefix chunk through L2.
 // WGMMA: shared items on attend_wgmma where the kernel is built for sm_90a (elsewhere on attend).
-template <typename T, int D, int SHARED_ROW_WARPS, bool WGMMA>
-__global__ void __launch_bounds__(kThreads) partials_kernel(const DecodeParams p, int num_own_items) {
+template <typename T, int D, int SHARED_ROW_WARPS, bool WGMMA, int STAGES>
+__global__ void __launch_bounds__(kThreads, kMinBlocks<STAGES>)
+    partials_kernel(const DecodeParams p, int num_own_items) {
   static_assert(!WGMMA || SHARED_ROW_WARPS == kWarps, "a wgmma item has 64 rows");
   extern __shared__ uint4 smem[];
 #if __CUDA_ARCH__ >= 900
@@ -656,33 +697,190 @@ __global__ void __launch_bounds__(kThreads) partials_kernel(const DecodeParams p
     item.table = p.block_tables + b * p.block_table_stride;
     item.slot = p.shared_splits + split;
     split_range(p.shared_lens[b], p.context_lens[b], split, p.own_splits, p.min_own_chunk, kOwnTokens, item);
-    attend<T, D, kWarps, true>(p, item, smem);
+    attend<T, D, kWarps, true, STAGES>(p, item, smem);
   } else {
-    index -= num_own_items;
-    const int members_per_tile = 16 * SHARED_ROW_WARPS / (p.num_heads / p.num_kv_heads);
-    const int tile = index % p.shared_tiles;
-    index /= p.shared_tiles;
-    const int split = index % p.shared_splits;
-    index /= p.shared_splits;
-    item.kv_head = index % p.num_kv_heads;
-    const int g = index / p.num_kv_heads;
-    const int first = p.group_ptr[g] + tile * members_per_tile;
-    const int members = p.group_ptr[g + 1] - first;
-    if (members <= 0) return;  // a tile past this step's group size: it has no rows to write
-    item.seq_ids = p.group_rows + first;
-    item.num_seqs = min(members, members_per_tile);
-    item.table = p.group_tables + g * p.group_table_stride;
-    item.slot = split;
-    split_range(0, p.group_lens[g], split, p.shared_splits, p.min_shared_chunk, kBlockN, item);
+    if (!shared_item(p, index - num_own_items, 16 * SHARED_ROW_WARPS, kBlockN, item)) return;
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     if constexpr (WGMMA) {
       // The 128-byte swizzle's atoms must lie on 1024-byte boundaries (launch() allocates the slack).
-      attend_wgmma<T, D>(p, item, smem + (1024 - smem_addr(smem) % 1024) % 1024 / 16);
+      attend_wgmma<T, D, STAGES>(p, item, smem + (1024 - smem_addr(smem) % 1024) % 1024 / 16);
       return;
     }
 #endif
-    attend<T, D, SHARED_ROW_WARPS, false>(p, item, smem);
+    attend<T, D, SHARED_ROW_WARPS, false, STAGES>(p, item, smem);
   }
+}
+
+// Shared items of 128 query rows on a warp-specialized block (FlashAttention-3's structure, sm_90a): warp 0 of
+// warpgroup 0 is the producer, its lanes issuing the tensor memory accelerator's copies of each tile's K and V
+// (no other thread computes a copy's address); warpgroups 1 and 2 are consumers of 64 rows each, which read
+// every tile of the shared memory once for both. Stages are ordered by mbarriers, never a CTA barrier: full[s]
+// completes when a stage's bytes have landed, empty[s] when the consumers' 8 warps are done with it. The
+// producer gives up registers to the consumers (setmaxnreg): one block a multiprocessor, whose 2 consumers
+// overlap each other's softmax and products.
+constexpr int kWsBlockN = 128;  // keys a tile
+constexpr int kWsStages = 3;
+constexpr int kWsConsumers = 2;
+constexpr int kWsThreads = (kWsConsumers + 1) * kThreads;
+template <int D>
+constexpr int kWsTileBytes = kWsBlockN * D * 2;  // a K or V tile
+
+// The K and V caches as tensors of the TMA: (D, Hkv, num_blocks x page) elements, read in boxes of 64 head dims
+// of one KV head and min(page, kWsBlockN) consecutive slots, 128-byte swizzled (the kWgmma layout).
+struct KVMaps {
+  CUtensorMap k, v;
+};
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+constexpr int kWsRows = kWsConsumers * 64;  // query rows of an item
+
+__device__ __forceinline__ void mbarrier_init(uint64_t* bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbarrier_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_addr(bar)) : "memory");
+}
+// Arrives and adds `bytes` to the transactions the current phase waits for.
+__device__ __forceinline__ void mbarrier_expect_bytes(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(bytes)
+               : "memory");
+}
+// Waits for the completion of the barrier's phase of this parity.
+__device__ __forceinline__ void mbarrier_wait(uint64_t* bar, int parity) {
+  uint32_t done;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(smem_addr(bar)), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+// Copies the box at (c0, c1, c2) of `map` to dst; its bytes complete a transaction of `bar`.
+__device__ __forceinline__ void tma_copy(void* dst, const CUtensorMap* map, int c0, int c1, int c2, uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], "
+      "[%5];\n" ::"r"(smem_addr(dst)),
+      "l"(map), "r"(c0), "r"(c1), "r"(c2), "r"(smem_addr(bar))
+      : "memory");
+}
+
+// The stages of a warp-specialized block: kWsStages of a K tile then a V tile (kWgmma layout, kWsBlockN rows),
+// then their full and empty barriers.
+template <int D>
+struct WsStages {
+  static constexpr int kTileBytes = kWsTileBytes<D>;
+  char* base;
+  uint64_t* full;   // (kWsStages,)
+  uint64_t* empty;  // (kWsStages,)
+
+  __device__ explicit WsStages(char* smem)
+      : base(smem), full(reinterpret_cast<uint64_t*>(smem + kWsStages * 2 * kTileBytes)), empty(full + kWsStages) {}
+  __device__ char* k_tile(int tile) const { return base + tile % kWsStages * 2 * kTileBytes; }
+  __device__ char* v_tile(int tile) const { return k_tile(tile) + kTileBytes; }
+};
+
+// The producer warp: lane l copies box l of each tile (K or V, 64 head dims, `box` tokens: a page, or the tile
+// within a page), into a stage once the consumers have released it. Boxes wholly past the range are not copied
+// (their V rows are zeroed by the consumers; their keys are masked).
+template <int D>
+__device__ void produce(const DecodeParams& p, const Item& item, const KVMaps& maps, const WsStages<D>& stages,
+                        int num_tiles) {
+  constexpr int kHalves = D / 64;
+  const int lane = threadIdx.x % 32, box = min(p.page, kWsBlockN);
+  const bool is_v = lane % 2;
+  const int half = lane / 2 % kHalves, row = lane / (2 * kHalves) * box;
+  const bool copies = lane < 2 * kHalves * (kWsBlockN / box);  // the plan keeps a tile's boxes within 32
+  // The cache block of this lane's box of `tile`, looked up a tile ahead; -1 where it lies past the range.
+  auto lookup = [&](int tile) {
+    const int pos = item.lo + tile * kWsBlockN + row;
+    return copies && tile < num_tiles && pos < item.hi ? item.table[pos / p.page] : -1;
+  };
+  int block = lookup(0);
+  for (int tile = 0; tile < num_tiles; ++tile) {
+    const int stage = tile % kWsStages;
+    if (tile >= kWsStages) mbarrier_wait(stages.empty + stage, (tile / kWsStages + 1) % 2);
+    const int boxes = __popc(__ballot_sync(0xffffffff, block >= 0));
+    if (lane == 0) mbarrier_expect_bytes(stages.full + stage, boxes * box * 128);
+    __syncwarp();
+    if (block >= 0) {
+      const int slot = block * p.page + (item.lo + tile * kWsBlockN + row) % p.page;
+      char* dst = (is_v ? stages.v_tile(tile) : stages.k_tile(tile)) + (half * kWsBlockN + row) * 128;
+      tma_copy(dst, is_v ? &maps.v : &maps.k, half * 64, item.kv_head, slot, stages.full + stage);
+    }
+    block = lookup(tile + 1);
+  }
+}
+
+// A consumer warpgroup: query rows 64 wg .. 64 wg + 63 of the item against every tile, as attend_wgmma's.
+template <typename T, int D>
+__device__ void consume(const DecodeParams& p, const Item& item, const WsStages<D>& stages, int num_tiles,
+                        int group) {
+  const int consumer_thread = threadIdx.x - kThreads;
+  const int row_block = consumer_thread / 32;  // warps 0-3 of consumer 0, then 4-7 of consumer 1
+  uint32_t q_frag[D / 16][4];
+  load_q<T, D, false>(p, item, group, row_block, q_frag);
+  float out[D / 8][4] = {};
+  float row_max[2] = {-INFINITY, -INFINITY};
+  float row_sum[2] = {0.f, 0.f};
+  for (int tile = 0; tile < num_tiles; ++tile) {
+    mbarrier_wait(stages.full + tile % kWsStages, tile / kWsStages % 2);
+    const int tile_start = item.lo + tile * kWsBlockN;
+    char* v_tile = stages.v_tile(tile);
+    if (item.hi - tile_start < kWsBlockN) {
+      // The range's last tile: V rows past its end become zeros (their probabilities are 0, but 0 x NaN is not,
+      // and a page's slots past the range or an uncopied box's stale bytes may hold anything).
+      auto* v = reinterpret_cast<uint4*>(v_tile);
+      const int first = item.hi - tile_start;
+      for (int i = consumer_thread; i < (kWsBlockN - first) * (D / 8); i += kWsConsumers * kThreads)
+        v[tile_chunk<D, Layout::kWgmma, kWsBlockN>(first + i / (D / 8), i % (D / 8))] = make_uint4(0, 0, 0, 0);
+      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // the zeros visible to the products
+      asm volatile("bar.sync 1, %0;\n" ::"n"(kWsConsumers * kThreads) : "memory");
+    }
+    wgmma_tile<T, D, kWsBlockN>(q_frag, stages.k_tile(tile), v_tile, out, row_max, row_sum, item, tile, p);
+    if (threadIdx.x % 32 == 0) mbarrier_arrive(stages.empty + tile % kWsStages);
+  }
+  reduce_sums(row_sum);
+  write_rows<D, false>(p, item, group, row_block, out, row_max, row_sum);
+}
+#endif
+
+// The shared items of a step whose plan has items of 128 rows (shared_row_warps 8); the own items run in the
+// partials kernel before it. Launched as a programmatic dependent of that kernel, its blocks start while the own
+// items run; each waits for their end before it exits, so that the merge (a programmatic dependent of this grid)
+// reads both kinds of partials.
+template <typename T, int D>
+__global__ void __launch_bounds__(kWsThreads, 1)
+    shared_items_kernel(const DecodeParams p, const __grid_constant__ KVMaps maps) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  extern __shared__ uint4 smem[];
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+  const int group = p.num_heads / p.num_kv_heads;
+  Item item;
+  if (shared_item(p, blockIdx.x, kWsRows, kWsBlockN, item) && !write_empty<false, kWsRows>(p, item, group)) {
+    // The 128-byte swizzle's atoms must lie on 1024-byte boundaries (the launch allocates the slack).
+    const WsStages<D> stages(reinterpret_cast<char*>(smem) + (1024 - smem_addr(smem) % 1024) % 1024);
+    if (threadIdx.x == 0) {
+      for (int s = 0; s < kWsStages; ++s) {
+        mbarrier_init(stages.full + s, 1);
+        mbarrier_init(stages.empty + s, kWsConsumers * kWarps);
+      }
+      asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+    const int num_tiles = ceil_div(item.hi - item.lo, kWsBlockN);
+    if (threadIdx.x < kThreads) {
+      asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
+      if (threadIdx.x < 32) produce<D>(p, item, maps, stages, num_tiles);
+    } else {
+      asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n" ::: "memory");
+      consume<T, D>(p, item, stages, num_tiles, group);
+    }
+  }
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#else
+  __trap();  // planned only where the extension is built for sm_90a (cuda_attention.plan)
+#endif
 }
 
 // One warp per (sequence, head), each lane D / 32 columns. A sequence in no group (shared_lens 0) has no
@@ -736,25 +934,15 @@ void check(cudaError_t error, const char* what) {
   if (error != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(error));
 }
 
-template <typename T, int D, int SHARED_ROW_WARPS, bool WGMMA>
-void launch(const DecodeParams& p, cudaStream_t stream) {
-  const int64_t own_items = static_cast<int64_t>(p.batch) * ceil_div(p.num_kv_heads, kWarps) * p.own_splits;
-  const int64_t items =
-      own_items + static_cast<int64_t>(p.num_groups) * p.num_kv_heads * p.shared_tiles * p.shared_splits;
-  if (items > 0x7fffffff) throw std::invalid_argument("shared_prefix_decode: too many work items for one grid");
-  constexpr int kStagesBytes = kStages * 2 * kBlockN * D * sizeof(T);
-  // + the tiles' token offsets, + slack to align a wgmma item's stages
-  constexpr int kSmem = kStagesBytes + kStages * kBlockN * sizeof(int64_t) + (WGMMA ? 1024 : 0);
-  static_assert(kWarps * 16 * (D + 8 + 2) * sizeof(float) <= kStagesBytes, "the key-slice merge reuses the stages");
-  auto* kernel = partials_kernel<T, D, SHARED_ROW_WARPS, WGMMA>;
-  check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem),
-        "shared_prefix_decode: raising the shared-memory limit");
-  kernel<<<static_cast<int>(items), kThreads, kSmem, stream>>>(p, static_cast<int>(own_items));
-  check(cudaGetLastError(), "shared_prefix_decode: partials kernel launch");
-
+// Launches kernel(args...) on `stream`: as a programmatic dependent of the kernel before it where
+// p.programmatic_merge (its blocks may start once that one's have all started; it waits by griddepcontrol.wait).
+template <typename... Params, typename... Args>
+void launch_dependent(void (*kernel)(Params...), int64_t blocks, int threads, int smem, const DecodeParams& p,
+                      cudaStream_t stream, const char* what, const Args&... args) {
   cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(ceil_div(p.batch * p.num_heads, kWarps));
-  config.blockDim = dim3(kThreads);
+  config.gridDim = dim3(static_cast<unsigned>(blocks));
+  config.blockDim = dim3(threads);
+  config.dynamicSmemBytes = smem;
   config.stream = stream;
   cudaLaunchAttribute programmatic = {};
   programmatic.id = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -763,18 +951,126 @@ void launch(const DecodeParams& p, cudaStream_t stream) {
     config.attrs = &programmatic;
     config.numAttrs = 1;
   }
-  check(cudaLaunchKernelEx(&config, merge_kernel<T, D>, p), "shared_prefix_decode: merge kernel launch");
+  check(cudaLaunchKernelEx(&config, kernel, args...), what);
+}
+
+// The merge of every (sequence, head)'s partials, after the kernels that write them.
+template <typename T, int D>
+void launch_merge(const DecodeParams& p, cudaStream_t stream) {
+  launch_dependent(merge_kernel<T, D>, ceil_div(p.batch * p.num_heads, kWarps), kThreads, 0, p, stream,
+                   "shared_prefix_decode: merge kernel launch", p);
+}
+
+// The partials kernel over the own items and, unless own_only, the shared items.
+template <typename T, int D, int SHARED_ROW_WARPS, bool WGMMA, int STAGES = 3>
+void launch_partials(const DecodeParams& p, cudaStream_t stream, bool own_only = false) {
+  const int64_t own_items = static_cast<int64_t>(p.batch) * ceil_div(p.num_kv_heads, kWarps) * p.own_splits;
+  const int64_t shared_items = static_cast<int64_t>(p.num_groups) * p.num_kv_heads * p.shared_tiles * p.shared_splits;
+  const int64_t items = own_items + (own_only ? 0 : shared_items);
+  if (items > 0x7fffffff) throw std::invalid_argument("shared_prefix_decode: too many work items for one grid");
+  constexpr int kStagesBytes = STAGES * 2 * kBlockN * D * sizeof(T);
+  // + the tiles' token offsets, + slack to align a wgmma item's stages
+  constexpr int kSmem = kStagesBytes + STAGES * kBlockN * sizeof(int64_t) + (WGMMA ? 1024 : 0);
+  static_assert(kWarps * 16 * (D + 8 + 2) * sizeof(float) <= kStagesBytes, "the key-slice merge reuses the stages");
+  auto* kernel = partials_kernel<T, D, SHARED_ROW_WARPS, WGMMA, STAGES>;
+  check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem),
+        "shared_prefix_decode: raising the shared-memory limit");
+  kernel<<<static_cast<int>(items), kThreads, kSmem, stream>>>(p, static_cast<int>(own_items));
+  check(cudaGetLastError(), "shared_prefix_decode: partials kernel launch");
+}
+
+template <typename T, int D, int SHARED_ROW_WARPS, bool WGMMA, int STAGES = 3>
+void launch(const DecodeParams& p, cudaStream_t stream) {
+  launch_partials<T, D, SHARED_ROW_WARPS, WGMMA, STAGES>(p, stream);
+  launch_merge<T, D>(p, stream);
+}
+
+// The driver's cuTensorMapEncodeTiled, through the runtime (no link to libcuda); null where unavailable.
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static const auto encode = [] {
+    void* fn = nullptr;
+#if CUDART_VERSION >= 12050
+    cudaDriverEntryPointQueryResult found;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found) !=
+            cudaSuccess ||
+        found != cudaDriverEntryPointSuccess)
+      fn = nullptr;
+#endif
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }();
+  return encode;
+}
+
+// The caches of `p` as KVMaps; throws where their layout does not suit the TMA (cuda_attention.plan checks the
+// same): a tile's boxes whole pages (pages dividing kWsBlockN, or multiples of it), at most 32 of them (one a
+// producer lane), the blocks contiguous slots, the strides and bases 16-byte aligned.
+template <typename T, int D>
+KVMaps encode_kv_maps(const DecodeParams& p) {
+  const int box = std::min(p.page, kWsBlockN);
+  const bool pages_fit = (p.page % kWsBlockN == 0 || kWsBlockN % p.page == 0) && 2 * (D / 64) * (kWsBlockN / box) <= 32;
+  const int64_t bytes = sizeof(T), slots = static_cast<int64_t>(p.num_blocks) * p.page;
+  const bool aligned = (p.kv_stride_head * bytes) % 16 == 0 && (p.kv_stride_slot * bytes) % 16 == 0 &&
+                       reinterpret_cast<uintptr_t>(p.k_cache) % 16 == 0 &&
+                       reinterpret_cast<uintptr_t>(p.v_cache) % 16 == 0;
+  if (!pages_fit || !aligned || p.kv_stride_block != p.page * p.kv_stride_slot || slots >= (int64_t{1} << 31))
+    throw std::invalid_argument("shared_prefix_decode: the caches' layout does not suit 128-row shared items");
+  const auto encode = tensor_map_encoder();
+  if (encode == nullptr)
+    throw std::invalid_argument("shared_prefix_decode: 128-row shared items need the driver's cuTensorMapEncodeTiled");
+  const CUtensorMapDataType type =
+      std::is_same_v<T, __nv_bfloat16> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  const cuuint64_t dims[3] = {static_cast<cuuint64_t>(D), static_cast<cuuint64_t>(p.num_kv_heads),
+                              static_cast<cuuint64_t>(slots)};
+  const cuuint64_t strides[2] = {static_cast<cuuint64_t>(p.kv_stride_head * bytes),
+                                 static_cast<cuuint64_t>(p.kv_stride_slot * bytes)};
+  const cuuint32_t box_dims[3] = {64, 1, static_cast<cuuint32_t>(box)};
+  const cuuint32_t element_strides[3] = {1, 1, 1};
+  KVMaps maps;
+  for (auto [map, cache] : {std::pair{&maps.k, p.k_cache}, std::pair{&maps.v, p.v_cache}})
+    if (encode(map, type, 3, const_cast<void*>(cache), dims, strides, box_dims, element_strides,
+               CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+               CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS)
+      throw std::runtime_error("shared_prefix_decode: encoding the caches' tensor maps");
+  return maps;
+}
+
+// A step with 128-row shared items: the own items in the partials kernel, the shared items in the
+// warp-specialized kernel as its programmatic dependent (their blocks start as the own items' free the
+// multiprocessors), then the merge.
+template <typename T, int D>
+void launch_warp_specialized(const DecodeParams& p, cudaStream_t stream) {
+  const KVMaps maps = encode_kv_maps<T, D>(p);
+  launch_partials<T, D, kWarps, false>(p, stream, true);
+  const int64_t items = static_cast<int64_t>(p.num_groups) * p.num_kv_heads * p.shared_tiles * p.shared_splits;
+  if (items > 0x7fffffff) throw std::invalid_argument("shared_prefix_decode: too many work items for one grid");
+  if (items > 0) {
+    constexpr int kSmem = kWsStages * 2 * kWsTileBytes<D> + 2 * kWsStages * sizeof(uint64_t) + 1024;
+    auto* kernel = shared_items_kernel<T, D>;
+    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem),
+          "shared_prefix_decode: raising the shared-memory limit");
+    launch_dependent(kernel, items, kWsThreads, kSmem, p, stream, "shared_prefix_decode: shared items kernel launch",
+                     p, maps);
+  }
+  launch_merge<T, D>(p, stream);
 }
 
 template <typename T, int D>
 void launch_rows(const DecodeParams& p, cudaStream_t stream) {
-  if (p.wgmma) return launch<T, D, 4, true>(p, stream);
+  if (p.shared_row_warps == 2 * kWarps) {
+    if constexpr (D == 128) return launch_warp_specialized<T, D>(p, stream);
+    throw std::invalid_argument("shared_prefix_decode: 128-row shared items need head_dim 128");
+  }
+  if (p.wgmma) {
+    if constexpr (D == 128)  // at D=64 three blocks fit a multiprocessor with 3 stages
+      if (p.blocks_per_sm == 3) return launch<T, D, 4, true, 2>(p, stream);
+    return launch<T, D, 4, true>(p, stream);
+  }
   switch (p.shared_row_warps) {
     case 1: return launch<T, D, 1, false>(p, stream);
     case 2: return launch<T, D, 2, false>(p, stream);
     case 4: return launch<T, D, 4, false>(p, stream);
   }
-  throw std::invalid_argument("shared_prefix_decode: shared_row_warps must be 1, 2 or 4");
+  throw std::invalid_argument("shared_prefix_decode: shared_row_warps must be 1, 2, 4 or 8");
 }
 
 template <typename T>
@@ -799,8 +1095,12 @@ void launch_shared_prefix_decode(const DecodeParams& p, cudaStream_t stream) {
     throw std::invalid_argument("shared_prefix_decode: bad split counts");
   if (16 * p.shared_row_warps < group)
     throw std::invalid_argument("shared_prefix_decode: a shared tile must hold a member's query heads");
-  if (p.wgmma && p.shared_row_warps != kWarps)
-    throw std::invalid_argument("shared_prefix_decode: wgmma shared items have 64 rows (shared_row_warps 4)");
+  if (p.wgmma ? p.shared_row_warps < kWarps : p.shared_row_warps > kWarps)
+    throw std::invalid_argument(
+        "shared_prefix_decode: wgmma shared items have 64 or 128 rows (shared_row_warps 4 or 8), mma.sync ones at "
+        "most 64");
+  if (p.blocks_per_sm != 2 && p.blocks_per_sm != 3)
+    throw std::invalid_argument("shared_prefix_decode: blocks_per_sm must be 2 or 3");
   if (p.batch == 0) return;
   if (p.dtype == DType::kBFloat16)
     launch_dim<__nv_bfloat16>(p, stream);

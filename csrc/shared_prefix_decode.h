@@ -16,6 +16,7 @@ struct DecodeParams {
   const void* q;        // (B, Hq, D)
   const void* k_cache;  // (num_blocks, page, Hkv, D)
   const void* v_cache;  // (num_blocks, page, Hkv, D), the same strides as k_cache
+  int64_t num_blocks;   // of the caches: the extent of the tensor maps that Hopper's copies read them through
   void* out;            // (B, Hq, D), contiguous
   float* part_out;      // (B, Hq, S, D), contiguous: one normalised partial output per KV split
   float* part_lse;      // (B, Hq, S), contiguous: its log-sum-exp, in base 2
@@ -38,7 +39,12 @@ struct DecodeParams {
   int shared_row_warps, shared_tiles, shared_splits, own_splits;
   int min_shared_chunk, min_own_chunk;
   // Shared items of 64 rows on Hopper's wgmma, where the kernels are built for sm_90a (elsewhere on mma.sync).
+  // shared_row_warps 8: shared items of 128 rows on the warp-specialized kernel (sm_90a only, head_dim 128, the
+  // caches' pages read whole by its tensor memory accelerator).
   bool wgmma;
+  // Partials blocks a multiprocessor holds with wgmma at D=128: 2 (3 pipeline stages) or 3 (2 stages, at most 168
+  // registers a thread); elsewhere 2 at D=128, 3 at D=64.
+  int blocks_per_sm;
   bool programmatic_merge;  // launch the merge as a programmatic dependent of the partials (sm_90 and newer)
   float scale_log2;  // softmax scale x log2(e): the kernels work in base 2
   DType dtype;

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from parrot_lc.engine.attention import DecodeLayout, device_properties, multiprocessors
+from parrot_lc.engine.attention import DecodeLayout, device_properties
 from parrot_lc.engine.triton_attention import TritonBackend
 
 try:
@@ -43,7 +43,27 @@ ONE_WAVE_MAX_CHUNK = 2048
 # allow 2 at D=128, 3 at D=64). A range is split so that the unsplit items become at most one such wave:
 # equal items past a whole wave would leave most SMs idle while the last ones run.
 RESIDENT_PER_SM = {64: 3, 128: 2}
+# With wgmma at D=128 the kernel has a variant of three resident blocks (2 pipeline stages, 168 registers a
+# thread), taken where the largest group has at least MANY_SHARED_ROWS query rows a KV head and those rows times the
+# longest range reach MANY_SHARED_ROW_TOKENS. Measured on the H100 (RESULTS.md, 2026-12-07), of the 18 cases it was
+# faster in those 6 (8 KV heads, 256 forks of a 16k prefix: 305 against 361 us; 32 KV heads, 256 forks of 16k:
+# 567 against 623) but one within 2%, and slower in most of the others (64 forks of a 1k prefix, 8 KV heads: 53.0
+# against 45.9 us), whose shared items fill fewer blocks than a wave.
+MANY_SHARED_ROWS = 256
+MANY_SHARED_ROW_TOKENS = 2**20
 OWN_KV_HEADS = 4  # KV heads of one sequence per own work item (one per warp)
+# Shared items of 128 query rows on the warp-specialized kernel (sm_90a, head dim 128: FlashAttention-3's
+# structure, a producer warp's tensor-memory copies of 128-token tiles read by two consumer warpgroups, one block
+# a multiprocessor), after the own items' partials kernel: taken where the largest group has at least 128 query
+# rows a KV head and KV heads x rows x the longest range reach WARP_SPECIALIZED_ROW_TOKENS (the shared items'
+# products dominate). Measured on the H100 (RESULTS.md, 2026-12-07 eighth session), of the 18 cases it was faster
+# in the 5 it takes (8 KV heads, 256 forks of a 16k prefix: 246 against 311 us for the three-block kernel), within
+# 2% of the faster kernel in those it leaves but one (32 KV heads, 64 forks of 4k: 136.5 against 139.0), and slower
+# where the shared items are few and short (8 KV heads, 64 forks of 1k: 50.6 against 44.8).
+WARP_SPECIALIZED_ROWS = 128
+WARP_SPECIALIZED_ROW_TOKENS = 2**25
+WARP_SPECIALIZED_TILE = 128  # tokens of a tile; a page holds whole tiles or a tile whole pages
+WARP_SPECIALIZED_MAX_BOXES = 32  # copies of a tile (K and V, 64 head dims, a page each): one a producer lane
 
 
 def available() -> bool:
@@ -67,15 +87,32 @@ def unsupported(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -
     return None
 
 
+def warp_specialized_unsupported(q: torch.Tensor, k_cache: torch.Tensor) -> str | None:
+    """Why the warp-specialized kernel cannot take shared items of q (B, Hq, D) over this cache, or None."""
+    head_dim, page = q.shape[2], k_cache.shape[1]
+    properties = device_properties(q.device)
+    if (properties.major, properties.minor) != (9, 0):
+        return "the warp-specialized kernel needs a Hopper GPU (sm_90)"
+    if head_dim != 128:
+        return f"the warp-specialized kernel takes head dim 128, got {head_dim}"
+    tile = WARP_SPECIALIZED_TILE
+    boxes = 2 * head_dim // 64 * (tile // min(page, tile))
+    if (page % tile and tile % page) or boxes > WARP_SPECIALIZED_MAX_BOXES:
+        return (f"the warp-specialized kernel copies {tile}-token tiles in whole pages of 16 to {tile} tokens (or "
+                f"multiples of {tile}), got {page}")
+    if k_cache.stride(0) != page * k_cache.stride(1):
+        return "the warp-specialized kernel reads a cache whose pages are contiguous slots"
+    return None
+
+
 class CudaBackend(TritonBackend):
     """The Triton backend with decode steps that share prefixes in the CUDA kernel (csrc/), where the model's
-    shapes allow it. Over benchmarks/kernel_shared_prefix.py's 18 cases (H100, 2026-12-06 fifth session,
-    RESULTS.md) it was faster than the Triton kernel's pick in 15; the Triton one was ahead by 2.5 and 4.6 us
-    with 16 forks of a 4k and a 16k prefix (8 KV heads; 2.6 and 4.9 in the fourth session) and by 0.4 us with 64
-    forks of a 1k prefix (32 KV heads), which no rule routes to it (a step's layout knows its graph's longest
-    context, not its prefix's length). In decode steps without
-    groups (benchmarks/engine_decode.py, H100) the Triton kernel was faster at batch 1 and 64. `auto` takes this
-    backend where the extension is built (attention.select_backend)."""
+    shapes allow it. Over benchmarks/kernel_shared_prefix.py's 18 cases (H100, 2026-12-07 eighth session,
+    RESULTS.md) it was faster than the Triton kernel's pick in 14; the Triton one was ahead by 2.4 and 4.4 us with
+    16 forks of a 4k and a 16k prefix (8 KV heads) and by 0.1 us in two others, which no rule routes to it (a step's
+    layout knows its graph's longest context, not its prefix's length). In decode steps without groups
+    (benchmarks/engine_decode.py, H100) the Triton kernel was faster at batch 1 and 64. `auto` takes this backend
+    where the extension is built (attention.select_backend)."""
 
     name = "cuda"
 
@@ -91,9 +128,11 @@ class Plan:
     lengths): a shared item holds 16 x row_warps query rows (members x query heads of one KV head), each group
     has shared_tiles of them per KV head, and each KV range is cut into shared_splits (own_splits) parts of whole
     tiles, at least min_shared_chunk (min_own_chunk) tokens each, from the step's lengths. wgmma: shared items
-    (of 64 rows: row_warps 4) on Hopper's wgmma where the extension is built for sm_90a (elsewhere mma.sync).
-    programmatic_merge launches the merge as a programmatic dependent of the partials (Hopper), so that its
-    launch overlaps them."""
+    (of 64 rows: row_warps 4) on Hopper's wgmma where the extension is built for sm_90a (elsewhere mma.sync), with
+    blocks_per_sm resident partials blocks (3: the wgmma kernel of 2 pipeline stages at D=128; the splits are
+    planned for that many). row_warps 8: shared items of 128 rows on the warp-specialized kernel (with wgmma; Hopper,
+    warp_specialized_unsupported), one a multiprocessor, after the own items. programmatic_merge launches the merge
+    as a programmatic dependent of the partials (Hopper), so that its launch overlaps them."""
 
     row_warps: int
     shared_tiles: int
@@ -102,6 +141,7 @@ class Plan:
     min_shared_chunk: int = MIN_SHARED_CHUNK
     min_own_chunk: int = MIN_OWN_CHUNK
     wgmma: bool = False
+    blocks_per_sm: int = 2
     programmatic_merge: bool = False
 
 
@@ -111,14 +151,32 @@ def _splits(items: int, max_context: int, min_chunk: int, slots: int) -> int:
     return max(1, min(slots // items, math.ceil(max_context / min_chunk)))
 
 
-def plan(q: torch.Tensor, k_cache: torch.Tensor, layout: DecodeLayout) -> Plan:
-    """The launch's plan for q (B, Hq, D) over a cache of k_cache's shape and the layout's grid sizes."""
+def plan(q: torch.Tensor, k_cache: torch.Tensor, layout: DecodeLayout, blocks_per_sm: int | None = None,
+         warp_specialized: bool | None = None) -> Plan:
+    """The launch's plan for q (B, Hq, D) over a cache of k_cache's shape and the layout's grid sizes;
+    `blocks_per_sm` overrides the choice of the three-block wgmma kernel (2 or 3), `warp_specialized` that of
+    128-row shared items (ValueError where they cannot run), for measurements."""
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
-    slots = RESIDENT_PER_SM[head_dim] * multiprocessors(q.device)
+    rows = layout.max_group * group  # of the largest group, a KV head
+    if warp_specialized is None:
+        warp_specialized = (rows >= WARP_SPECIALIZED_ROWS
+                            and num_kv_heads * rows * layout.max_context >= WARP_SPECIALIZED_ROW_TOKENS
+                            and not warp_specialized_unsupported(q, k_cache))
+    elif warp_specialized and (reason := warp_specialized_unsupported(q, k_cache)):
+        raise ValueError(reason)
+    if warp_specialized:
+        return _warp_specialized_plan(q, k_cache, layout)
     # A shared item holds 16, 32 or 64 query rows (members x G heads): just enough for the largest group.
-    row_warps = 1 if layout.max_group * group <= 16 else 2 if layout.max_group * group <= 32 else 4
+    row_warps = 1 if rows <= 16 else 2 if rows <= 32 else 4
+    properties = device_properties(q.device)
+    capability = properties.major, properties.minor
+    wgmma = capability == (9, 0) and row_warps == 4
+    if blocks_per_sm is None:
+        many_rows = rows >= MANY_SHARED_ROWS and rows * layout.max_context >= MANY_SHARED_ROW_TOKENS
+        blocks_per_sm = 3 if wgmma and head_dim == 128 and many_rows else RESIDENT_PER_SM[head_dim]
+    slots = blocks_per_sm * properties.multi_processor_count
     members_per_tile = 16 * row_warps // group
     shared_tiles = math.ceil(layout.max_group / members_per_tile)
     shared_items = layout.num_groups * num_kv_heads * shared_tiles
@@ -133,10 +191,23 @@ def plan(q: torch.Tensor, k_cache: torch.Tensor, layout: DecodeLayout) -> Plan:
         own_splits = _splits(own_items, layout.max_context, MIN_OWN_CHUNK, slots)
         min_shared_chunk = MIN_SHARED_CHUNK
         shared_splits = _splits(shared_items, layout.max_context, min_shared_chunk, slots) if shared_items else 0
-    properties = device_properties(q.device)
-    capability = properties.major, properties.minor
-    return Plan(row_warps, shared_tiles, shared_splits, own_splits, min_shared_chunk=min_shared_chunk,
-                wgmma=capability == (9, 0) and row_warps == 4, programmatic_merge=capability >= (9, 0))
+    return Plan(row_warps, shared_tiles, shared_splits, own_splits, min_shared_chunk=min_shared_chunk, wgmma=wgmma,
+                blocks_per_sm=blocks_per_sm, programmatic_merge=capability >= (9, 0))
+
+
+def _warp_specialized_plan(q: torch.Tensor, k_cache: torch.Tensor, layout: DecodeLayout) -> Plan:
+    """128-row shared items, split to fill one wave of one block a multiprocessor; the own items before them split
+    to fill a wave of their kernel."""
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    multiprocessors = device_properties(q.device).multi_processor_count
+    shared_tiles = math.ceil(layout.max_group / (WARP_SPECIALIZED_ROWS // (num_heads // num_kv_heads)))
+    shared_items = layout.num_groups * num_kv_heads * shared_tiles
+    own_items = max(batch * math.ceil(num_kv_heads / OWN_KV_HEADS), 1)
+    own_splits = _splits(own_items, layout.max_context, MIN_OWN_CHUNK, RESIDENT_PER_SM[head_dim] * multiprocessors)
+    shared_splits = _splits(shared_items, layout.max_context, MIN_SHARED_CHUNK, multiprocessors) if shared_items else 0
+    return Plan(WARP_SPECIALIZED_ROWS // 16, shared_tiles, shared_splits, own_splits, wgmma=True,
+                blocks_per_sm=RESIDENT_PER_SM[head_dim], programmatic_merge=True)
 
 
 def cuda_decode_attention(
@@ -170,6 +241,6 @@ def cuda_decode_attention(
         layout.group_ptr, layout.group_rows, layout.group_tables, layout.group_lens,
         part_out, part_lse, out, scale,
         launch.row_warps, launch.shared_tiles, launch.shared_splits, launch.own_splits,
-        launch.min_shared_chunk, launch.min_own_chunk, launch.wgmma, launch.programmatic_merge,
+        launch.min_shared_chunk, launch.min_own_chunk, launch.wgmma, launch.blocks_per_sm, launch.programmatic_merge,
     )
     return out

@@ -22,20 +22,35 @@ from parrot_lc.engine.triton_decode import CONFIGS, decode_attention
 pytestmark = GPU
 
 
-def cuda_wgmma(q, k_cache, v_cache, layout, scale):
-    """The CUDA kernel with every shared item of 64 rows on wgmma (where built for sm_90a), whatever the sizes."""
+def cuda_wgmma(q, k_cache, v_cache, layout, scale, blocks_per_sm=2):
+    """The CUDA kernel with every shared item of 64 rows on wgmma (where built for sm_90a), whatever the sizes, in
+    its kernel of `blocks_per_sm` resident blocks."""
     group = q.shape[1] // k_cache.shape[2]
-    launch = dataclasses.replace(cuda_attention.plan(q, k_cache, layout), row_warps=4, wgmma=True,
+    picked = cuda_attention.plan(q, k_cache, layout, blocks_per_sm=blocks_per_sm, warp_specialized=False)
+    launch = dataclasses.replace(picked, row_warps=4, wgmma=True,
                                  shared_tiles=math.ceil(layout.max_group / (64 // group)))
     return cuda_attention.cuda_decode_attention(q, k_cache, v_cache, layout, scale, launch=launch)
 
 
-# The CUDA kernel in the plan it picks and with wgmma shared items; the Triton kernel in the config it picks, and
+def cuda_warp_specialized(q, k_cache, v_cache, layout, scale):
+    """The CUDA kernel with every shared item of 128 rows on the warp-specialized kernel, whatever the sizes, where
+    it can run (Hopper, head dim 128, pages of 16 tokens or more)."""
+    reason = cuda_attention.warp_specialized_unsupported(q, k_cache)
+    if reason:
+        pytest.skip(reason)
+    launch = cuda_attention.plan(q, k_cache, layout, warp_specialized=True)
+    return cuda_attention.cuda_decode_attention(q, k_cache, v_cache, layout, scale, launch=launch)
+
+
+# The CUDA kernel in the plan it picks, with wgmma shared items (in both of its kernels: 2 and 3 blocks a
+# multiprocessor) and with 128-row warp-specialized ones; the Triton kernel in the config it picks, and
 # in its 128-row config (the one for large GQA groups, picked only where a group has more than 64 query rows a
 # KV head).
-KERNELS = {"cuda": cuda_attention.cuda_decode_attention, "cuda_wgmma": cuda_wgmma, "triton": decode_attention,
-           "triton_rows128": functools.partial(decode_attention, config=CONFIGS["rows128"])}
-CUDA_KERNELS = (cuda_attention.cuda_decode_attention, cuda_wgmma)
+cuda_wgmma_3_blocks = functools.partial(cuda_wgmma, blocks_per_sm=3)
+KERNELS = {"cuda": cuda_attention.cuda_decode_attention, "cuda_wgmma": cuda_wgmma,
+           "cuda_wgmma_3_blocks": cuda_wgmma_3_blocks, "cuda_warp_specialized": cuda_warp_specialized,
+           "triton": decode_attention, "triton_rows128": functools.partial(decode_attention, config=CONFIGS["rows128"])}
+CUDA_KERNELS = (cuda_attention.cuda_decode_attention, cuda_wgmma, cuda_wgmma_3_blocks, cuda_warp_specialized)
 
 
 @pytest.fixture(params=KERNELS)
@@ -75,6 +90,25 @@ TREES = {
 def test_tree_shapes_and_page_sizes(kernel, tree, page):
     groups, loose, padding = TREES[tree]
     check(kernel, *cuda_batch(groups, loose, padding, page=page))
+
+
+@pytest.mark.parametrize("page", [64, 128])
+def test_pages_of_whole_tiles(kernel, page):
+    # A tile is a page (or half of one): the wgmma items copy it in one box a K or V half.
+    check(kernel, *cuda_batch([(256, [5, 17, 130]), (128, [64])], [3, 200], 1, page=page))
+
+
+def test_a_prefix_ending_inside_a_page_reads_no_slot_past_its_end(kernel):
+    # The group's last page is read in one box up to its end; its slots past the prefix's 56 tokens are NaN.
+    q, k_cache, v_cache, layout = cuda_batch([(64, [0] * 5)], [30], poison=False)
+    last_block = int(layout.group_tables[0, 3])
+    k_cache[last_block, 8:] = float("nan")
+    v_cache[last_block, 8:] = float("nan")
+    members = layout.group_rows.long()
+    layout.group_lens.fill_(56)
+    layout.shared_lens[members] = 56
+    layout.context_lens[members] = 56
+    check(kernel, q, k_cache, v_cache, layout)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -160,16 +194,20 @@ PLANS = {
 }
 
 
+@pytest.mark.parametrize("warp_specialized", [False, True])
 @pytest.mark.parametrize("change", PLANS)
 @pytest.mark.parametrize("num_kv_heads", [8, 32])
-def test_cuda_kernel_plans_compute_the_same_attention(change, num_kv_heads):
+def test_cuda_kernel_plans_compute_the_same_attention(change, num_kv_heads, warp_specialized):
     if not cuda_attention.available():
         pytest.skip("needs parrot_lc._cuda")
     if PLANS[change].get("programmatic_merge") and torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("programmatic dependent launches need sm_90 or newer")
     groups, loose, padding = TREES["three_groups"]
     q, k_cache, v_cache, layout = cuda_batch(groups, loose, padding, num_kv_heads=num_kv_heads)
-    launch = dataclasses.replace(cuda_attention.plan(q, k_cache, layout), **PLANS[change])
+    if warp_specialized and (reason := cuda_attention.warp_specialized_unsupported(q, k_cache)):
+        pytest.skip(reason)
+    picked = cuda_attention.plan(q, k_cache, layout, warp_specialized=warp_specialized)
+    launch = dataclasses.replace(picked, **PLANS[change])
     check(functools.partial(cuda_attention.cuda_decode_attention, launch=launch), q, k_cache, v_cache, layout)
 
 

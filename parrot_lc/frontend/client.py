@@ -159,12 +159,12 @@ class ParrotClient(_ClientBase):
 
     def tokenize(self, prompt: str | None = None, *, messages: list[MessageDict] | None = None,
                  model: str | None = None, add_special_tokens: bool = True,
-                 add_generation_prompt: bool = True) -> list[int]:
-        """The token ids of `prompt`, or of `messages` rendered with the model's chat template (ending with the
-        start of the assistant's turn unless `add_generation_prompt` is false), as the server's completions
-        tokenize them: with the tokenizer's own special tokens (a BOS) unless `add_special_tokens` is false
-        (`POST /tokenize`)."""
-        return self._drive(tokenize_steps(prompt, messages, model, add_special_tokens, add_generation_prompt))
+                 add_generation_prompt: bool = True, tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """The token ids of `prompt`, or of `messages` rendered with the model's chat template (with `tools`,
+        OpenAI's tool definitions, as a chat request's are; ending with the start of the assistant's turn unless
+        `add_generation_prompt` is false), as the server's completions tokenize them: with the tokenizer's own
+        special tokens (a BOS) unless `add_special_tokens` is false (`POST /tokenize`)."""
+        return self._drive(tokenize_steps(prompt, messages, model, add_special_tokens, add_generation_prompt, tools))
 
     def detokenize(self, tokens: list[int], *, model: str | None = None) -> str:
         """The text of token ids, special tokens written out (`POST /detokenize`)."""
@@ -271,9 +271,10 @@ class AsyncParrotClient(_ClientBase):
 
     async def tokenize(self, prompt: str | None = None, *, messages: list[MessageDict] | None = None,
                        model: str | None = None, add_special_tokens: bool = True,
-                       add_generation_prompt: bool = True) -> list[int]:
+                       add_generation_prompt: bool = True, tools: list[dict[str, Any]] | None = None) -> list[int]:
         """See `ParrotClient.tokenize`."""
-        return await self._drive(tokenize_steps(prompt, messages, model, add_special_tokens, add_generation_prompt))
+        return await self._drive(tokenize_steps(prompt, messages, model, add_special_tokens, add_generation_prompt,
+                                                tools))
 
     async def detokenize(self, tokens: list[int], *, model: str | None = None) -> str:
         """See `ParrotClient.detokenize`."""

@@ -11,8 +11,10 @@ from parrot_lc.frontend.completions import MessageDict
 
 
 def tokenize_steps(prompt: str | None, messages: list[MessageDict] | None, model: str | None,
-                   add_special_tokens: bool, add_generation_prompt: bool) -> Steps[list[int]]:
-    """The token ids of `prompt`, or of `messages` rendered with the chat template (one of them is given)."""
+                   add_special_tokens: bool, add_generation_prompt: bool,
+                   tools: list[dict[str, Any]] | None = None) -> Steps[list[int]]:
+    """The token ids of `prompt`, or of `messages` (with `tools`, OpenAI's definitions) rendered with the chat
+    template (one of them is given)."""
     if (prompt is None) == (messages is None):
         raise TypeError("tokenize() takes a prompt or messages")
     body: dict[str, Any] = {"add_special_tokens": add_special_tokens}
@@ -20,6 +22,8 @@ def tokenize_steps(prompt: str | None, messages: list[MessageDict] | None, model
         body["prompt"] = prompt
     else:
         body.update(messages=messages, add_generation_prompt=add_generation_prompt)
+        if tools:
+            body["tools"] = tools
     if model:
         body["model"] = model
     [reply] = yield [ApiRequest("POST", "/tokenize", json=body)]

@@ -126,10 +126,12 @@ def openai_router(manager: ParrotManager, model_name: str, client_of: Callable[.
                 return {**head, "object": shape.kind, "choices": choices, "usage": usage(completion)}
 
             return await unless_disconnected(request, whole())
-        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        options = body.stream_options
+        include_usage = options is not None and options.include_usage
+        continuous = include_usage and options.continuous_usage_stats
         # Submitted before the response starts, so that a refusal (429) is still an HTTP status.
         completion = manager.start_completion(prompts, body.n, client)
-        return CompletionStream(stream_events(completion, head, shape, include_usage), manager, completion)
+        return CompletionStream(stream_events(completion, head, shape, include_usage, continuous), manager, completion)
 
     return router
 
@@ -208,19 +210,21 @@ def check_model(served: list[str], name: str | None) -> None:
 
 
 async def stream_events(
-    completion: Completion, head: dict, shape: Choices, include_usage: bool
+    completion: Completion, head: dict, shape: Choices, include_usage: bool, continuous_usage: bool = False
 ) -> AsyncIterator[str]:
     """The server-sent events of a streamed completion: each choice's deltas as they come (with the
     log-probabilities of the tokens generated since its last chunk), then each choice's finish and stop reasons,
-    then usage if asked; a call that fails ends the stream with an error event (the status, 200, is sent)."""
+    then usage if asked (`continuous_usage`: in every chunk too, as far as the request has gone, as vLLM's
+    `continuous_usage_stats`); a call that fails ends the stream with an error event (the status, 200, is sent)."""
     count = len(completion.calls)
     started = [False] * count  # a choice's first chunk (or its echoed prompt) is sent
     sent = [0] * count  # log-probabilities of a choice's tokens sent so far
     plain: dict[int, DeltaEvents] = {}  # a choice's next delta without log-probabilities, encoded once
 
     def chunk(choices: list[dict]) -> dict:
-        # with include_usage, every chunk has a usage: null but the last (OpenAI's stream)
-        return {**head, "object": shape.chunk_kind, "choices": choices, **({"usage": None} if include_usage else {})}
+        # with include_usage, every chunk has a usage: null but the last (OpenAI's stream), or the usage so far
+        so_far = usage(completion) if continuous_usage else None
+        return {**head, "object": shape.chunk_kind, "choices": choices, **({"usage": so_far} if include_usage else {})}
 
     def event(index: int, fields: dict | None, finish_reason: str | None = None,
               stop_reason: str | int | None = None) -> str:
@@ -241,7 +245,7 @@ async def stream_events(
             index, shape.delta(index, text, opening is None, new_logprobs(index)))
 
     def next_delta(index: int, text: str) -> str:
-        if not shape.plain:
+        if not shape.plain or continuous_usage:  # a delta's usage differs from chunk to chunk: no shared encoding
             return event(index, shape.delta(index, text, False, new_logprobs(index)))
         if index not in plain:
             plain[index] = DeltaEvents(lambda text: chunk([{"index": index, **shape.delta(index, text, False, []),

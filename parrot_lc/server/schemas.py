@@ -402,7 +402,9 @@ def not_supported(field: str, message: str) -> PydanticCustomError:
 
 
 class StreamOptions(RequestModel):
-    include_usage: bool = False
+    include_usage: bool = Field(False, description="a last chunk with the request's usage")
+    continuous_usage_stats: bool = Field(False, description="with include_usage, every chunk carries the usage so "
+                                         "far (vLLM's extension)")
 
 
 class JSONSchemaFormat(RequestModel):

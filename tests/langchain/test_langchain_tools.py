@@ -107,6 +107,13 @@ def test_a_forced_call_comes_back_as_a_tool_call_with_usage(chat):
             assert call["name"] == "get_time" and call["args"] == {}
 
 
+def test_messages_with_tools_count_as_the_reply_with_those_tools_counts_them(chat):
+    messages = [HumanMessage("Weather?")]
+    counted = chat.get_num_tokens_from_messages(messages, tools=[get_weather, get_time])
+    reply = chat.bind_tools([get_weather, get_time]).invoke(messages, max_tokens=1)
+    assert counted == reply.usage_metadata["input_tokens"] > chat.get_num_tokens_from_messages(messages)
+
+
 def test_a_named_choice_calls_that_tool(chat):
     reply = chat.bind_tools([get_weather, get_time], tool_choice="get_weather").invoke("Weather?")
     [call] = reply.tool_calls

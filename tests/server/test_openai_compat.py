@@ -242,6 +242,17 @@ def test_with_include_usage_every_chunk_has_a_null_usage_but_the_last(client):
     assert chunks[-1]["usage"]["completion_tokens"] == 3
 
 
+def test_with_continuous_usage_stats_every_chunk_has_the_usage_so_far(client):
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    body = {**CHAT, "max_tokens": 3, "stream": True, "stream_options": options}
+    with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        chunks = [json.loads(line[6:]) for line in response.iter_lines()
+                  if line.startswith("data: ") and line != "data: [DONE]"]
+    generated = [chunk["usage"]["completion_tokens"] for chunk in chunks]
+    assert all(chunk["usage"]["prompt_tokens"] > 0 for chunk in chunks)
+    assert generated == sorted(generated) and generated[-1] == 3 and generated[1] < 3
+
+
 def test_the_model_card_has_vllms_fields(client):
     card = client.get("/v1/models").json()["data"][0]
     assert card["root"] == "tiny" and card["parent"] is None and card["max_model_len"] > 0 and card["created"] > 0

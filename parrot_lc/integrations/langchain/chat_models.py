@@ -164,10 +164,12 @@ class ChatParrot(ParrotParams, BaseChatModel):
         return "parrot-chat"
 
     def get_num_tokens_from_messages(self, messages: list[BaseMessage], tools: Sequence[Any] | None = None) -> int:
-        """The tokens of the prompt the server makes of `messages` (rendered with the chat template, ending with
-        the start of the assistant's turn): a reply's `input_tokens` without tools (`tools` are not counted)."""
+        """The tokens of the prompt the server makes of `messages` (rendered with the chat template, with `tools`,
+        anything `bind_tools` takes, ending with the start of the assistant's turn): a reply's `input_tokens`."""
         messages = self._known(messages, "ChatParrot.get_num_tokens_from_messages")
-        return len(self.parrot_client().tokenize(messages=_chat_messages(messages), model=self._requested_model()))
+        formatted = [convert_to_openai_tool(tool) for tool in tools or []]
+        return len(self.parrot_client().tokenize(messages=_chat_messages(messages), model=self._requested_model(),
+                                                 tools=formatted))
 
     # ---- tools and structured output -------------------------------------------------------------------
 

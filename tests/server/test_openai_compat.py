@@ -248,9 +248,10 @@ def test_with_continuous_usage_stats_every_chunk_has_the_usage_so_far(client):
     with client.stream("POST", "/v1/chat/completions", json=body) as response:
         chunks = [json.loads(line[6:]) for line in response.iter_lines()
                   if line.startswith("data: ") and line != "data: [DONE]"]
+    # How many tokens a chunk carries depends on timing (a loaded server sends several at once): the counts only grow.
     generated = [chunk["usage"]["completion_tokens"] for chunk in chunks]
     assert all(chunk["usage"]["prompt_tokens"] > 0 for chunk in chunks)
-    assert generated == sorted(generated) and generated[-1] == 3 and generated[1] < 3
+    assert generated == sorted(generated) and generated[-1] == 3
 
 
 def test_the_model_card_has_vllms_fields(client):

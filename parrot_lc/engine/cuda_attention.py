@@ -52,6 +52,11 @@ RESIDENT_PER_SM = {64: 3, 128: 2}
 MANY_SHARED_ROWS = 256
 MANY_SHARED_ROW_TOKENS = 2**20
 OWN_KV_HEADS = 4  # KV heads of one sequence per own work item (one per warp)
+# Steps of small groups with GQA go to the Triton kernel (small_gqa_groups): measured on the H100 (RESULTS.md, eighth
+# session), 8 KV heads, 16 forks (64 query rows a KV head): Triton's pick 25.3 / 30.2 / 54.6 us against 25.4 / 32.6 /
+# 59.0 for the CUDA kernel's at 1k / 4k / 16k prefixes; with 32 KV heads (no GQA) the CUDA kernel was ahead.
+SMALL_GROUPS_MIN_GQA_RATIO = 4
+SMALL_GROUPS_MAX_ROWS = 64
 # Shared items of 128 query rows on the warp-specialized kernel (sm_90a, head dim 128: FlashAttention-3's
 # structure, a producer warp's tensor-memory copies of 128-token tiles read by two consumer warpgroups, one block
 # a multiprocessor), after the own items' partials kernel: taken where the largest group has at least 128 query
@@ -105,19 +110,28 @@ def warp_specialized_unsupported(q: torch.Tensor, k_cache: torch.Tensor) -> str 
     return None
 
 
+def small_gqa_groups(q: torch.Tensor, k_cache: torch.Tensor, layout: DecodeLayout) -> bool:
+    """Whether a step's groups are small and its GQA ratio large (at least SMALL_GROUPS_MIN_GQA_RATIO query heads a
+    KV head, at most SMALL_GROUPS_MAX_ROWS query rows a KV head in its largest group): the steps that the Triton
+    kernel's pick takes faster than this one's."""
+    group = q.shape[1] // k_cache.shape[2]
+    return group >= SMALL_GROUPS_MIN_GQA_RATIO and layout.max_group * group <= SMALL_GROUPS_MAX_ROWS
+
+
 class CudaBackend(TritonBackend):
     """The Triton backend with decode steps that share prefixes in the CUDA kernel (csrc/), where the model's
-    shapes allow it. Over benchmarks/kernel_shared_prefix.py's 18 cases (H100, 2026-12-07 eighth session,
-    RESULTS.md) it was faster than the Triton kernel's pick in 14; the Triton one was ahead by 2.4 and 4.4 us with
-    16 forks of a 4k and a 16k prefix (8 KV heads) and by 0.1 us in two others, which no rule routes to it (a step's
-    layout knows its graph's longest context, not its prefix's length). In decode steps without groups
-    (benchmarks/engine_decode.py, H100) the Triton kernel was faster at batch 1 and 64. `auto` takes this backend
-    where the extension is built (attention.select_backend)."""
+    shapes allow it, except steps of small groups with GQA (small_gqa_groups). Over
+    benchmarks/kernel_shared_prefix.py's 18 cases (H100, 2026-12-07 eighth session, RESULTS.md) the CUDA kernel was
+    faster than the Triton kernel's pick in 14; the Triton one was ahead by 2.4 and 4.4 us with 16 forks of a 4k and
+    a 16k prefix (8 KV heads: 64 query rows a KV head; 0.1 us behind at 1k), which small_gqa_groups now routes to
+    it, and by 0.1 us in one other. In decode steps without groups (benchmarks/engine_decode.py, H100) the Triton
+    kernel was faster at batch 1 and 64. `auto` takes this backend where the extension is built
+    (attention.select_backend)."""
 
     name = "cuda"
 
     def decode(self, q, k_cache, v_cache, layout, scale):
-        if layout.num_groups == 0 or unsupported(q, k_cache, v_cache):
+        if layout.num_groups == 0 or unsupported(q, k_cache, v_cache) or small_gqa_groups(q, k_cache, layout):
             return super().decode(q, k_cache, v_cache, layout, scale)
         return cuda_decode_attention(q, k_cache, v_cache, layout, scale)
 

@@ -38,8 +38,9 @@ class EngineSettings(BaseSettings):
     )
     cpu_weight_format: CpuWeightFormat = Field(
         "auto", description="how a float32 model on a CPU holds its linear layers' weights (engine/cpu_weights.py); "
-        "`auto`, by the CPU's features: bfloat16 with AMX or AVX512-BF16, else float16 with F16C (AVX2: float32's "
-        "answers, half the bytes a decode step reads), else float32"
+        "`auto`, by the CPU's features: float16 with F16C (every AVX2 CPU: float32's answers, whatever a request is "
+        "batched with, half the bytes a decode step reads), else float32; bfloat16 only when named (faster products "
+        "with AMX, but answers that depend on the batch)"
     )
     block_size: int = Field(16, ge=1, description="tokens per KV cache block")
     kv_cache_bytes: int | None = Field(

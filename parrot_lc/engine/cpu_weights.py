@@ -22,8 +22,12 @@ Intel Xeon with AMX (../shared/REFERENCE.md): bfloat16 28 / 21 ms at 1 / 8 rows 
 `float16` computes the same values at one row and at several (up to float32's order of sums: the kernel's at one
 or two rows, FBGEMM's past them), so a request's answer does not depend on what it is batched with, and float16's 11-bit mantissa keeps float32's answers: SmolLM2's
 greedy answers to the README's questions and the benchmark's prompts came out identical, where bfloat16 changed 3
-of 11 within 48 tokens and int8 8 of 11. `auto` is `bfloat16` where the CPU has AMX or AVX512-BF16, `float16` on
-other x86 CPUs with F16C (every AVX2 one), `float32` elsewhere. Only float32 models on a CPU use these formats.
+of 11 within 48 tokens and int8 8 of 11. `auto` is `float16` on x86 CPUs with F16C (every AVX2 one), `float32`
+elsewhere, and never `bfloat16`, even where AMX or AVX512-BF16 would multiply it faster: oneDNN's bfloat16 products
+round differently by the number of rows, so a request's greedy answer changes with what it is batched with, and a
+deferred run's answers with them (the README's main job on an AMD EPYC with AVX512-BF16: bfloat16 gave a summary other
+than the eager run's, in 7.8 s; float16 the same summary, in 5.1 s). Only float32 models on a CPU use these
+formats.
 """
 
 from __future__ import annotations
@@ -50,11 +54,6 @@ class CpuFeatures:
     flags: frozenset[str]
 
     @property
-    def matrix_bf16(self) -> bool:
-        """Whether bfloat16 products run on units that make them faster than float32's (AMX, AVX512-BF16)."""
-        return bool({"amx_bf16", "avx512_bf16"} & self.flags)
-
-    @property
     def f16c(self) -> bool:
         """Whether float16 converts in hardware (every AVX2 CPU; /proc/cpuinfo's flag, else torch's capability)."""
         return "f16c" in self.flags or self.capability.startswith("AVX")
@@ -79,8 +78,6 @@ def choose_weight_format(setting: CpuWeightFormat, features: CpuFeatures) -> str
     """The format a setting means on a CPU of these features (`auto`: see the module's docstring)."""
     if setting != "auto":
         return setting
-    if features.matrix_bf16:
-        return "bfloat16"
     return "float16" if features.f16c else "float32"
 
 

@@ -48,6 +48,16 @@ def test_invoke_reports_usage_finish_reason_and_model(chat):
     assert reply.response_metadata["model_name"] == "tiny"
 
 
+def test_generate_sums_the_chats_token_usage_in_llm_output_as_chatopenai_does(chat):
+    """LangChain's base class leaves `generate(...).llm_output` empty; ChatOpenAI's sums the replies' usage."""
+    result = chat.generate([[HumanMessage("Hi")], [HumanMessage("Hello there")]])
+    usages = [generations[0].message.usage_metadata for generations in result.generations]
+    assert result.llm_output["model_name"] == "tiny"
+    assert result.llm_output["token_usage"]["prompt_tokens"] == sum(u["input_tokens"] for u in usages)
+    assert result.llm_output["token_usage"]["completion_tokens"] == sum(u["output_tokens"] for u in usages)
+    assert result.llm_output["token_usage"]["total_tokens"] == sum(u["total_tokens"] for u in usages)
+
+
 def test_usage_counts_the_prompt_tokens_read_from_the_servers_cache(chat):
     """As ChatOpenAI reports OpenAI's cached tokens: `input_token_details.cache_read`, whole and streamed."""
     messages = [SystemMessage("You answer questions about parrots, briefly. " * 4), HumanMessage("Hi")]

@@ -11,10 +11,11 @@ import pytest
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.outputs import LLMResult
 from langchain_core.output_parsers import CommaSeparatedListOutputParser, StrOutputParser
-from langchain_core.prompts import PromptTemplate
+from langchain_core.prompts import ChatPromptTemplate, PromptTemplate
 from langchain_core.runnables import RunnableLambda, RunnableParallel
 from langchain_text_splitters import RecursiveCharacterTextSplitter
 
+from conftest import free_port
 from parrot_lc import ChatParrot, ParrotLLM
 from parrot_lc.integrations.langchain import deferred
 
@@ -179,3 +180,14 @@ def test_the_server_session_of_a_deferred_run_is_deleted(llm, local_server):
     sessions = len(local_server.manager.sessions)
     deferred(PromptTemplate.from_template("Hi {x}") | llm).invoke({"x": "there"})
     assert len(local_server.manager.sessions) == sessions
+
+
+def test_a_fallback_for_a_chat_model_whose_server_is_down_gives_the_eager_answer(parrot_server):
+    # the first model's server is down: its call runs at once and fails, the fallback's runs at once (another
+    # server); the run opened no session on the first's server, so its end must not ask that server for a graph
+    down = ChatParrot(base_url=f"http://127.0.0.1:{free_port()}", max_tokens=4, temperature=0, max_retries=0)
+    chat = ChatParrot(base_url=parrot_server, max_tokens=4, temperature=0)
+    chain = ChatPromptTemplate.from_messages([("human", "Hi {x}")]) | down.with_fallbacks([chat]) | StrOutputParser()
+    runnable = deferred(chain)
+    assert runnable.invoke({"x": "there"}) == chain.invoke({"x": "there"})
+    assert runnable.last_run.graph == []

@@ -131,7 +131,9 @@ class Trace:
             except ParrotError:
                 if not each:
                     raise
-        if self._session is not None:
+        if self._session is not None and self._session.session_id is not None:
+            # only a session that was opened has a graph: asking another's status would open it, on the server of a
+            # model that may have made no call (one down, whose calls a fallback made at once)
             self.run.graph = self._session.status()["graph"]
         return result
 

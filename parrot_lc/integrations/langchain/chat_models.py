@@ -163,6 +163,17 @@ class ChatParrot(ParrotParams, BaseChatModel):
     def _llm_type(self) -> str:
         return "parrot-chat"
 
+    def _combine_llm_outputs(self, llm_outputs: list[dict[str, Any] | None]) -> dict[str, Any]:
+        """`generate`'s `llm_output` for its chats: their `token_usage` summed and the model, as ChatOpenAI's
+        (LangChain's base class gives `{}`). Streamed and deferred replies have none to add."""
+        usage: dict[str, int] = {}
+        model = None
+        for output in llm_outputs:
+            for key, count in ((output or {}).get("token_usage") or {}).items():
+                usage[key] = usage.get(key, 0) + count
+            model = model or (output or {}).get("model_name")
+        return {"token_usage": usage, "model_name": model or self._reply_model_name()}
+
     def get_num_tokens_from_messages(self, messages: list[BaseMessage], tools: Sequence[Any] | None = None) -> int:
         """The tokens of the prompt the server makes of `messages` (rendered with the chat template, with `tools`,
         anything `bind_tools` takes, ending with the start of the assistant's turn): a reply's `input_tokens`."""

@@ -12,6 +12,7 @@ import functools
 import threading
 import weakref
 from dataclasses import dataclass, field
+from collections.abc import Iterable
 from typing import Annotated, Any, ClassVar
 
 from langchain_core.language_models import LangSmithParams
@@ -58,6 +59,16 @@ GRAPH_BODY_FIELDS = frozenset(SAMPLING_FIELDS) - {"constraint"}
 settings but the Parrot API's `constraint`): those of `extra_body` that a deferred or batched call can send."""
 SET_BY_EACH_REQUEST = frozenset({"model", "prompt", "messages", "stream", "stream_options"})
 """Request fields that every request sets itself: `extra_body` cannot set them."""
+
+
+def summed_usage(usages: Iterable[dict[str, int] | None]) -> dict[str, int]:
+    """Token usages (OpenAI's `usage` objects, None where a reply has none) added key by key, as an `llm_output`'s
+    `token_usage` over several requests."""
+    total: dict[str, int] = {}
+    for usage in usages:
+        for key, count in (usage or {}).items():
+            total[key] = total.get(key, 0) + count
+    return total
 
 
 @functools.cache

@@ -40,7 +40,9 @@ from pydantic import BaseModel, Field, field_validator
 from pydantic_core import from_json
 
 from parrot_lc.frontend import Completion, MessageDict
-from parrot_lc.integrations.langchain._base import CALL_OPTIONS, PARAMS_CONFIG, ParrotParams, StreamEnd
+from parrot_lc.integrations.langchain._base import (
+    CALL_OPTIONS, PARAMS_CONFIG, ParrotParams, StreamEnd, summed_usage,
+)
 from parrot_lc.integrations.langchain._trace import current_trace
 
 _ROLES = {"system", "developer", "user", "assistant", "tool"}
@@ -166,13 +168,10 @@ class ChatParrot(ParrotParams, BaseChatModel):
     def _combine_llm_outputs(self, llm_outputs: list[dict[str, Any] | None]) -> dict[str, Any]:
         """`generate`'s `llm_output` for its chats: their `token_usage` summed and the model, as ChatOpenAI's
         (LangChain's base class gives `{}`). Streamed and deferred replies have none to add."""
-        usage: dict[str, int] = {}
-        model = None
-        for output in llm_outputs:
-            for key, count in ((output or {}).get("token_usage") or {}).items():
-                usage[key] = usage.get(key, 0) + count
-            model = model or (output or {}).get("model_name")
-        return {"token_usage": usage, "model_name": model or self._reply_model_name()}
+        outputs = [output for output in llm_outputs if output]
+        model = next((output["model_name"] for output in outputs if output.get("model_name")), None)
+        return {"token_usage": summed_usage(output.get("token_usage") for output in outputs),
+                "model_name": model or self._reply_model_name()}
 
     def get_num_tokens_from_messages(self, messages: list[BaseMessage], tools: Sequence[Any] | None = None) -> int:
         """The tokens of the prompt the server makes of `messages` (rendered with the chat template, with `tools`,

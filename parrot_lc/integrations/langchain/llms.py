@@ -12,7 +12,9 @@ from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 from pydantic import Field, field_validator, model_validator
 
 from parrot_lc.frontend import Completion, InvalidRequestError, SemanticVariable
-from parrot_lc.integrations.langchain._base import CALL_OPTIONS, PARAMS_CONFIG, ParrotParams, StreamEnd
+from parrot_lc.integrations.langchain._base import (
+    CALL_OPTIONS, PARAMS_CONFIG, ParrotParams, StreamEnd, summed_usage,
+)
 from parrot_lc.integrations.langchain._graph import add_calls, refused_as_requests
 from parrot_lc.integrations.langchain._trace import current_trace
 
@@ -174,10 +176,7 @@ class ParrotLLM(ParrotParams, BaseLLM):
         n, model = self._choices(kwargs), replies[0].model
         choices = [choice for reply in replies for choice in (reply, *reply.others)]
         generations = [[_generation(choice, model) for choice in choices[i:i + n]] for i in range(0, len(choices), n)]
-        usage: dict[str, int] = {}
-        for reply in replies:
-            for key, count in (reply.usage or {}).items():
-                usage[key] = usage.get(key, 0) + count
+        usage = summed_usage(reply.usage for reply in replies)
         return LLMResult(generations=generations, llm_output={"token_usage": usage or None, "model_name": model})
 
     @staticmethod

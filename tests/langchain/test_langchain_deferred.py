@@ -17,6 +17,7 @@ from langchain_text_splitters import RecursiveCharacterTextSplitter
 
 from conftest import free_port
 from parrot_lc import ChatParrot, ParrotLLM
+from parrot_lc.frontend import ParrotConnectionError
 from parrot_lc.integrations.langchain import deferred
 
 DOCUMENT = " ".join(
@@ -191,3 +192,14 @@ def test_a_fallback_for_a_chat_model_whose_server_is_down_gives_the_eager_answer
     runnable = deferred(chain)
     assert runnable.invoke({"x": "there"}) == chain.invoke({"x": "there"})
     assert runnable.last_run.graph == []
+
+
+def test_a_chat_model_whose_server_is_down_raises_the_connection_error_and_blames_no_chat_template():
+    down = ChatParrot(base_url=f"http://127.0.0.1:{free_port()}", max_tokens=4, max_retries=0)
+    chain = ChatPromptTemplate.from_messages([("human", "Hi {x}")]) | down | StrOutputParser()
+    with pytest.raises(ParrotConnectionError):
+        chain.invoke({"x": "there"})
+    runnable = deferred(chain)
+    with pytest.raises(ParrotConnectionError):
+        runnable.invoke({"x": "there"})
+    assert not [note for note in runnable.last_run.waits if "template" in note]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from parrot_lc.frontend import ParrotClient, ParrotError
+from parrot_lc.frontend import InvalidRequestError, ParrotClient
 
 _SENTINEL = "\u2064{}\u2064"  # INVISIBLE PLUS around the message's index: in no real content
 _PADDED = " \n\t<'\"&{{x}}</think>\n" + _SENTINEL + "\n</think>{{y}}\"'& \n"
@@ -38,11 +38,12 @@ class ChatLayout:
 
 def chat_layout(client: ParrotClient, model: str | None, roles: Sequence[str]) -> ChatLayout | None:
     """The layout of chats of these roles on the server of `client`, or None if the chat template does not insert
-    contents as they are (or refuses these roles)."""
+    contents as they are (or refuses these roles). Other errors of the server (unreachable, overloaded, a wrong
+    key) say nothing of its template: they are raised, as the chat's own request would raise them."""
     try:
         plain = _render(client, model, roles, [_SENTINEL.format(i) for i in range(len(roles))])
         padded = _render(client, model, roles, [_PADDED.format(i) for i in range(len(roles))])
-    except ParrotError:
+    except InvalidRequestError:  # the template refuses these roles (or their order)
         return None
     if plain is None or padded is None:
         return None

@@ -13,9 +13,9 @@ from typing import Literal
 import pytest
 from langchain_core.exceptions import OutputParserException
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
-from langchain_core.output_parsers import StrOutputParser
+from langchain_core.output_parsers import JsonOutputParser, StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
-from langchain_core.runnables import RunnableLambda
+from langchain_core.runnables import RunnableBranch, RunnableLambda, RunnablePassthrough
 from langchain_core.tools import tool
 from langchain_core.utils.function_calling import convert_to_json_schema
 from pydantic import BaseModel, Field
@@ -302,6 +302,29 @@ def test_a_deferred_structured_call_cut_by_max_tokens_raises_as_the_eager_one(cu
     assert "the reply ends before its JSON does" not in str(raised.value)
     [[call]] = graphs  # recorded, with its output constrained, not made at once
     assert call["template"][-1]["sampling"]["constraint"] == {"json_schema": convert_to_json_schema(Forecast)}
+
+
+
+@pytest.mark.parametrize("parser", [JsonOutputParser(), StrOutputParser(), RunnablePassthrough()],
+                         ids=["json_parser", "str_parser", "no_parser"])
+def test_a_deferred_json_response_format_cut_by_max_tokens_raises_as_the_eager_call(cut, parser):
+    """Read by a parser, or only at the run's end: the eager call raised at the model, the run must not answer."""
+    ask = ChatPromptTemplate.from_messages([("human", "A forecast for {city} as JSON.")])
+    chain = ask | cut.bind(response_format={"type": "json_object"}) | parser
+    with pytest.raises(LengthFinishReasonError, match=CUT):
+        chain.invoke({"city": "Oslo"})
+    with pytest.raises(LengthFinishReasonError, match=CUT) as raised:
+        deferred(chain).invoke({"city": "Oslo"})
+    assert raised.value.llm_output.startswith("{") and not complete_json(raised.value.llm_output)
+
+
+def test_a_deferred_batch_returns_a_cut_json_reply_as_its_items_error(cut):
+    chain = RunnableBranch((lambda text: "JSON" in text, cut.bind(response_format={"type": "json_object"})), cut)
+    inputs = ["Hi", "A forecast as JSON."]
+    eager = (chain | StrOutputParser()).batch(inputs, return_exceptions=True)
+    assert isinstance(eager[0], str) and isinstance(eager[1], LengthFinishReasonError)
+    run = deferred(chain | StrOutputParser()).batch(inputs, return_exceptions=True)
+    assert isinstance(run[0], str) and isinstance(run[1], LengthFinishReasonError)
 
 
 def complete_json(text: str) -> bool:

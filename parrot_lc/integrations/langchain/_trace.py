@@ -13,10 +13,12 @@ import re
 import secrets
 import threading
 from contextvars import ContextVar
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from langchain_core.caches import BaseCache
+from langchain_core.exceptions import OutputParserException
 from langchain_core.globals import get_llm_cache
 
 from parrot_lc.frontend import MessageDict, ParrotClient, ParrotError, SemanticVariable, Session
@@ -66,12 +68,19 @@ class _Call:
     output: SemanticVariable
 
 
+CALL_ERRORS = (ParrotError, OutputParserException)
+"""What reading a call's value raises where its eager call would have raised: the server's refusal or failure, and
+a cut structured reply (`Trace.record`'s `on_cut`)."""
+
+
 @dataclass(frozen=True)
 class _Output:
-    """The output of a call recorded; `field`: the request field that an eager call's refusal of its prompt names."""
+    """The output of a call recorded; `field`: the request field that an eager call's refusal of its prompt names;
+    `on_cut`: the error that an eager call raises when `max_tokens` cuts its reply (from the cut text), if any."""
 
     variable: SemanticVariable
     field: str
+    on_cut: Callable[[str], OutputParserException] | None = None
 
 
 @dataclass(frozen=True)
@@ -128,7 +137,7 @@ class Trace:
         for index in range(len(self._outputs)):
             try:
                 self.value(index)
-            except ParrotError:
+            except CALL_ERRORS:
                 if not each:
                     raise
         if self._session is not None and self._session.session_id is not None:
@@ -140,7 +149,7 @@ class Trace:
     def _resolved_or_error(self, item: Any) -> Any:
         try:
             return self.resolve(item)
-        except ParrotError as exc:
+        except CALL_ERRORS as exc:
             return exc
 
     # ---- recording ----------------------------------------------------------------------------------------
@@ -175,22 +184,25 @@ class Trace:
                             "run at once, on real text")
         return False
 
-    def record(self, prompts: list[str], sampling: dict[str, Any], field: str = "prompt") -> list[str]:
+    def record(self, prompts: list[str], sampling: dict[str, Any], field: str = "prompt",
+               on_cut: Callable[[str], OutputParserException] | None = None) -> list[str]:
         """Records one call per prompt (marked text: other calls' outputs stand where their markers are); returns
         their outputs as marked text. `field`: the request field that an eager call's refusal of its prompt names
-        (a prompt longer than the model's context raises InvalidRequestError naming it, see `refused_as_requests`)."""
+        (a prompt longer than the model's context raises InvalidRequestError naming it, see `refused_as_requests`).
+        `on_cut`: the error that the eager call raises where `max_tokens` cuts its reply (a structured reply's),
+        raised by every read of the output that ends so, and by the run's end."""
         prompts_parts = [self._reasons_read(self.parts(prompt)) for prompt in prompts]  # may wait: not in the lock
         with self._lock:
             assert self._session is not None, "can_record() opened it"
             greedy = sampling.get("temperature") == 0
             markers = []
             for parts in prompts_parts:
-                key = (parts, tuple(sorted((k, str(v)) for k, v in sampling.items())))
+                key = (parts, tuple(sorted((k, str(v)) for k, v in sampling.items())), on_cut is not None)
                 index = self._greedy.get(key) if greedy else None
                 if index is None:
                     index = len(self._outputs)
                     variable = self._session.variable("text")
-                    self._outputs.append(_Output(variable, field))
+                    self._outputs.append(_Output(variable, field, on_cut))
                     self._pending.append(_Call(parts, sampling, variable))
                     if greedy:
                         self._greedy[key] = index
@@ -272,7 +284,15 @@ class Trace:
         """The output of call `index` (or its finish reason), waiting for it (the calls recorded so far are submitted
         first) as long as the run's values keep arriving: IdleTimeoutError once none of them arrived for the first
         model's `timeout`. A call whose prompt is longer than the model's context raises InvalidRequestError, as its
-        eager request does."""
+        eager request does, and one recorded with `on_cut` whose reply `max_tokens` cut raises that error."""
+        text = self._fetched(index)
+        source = self._outputs[index]
+        if isinstance(source, _Output) and source.on_cut is not None and source.variable.finish_reason == "length":
+            raise source.on_cut(text)
+        return text
+
+    def _fetched(self, index: int) -> str:
+        """The value of `index` as the server gave it."""
         with self._lock:
             if index in self._values:
                 return self._values[index]
@@ -282,7 +302,7 @@ class Trace:
             assert self._session is not None, "can_record() opened it"
             source = self._outputs[index]
         if isinstance(source, _FinishReason):
-            self.value(source.output)  # the output's fetch tells how it ended
+            self._fetched(source.output)  # the output's fetch tells how it ended
             output = self._outputs[source.output]
             assert isinstance(output, _Output)
             text = output.variable.finish_reason or ""

@@ -249,7 +249,8 @@ class ChatParrot(ParrotParams, BaseChatModel):
         does not insert contents as they are, and a call with tools or tool messages: its reply's calls are read
         on the server, and its prompt holds more than the messages' contents; a call that asks for
         log-probabilities, which a graph's outputs do not carry). A response format is recorded as
-        the output's constraint, as the chat route applies it."""
+        the output's constraint, as the chat route applies it; a JSON one's reply that `max_tokens` cuts raises
+        LengthFinishReasonError where it is read and at the run's end (the eager call raises it at once)."""
         trace = current_trace()
         if trace is None:
             return None
@@ -268,8 +269,9 @@ class ChatParrot(ParrotParams, BaseChatModel):
         if prompt is None:
             return None
         sampling = self._graph_sampling(stop, kwargs)
+        on_cut = LengthFinishReasonError if _structured(kwargs) else None  # where the eager call raises it
         return trace.record([prompt], {**sampling, "constraint": constraint} if constraint else sampling,
-                            field="messages")[0]
+                            field="messages", on_cut=on_cut)[0]
 
     def _call_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """A call's keyword arguments over `model_kwargs` and the fields that the request sends as they are."""

@@ -430,7 +430,11 @@ class ParrotManager:
         """Submits the graph of `completion()` for `client` (see `create_session`); end it with `end_completion`
         (more than once is fine). A prompt's n calls begin with the same pieces, so its prompt is filled once and
         forked n times (`mark_shared_pieces`); each counts as a call in the queue's limits. Raises before anything
-        runs if the calls are refused (a full queue, bad sampling)."""
+        runs if the calls are refused (a full queue, bad sampling, more choices than a session may hold)."""
+        limit = self.settings.max_variables_per_session
+        if len(prompts) * n > limit:  # named as the request names its choices, not as the session it never sees
+            raise ServerError(f"{len(prompts) * n} choices ({len(prompts)} prompts x n={n}) are more than a request "
+                              f"may have (max_variables_per_session={limit})", "n" if n > 1 else "prompt")
         session = self.create_session(client)
         try:
             outputs = [self.create_variable(session) for _ in range(len(prompts) * n)]

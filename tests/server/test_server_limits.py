@@ -284,3 +284,13 @@ def test_any_sequence_of_submissions_cancels_and_deletions_leaves_no_queued_call
     # The engine's counters come as of its last command: the frees may still be on their way there.
     wait_until(lambda: (engine.engine.stats().num_contexts, engine.engine.stats().kv_blocks_used) == (0, 0), 10,
                "every context and KV block to be freed")
+
+
+@pytest.mark.parametrize("prompts, n, field", [(4, 20, "n"), (65, 1, "prompt")])
+def test_a_completion_of_more_choices_than_a_session_holds_is_refused_naming_its_field(server, prompts, n, field):
+    with limit(server, max_variables_per_session=64):
+        reply = httpx.post(f"{server.base_url}/v1/completions", headers={"Authorization": f"Bearer {KEYS[0]}"},
+                           json={"model": "tiny", "prompt": ["a"] * prompts, "n": n, "max_tokens": 1})
+    error = reply.json()["error"]
+    assert reply.status_code == 400 and error["field"] == field, error
+    assert error["message"].startswith(f"{prompts * n} choices ({prompts} prompts x n={n}) are more than a request")

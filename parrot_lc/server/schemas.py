@@ -616,6 +616,16 @@ class ChatMessage(RequestModel):
                                     "server yet: send text parts")
         return TEXT_PARTS.validate_python(content)
 
+    @model_validator(mode="after")
+    def content_given(self) -> "ChatMessage":
+        """OpenAI's rule: every message has content, but an assistant's that makes tool calls (a 400 naming it, as
+        OpenAI answers, rather than a turn of nothing in the prompt)."""
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise PydanticCustomError("missing_content", f"a {self.role} message needs content (a string or text "
+                                      "parts; null only in an assistant's message with tool_calls)",
+                                      {"field": "content"})
+        return self
+
     def text(self) -> str:
         if isinstance(self.content, list):
             return "\n".join(part.text for part in self.content)  # as vLLM joins them

@@ -273,6 +273,22 @@ def test_a_text_content_part_whose_text_is_no_string_is_400_naming_it(client, te
     assert_refused(client.post("/v1/chat/completions", json=body), 400, "messages.0.content.0.text")
 
 
+
+@pytest.mark.parametrize("message", [{"role": "user"}, {"role": "user", "content": None},
+                                     {"role": "system", "content": None}, {"role": "assistant", "content": None}])
+def test_a_message_without_content_is_400_naming_it_as_openai_answers(client, message):
+    body = {**CHAT, "messages": [message, {"role": "user", "content": "Hi"}]}
+    assert_refused(client.post("/v1/chat/completions", json=body), 400, "messages.0.content")
+
+
+def test_an_assistant_message_with_tool_calls_may_have_null_content(client):
+    call = {"id": "call_1", "type": "function", "function": {"name": "clock", "arguments": "{}"}}
+    body = {**CHAT, "messages": [{"role": "user", "content": "Time?"},
+                                 {"role": "assistant", "content": None, "tool_calls": [call]},
+                                 {"role": "tool", "tool_call_id": "call_1", "content": "noon"}]}
+    assert client.post("/v1/chat/completions", json=body).status_code == 200
+
+
 def test_text_content_parts_are_their_texts_a_line_apart_as_vllm_joins_them(oai):
     parts = [{"type": "text", "text": "Tell me"}, {"type": "text", "text": "a story"}]
     joined = oai.chat.completions.create(**{**CHAT, "temperature": 0, "messages": [{"role": "user", "content": parts}]})

@@ -24,9 +24,9 @@
 // mma.sync has each warp load every tile through ldmatrix.
 //
 // A third kernel (shared_items_kernel, sm_90a) takes shared items of 128 rows where the plan asks for them: one
-// block a multiprocessor, a producer warp copying 128-token tiles by the tensor memory accelerator and two
-// consumer warpgroups of 64 rows each (FlashAttention-3's structure); the own items then run in the partials
-// kernel before it.
+// block a multiprocessor, two producer warps copying 128-token K and V tiles by the tensor memory accelerator and
+// two consumer warpgroups of 64 rows each that take turns at the tensor cores (FlashAttention-3's structure and
+// ping-pong); the own items then run in the partials kernel before it.
 
 #include "shared_prefix_decode.h"
 
@@ -167,9 +167,11 @@ template <typename T>
 struct Wgmma {
   // Orders this thread's earlier register writes (accumulators, A) before the next products.
   __device__ static void arrive() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+  __device__ static void commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+  __device__ static void wait() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
   __device__ static void commit_and_wait() {
-    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+    commit();
+    wait();
   }
   // Keep the compiler from moving reads or writes of accumulators (float) or A fragments (uint32_t) across the
   // asynchronous products.
@@ -418,6 +420,21 @@ __device__ __forceinline__ void online_softmax(float (&score)[kScoreTiles][4], f
   rescale(out, alpha);
 }
 
+// Tile `tile` (BLOCK_N keys) of an item's range into the online softmax, and the output rescaled: wgmma's items,
+// where every tile but a range's last is full (no key to mask).
+template <int BLOCK_N, int kScoreTiles, int kOutTiles>
+__device__ __forceinline__ void tile_softmax(float (&score)[kScoreTiles][4], float (&out)[kOutTiles][4],
+                                             float (&row_max)[2], float (&row_sum)[2], const Item& item, int tile,
+                                             float scale_log2) {
+  float alpha[2];
+  const int tile_start = item.lo + tile * BLOCK_N;
+  if (tile_start + BLOCK_N <= item.hi)
+    softmax_scores<true>(score, row_max, row_sum, alpha, tile_start, item.hi, scale_log2);
+  else
+    softmax_scores<false>(score, row_max, row_sum, alpha, tile_start, item.hi, scale_log2);
+  rescale(out, alpha);
+}
+
 // The A fragment of P for keys 16k .. 16k + 15: score n-tiles 2k and 2k + 1.
 template <typename T, int N>
 __device__ __forceinline__ void p_fragment(const float (&score)[N][4], int k, uint32_t (&a)[4]) {
@@ -577,6 +594,29 @@ __device__ void attend(const DecodeParams& p, const Item& item, uint4* smem) {
 }
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+constexpr uint32_t kAtom = 8 * 128;  // bytes of 8 rows of 128 bytes: one swizzle atom
+
+// Issues S = Q K^T (64 x BLOCK_N; its first product overwrites score) for a K tile of BLOCK_N rows in the kWgmma
+// layout: head dims 16k .. 16k + 15 are block k / 4, bytes 32 (k % 4) of each row.
+template <typename T, int D, int BLOCK_N>
+__device__ __forceinline__ void issue_scores(float (&score)[BLOCK_N / 8][4], const uint32_t (&q_frag)[D / 16][4],
+                                             const char* k_tile) {
+#pragma unroll
+  for (int k = 0; k < D / 16; ++k)
+    Wgmma<T>::template mma<false>(score, q_frag[k], wgmma_desc(k_tile + k / 4 * (BLOCK_N * 128) + k % 4 * 32, 16,
+                                                                kAtom), k > 0);
+}
+
+// Issues O += P V for a V tile of BLOCK_N rows in the kWgmma layout: keys 16k .. 16k + 15 are two swizzle atoms
+// from 16k.
+template <typename T, int D, int BLOCK_N>
+__device__ __forceinline__ void issue_values(float (&out)[D / 8][4], const uint32_t (&a)[BLOCK_N / 16][4],
+                                             const char* v_tile) {
+#pragma unroll
+  for (int k = 0; k < BLOCK_N / 16; ++k)
+    Wgmma<T>::template mma<true>(out, a[k], wgmma_desc(v_tile + k * 2 * kAtom, BLOCK_N * 128, kAtom));
+}
+
 // Tile `tile` of an item's range (BLOCK_N keys) against a warpgroup's 64 query rows on Hopper's wgmma (sm_90a): each
 // warp holds 16 rows as in attend, but the tensor cores read K and V straight from shared memory (the kWgmma
 // layout of BLOCK_N rows) for all 64 rows at once, at wgmma's rate. Q and P are the A operands, in registers;
@@ -586,26 +626,14 @@ template <typename T, int D, int BLOCK_N>
 __device__ __forceinline__ void wgmma_tile(const uint32_t (&q_frag)[D / 16][4], const char* k_tile,
                                            const char* v_tile, float (&out)[D / 8][4], float (&row_max)[2],
                                            float (&row_sum)[2], const Item& item, int tile, const DecodeParams& p) {
-  constexpr int kScoreTiles = BLOCK_N / 8;
-  constexpr uint32_t kAtom = 8 * 128;               // bytes of 8 rows of 128 bytes: one swizzle atom
-  constexpr uint32_t kBlockBytes = BLOCK_N * 128;   // one (BLOCK_N, 64) block of a tile
-  float score[kScoreTiles][4];  // (64, BLOCK_N) = Q K^T: the first product overwrites it
+  float score[BLOCK_N / 8][4];  // (64, BLOCK_N) = Q K^T
   Wgmma<T>::fence(score);
   Wgmma<T>::arrive();
-#pragma unroll
-  for (int k = 0; k < D / 16; ++k)  // head dims 16k .. 16k + 15: block k / 4, bytes 32 (k % 4) of each row
-    Wgmma<T>::template mma<false>(score, q_frag[k], wgmma_desc(k_tile + k / 4 * kBlockBytes + k % 4 * 32, 16, kAtom),
-                                  k > 0);
+  issue_scores<T, D, BLOCK_N>(score, q_frag, k_tile);
   Wgmma<T>::commit_and_wait();
   Wgmma<T>::fence(score);
 
-  float alpha[2];  // every tile but a range's last is full: no key to mask
-  const int tile_start = item.lo + tile * BLOCK_N;
-  if (tile_start + BLOCK_N <= item.hi)
-    softmax_scores<true>(score, row_max, row_sum, alpha, tile_start, item.hi, p.scale_log2);
-  else
-    softmax_scores<false>(score, row_max, row_sum, alpha, tile_start, item.hi, p.scale_log2);
-  rescale(out, alpha);
+  tile_softmax<BLOCK_N>(score, out, row_max, row_sum, item, tile, p.scale_log2);
 
   uint32_t a[BLOCK_N / 16][4];
 #pragma unroll
@@ -613,9 +641,7 @@ __device__ __forceinline__ void wgmma_tile(const uint32_t (&q_frag)[D / 16][4], 
   Wgmma<T>::fence(a);
   Wgmma<T>::fence(out);
   Wgmma<T>::arrive();
-#pragma unroll
-  for (int k = 0; k < BLOCK_N / 16; ++k)  // keys 16k .. 16k + 15: two swizzle atoms from 16k
-    Wgmma<T>::template mma<true>(out, a[k], wgmma_desc(v_tile + k * 2 * kAtom, kBlockBytes, kAtom));
+  issue_values<T, D, BLOCK_N>(out, a, v_tile);
   Wgmma<T>::commit_and_wait();
   Wgmma<T>::fence(out);
 }
@@ -711,15 +737,17 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<STAGES>)
   }
 }
 
-// Shared items of 128 query rows on a warp-specialized block (FlashAttention-3's structure, sm_90a): warp 0 of
-// warpgroup 0 is the producer, its lanes issuing the tensor memory accelerator's copies of each tile's K and V
-// (no other thread computes a copy's address); warpgroups 1 and 2 are consumers of 64 rows each, which read
-// every tile of the shared memory once for both. Stages are ordered by mbarriers, never a CTA barrier: full[s]
-// completes when a stage's bytes have landed, empty[s] when the consumers' 8 warps are done with it. The
-// producer gives up registers to the consumers (setmaxnreg): one block a multiprocessor, whose 2 consumers
-// overlap each other's softmax and products.
+// Shared items of 128 query rows on a warp-specialized block (FlashAttention-3's structure, sm_90a): warps 0 and 1
+// of warpgroup 0 are the producers, their lanes issuing the tensor memory accelerator's copies of each tile's K
+// (warp 0) and V (warp 1) (no other thread computes a copy's address); warpgroups 1 and 2 are consumers of 64 rows each, which read
+// every tile of the shared memory once for both. A stage's K and V tiles are ordered by mbarriers of their own,
+// never a CTA barrier: full_k[s] (full_v[s]) completes when the tile's bytes have landed, empty_k[s] (empty_v[s])
+// when the consumers' 8 warps are done with it, so that a K tile is refilled as soon as Q K^T has read it. The
+// producer gives up registers to the consumers (setmaxnreg): one block a multiprocessor. The two consumers take
+// turns at the tensor cores (FlashAttention-3's ping-pong, see consume).
 constexpr int kWsBlockN = 128;  // keys a tile
 constexpr int kWsStages = 3;
+constexpr int kWsBarriers = 4 * kWsStages;  // full and empty, of K tiles and of V tiles
 constexpr int kWsConsumers = 2;
 constexpr int kWsThreads = (kWsConsumers + 1) * kThreads;
 template <int D>
@@ -766,53 +794,128 @@ __device__ __forceinline__ void tma_copy(void* dst, const CUtensorMap* map, int 
 }
 
 // The stages of a warp-specialized block: kWsStages of a K tile then a V tile (kWgmma layout, kWsBlockN rows),
-// then their full and empty barriers.
+// then the full and empty barriers of the K tiles, then the V tiles'.
 template <int D>
 struct WsStages {
   static constexpr int kTileBytes = kWsTileBytes<D>;
   char* base;
-  uint64_t* full;   // (kWsStages,)
-  uint64_t* empty;  // (kWsStages,)
+  uint64_t* full_k;   // (kWsStages,)
+  uint64_t* empty_k;  // (kWsStages,)
+  uint64_t* full_v;   // (kWsStages,)
+  uint64_t* empty_v;  // (kWsStages,)
 
   __device__ explicit WsStages(char* smem)
-      : base(smem), full(reinterpret_cast<uint64_t*>(smem + kWsStages * 2 * kTileBytes)), empty(full + kWsStages) {}
+      : base(smem),
+        full_k(reinterpret_cast<uint64_t*>(smem + kWsStages * 2 * kTileBytes)),
+        empty_k(full_k + kWsStages),
+        full_v(empty_k + kWsStages),
+        empty_v(full_v + kWsStages) {}
   __device__ char* k_tile(int tile) const { return base + tile % kWsStages * 2 * kTileBytes; }
   __device__ char* v_tile(int tile) const { return k_tile(tile) + kTileBytes; }
 };
 
-// The producer warp: lane l copies box l of each tile (K or V, 64 head dims, `box` tokens: a page, or the tile
-// within a page), into a stage once the consumers have released it. Boxes wholly past the range are not copied
-// (their V rows are zeroed by the consumers; their keys are masked).
+// Named barriers of a warp-specialized block (0 is __syncthreads): the consumers' V zeroing, and each consumer's
+// turn at the tensor cores.
+constexpr int kWsZeroBarrier = 1;
+constexpr int kWsTurnBarrier = 2;  // + the consumer's index
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+// A producer warp, of K tiles (warp 0) or of V tiles (warp 1): lane l copies box l of each tile (64 head dims,
+// `box` tokens: a page, or the tile within a page) into its stage once the consumers have released that stage's
+// tile of its kind, so that K tiles, released sooner, are refilled without waiting for the V tiles. Boxes wholly
+// past the range are not copied (their V rows are zeroed by the consumers; their keys are masked).
 template <int D>
 __device__ void produce(const DecodeParams& p, const Item& item, const KVMaps& maps, const WsStages<D>& stages,
-                        int num_tiles) {
+                        int num_tiles, bool is_v) {
   constexpr int kHalves = D / 64;
   const int lane = threadIdx.x % 32, box = min(p.page, kWsBlockN);
-  const bool is_v = lane % 2;
-  const int half = lane / 2 % kHalves, row = lane / (2 * kHalves) * box;
-  const bool copies = lane < 2 * kHalves * (kWsBlockN / box);  // the plan keeps a tile's boxes within 32
+  const int half = lane % kHalves, row = lane / kHalves * box;
+  const bool copies = lane < kHalves * (kWsBlockN / box);  // the plan keeps a tile's boxes within 32
   // The cache block of this lane's box of `tile`, looked up a tile ahead; -1 where it lies past the range.
   auto lookup = [&](int tile) {
     const int pos = item.lo + tile * kWsBlockN + row;
     return copies && tile < num_tiles && pos < item.hi ? item.table[pos / p.page] : -1;
   };
+  uint64_t* const full = is_v ? stages.full_v : stages.full_k;
+  uint64_t* const empty = is_v ? stages.empty_v : stages.empty_k;
+  const CUtensorMap* map = is_v ? &maps.v : &maps.k;
   int block = lookup(0);
   for (int tile = 0; tile < num_tiles; ++tile) {
     const int stage = tile % kWsStages;
-    if (tile >= kWsStages) mbarrier_wait(stages.empty + stage, (tile / kWsStages + 1) % 2);
+    if (tile >= kWsStages) mbarrier_wait(empty + stage, (tile / kWsStages + 1) % 2);
     const int boxes = __popc(__ballot_sync(0xffffffff, block >= 0));
-    if (lane == 0) mbarrier_expect_bytes(stages.full + stage, boxes * box * 128);
+    if (lane == 0) mbarrier_expect_bytes(full + stage, boxes * box * 128);
     __syncwarp();
     if (block >= 0) {
       const int slot = block * p.page + (item.lo + tile * kWsBlockN + row) % p.page;
       char* dst = (is_v ? stages.v_tile(tile) : stages.k_tile(tile)) + (half * kWsBlockN + row) * 128;
-      tma_copy(dst, is_v ? &maps.v : &maps.k, half * 64, item.kv_head, slot, stages.full + stage);
+      tma_copy(dst, map, half * 64, item.kv_head, slot, full + stage);
     }
     block = lookup(tile + 1);
   }
 }
 
-// A consumer warpgroup: query rows 64 wg .. 64 wg + 63 of the item against every tile, as attend_wgmma's.
+constexpr int kWsPair = kWsConsumers * kThreads;  // the threads of both consumers
+
+// Step t of a consumer (see consume): VALUES, P V of tile t - 1 (t > 0); SCORES, S = Q K^T of tile t and its
+// softmax (t < num_tiles). Compile-time, so that every product of a step is issued on one path (ptxas serializes
+// products issued on paths it cannot prove uniform).
+template <bool VALUES, bool SCORES, typename T, int D>
+__device__ __forceinline__ void consume_step(const DecodeParams& p, const Item& item, const WsStages<D>& stages,
+                                             int t, int num_tiles, const uint32_t (&q_frag)[D / 16][4],
+                                             float (&out)[D / 8][4], float (&row_max)[2], float (&row_sum)[2],
+                                             float (&score)[kWsBlockN / 8][4], uint32_t (&a)[kWsBlockN / 16][4]) {
+  const int consumer_thread = threadIdx.x - kThreads;
+  const int consumer = consumer_thread / kThreads;
+  if constexpr (SCORES) mbarrier_wait(stages.full_k + t % kWsStages, t / kWsStages % 2);
+  if constexpr (VALUES) {
+    const int v = t - 1;
+    mbarrier_wait(stages.full_v + v % kWsStages, v / kWsStages % 2);
+    const int first = item.hi - (item.lo + v * kWsBlockN);
+    if (first < kWsBlockN) {
+      // The range's last tile: V rows past its end become zeros (their probabilities are 0, but 0 x NaN is not,
+      // and a page's slots past the range or an uncopied box's stale bytes may hold anything).
+      auto* rows = reinterpret_cast<uint4*>(stages.v_tile(v));
+      for (int i = consumer_thread; i < (kWsBlockN - first) * (D / 8); i += kWsPair)
+        rows[tile_chunk<D, Layout::kWgmma, kWsBlockN>(first + i / (D / 8), i % (D / 8))] = make_uint4(0, 0, 0, 0);
+      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // the zeros visible to the products
+      named_barrier_sync(kWsZeroBarrier, kWsPair);
+    }
+  }
+  named_barrier_sync(kWsTurnBarrier + consumer, kWsPair);  // this consumer's turn
+  Wgmma<T>::fence(a);
+  Wgmma<T>::fence(out);
+  Wgmma<T>::fence(score);
+  Wgmma<T>::arrive();
+  if constexpr (VALUES) issue_values<T, D, kWsBlockN>(out, a, stages.v_tile(t - 1));
+  if constexpr (SCORES) issue_scores<T, D, kWsBlockN>(score, q_frag, stages.k_tile(t));
+  Wgmma<T>::commit();
+  // The other consumer's turn (consumer 1's last turn passes to no one: consumer 0 has taken all of its own).
+  if (SCORES || consumer == 0) named_barrier_arrive(kWsTurnBarrier + 1 - consumer, kWsPair);
+  Wgmma<T>::wait();
+  Wgmma<T>::fence(out);
+  Wgmma<T>::fence(score);
+  if (threadIdx.x % 32 == 0) {
+    if constexpr (SCORES) mbarrier_arrive(stages.empty_k + t % kWsStages);
+    if constexpr (VALUES) mbarrier_arrive(stages.empty_v + (t - 1) % kWsStages);
+  }
+  if constexpr (SCORES) {
+    tile_softmax<kWsBlockN>(score, out, row_max, row_sum, item, t, p.scale_log2);  // out holds the tiles before t
+#pragma unroll
+    for (int k = 0; k < kWsBlockN / 16; ++k) p_fragment<T>(score, k, a[k]);
+  }
+}
+
+// A consumer warpgroup: query rows 64 wg .. 64 wg + 63 of the item against every tile. Step t issues the products
+// P V of tile t - 1 and S = Q K^T of tile t together, then computes tile t's softmax; the two consumers take turns
+// at the issue (named barriers, FlashAttention-3's ping-pong: consumer 0 first), so that one's products run on
+// the tensor cores while the other computes its softmax. A K tile is released once its S is computed, a V tile
+// once its P V is.
 template <typename T, int D>
 __device__ void consume(const DecodeParams& p, const Item& item, const WsStages<D>& stages, int num_tiles,
                         int group) {
@@ -823,23 +926,13 @@ __device__ void consume(const DecodeParams& p, const Item& item, const WsStages<
   float out[D / 8][4] = {};
   float row_max[2] = {-INFINITY, -INFINITY};
   float row_sum[2] = {0.f, 0.f};
-  for (int tile = 0; tile < num_tiles; ++tile) {
-    mbarrier_wait(stages.full + tile % kWsStages, tile / kWsStages % 2);
-    const int tile_start = item.lo + tile * kWsBlockN;
-    char* v_tile = stages.v_tile(tile);
-    if (item.hi - tile_start < kWsBlockN) {
-      // The range's last tile: V rows past its end become zeros (their probabilities are 0, but 0 x NaN is not,
-      // and a page's slots past the range or an uncopied box's stale bytes may hold anything).
-      auto* v = reinterpret_cast<uint4*>(v_tile);
-      const int first = item.hi - tile_start;
-      for (int i = consumer_thread; i < (kWsBlockN - first) * (D / 8); i += kWsConsumers * kThreads)
-        v[tile_chunk<D, Layout::kWgmma, kWsBlockN>(first + i / (D / 8), i % (D / 8))] = make_uint4(0, 0, 0, 0);
-      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // the zeros visible to the products
-      asm volatile("bar.sync 1, %0;\n" ::"n"(kWsConsumers * kThreads) : "memory");
-    }
-    wgmma_tile<T, D, kWsBlockN>(q_frag, stages.k_tile(tile), v_tile, out, row_max, row_sum, item, tile, p);
-    if (threadIdx.x % 32 == 0) mbarrier_arrive(stages.empty + tile % kWsStages);
-  }
+  float score[kWsBlockN / 8][4];           // (64, kWsBlockN) = Q K^T of the tile being read
+  uint32_t a[kWsBlockN / 16][4] = {};      // P of the tile before, the A operand of its P V
+  if (consumer_thread >= kThreads) named_barrier_arrive(kWsTurnBarrier, kWsPair);
+  consume_step<false, true, T, D>(p, item, stages, 0, num_tiles, q_frag, out, row_max, row_sum, score, a);
+  for (int t = 1; t < num_tiles; ++t)
+    consume_step<true, true, T, D>(p, item, stages, t, num_tiles, q_frag, out, row_max, row_sum, score, a);
+  consume_step<true, false, T, D>(p, item, stages, num_tiles, num_tiles, q_frag, out, row_max, row_sum, score, a);
   reduce_sums(row_sum);
   write_rows<D, false>(p, item, group, row_block, out, row_max, row_sum);
 }
@@ -862,8 +955,10 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     const WsStages<D> stages(reinterpret_cast<char*>(smem) + (1024 - smem_addr(smem) % 1024) % 1024);
     if (threadIdx.x == 0) {
       for (int s = 0; s < kWsStages; ++s) {
-        mbarrier_init(stages.full + s, 1);
-        mbarrier_init(stages.empty + s, kWsConsumers * kWarps);
+        mbarrier_init(stages.full_k + s, 1);
+        mbarrier_init(stages.full_v + s, 1);
+        mbarrier_init(stages.empty_k + s, kWsConsumers * kWarps);
+        mbarrier_init(stages.empty_v + s, kWsConsumers * kWarps);
       }
       asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
@@ -871,7 +966,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     const int num_tiles = ceil_div(item.hi - item.lo, kWsBlockN);
     if (threadIdx.x < kThreads) {
       asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
-      if (threadIdx.x < 32) produce<D>(p, item, maps, stages, num_tiles);
+      if (threadIdx.x < 64) produce<D>(p, item, maps, stages, num_tiles, threadIdx.x >= 32);
     } else {
       asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n" ::: "memory");
       consume<T, D>(p, item, stages, num_tiles, group);
@@ -1044,7 +1139,7 @@ void launch_warp_specialized(const DecodeParams& p, cudaStream_t stream) {
   const int64_t items = static_cast<int64_t>(p.num_groups) * p.num_kv_heads * p.shared_tiles * p.shared_splits;
   if (items > 0x7fffffff) throw std::invalid_argument("shared_prefix_decode: too many work items for one grid");
   if (items > 0) {
-    constexpr int kSmem = kWsStages * 2 * kWsTileBytes<D> + 2 * kWsStages * sizeof(uint64_t) + 1024;
+    constexpr int kSmem = kWsStages * 2 * kWsTileBytes<D> + kWsBarriers * sizeof(uint64_t) + 1024;
     auto* kernel = shared_items_kernel<T, D>;
     check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem),
           "shared_prefix_decode: raising the shared-memory limit");

@@ -58,17 +58,20 @@ OWN_KV_HEADS = 4  # KV heads of one sequence per own work item (one per warp)
 SMALL_GROUPS_MIN_GQA_RATIO = 4
 SMALL_GROUPS_MAX_ROWS = 64
 # Shared items of 128 query rows on the warp-specialized kernel (sm_90a, head dim 128: FlashAttention-3's
-# structure, a producer warp's tensor-memory copies of 128-token tiles read by two consumer warpgroups, one block
-# a multiprocessor), after the own items' partials kernel: taken where the largest group has at least 128 query
-# rows a KV head and KV heads x rows x the longest range reach WARP_SPECIALIZED_ROW_TOKENS (the shared items'
-# products dominate). Measured on the H100 (RESULTS.md, 2026-12-07 eighth session), of the 18 cases it was faster
-# in the 5 it takes (8 KV heads, 256 forks of a 16k prefix: 246 against 311 us for the three-block kernel), within
-# 2% of the faster kernel in those it leaves but one (32 KV heads, 64 forks of 4k: 136.5 against 139.0), and slower
-# where the shared items are few and short (8 KV heads, 64 forks of 1k: 50.6 against 44.8).
+# structure, two producer warps' tensor-memory copies of 128-token K and V tiles read by two consumer warpgroups
+# that take turns at the tensor cores, one block a multiprocessor), after the own items' partials kernel: taken
+# where the largest group has at least 128 query rows a KV head and KV heads x rows x the longest range reach
+# WARP_SPECIALIZED_ROW_TOKENS (the shared items' products dominate). Measured on the H100 (RESULTS.md, 2026-12-07
+# eighth session), of the 18 cases it was faster in the 5 it takes (8 KV heads, 256 forks of a 16k prefix: 246
+# against 311 us for the three-block kernel; 230 with the consumers' turns, tenth session), within 2% of the faster
+# kernel in those it leaves but one (32 KV heads, 64 forks of 4k: 136.5 against 139.0; 134.7 against 136.3 in the
+# tenth session), and slower where the shared items are few and short (8 KV heads, 64 forks of 1k: 50.6 against
+# 44.8).
 WARP_SPECIALIZED_ROWS = 128
 WARP_SPECIALIZED_ROW_TOKENS = 2**25
 WARP_SPECIALIZED_TILE = 128  # tokens of a tile; a page holds whole tiles or a tile whole pages
-WARP_SPECIALIZED_MAX_BOXES = 32  # copies of a tile (K and V, 64 head dims, a page each): one a producer lane
+# Copies of a tile (K and V, 64 head dims, a page each): one a lane of its kind's producer warp.
+WARP_SPECIALIZED_MAX_BOXES = 32
 
 
 def available() -> bool:

@@ -188,6 +188,13 @@ def apply_token_masks(logits: torch.Tensor, masks: TokenMasks) -> None:
     _xgrammar().apply_token_bitmask_inplace(logits, masks.bitmask, vocab_size=logits.shape[-1], indices=masks.rows)
 
 
+def token_bytes(tokenizer: PreTrainedTokenizerBase) -> list[bytes]:
+    """Each token's bytes as the model writes them (xgrammar's decoded vocabulary: byte-level and byte-fallback
+    tokens back to the UTF-8 they stand for), by token id: a token that splits a character holds its piece of it,
+    where the token's text alone is U+FFFD."""
+    return _xgrammar().TokenizerInfo.from_huggingface(tokenizer).decoded_vocab
+
+
 @cache
 def _batch_matcher() -> xgrammar.BatchGrammarMatcher:
     """Fills many rows' masks on several threads."""

@@ -6,10 +6,13 @@ completions' parallel lists (`tokens`, `token_logprobs`, `top_logprobs`, `text_o
 
 from __future__ import annotations
 
+import codecs
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from transformers import PreTrainedTokenizerBase
 
+from parrot_lc.engine.constraints import token_bytes
 from parrot_lc.engine.logprobs import TokenLogprob
 from parrot_lc.server.graph import Call
 from parrot_lc.server.tool_calls import ToolCallStream, ToolReader
@@ -20,7 +23,7 @@ MIN_LOGPROB = -9999.0
 
 class TokenTexts:
     """Each token's text (its decode alone, special tokens written out), decoded once: a response with top
-    log-probabilities names thousands of tokens, most of them the same few."""
+    log-probabilities names thousands of tokens, most of them the same few; and its bytes (`raw`)."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
         self._tokenizer = tokenizer
@@ -32,6 +35,32 @@ class TokenTexts:
             text = self._texts[token_id] = self._tokenizer.decode([token_id])
         return text
 
+    @cached_property
+    def _bytes(self) -> list[bytes]:  # read on the first request that asks for log-probabilities
+        return token_bytes(self._tokenizer)
+
+    def raw(self, token_id: int) -> bytes:
+        """The token's bytes (OpenAI's `bytes`): a piece of a character's UTF-8 for a token that splits one, whose
+        text alone is U+FFFD; an id past the tokenizer's vocabulary, its text's UTF-8."""
+        return self._bytes[token_id] if token_id < len(self._bytes) else self(token_id).encode()
+
+
+@dataclass
+class TextOffsets:
+    """Where each token of a choice's text starts, in characters (a completion's `text_offset`): the tokens' bytes
+    decoded one after the other, so that a token that splits a character starts at that character, and one after it
+    at the next."""
+
+    texts: TokenTexts
+    chars: int = 0
+    decoder: codecs.IncrementalDecoder = field(
+        default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace"))
+
+    def __call__(self, token_id: int) -> int:
+        offset = self.chars
+        self.chars += len(self.decoder.decode(self.texts.raw(token_id)))
+        return offset
+
 
 def finite(logprob: float) -> float:
     return max(logprob, MIN_LOGPROB)
@@ -41,28 +70,24 @@ def chat_logprobs(entries: list[TokenLogprob], texts: TokenTexts) -> dict:
     """A chat choice's (or chunk's) `logprobs`: {"content": [{token, logprob, bytes, top_logprobs}]}."""
 
     def token(token_id: int, logprob: float) -> dict:
-        text = texts(token_id)
-        return {"token": text, "logprob": finite(logprob), "bytes": list(text.encode("utf-8"))}
+        return {"token": texts(token_id), "logprob": finite(logprob), "bytes": list(texts.raw(token_id))}
 
     return {"content": [{**token(entry.token_id, entry.logprob),
                          "top_logprobs": [token(token_id, logprob) for token_id, logprob in entry.top]}
                         for entry in entries]}
 
 
-def completion_logprobs(entries: list[TokenLogprob], texts: TokenTexts, offset: int = 0) -> dict:
-    """A completion choice's (or chunk's) `logprobs`, its first token at character `offset` of the choice's text.
-    A position's `top_logprobs` holds its top tokens and the token itself (as vLLM's: `logprobs: 0` still names
-    it); a prompt's first token has none (null)."""
+def completion_logprobs(entries: list[TokenLogprob], texts: TokenTexts, offsets: TextOffsets | None = None) -> dict:
+    """A completion choice's (or chunk's) `logprobs`, its tokens placed in the choice's text by `offsets` (from its
+    start where None). A position's `top_logprobs` holds its top tokens and the token itself (as vLLM's:
+    `logprobs: 0` still names it); a prompt's first token has none (null)."""
+    offsets = offsets or TextOffsets(texts)
     tokens = [texts(entry.token_id) for entry in entries]
-    offsets = []
-    for text in tokens:
-        offsets.append(offset)
-        offset += len(text)
     return {
         "tokens": tokens,
         "token_logprobs": [None if entry.logprob is None else finite(entry.logprob) for entry in entries],
         "top_logprobs": [top_logprobs(entry, text, texts) for entry, text in zip(entries, tokens)],
-        "text_offset": offsets,
+        "text_offset": [offsets(entry.token_id) for entry in entries],
     }
 
 
@@ -148,7 +173,7 @@ class TextChoices:
     texts: TokenTexts
     logprobs: bool  # asked for
     echoes: list[str] | None  # each choice's prompt text, where the request echoes it
-    offsets: dict[int, int] = field(default_factory=dict)  # streamed: each choice's characters so far (text_offset)
+    offsets: dict[int, TextOffsets] = field(default_factory=dict)  # streamed: each choice's tokens so far
     kind = "text_completion"
     chunk_kind = "text_completion"
     id_prefix = "cmpl"
@@ -178,10 +203,8 @@ class TextChoices:
         """A chunk's fields for the choice's next `text` and the log-probabilities of its tokens (`entries`)."""
         if not self.logprobs:
             return {"text": text, "logprobs": None}
-        offset = self.offsets.get(choice, 0)
-        logprobs = completion_logprobs(entries, self.texts, offset)
-        self.offsets[choice] = offset + sum(len(token) for token in logprobs["tokens"])
-        return {"text": text, "logprobs": logprobs}
+        offsets = self.offsets.setdefault(choice, TextOffsets(self.texts))
+        return {"text": text, "logprobs": completion_logprobs(entries, self.texts, offsets)}
 
     def last(self, choice: int, entries: list[TokenLogprob]) -> dict:
         """The fields of the choice's last chunk (with its finish reason)."""

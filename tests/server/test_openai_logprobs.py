@@ -10,6 +10,8 @@ import torch
 
 from conftest import assert_refused
 from parrot_lc.engine import SamplingParams
+from parrot_lc.engine.logprobs import TokenLogprob
+from parrot_lc.server.openai_choices import TokenTexts, chat_logprobs
 from parrot_lc.server.local import LocalServer
 from parrot_lc.settings import EngineSettings, ServerSettings
 
@@ -119,6 +121,25 @@ def test_completion_logprobs_follow_the_engine_and_the_top_ones_hold_the_greedy_
     assert logprobs.text_offset == [sum(map(len, logprobs.tokens[:i])) for i in range(4)]
 
 
+SPLIT = "猫 and 🐱 are"  # each of its two characters takes several byte-level tokens: their texts alone are U+FFFD
+
+
+def test_text_offsets_index_the_choices_text_where_tokens_split_characters(oai):
+    choice = oai.completions.create(model="tiny", prompt=SPLIT, max_tokens=1, temperature=0, echo=True,
+                                    logprobs=0).choices[0]
+    tokens, offsets = choice.logprobs.tokens, choice.logprobs.text_offset
+    assert "\ufffd" in tokens[0] and offsets[:tokens.index(" and") + 1] == [0, 0, 0, 1]  # 猫's three tokens at 0
+    for token, offset in zip(tokens, offsets):
+        if "\ufffd" not in token:
+            assert choice.text[offset:offset + len(token)] == token
+
+
+def test_chat_logprob_bytes_are_each_tokens_own_bytes_which_join_into_the_text(tiny):
+    ids = tiny.tokenizer(SPLIT, add_special_tokens=False).input_ids
+    content = chat_logprobs([TokenLogprob(token_id, -1.0) for token_id in ids], TokenTexts(tiny.tokenizer))["content"]
+    assert any(entry["token"] == "\ufffd" for entry in content)
+    assert b"".join(bytes(entry["bytes"]) for entry in content).decode() == SPLIT
+
 def test_chat_logprobs_follow_the_engine_in_openais_chat_shape(oai, client, tiny):
     messages = [{"role": "user", "content": "Name a harbour"}]
     response = oai.chat.completions.create(model="tiny", messages=messages, max_tokens=3, temperature=0,
@@ -128,7 +149,7 @@ def test_chat_logprobs_follow_the_engine_in_openais_chat_shape(oai, client, tiny
     tokens, expected = greedy_path(tiny, prompt, 3)
     content = response.choices[0].logprobs.content
     for entry, token, reference in zip(content, tokens, expected):
-        assert entry.token == tiny.tokenizer.decode([token]) and entry.bytes == list(entry.token.encode())
+        assert entry.token == tiny.tokenizer.decode([token]) == bytes(entry.bytes).decode(errors="replace")
         assert abs(entry.logprob - reference[token].item()) <= TOLERANCE
         assert [t.token for t in entry.top_logprobs][0] == entry.token and len(entry.top_logprobs) == 2
     assert len(content) == 3 and oai.chat.completions.create(

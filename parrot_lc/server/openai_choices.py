@@ -2,7 +2,9 @@
 deltas (with the tool calls read out of its text, server/tool_calls.py), a completion's text (after its echoed
 prompt); and their log-probabilities, from the engine's
 TokenLogprobs: a chat's `content` list (each token with its bytes and its most likely alternatives) and the
-completions' parallel lists (`tokens`, `token_logprobs`, `top_logprobs`, `text_offset`), as vLLM gives them."""
+completions' parallel lists (`tokens`, `token_logprobs`, `top_logprobs`, `text_offset`), as vLLM gives them, but a
+token that splits a character has its own bytes and the offsets index the text, as OpenAI defines them (vLLM gives
+U+FFFD's bytes and counts each token's text alone)."""
 
 from __future__ import annotations
 

@@ -12,8 +12,8 @@ import logging
 import re
 import secrets
 import threading
-from contextvars import ContextVar
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 

@@ -261,9 +261,9 @@ def chat_parrot(parrot_server, graphs_sent):
 
 @pytest.fixture(scope="module")
 def engine_app_urls():
-    """`urls(key, count)`: `count` loopback URLs of one tiny engine's HTTP face (what `parrot-lc engine` serves,
-    without its link to a manager), served in this process and taking the engine key `key`: engines that a
-    manager's registration probe reaches, at as many addresses as a test registers."""
+    """`urls(key, count, model)`: `count` loopback URLs of one engine's HTTP face (what `parrot-lc engine` serves,
+    without its link to a manager; `tiny` unless a model is named), served in this process and taking the engine key
+    `key`: engines that a manager's registration probe reaches, at as many addresses as a test registers."""
     import threading
 
     import uvicorn
@@ -273,8 +273,8 @@ def engine_app_urls():
 
     started = []
 
-    def urls(key: str, count: int) -> list[str]:
-        engine = AsyncEngine(LLMEngine(EngineSettings(model="tiny", device="cpu", dtype="float32",
+    def urls(key: str, count: int, model: str = "tiny") -> list[str]:
+        engine = AsyncEngine(LLMEngine(EngineSettings(model=model, device="cpu", dtype="float32",
                                                       kv_cache_bytes=16 * 2**20)))
         sockets = [socket.create_server(("127.0.0.1", 0)) for _ in range(count)]
         server = uvicorn.Server(uvicorn.Config(create_engine_app(engine, key), log_level="warning"))

@@ -31,7 +31,7 @@ from parrot_lc.server.limits import BodyLimit
 from parrot_lc.server.manager import ParrotManager
 from parrot_lc.server.metrics import registry_for
 from parrot_lc.server.openai_routes import openai_router, tokenizer_router
-from parrot_lc.server.remote_engine import RemoteEngine
+from parrot_lc.server.remote_engine import ModelIdentity, RemoteEngine
 from parrot_lc.server.request_ids import RequestIds, id_header
 from parrot_lc.server.responses import add_error_handlers, error_response
 from parrot_lc.server.schemas import (
@@ -176,11 +176,13 @@ def engines_router(manager: ParrotManager, settings: ServerSettings) -> APIRoute
     # The manager calls engines with the engine key (these routes open only to a server that has one).
     authorization = f"Bearer {settings.engine_key}"
     too_many = {409: {"model": ErrorBody, "description": "the server holds max_remote_engines remote engines"}}
+    served = ModelIdentity.of(manager.tokenizer, manager.vocab_size, manager.max_context)
 
     @router.post("", status_code=201, responses=too_many)
     async def register(body: RegisterEngine) -> EngineRef:
-        """Takes an engine process once its URL answers as an engine of this key; one registered before at the
-        same URL is replaced."""
+        """Takes an engine process once its URL answers as an engine of this key that serves this server's model
+        (its vocabulary, tokenizer and context: remote_engine.ModelIdentity); one registered before at the same URL
+        is replaced."""
         engine = RemoteEngine(str(body.url), EngineStats(**body.stats.model_dump()), authorization)
         try:
             await engine.probe(PROBE_TIMEOUT_S)
@@ -189,6 +191,11 @@ def engines_router(manager: ParrotManager, settings: ServerSettings) -> APIRoute
             raise EngineRefusedError(f"{body.url} does not answer as an engine of this server's engine key ({exc}): "
                                      "start `parrot-lc engine` with the same --engine-key, at an --advertise-url "
                                      "that this server reaches", field="url") from exc
+        if differences := engine.identity.differences(served):
+            engine.close()
+            raise EngineRefusedError(f"{body.url} serves another model than this server's {manager.model.name!r} "
+                                     f"({'; '.join(differences)}): start `parrot-lc engine` with the same --model",
+                                     field="url")
         try:
             slot = manager.pool.register(engine)
         except TooManyEnginesError:

@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from parrot_lc.engine.async_engine import AsyncEngine
 from parrot_lc.engine.errors import EngineError
 from parrot_lc.server.auth import bearer_key_ok
+from parrot_lc.server.remote_engine import ModelIdentity
 from parrot_lc.server.responses import add_error_handlers, error_response
 from parrot_lc.server.schemas import EngineSampling, PrefixCacheReset
 from parrot_lc.settings import EngineProcessSettings
@@ -50,6 +51,7 @@ def create_engine_app(engine: AsyncEngine, api_key: str | None = None) -> FastAP
     key it registers with, which its manager sends back)."""
     app = FastAPI(title="parrot_lc engine")
     add_error_handlers(app)
+    identity = ModelIdentity.of(engine.tokenizer, engine.vocab_size, engine.max_context)
     keys = [api_key.encode()] if api_key else []
 
     @app.middleware("http")
@@ -70,6 +72,11 @@ def create_engine_app(engine: AsyncEngine, api_key: str | None = None) -> FastAP
     @app.get("/stats")
     async def stats() -> dict:
         return dataclasses.asdict(engine.stats())
+
+    @app.get("/model")
+    async def model() -> dict:
+        """What a manager checks before it takes this engine (remote_engine.ModelIdentity)."""
+        return dataclasses.asdict(identity)
 
     @app.post("/fill")
     async def fill(body: FillBody) -> dict:

@@ -76,7 +76,7 @@ class CallFailedError(ServerError):
 
 class EngineRefusedError(ServerError):
     """A remote engine's registration that the server does not take: its URL answers as no engine of this
-    server's key."""
+    server's key, or as one of another model."""
 
     status = 422
 

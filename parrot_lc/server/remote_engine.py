@@ -4,10 +4,13 @@ raises EngineUnavailableError, so the manager moves the work to another engine."
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
-from typing import AsyncIterator
+from dataclasses import asdict, dataclass
+from typing import AsyncIterator, TypeVar
 
 import httpx
+from transformers import PreTrainedTokenizerBase
 
 from parrot_lc.engine import errors as engine_errors
 from parrot_lc.engine.engine import EngineStats
@@ -16,6 +19,33 @@ from parrot_lc.engine.logprobs import TokenLogprob
 from parrot_lc.engine.request import RequestOutput
 from parrot_lc.engine.sampling import SamplingParams
 from parrot_lc.server.structured_output import constraint_fields
+
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What an engine must share with its manager to serve the manager's model: the vocabulary's size, a digest
+    of its tokenizer's tokens ("" without a tokenizer) and the context length. An engine of another model would
+    answer in token ids that the manager's tokenizer reads as other text. Weights are not compared: engines and
+    manager are started with the same --model."""
+
+    vocab_size: int
+    max_context: int
+    tokenizer: str
+
+    @classmethod
+    def of(cls, tokenizer: PreTrainedTokenizerBase | None, vocab_size: int, max_context: int) -> ModelIdentity:
+        tokens = sorted(tokenizer.get_vocab().items()) if tokenizer is not None else []
+        digest = hashlib.sha256(json.dumps(tokens).encode()).hexdigest() if tokens else ""
+        return cls(vocab_size, max_context, digest)
+
+    def differences(self, other: ModelIdentity) -> list[str]:
+        """What differs from `other`, as `name: mine against other's`."""
+        return [f"{name}: {mine} against {theirs}" for (name, mine), theirs in zip(asdict(self).items(),
+                                                                                    asdict(other).values())
+                if mine != theirs]
 
 
 def _raise_typed(error: dict) -> None:
@@ -32,6 +62,7 @@ class RemoteEngine:
         headers = {"Authorization": authorization} if authorization else {}
         self._client = httpx.AsyncClient(base_url=self.url, headers=headers, timeout=httpx.Timeout(None, connect=5.0))
         self._stats = stats
+        self.identity: ModelIdentity | None = None  # read by probe()
 
     def update_stats(self, stats: EngineStats) -> None:
         """Called with each heartbeat: the engine sends its counters along."""
@@ -41,18 +72,22 @@ class RemoteEngine:
         return self._stats
 
     async def probe(self, timeout: float) -> None:
-        """Reads the engine's counters with the manager's key, within `timeout` seconds; EngineUnavailableError
-        unless they come: a registration of a host that is no engine (or an engine of another key) is refused
-        before any call goes there."""
+        """Reads the engine's counters and its model's identity with the manager's key, within `timeout` seconds
+        each; EngineUnavailableError unless they come: a registration of a host that is no engine (or an engine of
+        another key) is refused before any call goes there."""
+        self._stats = await self._probe_get("/stats", timeout, EngineStats)
+        self.identity = await self._probe_get("/model", timeout, ModelIdentity)
+
+    async def _probe_get(self, path: str, timeout: float, kind: type[T]) -> T:
         try:
-            response = await self._client.get("/stats", timeout=timeout)
+            response = await self._client.get(path, timeout=timeout)
             if response.status_code != 200:
-                raise EngineUnavailableError(f"GET {self.url}/stats answered {response.status_code}")
-            self._stats = EngineStats(**response.json())
+                raise EngineUnavailableError(f"GET {self.url}{path} answered {response.status_code}")
+            return kind(**response.json())
         except httpx.HTTPError as exc:
-            raise EngineUnavailableError(f"GET {self.url}/stats failed: {exc!r}") from exc
-        except (ValueError, TypeError) as exc:  # not JSON, or not an engine's counters
-            raise EngineUnavailableError(f"GET {self.url}/stats answered no engine counters") from exc
+            raise EngineUnavailableError(f"GET {self.url}{path} failed: {exc!r}") from exc
+        except (ValueError, TypeError) as exc:  # not JSON, or not an engine's
+            raise EngineUnavailableError(f"GET {self.url}{path} answered no engine's fields") from exc
 
     def _check_open(self) -> None:
         if self._client.is_closed:

@@ -277,6 +277,16 @@ def test_a_registered_url_must_answer_as_an_engine_of_the_servers_key(engine_key
     assert remote_urls(engine_keyed) == []
 
 
+def test_an_engine_of_another_model_is_refused_naming_what_differs(engine_keyed, engine_app_urls, hf_checkpoint):
+    """Its token ids would be read as other text by this server's tokenizer, and answered as 200."""
+    path, _ = hf_checkpoint("llama")  # vocabulary 512, no tokenizer, 512-token context; the server's is tiny
+    [url] = engine_app_urls(ENGINE_KEY, 1, model=str(path))
+    refused = httpx.post(f"{engine_keyed.base_url}/api/engines", json={"url": url}, headers=AS_ENGINE)
+    error = refused.json()["error"]
+    assert refused.status_code == 422 and error["field"] == "url" and "serves another model" in error["message"]
+    assert "vocab_size: 512 against 1024" in error["message"] and "tokenizer" in error["message"]
+    assert remote_urls(engine_keyed) == []
+
 def test_a_registration_at_a_registered_url_replaces_it_and_the_server_holds_at_most_max_remote_engines(
         engine_keyed, engine_app_urls):
     first, second, third = engine_app_urls(ENGINE_KEY, 3)

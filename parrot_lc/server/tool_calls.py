@@ -145,18 +145,20 @@ class ToolRequest:
 @dataclass(frozen=True)
 class ChatTemplate:
     """A model's chat template, which renders chats with their tools: whether it renders tools itself (it reads a
-    `tools` variable), and the format its model calls them in."""
+    `tools` variable), and the format its model calls them in; `exists` is false for a model without one (a base
+    model's checkpoint), whose chats are refused."""
 
     tokenizer: PreTrainedTokenizerBase
     renders_tools: bool
     format: ToolFormat
+    exists: bool = True
 
     @classmethod
     def of(cls, tokenizer: PreTrainedTokenizerBase) -> ChatTemplate:
         try:
             template = tokenizer.get_chat_template(tools=[])
-        except ValueError:  # no chat template: rendering a chat fails as it always did
-            template = ""
+        except ValueError:  # no chat template
+            return cls(tokenizer, False, ToolFormat.of(""), exists=False)
         return cls(tokenizer, "tools" in template, ToolFormat.of(template))
 
     def render(self, messages: list[dict[str, Any]], tools: ToolRequest | None = None,
@@ -164,7 +166,10 @@ class ChatTemplate:
         """The messages (OpenAI's shape: an assistant's `tool_calls`, a tool message's `tool_call_id`) and tools
         rendered, and the head of that prompt that the system messages rendered alone make: the part that many
         chats share (a long system prompt, the tools), or "" if none. A template that refuses the messages (roles
-        out of its order) is a 400 naming them."""
+        out of its order), or a model without one, is a 400 naming them."""
+        if not self.exists:  # as vLLM answers, rather than guess a format the model was not trained on
+            raise ServerError("the model has no chat template (its tokenizer_config.json names none): send its prompts "
+                              "to /v1/completions, or serve a checkpoint that has one", "messages")
         messages, offered = self.conversation(messages, tools)
         system = [m for m in messages if m["role"] == "system"]
         try:

@@ -15,6 +15,7 @@ from transformers import AutoTokenizer
 
 from conftest import assert_refused
 from parrot_lc.engine.loader import TINY_DIR
+from parrot_lc.server.errors import ServerError
 from parrot_lc.server.tool_calls import (
     FORCED,
     HERMES,
@@ -231,6 +232,13 @@ def test_a_template_without_a_tool_format_gets_the_tools_in_hermes_format():
             '"rain": false}}\n</tool_call><|im_end|>\n<|im_start|>user\n<tool_response>\n{"temperature": 21}\n'
             '</tool_response><|im_end|>\n<|im_start|>assistant\n') in prompt
 
+
+def test_a_model_without_a_chat_template_refuses_chats_naming_the_messages():
+    tokenizer = AutoTokenizer.from_pretrained(TINY_DIR)
+    tokenizer.chat_template = None  # a base model's checkpoint
+    with pytest.raises(ServerError, match="has no chat template") as refused:
+        ChatTemplate.of(tokenizer).render([{"role": "user", "content": "Hi"}])
+    assert refused.value.status == 400 and refused.value.field == "messages"
 
 def test_tool_choice_none_leaves_the_tools_out_of_the_prompt():
     template = ChatTemplate.of(AutoTokenizer.from_pretrained(TINY_DIR))

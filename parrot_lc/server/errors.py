@@ -68,6 +68,14 @@ class ShuttingDownError(ServerError):
     status = 503
 
 
+class NoEngineError(ServerError):
+    """No engine could take a call (none is registered, or every one was lost): nothing is wrong with the request,
+    which a client may send again (the `openai` package retries a 503 by itself)."""
+
+    status = 503
+    code = "engine_unavailable"
+
+
 class CallFailedError(ServerError):
     """The call producing a variable failed; the message says why."""
 

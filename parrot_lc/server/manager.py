@@ -27,6 +27,7 @@ from parrot_lc.server.engine_pool import EnginePool, EngineSlot
 from parrot_lc.server.errors import (
     CallFailedError,
     ForbiddenError,
+    NoEngineError,
     NotFoundError,
     QueueFullError,
     ServerError,
@@ -81,13 +82,13 @@ class Completion:
 
     async def deltas(self) -> AsyncIterator[tuple[int, str]]:
         """(choice, text piece) as they are generated; raises CallFailedError, once every call has ended, if one
-        failed. A choice's pieces that queued up while the consumer was busy come out joined: a server running
-        behind sends fewer, larger chunks."""
+        failed (NoEngineError where no engine could take it). A choice's pieces that queued up while the consumer was
+        busy come out joined: a server running behind sends fewer, larger chunks."""
         async for delta in merged([output.deltas for output in self.outputs]):
             yield delta
         failed = next((output for output in self.outputs if output.error is not None), None)
         if failed is not None:
-            raise CallFailedError(failed.error)
+            raise (NoEngineError if failed.error_code == NoEngineError.code else CallFailedError)(failed.error)
 
     async def texts(self) -> list[str]:
         """Each choice's whole text, once every call has ended."""
@@ -397,7 +398,8 @@ class ParrotManager:
         except (EngineError, ServerError) as exc:
             log.info("call %s failed: %s", call.call_id, exc)
             call.state, call.error = CallState.FAILED, str(exc)
-            code = exc.code if isinstance(exc, ServerError) else None  # context_length_exceeded, say
+            code = (exc.code if isinstance(exc, ServerError)  # context_length_exceeded, say
+                    else NoEngineError.code if isinstance(exc, EngineUnavailableError) else None)
             self._fail_outputs(session, call, f"call {call.call_id} failed: {exc}", code)
         except Exception:  # a bug: the call fails visibly instead of leaving its consumers waiting forever
             log.exception("call %s failed unexpectedly", call.call_id)

@@ -185,3 +185,16 @@ def test_an_engine_registers_only_once_its_port_is_bound():
             remote.kill()
         readable, _, _ = select.select([taken], [], [], 1.0)  # a connection waiting to be accepted: a probe
         assert readable == [] and remote_slots(server) == []
+
+
+def test_a_request_that_no_engine_can_take_is_503_which_the_openai_package_retries():
+    settings = ServerSettings(port=0, engines=0, engine_key=ENGINE_KEY, engine_timeout=ENGINE_TIMEOUT)
+    with LocalServer(ENGINE, settings) as server:
+        body = {"model": "tiny", "prompt": "Hi", "max_tokens": 2}
+        refused = httpx.post(f"{server.base_url}/v1/completions", json=body, timeout=30)
+        error = refused.json()["error"]
+        assert refused.status_code == 503 and "no engine is serving" in error["message"], error
+        assert error["code"] == "engine_unavailable"
+        with httpx.stream("POST", f"{server.base_url}/v1/completions", json={**body, "stream": True}) as stream:
+            events = [line for line in stream.iter_lines() if line.startswith("data: {")]
+        assert "no engine is serving" in json.loads(events[-1][len("data: "):])["error"]["message"]

@@ -61,6 +61,11 @@ def log_serving(manager: ParrotManager, url: str) -> None:
     log.info("serving %s at %s (pid %d): %s", manager.model.name, url, os.getpid(),
              "; ".join(parts) or "no engine yet", extra={"model": manager.model.name, "url": url,
                                                          "engines": [asdict(info) for info in local]})
+    smallest = min((info.kv_capacity_tokens for info in local if info.kv_capacity_tokens), default=manager.max_context)
+    if smallest < manager.max_context:  # vLLM refuses to start; here such requests get 400 context_length_exceeded
+        log.warning("a local engine's KV cache holds %d tokens, fewer than the model's context of %d: a request whose "
+                    "prompt and max_tokens need more is refused; raise --kv-cache-bytes to serve the whole context",
+                    smallest, manager.max_context)
 
 
 class LocalServer:

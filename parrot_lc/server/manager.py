@@ -20,11 +20,12 @@ from typing import AsyncIterator
 
 from transformers import PreTrainedTokenizerBase
 
-from parrot_lc.engine.errors import EngineError, EngineUnavailableError
+from parrot_lc.engine.errors import ContextTooLargeError, EngineError, EngineUnavailableError
 from parrot_lc.engine.sampling import SamplingParams
 from parrot_lc.engine.engine_client import EngineClient
 from parrot_lc.server.engine_pool import EnginePool, EngineSlot
 from parrot_lc.server.errors import (
+    CONTEXT_LENGTH_EXCEEDED,
     CallFailedError,
     ForbiddenError,
     NoEngineError,
@@ -53,6 +54,10 @@ from parrot_lc.server.tasks import start_now
 from parrot_lc.settings import ServerSettings
 
 log = logging.getLogger("parrot_lc.manager")
+# The error codes of a call that fails for an engine's reason: its clients act on them (retry a 503; shorten a prompt
+# that does not fit, as for OpenAI's context_length_exceeded).
+ENGINE_ERROR_CODES: dict[type[EngineError], str] = {EngineUnavailableError: NoEngineError.code,
+                                                     ContextTooLargeError: CONTEXT_LENGTH_EXCEEDED}
 
 
 @dataclass(frozen=True)
@@ -82,13 +87,20 @@ class Completion:
 
     async def deltas(self) -> AsyncIterator[tuple[int, str]]:
         """(choice, text piece) as they are generated; raises CallFailedError, once every call has ended, if one
-        failed (NoEngineError where no engine could take it). A choice's pieces that queued up while the consumer was
+        failed (NoEngineError where no engine could take it, a 400 where its context is larger than an engine's KV
+        cache). A choice's pieces that queued up while the consumer was
         busy come out joined: a server running behind sends fewer, larger chunks."""
         async for delta in merged([output.deltas for output in self.outputs]):
             yield delta
         failed = next((output for output in self.outputs if output.error is not None), None)
-        if failed is not None:
-            raise (NoEngineError if failed.error_code == NoEngineError.code else CallFailedError)(failed.error)
+        if failed is None:
+            return
+        if failed.error_code == NoEngineError.code:
+            raise NoEngineError(failed.error)
+        if failed.error_code == CONTEXT_LENGTH_EXCEEDED:  # the request's prompt and max_tokens: a 400, as OpenAI's
+            raise ServerError(f"{failed.error}: send a shorter prompt or a smaller max_tokens (or start the server "
+                              "with a larger --kv-cache-bytes)", code=CONTEXT_LENGTH_EXCEEDED)
+        raise CallFailedError(failed.error)
 
     async def texts(self) -> list[str]:
         """Each choice's whole text, once every call has ended."""
@@ -398,8 +410,7 @@ class ParrotManager:
         except (EngineError, ServerError) as exc:
             log.info("call %s failed: %s", call.call_id, exc)
             call.state, call.error = CallState.FAILED, str(exc)
-            code = (exc.code if isinstance(exc, ServerError)  # context_length_exceeded, say
-                    else NoEngineError.code if isinstance(exc, EngineUnavailableError) else None)
+            code = exc.code if isinstance(exc, ServerError) else ENGINE_ERROR_CODES.get(type(exc))
             self._fail_outputs(session, call, f"call {call.call_id} failed: {exc}", code)
         except Exception:  # a bug: the call fails visibly instead of leaving its consumers waiting forever
             log.exception("call %s failed unexpectedly", call.call_id)

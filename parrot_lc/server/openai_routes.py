@@ -22,7 +22,7 @@ from parrot_lc.engine.constraints import Constraint
 from parrot_lc.engine.errors import InvalidRequestError
 from parrot_lc.engine.logprobs import TokenLogprob
 from parrot_lc.engine.sampling import SamplingParams
-from parrot_lc.server.errors import CallFailedError, NoEngineError, NotFoundError, ServerError
+from parrot_lc.server.errors import NotFoundError, ServerError
 from parrot_lc.server.graph import Piece
 from parrot_lc.server.manager import Completion, CompletionPrompt, ParrotManager
 from parrot_lc.server.openai_choices import ChatChoices, TextChoices, TokenTexts
@@ -260,7 +260,7 @@ async def stream_events(
                        call.stop_reason) for index, call in enumerate(completion.calls)]
         if include_usage:
             last.append(sse({**chunk([]), "usage": usage(completion)}))
-    except (CallFailedError, NoEngineError) as exc:  # the status (200) is sent: the error is the stream's last event
+    except ServerError as exc:  # a call failed once the status (200) was sent: the error is the stream's last event
         last = [sse(error_body(exc.message, exc.kind, exc.field, exc.code))]
     yield "".join(last) + "data: [DONE]\n\n"  # the stream's last events in one write
 

@@ -101,5 +101,5 @@ def test_the_error_event_that_ends_a_failed_stream_has_the_shape_of_every_error(
                                              max_tokens=4, stream=True)
         with pytest.raises(openai.APIError, match="KV cache holds") as failed:
             list(stream)
-    assert set(failed.value.body) == ERROR_KEYS and failed.value.body["type"] == "CallFailedError"
-    assert failed.value.param is None and failed.value.code is None
+    assert set(failed.value.body) == ERROR_KEYS and failed.value.body["type"] == "BadRequestError"
+    assert failed.value.param is None and failed.value.code == "context_length_exceeded"  # what clients act on

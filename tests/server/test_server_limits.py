@@ -294,3 +294,15 @@ def test_a_completion_of_more_choices_than_a_session_holds_is_refused_naming_its
     error = reply.json()["error"]
     assert reply.status_code == 400 and error["field"] == field, error
     assert error["message"].startswith(f"{prompts * n} choices ({prompts} prompts x n={n}) are more than a request")
+
+
+def test_a_request_longer_than_the_kv_cache_but_within_the_context_is_400_context_length_exceeded(caplog):
+    """The engine's cache (2,048 tokens of tiny's 8,192-token context) cannot hold it: the start-up log says so, and
+    the request is refused as OpenAI refuses a prompt too long (a 400 with its code), not 424."""
+    small = EngineSettings(model="tiny", device="cpu", dtype="float32", kv_cache_bytes=2**20)
+    with caplog.at_level("WARNING", logger="parrot_lc.server"), LocalServer(small, ServerSettings(port=0)) as server:
+        reply = httpx.post(f"{server.base_url}/v1/completions", timeout=60,
+                           json={"model": "tiny", "prompt": [7] * 2100, "max_tokens": 1})
+    error = reply.json()["error"]
+    assert reply.status_code == 400 and error["code"] == "context_length_exceeded", error
+    assert "KV cache holds 2048 tokens, fewer than the model's context of 8192" in caplog.text

@@ -21,6 +21,33 @@ from parrot_lc.settings import ServerSettings
 
 log = logging.getLogger("parrot_lc.engines")
 
+# The engines' counters that the server exports as Prometheus counters (summed over engines): they only ever rise.
+COUNTERS = ("prefill_tokens", "reused_tokens", "cached_tokens", "decode_tokens", "num_steps")
+_REMEMBERED_ENGINES = 1024  # dropped engines whose counters are kept, should they register again
+
+
+def _no_counts() -> dict[str, int]:
+    return dict.fromkeys(COUNTERS, 0)
+
+
+@dataclass
+class EngineCounts:
+    """What one engine adds to the pool's counters: the growth of its own counters while it is in the pool, so that
+    the sums never go down. Its counters as last read are `seen`; counters that read lower than that (its process
+    restarted) count from 0 again. An engine that registers again at the URL of one dropped (or replaced) begins
+    from that one's last counters: if they continue (it is the same process, its heartbeats were late), only what
+    it did since counts; if they went down (it restarted), all it did counts."""
+
+    seen: dict[str, int] = field(default_factory=_no_counts)
+    counted: dict[str, int] = field(default_factory=_no_counts)
+
+    def observe(self, stats: EngineStats) -> None:
+        now = {name: getattr(stats, name) for name in COUNTERS}
+        restarted = any(now[name] < self.seen[name] for name in COUNTERS)
+        for name in COUNTERS:
+            self.counted[name] += now[name] if restarted else now[name] - self.seen[name]
+        self.seen = now
+
 
 @dataclass
 class Registration:
@@ -43,6 +70,13 @@ class EngineSlot:
     running: int = 0
     call_ended: asyncio.Event = field(default_factory=asyncio.Event)  # set (and replaced) as each call ends
     placed: int = 0  # calls ever placed here: breaks ties in load, so idle engines take turns
+    counts: EngineCounts = field(default_factory=EngineCounts)  # its part of the pool's counters
+
+    @property
+    def source(self) -> object:
+        """What the engine is across slots: a registered engine's URL (one address serves one engine), else the
+        engine itself."""
+        return self.registration.engine.url if self.registration is not None else self.engine
 
     def end_call(self) -> None:
         """Wakes whoever waits for a call on this engine to end (for memory), once."""
@@ -59,14 +93,30 @@ class EnginePool:
         self.slots: list[EngineSlot] = []
         self._numbers = itertools.count()
         self._group_slots: dict[str, EngineSlot] = {}  # a task group's calls run on one engine
+        self._dropped_counts = _no_counts()  # what the engines dropped had counted, kept in the totals
+        self._dropped_seen: dict[object, dict[str, int]] = {}  # their counters as last read, by source
 
     def add(self, engine: EngineClient, registration: Registration | None = None) -> EngineSlot:
         settings = self.settings
         slot = EngineSlot(f"engine-{next(self._numbers)}", engine,
                           PrefixCache(engine, settings.max_prefixes_per_engine, settings.prefix_cache_fraction),
                           asyncio.Semaphore(settings.max_background_calls_per_engine), registration)
+        seen = self._dropped_seen.pop(slot.source, None)
+        if seen is not None:  # an engine dropped before (registered again at its URL): its counts are in already
+            slot.counts.seen = seen
         self.slots.append(slot)
         return slot
+
+    def counter_totals(self) -> dict[str, int]:
+        """The engines' counters (`COUNTERS`) summed over every engine this pool ever had, dropped or replaced ones
+        included: each sum only rises, as a Prometheus counter must (a sum of the engines' own counters went back
+        when an engine was dropped, and Prometheus took that for a reset)."""
+        totals = dict(self._dropped_counts)
+        for slot in self.slots:
+            slot.counts.observe(slot.engine.stats())
+            for name in COUNTERS:
+                totals[name] += slot.counts.counted[name]
+        return totals
 
     def register(self, engine: RemoteEngine) -> EngineSlot:
         """Adds an engine process that registered, with a token of its own for its heartbeats. One registered
@@ -97,14 +147,23 @@ class EnginePool:
                                 field="name")
         registration.last_heartbeat = time.monotonic()
         registration.engine.update_stats(stats)
+        slot.counts.observe(stats)
 
     def registered(self) -> list[EngineSlot]:
         return [s for s in self.slots if s.registration is not None]
 
     def drop(self, slot: EngineSlot) -> None:
-        """Forgets an engine that died: its calls fail over to the others as they notice."""
+        """Forgets an engine that died: its calls fail over to the others as they notice. What it counted stays in
+        the totals (`counter_totals`)."""
         if slot in self.slots:
             self.slots.remove(slot)
+            slot.counts.observe(slot.engine.stats())  # a registered engine's: as its last heartbeat sent them
+            for name in COUNTERS:
+                self._dropped_counts[name] += slot.counts.counted[name]
+            self._dropped_seen.pop(slot.source, None)  # (re-inserted last: the oldest go first)
+            self._dropped_seen[slot.source] = slot.counts.seen
+            while len(self._dropped_seen) > _REMEMBERED_ENGINES:
+                del self._dropped_seen[next(iter(self._dropped_seen))]
             self._group_slots = {g: s for g, s in self._group_slots.items() if s is not slot}
             if slot.registration is not None:
                 slot.engine.close()

@@ -128,6 +128,16 @@ class CallState(str, Enum):
     FAILED = "failed"
 
 
+class CallOutcome(str, Enum):
+    """How a finished call ended, as `parrot_calls_finished_total{state}` counts it. A cancelled call is FAILED to
+    its session (its outputs fail, and so do the calls that read them), but it is no failure of the server: its
+    client went away, it or its session was deleted, or it still ran at the shutdown deadline."""
+
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
 @dataclass
 class CallProgress:
     """What a call's context holds past its prompt. A call that runs again (on another engine after its engine

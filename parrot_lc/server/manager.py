@@ -38,6 +38,7 @@ from parrot_lc.server.errors import (
 from parrot_lc.server.executor import CallExecutor
 from parrot_lc.server.graph import (
     Call,
+    CallOutcome,
     CallState,
     Criterion,
     Piece,
@@ -169,7 +170,7 @@ class ParrotManager:
         self.rejected_calls = 0
         self.sessions: dict[str, Session] = {}
         self._ids = itertools.count()
-        self.calls_finished = {CallState.DONE: 0, CallState.FAILED: 0}
+        self.calls_finished = dict.fromkeys(CallOutcome, 0)  # parrot_calls_finished_total{state}
         self.draining = False  # set by drain(): new sessions and calls are refused
         self._room_freed = asyncio.Event()  # set (and replaced) whenever a call leaves the queues
 
@@ -394,6 +395,7 @@ class ParrotManager:
             await asyncio.gather(call.task, return_exceptions=True)
 
     async def _run(self, session: Session, call: Call) -> None:
+        cancelled = False
         try:
             inputs = [session.variables[v] for v in dict.fromkeys(call.inputs)]
             await asyncio.gather(*(v.ready.wait() for v in inputs))
@@ -404,7 +406,7 @@ class ParrotManager:
             await self.executor.execute(session, call)  # DONE once its outputs are set, before its context is freed
         except asyncio.CancelledError:
             if call.state is not CallState.DONE:  # else only the freeing of its context was cut short
-                call.state = CallState.FAILED
+                call.state, cancelled = CallState.FAILED, True
                 self._fail_outputs(session, call, "the call was cancelled")
             raise
         except (EngineError, ServerError) as exc:
@@ -417,8 +419,8 @@ class ParrotManager:
             call.state, call.error = CallState.FAILED, "internal error (logged on the server)"
             self._fail_outputs(session, call, f"call {call.call_id} failed: internal error (logged on the server)")
         finally:
-            if call.state in self.calls_finished:
-                self.calls_finished[call.state] += 1
+            if call.state in (CallState.DONE, CallState.FAILED):
+                self.calls_finished[CallOutcome.CANCELLED if cancelled else CallOutcome(call.state.value)] += 1
 
     def _fail_outputs(self, session: Session, call: Call, error: str, code: str | None = None) -> None:
         for var_id in call.outputs:

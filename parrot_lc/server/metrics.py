@@ -10,6 +10,19 @@ from parrot_lc.server.graph import CallState
 from parrot_lc.server.manager import ParrotManager
 
 
+CALLS_FINISHED_HELP = (
+    "Calls finished, by outcome (label state): done (its outputs set); failed (an error: of its engine, its prompt, "
+    "a failed input, or the server); cancelled (stopped before it finished: its client went away, or it or its "
+    "session was deleted, or it still ran at the shutdown deadline)")
+ENGINE_COUNTERS = (  # (metric, help, EngineStats field), summed over every engine the server ever had
+    ("parrot_prefill_tokens", "Tokens computed by prefill", "prefill_tokens"),
+    ("parrot_prefix_reused_tokens", "Tokens a fork got from its parent context", "reused_tokens"),
+    ("parrot_prefix_cached_tokens", "Prompt tokens served from the engines' block cache", "cached_tokens"),
+    ("parrot_decode_tokens", "Generated tokens fed back through the model", "decode_tokens"),
+    ("parrot_engine_steps", "Batches the engines ran (prefill and decode together)", "num_steps"),
+)
+
+
 class ManagerCollector:
     def __init__(self, manager: ParrotManager) -> None:
         self.manager = manager
@@ -21,9 +34,9 @@ class ManagerCollector:
         for state in CallState:
             by_state.add_metric([state.value], sum(c.state is state for c in calls))
         yield by_state
-        finished = CounterMetricFamily("parrot_calls_finished", "Calls finished, by outcome", labels=["state"])
-        for state, count in manager.calls_finished.items():
-            finished.add_metric([state.value], count)
+        finished = CounterMetricFamily("parrot_calls_finished", CALLS_FINISHED_HELP, labels=["state"])
+        for outcome, count in manager.calls_finished.items():
+            finished.add_metric([outcome.value], count)
         yield finished
         yield GaugeMetricFamily("parrot_queue_length", "Calls waiting for their inputs",
                                 value=sum(c.state is CallState.WAITING for c in calls))
@@ -46,16 +59,11 @@ class ManagerCollector:
             for slot, st in stats:
                 family.add_metric([slot.name], read(st, slot))
             yield family
-        yield CounterMetricFamily("parrot_prefill_tokens", "Tokens computed by prefill",
-                                  value=sum(st.prefill_tokens for _, st in stats))
-        yield CounterMetricFamily("parrot_prefix_reused_tokens", "Tokens a fork got from its parent context",
-                                  value=sum(st.reused_tokens for _, st in stats))
-        yield CounterMetricFamily("parrot_prefix_cached_tokens", "Prompt tokens served from the engines' block cache",
-                                  value=sum(st.cached_tokens for _, st in stats))
-        yield CounterMetricFamily("parrot_decode_tokens", "Generated tokens fed back through the model",
-                                  value=sum(st.decode_tokens for _, st in stats))
-        yield CounterMetricFamily("parrot_engine_steps", "Batches the engines ran (prefill and decode together)",
-                                  value=sum(st.num_steps for _, st in stats))
+        # Summed over every engine the server ever had: an engine dropped, replaced or registered again keeps what
+        # it counted in the sums, which only rise (EnginePool.counter_totals).
+        totals = manager.pool.counter_totals()
+        for name, doc, counter in ENGINE_COUNTERS:
+            yield CounterMetricFamily(name, doc, value=totals[counter])
 
 
 def registry_for(manager: ParrotManager) -> CollectorRegistry:

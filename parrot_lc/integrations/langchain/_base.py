@@ -94,8 +94,9 @@ class ParrotParams(BaseModel):
     api_key: SecretStr | None = Field(default_factory=secret_from_env("PARROT_API_KEY", default=None),
                                       validation_alias=AliasChoices("api_key", "openai_api_key"))
     """API key of a server started with `--api-key`, sent as `Authorization: Bearer <key>`. Default: the
-    `PARROT_API_KEY` environment variable (which an in-process server also reads). Also set as `openai_api_key`
-    (ChatOpenAI's other name)."""
+    `PARROT_API_KEY` environment variable (which an in-process server also reads), not ChatOpenAI's
+    `OPENAI_API_KEY`: a key for OpenAI is not sent to another server unless it is given here. Also set as
+    `openai_api_key` (ChatOpenAI's other name)."""
 
     model: str | None = Field(default=None, validation_alias=AliasChoices("model", "model_name"))
     """Without `base_url`: the model to run in this process: `"smollm2"` (the default, SmolLM2-135M-Instruct),

@@ -289,25 +289,28 @@ class Session:
 
 def validate_new_calls(session: Session, calls: list[Call]) -> None:
     """Rejects graphs that cannot run: unknown variables, a variable produced twice, an output that is also an
-    input of the same call, and cycles (through the new calls and the session's earlier ones)."""
+    input of the same call, and cycles (through the new calls and the session's earlier ones). A new call is named
+    by its place in the request (`calls.1`, its template's pieces `calls.1.template.2`): the client never saw the
+    ids of a refused submission's calls."""
     produced: dict[str, str] = {}
+    place = {call.call_id: f"calls.{index}" for index, call in enumerate(calls)}
     for call in calls:
+        at = place[call.call_id]
         if not any(p.kind == "output" for p in call.pieces):
-            raise GraphError(f"call {call.call_id} has no output variable", field=f"calls.{call.call_id}.template")
-        for piece in call.pieces:
-            if piece.kind == "text":
+            raise GraphError(f"{at} has no output variable", field=f"{at}.template")
+        for number, piece in enumerate(call.pieces):
+            if piece.kind != "text" and piece.var_id not in session.variables:
+                raise GraphError(f"unknown variable {piece.var_id!r}", field=f"{at}.template.{number}.{piece.kind}")
+        for number, piece in enumerate(call.pieces):
+            if piece.kind != "output":
                 continue
-            if piece.var_id not in session.variables:
-                raise GraphError(f"unknown variable {piece.var_id!r}", field=f"calls.{call.call_id}.template")
-        for var_id in call.outputs:
-            variable = session.variables[var_id]
-            if variable.producer is not None or variable.value is not None or var_id in produced:
-                raise GraphError(f"variable {var_id!r} is produced twice (or was already set)",
-                                 field=f"calls.{call.call_id}.template")
-            if var_id in call.inputs:
-                raise GraphError(f"call {call.call_id} reads its own output {var_id!r}",
-                                 field=f"calls.{call.call_id}.template")
-            produced[var_id] = call.call_id
+            variable = session.variables[piece.var_id]
+            if variable.producer is not None or variable.value is not None or piece.var_id in produced:
+                raise GraphError(f"variable {piece.var_id!r} is produced twice (or was already set)",
+                                 field=f"{at}.template.{number}.output")
+            if piece.var_id in call.inputs:
+                raise GraphError(f"{at} reads its own output {piece.var_id!r}", field=f"{at}.template.{number}.output")
+            produced[piece.var_id] = call.call_id
     # A cycle through the new calls may pass through the session's earlier ones: an earlier call that reads a
     # variable no call produced yet (the client was to set it) depends on the new call that produces it now.
     by_id = {c.call_id: c for c in calls}
@@ -316,13 +319,15 @@ def validate_new_calls(session: Session, calls: list[Call]) -> None:
         new = produced.get(var_id)
         return by_id[new] if new is not None else session.variables[var_id].producer
 
-    _check_acyclic(calls, lambda call: [p for v in dict.fromkeys(call.inputs) if (p := producer(v)) is not None])
+    _check_acyclic(calls, lambda call: [p for v in dict.fromkeys(call.inputs) if (p := producer(v)) is not None],
+                   lambda call: place.get(call.call_id, call.call_id))
 
 
-def _check_acyclic(roots: list[Call], producers: Callable[[Call], list[Call]]) -> None:
+def _check_acyclic(roots: list[Call], producers: Callable[[Call], list[Call]], name: Callable[[Call], str]) -> None:
     """Raises GraphError if a call reachable from `roots` (through `producers`, a call's input producers) reads,
-    through others, its own output. Depth-first with a stack of its own: a chain of thousands of calls is a
-    graph to run, not a recursion limit to hit."""
+    through others, its own output; the error names the calls by `name` (the first of the new ones as its field).
+    Depth-first with a stack of its own: a chain of thousands of calls is a graph to run, not a recursion limit to
+    hit."""
     finished: set[str] = set()
     for root in roots:
         if root.call_id in finished:
@@ -338,8 +343,8 @@ def _check_acyclic(roots: list[Call], producers: Callable[[Call], list[Call]]) -
                 finished.add(done)
                 continue
             if dep.call_id in on_path:
-                cycle = [c.call_id for c in path[path.index(dep):]] + [dep.call_id]
-                raise GraphError(f"the calls form a cycle: {' -> '.join(cycle)}", field="calls")
+                cycle = path[path.index(dep):] + [dep]
+                raise GraphError(f"the calls form a cycle: {' -> '.join(map(name, cycle))}", field=name(root))
             if dep.call_id in finished:
                 continue
             path.append(dep)

@@ -266,6 +266,20 @@ def test_a_variable_produced_twice_is_422(client):
     assert_error(session.submit([{"text": "x"}, {"output": a}], [{"text": "y"}, {"output": a}]), 422, "produced twice")
 
 
+
+def test_a_refused_graph_names_its_calls_by_their_place_in_the_request(client):
+    """Not by ids the server gave them: a refused submission's calls are never returned to the client."""
+    session = Session(client)
+    a, b, c = session.var(), session.var(), session.var()
+    unknown = session.submit([{"text": "x"}, {"output": a}], [{"text": "y"}, {"input": "v-nope"}, {"output": b}])
+    assert_error(unknown, 422, "calls.1.template.1.input")
+    cycle = session.submit([{"text": "x"}, {"output": c}], [{"text": "A "}, {"input": a}, {"output": b}],
+                           [{"text": "B "}, {"input": b}, {"output": a}])
+    assert_error(cycle, 422, "calls.1")
+    assert "calls.1 -> calls.2 -> calls.1" in cycle.json()["error"]["message"]
+    assert_error(session.submit([{"text": "x"}, {"output": c}], [{"text": "y"}, {"output": c}]), 422,
+                 "calls.1.template.1.output")
+
 def test_an_input_never_set_times_out_with_408(client):
     session = Session(client)
     never, out = session.var(), session.var()

@@ -84,7 +84,7 @@ def test_a_cycle_across_two_submissions_is_refused_and_holds_no_queue_slot(serve
     x, y = session.variables(2)
     assert session.submit([call([x], y)]).status_code == 201  # reads x (the client's to set), writes y
     cycle = session.submit([call([y], x)])  # writes x from y: each would wait for the other
-    assert cycle.status_code == 422 and cycle.json()["error"]["field"] == "calls"
+    assert cycle.status_code == 422 and cycle.json()["error"]["field"] == "calls.0"  # the new call in the cycle
     assert "cycle" in cycle.json()["error"]["message"]
     assert server.manager.queued_calls == 1
     session.delete()

@@ -18,7 +18,7 @@ from parrot_lc.settings import (
     load_settings,
     settings_table,
 )
-from parrot_lc.startup import freeze_startup_objects
+from parrot_lc.startup import freeze_startup_objects, kv_cache_fits
 
 DEMO_SYSTEM = "You are a concise assistant. Answer in one or two sentences."
 DEMO_QUESTIONS = [
@@ -62,7 +62,8 @@ def serve(args: argparse.Namespace) -> None:
 
     engine_settings, server_settings, process = load(args, EngineSettings, ServerSettings, ProcessSettings)
     configure_logging(process.log_format)
-    manager = build_manager(engine_settings, server_settings)
+    with kv_cache_fits(engine_settings):
+        manager = build_manager(engine_settings, server_settings)
     app = create_app(manager, server_settings)
     freeze_startup_objects()
     # uvicorn raises a signal it stopped on again for the previous handler: this one lets the process exit 0, as
@@ -85,7 +86,8 @@ def demo(args: argparse.Namespace) -> None:
     from parrot_lc.engine import LLMEngine, SamplingParams
 
     [settings] = load(args, EngineSettings)
-    engine = LLMEngine(settings)
+    with kv_cache_fits(settings):
+        engine = LLMEngine(settings)
     tokenizer = engine.tokenizer
     started = time.perf_counter()
     system = [{"role": "system", "content": DEMO_SYSTEM}]
@@ -124,7 +126,8 @@ def engine_process(args: argparse.Namespace) -> None:
 
     engine_settings, link_settings, process = load(args, EngineSettings, EngineProcessSettings, ProcessSettings)
     configure_logging(process.log_format)
-    engine = AsyncEngine(LLMEngine(engine_settings))
+    with kv_cache_fits(engine_settings):
+        engine = AsyncEngine(LLMEngine(engine_settings))
     freeze_startup_objects()
     url = link_settings.advertise_url or f"http://{link_settings.host}:{link_settings.port}"
     link = ManagerLink(engine, link_settings, url)

@@ -4,13 +4,14 @@ passed down."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
 # Which sequences of a step read a shared prefix's KV once (`EngineSettings.shared_prefix_attention`).
@@ -105,6 +106,68 @@ class EngineSettings(BaseSettings):
                 raise ValueError(f"{device!r}, but torch {torch.__version__} sees {count} CUDA devices here")
         return device
 
+    @field_validator("step_log")
+    @classmethod
+    def writable_step_log(cls, path: Path | None) -> Path | None:
+        """A file the engine can append to: checked here, so that a typo in the folder is a settings error before
+        the model loads, not a traceback once the engine opens the file."""
+        if path is None:
+            return path
+        if path.is_dir():
+            raise ValueError(f"{path} is a directory; name a file (in it, say {path / 'steps.jsonl'})")
+        if not path.parent.is_dir():
+            raise ValueError(f"{path}: folder {path.parent} does not exist")
+        if not os.access(path if path.exists() else path.parent, os.W_OK):
+            raise ValueError(f"{path} cannot be written here (permission denied)")
+        return path
+
+    @field_validator("cache_dir")
+    @classmethod
+    def creatable_cache_dir(cls, path: Path, info: ValidationInfo) -> Path:
+        """A cache folder that exists or can be made, for the models that are written into it (a .gguf file's
+        conversion, the dummy models' configs); a model that never uses it (`tiny`, a checkpoint directory) does
+        not need one, so an unwritable home folder is no error there. Made here rather than merely checked: only
+        mkdir tells (root may write anywhere, by permissions, yet nothing can be made under /proc)."""
+        if not _writes_into_cache_dir(info.data.get("model")):
+            return path
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"{path} is a file, not a folder")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ValueError(f"{path} cannot be created ({exc.strerror or exc})") from None
+        return path
+
+
+def _writes_into_cache_dir(model: str | None) -> bool:
+    """Whether loading `model` writes into the cache folder (engine/loader.py's resolve_checkpoint)."""
+    if model is None or model == "tiny":
+        return False
+    if model == "smollm2" or model.endswith(".gguf"):
+        return True
+    from parrot_lc.engine.model_config import DUMMY_MODELS  # here only: it imports torch
+
+    return model in DUMMY_MODELS
+
+
+def read_api_keys(path: Path) -> list[str]:
+    """The keys of an API keys file: one a line, blank lines and `#` comments left out. A file that is missing,
+    unreadable or holds no key is a ValueError naming it: an empty file must not open the API by mistake."""
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory, not a file of keys")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise ValueError(f"{path} does not exist") from None
+    except OSError as exc:
+        raise ValueError(f"{path} cannot be read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text") from None
+    keys = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not keys:
+        raise ValueError(f"{path} holds no key (one a line; `#` comments)")
+    return keys
+
 
 class ServerSettings(BaseSettings):
     """Settings of the Parrot server (the manager and its HTTP API)."""
@@ -182,15 +245,29 @@ class ServerSettings(BaseSettings):
     openai_engine_model: str | None = Field(None, description="the model name at that server (default: --model)")
     openai_engine_api_key: str | None = Field(None, description="API key of that server")
 
+    @field_validator("api_key")
+    @classmethod
+    def nonempty_api_key(cls, key: str | None) -> str | None:
+        """An empty key is refused rather than taken for none: `PARROT_API_KEY=${KEY}` in a compose file, with KEY
+        unset, would otherwise open the API without a word."""
+        if key is not None and not key.strip():
+            raise ValueError("empty; leave it unset to run without an API key")
+        return key
+
+    @field_validator("api_keys_file")
+    @classmethod
+    def readable_api_keys_file(cls, path: Path | None) -> Path | None:
+        """A keys file that exists and holds a key, checked here: a settings error before the model loads, not a
+        traceback once the app is built (api_keys() reads it again then)."""
+        if path is not None:
+            read_api_keys(path)
+        return path
+
     def api_keys(self) -> list[str]:
         """Every accepted API key: --api-key and the lines of --api-keys-file (none: the API is open)."""
         keys = [self.api_key] if self.api_key else []
         if self.api_keys_file is not None:
-            lines = self.api_keys_file.read_text(encoding="utf-8").splitlines()
-            from_file = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-            if not from_file:  # an empty file must not open the API by mistake
-                raise ValueError(f"api_keys_file {self.api_keys_file} holds no key")
-            keys += from_file
+            keys += read_api_keys(self.api_keys_file)
         return keys
 
 
@@ -247,6 +324,13 @@ CONFIG_FORMATS = {".toml": "TOML", ".yaml": "YAML", ".yml": "YAML", ".json": "JS
 
 class SettingsError(ValueError):
     """A setting that cannot be used; the message names where it came from (flag, variable or file) and the field."""
+
+
+def setting_error(cls: type[BaseSettings], name: str, problem: str) -> SettingsError:
+    """A SettingsError about a value that proved unusable only once used (a KV cache too large to allocate), after
+    load_settings: named by its flag and its variable, since where it came from is no longer known."""
+    variable = f"{cls.model_config['env_prefix']}{name.upper()}"
+    return SettingsError(f"--{name.replace('_', '-')} (or {variable}): {name}: {problem}")
 
 
 def read_config_file(path: Path) -> dict[str, Any]:

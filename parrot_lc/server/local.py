@@ -58,9 +58,13 @@ def log_serving(manager: ParrotManager, url: str) -> None:
         parts.append(f"an OpenAI-compatible engine ({manager.settings.openai_engine})")
     if manager.settings.engine_key:
         parts.append("remote engines when they register")
-    log.info("serving %s at %s (pid %d): %s", manager.model.name, url, os.getpid(),
-             "; ".join(parts) or "no engine yet", extra={"model": manager.model.name, "url": url,
-                                                         "engines": [asdict(info) for info in local]})
+    # Said either way: an open API is what a key that went missing (an unset variable) looks like.
+    keys = len(manager.settings.api_keys())
+    access = f"requests need an API key ({keys} accepted)" if keys else "requests need no API key"
+    log.info("serving %s at %s (pid %d): %s; %s", manager.model.name, url, os.getpid(),
+             "; ".join(parts) or "no engine yet", access,
+             extra={"model": manager.model.name, "url": url, "engines": [asdict(info) for info in local],
+                    "api_key_required": keys > 0})
     smallest = min((info.kv_capacity_tokens for info in local if info.kv_capacity_tokens), default=manager.max_context)
     if smallest < manager.max_context:  # vLLM refuses to start; here such requests get 400 context_length_exceeded
         log.warning("a local engine's KV cache holds %d tokens, fewer than the model's context of %d: a request whose "

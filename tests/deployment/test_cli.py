@@ -85,3 +85,40 @@ def test_help_loads_no_model_code():
             "    pass\nassert not {'torch', 'parrot_lc.engine.engine'} & set(sys.modules), 'imported'")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def refusal(*args: str) -> str:
+    """The one line that `parrot-lc ARGS` writes when it refuses to start: exit code 2, no traceback."""
+    result = subprocess.run([sys.executable, "-m", "parrot_lc.cli", *args], capture_output=True, text=True, timeout=90)
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.splitlines()
+    return line
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--api-keys-file", "{tmp}/absent.txt"), ("--api-keys-file", "{tmp}"), ("--api-keys-file", "{tmp}/comments.txt"),
+    ("--step-log", "{tmp}/absent/steps.jsonl"), ("--step-log", "{tmp}"), ("--cache-dir", "{tmp}/a-file/cache"),
+], ids=["keys-file-missing", "keys-file-a-directory", "keys-file-without-a-key", "step-log-folder-missing",
+        "step-log-a-directory", "cache-dir-under-a-file"])
+def test_a_bad_path_setting_stops_serve_with_one_line_naming_the_flag_before_the_model_loads(tmp_path, flag, value):
+    (tmp_path / "comments.txt").write_text("# no key yet\n")
+    (tmp_path / "a-file").write_text("")
+    # A model that does not exist: were the path checked only once the model loaded, the error would name the model.
+    line = refusal("serve", "--model", str(tmp_path / "model.gguf"), flag, value.format(tmp=tmp_path))
+    assert line.startswith(f"parrot-lc: error: {flag}: {flag[2:].replace('-', '_')}:")
+
+
+@pytest.mark.parametrize("command", ["serve", "engine", "demo"])
+def test_a_kv_cache_larger_than_memory_is_a_one_line_error_naming_kv_cache_bytes(command):
+    line = refusal(command, "--model", "tiny", "--device", "cpu", "--kv-cache-bytes", str(10**15))
+    assert line.startswith("parrot-lc: error: --kv-cache-bytes (or PARROT_KV_CACHE_BYTES): kv_cache_bytes: ")
+    assert "do not fit in memory" in line
+
+
+@pytest.mark.parametrize("keyed", [True, False], ids=["with-a-key", "open"])
+def test_the_start_up_line_says_whether_requests_need_an_api_key(tmp_path, keyed):
+    served = Served(tmp_path / "serve.log", *(["--api-key", "secret"] if keyed else []))
+    served.stop()
+    [start] = [r for r in served.records() if r["message"].startswith("serving ")]
+    assert start["api_key_required"] is keyed
+    assert ("requests need an API key" if keyed else "requests need no API key") in start["message"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from parrot_lc.cli import build_parser, load, main
-from parrot_lc.settings import EngineSettings, ProcessSettings, ServerSettings
+from parrot_lc.settings import EngineSettings, ProcessSettings, ServerSettings, SettingsError
 
 
 def settings_of(argv: list[str]):
@@ -113,3 +113,51 @@ def test_a_nan_header_timeout_is_a_settings_error(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         main(["serve"])
     assert "environment variable PARROT_HEADER_TIMEOUT: header_timeout:" in capsys.readouterr().err
+
+
+def settings_error_of(argv: list[str]) -> str:
+    """The message of the settings error that loading `argv`'s settings raises."""
+    with pytest.raises(SettingsError) as refused:
+        settings_of(argv)
+    return str(refused.value)
+
+
+@pytest.mark.parametrize("name, problem", [("absent.txt", "does not exist"), (".", "is a directory")])
+def test_an_api_keys_file_that_cannot_be_read_is_a_settings_error_naming_the_flag(tmp_path, name, problem):
+    path = tmp_path / name
+    message = settings_error_of(["serve", "--api-keys-file", str(path)])
+    assert message.startswith("--api-keys-file: api_keys_file:") and f"{path} {problem}" in message
+
+
+def test_an_api_keys_file_of_comments_only_is_a_settings_error_naming_the_flag(tmp_path):
+    path = tmp_path / "keys.txt"
+    path.write_text("# keys go here\n\n")
+    message = settings_error_of(["serve", "--api-keys-file", str(path)])
+    assert message.startswith("--api-keys-file: api_keys_file:") and f"{path} holds no key" in message
+
+
+def test_a_step_log_in_a_folder_that_does_not_exist_is_a_settings_error_naming_the_flag(tmp_path):
+    path = tmp_path / "absent" / "steps.jsonl"
+    message = settings_error_of(["serve", "--step-log", str(path)])
+    assert message.startswith("--step-log: step_log:") and f"folder {path.parent} does not exist" in message
+
+
+def test_a_step_log_that_is_a_directory_is_a_settings_error_naming_the_flag(tmp_path):
+    message = settings_error_of(["serve", "--step-log", str(tmp_path)])
+    assert message.startswith("--step-log: step_log:") and f"{tmp_path} is a directory" in message
+
+
+def test_a_cache_dir_that_cannot_be_created_is_a_settings_error_for_a_gguf_model(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    cache_dir = tmp_path / "a-file" / "cache"  # under a file: nobody, root included, can make it
+    message = settings_error_of(["serve", "--model", str(tmp_path / "model.gguf"), "--cache-dir", str(cache_dir)])
+    assert message.startswith("--cache-dir: cache_dir:") and f"{cache_dir} cannot be created" in message
+
+
+@pytest.mark.parametrize("source", ["flag", "environment"])
+def test_an_empty_api_key_is_refused_rather_than_opening_the_api(monkeypatch, source):
+    if source == "environment":
+        monkeypatch.setenv("PARROT_API_KEY", "")  # what `PARROT_API_KEY: ${KEY}` gives with KEY unset
+    message = settings_error_of(["serve"] + (["--api-key", ""] if source == "flag" else []))
+    named = "--api-key" if source == "flag" else "environment variable PARROT_API_KEY"
+    assert message.startswith(f"{named}: api_key:") and "leave it unset to run without an API key" in message

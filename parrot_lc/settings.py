@@ -193,7 +193,8 @@ class ServerSettings(BaseSettings):
     )
     api_key: str | None = Field(
         None, description="if set, the API (sessions, calls, /v1, /metrics) needs `Authorization: Bearer KEY`; "
-        "/health and the OpenAPI docs (/docs, /openapi.json) stay open"
+        "/health and the OpenAPI docs (/docs, /openapi.json) stay open; an empty value is refused (leave it unset "
+        "for an open API)"
     )
     api_keys_file: Path | None = Field(
         None, description="a file of API keys, one a line (`#` comments), each accepted like --api-key"

@@ -150,6 +150,14 @@ def _writes_into_cache_dir(model: str | None) -> bool:
     return model in DUMMY_MODELS
 
 
+def nonempty_key(key: str | None) -> str | None:
+    """A key given empty is refused rather than taken for none: `PARROT_API_KEY=${KEY}` in a compose file, with KEY
+    unset, would otherwise open the API (or an engine) without a word."""
+    if key is not None and not key.strip():
+        raise ValueError("empty; leave it unset to run without a key")
+    return key
+
+
 def read_api_keys(path: Path) -> list[str]:
     """The keys of an API keys file: one a line, blank lines and `#` comments left out. A file that is missing,
     unreadable or holds no key is a ValueError naming it: an empty file must not open the API by mistake."""
@@ -246,14 +254,10 @@ class ServerSettings(BaseSettings):
     openai_engine_model: str | None = Field(None, description="the model name at that server (default: --model)")
     openai_engine_api_key: str | None = Field(None, description="API key of that server")
 
-    @field_validator("api_key")
+    @field_validator("api_key", "engine_key")
     @classmethod
-    def nonempty_api_key(cls, key: str | None) -> str | None:
-        """An empty key is refused rather than taken for none: `PARROT_API_KEY=${KEY}` in a compose file, with KEY
-        unset, would otherwise open the API without a word."""
-        if key is not None and not key.strip():
-            raise ValueError("empty; leave it unset to run without an API key")
-        return key
+    def nonempty_key(cls, key: str | None) -> str | None:
+        return nonempty_key(key)
 
     @field_validator("api_keys_file")
     @classmethod
@@ -290,6 +294,11 @@ class EngineProcessSettings(BaseSettings):
         10.0, gt=0, allow_inf_nan=False, description="seconds a caller has to send a request's headers, from "
         "connecting (or from the request's first byte, on a kept-alive connection); slower connections are closed"
     )
+
+    @field_validator("engine_key")
+    @classmethod
+    def nonempty_engine_key(cls, key: str | None) -> str | None:
+        return nonempty_key(key)
 
 
 class ProcessSettings(BaseSettings):

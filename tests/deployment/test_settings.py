@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from parrot_lc.cli import build_parser, load, main
-from parrot_lc.settings import EngineSettings, ProcessSettings, ServerSettings, SettingsError
+from parrot_lc.settings import EngineProcessSettings, EngineSettings, ProcessSettings, ServerSettings, SettingsError
 
 
 def settings_of(argv: list[str]):
@@ -160,4 +160,14 @@ def test_an_empty_api_key_is_refused_rather_than_opening_the_api(monkeypatch, so
         monkeypatch.setenv("PARROT_API_KEY", "")  # what `PARROT_API_KEY: ${KEY}` gives with KEY unset
     message = settings_error_of(["serve"] + (["--api-key", ""] if source == "flag" else []))
     named = "--api-key" if source == "flag" else "environment variable PARROT_API_KEY"
-    assert message.startswith(f"{named}: api_key:") and "leave it unset to run without an API key" in message
+    assert message.startswith(f"{named}: api_key:") and "leave it unset to run without a key" in message
+
+
+@pytest.mark.parametrize("command, variable, settings", [("serve", "PARROT_ENGINE_KEY", ServerSettings),
+                                                         ("engine", "PARROT_ENGINE_ENGINE_KEY", EngineProcessSettings)])
+def test_an_empty_engine_key_is_refused_rather_than_opening_an_engine(monkeypatch, command, variable, settings):
+    monkeypatch.setenv(variable, "")
+    with pytest.raises(SettingsError) as refused:
+        load(build_parser().parse_args([command]), settings)
+    message = str(refused.value)
+    assert message.startswith(f"environment variable {variable}: engine_key:") and "leave it unset" in message

@@ -62,7 +62,7 @@ def test_a_throughput_fetch_makes_nothing_latency_critical(session):
 
 
 def test_a_cycle_is_rejected_with_its_path(session):
-    with pytest.raises(GraphError, match="cycle: .*a -> .*b"):
+    with pytest.raises(GraphError, match="cycle: calls.0 -> calls.1 -> calls.0"):  # by their place in the request
         build(session, {"a": ["b"], "b": ["a"]})
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from parrot_lc.engine import SamplingParams
 from parrot_lc.engine.async_engine import AsyncEngine
-from parrot_lc.server.errors import CallFailedError
+from parrot_lc.server.errors import CONTEXT_LENGTH_EXCEEDED, ServerError
 from parrot_lc.server.graph import Piece
 from parrot_lc.server.local import build_manager
 from parrot_lc.server.manager import CompletionPrompt
@@ -79,8 +79,9 @@ def test_a_prefix_the_engine_refuses_fails_its_call_for_that_reason_and_leaves_n
             pieces = [Piece("text", head), Piece("text", prompt[len(head):])]
             completion = manager.start_completion([CompletionPrompt(pieces, manager.prompts.tokenize(prompt),
                                                                     SamplingParams(max_tokens=2, temperature=0))])
-            with pytest.raises(CallFailedError) as failure:
+            with pytest.raises(ServerError) as failure:  # a 400 context_length_exceeded: no engine can hold it
                 "".join([text async for _, text in completion.deltas()])
+            assert failure.value.code == CONTEXT_LENGTH_EXCEEDED
             await manager.end_completion(completion)
             slot = manager.engines[0]
             for _ in range(100):

@@ -72,12 +72,6 @@ class EngineSlot:
     placed: int = 0  # calls ever placed here: breaks ties in load, so idle engines take turns
     counts: EngineCounts = field(default_factory=EngineCounts)  # its part of the pool's counters
 
-    @property
-    def source(self) -> object:
-        """What the engine is across slots: a registered engine's URL (one address serves one engine), else the
-        engine itself."""
-        return self.registration.engine.url if self.registration is not None else self.engine
-
     def end_call(self) -> None:
         """Wakes whoever waits for a call on this engine to end (for memory), once."""
         self.call_ended.set()
@@ -94,14 +88,16 @@ class EnginePool:
         self._numbers = itertools.count()
         self._group_slots: dict[str, EngineSlot] = {}  # a task group's calls run on one engine
         self._dropped_counts = _no_counts()  # what the engines dropped had counted, kept in the totals
-        self._dropped_seen: dict[object, dict[str, int]] = {}  # their counters as last read, by source
+        # Registered engines dropped: their counters as last read, by URL (one address serves one engine), should
+        # they register again; engines in this process never come back.
+        self._dropped_seen: dict[str, dict[str, int]] = {}
 
     def add(self, engine: EngineClient, registration: Registration | None = None) -> EngineSlot:
         settings = self.settings
         slot = EngineSlot(f"engine-{next(self._numbers)}", engine,
                           PrefixCache(engine, settings.max_prefixes_per_engine, settings.prefix_cache_fraction),
                           asyncio.Semaphore(settings.max_background_calls_per_engine), registration)
-        seen = self._dropped_seen.pop(slot.source, None)
+        seen = self._dropped_seen.pop(registration.engine.url, None) if registration is not None else None
         if seen is not None:  # an engine dropped before (registered again at its URL): its counts are in already
             slot.counts.seen = seen
         self.slots.append(slot)
@@ -160,12 +156,13 @@ class EnginePool:
             slot.counts.observe(slot.engine.stats())  # a registered engine's: as its last heartbeat sent them
             for name in COUNTERS:
                 self._dropped_counts[name] += slot.counts.counted[name]
-            self._dropped_seen.pop(slot.source, None)  # (re-inserted last: the oldest go first)
-            self._dropped_seen[slot.source] = slot.counts.seen
-            while len(self._dropped_seen) > _REMEMBERED_ENGINES:
-                del self._dropped_seen[next(iter(self._dropped_seen))]
             self._group_slots = {g: s for g, s in self._group_slots.items() if s is not slot}
             if slot.registration is not None:
+                url = slot.registration.engine.url
+                self._dropped_seen.pop(url, None)  # (re-inserted last: the oldest go first)
+                self._dropped_seen[url] = slot.counts.seen
+                while len(self._dropped_seen) > _REMEMBERED_ENGINES:
+                    del self._dropped_seen[next(iter(self._dropped_seen))]
                 slot.engine.close()
 
     def drop_silent(self, timeout: float) -> list[str]:

@@ -70,7 +70,8 @@ SMALL_GROUPS_MAX_ROWS = 64
 WARP_SPECIALIZED_ROWS = 128
 WARP_SPECIALIZED_ROW_TOKENS = 2**25
 WARP_SPECIALIZED_TILE = 128  # tokens of a tile; a page holds whole tiles or a tile whole pages
-# Copies of a tile (K and V, 64 head dims, a page each): one a lane of its kind's producer warp.
+# Copies of a tile, K's and V's together (64 head dims, a page each), at most: each kind's are one a lane of its
+# producer warp, so 64 would fit, but pages under 16 tokens were never tested on the GPU and stay refused.
 WARP_SPECIALIZED_MAX_BOXES = 32
 
 

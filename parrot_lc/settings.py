@@ -128,7 +128,10 @@ class EngineSettings(BaseSettings):
         conversion, the dummy models' configs); a model that never uses it (`tiny`, a checkpoint directory) does
         not need one, so an unwritable home folder is no error there. Made here rather than merely checked: only
         mkdir tells (root may write anywhere, by permissions, yet nothing can be made under /proc)."""
-        if not _writes_into_cache_dir(info.data.get("model")):
+        from parrot_lc.engine.loader import writes_into_cache_dir  # here only: it imports torch
+
+        model = info.data.get("model")
+        if model is None or not writes_into_cache_dir(model):
             return path
         if path.exists() and not path.is_dir():
             raise ValueError(f"{path} is a file, not a folder")
@@ -137,17 +140,6 @@ class EngineSettings(BaseSettings):
         except OSError as exc:
             raise ValueError(f"{path} cannot be created ({exc.strerror or exc})") from None
         return path
-
-
-def _writes_into_cache_dir(model: str | None) -> bool:
-    """Whether loading `model` writes into the cache folder (engine/loader.py's resolve_checkpoint)."""
-    if model is None or model == "tiny":
-        return False
-    if model == "smollm2" or model.endswith(".gguf"):
-        return True
-    from parrot_lc.engine.model_config import DUMMY_MODELS  # here only: it imports torch
-
-    return model in DUMMY_MODELS
 
 
 def nonempty_key(key: str | None) -> str | None:

@@ -29,6 +29,12 @@ class LoadedModel:
     weight_format: str  # how its linear layers hold their weights (engine/cpu_weights.py), or their dtype
 
 
+def writes_into_cache_dir(name: str) -> bool:
+    """Whether resolve_checkpoint writes `name`'s checkpoint under cache_dir: a named dummy model's (its config
+    and the tiny tokenizer) or a GGUF file's conversion (smollm2's too)."""
+    return name in DUMMY_MODELS or name == "smollm2" or name.endswith(".gguf")
+
+
 def resolve_checkpoint(name: str, cache_dir: Path) -> tuple[Path, bool]:
     """Maps a model name to a checkpoint directory; the flag says whether its weights are random (tiny and the
     named dummy models, whose directory is written under cache_dir: their config and the tiny tokenizer)."""

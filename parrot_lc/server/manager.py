@@ -89,8 +89,8 @@ class Completion:
     async def deltas(self) -> AsyncIterator[tuple[int, str]]:
         """(choice, text piece) as they are generated; raises CallFailedError, once every call has ended, if one
         failed (NoEngineError where no engine could take it, a 400 where its context is larger than an engine's KV
-        cache). A choice's pieces that queued up while the consumer was
-        busy come out joined: a server running behind sends fewer, larger chunks."""
+        cache). A choice's pieces that queued up while the consumer was busy come out joined: a server running
+        behind sends fewer, larger chunks."""
         async for delta in merged([output.deltas for output in self.outputs]):
             yield delta
         failed = next((output for output in self.outputs if output.error is not None), None)

@@ -1,7 +1,8 @@
 """The engine's decode attention and the CUDA kernel's plans on benchmarks/kernel_shared_prefix.py's 18 cases, no
 peers: a quick A/B of two builds of the kernel (each timed from its own tree's root, one after the other, on one
-machine). Per case: `engine` (cuda_attention.CudaBackend's pick) and each plan of kernel_shared_prefix.cuda_plans
-named in --plans, in us, and the byte floor; one JSON line a case, and all of them in --out.
+machine). Per case: `engine` (cuda_attention.CudaBackend's pick), each plan of kernel_shared_prefix.cuda_plans
+named in --plans and, where `cuda` is named, the CUDA kernel in the plan it picks (where the engine may take the
+Triton kernel instead), in us, and the byte floor; one JSON line a case, and all of them in --out.
 
     python3 setup.py build_ext --inplace
     PYTHONPATH=. python3 benchmarks/kernel_plans.py --plans warp_specialized --out $OUT/plans.json
@@ -22,7 +23,8 @@ from parrot_lc.engine import cuda_attention
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--plans", nargs="*", default=["warp_specialized"],
-                        help="plans of kernel_shared_prefix.cuda_plans to time besides the engine's pick")
+                        help="plans of kernel_shared_prefix.cuda_plans (or `cuda`, the kernel's own pick) to time "
+                             "besides the engine's pick")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     bandwidth = copy_bandwidth()
@@ -33,6 +35,9 @@ def main() -> None:
         scale = HEAD_DIM**-0.5
         row = {"kv_heads": kv_heads, "n": n, "prefix": prefix,
                "engine": time_ms(lambda: backend.decode(q, k_cache, v_cache, layout, scale))[0] * 1e3}
+        if "cuda" in args.plans:
+            row["cuda"] = time_ms(lambda: cuda_attention.cuda_decode_attention(q, k_cache, v_cache, layout,
+                                                                               scale))[0] * 1e3
         for name, launch in cuda_plans(q, k_cache, layout).items():
             if name in args.plans:
                 row[name] = time_ms(lambda: cuda_attention.cuda_decode_attention(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+import sys
 import time
 
 from parrot_lc.engine.errors import ModelLoadError
@@ -67,7 +68,7 @@ def serve(args: argparse.Namespace) -> None:
     app = create_app(manager, server_settings)
     freeze_startup_objects()
     # uvicorn raises a signal it stopped on again for the previous handler: this one lets the process exit 0, as
-    # a service manager expects of a clean stop. (The first SIGTERM drains without reaching uvicorn at all.)
+    # a service manager expects of a clean stop. (Once serving, signals drain without reaching uvicorn at all.)
     signal.signal(signal.SIGTERM, lambda *_: None)
     # log_config=None: uvicorn's records go through the handler configured above; the app logs each request
     # itself, with its id, instead of uvicorn's access log, and its start (what it serves, where) once it listens,
@@ -75,10 +76,13 @@ def serve(args: argparse.Namespace) -> None:
     config = uvicorn.Config(app, host=server_settings.host, port=server_settings.port, log_level="warning",
                             log_config=None, access_log=False, timeout_graceful_shutdown=process.shutdown_timeout,
                             **uvicorn_options(server_settings.header_timeout))
+    server = DrainingServer(config, manager, process.shutdown_timeout)
     try:
-        DrainingServer(config, manager, process.shutdown_timeout).run()
+        server.run()
     finally:
         manager.close()
+    if server.stopped_now_by is not None:  # a second signal cut the drain short: the work was not finished
+        sys.exit(128 + server.stopped_now_by)
 
 
 def demo(args: argparse.Namespace) -> None:

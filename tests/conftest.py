@@ -147,6 +147,19 @@ def assert_logits_follow_reference(
     engine.free_context("reference")
 
 
+@pytest.fixture
+def oversized_checkpoint(tmp_path) -> Path:
+    """A checkpoint directory (config.json only: for `--load-format dummy`) of the tiny model's shapes but with an
+    MLP 2**40 wide: its weights cannot be allocated on any machine, and the allocator says so at once."""
+    from parrot_lc.engine.loader import TINY_DIR
+
+    config = json.loads((TINY_DIR / "config.json").read_text()) | {"intermediate_size": 2**40}
+    path = tmp_path / "oversized"
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
 @pytest.fixture(scope="session")
 def smollm2_cache_dir(tmp_path_factory) -> Path:
     """One cache directory for the converted SmolLM2 checkpoint, so that the suite converts the file once."""

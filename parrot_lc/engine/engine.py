@@ -22,7 +22,10 @@ from parrot_lc.engine.errors import (
     EngineStepError,
     ContextTooLargeError,
     InvalidRequestError,
+    ModelLoadError,
     RequestCancelledError,
+    allocator_reason,
+    is_out_of_memory,
 )
 from parrot_lc.engine.host_to_device import to_device
 from parrot_lc.engine.loader import load_model
@@ -127,10 +130,19 @@ class LLMEngine:
             dtype_name = "float32" if self.device.type == "cpu" else "bfloat16"
         self.dtype = DTYPES[dtype_name]
         self.backend = select_backend(settings.attention_backend, self.device)
-        loaded = load_model(
-            settings.model, self.backend, self.dtype, self.device, settings.cache_dir, settings.seed,
-            random_weights=settings.load_format == "dummy", cpu_weight_format=settings.cpu_weight_format,
-        )
+        try:
+            loaded = load_model(
+                settings.model, self.backend, self.dtype, self.device, settings.cache_dir, settings.seed,
+                random_weights=settings.load_format == "dummy", cpu_weight_format=settings.cpu_weight_format,
+            )
+        except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+            if not is_out_of_memory(exc):
+                raise
+            # Said here, where it is known: a failure once the weights are in is the KV cache's (kv_cache_fits).
+            raise ModelLoadError(
+                f"model {settings.model!r}: its weights do not fit in {self.device} memory ({allocator_reason(exc)}), "
+                f"before any KV cache was allocated; use a smaller model or --dtype, or a device with more memory"
+            ) from None
         self.model, self.config, self.tokenizer = loaded.model, loaded.config, loaded.tokenizer
         self.weight_format = loaded.weight_format
         self.eos_token_ids = self.config.eos_token_ids

@@ -1,5 +1,7 @@
 """Typed errors of the engine: each names what was wrong with one request, so callers can answer that
-request alone while the engine keeps serving the others."""
+request alone while the engine keeps serving the others; and how torch's failed allocations read."""
+
+import re
 
 
 class EngineError(Exception):
@@ -39,7 +41,8 @@ class RequestCancelledError(EngineError):
 
 
 class ModelLoadError(EngineError, ValueError):
-    """A model path or file that cannot be loaded (missing, corrupt, unsupported architecture or tensor type)."""
+    """A model path or file that cannot be loaded (missing, corrupt, unsupported architecture or tensor type), or
+    whose weights do not fit in the device's memory."""
 
 
 class EngineStepError(EngineError):
@@ -48,3 +51,18 @@ class EngineStepError(EngineError):
 
 class EngineUnavailableError(EngineError):
     """The engine cannot be reached (its process died or stopped answering): work moves elsewhere."""
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` is an allocation that failed: torch's CPU allocator raises a plain RuntimeError that says so,
+    CUDA's a torch.OutOfMemoryError."""
+    text = str(exc)
+    return isinstance(exc, MemoryError) or "out of memory" in text or "can't allocate memory" in text
+
+
+def allocator_reason(exc: BaseException) -> str:
+    """The allocator's message, short: its first two sentences, without the C++ check that failed
+    (`[enforce fail at alloc_cpu.cpp:127] err == 0.`). CUDA's goes on with advice on fragmentation."""
+    lines = str(exc).strip().splitlines() or [type(exc).__name__]
+    text = re.sub(r"^\[enforce fail at [^\]]*\] *[^.]*\. *", "", lines[0])
+    return ". ".join(text.split(". ")[:2]).rstrip(".")

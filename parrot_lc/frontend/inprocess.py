@@ -26,14 +26,18 @@ _lock = threading.Lock()
 
 def local_server(model: str = DEFAULT_MODEL) -> LocalServer:
     """The in-process server of `model` (a name such as `smollm2` or `tiny`, a checkpoint directory or a
-    .gguf file), started on first use; other settings come from PARROT_* environment variables."""
+    .gguf file), started on first use on a free loopback port; other settings come from PARROT_* environment
+    variables. A variable that holds no usable value raises parrot_lc.settings.SettingsError naming it, as
+    `parrot-lc serve` says it."""
     from parrot_lc.server.local import LocalServer
-    from parrot_lc.settings import EngineSettings
+    from parrot_lc.settings import EngineSettings, ServerSettings, load_settings
 
     with _lock:
         server = _servers.get(model)
         if server is None:
-            server = LocalServer(EngineSettings(model=model)).start()
+            engine_settings, server_settings = load_settings((EngineSettings, ServerSettings),
+                                                             {"model": model, "port": 0})
+            server = LocalServer(engine_settings, server_settings).start()
             _servers[model] = server
         return server
 

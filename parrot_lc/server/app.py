@@ -157,8 +157,7 @@ async def watch_engines(manager: ParrotManager, timeout: float) -> None:
     """Drops remote engines that stopped sending heartbeats; their calls move to the others."""
     while True:
         await asyncio.sleep(timeout / 4)
-        for name in manager.pool.drop_silent(timeout):
-            log.warning("engine %s sent no heartbeat for %.1f s: dropped", name, timeout)
+        manager.pool.drop_silent(timeout)
 
 
 async def expire_sessions(manager: ParrotManager, timeout: float) -> None:

@@ -68,6 +68,7 @@ class EngineSlot:
     background: asyncio.Semaphore  # caps the calls that are not latency-critical
     registration: Registration | None = None  # engines that registered over HTTP only
     running: int = 0
+    calls: set[str] = field(default_factory=set)  # placed here and not ended (`session/call`), named if it is lost
     call_ended: asyncio.Event = field(default_factory=asyncio.Event)  # set (and replaced) as each call ends
     placed: int = 0  # calls ever placed here: breaks ties in load, so idle engines take turns
     counts: EngineCounts = field(default_factory=EngineCounts)  # its part of the pool's counters
@@ -76,6 +77,11 @@ class EngineSlot:
         """Wakes whoever waits for a call on this engine to end (for memory), once."""
         self.call_ended.set()
         self.call_ended = asyncio.Event()
+
+    @property
+    def label(self) -> str:
+        """Its name, and where a registered engine runs (its own logs are there)."""
+        return f"{self.name} ({self.registration.engine.url})" if self.registration is not None else self.name
 
 
 class EnginePool:
@@ -120,8 +126,7 @@ class EnginePool:
         serves one engine); past max_remote_engines, TooManyEnginesError."""
         for old in self.registered():
             if old.registration.engine.url == engine.url:
-                log.warning("engine %s registers again: it replaces %s", engine.url, old.name)
-                self.drop(old)
+                self.drop(old, "it registered again, as a new engine: a restarted process holds none of its contexts")
         most = self.settings.max_remote_engines
         if len(self.registered()) >= most:
             raise TooManyEnginesError(f"the server holds {most} remote engines already (its max_remote_engines): "
@@ -148,11 +153,17 @@ class EnginePool:
     def registered(self) -> list[EngineSlot]:
         return [s for s in self.slots if s.registration is not None]
 
-    def drop(self, slot: EngineSlot) -> None:
-        """Forgets an engine that died: its calls fail over to the others as they notice. What it counted stays in
-        the totals (`counter_totals`)."""
+    def drop(self, slot: EngineSlot, reason: str) -> None:
+        """Forgets an engine that died (`reason`: how that showed), with one warning that names it and the calls it
+        had: they fail over to the others as they notice. What it counted stays in the totals (`counter_totals`)."""
         if slot in self.slots:
             self.slots.remove(slot)
+            calls = sorted(slot.calls)
+            fate = ("no call was on it" if not calls else
+                    f"its {len(calls)} call{'s' * (len(calls) > 1)} "
+                    f"{'resume on another engine' if self.slots else 'fail: no engine is left'}: {', '.join(calls)}")
+            log.warning("engine %s lost (%s); %s", slot.label, reason, fate,
+                        extra={"engine": slot.name, "reason": reason, "calls": calls})
             slot.counts.observe(slot.engine.stats())  # a registered engine's: as its last heartbeat sent them
             for name in COUNTERS:
                 self._dropped_counts[name] += slot.counts.counted[name]
@@ -165,13 +176,11 @@ class EnginePool:
                     del self._dropped_seen[next(iter(self._dropped_seen))]
                 slot.engine.close()
 
-    def drop_silent(self, timeout: float) -> list[str]:
-        """Drops registered engines whose last heartbeat is older than `timeout` seconds; returns their names."""
+    def drop_silent(self, timeout: float) -> None:
+        """Drops registered engines whose last heartbeat is older than `timeout` seconds."""
         now = time.monotonic()
-        silent = [s for s in self.registered() if now - s.registration.last_heartbeat > timeout]
-        for slot in silent:
-            self.drop(slot)
-        return [s.name for s in silent]
+        for slot in [s for s in self.registered() if now - s.registration.last_heartbeat > timeout]:
+            self.drop(slot, f"no heartbeat for {timeout:.1f} s")
 
     def place(self, call: Call, prefix: PromptPrefix | None) -> EngineSlot:
         """Prefix affinity first (the engine that holds the prefix), then the call's task group, then load."""

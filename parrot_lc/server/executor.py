@@ -66,10 +66,15 @@ class CallExecutor:
             slot = self.pool.place(call, prefix)
             if prefix is not None and call.shares_variables:
                 session.variable_prefixes.add((slot.name, prefix.key))
+            slot.calls.add(run.context_id)
             try:
                 return await self._on_engine(slot, run)
-            except EngineUnavailableError:
-                self.pool.drop(slot)  # the call resumes on another engine where this one stopped (CallProgress)
+            except EngineUnavailableError as exc:
+                # The first of its calls to notice drops it, naming them all (each is on it until its `finally`);
+                # the call resumes on another engine where this one stopped (CallProgress).
+                self.pool.drop(slot, str(exc))
+            finally:
+                slot.calls.discard(run.context_id)
 
     def _priority(self, call: Call) -> int:
         if not self.app_centric:

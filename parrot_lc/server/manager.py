@@ -171,7 +171,8 @@ class ParrotManager:
         self.sessions: dict[str, Session] = {}
         self._ids = itertools.count()
         self.calls_finished = dict.fromkeys(CallOutcome, 0)  # parrot_calls_finished_total{state}
-        self.draining = False  # set by drain(): new sessions and calls are refused
+        self.draining = False  # set by drain() (or stop_now()): new sessions and calls are refused
+        self._stopping = asyncio.Event()  # set by stop_now(): a drain's deadline is now
         self._room_freed = asyncio.Event()  # set (and replaced) whenever a call leaves the queues
 
     @property
@@ -518,13 +519,22 @@ class ParrotManager:
         if self.draining:
             raise ShuttingDownError("the server is shutting down: it finishes the work it has and takes no more")
 
+    def _unfinished_calls(self) -> list[asyncio.Task]:
+        return [c.task for s in list(self.sessions.values()) for c in s.calls.values()
+                if c.task is not None and not c.task.done()]
+
     async def drain(self, timeout: float) -> None:
-        """Takes no new work from now on (ShuttingDownError), gives the unfinished calls up to `timeout` seconds,
-        cancels those still running then (their outputs fail), and frees the engines' warm prefix contexts."""
+        """Takes no new work from now on (ShuttingDownError), gives the unfinished calls up to `timeout` seconds (or
+        until `stop_now`), cancels those still running then (their outputs fail), and frees the engines' warm
+        prefix contexts."""
         self.draining = True
-        tasks = [c.task for s in list(self.sessions.values()) for c in s.calls.values()
-                 if c.task is not None and not c.task.done()]
-        done, pending = await asyncio.wait(tasks, timeout=timeout) if tasks else (set(), set())
+        tasks = self._unfinished_calls()
+        if tasks:
+            ended, cut_short = asyncio.ensure_future(asyncio.wait(tasks)), asyncio.ensure_future(self._stopping.wait())
+            await asyncio.wait([ended, cut_short], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            ended.cancel()  # the waits, not the calls
+            cut_short.cancel()
+        pending = [task for task in tasks if not task.done()]
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)  # each frees its context as it stops
@@ -539,9 +549,22 @@ class ParrotManager:
         # Engines in other processes report through heartbeats, too late to count here.
         left = sum(s.engine.stats().num_contexts for s in self.engines if s.registration is None)
         log.info("drained: calls finished %d, cancelled at the deadline %d; prefix contexts freed %d; contexts "
-                 "still held by local engines %d", len(done), len(pending), freed, left,
-                 extra={"calls_finished": len(done), "calls_cancelled": len(pending), "prefixes_freed": freed,
-                        "contexts_left": left})
+                 "still held by local engines %d", len(tasks) - len(pending), len(pending), freed, left,
+                 extra={"calls_finished": len(tasks) - len(pending), "calls_cancelled": len(pending),
+                        "prefixes_freed": freed, "contexts_left": left})
+
+    def stop_now(self) -> int:
+        """Cuts a drain short (a second signal): its deadline is now, so it cancels the unfinished calls at once
+        (their outputs fail; each frees its context as it stops). The variables that no call produces and the
+        client never set fail too: every fetch still open is then answered (424) before the server stops, not cut
+        off. Returns how many calls are cancelled."""
+        self.draining = True
+        self._stopping.set()
+        for session in self.sessions.values():
+            for variable in session.variables.values():
+                if variable.producer is None and not variable.ready.is_set():
+                    variable.fail("the server stopped before this variable was set")
+        return len(self._unfinished_calls())
 
     def close(self) -> None:
         for slot in self.engines:

@@ -112,7 +112,17 @@ def test_a_bad_path_setting_stops_serve_with_one_line_naming_the_flag_before_the
 def test_a_kv_cache_larger_than_memory_is_a_one_line_error_naming_kv_cache_bytes(command):
     line = refusal(command, "--model", "tiny", "--device", "cpu", "--kv-cache-bytes", str(10**15))
     assert line.startswith("parrot-lc: error: --kv-cache-bytes (or PARROT_KV_CACHE_BYTES): kv_cache_bytes: ")
-    assert "do not fit in memory" in line
+    assert f"a KV cache of {10**15} bytes" in line and "does not fit in memory next to the model's weights" in line
+
+
+@pytest.mark.parametrize("command", ["serve", "engine", "demo"])
+def test_weights_larger_than_memory_are_a_one_line_error_naming_the_weights_not_kv_cache_bytes(command,
+                                                                                              oversized_checkpoint):
+    line = refusal(command, "--model", str(oversized_checkpoint), "--load-format", "dummy", "--device", "cpu",
+                   "--kv-cache-bytes", str(2**20))  # a KV cache that would fit: not the one to blame
+    assert line.startswith(f"parrot-lc: error: model {str(oversized_checkpoint)!r}: its weights do not fit in cpu "
+                           "memory (")
+    assert "--kv-cache-bytes" not in line
 
 
 @pytest.mark.parametrize("keyed", [True, False], ids=["with-a-key", "open"])

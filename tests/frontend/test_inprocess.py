@@ -3,7 +3,10 @@
 import sys
 import subprocess
 
+import pytest
+
 import parrot_lc
+from parrot_lc.settings import SettingsError
 
 
 def test_connect_runs_semantic_functions_in_process():
@@ -12,6 +15,13 @@ def test_connect_runs_semantic_functions_in_process():
     with client.session():
         assert isinstance(double("hello").get(), str)
     assert parrot_lc.connect("tiny").base_url == client.base_url  # one server per model, shared
+
+
+def test_an_empty_parrot_api_key_is_a_settings_error_naming_the_variable(monkeypatch, tmp_path):
+    monkeypatch.setenv("PARROT_API_KEY", "")  # `PARROT_API_KEY=${KEY}` with KEY unset
+    # A model no other test started, so that its server would start now (none does: its settings come first).
+    with pytest.raises(SettingsError, match=r"^environment variable PARROT_API_KEY: api_key: .*empty"):
+        parrot_lc.connect(str(tmp_path / "model"))
 
 
 def test_importing_the_client_does_not_load_torch():

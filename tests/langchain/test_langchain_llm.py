@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from parrot_lc.frontend.errors import InvalidRequestError, NotFoundError, ParrotConnectionError
 from parrot_lc.integrations import langchain as langchain_integration
 from parrot_lc.integrations.langchain import ChatParrot, ParrotLLM, deferred
+from parrot_lc.settings import SettingsError
 
 PROMPT = "The parrot said"
 PREFIX = "You are a careful assistant. Summarize the following report in one sentence, keeping the numbers. " * 3
@@ -213,6 +214,13 @@ def test_in_process_model_needs_no_base_url(monkeypatch):
     shared = local_server("tiny").base_url  # one server per model, shared by every instance
     assert llm.parrot_client().base_url == shared == ChatParrot(model="tiny").parrot_client().base_url
     assert ParrotLLM(model="tiny", max_tokens=4, temperature=0).batch(["Hello", "Hello you"])[0] == llm.invoke("Hello")
+
+
+@pytest.mark.parametrize("cls", [ParrotLLM, ChatParrot])
+def test_an_in_process_server_refused_by_a_parrot_variable_raises_the_settings_error(cls, monkeypatch, tmp_path):
+    monkeypatch.setenv("PARROT_API_KEY", "")
+    with pytest.raises(SettingsError, match="PARROT_API_KEY"):  # not pydantic's ValidationError, nor wrapped
+        cls(model=str(tmp_path / "model"), max_tokens=4).invoke("Hello")
 
 
 # ---- errors and the wire format -------------------------------------------------------------------------

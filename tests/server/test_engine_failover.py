@@ -125,6 +125,30 @@ def test_a_graph_completes_after_its_remote_engine_dies_or_hangs_mid_run(manager
         assert value == "".join(e.text for e in reference.generate(sampling, i))
 
 
+@pytest.mark.parametrize("fault", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "hung"])
+def test_an_engine_lost_mid_call_is_logged_once_naming_it_and_the_calls_it_had(manager_and_remote, fault, caplog):
+    server, remote = manager_and_remote
+    client = httpx.Client(base_url=server.base_url, timeout=120)
+    session = client.post("/api/sessions").json()
+    headers, base = {"X-Session-Token": session["session_token"]}, f"/api/sessions/{session['session_id']}"
+    outputs = [client.post(f"{base}/variables", json={}, headers=headers).json()["var_id"] for _ in range(6)]
+    calls = [{"template": [{"text": f"Independent task {i}: "},
+                           {"output": out, "sampling": {"max_tokens": 200, "temperature": 0, "ignore_eos": True}}]}
+             for i, out in enumerate(outputs)]
+    assert client.post(f"{base}/calls", json={"calls": calls}, headers=headers).status_code == 201
+    [remote_slot] = remote_slots(server)
+    wait_until(lambda: sum(len(s.calls) for s in server.manager.engines) == 6 and remote_slot.running > 0, 60,
+               "every call placed, and work on the remote engine")
+    on_remote = sorted(remote_slot.calls)
+    remote.send_signal(fault)
+    for out in outputs:  # every call completes, on the other engine
+        assert client.get(f"{base}/variables/{out}", headers=headers).status_code == 200
+    [lost] = [r for r in caplog.records if r.name == "parrot_lc.engines" and remote_slot.name in r.getMessage()]
+    assert lost.levelname == "WARNING" and remote_slot.registration.engine.url in lost.getMessage()
+    assert lost.calls == on_remote and all(call in lost.getMessage() for call in on_remote)
+    assert all(call.startswith(f"{session['session_id']}/") for call in on_remote)
+
+
 @pytest.mark.parametrize("manager_and_remote", [True], indirect=True)
 def test_a_keyed_engine_process_serves_its_manager_and_refuses_callers_without_the_key(manager_and_remote):
     server, _ = manager_and_remote
@@ -136,7 +160,8 @@ def test_a_keyed_engine_process_serves_its_manager_and_refuses_callers_without_t
     assert httpx.get(f"{remote.url}/stats", headers=client_key).status_code == 401
     # The manager calls the engine with the key it registered with: with the local engine gone, a completion
     # runs on the remote one.
-    server.manager.pool.drop(next(s for s in server.manager.engines if s.engine is not remote))
+    local = next(s for s in server.manager.engines if s.engine is not remote)
+    server.manager.pool.drop(local, "stopped by the test")
     completion = httpx.post(f"{server.base_url}/v1/completions", headers=client_key, timeout=60, json={
         "model": "tiny", "prompt": "Hello there", "max_tokens": 3, "temperature": 0})
     assert completion.status_code == 200 and completion.json()["usage"]["completion_tokens"] == 3

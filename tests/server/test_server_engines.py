@@ -74,7 +74,7 @@ def test_engine_names_are_never_reused_after_an_engine_is_dropped():
     manager = build_manager(settings, ServerSettings(engines=2))
     try:
         dead, survivor = manager.engines
-        manager.pool.drop(dead)
+        manager.pool.drop(dead, "stopped by the test")
         restarted = manager.pool.add(dead.engine)
         assert restarted.name not in {dead.name, survivor.name}
         assert [slot.name for slot in manager.engines] == ["engine-1", "engine-2"]

@@ -1,5 +1,6 @@
-"""Graceful shutdown of `parrot-lc serve` (a real process): on SIGTERM new work gets 503, the work in flight
-finishes (or is cancelled at the deadline), contexts are freed, and the process exits 0."""
+"""Graceful shutdown of `parrot-lc serve` (a real process): on SIGTERM (or Ctrl-C) new work gets 503, the work in
+flight finishes (or is cancelled at the deadline), contexts are freed, and the process exits 0; a second signal
+cancels the work at once and exits 128 + its number."""
 
 import re
 import signal
@@ -7,6 +8,7 @@ import threading
 import time
 
 import httpx
+import pytest
 
 from conftest import wait_until
 
@@ -73,19 +75,48 @@ def test_sigterm_cancels_the_work_still_running_at_the_deadline_and_exits_0(serv
     assert (drained["calls_cancelled"], drained["contexts_left"]) == (1, 0)
 
 
-def test_a_second_sigterm_while_draining_stops_at_once(serve):
+def test_ctrl_c_drains_as_sigterm_does_and_exits_0_without_a_traceback(serve):
+    served = serve("--shutdown-timeout", "20")
+    with httpx.Client(base_url=served.url, timeout=30) as client:
+        base, headers, given, out = graph_waiting_for_input(client)
+        served.process.send_signal(signal.SIGINT)
+        assert refused_after_sigterm(client).status_code == 503  # draining: the work in flight still runs
+        assert client.put(f"{base}/variables/{given}", json={"value": "x"}, headers=headers).status_code == 204
+        assert client.get(f"{base}/variables/{out}", headers=headers).status_code == 200
+    assert served.process.wait(timeout=30) == 0
+    assert [line for line in served.log.read_text().splitlines() if not line.startswith("{")] == []
+    [drained] = [r for r in served.records() if r["message"].startswith("drained")]
+    assert (drained["calls_finished"], drained["calls_cancelled"]) == (1, 0)
+
+
+@pytest.mark.parametrize("second", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
+def test_a_second_signal_while_draining_cancels_the_calls_at_once_and_exits_128_plus_its_number(serve, second):
     served = serve("--shutdown-timeout", "30")
     with httpx.Client(base_url=served.url, timeout=30) as client:
-        base, headers, _, out = graph_waiting_for_input(client)  # its input never comes: the drain would wait 30 s
-        fetch = threading.Thread(target=lambda: client.get(f"{base}/variables/{out}", headers=headers))
-        fetch.start()  # an open long-poll, which a graceful stop would wait for too
+        base, headers, given, out = graph_waiting_for_input(client)  # its input never comes: the drain waits 30 s
+        fetched = {}
+        # Open long-polls, which a graceful stop would wait for too: the call's output, and its input itself.
+        fetches = [threading.Thread(target=lambda var=var: fetched.update(
+            {var: client.get(f"{base}/variables/{var}", headers=headers)})) for var in (out, given)]
+        for fetch in fetches:
+            fetch.start()
         served.process.send_signal(signal.SIGTERM)
         assert refused_after_sigterm(client).status_code == 503  # draining
         started = time.monotonic()
-        served.process.send_signal(signal.SIGTERM)
-        served.process.wait(timeout=20)
-        fetch.join(timeout=5)
+        served.process.send_signal(second)
+        assert served.process.wait(timeout=20) == 128 + second
+        for fetch in fetches:
+            fetch.join(timeout=5)
     assert time.monotonic() - started < 5
+    # Each fetch is answered with why there is no value, not cut off.
+    assert fetched[out].status_code == 424 and "cancelled" in fetched[out].json()["error"]["message"]
+    assert fetched[given].status_code == 424 and "server stopped" in fetched[given].json()["error"]["message"]
+    records = served.records()
+    assert [r["message"] for r in records if r["message"].startswith("second ")] == \
+        [f"second {second.name}: stopping now, 1 running call cancelled"]
+    # No traceback, in a record or on stderr.
+    assert [r for r in records if "exception" in r or r["level"] == "ERROR"] == []
+    assert [line for line in served.log.read_text().splitlines() if not line.startswith("{")] == []
 
 
 def test_sigterm_frees_a_prefix_whose_fill_outlived_its_calls(serve):

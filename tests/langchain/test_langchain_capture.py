@@ -421,7 +421,8 @@ def test_a_deferred_batch_with_return_exceptions_fails_only_the_input_whose_call
     eager = chain.batch(inputs, return_exceptions=True)
     late = deferred(chain).batch(inputs, return_exceptions=True)
     assert isinstance(eager[0], Exception) and isinstance(late[0], Exception)
-    assert (type(late[0]), late[0].field) == (type(eager[0]), eager[0].field) == (InvalidRequestError, "messages")
+    assert type(late[0]) is type(eager[0]) and isinstance(late[0], InvalidRequestError)
+    assert late[0].field == eager[0].field == "messages"
     assert late[1] == eager[1]
 
 

@@ -11,11 +11,16 @@ from typing import Any
 import httpx
 import pytest
 from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.exceptions import (
+    ContextOverflowError, ModelAuthenticationError, ModelConnectionError, ModelNotFoundError,
+)
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 from pydantic import ValidationError
 
-from parrot_lc.frontend.errors import InvalidRequestError
+from parrot_lc.frontend.errors import AuthError, InvalidRequestError, NotFoundError, ParrotConnectionError, ParrotError
 from parrot_lc.integrations.langchain import ChatParrot, deferred
+from parrot_lc.server.local import LocalServer
+from parrot_lc.settings import EngineSettings, ServerSettings
 
 
 class TokenRecorder(BaseCallbackHandler):
@@ -66,6 +71,20 @@ def test_usage_counts_the_prompt_tokens_read_from_the_servers_cache(chat):
     assert 16 <= usage["input_token_details"]["cache_read"] < usage["input_tokens"]
     streamed = [c.usage_metadata for c in chat.stream(messages) if c.usage_metadata]
     assert streamed[-1]["input_token_details"] == usage["input_token_details"]
+
+
+def test_token_usage_in_response_metadata_has_openais_shape_as_chatopenais_does(chat):
+    """ChatOpenAI's `response_metadata["token_usage"]` is OpenAI's `usage` object: its cached tokens nested in
+    `prompt_tokens_details`; `generate`'s `llm_output` sums them, nested too."""
+    messages = [SystemMessage("You answer questions about whales, briefly. " * 4), HumanMessage("Hi")]
+    chat.invoke(messages)
+    reply = chat.invoke(messages)
+    usage = reply.response_metadata["token_usage"]
+    assert set(usage) == {"prompt_tokens", "completion_tokens", "total_tokens", "prompt_tokens_details"}
+    assert usage["prompt_tokens_details"]["cached_tokens"] == reply.usage_metadata["input_token_details"]["cache_read"]
+    summed = chat.generate([messages, messages]).llm_output["token_usage"]
+    assert summed["prompt_tokens_details"]["cached_tokens"] == 2 * usage["prompt_tokens_details"]["cached_tokens"]
+    assert summed["prompt_tokens"] == 2 * usage["prompt_tokens"]
 
 
 def test_a_new_system_prompt_reads_nothing_from_the_cache(chat):
@@ -187,6 +206,39 @@ def test_images_are_refused_before_any_request():
 def test_server_errors_raise_with_the_servers_message(chat):
     with pytest.raises(InvalidRequestError, match="context is"):
         chat.invoke("word " * 9000)
+
+
+@pytest.mark.parametrize("run", ["invoke", "stream", "ainvoke", "astream", "deferred"])
+def test_a_prompt_too_long_raises_langchains_context_overflow_error_as_chatopenai_does(chat, run):
+    """Code written for ChatOpenAI catches langchain-core's ContextOverflowError; it is the frontend's error too."""
+    prompt = "word " * 9000
+    runs = {"invoke": lambda: chat.invoke(prompt), "stream": lambda: list(chat.stream(prompt)),
+            "ainvoke": lambda: asyncio.run(chat.ainvoke(prompt)),
+            "astream": lambda: asyncio.run(_collected(chat.astream(prompt))),
+            "deferred": lambda: deferred(chat).invoke(prompt)}
+    with pytest.raises(ContextOverflowError, match="context is") as raised:
+        runs[run]()
+    assert isinstance(raised.value, ParrotError) and raised.value.code == "context_length_exceeded"
+
+
+async def _collected(chunks: Any) -> list[Any]:
+    return [chunk async for chunk in chunks]
+
+
+def test_an_unknown_model_or_unreachable_server_raises_langchains_error_of_that_condition(parrot_server):
+    with pytest.raises(ModelNotFoundError, match="gpt-4o") as raised:
+        ChatParrot(base_url=parrot_server, model="gpt-4o", max_retries=0).invoke("Hi")
+    assert isinstance(raised.value, NotFoundError) and raised.value.field == "model"
+    with pytest.raises(ModelConnectionError, match="cannot reach") as raised:
+        ChatParrot(base_url="http://127.0.0.1:9", max_retries=0).invoke("Hi")
+    assert isinstance(raised.value, ParrotConnectionError) and raised.value.is_retryable
+
+
+def test_a_wrong_api_key_raises_langchains_authentication_error():
+    with LocalServer(EngineSettings(model="tiny"), ServerSettings(port=0, api_key="right")) as server:
+        with pytest.raises(ModelAuthenticationError) as raised:
+            ChatParrot(base_url=server.base_url, api_key="wrong", max_retries=0).invoke("Hi")
+    assert isinstance(raised.value, AuthError) and raised.value.status == 401
 
 
 def test_async_calls_of_one_event_loop_share_one_connection_pool(parrot_server):

@@ -270,6 +270,7 @@ def test_a_structured_reply_cut_by_max_tokens_raises_rather_than_being_parsed_in
     with pytest.raises(LengthFinishReasonError, match=CUT) as raised:
         run(cut.with_structured_output(Forecast, method=method), how)
     assert isinstance(raised.value, OutputParserException)  # what code that catches a failed parse catches
+    assert "'completion_tokens': " in str(raised.value)  # OpenAI's usage, whatever the method, as its error says it
     if method != "function_calling":
         assert raised.value.llm_output.startswith("{") and not complete_json(raised.value.llm_output)
 

@@ -3,8 +3,9 @@ classes served by a Parrot server at `base_url=`, or by one started in this proc
 `deferred(chain)`, which runs an unchanged chain (LCEL, langchain-classic, LangGraph) as graphs of Semantic
 Variables, with the result of an eager run.
 
-Server errors raise the frontend's typed errors (`parrot_lc.frontend.ParrotError` and its subclasses),
-re-exported here; a structured reply cut by `max_tokens` raises `LengthFinishReasonError`.
+Server errors raise the frontend's typed errors (`parrot_lc.frontend.ParrotError` and its subclasses,
+re-exported here), each also langchain-core's standard error of its condition (`ContextOverflowError`,
+`ModelRateLimitError`...); a structured reply cut by `max_tokens` raises `LengthFinishReasonError`.
 """
 
 from parrot_lc.frontend.errors import ParrotConnectionError, ParrotError

@@ -61,13 +61,13 @@ SET_BY_EACH_REQUEST = frozenset({"model", "prompt", "messages", "stream", "strea
 """Request fields that every request sets itself: `extra_body` cannot set them."""
 
 
-def summed_usage(usages: Iterable[dict[str, int] | None]) -> dict[str, int]:
-    """Token usages (OpenAI's `usage` objects, None where a reply has none) added key by key, as an `llm_output`'s
-    `token_usage` over several requests."""
-    total: dict[str, int] = {}
+def summed_usage(usages: Iterable[dict[str, Any] | None]) -> dict[str, Any]:
+    """Token usages (OpenAI's `usage` objects, None where a reply has none) added key by key, nested details
+    (`prompt_tokens_details`) too, as an `llm_output`'s `token_usage` over several requests."""
+    total: dict[str, Any] = {}
     for usage in usages:
         for key, count in (usage or {}).items():
-            total[key] = total.get(key, 0) + count
+            total[key] = summed_usage([total.get(key), count]) if isinstance(count, dict) else total.get(key, 0) + count
     return total
 
 

@@ -43,6 +43,7 @@ from parrot_lc.frontend import Completion, MessageDict
 from parrot_lc.integrations.langchain._base import (
     CALL_OPTIONS, PARAMS_CONFIG, ParrotParams, StreamEnd, summed_usage,
 )
+from parrot_lc.integrations.langchain._errors import raises_langchain_errors
 from parrot_lc.integrations.langchain._trace import current_trace
 
 _ROLES = {"system", "developer", "user", "assistant", "tool"}
@@ -61,7 +62,7 @@ class LengthFinishReasonError(OutputParserException):
     (LangChain's JSON parsers would complete a cut JSON text without a word): the error ChatOpenAI raises (the
     `openai` package's of this name), with its message. `llm_output` holds the text that was cut."""
 
-    def __init__(self, text: str, usage: dict[str, int] | None = None, reason: str = "") -> None:
+    def __init__(self, text: str, usage: dict[str, Any] | None = None, reason: str = "") -> None:
         message = "Could not parse response content as the length limit was reached"
         super().__init__(message + (f" - {usage}" if usage else "") + reason, llm_output=text)
 
@@ -86,8 +87,9 @@ class ChatParrot(ParrotParams, BaseChatModel):
     `response_metadata` (`finish_reason`: `"stop"`, `"length"` or `"tool_calls"`, `model_name`); streamed, they
     come with the last chunk. A call bound with `logprobs=True` (and `top_logprobs`) has OpenAI's
     `response_metadata["logprobs"]` (`content`: each token's `logprob` and `top_logprobs`), chunk by chunk when
-    streamed. Server errors raise `parrot_lc.frontend.ParrotError` subclasses with the server's message; a
-    constructor argument or a call option that ChatParrot does not take raises before any request.
+    streamed. Server errors raise `parrot_lc.frontend.ParrotError` subclasses with the server's message, each also
+    langchain-core's error of its condition (`ContextOverflowError` for a prompt longer than the model's context,
+    `ModelRateLimitError`, `ModelAuthenticationError`...: `_errors`), as ChatOpenAI's are; a constructor argument or a call option that ChatParrot does not take raises before any request.
 
     As a stand-in for LangChain's ChatOpenAI it takes ChatOpenAI's common arguments with their meaning: `model`
     (or `model_name`), `base_url`, `api_key`, `temperature`, `max_tokens` (or `max_completion_tokens`), `top_p`,
@@ -307,6 +309,7 @@ class ChatParrot(ParrotParams, BaseChatModel):
 
     # ---- whole replies ------------------------------------------------------------------------------
 
+    @raises_langchain_errors
     def _generate(
         self,
         messages: list[BaseMessage],
@@ -323,6 +326,7 @@ class ChatParrot(ParrotParams, BaseChatModel):
         reply = client.chat(_chat_messages(messages), **self._chat_options(stop, kwargs))
         return _chat_result(reply, _structured(kwargs), _parsed_class(kwargs))
 
+    @raises_langchain_errors
     async def _agenerate(
         self,
         messages: list[BaseMessage],
@@ -342,6 +346,7 @@ class ChatParrot(ParrotParams, BaseChatModel):
 
     # ---- streamed replies ---------------------------------------------------------------------------
 
+    @raises_langchain_errors
     def _stream(
         self,
         messages: list[BaseMessage],
@@ -372,6 +377,7 @@ class ChatParrot(ParrotParams, BaseChatModel):
             run_manager.on_llm_new_token(chunk.text, chunk=chunk)
         yield chunk
 
+    @raises_langchain_errors
     async def _astream(
         self,
         messages: list[BaseMessage],
@@ -518,7 +524,7 @@ def _chat_result(reply: Completion, structured: bool, parse_as: type[BaseModel] 
     choices = [reply, *reply.others]
     for choice in choices:
         if structured and choice.finish_reason == "length":
-            raise LengthFinishReasonError(choice.text, reply.usage)
+            raise LengthFinishReasonError(choice.text, _openai_usage(reply.usage))
     generations = []
     for choice in choices:
         metadata = {"finish_reason": choice.finish_reason, "model_name": reply.model, "model_provider": "parrot"}
@@ -529,7 +535,19 @@ def _chat_result(reply: Completion, structured: bool, parse_as: type[BaseModel] 
         if parse_as is not None:
             message.additional_kwargs["parsed"] = parse_as.model_validate_json(choice.text)
         generations.append(ChatGeneration(message=message, generation_info={"finish_reason": choice.finish_reason}))
-    return ChatResult(generations=generations, llm_output={"token_usage": reply.usage, "model_name": reply.model})
+    return ChatResult(generations=generations,
+                      llm_output={"token_usage": _openai_usage(reply.usage), "model_name": reply.model})
+
+
+def _openai_usage(usage: dict[str, int] | None) -> dict[str, Any] | None:
+    """A reply's usage as OpenAI's API has it (ChatOpenAI's `token_usage`, which LangChain also puts in a single
+    reply's `response_metadata`): the cached prompt tokens in `prompt_tokens_details`."""
+    if usage is None:
+        return None
+    openai_usage: dict[str, Any] = {k: v for k, v in usage.items() if k != "cached_tokens"}
+    if "cached_tokens" in usage:
+        openai_usage["prompt_tokens_details"] = {"cached_tokens": usage["cached_tokens"]}
+    return openai_usage
 
 
 def _recorded_chunk(reply: str, metadata: dict[str, Any]) -> ChatGenerationChunk:
@@ -542,7 +560,7 @@ def _last_chunk(end: StreamEnd, structured: bool, with_usage: bool) -> ChatGener
     """The last chunk: no text; finish reason, model name and (`with_usage`) the usage, set on this chunk only. A
     structured reply that `max_tokens` cut raises instead."""
     if structured and end.finish_reason == "length":
-        raise LengthFinishReasonError(end.text, end.usage)
+        raise LengthFinishReasonError(end.text, _openai_usage(end.usage))
     metadata = {"finish_reason": end.finish_reason, "model_name": end.model, "model_provider": "parrot"}
     usage = _usage_metadata(end.usage) if with_usage else None
     message = AIMessageChunk(content="", usage_metadata=usage, response_metadata=metadata, chunk_position="last")
@@ -582,8 +600,10 @@ class _ReplySeen:
     def note(self, message: BaseMessage) -> None:
         self.texts.append(str(message.content))  # a deferred run's value: its real text (str() waits for it)
         self.finish_reason = message.response_metadata.get("finish_reason") or self.finish_reason
-        usage = getattr(message, "usage_metadata", None)
-        self.usage = dict(usage) if usage else self.usage
+        usage = getattr(message, "usage_metadata", None)  # LangChain's names; the error says OpenAI's, as elsewhere
+        if usage:
+            self.usage = {"prompt_tokens": usage["input_tokens"], "completion_tokens": usage["output_tokens"],
+                          "total_tokens": usage["total_tokens"]}
 
     def check(self) -> None:
         """Raises if the reply was cut short: its finish reason is "length", or the JSON of a constrained output

@@ -23,7 +23,9 @@ from typing import Any
 
 from langchain_core.runnables import Runnable, RunnableConfig
 
+from parrot_lc.frontend.errors import ParrotError
 from parrot_lc.integrations.langchain._boundaries import installed
+from parrot_lc.integrations.langchain._errors import as_langchain_error, raises_langchain_errors
 from parrot_lc.integrations.langchain._trace import DeferredRun, Trace, current_trace
 
 __all__ = ["DeferredRun", "DeferredRunnable", "deferred"]
@@ -78,25 +80,35 @@ class DeferredRunnable(Runnable):
         for event in await self._arun(events):
             yield event
 
+    @raises_langchain_errors
     def _run(self, run: Callable[[], Any], each: bool = False) -> Any:
         """`run`'s output with real text (`each`: a batch's, each output on its own, see Trace.finish)."""
         if current_trace() is not None:
             return run()
         with installed(), Trace() as trace:
             try:
-                return trace.finish(run(), each)
+                return _with_langchain_errors(trace.finish(run(), each), each)
             finally:
                 self.last_run = trace.run
 
+    @raises_langchain_errors
     async def _arun(self, run: Callable[[], Awaitable[Any]], each: bool = False) -> Any:
         if current_trace() is not None:
             return await run()
         with installed(), Trace() as trace:
             try:
                 output = await run()
-                return await asyncio.to_thread(trace.finish, output, each)
+                return _with_langchain_errors(await asyncio.to_thread(trace.finish, output, each), each)
             finally:
                 self.last_run = trace.run
+
+
+def _with_langchain_errors(output: Any, each: bool) -> Any:
+    """A run's output; `each` (a batch's outputs, errors among them): its frontend errors as LangChain's too, as
+    the eager batch's (which ChatParrot and ParrotLLM raised) are."""
+    if not each:
+        return output
+    return [as_langchain_error(item) if isinstance(item, ParrotError) else item for item in output]
 
 
 def deferred(chain: Runnable) -> DeferredRunnable:

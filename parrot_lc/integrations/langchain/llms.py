@@ -15,6 +15,7 @@ from parrot_lc.frontend import Completion, InvalidRequestError, SemanticVariable
 from parrot_lc.integrations.langchain._base import (
     CALL_OPTIONS, PARAMS_CONFIG, ParrotParams, StreamEnd, summed_usage,
 )
+from parrot_lc.integrations.langchain._errors import raises_langchain_errors
 from parrot_lc.integrations.langchain._graph import add_calls, refused_as_requests
 from parrot_lc.integrations.langchain._trace import current_trace
 
@@ -51,7 +52,7 @@ class ParrotLLM(ParrotParams, BaseLLM):
     `text_offset`), as LangChain's `OpenAI` gives them. A stream's chunks carry their tokens' log-probabilities the
     same way (LangChain joins them), and it ends with an empty chunk whose `generation_info` holds `finish_reason`,
     `model_name` and `token_usage`. Server errors raise `parrot_lc.frontend.ParrotError` subclasses with the
-    server's message.
+    server's message, each also langchain-core's error of its condition (`ContextOverflowError`...), as ChatParrot's.
 
     As a stand-in for LangChain's `OpenAI` it takes the arguments of its completions with their meaning: `model`
     (or `model_name`), `base_url`, `api_key`, `temperature`, `max_tokens`, `top_p`, `frequency_penalty`,
@@ -202,6 +203,7 @@ class ParrotLLM(ParrotParams, BaseLLM):
         return LLMResult(generations=[[generation]],
                          llm_output={"token_usage": usage, "model_name": info.get("model_name")})
 
+    @raises_langchain_errors
     def _stream(
         self,
         prompt: str,
@@ -232,6 +234,7 @@ class ParrotLLM(ParrotParams, BaseLLM):
             run_manager.on_llm_new_token(chunk.text, chunk=chunk, verbose=self.verbose)
         yield chunk
 
+    @raises_langchain_errors
     async def _astream(
         self,
         prompt: str,
@@ -264,6 +267,7 @@ class ParrotLLM(ParrotParams, BaseLLM):
             await run_manager.on_llm_new_token(chunk.text, chunk=chunk, verbose=self.verbose)
         yield chunk
 
+    @raises_langchain_errors
     def _generate(
         self,
         prompts: list[str],
@@ -286,6 +290,7 @@ class ParrotLLM(ParrotParams, BaseLLM):
         client, options = self.parrot_client(kwargs.get("model")), self._completion_options(stop, kwargs)
         return self._result([client.complete(prompt, **options) for prompt in self._request_prompts(prompts)], kwargs)
 
+    @raises_langchain_errors
     async def _agenerate(
         self,
         prompts: list[str],

@@ -334,3 +334,9 @@ def complete_json(text: str) -> bool:
     except json.JSONDecodeError:
         return False
     return True
+
+
+def test_a_model_bound_to_no_tools_chats_without_tools(chat, sent):
+    """The server refuses `tools: []` as OpenAI does; an agent of no tools binds an empty list and must still chat."""
+    reply = chat.bind_tools([]).invoke("Hi")
+    assert reply.content and not reply.tool_calls and "tools" not in sent[-1]

@@ -287,6 +287,8 @@ class ChatParrot(ParrotParams, BaseChatModel):
         """The chat request's options: the model, sampling, the tools, response format and log-probabilities
         bound, and `extra_body`'s fields."""
         fields = {name: kwargs[name] for name in _REQUEST_OPTIONS if kwargs.get(name) is not None}
+        if fields.get("tools") == []:  # `bind_tools([])`, an agent of no tools: a chat without any (the API refuses [])
+            del fields["tools"]
         schema = _parsed_class(kwargs)
         if schema is not None:
             fields["response_format"] = _json_schema_format(schema)

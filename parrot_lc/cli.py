@@ -10,6 +10,7 @@ import time
 from parrot_lc.engine.errors import ModelLoadError
 from parrot_lc.logs import configure_logging
 from parrot_lc.settings import (
+    COMMAND_SETTINGS,
     ConfigFileSettings,
     EngineProcessSettings,
     EngineSettings,
@@ -37,18 +38,14 @@ def load(args: argparse.Namespace, *classes) -> list:
     return load_settings(classes, flags, source.config)
 
 
-def _flag_type(annotation):
-    if annotation is bool:
-        return lambda text: text.lower() in ("1", "true", "yes", "on")
-    return annotation if annotation in (int, float) else str  # pydantic converts the rest (paths, choices)
-
-
 def _add_flags(parser: argparse.ArgumentParser, cls) -> None:
     """One flag per setting of `cls`; an unset flag leaves the setting to its PARROT_* variable, the config file or
-    its default."""
+    its default. A flag's value stays text, which pydantic converts as it converts the variable's and the file's:
+    the same values are taken (`--prefix-caching off`), and any other (`ture`) is the same one-line error naming
+    the flag, never a guess of the command line's own (a typo taken for false opened /metrics without a key)."""
     for name, field in cls.model_fields.items():
         default = f" (default: {'unset' if field.default is None else field.default})"
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=_flag_type(field.annotation),
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name,
                             help=f"{field.description}{default}".replace("%", "%%"))
 
 
@@ -57,30 +54,32 @@ def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from parrot_lc.server.app import create_app
-    from parrot_lc.server.connections import uvicorn_options
+    from parrot_lc.server.connections import listen, reserved_socket, uvicorn_options
     from parrot_lc.server.local import build_manager
     from parrot_lc.server.shutdown import DrainingServer
 
     engine_settings, server_settings, process = load(args, EngineSettings, ServerSettings, ProcessSettings)
     configure_logging(process.log_format)
-    with kv_cache_fits(engine_settings):
-        manager = build_manager(engine_settings, server_settings)
-    app = create_app(manager, server_settings)
-    freeze_startup_objects()
-    # uvicorn raises a signal it stopped on again for the previous handler: this one lets the process exit 0, as
-    # a service manager expects of a clean stop. (Once serving, signals drain without reaching uvicorn at all.)
-    signal.signal(signal.SIGTERM, lambda *_: None)
-    # log_config=None: uvicorn's records go through the handler configured above; the app logs each request
-    # itself, with its id, instead of uvicorn's access log, and its start (what it serves, where) once it listens,
-    # instead of uvicorn's start-up lines.
-    config = uvicorn.Config(app, host=server_settings.host, port=server_settings.port, log_level="warning",
-                            log_config=None, access_log=False, timeout_graceful_shutdown=process.shutdown_timeout,
-                            **uvicorn_options(server_settings.header_timeout))
-    server = DrainingServer(config, manager, process.shutdown_timeout)
-    try:
-        server.run()
-    finally:
-        manager.close()
+    with reserved_socket(ServerSettings, server_settings.host, server_settings.port) as sock:
+        with kv_cache_fits(engine_settings):
+            manager = build_manager(engine_settings, server_settings)
+        app = create_app(manager, server_settings)
+        freeze_startup_objects()
+        # uvicorn raises a signal it stopped on again for the previous handler: this one lets the process exit 0,
+        # as a service manager expects of a clean stop. (Once serving, signals drain without reaching uvicorn.)
+        signal.signal(signal.SIGTERM, lambda *_: None)
+        # log_config=None: uvicorn's records go through the handler configured above; the app logs each request
+        # itself, with its id, instead of uvicorn's access log, and its start (what it serves, where: the socket's
+        # own port, which --port 0 leaves to the system) once it listens, instead of uvicorn's start-up lines.
+        config = uvicorn.Config(app, log_level="warning", log_config=None, access_log=False,
+                                timeout_graceful_shutdown=process.shutdown_timeout,
+                                **uvicorn_options(server_settings.header_timeout))
+        server = DrainingServer(config, manager, process.shutdown_timeout)
+        try:
+            listen(sock, ServerSettings)
+            server.run(sockets=[sock])
+        finally:
+            manager.close()
     if server.stopped_now_by is not None:  # a second signal cut the drain short: the work was not finished
         sys.exit(128 + server.stopped_now_by)
 
@@ -125,45 +124,46 @@ def engine_process(args: argparse.Namespace) -> None:
 
     from parrot_lc.engine import LLMEngine
     from parrot_lc.engine.async_engine import AsyncEngine
-    from parrot_lc.server.connections import uvicorn_options
+    from parrot_lc.server.connections import listen, reserved_socket, uvicorn_options
     from parrot_lc.server.engine_service import LinkedServer, ManagerLink, create_engine_app
 
     engine_settings, link_settings, process = load(args, EngineSettings, EngineProcessSettings, ProcessSettings)
     configure_logging(process.log_format)
-    with kv_cache_fits(engine_settings):
-        engine = AsyncEngine(LLMEngine(engine_settings))
-    freeze_startup_objects()
-    url = link_settings.advertise_url or f"http://{link_settings.host}:{link_settings.port}"
-    link = ManagerLink(engine, link_settings, url)
-    signal.signal(signal.SIGTERM, lambda *_: None)  # exit 0 after uvicorn's graceful stop (see serve)
-    # On SIGTERM uvicorn stops accepting connections (the manager moves new calls to other engines) and lets the
-    # fills and generations in flight finish, up to the deadline.
-    config = uvicorn.Config(create_engine_app(engine, link_settings.engine_key), host=link_settings.host,
-                            port=link_settings.port, log_level="warning", log_config=None,
-                            timeout_graceful_shutdown=process.shutdown_timeout,
-                            **uvicorn_options(link_settings.header_timeout))
-    try:
-        LinkedServer(config, link).run()  # registers with the manager once it serves on its port
-    finally:
-        link.stopped.set()
-        engine.close()
+    with reserved_socket(EngineProcessSettings, link_settings.host, link_settings.port) as sock:
+        with kv_cache_fits(engine_settings):
+            engine = AsyncEngine(LLMEngine(engine_settings))
+        freeze_startup_objects()
+        url = link_settings.advertise_url or f"http://{link_settings.host}:{link_settings.port}"
+        link = ManagerLink(engine, link_settings, url)
+        signal.signal(signal.SIGTERM, lambda *_: None)  # exit 0 after uvicorn's graceful stop (see serve)
+        # On SIGTERM uvicorn stops accepting connections (the manager moves new calls to other engines) and lets
+        # the fills and generations in flight finish, up to the deadline.
+        config = uvicorn.Config(create_engine_app(engine, link_settings.engine_key), log_level="warning",
+                                log_config=None, timeout_graceful_shutdown=process.shutdown_timeout,
+                                **uvicorn_options(link_settings.header_timeout))
+        try:
+            listen(sock, EngineProcessSettings)
+            LinkedServer(config, link).run(sockets=[sock])  # registers with the manager once it serves on its port
+        finally:
+            link.stopped.set()
+            engine.close()
+    if link.refusal is not None:  # the manager refused this engine: asking again would get the same answer
+        raise link.refusal
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The `parrot-lc` command line: one subcommand per process kind, one flag per setting."""
     parser = argparse.ArgumentParser(prog="parrot-lc", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    commands = [  # name, help, the settings its flags set, what it runs
-        ("demo", "the embedded default model end to end", (EngineSettings,), demo),
-        ("serve", "the Parrot server: HTTP API, OpenAI-compatible API, local engines",
-         (EngineSettings, ServerSettings, ProcessSettings), serve),
-        ("engine", "a remote engine that registers with a manager",
-         (EngineSettings, EngineProcessSettings, ProcessSettings), engine_process),
+    commands = [  # name, help, what it runs; its flags are those of its settings (COMMAND_SETTINGS)
+        ("demo", "the embedded default model end to end", demo),
+        ("serve", "the Parrot server: HTTP API, OpenAI-compatible API, local engines", serve),
+        ("engine", "a remote engine that registers with a manager", engine_process),
     ]
     parsers = {}
-    for name, help_text, settings_classes, func in commands:
+    for name, help_text, func in commands:
         parsers[name] = sub.add_parser(name, help=help_text)
-        for settings_class in (*settings_classes, ConfigFileSettings):
+        for settings_class in COMMAND_SETTINGS[name]:
             _add_flags(parsers[name], settings_class)
         parsers[name].set_defaults(func=func)
     parsers["demo"].add_argument("--max-tokens", type=int, default=48, help="tokens each answer may have (default: 48)")

@@ -321,6 +321,13 @@ class ConfigFileSettings(BaseSettings):
 ALL_SETTINGS: tuple[type[BaseSettings], ...] = (
     EngineSettings, ServerSettings, EngineProcessSettings, ProcessSettings, ConfigFileSettings
 )
+# The settings of each `parrot-lc` command, so its flags: `serve` and `engine` each have a --host, a --port...,
+# read into different classes (PARROT_HOST, PARROT_ENGINE_HOST).
+COMMAND_SETTINGS: dict[str, tuple[type[BaseSettings], ...]] = {
+    "serve": (EngineSettings, ServerSettings, ProcessSettings, ConfigFileSettings),
+    "engine": (EngineSettings, EngineProcessSettings, ProcessSettings, ConfigFileSettings),
+    "demo": (EngineSettings, ConfigFileSettings),
+}
 CONFIG_FORMATS = {".toml": "TOML", ".yaml": "YAML", ".yml": "YAML", ".json": "JSON"}
 
 
@@ -391,13 +398,16 @@ def _load(cls: type[BaseSettings], flags: Mapping[str, Any], file_values: Mappin
 
 
 def settings_table() -> str:
-    """The README's table of settings, generated from the settings classes (`parrot-lc settings`)."""
-    rows = ["| setting | environment variable | default | what it is |", "|---|---|---|---|"]
+    """The README's table of settings, generated from the settings classes (`parrot-lc settings`): each row with
+    the commands that take it, since `serve` and `engine` have flags of the same name that are different settings."""
+    rows = ["| setting | commands | environment variable | default | what it is |", "|---|---|---|---|---|"]
     for cls in ALL_SETTINGS:
         prefix = cls.model_config["env_prefix"]
+        commands = ", ".join(f"`{command}`" for command, classes in COMMAND_SETTINGS.items() if cls in classes)
         for name, field in cls.model_fields.items():
             default = "" if field.default is None else f"`{field.default}`"
             if name == "cache_dir":
                 default = "`~/.cache/parrot_lc`"
-            rows.append(f"| `--{name.replace('_', '-')}` | `{prefix}{name.upper()}` | {default} | {field.description} |")
+            rows.append(f"| `--{name.replace('_', '-')}` | {commands} | `{prefix}{name.upper()}` | {default} | "
+                        f"{field.description} |")
     return "\n".join(rows)

@@ -4,6 +4,7 @@ this process, or `parrot-lc serve` processes) with clients."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import socket
@@ -184,6 +185,31 @@ def parrot_server(local_server) -> str:
     return local_server.base_url
 
 
+# A KV cache of 24 blocks of 16 tokens (tiny: 512 bytes a token), of which one context may hold 23 (a fork of a
+# shared prefix copies the prefix's partly filled last block): far fewer than tiny's context of 8,192 tokens.
+SMALL_KV_CACHE_BYTES, SMALL_KV_CONTEXT = 24 * 16 * 512, 23 * 16
+
+
+@pytest.fixture(scope="module")
+def small_kv_server():
+    """A real server whose engine's KV cache holds SMALL_KV_CONTEXT tokens for one context: that, not the model's
+    context, is the most a request's context may hold."""
+    from parrot_lc.server.local import LocalServer
+
+    settings = EngineSettings(model="tiny", device="cpu", dtype="float32", kv_cache_bytes=SMALL_KV_CACHE_BYTES)
+    with LocalServer(settings) as server:
+        yield server
+
+
+def hide_kv_capacity(manager) -> None:
+    """The manager's engines keep their KV caches' sizes to themselves, as an OpenAI-compatible server does (or a
+    remote engine whose counters lack it): requests are then bounded by the model's context alone, and an engine
+    refuses a context that its cache cannot hold as the call runs."""
+    for slot in manager.engines:
+        stats = slot.engine.stats
+        slot.engine.stats = lambda stats=stats: dataclasses.replace(stats(), kv_capacity_tokens=0)
+
+
 @pytest.fixture
 def call_limit_of_4(local_server, monkeypatch):
     """The shared test server lets a session hold 4 unfinished calls during the test."""
@@ -274,9 +300,10 @@ def chat_parrot(parrot_server, graphs_sent):
 
 @pytest.fixture(scope="module")
 def engine_app_urls():
-    """`urls(key, count, model)`: `count` loopback URLs of one engine's HTTP face (what `parrot-lc engine` serves,
-    without its link to a manager; `tiny` unless a model is named), served in this process and taking the engine key
-    `key`: engines that a manager's registration probe reaches, at as many addresses as a test registers."""
+    """`urls(key, count, model, kv_cache_bytes)`: `count` loopback URLs of one engine's HTTP face (what `parrot-lc
+    engine` serves, without its link to a manager; `tiny` unless a model is named), served in this process and taking
+    the engine key `key`: engines that a manager's registration probe reaches, at as many addresses as a test
+    registers."""
     import threading
 
     import uvicorn
@@ -286,9 +313,9 @@ def engine_app_urls():
 
     started = []
 
-    def urls(key: str, count: int, model: str = "tiny") -> list[str]:
+    def urls(key: str, count: int, model: str = "tiny", kv_cache_bytes: int = 16 * 2**20) -> list[str]:
         engine = AsyncEngine(LLMEngine(EngineSettings(model=model, device="cpu", dtype="float32",
-                                                      kv_cache_bytes=16 * 2**20)))
+                                                      kv_cache_bytes=kv_cache_bytes)))
         sockets = [socket.create_server(("127.0.0.1", 0)) for _ in range(count)]
         server = uvicorn.Server(uvicorn.Config(create_engine_app(engine, key), log_level="warning"))
         thread = threading.Thread(target=server.run, kwargs={"sockets": sockets}, daemon=True)

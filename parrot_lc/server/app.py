@@ -115,6 +115,10 @@ def create_app(manager: ParrotManager, settings: ServerSettings) -> FastAPI:
         # This response is made outside every middleware, so it gets the request's id here.
         return error_response(500, "internal error (logged on the server)", "InternalError", headers=id_header())
 
+    # HEAD as GET, without the body (uvicorn leaves it out): what uptime probes and load balancers send. A route of
+    # its own, out of the schema (one route of both methods documents one operation id twice), added after GET's,
+    # which a 405 names.
+    @app.head("/health", include_in_schema=False)
     @app.get("/health", responses={503: {"description": "draining for a shutdown: send work elsewhere"}})
     async def health() -> JSONResponse:
         """200 while serving; 503 once a shutdown has begun, so that load balancers and health checks move on."""
@@ -123,7 +127,10 @@ def create_app(manager: ParrotManager, settings: ServerSettings) -> FastAPI:
 
     guarded = [Depends(check_api_key)]
 
-    @app.get("/metrics", dependencies=guarded if settings.metrics_need_api_key else [])
+    metrics_guard = guarded if settings.metrics_need_api_key else []
+
+    @app.head("/metrics", dependencies=metrics_guard, include_in_schema=False)
+    @app.get("/metrics", dependencies=metrics_guard)
     async def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 

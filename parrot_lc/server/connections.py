@@ -1,15 +1,23 @@
 """How every HTTP server of parrot_lc (the manager's, an engine process's, the in-process one) treats its
 connections. uvicorn times out idle keep-alive connections but has no timeout for a request's headers: a client
 that connects and sends half of its headers (or nothing) would hold the connection, and its buffers, for ever;
-a thousand such clients hold a thousand. Here such a connection is closed after `header_timeout` seconds."""
+a thousand such clients hold a thousand. Here such a connection is closed after `header_timeout` seconds.
+
+Each server serves on a socket bound here (`bound_socket`), which uvicorn is given; the command line's servers bind
+theirs before the model loads (`reserved_socket`), so that an address in use is an error at once."""
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import socket
 from typing import Any
 
 import h11
+from pydantic_settings import BaseSettings
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from parrot_lc.settings import SettingsError, setting_error
 
 # uvicorn closes a connection that has been idle this long. Clients keep idle connections for reuse (httpx for
 # 5 s, uvicorn's own default too): a server that closes first may close one just as a client sends a request on
@@ -60,3 +68,53 @@ def uvicorn_options(header_timeout: float) -> dict[str, Any]:
     """The options of uvicorn.Config that every server of parrot_lc shares: keep-alive and header timeouts."""
     protocol = type("HeaderTimeoutProtocol", (HeaderTimeoutProtocol,), {"header_timeout": header_timeout})
     return {"http": protocol, "timeout_keep_alive": KEEP_ALIVE_S}
+
+
+def bound_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port (port 0: a free one), not listening yet, for uvicorn to serve on
+    (`uvicorn.Server.run(sockets=[...])`), which makes it listen. Raises OSError when it cannot be bound."""
+    # IPPROTO_TCP named, not left 0: asyncio turns Nagle's algorithm off (TCP_NODELAY) only on the connections of
+    # sockets that say they are TCP. With it on, a response written in two parts waited for the client's delayed
+    # ACK: 40 ms a request on loopback.
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        # As uvicorn and asyncio bind: a server that restarts takes its port back from the connections of its last
+        # run that are still in TIME_WAIT.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def reserved_socket(settings: type[BaseSettings], host: str, port: int) -> socket.socket:
+    """The socket of a server of the command line (`parrot-lc serve`, `parrot-lc engine`; `settings`: the class of
+    its --host and --port), bound before anything slow (the model's load): an address in use, or not this
+    machine's, is a SettingsError at once, naming --port or --host, rather than uvicorn's error once the model has
+    loaded. Bound, not listening: while the model loads, a connection is refused at once rather than held
+    unanswered (a TCP health check would take a loading server for a ready one); `listen` starts it, just before
+    serving."""
+    try:
+        return bound_socket(host, port)
+    except OSError as exc:
+        raise _address_error(settings, host, port, exc) from None
+
+
+def listen(sock: socket.socket, settings: type[BaseSettings]) -> None:
+    """Starts listening on a socket of `reserved_socket`. Binding lets two processes started at once on one port
+    both bind it (SO_REUSEADDR), listening only the first: the second gets the same SettingsError here, after its
+    model has loaded, not a traceback from uvicorn."""
+    try:
+        sock.listen()
+    except OSError as exc:
+        host, port = sock.getsockname()[:2]
+        raise _address_error(settings, host, port, exc) from None
+
+
+def _address_error(settings: type[BaseSettings], host: str, port: int, exc: OSError) -> SettingsError:
+    # A port in use, or one below 1024 without the privilege, is the port's fault; anything else (an address not of
+    # this machine, a name that does not resolve) the host's.
+    name = "port" if exc.errno in (errno.EADDRINUSE, errno.EACCES) else "host"
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return setting_error(settings, name, f"cannot listen on {address}: {exc.strerror or exc}")

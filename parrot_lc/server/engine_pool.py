@@ -49,6 +49,14 @@ class EngineCounts:
         self.seen = now
 
 
+def context_capacity(stats: EngineStats) -> int:
+    """The tokens one context may hold in an engine's KV cache (0: not known): the whole cache less a block. A
+    context forked from a shared prefix (a warm prefix context, the prompt of a request's n choices) copies the
+    prefix's last block where that is partly filled, while the prefix context keeps its own."""
+    blocks = stats.kv_blocks_used + stats.kv_blocks_free
+    return stats.kv_capacity_tokens - stats.kv_capacity_tokens // blocks if blocks else 0
+
+
 @dataclass
 class Registration:
     """An engine process that registered over HTTP: the token its heartbeats carry, and when the last came."""
@@ -72,6 +80,9 @@ class EngineSlot:
     call_ended: asyncio.Event = field(default_factory=asyncio.Event)  # set (and replaced) as each call ends
     placed: int = 0  # calls ever placed here: breaks ties in load, so idle engines take turns
     counts: EngineCounts = field(default_factory=EngineCounts)  # its part of the pool's counters
+    # Calls' contexts being freed: a call cancelled meanwhile (its session deleted once its output was read) has
+    # ended before its free is answered, which a drain waits for before it counts the contexts left.
+    frees: set[asyncio.Future] = field(default_factory=set)
 
     def end_call(self) -> None:
         """Wakes whoever waits for a call on this engine to end (for memory), once."""
@@ -119,6 +130,14 @@ class EnginePool:
             for name in COUNTERS:
                 totals[name] += slot.counts.counted[name]
         return totals
+
+    def context_capacity(self) -> int | None:
+        """The tokens one context may hold on every engine (`context_capacity` of each engine that tells its KV
+        cache's size, in its counters: a remote engine's come with its registration and heartbeats), as a call may be
+        placed on any engine and fail over to any other. None where none tells it: no engine yet, or only an
+        OpenAI-compatible server's, which keeps its cache to itself."""
+        return min((capacity for slot in self.slots if (capacity := context_capacity(slot.engine.stats()))),
+                   default=None)
 
     def register(self, engine: RemoteEngine) -> EngineSlot:
         """Adds an engine process that registered, with a token of its own for its heartbeats. One registered

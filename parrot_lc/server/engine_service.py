@@ -22,7 +22,7 @@ from parrot_lc.server.auth import bearer_key_ok
 from parrot_lc.server.remote_engine import ModelIdentity
 from parrot_lc.server.responses import add_error_handlers, error_response
 from parrot_lc.server.schemas import EngineSampling, PrefixCacheReset
-from parrot_lc.settings import EngineProcessSettings
+from parrot_lc.settings import EngineProcessSettings, SettingsError, setting_error
 
 log = logging.getLogger("parrot_lc.engine_service")
 
@@ -127,7 +127,8 @@ def create_engine_app(engine: AsyncEngine, api_key: str | None = None) -> FastAP
 class ManagerLink(threading.Thread):
     """Registers an engine process with its manager, then sends a heartbeat (with the engine's counters and the
     token its registration gave) every interval; registers again if the manager forgot it (a restart, or a
-    heartbeat gap), which it tells with a 404."""
+    heartbeat gap), which it tells with a 404. A manager that cannot be reached or fails (5xx) is asked again every
+    interval; one that refuses (any other 4xx: a wrong engine key, another model) ends the link with `refusal`."""
 
     def __init__(self, engine: AsyncEngine, settings: EngineProcessSettings, url: str) -> None:
         super().__init__(name="parrot-manager-link", daemon=True)
@@ -137,6 +138,7 @@ class ManagerLink(threading.Thread):
         self.name_at_manager: str | None = None
         self.token = ""
         self.stopped = threading.Event()
+        self.refusal: SettingsError | None = None
 
     def run(self) -> None:
         while not self.stopped.wait(0 if self.name_at_manager is None else self.settings.heartbeat_interval):
@@ -147,6 +149,9 @@ class ManagerLink(threading.Thread):
                 else:
                     self.send_heartbeat(stats)
             except httpx.HTTPError as exc:
+                if isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code < 500:
+                    self.refusal = refusal(self.settings, exc)  # asking again would get the same answer
+                    return
                 log.warning("manager %s: %s; retrying", self.settings.manager, describe(exc))
                 self.stopped.wait(self.settings.heartbeat_interval)
 
@@ -168,6 +173,14 @@ class ManagerLink(threading.Thread):
             reply.raise_for_status()
 
 
+def refusal(settings: EngineProcessSettings, exc: httpx.HTTPStatusError) -> SettingsError:
+    """What an engine stops with when its manager refuses it: the engine key's fault on 401 and 403 (a wrong key,
+    or a manager that takes no remote engines), else the manager's, whose message says what to change (the model,
+    an advertise URL that it reaches)."""
+    name = "engine_key" if exc.response.status_code in (401, 403) else "manager"
+    return setting_error(EngineProcessSettings, name, f"{settings.manager} refused this engine: {describe(exc)}")
+
+
 def describe(exc: httpx.HTTPError) -> str:
     """What went wrong, with the manager's own message when it answered with an error."""
     if isinstance(exc, httpx.HTTPStatusError):
@@ -181,7 +194,8 @@ def describe(exc: httpx.HTTPError) -> str:
 class LinkedServer(uvicorn.Server):
     """uvicorn's server that starts the engine's link to its manager only once it serves on its port: a
     registration sent before would point the manager at an address where nothing answers (the manager probes
-    it, then calls it). A port that cannot be bound ends the process before any registration."""
+    it, then calls it). A port that cannot be bound ends the process before any registration. A manager that
+    refuses the engine (`ManagerLink.refusal`) stops the server, as a signal does: nothing will call it."""
 
     def __init__(self, config: uvicorn.Config, link: ManagerLink) -> None:
         super().__init__(config)
@@ -191,3 +205,6 @@ class LinkedServer(uvicorn.Server):
         await super().startup(sockets)
         if self.started:
             self.link.start()
+
+    async def on_tick(self, counter: int) -> bool:
+        return await super().on_tick(counter) or self.link.refusal is not None

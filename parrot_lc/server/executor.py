@@ -56,8 +56,9 @@ class CallExecutor:
             token_ids = self.prompts.tokenize(segments[0][0])
         if not token_ids:  # its inputs' values were empty: an engine has nothing to compute its first token from
             raise ServerError("the prompt before the call's first output is empty", field="template")
-        # Refused as an OpenAI request's prompt is (its message and code), not failed by the engine's fill.
-        self.prompts.check(token_ids, None, "template")
+        # Refused as an OpenAI request is (its message and code) before it runs, not failed by the engine's fill, or
+        # once it has generated what the KV cache holds.
+        self.prompts.check_call(token_ids, segments)
         call.prompt_tokens = len(token_ids)
         shares = self.app_centric and not call.wants_prompt_logprobs
         prefix = self.prompts.shared_prefix(session, call, token_ids) if shares else None
@@ -210,8 +211,12 @@ def attempt_sampling(sampling: SamplingParams, call: Call) -> SamplingParams | N
 
 
 async def free_quietly(slot: EngineSlot, context_id: str) -> None:
-    """Frees the context if the engine has it (a call's context may never have been created)."""
+    """Frees the context if the engine has it (a call's context may never have been created). The free goes on if
+    the caller is cancelled meanwhile, in the slot's `frees` until it is answered."""
+    free = asyncio.ensure_future(slot.engine.free_context(context_id))
+    slot.frees.add(free)
+    free.add_done_callback(slot.frees.discard)
     try:
-        await asyncio.shield(slot.engine.free_context(context_id))
+        await asyncio.shield(free)
     except EngineError:
         pass

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import threading
 import time
 from collections import Counter
@@ -18,7 +17,7 @@ from parrot_lc.engine.async_engine import AsyncEngine, EngineDriver
 from parrot_lc.engine.engine import LLMEngine
 from parrot_lc.engine.process_engine import ProcessEngine
 from parrot_lc.server.app import create_app
-from parrot_lc.server.connections import uvicorn_options
+from parrot_lc.server.connections import bound_socket, uvicorn_options
 from parrot_lc.engine.loader import load_model_info
 from parrot_lc.server.manager import ModelInfo, ParrotManager
 from parrot_lc.server.openai_engine import OpenAIEngine
@@ -65,11 +64,10 @@ def log_serving(manager: ParrotManager, url: str) -> None:
              "; ".join(parts) or "no engine yet", access,
              extra={"model": manager.model.name, "url": url, "engines": [asdict(info) for info in local],
                     "api_key_required": keys > 0})
-    smallest = min((info.kv_capacity_tokens for info in local if info.kv_capacity_tokens), default=manager.max_context)
-    if smallest < manager.max_context:  # vLLM refuses to start; here such requests get 400 context_length_exceeded
-        log.warning("a local engine's KV cache holds %d tokens, fewer than the model's context of %d: a request whose "
-                    "prompt and max_tokens need more is refused; raise --kv-cache-bytes to serve the whole context",
-                    smallest, manager.max_context)
+    context, bound = manager.prompts.context()
+    if context < manager.max_context:  # vLLM refuses to start; here such requests get 400 context_length_exceeded
+        log.warning("%s: a request whose prompt and max_tokens need more is refused; raise --kv-cache-bytes to serve "
+                    "the whole context", bound)
 
 
 class LocalServer:
@@ -79,12 +77,7 @@ class LocalServer:
         self.server_settings = server_settings or ServerSettings(port=0)
         self.manager = build_manager(engine_settings, self.server_settings)
         app = create_app(self.manager, self.server_settings)
-        # IPPROTO_TCP named, not left 0: asyncio turns Nagle's algorithm off (TCP_NODELAY) only on the connections
-        # of sockets that say they are TCP. With it on, a response written in two parts waited for the client's
-        # delayed ACK: 40 ms a request on loopback.
-        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._socket.bind((self.server_settings.host, self.server_settings.port))
+        self._socket = bound_socket(self.server_settings.host, self.server_settings.port)
         host, port = self._socket.getsockname()[:2]
         self.base_url = f"http://{host}:{port}"
         self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning",

@@ -160,10 +160,11 @@ class ParrotManager:
         self.tokenizer = model.tokenizer
         self.vocab_size = model.vocab_size
         self.max_context = model.max_context
-        self.prompts = Prompts(model.tokenizer, model.max_context, settings.max_prefixes_per_engine, model.vocab_size)
         self.pool = EnginePool(settings)
         for engine in engines:
             self.pool.add(engine)
+        self.prompts = Prompts(model.tokenizer, model.max_context, settings.max_prefixes_per_engine, model.vocab_size,
+                               self.pool.context_capacity)
         self.executor = CallExecutor(self.pool, self.prompts, settings.app_centric)
         self.queued_calls = 0  # submitted and not finished, in every session: what max_queued_calls bounds
         self.queued_by_client: dict[str, int] = {}  # the same, by API key (where max_queued_calls_per_key bounds)
@@ -281,13 +282,14 @@ class ParrotManager:
         for call, token_ids in zip(calls, prompt_token_ids or ()):
             call.prompt_token_ids = token_ids
         validate_new_calls(session, calls)
+        context, bound = self.prompts.context()
         for index, call in enumerate(calls):
             for piece in call.pieces:
                 if piece.sampling is not None:
                     piece.sampling.validate(self.vocab_size)
-                    if piece.sampling.max_tokens >= self.max_context:
-                        raise ServerError(f"sampling.max_tokens is {piece.sampling.max_tokens}; the model's context "
-                                          f"is {self.max_context}", field=f"calls.{index}.sampling.max_tokens")
+                    if piece.sampling.max_tokens >= context:  # no prompt leaves room for it
+                        raise ServerError(f"sampling.max_tokens is {piece.sampling.max_tokens}; {bound}",
+                                          field=f"calls.{index}.sampling.max_tokens", code=CONTEXT_LENGTH_EXCEEDED)
         self._check_room(session, len(calls))
         # Nothing below fails: every call counted into the queue runs (or is cancelled), and leaves it as it ends.
         mark_shared_pieces(calls)
@@ -546,8 +548,12 @@ class ParrotManager:
                 freed += await slot.prefixes.free_unused()
             except EngineError as exc:  # an engine that went away meanwhile: nothing of it to free
                 log.warning("could not free the prefixes of %s: %s", slot.name, exc)
-        # Engines in other processes report through heartbeats, too late to count here.
-        left = sum(s.engine.stats().num_contexts for s in self.engines if s.registration is None)
+        # Engines in other processes report through heartbeats, too late to count here. A local engine's count is
+        # true once the frees sent to it are answered: a call whose session went as its output was read ended
+        # before its context's free was.
+        local = [slot for slot in self.engines if slot.registration is None]
+        await asyncio.gather(*(free for slot in local for free in slot.frees), return_exceptions=True)
+        left = sum(slot.engine.stats().num_contexts for slot in local)
         log.info("drained: calls finished %d, cancelled at the deadline %d; prefix contexts freed %d; contexts "
                  "still held by local engines %d", len(tasks) - len(pending), len(pending), freed, left,
                  extra={"calls_finished": len(tasks) - len(pending), "calls_cancelled": len(pending),

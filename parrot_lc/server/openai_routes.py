@@ -51,18 +51,23 @@ def openai_router(manager: ParrotManager, model_name: str, client_of: Callable[.
     texts = TokenTexts(manager.tokenizer)
     template = ChatTemplate.of(manager.tokenizer)
 
-    card = {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "parrot_lc",
-            "root": model_name, "parent": None, "max_model_len": manager.max_context}  # vLLM's card
+    created = int(time.time())
+
+    def card() -> dict:
+        """vLLM's card of the model, whose max_model_len is the longest context a request may have (what the
+        engines' KV cache holds, where that is less than the model's context): it changes as engines come and go."""
+        return {"id": model_name, "object": "model", "created": created, "owned_by": "parrot_lc", "root": model_name,
+                "parent": None, "max_model_len": manager.prompts.context()[0]}
 
     @router.get("/models")
     async def models() -> dict:
-        return {"object": "list", "data": [card]}
+        return {"object": "list", "data": [card()]}
 
     @router.get("/models/{name:path}")
     async def model(name: str) -> dict:
         """The served model's card (the `openai` package's `models.retrieve`); another name gets 404."""
         check_model(served, name)
-        return card
+        return card()
 
     @router.post("/completions")
     async def completions(body: CompletionRequest, request: Request, client: str | None = Depends(client_of)):
@@ -153,7 +158,7 @@ def tokenizer_router(manager: ParrotManager, model_name: str) -> APIRouter:
         if body.messages is not None:
             text = template.render(body.template_messages(), body.tool_request(), body.add_generation_prompt)[0]
         tokens = manager.prompts.tokenize(text) if body.add_special_tokens else manager.prompts.continuation(text)
-        return TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=manager.max_context)
+        return TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=manager.prompts.context()[0])
 
     @router.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
@@ -164,11 +169,11 @@ def tokenizer_router(manager: ParrotManager, model_name: str) -> APIRouter:
 
     @router.get("/tokenizer_info")
     async def tokenizer_info() -> TokenizerInfo:
-        """The tokenizer's special tokens and the model's context."""
+        """The tokenizer's special tokens and the longest context a request may have."""
         tokenizer = manager.tokenizer
         return TokenizerInfo(tokenizer_class=type(tokenizer).__name__, bos_token=tokenizer.bos_token,
                              eos_token=tokenizer.eos_token, pad_token=tokenizer.pad_token,
-                             model_max_length=manager.max_context)
+                             model_max_length=manager.prompts.context()[0])
 
     return router
 

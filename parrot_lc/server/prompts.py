@@ -1,5 +1,6 @@
 """Prompts as engines take them: a call's template rendered and tokenized, the prefix it shares with other calls
-found, and an OpenAI-compatible request's prompt checked against the model's context."""
+found, and a call's prompt and max_tokens checked against the context a request may have (the model's, or less
+where the engines' KV cache holds less)."""
 
 from __future__ import annotations
 
@@ -53,14 +54,18 @@ Segment = tuple[str, Piece | None]  # the text before an output, and the output 
 
 class Prompts:
     """The model's tokenizer as calls use it; `max_prefixes` constant prefixes' ids are kept (as many as an
-    engine keeps warm prefix contexts: the ones in use)."""
+    engine keeps warm prefix contexts: the ones in use). `kv_capacity` tells the tokens that the engines' KV cache
+    holds for one context (None: not known: EnginePool.context_capacity), which bounds a request's context where it
+    is less than the model's."""
 
     def __init__(
-        self, tokenizer: PreTrainedTokenizerBase | None, max_context: int, max_prefixes: int, vocab_size: int
+        self, tokenizer: PreTrainedTokenizerBase | None, max_context: int, max_prefixes: int, vocab_size: int,
+        kv_capacity: Callable[[], int | None],
     ) -> None:
         self.tokenizer = tokenizer
         self.max_context = max_context
         self.vocab_size = vocab_size
+        self._kv_capacity = kv_capacity
         self.decode = text_decoder(tokenizer) if tokenizer is not None else lambda ids: ""
         self._prefix_tokens = PrefixTokens(self.tokenize, max_prefixes, max_context)
         # Special tokens that a text may be split before (one that strips the spaces before it may not), and
@@ -102,23 +107,47 @@ class Prompts:
         """The token ids of text that goes on a prompt (no special tokens of the start)."""
         return self.tokenizer(text, add_special_tokens=False).input_ids if text else []
 
+    def context(self) -> tuple[int, str]:
+        """The tokens a request's context may hold (its prompt and max_tokens), and what bounds them, in words: the
+        model's context, or what the engines' KV cache holds where that is less (as vLLM bounds max_model_len by
+        its cache). A context that the cache cannot hold would fail on the engine only once it had generated what
+        fits."""
+        capacity = self._kv_capacity()
+        if capacity is None or capacity >= self.max_context:
+            return self.max_context, f"the model's context is {self.max_context}"
+        return capacity, (f"the KV cache holds {capacity} tokens for one context, fewer than the model's context of "
+                          f"{self.max_context}")
+
     def check(self, token_ids: list[int], max_tokens: int | None, field: str = "prompt",
               default: int | None = None) -> int:
         """How many tokens the completion may generate: `max_tokens`, or without it `default`, or without that what
-        the context leaves (as OpenAI and vLLM answer a chat that does not say). A prompt (its `tokenize`d ids) that fills the model's context, or leaves less room than
-        `max_tokens`, is rejected before it runs (naming `field`, or `max_tokens`)."""
+        the context leaves (as OpenAI and vLLM answer a chat that does not say). A prompt (its `tokenize`d ids)
+        that fills the `context`, or leaves less room than `max_tokens`, is rejected before it runs (naming
+        `field`, or `max_tokens`)."""
         count = len(token_ids)
         if count == 0:
             raise ServerError("the prompt is empty: it needs at least one token", field)
-        if count >= self.max_context:
-            raise ServerError(f"the prompt is too long: it has {count} tokens; the model's context is "
-                              f"{self.max_context}", field, CONTEXT_LENGTH_EXCEEDED)
-        room = self.max_context - count
+        context, bound = self.context()
+        if count >= context:
+            raise ServerError(f"the prompt is too long: it has {count} tokens; {bound}", field, CONTEXT_LENGTH_EXCEEDED)
+        room = context - count
         if max_tokens is not None and max_tokens > room:
-            raise ServerError(f"max_tokens is {max_tokens}, but the prompt ({count} tokens) leaves room for {room} "
-                              f"in the model's context of {self.max_context}", "max_tokens", CONTEXT_LENGTH_EXCEEDED)
+            raise ServerError(f"max_tokens is {max_tokens}, but the prompt ({count} tokens) leaves room for {room}: "
+                              f"{bound}", "max_tokens", CONTEXT_LENGTH_EXCEEDED)
         given = max_tokens if max_tokens is not None else default
         return room if given is None else min(given, room)
+
+    def check_call(self, token_ids: list[int], segments: list[Segment]) -> None:
+        """Refuses a call whose context may grow past the `context`: the prompt before its first output (`token_ids`),
+        then each output's max_tokens and the text after it (its `segments`)."""
+        self.check(token_ids, None, "template")
+        context, bound = self.context()
+        need = len(token_ids) + sum(piece.sampling.max_tokens for _, piece in segments if piece is not None) + sum(
+            len(self.continuation(text)) for text, _ in segments[1:])
+        if need > context:
+            raise ServerError(f"the call's context may grow to {need} tokens (its prompt's {len(token_ids)}, then its "
+                              f"outputs' max_tokens and the text after each); {bound}", "template",
+                              CONTEXT_LENGTH_EXCEEDED)
 
     @staticmethod
     def segments(session: Session, call: Call) -> list[Segment]:

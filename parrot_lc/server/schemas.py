@@ -15,7 +15,6 @@ from pydantic import (
     HttpUrl,
     NonNegativeInt,
     PrivateAttr,
-    StrictInt,
     TypeAdapter,
     ValidationError,
     field_validator,
@@ -58,9 +57,11 @@ def check_text(value: Any) -> None:
 
 class RequestModel(BaseModel):
     """A body the server reads, checked in one place for what the types alone let through: numbers are finite (a
-    JSON `NaN` or `Infinity`, which Python's parser takes, would upset timers and sampling) and text is Unicode."""
+    JSON `NaN` or `Infinity`, which Python's parser takes, would upset timers and sampling) and text is Unicode.
+    Values are taken as their JSON types only (strict), as OpenAI takes them: `max_tokens: true` is no 1, nor
+    `stream: "yes"` a true (pydantic's lax mode would run both); an integer is a number still (`temperature: 0`)."""
 
-    model_config = ConfigDict(allow_inf_nan=False)
+    model_config = ConfigDict(allow_inf_nan=False, strict=True)
 
     @field_validator("*")
     @classmethod
@@ -538,8 +539,8 @@ class CompletionRequest(OpenAISampling):
     max_tokens: int | None = Field(None, ge=0, description="unset: 16 (OpenAI's default); 0 only with `echo`: the "
                                    "prompt (and its logprobs) alone")
     echo: bool = Field(False, description="the prompt before each choice's text (and its tokens' logprobs)")
-    logprobs: StrictInt | None = Field(None, ge=0, description=f"each token's log-probability and the k most likely "
-                                       f"tokens' (at most {MAX_LOGPROBS}); with `echo`, the prompt's tokens' too")
+    logprobs: int | None = Field(None, ge=0, description=f"each token's log-probability and the k most likely "
+                                 f"tokens' (at most {MAX_LOGPROBS}); with `echo`, the prompt's tokens' too")
 
     @field_validator("logprobs", mode="before")
     @classmethod
@@ -618,12 +619,23 @@ class ChatMessage(RequestModel):
 
     @model_validator(mode="after")
     def content_given(self) -> "ChatMessage":
-        """OpenAI's rule: every message has content, but an assistant's that makes tool calls (a 400 naming it, as
-        OpenAI answers, rather than a turn of nothing in the prompt)."""
+        """OpenAI's rules: every message has content, but an assistant's that makes tool calls, and a user's has a
+        part at least (a 400 naming it, as OpenAI answers, rather than a turn of nothing in the prompt)."""
         if self.content is None and not (self.role == "assistant" and self.tool_calls):
             raise PydanticCustomError("missing_content", f"a {self.role} message needs content (a string or text "
                                       "parts; null only in an assistant's message with tool_calls)",
                                       {"field": "content"})
+        if self.role == "user" and self.content == []:
+            raise PydanticCustomError("too_short", "a user message needs a content part at least (a string, or "
+                                      "text parts)", {"field": "content"})
+        return self
+
+    @model_validator(mode="after")
+    def tool_message_answers_a_call(self) -> "ChatMessage":
+        """A tool message names the call it answers (OpenAI's rule): a chat template pairs them by it."""
+        if self.role == "tool" and self.tool_call_id is None:
+            raise PydanticCustomError("missing", "a tool message needs tool_call_id: the id of the call it answers",
+                                      {"field": "tool_call_id"})
         return self
 
     def text(self) -> str:
@@ -670,7 +682,8 @@ class ChatWithTools(OpenAIBody):
     """Chat messages and the tools they may call, as the chat template renders them (server/tool_calls.py)."""
 
     messages: list[ChatMessage] | None = None
-    tools: list[ToolDefinition] | None = Field(None, description="functions the model may call")
+    tools: list[ToolDefinition] | None = Field(None, min_length=1, description="functions the model may call "
+                                               "(none: leave it out, as OpenAI refuses an empty list)")
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
         None, description="auto (the default with tools), none, required or a named function: the last two are "
         "constrained to a valid call")
@@ -739,7 +752,7 @@ class TokenizeRequest(ChatWithTools):
 class TokenizeResponse(BaseModel):
     tokens: list[int]
     count: int
-    max_model_len: int  # the model's context, in tokens
+    max_model_len: int  # the longest context a request may have, in tokens (Prompts.context)
 
 
 class TokenizerInfo(BaseModel):
@@ -749,7 +762,7 @@ class TokenizerInfo(BaseModel):
     bos_token: str | None
     eos_token: str | None
     pad_token: str | None
-    model_max_length: int  # the model's context, in tokens
+    model_max_length: int  # the longest context a request may have, in tokens (Prompts.context)
 
 
 class DetokenizeRequest(RequestModel):

@@ -1,13 +1,16 @@
 """The `parrot-lc` console script."""
 
+import json
+import os
 import signal
+import socket
 import subprocess
 import sys
 
 import httpx
 import pytest
 
-from conftest import ROOT, Served
+from conftest import ROOT, Served, wait_until
 
 
 def test_serve_starts_a_server_on_loopback_that_answers_and_stops_on_sigterm(tmp_path):
@@ -35,6 +38,19 @@ def test_the_readme_settings_table_is_the_generated_one():
     from parrot_lc.settings import settings_table
 
     assert settings_table() in (ROOT / "README.md").read_text()
+
+
+def test_the_settings_table_marks_each_row_with_the_commands_whose_flag_it_is():
+    from parrot_lc.cli import build_parser
+    from parrot_lc.settings import settings_table
+
+    rows = [line.split("|")[1:3] for line in settings_table().splitlines()[2:]]  # the setting, its commands
+    [commands] = [action for action in build_parser()._actions if action.choices]
+    for command in ("serve", "engine", "demo"):
+        flags = [flag for action in commands.choices[command]._actions for flag in action.option_strings
+                 if action.dest not in ("help", "max_tokens")]  # demo's --max-tokens is no setting
+        marked = [setting.strip(" `") for setting, marks in rows if f"`{command}`" in marks]
+        assert sorted(marked) == sorted(flags), command  # each once: serve's --port is not engine's
 
 
 def test_a_model_that_cannot_be_loaded_is_a_one_line_error(tmp_path, capsys):
@@ -132,3 +148,62 @@ def test_the_start_up_line_says_whether_requests_need_an_api_key(tmp_path, keyed
     [start] = [r for r in served.records() if r["message"].startswith("serving ")]
     assert start["api_key_required"] is keyed
     assert ("requests need an API key" if keyed else "requests need no API key") in start["message"]
+
+
+@pytest.mark.parametrize("flag, value", [("--metrics-need-api-key", "ture"), ("--prefix-caching", "maybe")])
+def test_a_true_false_flag_given_another_word_stops_serve_with_one_line_naming_the_flag(tmp_path, flag, value):
+    # A model that does not exist: were the value not refused, the error would name the model.
+    line = refusal("serve", "--model", str(tmp_path / "model.gguf"), flag, value)
+    assert line == f"parrot-lc: error: {flag}: {flag[2:].replace('-', '_')}: Input should be a valid boolean, " \
+                   "unable to interpret input"
+
+
+@pytest.mark.parametrize("command, variable", [("serve", "PARROT_PORT"), ("engine", "PARROT_ENGINE_PORT")])
+def test_a_port_in_use_stops_the_command_with_one_line_naming_the_port_before_the_model_loads(tmp_path, command,
+                                                                                             variable):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        line = refusal(command, "--model", str(tmp_path / "model.gguf"), "--port", str(port))
+    assert line == f"parrot-lc: error: --port (or {variable}): port: cannot listen on 127.0.0.1:{port}: Address " \
+                   "already in use"
+
+
+def test_a_host_that_is_not_this_machines_stops_serve_with_one_line_naming_the_host_before_the_model_loads(tmp_path):
+    line = refusal("serve", "--model", str(tmp_path / "model.gguf"), "--host", "192.0.2.1")  # TEST-NET-1: nobody's
+    assert line.startswith("parrot-lc: error: --host (or PARROT_HOST): host: cannot listen on 192.0.2.1:9000: ")
+
+
+def test_serve_on_port_0_listens_on_a_free_port_that_its_start_up_line_names(tmp_path):
+    log = tmp_path / "serve.log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "parrot_lc.cli", "serve", "--model", "tiny", "--device", "cpu", "--kv-cache-bytes",
+         str(16 * 2**20), "--port", "0", "--log-format", "json"],
+        stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+    def start_lines() -> list[dict]:
+        records = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+        return [record for record in records if record["message"].startswith("serving ")]
+
+    try:
+        wait_until(lambda: start_lines() or process.poll() is not None, 60, "the start-up line")
+        [start] = start_lines()
+        assert not start["url"].endswith(":0")
+        assert httpx.get(f"{start['url']}/health", timeout=10).status_code == 200
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+
+
+def test_of_two_servers_that_bound_one_port_at_once_the_second_to_listen_gets_the_port_in_use_error():
+    from parrot_lc.server.connections import listen, reserved_socket
+    from parrot_lc.settings import ServerSettings, SettingsError
+
+    with reserved_socket(ServerSettings, "127.0.0.1", 0) as first:
+        port = first.getsockname()[1]
+        with reserved_socket(ServerSettings, "127.0.0.1", port) as second:  # neither listens yet: both may bind
+            listen(first, ServerSettings)
+            with pytest.raises(SettingsError) as refused:
+                listen(second, ServerSettings)
+    assert str(refused.value) == f"--port (or PARROT_PORT): port: cannot listen on 127.0.0.1:{port}: Address already " \
+                                 "in use"

@@ -12,22 +12,11 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from parrot_lc.cli import build_parser
-from parrot_lc.settings import (
-    ConfigFileSettings,
-    EngineProcessSettings,
-    EngineSettings,
-    ProcessSettings,
-    ServerSettings,
-)
+from parrot_lc.cli import build_parser, load
+from parrot_lc.settings import COMMAND_SETTINGS, ProcessSettings, ServerSettings
 
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
 COMPOSE = yaml.safe_load((ROOT / "compose.yaml").read_text())
-# The settings (so the environment variables) of each command a container may run.
-COMMAND_SETTINGS = {
-    "serve": (EngineSettings, ServerSettings, ProcessSettings, ConfigFileSettings),
-    "engine": (EngineSettings, EngineProcessSettings, ProcessSettings, ConfigFileSettings),
-}
 
 
 def instruction(name: str) -> list[str]:
@@ -140,7 +129,8 @@ def test_the_healthcheck_asks_the_served_port_for_health():
 
 def test_compose_starts_a_manager_without_local_engines_and_two_engines():
     manager = build_parser().parse_args(service_argv(COMPOSE["services"]["manager"])[1:])
-    assert (manager.command, manager.engines) == ("serve", 0)
+    [settings] = load(manager, ServerSettings)
+    assert (manager.command, settings.engines) == ("serve", 0)
     engines = [name for name, service in COMPOSE["services"].items() if service_argv(service)[1] == "engine"]
     assert len(engines) == 2
 

@@ -171,3 +171,24 @@ def test_an_empty_engine_key_is_refused_rather_than_opening_an_engine(monkeypatc
         load(build_parser().parse_args([command]), settings)
     message = str(refused.value)
     assert message.startswith(f"environment variable {variable}: engine_key:") and "leave it unset" in message
+
+
+@pytest.mark.parametrize("flag, value", [("--metrics-need-api-key", "ture"), ("--prefix-caching", "maybe"),
+                                         ("--port", "9o00"), ("--port", "٩٠٠٠"), ("--engine-timeout", "five")])
+def test_a_flag_refuses_what_its_environment_variable_refuses_with_the_same_message(monkeypatch, flag, value):
+    name = flag[2:].replace("-", "_")
+    from_flag = settings_error_of(["serve", flag, value])
+    monkeypatch.setenv(f"PARROT_{name.upper()}", value)
+    from_environment = settings_error_of(["serve"])
+    assert from_flag.startswith(f"{flag}: {name}: ")
+    assert from_flag.removeprefix(f"{flag}: ") == \
+        from_environment.removeprefix(f"environment variable PARROT_{name.upper()}: ")
+
+
+@pytest.mark.parametrize("value, meaning", [("on", True), ("yes", True), ("t", True), ("Y", True), ("1", True),
+                                            ("off", False), ("no", False), ("f", False), ("FALSE", False)])
+def test_a_true_false_flag_takes_the_words_its_environment_variable_takes(monkeypatch, value, meaning):
+    _, from_flag, _ = settings_of(["serve", "--metrics-need-api-key", value])
+    monkeypatch.setenv("PARROT_METRICS_NEED_API_KEY", value)
+    _, from_environment, _ = settings_of(["serve"])
+    assert from_flag.metrics_need_api_key is from_environment.metrics_need_api_key is meaning

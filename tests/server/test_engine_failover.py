@@ -1,6 +1,6 @@
 """A remote engine process registers with the manager, takes work, and when it is SIGKILLed mid-graph its
 calls complete on the other engine. One that the manager dropped registers again; one that cannot bind its port
-never registers."""
+never registers; one that the manager refuses exits; one that cannot reach it yet tries again."""
 
 import asyncio
 import json
@@ -28,17 +28,27 @@ ENGINE = EngineSettings(model="tiny", device="cpu", dtype="float32", kv_cache_by
 ENGINE_TIMEOUT = 3.0
 
 
+def engine_argv(manager_url: str, port: int, key: str = ENGINE_KEY) -> list[str]:
+    """The command line of a `parrot-lc engine` process on `port` that registers with the manager with `key`."""
+    return [sys.executable, "-m", "parrot_lc.cli", "engine", "--manager", manager_url, "--port", str(port),
+            "--model", "tiny", "--device", "cpu", "--kv-cache-bytes", str(16 * 2**20), "--engine-key", key]
+
+
 def start_engine(manager_url: str, port: int) -> subprocess.Popen:
     """A `parrot-lc engine` process on `port` that registers with the manager with the engine key."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "parrot_lc.cli", "engine", "--manager", manager_url, "--port", str(port),
-         "--model", "tiny", "--device", "cpu", "--kv-cache-bytes", str(16 * 2**20), "--engine-key", ENGINE_KEY],
-        env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    return subprocess.Popen(engine_argv(manager_url, port), env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def remote_slots(server: LocalServer) -> list:
     return [slot for slot in server.manager.engines if isinstance(slot.engine, RemoteEngine)]
+
+
+def is_up(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health").status_code == 200
+    except httpx.TransportError:
+        return False
 
 
 @pytest.fixture
@@ -210,6 +220,31 @@ def test_an_engine_registers_only_once_its_port_is_bound():
             remote.kill()
         readable, _, _ = select.select([taken], [], [], 1.0)  # a connection waiting to be accepted: a probe
         assert readable == [] and remote_slots(server) == []
+
+
+@pytest.mark.parametrize("manager_key, status", [(ENGINE_KEY, 401), (None, 403)],
+                         ids=["a-wrong-key", "a-manager-without-an-engine-key"])
+def test_an_engine_whose_key_the_manager_refuses_exits_2_with_one_line_naming_engine_key(manager_key, status):
+    with LocalServer(ENGINE, ServerSettings(port=0, engine_key=manager_key)) as server:
+        refused = subprocess.run(engine_argv(server.base_url, free_port(), key="not-the-engine-key"),
+                                 capture_output=True, text=True, timeout=90)
+    assert refused.returncode == 2, refused.stderr
+    [line] = refused.stderr.splitlines()
+    assert line.startswith("parrot-lc: error: --engine-key (or PARROT_ENGINE_ENGINE_KEY): engine_key: "
+                           f"{server.base_url} refused this engine: {status} ")
+
+
+def test_an_engine_started_before_its_manager_registers_once_the_manager_listens():
+    manager_port, engine_port = free_port(), free_port()
+    remote = start_engine(f"http://127.0.0.1:{manager_port}", engine_port)
+    try:
+        # Serving, so its link has tried to register: the connection was refused.
+        wait_until(lambda: is_up(f"http://127.0.0.1:{engine_port}"), 60, "the engine to serve")
+        with LocalServer(ENGINE, ServerSettings(port=manager_port, engine_key=ENGINE_KEY)) as server:
+            wait_until(lambda: len(remote_slots(server)) == 1, 30, "the engine to register")
+    finally:
+        remote.kill()
+        remote.wait()
 
 
 def test_a_request_that_no_engine_can_take_is_503_which_the_openai_package_retries():

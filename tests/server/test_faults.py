@@ -6,7 +6,7 @@ import time
 
 import httpx
 
-from conftest import wait_until
+from conftest import hide_kv_capacity, wait_until
 from parrot_lc.engine import LLMEngine, SamplingParams
 from parrot_lc.server.local import LocalServer
 from parrot_lc.settings import EngineSettings
@@ -118,9 +118,11 @@ def test_many_long_prompts_that_overfill_the_kv_cache_wait_or_are_preempted_and_
 
 def test_a_prompt_longer_than_the_whole_kv_cache_fails_at_once_not_retried():
     # 256 tokens of KV cache (tiny: 512 bytes a token) against a prompt of about 1,500 tokens, well inside the
-    # model's context: waiting for memory cannot help, so the answer must come at once.
+    # model's context: waiting for memory cannot help, so the answer must come at once. The engine keeps its cache's
+    # size to itself: the engine refuses the prompt, not the server before it.
     settings = EngineSettings(model="tiny", device="cpu", dtype="float32", kv_cache_bytes=128 * 2**10)
     with LocalServer(settings) as server, httpx.Client(base_url=server.base_url, timeout=30) as client:
+        hide_kv_capacity(server.manager)
         started = time.monotonic()
         response = client.post("/v1/completions", json={"model": "tiny", "prompt": "word " * 1500, "max_tokens": 4})
         assert response.status_code in (400, 424) and "KV cache holds" in response.json()["error"]["message"]

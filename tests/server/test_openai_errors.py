@@ -4,7 +4,7 @@ the client's fault, never the server's, and whose `param` and `code` the `openai
 import openai
 import pytest
 
-from conftest import ERROR_KEYS, assert_refused
+from conftest import ERROR_KEYS, assert_refused, hide_kv_capacity
 from parrot_lc.server.local import LocalServer
 from parrot_lc.settings import EngineSettings
 
@@ -36,6 +36,52 @@ def test_a_value_of_no_type_that_a_field_takes_names_the_field_not_a_type(client
     """pydantic's location of such an error holds the member of the field's union it tried ("stop.str")."""
     error = assert_refused(client.post(route, json={"max_tokens": 1, **body}), 400, field)
     assert error["message"].startswith(f"{field}: ")
+
+
+@pytest.mark.parametrize("route, body, field", [
+    ("/v1/completions", {"prompt": "Hi", "max_tokens": True}, "max_tokens"),
+    ("/v1/completions", {"prompt": "Hi", "logprobs": True}, "logprobs"),
+    ("/v1/chat/completions", {"messages": HI, "n": True}, "n"),
+    ("/v1/chat/completions", {"messages": HI, "temperature": False}, "temperature"),
+    ("/v1/chat/completions", {"messages": HI, "seed": True}, "seed"),
+])
+def test_a_boolean_where_a_number_goes_is_refused_naming_the_field(client, route, body, field):
+    """As OpenAI refuses it: `max_tokens: true` is no request for 1 token."""
+    assert assert_refused(client.post(route, json={"max_tokens": 1, **body}), 400, field)["code"] in ("int_type",
+                                                                                                      "float_type")
+
+
+@pytest.mark.parametrize("route, body, field", [
+    ("/v1/completions", {"prompt": "Hi", "stream": "yes"}, "stream"),
+    ("/v1/completions", {"prompt": "Hi", "echo": 1}, "echo"),
+    ("/v1/chat/completions", {"messages": HI, "ignore_eos": "true"}, "ignore_eos"),
+    ("/v1/chat/completions", {"messages": HI, "stream": True, "stream_options": {"include_usage": 1}},
+     "stream_options.include_usage"),
+])
+def test_a_value_that_is_no_boolean_where_a_boolean_goes_is_refused_naming_the_field(client, route, body, field):
+    assert assert_refused(client.post(route, json={"max_tokens": 1, **body}), 400, field)["code"] == "bool_type"
+
+
+def test_an_integer_is_taken_where_a_number_goes(oai):
+    reply = oai.chat.completions.create(model="tiny", messages=HI, max_tokens=1, temperature=0, top_p=1)
+    assert reply.usage.completion_tokens == 1
+
+
+def test_an_empty_list_of_tools_is_refused_naming_it_as_openai_refuses_it(client):
+    body = {"model": "tiny", "messages": HI, "max_tokens": 1, "tools": []}
+    assert assert_refused(client.post("/v1/chat/completions", json=body), 400, "tools")["code"] == "too_short"
+
+
+def test_a_tool_message_without_the_id_of_the_call_it_answers_is_refused_naming_it(client):
+    call = {"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": "{}"}}
+    messages = [*HI, {"role": "assistant", "content": None, "tool_calls": [call]}, {"role": "tool", "content": "42"}]
+    body = {"model": "tiny", "messages": messages, "max_tokens": 1}
+    assert_refused(client.post("/v1/chat/completions", json=body), 400, "messages.2.tool_call_id")
+
+
+def test_a_user_message_of_no_content_parts_is_refused_naming_its_content(client):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": []}], "max_tokens": 1}
+    assert_refused(client.post("/v1/chat/completions", json=body), 400, "messages.0.content")
 
 
 def test_a_refused_value_reaches_the_openai_exception_as_its_param_and_code(oai):
@@ -93,9 +139,10 @@ def test_an_error_without_a_code_of_its_own_has_a_null_code(client):
 
 def test_the_error_event_that_ends_a_failed_stream_has_the_shape_of_every_error():
     """A call that fails once its stream has begun (the status, 200, is sent): here a prompt that the KV cache
-    cannot hold."""
+    cannot hold, of an engine that keeps its cache's size to itself (else the request is refused before)."""
     settings = EngineSettings(model="tiny", device="cpu", dtype="float32", kv_cache_bytes=128 * 2**10)
     with LocalServer(settings) as server:
+        hide_kv_capacity(server.manager)
         oai = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
         stream = oai.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "word " * 600}],
                                              max_tokens=4, stream=True)

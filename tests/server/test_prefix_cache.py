@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from conftest import hide_kv_capacity
 from parrot_lc.engine import SamplingParams
 from parrot_lc.engine.async_engine import AsyncEngine
 from parrot_lc.server.errors import CONTEXT_LENGTH_EXCEEDED, ServerError
@@ -67,12 +68,14 @@ def test_no_more_prefixes_stay_warm_than_max_prefixes_per_engine():
 @pytest.mark.parametrize("engine_processes", [False, True])
 def test_a_prefix_the_engine_refuses_fails_its_call_for_that_reason_and_leaves_nothing(engine_processes):
     """The call's fork leaves before the engine has answered the fill (at once, to an engine process): it fails for
-    the fill's reason, not for its missing parent, and the prefix's context goes once no fork can need it."""
+    the fill's reason, not for its missing parent, and the prefix's context goes once no fork can need it. (The
+    engine keeps its cache's size to itself: else the call is refused before it reaches the engine.)"""
 
     async def main() -> tuple[str, int, int]:
         manager = build_manager(EngineSettings(model="tiny", device="cpu", dtype="float32",
                                                kv_cache_bytes=4 * 2 * 2 * 16 * 2 * 16 * 4),  # 4 blocks of 16 tokens
                                 ServerSettings(engine_processes=engine_processes))
+        hide_kv_capacity(manager)
         try:  # closed whatever happens: an engine process left running would keep the test from ending
             head = HEADS[0] * 2  # longer than the whole cache
             prompt = head + "When is high tide?"

@@ -5,7 +5,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import assert_refused
+from conftest import assert_refused, wait_until
 from parrot_lc.engine import LLMEngine, SamplingParams
 from parrot_lc.server.executor import GROUP_PRIORITY, LATENCY_PRIORITY
 from parrot_lc.settings import EngineSettings
@@ -199,8 +199,10 @@ def test_deleting_a_session_frees_its_contexts(client, local_server):
                    [{"text": "Later "}, {"input": waiting}, {"output": session.var(), "sampling": GREEDY}])
     session.get(b)
     assert client.delete(f"/api/sessions/{session.id}", headers=session.headers).status_code == 204
-    contexts = local_server.manager.engines[0].engine.stats().num_contexts
-    assert contexts == len(local_server.manager.engines[0].prefixes)  # only warm prefixes stay
+    engine = local_server.manager.engines[0]
+    # The calls are cancelled at once; their contexts' frees reach the engine's thread just after (only warm
+    # prefixes stay).
+    wait_until(lambda: engine.engine.stats().num_contexts == len(engine.prefixes), 5, "the session's contexts freed")
     assert client.get(f"/api/sessions/{session.id}", headers=session.headers).status_code == 404
 
 
@@ -301,6 +303,12 @@ def test_invalid_sampling_values_are_400_naming_the_field(client):
     out = session.var()
     response = session.submit([{"text": "x"}, {"output": out, "sampling": {"top_p": 0}}])
     assert_error(response, 400, "calls.0.template.1.sampling.top_p")
+
+
+def test_a_boolean_where_a_graphs_sampling_takes_a_number_is_400_naming_the_field(client):
+    session = Session(client)
+    response = session.submit([{"text": "x"}, {"output": session.var(), "sampling": {"max_tokens": True}}])
+    assert_refused(response, 400, "calls.0.template.1.sampling.max_tokens")
 
 
 def test_stop_token_ids_outside_the_vocabulary_are_400(client):
@@ -408,6 +416,14 @@ def test_health_and_prometheus_metrics(client):
                  "parrot_requests", "parrot_queue_length", "parrot_engine_calls"):
         assert name in text
     assert 'parrot_engine_calls{engine="engine-0"}' in text
+
+
+@pytest.mark.parametrize("path", ["/health", "/metrics"])
+def test_head_is_answered_as_get_without_a_body(client, path):
+    """What uptime probes and load balancers send: the same status and headers, and no body."""
+    get, head = client.get(path), client.head(path)
+    assert head.status_code == get.status_code == 200 and head.content == b""
+    assert head.headers["content-type"] == get.headers["content-type"] and int(head.headers["content-length"]) > 0
 
 
 def test_metrics_count_the_engine_steps_and_generated_tokens(client):

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from conftest import wait_until
+from conftest import SMALL_KV_CACHE_BYTES, SMALL_KV_CONTEXT, assert_refused, wait_until
 from parrot_lc.server.local import LocalServer
 from parrot_lc.settings import EngineSettings, ServerSettings
 
@@ -297,12 +297,102 @@ def test_a_completion_of_more_choices_than_a_session_holds_is_refused_naming_its
 
 
 def test_a_request_longer_than_the_kv_cache_but_within_the_context_is_400_context_length_exceeded(caplog):
-    """The engine's cache (2,048 tokens of tiny's 8,192-token context) cannot hold it: the start-up log says so, and
-    the request is refused as OpenAI refuses a prompt too long (a 400 with its code), not 424."""
+    """The engine's cache (2,048 tokens, 2,032 for one context, of tiny's 8,192-token context) cannot hold it: the
+    start-up log says so, and the request is refused as OpenAI refuses a prompt too long (a 400 with its code), not
+    424."""
     small = EngineSettings(model="tiny", device="cpu", dtype="float32", kv_cache_bytes=2**20)
     with caplog.at_level("WARNING", logger="parrot_lc.server"), LocalServer(small, ServerSettings(port=0)) as server:
         reply = httpx.post(f"{server.base_url}/v1/completions", timeout=60,
                            json={"model": "tiny", "prompt": [7] * 2100, "max_tokens": 1})
     error = reply.json()["error"]
     assert reply.status_code == 400 and error["code"] == "context_length_exceeded", error
-    assert "KV cache holds 2048 tokens, fewer than the model's context of 8192" in caplog.text
+    assert "KV cache holds 2032 tokens for one context, fewer than the model's context of 8192" in caplog.text
+
+
+# ---- a KV cache smaller than the model's context bounds every request, as vLLM's max_model_len is ----------------
+
+
+def prefill_tokens(server: LocalServer) -> int:
+    return server.manager.engines[0].engine.stats().prefill_tokens
+
+
+@pytest.mark.parametrize("route, body, field", [
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 3000, "ignore_eos": True}, "max_tokens"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 3000, "ignore_eos": True, "stream": True}, "max_tokens"),
+    ("/v1/completions", {"prompt": [7] * SMALL_KV_CONTEXT, "max_tokens": 1}, "prompt"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3000}, "max_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "word " * 500}], "max_tokens": 1}, "messages"),
+], ids=["completion", "streamed", "completion-prompt", "chat", "chat-prompt"])
+def test_a_request_the_kv_cache_cannot_hold_is_refused_before_it_runs_naming_what_does_not_fit(
+        small_kv_server, route, body, field):
+    """Within the model's context (8,192 tokens) but not the KV cache: a 400 with OpenAI's code, its status before
+    any token (not a stream cut by an error event, nor an answer thrown away after the cache filled)."""
+    before = prefill_tokens(small_kv_server)
+    reply = httpx.post(f"{small_kv_server.base_url}{route}", json={"model": "tiny", **body}, timeout=60)
+    error = assert_refused(reply, 400, field)
+    assert error["code"] == "context_length_exceeded" and f"KV cache holds {SMALL_KV_CONTEXT}" in error["message"]
+    assert prefill_tokens(small_kv_server) == before
+
+
+SYSTEM = {"role": "system", "content": "You are a helpful assistant that answers briefly and well."}
+
+
+@pytest.mark.parametrize("messages, n", [
+    ([{"role": "user", "content": "hi"}], 1),
+    ([SYSTEM, {"role": "user", "content": "hi"}], 1),
+    ([{"role": "user", "content": "hi"}], 2),
+], ids=["alone", "forked-from-its-system-prompt", "2-choices-forked-from-their-prompt"])
+def test_a_chat_that_does_not_say_may_take_what_the_kv_cache_leaves(small_kv_server, messages, n):
+    """Every choice runs to the end of the context that the cache holds, its context forked from a shared prefix or
+    not (before the copy of a partly filled prefix block was left room for, such a fork waited for memory forever)."""
+    body = {"model": "tiny", "messages": messages, "n": n, "ignore_eos": True}
+    answer = httpx.post(f"{small_kv_server.base_url}/v1/chat/completions", json=body, timeout=60).json()
+    assert [choice["finish_reason"] for choice in answer["choices"]] == ["length"] * n
+    usage = answer["usage"]
+    assert usage["prompt_tokens"] + usage["completion_tokens"] // n == SMALL_KV_CONTEXT
+
+
+def test_the_longest_context_a_client_is_told_of_is_what_the_kv_cache_holds(small_kv_server):
+    """vLLM's max_model_len, in the model's card and /tokenize's answer, and /tokenizer_info's model_max_length."""
+    with httpx.Client(base_url=small_kv_server.base_url, timeout=60) as client:
+        [card] = client.get("/v1/models").json()["data"]
+        tokenized = client.post("/tokenize", json={"model": "tiny", "prompt": "hi"}).json()
+        info = client.get("/tokenizer_info").json()
+    assert card["max_model_len"] == tokenized["max_model_len"] == info["model_max_length"] == SMALL_KV_CONTEXT
+
+
+def test_a_graph_call_asking_for_more_tokens_than_the_kv_cache_holds_is_400_naming_the_field(small_kv_server):
+    session = Session(small_kv_server)
+    [out] = session.variables(1)
+    error = assert_refused(session.submit([call([], out, SMALL_KV_CONTEXT)]), 400, "calls.0.sampling.max_tokens")
+    assert error["code"] == "context_length_exceeded" and f"KV cache holds {SMALL_KV_CONTEXT}" in error["message"]
+    session.delete()
+
+
+def test_a_graph_call_whose_prompt_and_max_tokens_pass_the_kv_cache_fails_before_it_generates(small_kv_server):
+    """Its prompt is known once its inputs are: the call fails as it starts, with OpenAI's code, not once the cache
+    has filled with what it generated."""
+    before = prefill_tokens(small_kv_server)
+    session = Session(small_kv_server)
+    [given] = session.variables(1, "word " * 100)
+    [out] = session.variables(1)
+    assert session.submit([call([given], out, SMALL_KV_CONTEXT - 50)]).status_code == 201
+    fetched = session.client.get(f"{session.base}/variables/{out}", headers=session.headers)
+    assert fetched.status_code == 424 and fetched.json()["error"]["code"] == "context_length_exceeded"
+    assert prefill_tokens(small_kv_server) == before
+    session.delete()
+
+
+def test_a_request_that_a_remote_engines_kv_cache_cannot_hold_is_refused_before_it_runs(engine_app_urls):
+    """The engine tells its cache's size as it registers (and in each heartbeat)."""
+    engine_key = "small-engine-key-0123"
+    [url] = engine_app_urls(engine_key, 1, kv_cache_bytes=SMALL_KV_CACHE_BYTES)
+    # No heartbeats come from this engine (it has no link to the manager): a long timeout keeps it registered.
+    settings = ServerSettings(port=0, engines=0, engine_key=engine_key, engine_timeout=600)
+    with LocalServer(ENGINE, settings) as server:
+        register = httpx.post(f"{server.base_url}/api/engines", json={"url": url},
+                              headers={"Authorization": f"Bearer {engine_key}"})
+        assert register.status_code == 201, register.text
+        reply = httpx.post(f"{server.base_url}/v1/completions", timeout=60,
+                           json={"model": "tiny", "prompt": "hi", "max_tokens": 3000, "ignore_eos": True})
+    assert assert_refused(reply, 400, "max_tokens")["code"] == "context_length_exceeded"

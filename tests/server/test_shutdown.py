@@ -57,6 +57,25 @@ def test_sigterm_refuses_new_work_with_503_finishes_work_in_flight_frees_context
     assert drained["calls_finished"] >= 1 and (drained["calls_cancelled"], drained["contexts_left"]) == (0, 0)
 
 
+def test_the_drain_counts_no_context_of_a_completion_that_finished_while_draining(serve):
+    """The completion's session goes as its answer is sent, which ends its call before the engine has answered the
+    free of its context (an engine process answers over a pipe: later still); the count comes after the frees."""
+    served = serve("--shutdown-timeout", "20", "--engine-processes", "true")
+    body = {"model": "tiny", "prompt": "hi", "max_tokens": 1000, "ignore_eos": True}
+    with httpx.Client(base_url=served.url, timeout=60) as client:
+        answers = []
+        completion = threading.Thread(target=lambda: answers.append(client.post("/v1/completions", json=body)))
+        completion.start()
+        wait_until(lambda: re.search(r"^parrot_decode_tokens_total [1-9]", client.get("/metrics").text, re.M), 30,
+                   "the completion to generate")
+        served.process.send_signal(signal.SIGTERM)
+        completion.join(timeout=30)
+    assert answers[0].status_code == 200 and answers[0].json()["usage"]["completion_tokens"] == 1000
+    assert served.process.wait(timeout=30) == 0
+    [drained] = [r for r in served.records() if r["message"].startswith("drained")]
+    assert (drained["calls_finished"], drained["contexts_left"]) == (1, 0)
+
+
 def test_sigterm_cancels_the_work_still_running_at_the_deadline_and_exits_0(serve):
     served = serve("--shutdown-timeout", "1")
     with httpx.Client(base_url=served.url, timeout=30) as client:

@@ -26,7 +26,8 @@ _lock = threading.Lock()
 
 def local_server(model: str = DEFAULT_MODEL) -> LocalServer:
     """The in-process server of `model` (a name such as `smollm2` or `tiny`, a checkpoint directory or a
-    .gguf file), started on first use on a free loopback port; other settings come from PARROT_* environment
+    .gguf file), started on first use on a free loopback port (whatever PARROT_HOST and PARROT_PORT say: they are
+    `parrot-lc serve`'s, and this server serves this process); other settings come from PARROT_* environment
     variables. A variable that holds no usable value raises parrot_lc.settings.SettingsError naming it, as
     `parrot-lc serve` says it."""
     from parrot_lc.server.local import LocalServer
@@ -36,7 +37,7 @@ def local_server(model: str = DEFAULT_MODEL) -> LocalServer:
         server = _servers.get(model)
         if server is None:
             engine_settings, server_settings = load_settings((EngineSettings, ServerSettings),
-                                                             {"model": model, "port": 0})
+                                                             {"model": model, "host": "127.0.0.1", "port": 0})
             server = LocalServer(engine_settings, server_settings).start()
             _servers[model] = server
         return server

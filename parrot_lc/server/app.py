@@ -19,6 +19,8 @@ from parrot_lc.engine.errors import EngineError, EngineUnavailableError, OutOfMe
 from parrot_lc.engine.sampling import SamplingParams
 from parrot_lc.server.auth import bearer_key_ok, matching_key
 from parrot_lc.server.errors import (
+    ENGINE_UNREACHABLE,
+    MODEL_MISMATCH,
     EngineRefusedError,
     ForbiddenError,
     QueueFullError,
@@ -196,12 +198,12 @@ def engines_router(manager: ParrotManager, settings: ServerSettings) -> APIRoute
             engine.close()
             raise EngineRefusedError(f"{body.url} does not answer as an engine of this server's engine key ({exc}): "
                                      "start `parrot-lc engine` with the same --engine-key, at an --advertise-url "
-                                     "that this server reaches", field="url") from exc
+                                     "that this server reaches", field="url", code=ENGINE_UNREACHABLE) from exc
         if differences := engine.identity.differences(served):
             engine.close()
             raise EngineRefusedError(f"{body.url} serves another model than this server's {manager.model.name!r} "
                                      f"({'; '.join(differences)}): start `parrot-lc engine` with the same --model",
-                                     field="url")
+                                     field="url", code=MODEL_MISMATCH)
         try:
             slot = manager.pool.register(engine)
         except TooManyEnginesError:

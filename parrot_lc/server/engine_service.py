@@ -19,10 +19,11 @@ from pydantic import BaseModel
 from parrot_lc.engine.async_engine import AsyncEngine
 from parrot_lc.engine.errors import EngineError
 from parrot_lc.server.auth import bearer_key_ok
+from parrot_lc.server.errors import MODEL_MISMATCH
 from parrot_lc.server.remote_engine import ModelIdentity
 from parrot_lc.server.responses import add_error_handlers, error_response
 from parrot_lc.server.schemas import EngineSampling, PrefixCacheReset
-from parrot_lc.settings import EngineProcessSettings, SettingsError, setting_error
+from parrot_lc.settings import EngineProcessSettings, EngineSettings, SettingsError, setting_error
 
 log = logging.getLogger("parrot_lc.engine_service")
 
@@ -127,8 +128,9 @@ def create_engine_app(engine: AsyncEngine, api_key: str | None = None) -> FastAP
 class ManagerLink(threading.Thread):
     """Registers an engine process with its manager, then sends a heartbeat (with the engine's counters and the
     token its registration gave) every interval; registers again if the manager forgot it (a restart, or a
-    heartbeat gap), which it tells with a 404. A manager that cannot be reached or fails (5xx) is asked again every
-    interval; one that refuses (any other 4xx: a wrong engine key, another model) ends the link with `refusal`."""
+    heartbeat gap), which it tells with a 404. A manager that cannot be reached, fails (5xx) or refuses for a while
+    (is_final) is asked again every interval; one that refuses for good (a wrong engine key, another model) ends the
+    link with `refusal`."""
 
     def __init__(self, engine: AsyncEngine, settings: EngineProcessSettings, url: str) -> None:
         super().__init__(name="parrot-manager-link", daemon=True)
@@ -149,7 +151,7 @@ class ManagerLink(threading.Thread):
                 else:
                     self.send_heartbeat(stats)
             except httpx.HTTPError as exc:
-                if isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code < 500:
+                if isinstance(exc, httpx.HTTPStatusError) and is_final(exc.response):
                     self.refusal = refusal(self.settings, exc)  # asking again would get the same answer
                     return
                 log.warning("manager %s: %s; retrying", self.settings.manager, describe(exc))
@@ -173,12 +175,25 @@ class ManagerLink(threading.Thread):
             reply.raise_for_status()
 
 
+def is_final(reply: httpx.Response) -> bool:
+    """Whether a manager's refusal stands however often the engine asks: a wrong engine key (401), a manager that
+    takes no remote engines (403), another model (422 MODEL_MISMATCH). Others may clear by themselves: a manager
+    full of engines (409, until a dropped one's heartbeats run out, as in a rolling restart), a probe of the engine
+    that failed (422 ENGINE_UNREACHABLE: a Service without ready endpoints yet), a proxy's 408 or 429, a 5xx."""
+    if reply.status_code in (401, 403):
+        return True
+    try:
+        return reply.status_code == 422 and reply.json()["error"]["code"] == MODEL_MISMATCH
+    except (ValueError, KeyError, TypeError):
+        return False
+
+
 def refusal(settings: EngineProcessSettings, exc: httpx.HTTPStatusError) -> SettingsError:
-    """What an engine stops with when its manager refuses it: the engine key's fault on 401 and 403 (a wrong key,
-    or a manager that takes no remote engines), else the manager's, whose message says what to change (the model,
-    an advertise URL that it reaches)."""
-    name = "engine_key" if exc.response.status_code in (401, 403) else "manager"
-    return setting_error(EngineProcessSettings, name, f"{settings.manager} refused this engine: {describe(exc)}")
+    """What an engine stops with when its manager refuses it for good (is_final): the engine key's fault on 401 and
+    403 (a wrong key, or a manager that takes no remote engines), else the model's."""
+    name = "engine_key" if exc.response.status_code in (401, 403) else "model"
+    return setting_error(EngineProcessSettings if name == "engine_key" else EngineSettings, name,
+                         f"{settings.manager} refused this engine: {describe(exc)}")
 
 
 def describe(exc: httpx.HTTPError) -> str:

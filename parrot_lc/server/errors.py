@@ -82,9 +82,16 @@ class CallFailedError(ServerError):
     status = 424
 
 
+ENGINE_UNREACHABLE = "engine_unreachable"
+"""The code of a registration whose URL did not answer the server's probe (yet: a Service without ready endpoints, a
+slow start): the engine asks again."""
+MODEL_MISMATCH = "model_mismatch"
+"""The code of a registration of an engine of another model: asking again gets the same answer."""
+
+
 class EngineRefusedError(ServerError):
     """A remote engine's registration that the server does not take: its URL answers as no engine of this
-    server's key, or as one of another model."""
+    server's key (code ENGINE_UNREACHABLE), or as one of another model (MODEL_MISMATCH)."""
 
     status = 422
 

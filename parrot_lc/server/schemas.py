@@ -511,7 +511,7 @@ class OpenAISampling(OpenAIBody):
         return self
 
     def to_params(self, max_tokens: int) -> SamplingParams:
-        """The engine's sampling settings; `max_tokens` as the server settled it (see ParrotManager.check_prompt)."""
+        """The engine's sampling settings; `max_tokens` as the server settled it (see Prompts.check)."""
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
                               top_k=max(self.top_k, 0), min_p=self.min_p or 0.0,

@@ -1,7 +1,8 @@
 """In-process mode: the same client API against a server started inside this process."""
 
-import sys
+import os
 import subprocess
+import sys
 
 import pytest
 
@@ -22,6 +23,14 @@ def test_an_empty_parrot_api_key_is_a_settings_error_naming_the_variable(monkeyp
     # A model no other test started, so that its server would start now (none does: its settings come first).
     with pytest.raises(SettingsError, match=r"^environment variable PARROT_API_KEY: api_key: .*empty"):
         parrot_lc.connect(str(tmp_path / "model"))
+
+
+def test_the_in_process_server_listens_on_loopback_whatever_parrot_host_says():
+    """It serves this process; a container's PARROT_HOST=0.0.0.0 (meant for `parrot-lc serve`) must not open it."""
+    code = "import parrot_lc; print(parrot_lc.connect('tiny').base_url)"
+    env = {**os.environ, "PARROT_HOST": "0.0.0.0", "PARROT_PORT": "9000"}
+    url = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert url.startswith("http://127.0.0.1:") and not url.strip().endswith(":9000")
 
 
 def test_importing_the_client_does_not_load_torch():

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import pickle
 import re
+import subprocess
+import sys
 from typing import Any
 
 import httpx
@@ -223,6 +226,23 @@ def test_a_prompt_too_long_raises_langchains_context_overflow_error_as_chatopena
 
 async def _collected(chunks: Any) -> list[Any]:
     return [chunk async for chunk in chunks]
+
+
+def test_a_langchain_error_pickled_here_loads_in_another_process(chat):
+    """As a process pool or a checkpointer moves it: its class is found there by name, made on first use."""
+    with pytest.raises(ContextOverflowError) as raised:
+        chat.invoke("word " * 9000)
+    loads = ("import pickle, sys; from langchain_core.exceptions import ContextOverflowError; "
+             "e = pickle.loads(sys.stdin.buffer.read()); print(isinstance(e, ContextOverflowError), e.field, e.code)")
+    loaded = subprocess.run([sys.executable, "-c", loads], input=pickle.dumps(raised.value), capture_output=True,
+                            check=True)
+    assert loaded.stdout.decode().split() == ["True", "messages", "context_length_exceeded"]
+
+
+def test_call_options_are_sent_as_the_fields_convert_them(chat):
+    """The server takes JSON's types strictly; a call's `max_tokens=3.0` is 3, as the constructor makes it."""
+    reply = chat.invoke("Hi", max_tokens=3.0, temperature="0")
+    assert reply.usage_metadata["output_tokens"] == 3
 
 
 def test_an_unknown_model_or_unreachable_server_raises_langchains_error_of_that_condition(parrot_server):

@@ -234,6 +234,32 @@ def test_an_engine_whose_key_the_manager_refuses_exits_2_with_one_line_naming_en
                            f"{server.base_url} refused this engine: {status} ")
 
 
+def test_an_engine_of_another_model_exits_2_with_one_line_naming_model(hf_checkpoint):
+    path, _ = hf_checkpoint("llama")  # vocabulary 512; the manager's tiny has 1024
+    with LocalServer(ENGINE, ServerSettings(port=0, engine_key=ENGINE_KEY)) as server:
+        argv = engine_argv(server.base_url, free_port())
+        refused = subprocess.run(argv[:argv.index("--model") + 1] + [str(path)] + argv[argv.index("--model") + 2:],
+                                 capture_output=True, text=True, timeout=90)
+    assert refused.returncode == 2, refused.stderr
+    [line] = refused.stderr.splitlines()
+    assert line.startswith("parrot-lc: error: --model (or PARROT_MODEL): model: ") and "422" in line
+
+
+def test_an_engine_the_manager_cannot_reach_yet_keeps_asking():
+    """A probe that failed (a Service without ready endpoints, a slow start) may succeed later: no exit."""
+    with LocalServer(ENGINE, ServerSettings(port=0, engine_key=ENGINE_KEY)) as server:
+        unreachable = f"http://127.0.0.1:{free_port()}"
+        remote = subprocess.Popen(engine_argv(server.base_url, free_port()) + [
+            "--advertise-url", unreachable, "--heartbeat-interval", "0.2"], stderr=subprocess.PIPE, text=True)
+        try:
+            time.sleep(8)  # the model loads, then it asks several times
+            assert remote.poll() is None and remote_slots(server) == []
+        finally:
+            remote.kill()
+            _, stderr = remote.communicate()
+    assert stderr.count("engine_unreachable") + stderr.count("does not answer as an engine") >= 2, stderr
+
+
 def test_an_engine_started_before_its_manager_registers_once_the_manager_listens():
     manager_port, engine_port = free_port(), free_port()
     remote = start_engine(f"http://127.0.0.1:{manager_port}", engine_port)

@@ -274,6 +274,7 @@ def test_a_registered_url_must_answer_as_an_engine_of_the_servers_key(engine_key
         refused = httpx.post(f"{engine_keyed.base_url}/api/engines", json={"url": url}, headers=AS_ENGINE)
         assert refused.status_code == 422 and refused.json()["error"]["field"] == "url", url
         assert "does not answer as an engine" in refused.json()["error"]["message"]
+        assert refused.json()["error"]["code"] == "engine_unreachable"  # the engine asks again (it may come up)
     assert remote_urls(engine_keyed) == []
 
 
@@ -285,6 +286,7 @@ def test_an_engine_of_another_model_is_refused_naming_what_differs(engine_keyed,
     error = refused.json()["error"]
     assert refused.status_code == 422 and error["field"] == "url" and "serves another model" in error["message"]
     assert "vocab_size: 512 against 1024" in error["message"] and "tokenizer" in error["message"]
+    assert error["code"] == "model_mismatch"  # the engine stops: asking again gets the same answer
     assert remote_urls(engine_keyed) == []
 
 def test_a_registration_at_a_registered_url_replaces_it_and_the_server_holds_at_most_max_remote_engines(

@@ -381,9 +381,6 @@ class ParrotParams(BaseModel):
         if unknown:
             raise ValueError(f"{type(self).__name__}: unsupported call options {unknown}; a call takes "
                              f"{sorted(self._call_options)}")
-        for name in ("max_tokens", "max_completion_tokens", *SAMPLING_OPTIONS, *self._request_fields):
-            if kwargs.get(name) is not None:
-                self._check_option(name, kwargs[name])
         max_tokens = self._max_tokens(kwargs)
         sampling: dict[str, Any] = {"max_tokens": DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens}
         for name in SAMPLING_OPTIONS:
@@ -404,19 +401,24 @@ class ParrotParams(BaseModel):
                 return value
         return None
 
-    def _check_option(self, name: str, value: Any) -> None:
-        """Refuses a call's option that the field of its name would refuse (InvalidRequestError naming it), so that
-        eager, batched and deferred calls refuse the same values (a graph call's own bounds are wider)."""
+    def _checked_option(self, name: str, value: Any) -> Any:
+        """A call's option as the field of its name takes it (`max_tokens=3.0` is 3, as the constructor makes it: the
+        server takes JSON's types strictly); one that the field would refuse raises InvalidRequestError naming it,
+        so that eager, batched and deferred calls refuse the same values (a graph call's own bounds are wider)."""
         try:
-            _field_adapter(type(self), "max_tokens" if name == "max_completion_tokens" else name).validate_python(value)
+            return _field_adapter(type(self), "max_tokens" if name == "max_completion_tokens" else name
+                                  ).validate_python(value)
         except ValidationError as exc:
             raise InvalidRequestError(f"{type(self).__name__}: {name}={value!r}: {exc.errors()[0]['msg']}",
                                       field=name) from None
 
     def _call_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """A call's keyword arguments over the fields that the request sends as they are (`_request_fields`)."""
+        """A call's keyword arguments (its options checked and converted, `_checked_option`) over the fields that
+        the request sends as they are (`_request_fields`)."""
         fields = {name: getattr(self, name) for name in self._request_fields if getattr(self, name) is not None}
-        return {**fields, **kwargs}
+        checked = ("max_tokens", "max_completion_tokens", *SAMPLING_OPTIONS, *self._request_fields)
+        return {**fields, **{name: self._checked_option(name, value) if name in checked and value is not None else value
+                             for name, value in kwargs.items()}}
 
     def _streamed_call_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """A stream's keyword arguments, as `_call_kwargs`; a stream of several replies is refused."""

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 from langchain_core import exceptions
 
+from parrot_lc.frontend import errors as frontend_errors
 from parrot_lc.frontend.errors import (
     CONTEXT_LENGTH_EXCEEDED,
     AuthError,
@@ -49,13 +50,22 @@ _CONDITIONS: list[tuple[Callable[[ParrotError], bool], str]] = [
 
 @functools.cache
 def _both(parrot_class: type[ParrotError], langchain_class: type[Exception]) -> type[ParrotError]:
-    """The class of both (`InvalidRequestError_ContextOverflowError`), a name of this module (so that it pickles)."""
-    name = f"{parrot_class.__name__}_{langchain_class.__name__}"
-    both = type(name, (parrot_class, langchain_class),
+    """The class of both (`InvalidRequestError_ContextOverflowError`), a name of this module (`__getattr__`), so
+    that an error pickled in one process loads in another."""
+    return type(f"{parrot_class.__name__}_{langchain_class.__name__}", (parrot_class, langchain_class),
                 {"__module__": __name__,
                  "__doc__": f"{parrot_class.__doc__}\n\nAlso langchain-core's {langchain_class.__name__}."})
-    globals()[name] = both
-    return both
+
+
+def __getattr__(name: str) -> type[ParrotError]:
+    """`_both`'s classes by name, made on first use in this process too (pickle looks them up here)."""
+    parrot_name, _, langchain_name = name.partition("_")
+    parrot_class = getattr(frontend_errors, parrot_name, None)
+    langchain_class = getattr(exceptions, langchain_name, None)
+    if (isinstance(parrot_class, type) and issubclass(parrot_class, ParrotError) and isinstance(langchain_class, type)
+            and issubclass(langchain_class, exceptions.LangChainException)):
+        return _both(parrot_class, langchain_class)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def as_langchain_error(error: ParrotError) -> ParrotError:

@@ -175,6 +175,7 @@ class ChatParrot(ParrotParams, BaseChatModel):
         return {"token_usage": summed_usage(output.get("token_usage") for output in outputs),
                 "model_name": model or self._reply_model_name()}
 
+    @raises_langchain_errors
     def get_num_tokens_from_messages(self, messages: list[BaseMessage], tools: Sequence[Any] | None = None) -> int:
         """The tokens of the prompt the server makes of `messages` (rendered with the chat template, with `tools`,
         anything `bind_tools` takes, ending with the start of the assistant's turn): a reply's `input_tokens`."""

@@ -9,6 +9,7 @@ import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
@@ -291,6 +292,15 @@ class EngineProcessSettings(BaseSettings):
     @classmethod
     def nonempty_engine_key(cls, key: str | None) -> str | None:
         return nonempty_key(key)
+
+    @field_validator("manager", "advertise_url")
+    @classmethod
+    def http_url(cls, url: str | None) -> str | None:
+        """An http(s) URL with a host: one that can never be reached (`notaurl`) is a settings error at once, not
+        a registration retried for ever."""
+        if url is not None and (urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname):
+            raise ValueError(f"{url!r} is no http(s) URL with a host (e.g. http://127.0.0.1:9000)")
+        return url
 
 
 class ProcessSettings(BaseSettings):

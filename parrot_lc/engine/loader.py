@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from parrot_lc.engine.attention import AttentionBackend
@@ -142,16 +142,20 @@ def _load_safetensors(model: LlamaForCausalLM, path: Path) -> None:
     targets = model.checkpoint_tensors()
     loaded: set[str] = set()
     for file in files:
-        with safe_open(str(path / file), framework="pt", device="cpu") as f:
-            for name in f.keys():
-                if name not in targets:
-                    continue
-                tensor = f.get_tensor(name)
-                if tensor.shape != targets[name].shape:
-                    raise ModelLoadError(f"{file}: {name} has shape {tuple(tensor.shape)}, "
-                                         f"the config says {tuple(targets[name].shape)}")
-                targets[name].copy_(tensor)
-                loaded.add(name)
+        try:
+            with safe_open(str(path / file), framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    if name not in targets:
+                        continue
+                    tensor = f.get_tensor(name)
+                    if tensor.shape != targets[name].shape:
+                        raise ModelLoadError(f"{file}: {name} has shape {tuple(tensor.shape)}, "
+                                             f"the config says {tuple(targets[name].shape)}")
+                    targets[name].copy_(tensor)
+                    loaded.add(name)
+        except (SafetensorError, OSError) as exc:  # missing, truncated, a header that is no safetensors header
+            raise ModelLoadError(f"{path / file} is not a readable safetensors file (missing, corrupt or truncated): "
+                                 f"{exc}") from None
     missing = set(targets) - loaded
     if model.config.tie_word_embeddings:
         missing.discard("lm_head.weight")

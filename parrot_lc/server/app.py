@@ -123,9 +123,13 @@ def create_app(manager: ParrotManager, settings: ServerSettings) -> FastAPI:
     @app.head("/health", include_in_schema=False)
     @app.get("/health", responses={503: {"description": "draining for a shutdown: send work elsewhere"}})
     async def health() -> JSONResponse:
-        """200 while serving; 503 once a shutdown has begun, so that load balancers and health checks move on."""
-        body = {"status": "draining" if manager.draining else "ok", "engines": len(manager.engines)}
-        return JSONResponse(body, status_code=503 if manager.draining else 200)
+        """200 while serving; 503 once a shutdown has begun, or once every engine is lost where none can come back
+        (no engine key for remote engines to register with: local engines are not restarted), so that load
+        balancers and health checks move on. A server of remote engines is 200 with none: they register later."""
+        stranded = not manager.engines and settings.engine_key is None
+        status = "draining" if manager.draining else "no_engine" if stranded else "ok"
+        return JSONResponse({"status": status, "engines": len(manager.engines)},
+                            status_code=200 if status == "ok" else 503)
 
     guarded = [Depends(check_api_key)]
 

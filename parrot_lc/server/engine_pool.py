@@ -49,12 +49,13 @@ class EngineCounts:
         self.seen = now
 
 
-def context_capacity(stats: EngineStats) -> int:
-    """The tokens one context may hold in an engine's KV cache (0: not known): the whole cache less a block. A
-    context forked from a shared prefix (a warm prefix context, the prompt of a request's n choices) copies the
-    prefix's last block where that is partly filled, while the prefix context keeps its own."""
+def context_capacity(stats: EngineStats) -> int | None:
+    """The tokens one context may hold in an engine's KV cache (None: not known): the whole cache less a block (0
+    for a cache of one block). A context forked from a shared prefix (a warm prefix context, the prompt of a
+    request's n choices) copies the prefix's last block where that is partly filled, while the prefix context keeps
+    its own."""
     blocks = stats.kv_blocks_used + stats.kv_blocks_free
-    return stats.kv_capacity_tokens - stats.kv_capacity_tokens // blocks if blocks else 0
+    return stats.kv_capacity_tokens - stats.kv_capacity_tokens // blocks if blocks else None
 
 
 @dataclass
@@ -136,7 +137,7 @@ class EnginePool:
         cache's size, in its counters: a remote engine's come with its registration and heartbeats), as a call may be
         placed on any engine and fail over to any other. None where none tells it: no engine yet, or only an
         OpenAI-compatible server's, which keeps its cache to itself."""
-        return min((capacity for slot in self.slots if (capacity := context_capacity(slot.engine.stats()))),
+        return min((capacity for slot in self.slots if (capacity := context_capacity(slot.engine.stats())) is not None),
                    default=None)
 
     def register(self, engine: RemoteEngine) -> EngineSlot:

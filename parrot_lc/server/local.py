@@ -15,19 +15,25 @@ import uvicorn
 
 from parrot_lc.engine.async_engine import AsyncEngine, EngineDriver
 from parrot_lc.engine.engine import LLMEngine
+from parrot_lc.engine.errors import ModelLoadError
 from parrot_lc.engine.process_engine import ProcessEngine
 from parrot_lc.server.app import create_app
 from parrot_lc.server.connections import bound_socket, uvicorn_options
 from parrot_lc.engine.loader import load_model_info
 from parrot_lc.server.manager import ModelInfo, ParrotManager
 from parrot_lc.server.openai_engine import OpenAIEngine
-from parrot_lc.settings import EngineSettings, ServerSettings
+from parrot_lc.settings import EngineSettings, ServerSettings, setting_error
 
 log = logging.getLogger("parrot_lc.server")
 
 
 def build_manager(engine_settings: EngineSettings, server_settings: ServerSettings) -> ParrotManager:
-    """A manager with its local engines (none: it waits for remote engines to register)."""
+    """A manager with its local engines (none: it waits for remote engines to register, or has an OpenAI-compatible
+    one). Without a local engine, an engine key or an OpenAI-compatible engine it could never answer: a
+    SettingsError naming --engines, before any model loads."""
+    if not server_settings.engines and server_settings.engine_key is None and server_settings.openai_engine is None:
+        raise setting_error(ServerSettings, "engines", "0 local engines and no way to get one: give --engine-key "
+                            "(remote engines register with it) or --openai-engine")
     processes = server_settings.engine_processes
     if processes is None:
         processes = engine_settings.device.startswith("cuda") or (engine_settings.device == "auto"
@@ -42,6 +48,12 @@ def build_manager(engine_settings: EngineSettings, server_settings: ServerSettin
     else:
         config, tokenizer = load_model_info(engine_settings.model, engine_settings.cache_dir)
         info = ModelInfo(engine_settings.model, tokenizer, config.vocab_size, config.max_position_embeddings)
+    if info.tokenizer is None:  # the routes read prompts and write replies with it
+        for engine in engines:
+            engine.close()
+        raise ModelLoadError(f"model {engine_settings.model!r} has no tokenizer (tokenizer.json or "
+                             "tokenizer_config.json beside its weights): the server needs one to read prompts and "
+                             "write text")
     if server_settings.openai_engine is not None:
         engines.append(OpenAIEngine(server_settings.openai_engine, server_settings.openai_engine_model or info.name,
                                     info.tokenizer, server_settings.openai_engine_api_key))

@@ -141,6 +141,16 @@ def test_weights_larger_than_memory_are_a_one_line_error_naming_the_weights_not_
     assert "--kv-cache-bytes" not in line
 
 
+@pytest.mark.parametrize("engines", ["1", "0"])
+def test_a_model_without_a_tokenizer_is_a_one_line_error_of_serve(hf_checkpoint, engines):
+    """Its weights load (an engine process of it can serve a manager of the same model), but the server reads
+    prompts and writes text with the tokenizer: refused before it listens, not a traceback from its routes."""
+    path, _ = hf_checkpoint("llama")  # save_pretrained writes no tokenizer
+    line = refusal("serve", "--model", str(path), "--device", "cpu", "--engines", engines, "--engine-key", "k3y")
+    assert line == (f"parrot-lc: error: model {str(path)!r} has no tokenizer (tokenizer.json or tokenizer_config.json "
+                    "beside its weights): the server needs one to read prompts and write text")
+
+
 @pytest.mark.parametrize("keyed", [True, False], ids=["with-a-key", "open"])
 def test_the_start_up_line_says_whether_requests_need_an_api_key(tmp_path, keyed):
     served = Served(tmp_path / "serve.log", *(["--api-key", "secret"] if keyed else []))

@@ -192,3 +192,12 @@ def test_a_true_false_flag_takes_the_words_its_environment_variable_takes(monkey
     monkeypatch.setenv("PARROT_METRICS_NEED_API_KEY", value)
     _, from_environment, _ = settings_of(["serve"])
     assert from_flag.metrics_need_api_key is from_environment.metrics_need_api_key is meaning
+
+
+@pytest.mark.parametrize("flag", ["--manager", "--advertise-url"])
+def test_an_engine_url_that_can_never_be_reached_is_an_error_naming_it(flag, capsys):
+    """`notaurl` would be a registration retried for ever; a manager that is down (a real URL) is retried."""
+    with pytest.raises(SystemExit) as stop:
+        main(["engine", "--model", "tiny", flag, "notaurl"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.startswith(f"parrot-lc: error: {flag}: ")

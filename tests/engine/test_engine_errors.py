@@ -1,6 +1,7 @@
 """Bad requests get a typed error for themselves; the engine keeps serving everyone else."""
 
 import asyncio
+import shutil
 
 import pytest
 
@@ -106,6 +107,22 @@ def test_a_fork_counts_the_tokens_its_parent_is_still_waiting_to_fill(make_engin
 def test_unknown_model_names_are_a_model_load_error(make_engine, tmp_path):
     with pytest.raises(ModelLoadError, match="checkpoint directory"):
         make_engine(model=str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "missing"])
+def test_a_damaged_safetensors_file_is_a_model_load_error_naming_it(make_engine, hf_checkpoint, tmp_path, damage):
+    source, _ = hf_checkpoint("llama")
+    shutil.copytree(source, tmp_path / "copy")
+    weights = tmp_path / "copy" / "model.safetensors"
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif damage == "garbage":
+        weights.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}" + bytes(64))
+    else:  # listed in an index, absent
+        (tmp_path / "copy" / "model.safetensors.index.json").write_text(
+            '{"weight_map": {"model.embed_tokens.weight": "model-00002-of-00002.safetensors"}}')
+    with pytest.raises(ModelLoadError, match=r"is not a readable safetensors file"):
+        make_engine(model=str(tmp_path / "copy"))
 
 
 def test_when_blocks_run_out_requests_are_preempted_and_all_complete_unchanged(make_engine):

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from conftest import SMALL_KV_CACHE_BYTES, SMALL_KV_CONTEXT, assert_refused, wait_until
 from parrot_lc.server.local import LocalServer
-from parrot_lc.settings import EngineSettings, ServerSettings
+from parrot_lc.settings import EngineSettings, ServerSettings, SettingsError
 
 ENGINE = EngineSettings(model="tiny", device="cpu", dtype="float32", kv_cache_bytes=16 * 2**20)
 KEYS = ("key-a-0123456789", "key-b-0123456789")
@@ -396,3 +396,27 @@ def test_a_request_that_a_remote_engines_kv_cache_cannot_hold_is_refused_before_
         reply = httpx.post(f"{server.base_url}/v1/completions", timeout=60,
                            json={"model": "tiny", "prompt": "hi", "max_tokens": 3000, "ignore_eos": True})
     assert assert_refused(reply, 400, "max_tokens")["code"] == "context_length_exceeded"
+
+
+def test_a_kv_cache_of_one_block_refuses_every_request_at_once():
+    """Its one block is what a fork copies: no context fits (none is bounded by the model's context instead)."""
+    one_block = SMALL_KV_CACHE_BYTES // 24
+    with LocalServer(EngineSettings(model="tiny", device="cpu", dtype="float32", kv_cache_bytes=one_block)) as server:
+        assert httpx.get(f"{server.base_url}/v1/models").json()["data"][0]["max_model_len"] == 0
+        refused = httpx.post(f"{server.base_url}/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2})
+        assert_refused(refused, 400, "prompt")
+
+
+def test_serving_without_any_engine_or_a_way_to_get_one_is_a_settings_error_naming_engines():
+    with pytest.raises(SettingsError, match=r"^--engines \(or PARROT_ENGINES\): engines: 0 local engines"):
+        LocalServer(ENGINE, ServerSettings(port=0, engines=0))
+
+
+def test_health_is_503_once_every_local_engine_is_lost_and_none_can_register():
+    """Local engines are not restarted; without an engine key no remote one can come: send traffic elsewhere."""
+    with LocalServer(ENGINE, ServerSettings(port=0)) as server:
+        assert httpx.get(f"{server.base_url}/health").status_code == 200
+        [slot] = server.manager.engines
+        server.manager.pool.drop(slot, "killed in a test")
+        lost = httpx.get(f"{server.base_url}/health")
+    assert lost.status_code == 503 and lost.json() == {"status": "no_engine", "engines": 0}

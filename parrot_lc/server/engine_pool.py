@@ -50,12 +50,14 @@ class EngineCounts:
 
 
 def context_capacity(stats: EngineStats) -> int | None:
-    """The tokens one context may hold in an engine's KV cache (None: not known): the whole cache less a block (0
-    for a cache of one block). A context forked from a shared prefix (a warm prefix context, the prompt of a
-    request's n choices) copies the prefix's last block where that is partly filled, while the prefix context keeps
-    its own."""
+    """The tokens one context may hold in an engine's KV cache (None: not known, an engine that tells no capacity):
+    the whole cache less a block (0 for a cache of one block). A context forked from a shared prefix (a warm prefix
+    context, the prompt of a request's n choices) copies the prefix's last block where that is partly filled, while
+    the prefix context keeps its own."""
     blocks = stats.kv_blocks_used + stats.kv_blocks_free
-    return stats.kv_capacity_tokens - stats.kv_capacity_tokens // blocks if blocks else None
+    if not stats.kv_capacity_tokens or not blocks:
+        return None
+    return stats.kv_capacity_tokens - stats.kv_capacity_tokens // blocks
 
 
 @dataclass
